@@ -1,0 +1,87 @@
+"""Shared helpers: tiny random Hugging Face models built offline and saved to tmp dirs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(2)
+transformers.logging.set_verbosity_error()
+
+IMAGE_TOKEN = 99
+VOCAB = 128
+
+
+def clip_vision_config(**kw):
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                image_size=28, patch_size=7, projection_dim=16)
+    return transformers.CLIPVisionConfig(**{**base, **kw})
+
+
+def siglip_vision_config(**kw):
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                image_size=28, patch_size=7)
+    return transformers.SiglipVisionConfig(**{**base, **kw})
+
+
+def llama_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    return transformers.LlamaConfig(**{**base, **kw})
+
+
+def qwen2_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                tie_word_embeddings=True)
+    return transformers.Qwen2Config(**{**base, **kw})
+
+
+def llava_config(vision=None, text=None, **kw):
+    return transformers.LlavaConfig(vision_config=vision or clip_vision_config(),
+                                    text_config=text or llama_config(),
+                                    image_token_index=IMAGE_TOKEN, **kw)
+
+
+def build(model_cls, config, seed=0):
+    """A transformers model with random weights, eval mode, eager attention (returns weights)."""
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    with torch.no_grad():  # HF initialises some tensors to exact 0/1; perturb so every param matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def save(model, path, **kw):
+    model.save_pretrained(str(path), **kw)
+    return path
+
+
+def assert_close(ours, ref, tol=1e-4, what=""):
+    """max |ours - ref| <= tol * max(1, max |ref|), the project's fp32 parity rule."""
+    ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
+    err = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
+    bound = tol * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+    assert err <= bound, f"{what}: max|diff| {err:.3e} > {bound:.3e}"
+    return err
+
+
+def t2n(t):
+    return t.detach().float().numpy()
+
+
+def random_ids(rng, batch, length, low=3, high=VOCAB - 2):
+    ids = rng.integers(low, high, size=(batch, length))
+    ids[ids == IMAGE_TOKEN] = low
+    return ids
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,108 @@
+"""LLaMA / Qwen2 decoders against transformers (fp32 logits, hidden states, attention weights)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import vitsink_jax as vj
+from conftest import assert_close, build, llama_config, qwen2_config, random_ids, save, t2n
+
+
+def _compare(hf, path, ids, mask=None, positions=None, full=True):
+    """Compares logits (and hidden states / attentions when ``full``) on non-pad positions."""
+    model, params = vj.load_pretrained(save(hf, path))
+    m = None if mask is None else jnp.asarray(mask)
+    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=m,
+                      output_hidden_states=full, output_attentions=full)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+                 output_hidden_states=full, output_attentions=full)
+    keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    err = assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
+    if full:
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+            assert_close(np.asarray(a)[keep], t2n(b)[keep], what=f"hidden_states[{i}]")
+        for i, (a, b) in enumerate(zip(out.attentions, ref.attentions)):
+            qk = keep[:, None, :, None] & keep[:, None, None, :]
+            a, b = np.asarray(a), t2n(b)
+            assert_close(np.where(qk, a, 0), np.where(qk, b, 0), what=f"attentions[{i}]")
+    return err
+
+
+def test_llama_gqa(tmp_path, rng):
+    hf = build(transformers.LlamaForCausalLM, llama_config())
+    _compare(hf, tmp_path / "llama", random_ids(rng, 2, 12))
+
+
+def test_llama_attention_and_mlp_bias(tmp_path, rng):
+    hf = build(transformers.LlamaForCausalLM, llama_config(attention_bias=True, mlp_bias=True,
+                                                           num_key_value_heads=4))
+    _compare(hf, tmp_path / "llama_bias", random_ids(rng, 2, 9), full=False)
+
+
+def test_qwen2_qkv_bias_tied_embeddings(tmp_path, rng):
+    hf = build(transformers.Qwen2ForCausalLM, qwen2_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "qwen2"))
+    assert "lm_head" not in params  # tied: the embedding is the head
+    assert "bias" in params["model"]["layers_0"]["self_attn"]["q_proj"]
+    assert "bias" not in params["model"]["layers_0"]["self_attn"]["o_proj"]
+    _compare(hf, tmp_path / "qwen2b", random_ids(rng, 2, 10))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_padded_batches(tmp_path, rng, side, family):
+    cls, cfg = ((transformers.LlamaForCausalLM, llama_config()) if family == "llama"
+                else (transformers.Qwen2ForCausalLM, qwen2_config()))
+    hf = build(cls, cfg)
+    ids = random_ids(rng, 3, 10)
+    mask = np.ones_like(ids)
+    for row, n_pad in enumerate([0, 3, 6]):
+        if n_pad:
+            sl = slice(0, n_pad) if side == "left" else slice(10 - n_pad, 10)
+            mask[row, sl] = 0
+            ids[row, sl] = 0
+    _compare(hf, tmp_path / f"{family}_{side}", ids, mask)
+
+
+ROPES = {
+    "linear": dict(rope_type="linear", factor=2.0),
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16),
+    "longrope": dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                     long_factor=[2.0 + 0.3 * i for i in range(8)],
+                     original_max_position_embeddings=16),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPES))
+def test_rope_scaling_types(tmp_path, rng, kind):
+    # max_position_embeddings=32 < sequence length 40 so that dynamic / longrope switch regimes
+    cfg = llama_config(max_position_embeddings=32, rope_scaling=dict(ROPES[kind], rope_theta=500.0),
+                       num_hidden_layers=2)
+    hf = build(transformers.LlamaForCausalLM, cfg)
+    _compare(hf, tmp_path / kind, random_ids(rng, 1, 40), full=False)
+
+
+def test_larger_config_4_layers_hidden_512(tmp_path, rng):
+    cfg = llama_config(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1000)
+    hf = build(transformers.LlamaForCausalLM, cfg)
+    _compare(hf, tmp_path / "llama512", rng.integers(0, 1000, size=(2, 48)), full=False)
+
+
+def test_inputs_embeds_equals_input_ids(tmp_path, rng):
+    hf = build(transformers.LlamaForCausalLM, llama_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llama"))
+    ids = jnp.asarray(random_ids(rng, 1, 7))
+    a = model.apply({"params": params}, ids).logits
+    emb = model.apply({"params": params}, ids, method=model.embed)
+    b = model.apply({"params": params}, inputs_embeds=emb).logits
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="exactly one"):
+        model.apply({"params": params}, ids, inputs_embeds=emb)

@@ -1,0 +1,15 @@
+"""vitsink_jax: ViT attention sinks in LLaVA-style vision-language models, in JAX/Flax.
+
+Public API::
+
+    import vitsink_jax as vj
+    model, params = vj.load_pretrained(path, dtype=jnp.float32)
+    vj.save_pretrained(model, params, out_dir)
+"""
+
+from .config import LlavaConfig, TextConfig, VisionConfig, config_from_hf  # noqa: F401
+from .convert.hf import (CheckpointError, build_model, checkpoint_hash, init_params,  # noqa: F401
+                         load_pretrained, save_pretrained)
+from .models import CausalLM, LlavaForConditionalGeneration, MLPProjector, VisionTransformer  # noqa: F401
+
+__version__ = "0.1.0"

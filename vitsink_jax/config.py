@@ -1,0 +1,295 @@
+"""Frozen model configs, built from (and written back to) Hugging Face ``config.json`` dicts.
+
+Parsing goes through transformers' own config classes (torch-free), so HF defaults, legacy keys
+(``rope_scaling`` vs ``rope_parameters``) and version differences are resolved exactly as
+transformers resolves them. The original dict is kept (``hf_json``) so that a load -> save round
+trip preserves fields we do not model (token ids, architectures, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional, Union
+
+VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
+                "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model"}
+TEXT_TYPES = ("llama", "qwen2")
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
+SELECT_STRATEGIES = ("default", "full")
+
+
+def _hf_config(d: dict):
+    """Returns transformers' config object for ``d`` (fills HF defaults, normalises legacy keys)."""
+    from transformers import AutoConfig
+
+    d = dict(d)
+    model_type = d.pop("model_type")
+    d.pop("transformers_version", None)
+    return AutoConfig.for_model(model_type, **d)
+
+
+def _freeze(x):
+    """Makes nested lists/dicts hashable so a config can be a static (hashable) module field."""
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+def _thaw_rope(rope: Optional[tuple]) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in (rope or ())}
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """ViT vision tower: CLIP (class token, pre-LN, quick_gelu) or SigLIP (no class token, head)."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    vision_use_head: bool = False
+    hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in ("clip_vision_model", "siglip_vision_model"):
+            raise ValueError(f"unknown vision model_type {self.model_type!r}; supported: "
+                             f"{sorted(VISION_TYPES)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + int(self.has_class_token)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "VisionConfig":
+        if d.get("model_type") not in VISION_TYPES:
+            raise ValueError(f"unknown vision model_type {d.get('model_type')!r}; supported: "
+                             f"{sorted(VISION_TYPES)}")
+        if d["model_type"] in ("clip", "siglip"):  # full CLIP/SigLIP checkpoint: use its vision half
+            d = dict(d.get("vision_config") or {}, model_type=d["model_type"] + "_vision_model")
+        c = _hf_config(d)
+        return cls(model_type=c.model_type, hidden_size=c.hidden_size,
+                   intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                   num_attention_heads=c.num_attention_heads, image_size=c.image_size,
+                   patch_size=c.patch_size, num_channels=c.num_channels,
+                   layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
+                   vision_use_head=bool(getattr(c, "vision_use_head", False)),
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        d.update(model_type=self.model_type, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers,
+                 num_attention_heads=self.num_attention_heads, image_size=self.image_size,
+                 patch_size=self.patch_size, num_channels=self.num_channels,
+                 layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act)
+        if self.model_type == "siglip_vision_model":
+            d["vision_use_head"] = self.vision_use_head
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Decoder LLM: LLaMA / Vicuna or Qwen2 (q/k/v bias, usually tied embeddings)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[tuple] = None  # frozen items of HF's rope dict (rope_type, factor, ...)
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in TEXT_TYPES:
+            raise ValueError(f"unknown text model_type {self.model_type!r}; supported: {TEXT_TYPES}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"text hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "llama" and self.attention_bias
+
+    @property
+    def rope(self) -> dict:
+        """HF's rope dict: ``rope_type`` plus its parameters (empty for plain RoPE)."""
+        return _thaw_rope(self.rope_scaling)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "TextConfig":
+        if d.get("model_type") not in TEXT_TYPES:
+            raise ValueError(f"unknown text model_type {d.get('model_type')!r}; supported: {TEXT_TYPES}")
+        c = _hf_config(d)
+        if getattr(c, "use_sliding_window", False):
+            raise ValueError("qwen2 config has use_sliding_window=true; sliding-window attention "
+                             "is not implemented")
+        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+        theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                   intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                   num_attention_heads=c.num_attention_heads,
+                   num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+                   head_dim=head_dim, max_position_embeddings=c.max_position_embeddings,
+                   rms_norm_eps=c.rms_norm_eps, rope_theta=float(theta),
+                   rope_scaling=None if rope == {"rope_type": "default"} else _freeze(rope),
+                   attention_bias=bool(getattr(c, "attention_bias", False)),
+                   mlp_bias=bool(getattr(c, "mlp_bias", False)),
+                   tie_word_embeddings=bool(c.tie_word_embeddings), hidden_act=c.hidden_act,
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        for k in ("rope_scaling", "rope_parameters", "rope_theta"):
+            d.pop(k, None)
+        d.update(model_type=self.model_type, vocab_size=self.vocab_size,
+                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers,
+                 num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                 max_position_embeddings=self.max_position_embeddings,
+                 rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+                 hidden_act=self.hidden_act, rope_theta=self.rope_theta)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = self.rope
+        if self.model_type == "llama":
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        return d
+
+
+FeatureLayer = Union[int, tuple]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """LLaVA composition: vision tower -> projector -> LLM, with HF's feature-selection options.
+
+    ``vision_feature_layer`` indexes the vision tower's ``hidden_states`` tuple (HF order,
+    embeddings first); a tuple of layers concatenates them on the feature axis.
+    ``projector_type`` "linear" (LLaVA-1) is not representable in transformers' Llava class;
+    such checkpoints load back into vitsink_jax only.
+    """
+
+    vision: VisionConfig
+    text: TextConfig
+    image_token_index: int = 32000
+    projector_type: str = "mlp2x_gelu"
+    projector_hidden_act: str = "gelu"
+    projector_bias: bool = True
+    vision_feature_layer: FeatureLayer = -2
+    vision_feature_select_strategy: str = "default"
+    hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"unknown projector_type {self.projector_type!r}; supported: "
+                             f"{PROJECTOR_TYPES}")
+        if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(f"unknown vision_feature_select_strategy "
+                             f"{self.vision_feature_select_strategy!r}; supported: {SELECT_STRATEGIES}")
+        if isinstance(self.vision_feature_layer, list):
+            object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if (self.vision_feature_select_strategy == "default"
+                and not self.vision.has_class_token):
+            raise ValueError("vision_feature_select_strategy='default' drops the CLS token, but "
+                             f"{self.vision.model_type} has none; use 'full'")
+
+    @property
+    def feature_layers(self) -> tuple:
+        v = self.vision_feature_layer
+        return tuple(v) if isinstance(v, tuple) else (v,)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image that reach the LLM."""
+        drop_cls = self.vision_feature_select_strategy == "default"
+        return self.vision.num_positions - int(drop_cls)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LlavaConfig":
+        if d.get("model_type") != "llava":
+            raise ValueError(f"expected model_type 'llava', got {d.get('model_type')!r}")
+        vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "clip_vision_model"})
+        text = TextConfig.from_hf(d.get("text_config") or {"model_type": "llama"})
+        layer = d.get("vision_feature_layer", -2)
+        return cls(vision=vision, text=text,
+                   image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+                   projector_type=d.get("projector_type", "mlp2x_gelu"),
+                   projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+                   projector_bias=d.get("multimodal_projector_bias", True),
+                   vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
+                   vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        layer = self.vision_feature_layer
+        d.update(model_type="llava", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
+                 image_token_index=self.image_token_index,
+                 projector_hidden_act=self.projector_hidden_act,
+                 multimodal_projector_bias=self.projector_bias,
+                 vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
+                 vision_feature_select_strategy=self.vision_feature_select_strategy,
+                 image_seq_length=self.num_image_tokens)
+        d.setdefault("architectures", ["LlavaForConditionalGeneration"])
+        if self.projector_type != "mlp2x_gelu":
+            d["projector_type"] = self.projector_type
+        return d
+
+
+ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
+
+
+def config_from_hf(d: dict[str, Any]) -> ModelConfig:
+    """Dispatches a config.json dict on ``model_type``; unknown types raise ValueError naming it."""
+    mt = d.get("model_type")
+    if mt == "llava":
+        return LlavaConfig.from_hf(d)
+    if mt in VISION_TYPES:
+        return VisionConfig.from_hf(d)
+    if mt in TEXT_TYPES:
+        return TextConfig.from_hf(d)
+    raise ValueError(f"unknown model_type {mt!r}; supported: llava, {', '.join(sorted(VISION_TYPES))}, "
+                     f"{', '.join(TEXT_TYPES)}")

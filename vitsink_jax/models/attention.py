@@ -1,0 +1,89 @@
+"""One multi-head attention shared by the ViT (bidirectional) and the LLM (causal, GQA, RoPE).
+
+Shapes: B batch, T queries, S keys, H query heads, K key/value heads (H % K == 0), D head dim.
+Scores, mask and softmax are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def make_attention_mask(attention_mask: Optional[jnp.ndarray], q_len: int, kv_len: int,
+                        causal: bool) -> Optional[jnp.ndarray]:
+    """Boolean mask [B or 1, 1, T, S] (True = may attend) from a padding mask [B, S] of 1/0.
+
+    Causal masking aligns the last query with the last key (queries are the newest positions).
+    Returns None when nothing is masked.
+    """
+    mask = None
+    if causal:
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        mask = (q_pos >= jnp.arange(kv_len)[None, :])[None, None]
+    if attention_mask is not None:
+        pad = attention_mask.astype(bool)[:, None, None, :]
+        mask = pad if mask is None else jnp.logical_and(mask, pad)
+    return mask
+
+
+def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None):
+    """Softmax attention with grouped key/value heads.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool, broadcastable to [B, 1, T, S].
+    Returns:
+      (out [B, T, H, D] in q.dtype, weights [B, H, T, S] float32).
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if h % kh:
+        raise ValueError(f"query heads {h} not a multiple of key/value heads {kh}")
+    g = h // kh
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, h, t, s)
+    if mask is not None:
+        scores = jnp.where(mask, scores, MASK_VALUE)
+    weights = nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.reshape(b, kh, g, t, s).astype(v.dtype), v)
+    return out.reshape(b, t, h, d), weights
+
+
+class Attention(nn.Module):
+    """q/k/v/out projections named as in transformers, optional RoPE and returned weights."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = True
+    out_bias: bool = True
+    out_name: str = "out_proj"  # CLIP/SigLIP: out_proj, LLaMA/Qwen2: o_proj
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, rope: Optional[Callable] = None,
+                 output_attentions: bool = False):
+        """x: [B, T, E] -> ([B, T, E], weights [B, H, T, T] or None)."""
+        dense = lambda n, heads, bias, name: nn.Dense(  # noqa: E731
+            n * heads, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        b, t, e = x.shape
+        q = dense(self.head_dim, self.num_heads, self.qkv_bias, "q_proj")(x)
+        k = dense(self.head_dim, self.num_kv_heads, self.qkv_bias, "k_proj")(x)
+        v = dense(self.head_dim, self.num_kv_heads, self.qkv_bias, "v_proj")(x)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out, weights = dot_product_attention(q, k, v, mask)
+        out = out.reshape(b, t, self.num_heads * self.head_dim)
+        out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name=self.out_name)(out)
+        return out, (weights if output_attentions else None)

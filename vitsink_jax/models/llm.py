@@ -1,0 +1,135 @@
+"""Decoder-only LM: LLaMA / Vicuna and Qwen2, numerically equal to transformers'
+LlamaForCausalLM / Qwen2ForCausalLM. Parameter tree mirrors HF: ``model.embed_tokens``,
+``model.layers_N.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+mlp.{gate,up,down}_proj}``, ``model.norm``, ``lm_head`` (absent when embeddings are tied).
+
+Padding: ``attention_mask`` [B, T] (1 = token, 0 = pad) works for left and right padding.
+``position_ids`` default to ``arange(T)`` exactly as a transformers forward call does; pass
+``cumsum(mask) - 1`` yourself for left-padded generation-style positions.
+Layers run as a Python loop (compile time is small at the sizes tested; per-layer names stay
+equal to HF's).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ..config import TextConfig
+from .attention import Attention, make_attention_mask
+from .layers import RMSNorm, activation
+from .outputs import CausalLMOutput
+from .rope import apply_rotary, rotary_embedding
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = partial(nn.Dense, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = activation(c.hidden_act)(dense(c.intermediate_size, name="gate_proj")(x))
+        h = h * dense(c.intermediate_size, name="up_proj")(x)
+        return dense(c.hidden_size, name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, cos, sin, output_attentions=False):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        rope = lambda t: apply_rotary(t, cos, sin)  # noqa: E731
+        h, weights = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                               qkv_bias=c.qkv_bias, out_bias=c.o_bias, out_name="o_proj",
+                               name="self_attn", **kw)(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), mask, rope, output_attentions)
+        x = x + h
+        x = x + GatedMLP(c, name="mlp", **kw)(
+            RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+        return x, weights
+
+
+class DecoderModel(nn.Module):
+    """Embedding + decoder layers + final norm (HF's LlamaModel / Qwen2Model)."""
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, **kw)
+        self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds, attention_mask=None, position_ids=None,
+                 output_attentions=False):
+        """inputs_embeds [B, T, D] -> (normed last [B, T, D], hidden states, attentions)."""
+        b, t, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        cos, sin = rotary_embedding(self.config, position_ids)
+        mask = make_attention_mask(attention_mask, t, t, causal=True)
+        x = inputs_embeds.astype(self.dtype)
+        states, attns = [x], []
+        for layer in self.layers:
+            x, w = layer(x, mask, cos, sin, output_attentions)
+            states.append(x)
+            attns.append(w)
+        x = self.norm(x)
+        states[-1] = x  # HF convention: the last hidden state is the normed one
+        return x, tuple(states), tuple(attns)
+
+
+class CausalLM(nn.Module):
+    """``__call__(input_ids [B, T] | inputs_embeds [B, T, D], attention_mask, position_ids)``
+    -> CausalLMOutput with float32 logits [B, T, V]."""
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.model = DecoderModel(self.config, self.dtype, self.param_dtype)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
+                                    param_dtype=self.param_dtype)
+
+    def embed(self, input_ids):
+        """input_ids [B, T] -> token embeddings [B, T, D]."""
+        return self.model.embed(input_ids)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None,
+                 inputs_embeds: Optional[jnp.ndarray] = None, output_hidden_states: bool = False,
+                 output_attentions: bool = False) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        if attention_mask is not None and attention_mask.shape != inputs_embeds.shape[:2]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"{tuple(inputs_embeds.shape[:2])} (batch, sequence)")
+        x, states, attns = self.model(inputs_embeds, attention_mask, position_ids, output_attentions)
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return CausalLMOutput(logits=logits.astype(jnp.float32),
+                              hidden_states=states if output_hidden_states else None,
+                              attentions=attns if output_attentions else None)

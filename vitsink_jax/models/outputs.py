@@ -1,0 +1,33 @@
+"""Model outputs: pytrees (flax.struct dataclasses) so they pass through jit unchanged."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class VisionOutput:
+    last_hidden_state: jnp.ndarray            # [B, N, E] (SigLIP: after post_layernorm)
+    pooler_output: Optional[jnp.ndarray]      # [B, E] (CLIP: post-LN CLS, SigLIP: head) or None
+    hidden_states: Optional[tuple] = None     # L+1 x [B, N, E], embeddings first (HF order)
+    attentions: Optional[tuple] = None        # L x [B, H, N, N] float32
+
+
+@struct.dataclass
+class CausalLMOutput:
+    logits: jnp.ndarray                       # [B, T, V] float32
+    hidden_states: Optional[tuple] = None     # L+1 x [B, T, D]; last one after the final norm
+    attentions: Optional[tuple] = None        # L x [B, H, T, T] float32
+
+
+@struct.dataclass
+class LlavaOutput:
+    logits: jnp.ndarray                       # [B, T, V] float32
+    hidden_states: Optional[tuple] = None     # LLM hidden states, as CausalLMOutput
+    attentions: Optional[tuple] = None        # LLM attention weights, as CausalLMOutput
+    image_features: Optional[jnp.ndarray] = None    # [N_img, P, D_llm] projector output
+    vision_features: Optional[jnp.ndarray] = None   # [N_img, P, E*len(layers)] projector input
+    vision_outputs: Optional[Any] = None            # VisionOutput of the tower (all hidden states)

@@ -1,0 +1,172 @@
+"""CLIP and SigLIP vision towers, numerically equal to transformers' CLIPVisionModel and
+SiglipVisionModel. Parameter names mirror HF (``embeddings.patch_embedding``, ``pre_layrnorm``,
+``encoder.layers_N.self_attn.q_proj``, ``post_layernorm``, ``head``), so conversion is a table.
+
+Layers run as a Python loop: vision towers here are at most a few dozen layers and the loop keeps
+per-layer names equal to HF's (a scanned variant belongs to the fast-inference work).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ..config import VisionConfig
+from .attention import Attention, dot_product_attention
+from .layers import activation
+from .outputs import VisionOutput
+
+
+class VisionEmbeddings(nn.Module):
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        """pixel_values [B, C, H, W] (HF's NCHW) -> tokens [B, N, E]."""
+        c = self.config
+        x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
+        x = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=c.patch_size,
+                    padding="VALID", use_bias=not c.has_class_token, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="patch_embedding")(x)
+        x = x.reshape(x.shape[0], -1, c.hidden_size)
+        if c.has_class_token:
+            cls = self.param("class_embedding", nn.initializers.normal(0.02), (c.hidden_size,),
+                             self.param_dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, c.hidden_size)), x], 1)
+        pos = nn.Embed(c.num_positions, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="position_embedding")(jnp.arange(c.num_positions))
+        return x + pos[None]
+
+
+class VisionMLP(nn.Module):
+    hidden_size: int
+    intermediate_size: int
+    act: str
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = activation(self.act)(nn.Dense(self.intermediate_size, name="fc1", **kw)(x))
+        return nn.Dense(self.hidden_size, name="fc2", **kw)(x)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, output_attentions=False):
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
+        h, weights = Attention(c.num_attention_heads, c.num_attention_heads,
+                               c.hidden_size // c.num_attention_heads, name="self_attn", **kw)(
+            ln("layer_norm1")(x), output_attentions=output_attentions)
+        x = x + h
+        x = x + VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(
+            ln("layer_norm2")(x))
+        return x, weights
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling (torch.nn.MultiheadAttention with a learned probe)."""
+
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, N, E] -> [B, E]
+        c = self.config
+        e, h = c.hidden_size, c.num_attention_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        probe = self.param("probe", nn.initializers.normal(0.02), (1, 1, e), self.param_dtype)
+        attn = _TorchMultiheadAttention(e, h, name="attention", **kw)
+        out = attn(jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, e)), x)
+        res = out
+        out = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm", **kw)(out)
+        out = res + VisionMLP(e, c.intermediate_size, c.hidden_act, name="mlp", **kw)(out)
+        return out[:, 0]
+
+
+class _TorchMultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention layout: packed ``in_proj_weight`` [3E, E] and ``out_proj``."""
+
+    embed_dim: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query, kv):
+        e, h = self.embed_dim, self.num_heads
+        w = self.param("in_proj_weight", nn.initializers.lecun_normal(), (3 * e, e), self.param_dtype)
+        bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,), self.param_dtype)
+        w, bias = w.astype(self.dtype), bias.astype(self.dtype)
+        q = query @ w[:e].T + bias[:e]
+        k = kv @ w[e:2 * e].T + bias[e:2 * e]
+        v = kv @ w[2 * e:].T + bias[2 * e:]
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], h, e // h)  # noqa: E731
+        out, _ = dot_product_attention(split(q), split(k), split(v))
+        out = out.reshape(query.shape)
+        return nn.Dense(e, dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(out)
+
+
+class Encoder(nn.Module):
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, output_attentions=False):
+        """Returns (last [B, N, E], hidden_states L+1 x [B, N, E], attentions L x [B, H, N, N])."""
+        states, attns = [x], []
+        for i in range(self.config.num_hidden_layers):
+            x, w = EncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(
+                x, output_attentions)
+            states.append(x)
+            attns.append(w)
+        return x, tuple(states), tuple(attns)
+
+
+class VisionTransformer(nn.Module):
+    """CLIP or SigLIP vision tower (chosen by ``config.model_type``).
+
+    ``__call__(pixel_values [B, C, H, W])`` -> VisionOutput. ``hidden_states`` (on request) is
+    the HF tuple: embeddings (after CLIP's pre_layrnorm) then every layer's output, before any
+    post-LN. H and W must equal ``config.image_size``.
+    """
+
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values, output_hidden_states: bool = False,
+                 output_attentions: bool = False) -> VisionOutput:
+        c = self.config
+        expected = (c.num_channels, c.image_size, c.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                             f"[B, {', '.join(map(str, expected))}] for this {c.model_type}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
+        x = VisionEmbeddings(c, name="embeddings", **kw)(pixel_values)
+        if c.has_class_token:
+            x = ln("pre_layrnorm")(x)
+        last, states, attns = Encoder(c, name="encoder", **kw)(x, output_attentions)
+        if c.has_class_token:  # CLIP: last_hidden_state un-normed, pooled = post-LN CLS
+            pooled = ln("post_layernorm")(last[:, 0])
+        else:  # SigLIP: post-LN on every token, optional attention-pooling head
+            last = ln("post_layernorm")(last)
+            pooled = AttentionPoolingHead(c, name="head", **kw)(last) if c.vision_use_head else None
+        return VisionOutput(last_hidden_state=last, pooler_output=pooled,
+                            hidden_states=states if output_hidden_states else None,
+                            attentions=attns if output_attentions else None)
