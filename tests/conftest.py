@@ -62,6 +62,18 @@ def save(model, path, **kw):
     return path
 
 
+def save_bin(model, path):
+    """A ``pytorch_model.bin`` checkpoint (transformers 5 only writes safetensors).
+
+    Keys are the in-memory state_dict names (``model.language_model...``), a third key spelling
+    next to the two that save_pretrained files use.
+    """
+    save(model, path)
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    return path
+
+
 def assert_close(ours, ref, tol=1e-4, what=""):
     """max |ours - ref| <= tol * max(1, max |ref|), the project's fp32 parity rule."""
     ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
