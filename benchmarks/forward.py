@@ -1,0 +1,100 @@
+"""Forward speed: vitsink_jax (jit, after warm-up) vs Hugging Face PyTorch (eager, inference_mode)
+on the same medium LLaVA checkpoint and inputs, in one run. Prints the speed ratio and the parity
+error; ``--out`` writes them as JSON.
+
+    python benchmarks/forward.py            # medium config
+    python benchmarks/forward.py --quick    # tiny config, one repeat (used by the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import vitsink_jax as vj
+from vitsink_jax.provenance import package_versions, write_json
+
+SIZES = {  # (image, patch, vision hidden/layers/heads, text hidden/layers/heads/kv, batch, text tokens)
+    "medium": dict(image=224, patch=14, vh=384, vl=6, vheads=6, th=512, tl=6, theads=8, tkv=4,
+                   batch=2, text=32, vocab=4096),
+    "quick": dict(image=28, patch=7, vh=32, vl=2, vheads=4, th=64, tl=2, theads=4, tkv=2,
+                  batch=1, text=8, vocab=128),
+}
+
+
+def hf_llava(s: dict):
+    vision = transformers.CLIPVisionConfig(hidden_size=s["vh"], intermediate_size=4 * s["vh"],
+                                           num_hidden_layers=s["vl"], num_attention_heads=s["vheads"],
+                                           image_size=s["image"], patch_size=s["patch"])
+    text = transformers.LlamaConfig(hidden_size=s["th"], intermediate_size=int(2.75 * s["th"]),
+                                    num_hidden_layers=s["tl"], num_attention_heads=s["theads"],
+                                    num_key_value_heads=s["tkv"], vocab_size=s["vocab"])
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                   image_token_index=s["vocab"] - 1)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(cfg).eval()
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    s = SIZES["quick" if args.quick else "medium"]
+    repeats = 1 if args.quick else args.repeats
+    hf = hf_llava(s)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, params = vj.load_pretrained(d)
+    n_img = (s["image"] // s["patch"]) ** 2
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, s["vocab"] - 2, size=(s["batch"], s["text"] + n_img))
+    ids[:, 4:4 + n_img] = s["vocab"] - 1
+    pixels = rng.standard_normal((s["batch"], 3, s["image"], s["image"])).astype(np.float32)
+
+    fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
+    jids, jpix = jnp.asarray(ids), jnp.asarray(pixels)
+    ours = np.asarray(jax.block_until_ready(fwd(params, jids, jpix)))  # compile + warm-up
+    t_jax = timed(lambda: jax.block_until_ready(fwd(params, jids, jpix)), repeats)
+
+    tids, tpix = torch.tensor(ids), torch.tensor(pixels)
+    with torch.inference_mode():
+        ref = hf(input_ids=tids, pixel_values=tpix).logits.numpy()  # warm-up
+        t_torch = timed(lambda: hf(input_ids=tids, pixel_values=tpix), repeats)
+
+    err = float(np.max(np.abs(ours - ref)))
+    result = {"config": s, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+              "hf_eager_s": t_torch, "vitsink_jax_jit_s": t_jax, "speedup_vs_hf": t_torch / t_jax,
+              "max_abs_logit_diff": err, "ref_logit_scale": float(np.max(np.abs(ref))),
+              "versions": package_versions(), "device": str(jax.devices()[0])}
+    print(f"LLaVA forward, batch {s['batch']} x {ids.shape[1]} tokens ({n_img} visual): "
+          f"HF eager {t_torch * 1e3:.1f} ms, vitsink_jax jit {t_jax * 1e3:.1f} ms -> "
+          f"{t_torch / t_jax:.2f}x; max|logit diff| {err:.2e} (logit scale {result['ref_logit_scale']:.2f})")
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

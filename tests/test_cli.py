@@ -1,0 +1,57 @@
+"""The README's main job (evaluate.py demo) and the benchmark script, end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from skimage import data
+
+import vitsink_jax as vj
+from vitsink_jax.data.preprocess import load_image, preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
+         "--config.embedded.vision_layers=2", "--config.embedded.text_hidden=64",
+         "--config.embedded.text_layers=2", "--config.embedded.vocab_size=256"]
+
+
+def test_demo_end_to_end_on_real_photos(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.astronaut()).save(images / "astronaut.png")
+    Image.fromarray(data.chelsea()).save(images / "chelsea.jpg")
+    (images / "broken.jpg").write_bytes(b"\x00not a jpeg")
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}",
+                           f"--config.images={images}", *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 image(s) processed, 1 skipped" in proc.stdout
+    assert "broken.jpg: cannot read image" in proc.stdout
+    report = json.loads((work / "demo.json").read_text())
+    assert sorted(report["images"]) == ["astronaut.png", "chelsea.jpg"]
+    assert report["seed"] == 0 and report["versions"]["jax"] and len(report["checkpoint_sha256"]) == 64
+    # the reported norms agree with a direct computation through the public API
+    model, params = vj.load_pretrained(work / "embedded_default")
+    n = model.config.num_image_tokens
+    ids = jnp.asarray([[1, 5, 6, 7] + [model.config.image_token_index] * n + [8, 9, 10]])
+    pixels = jnp.asarray(preprocess(model.config.vision, [load_image(images / "chelsea.jpg")]))
+    out = model.apply({"params": params}, ids, pixels, output_vision=True)
+    norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)
+    top = report["images"]["chelsea.jpg"]["top_tokens"][0]
+    assert top["index"] == int(np.argmax(norms))
+    np.testing.assert_allclose(top["norm"], norms.max(), rtol=1e-5)
+
+
+def test_forward_benchmark_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "benchmarks/forward.py", "--quick", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["speedup_vs_hf"] > 0
+    assert result["max_abs_logit_diff"] <= 1e-4 * max(1.0, result["ref_logit_scale"])

@@ -1,0 +1,35 @@
+"""Preprocessing equals transformers' PIL image processors on real photos."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+from vitsink_jax.data.preprocess import load_image, preprocess_clip, preprocess_siglip
+
+PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "camera": data.camera}
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_clip_matches_hf(name):
+    img = PHOTOS[name]()
+    hf = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    ref = hf(images=Image.fromarray(img), return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(preprocess_clip(img, 56), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_siglip_matches_hf(name):
+    img = PHOTOS[name]()
+    ref = SiglipImageProcessorPil(size={"height": 48, "width": 48})(images=Image.fromarray(img), return_tensors="np")
+    np.testing.assert_allclose(preprocess_siglip(img, 48), ref["pixel_values"][0], atol=1e-5)
+
+
+def test_bad_inputs_are_named(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg: cannot read image"):
+        load_image(bad)
+    with pytest.raises(ValueError, match="dtype float64"):
+        preprocess_clip(np.zeros((8, 8, 3)), 8)

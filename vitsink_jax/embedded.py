@@ -1,0 +1,41 @@
+"""The embedded default model and the bundled real photos, so every CLI runs offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+
+from .config import LlavaConfig, TextConfig, VisionConfig
+from .convert.hf import build_model, init_params, save_pretrained
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # real photos shipped with scikit-image
+
+
+def embedded_config(e) -> LlavaConfig:
+    """LlavaConfig (CLIP-style tower + LLaMA-style LM) from the ``embedded`` config block."""
+    vision = VisionConfig(model_type="clip_vision_model", hidden_size=e.vision_hidden,
+                          intermediate_size=4 * e.vision_hidden, num_hidden_layers=e.vision_layers,
+                          num_attention_heads=e.vision_heads, image_size=e.image_size,
+                          patch_size=e.patch_size)
+    text = TextConfig(model_type="llama", vocab_size=e.vocab_size, hidden_size=e.text_hidden,
+                      intermediate_size=int(2.75 * e.text_hidden), num_hidden_layers=e.text_layers,
+                      num_attention_heads=e.text_heads, num_key_value_heads=e.text_kv_heads,
+                      head_dim=e.text_hidden // e.text_heads, max_position_embeddings=2048)
+    return LlavaConfig(vision=vision, text=text, image_token_index=e.vocab_size - 1)
+
+
+def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
+    """Writes the seeded embedded default into ``workdir/embedded_default`` (HF layout) once."""
+    path = Path(workdir) / "embedded_default"
+    if not (path / "config.json").is_file():
+        model = build_model(embedded_config(e))
+        save_pretrained(model, init_params(model, jax.random.PRNGKey(seed)), path)
+    return path
+
+
+def bundled_photos() -> dict:
+    """{name: uint8 RGB array} of real photos from scikit-image."""
+    from skimage import data
+
+    return {name: getattr(data, name)() for name in PHOTOS}

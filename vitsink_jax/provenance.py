@@ -1,0 +1,56 @@
+"""Provenance records for results (config, seed, package versions, checkpoint hash) and atomic
+JSON writing, shared by the CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("vitsink_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
+            "transformers", "safetensors", "numpy", "torch")
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def record(config: Any, seed: int, checkpoint: str | None = None,
+           checkpoint_sha256: str | None = None) -> dict:
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {"config": cfg, "seed": seed, "versions": package_versions(),
+            "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256}
+
+
+def write_json(path, obj) -> Path:
+    """Writes JSON atomically (temporary file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _jsonable(x):
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    return str(x)
