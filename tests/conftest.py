@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -80,8 +82,26 @@ def assert_close(ours, ref, tol=1e-4, what=""):
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != {ref.shape}"
     err = float(np.max(np.abs(ours - ref))) if ref.size else 0.0
     bound = tol * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    PARITY[test] = max(PARITY.get(test, 0.0), err / (bound / tol))
     assert err <= bound, f"{what}: max|diff| {err:.3e} > {bound:.3e}"
     return err
+
+
+PARITY: dict = {}  # test id -> worst max|diff| / max(1, max|ref|) seen by assert_close
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Prints the worst relative parity error per test file, the figure the closing notes quote."""
+    if not PARITY:
+        return
+    by_file: dict = {}
+    for test, err in PARITY.items():
+        f = test.split("::")[0]
+        by_file[f] = max(by_file.get(f, 0.0), err)
+    terminalreporter.write_sep("-", "parity vs transformers: worst max|diff| / max(1, max|ref|)")
+    for f, err in sorted(by_file.items()):
+        terminalreporter.write_line(f"{f}: {err:.2e}")
 
 
 def t2n(t):

@@ -74,11 +74,13 @@ def test_llava_several_images_feature_layers_full_strategy(tmp_path, rng):
 
 def test_llava_siglip_qwen2(tmp_path, rng):
     cfg = llava_config(vision=siglip_vision_config(vision_use_head=False), text=qwen2_config(),
-                       vision_feature_layer=-1, vision_feature_select_strategy="full")
+                       vision_feature_layer=-1, vision_feature_select_strategy="full",
+                       multimodal_projector_bias=False)
     hf = build(LLAVA, cfg)
     ids = prompt_with_images(rng, 1, 16)
     pixels = rng.standard_normal((1, 3, 28, 28)).astype(np.float32)
-    _compare(hf, tmp_path / "llava_siglip_qwen2", ids, pixels)
+    _, params, _ = _compare(hf, tmp_path / "llava_siglip_qwen2", ids, pixels)
+    assert "bias" not in params["multi_modal_projector"]["linear_1"]
 
 
 def test_image_token_count_mismatch_is_never_silent(tmp_path, rng):
