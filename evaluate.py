@@ -4,6 +4,11 @@
     python evaluate.py --config configs/default.py --config.checkpoint=/path/to/llava --workdir runs/x
 
 Modes (``config.mode``):
+  analyze  the paper's sink analysis (Findings 1-3) over a folder of images: per image the
+        visual-token norms, ViT sinks under every rule (threshold / top-k / adaptive), the
+        sink / non-sink attention ratio per LLM layer (F1), the attention share of non-sink,
+        LLM-emerged and propagated-ViT-sink tokens (F2) and the hidden dims each group fires (F3).
+        Writes ``workdir/report.json`` and PNG plots under ``workdir/plots``.
   demo  converts the checkpoint (default: the embedded default model, built and saved in HF
         layout, then loaded back through the converter), runs the jitted LLaVA forward on real
         photos, and reports per image the visual tokens with the largest feature norms (the ViT
@@ -23,9 +28,11 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax.data.preprocess import load_image, preprocess
+from vitsink_jax import plots
+from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.embedded import bundled_photos, ensure_embedded_checkpoint
 from vitsink_jax.provenance import record, write_json
+from vitsink_jax.sinks import analysis, detect
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Python config file.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where outputs are written.")
@@ -56,19 +63,26 @@ def demo_prompt(config: vj.LlavaConfig) -> np.ndarray:
     return np.array([[1, 5, 6, 7] + [config.image_token_index] * n + [8, 9, 10]], np.int32)
 
 
-def run_demo(cfg, workdir: Path) -> dict:
+def load_lvlm(cfg, workdir: Path):
+    """(checkpoint path, model, params) for the configured or embedded default LLaVA."""
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
     print(f"checkpoint: {ckpt}" + ("" if cfg.checkpoint else
                                    "  (embedded default: seeded random weights, offline)"))
     model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True)
     if not isinstance(model, vj.LlavaForConditionalGeneration):
-        raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; the demo needs a llava checkpoint")
+        raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; this mode needs a llava checkpoint")
     c = model.config
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"model: {c.vision.model_type} ({c.vision.num_hidden_layers} layers) -> "
           f"{c.projector_type} -> {c.text.model_type} ({c.text.num_hidden_layers} layers), "
           f"{n_params / 1e6:.1f}M params, {c.num_image_tokens} visual tokens per image")
+    return ckpt, model, params
+
+
+def run_demo(cfg, workdir: Path) -> dict:
+    ckpt, model, params = load_lvlm(cfg, workdir)
+    c = model.config
 
     @jax.jit
     def forward(params, ids, pixels):
@@ -109,14 +123,91 @@ def run_demo(cfg, workdir: Path) -> dict:
     return result
 
 
+def run_analyze(cfg, workdir: Path) -> dict:
+    ckpt, model, params = load_lvlm(cfg, workdir)
+    c = model.config
+    rule = detect.SinkRule(**cfg.sink)
+    rules = {name: detect.SinkRule(**{**cfg.sink, "rule": name}) for name in detect.RULES}
+    edges = jnp.asarray(cfg.bucket_edges, jnp.float32)
+    ids = jnp.asarray(demo_prompt(c))
+    dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
+
+    @jax.jit
+    def forward(params, pixels):
+        out = model.apply({"params": params}, ids, pixels, output_attentions=True,
+                          output_hidden_states=True, output_vision=True)
+        res = analysis.analyze_forward(out, ids, c.image_token_index, rule, edges, cfg.llm_tau, dims)
+        res["masks"] = {n: detect.sink_mask(res["norms"], r) for n, r in rules.items()}
+        return res
+
+    images, skipped = read_images(cfg.images)
+    grid, offset = c.vision.grid_size, int(c.vision_feature_select_strategy == "full")
+    per_image, norms_all, buckets, profiles = {}, {}, [], []
+    for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
+        if c.vision_feature_select_strategy == "full" and not c.vision.has_class_token:
+            offset = 0
+        res = jax.device_get(forward(params, jnp.asarray(preprocess(c.vision, [image]))))
+        norms = res["norms"][0]
+        sinks = {n: np.flatnonzero(m[0]).tolist() for n, m in res["masks"].items()}
+        per_image[name] = {
+            "norms": norms, "sinks": sinks, "sink_ratio_per_layer": res["sink_ratio"],
+            "attention_share_per_layer": res["share"],
+            "llm_sink_dims": [int(d) for d in res["sink_dims"] if d >= 0],
+            "llm_sinks_per_layer": res["llm_sink"][:, 0].sum(-1),
+            "top_dims": {g: np.argsort(-p.mean(0))[:3].tolist() for g, p in res["dim_profile"].items()},
+        }
+        norms_all[name] = norms
+        buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
+        profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
+        patch_norms = norms[offset:] if offset else norms
+        patch_sink = res["masks"][rule.rule][0][offset:] if offset else res["masks"][rule.rule][0]
+        plots.sink_overlay(np.asarray(to_rgb(image).resize((c.vision.image_size,) * 2)), patch_sink,
+                           patch_norms, grid, name, workdir / "plots" / f"sinks_{Path(name).stem}.png")
+        tqdm.write(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
+                   f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
+                   f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
+    if not per_image:
+        raise SystemExit("error: no readable images")
+    ratios = np.array([v["sink_ratio_per_layer"] for v in per_image.values()])
+    summary = {"images": len(per_image), "skipped": len(skipped),
+               "sinks_per_image": {n: float(np.mean([len(v["sinks"][n]) for v in per_image.values()]))
+                                   for n in detect.RULES},
+               "f1_sink_to_nonsink_attention_ratio": float(_nanmean(ratios)),
+               "f2_attention_share": {g: float(_nanmean([v["attention_share_per_layer"][g]
+                                                         for v in per_image.values()]))
+                                      for g in ("non_sink", "llm_emerged_sink", "propagated_vit_sink")}}
+    plots.norm_histogram(norms_all, rule.tau, workdir / "plots" / "norm_histogram.png")
+    plots.attention_by_bucket(_nanmean(np.stack(buckets), 0), np.asarray(cfg.bucket_edges),
+                              workdir / "plots" / "attention_by_norm_bucket.png")
+    plots.dimension_profiles({g: np.mean([p[g] for p in profiles], 0) for g in profiles[0]},
+                             workdir / "plots" / "sink_dimensions.png")
+    report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
+              "per_image": per_image, "skipped_files": skipped}
+    out = write_json(workdir / "report.json", report)
+    ratio = summary["f1_sink_to_nonsink_attention_ratio"]
+    print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
+          + (f"; F1 sink/non-sink attention ratio {ratio:.2f}x" if np.isfinite(ratio)
+             else f"; F1 ratio undefined: no token passed the {rule.rule} rule"))
+    print(f"wrote {out} and plots in {workdir / 'plots'}")
+    return report
+
+
+def _nanmean(x, axis=None):
+    """np.nanmean without the all-NaN warning (all-NaN -> NaN)."""
+    x = np.asarray(x, np.float64)
+    n = np.sum(~np.isnan(x), axis=axis)
+    return np.where(n > 0, np.nansum(x, axis=axis) / np.maximum(n, 1), np.nan)
+
+
+MODES = {"demo": run_demo, "analyze": run_analyze}
+
+
 def main(argv):
     del argv
     cfg = _CONFIG.value
-    workdir = Path(_WORKDIR.value)
-    if cfg.mode == "demo":
-        run_demo(cfg, workdir)
-    else:
-        raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: demo)")
+    if cfg.mode not in MODES:
+        raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")
+    MODES[cfg.mode](cfg, Path(_WORKDIR.value))
 
 
 if __name__ == "__main__":

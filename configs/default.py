@@ -15,7 +15,14 @@ def get_config():
     c.checkpoint = ""      # a Hugging Face LLaVA folder; "" = build the embedded default in workdir
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
     c.dtype = "float32"    # compute dtype: float32 | bfloat16
-    c.top_k = 5            # highest-norm visual tokens to report per image
+    c.top_k = 5            # highest-norm visual tokens to report per image (demo)
+
+    # analyze mode: ViT-sink rule (see vitsink_jax.sinks.detect.SinkRule)
+    c.sink = ml_collections.ConfigDict(dict(rule="threshold", tau=100.0, k=4, max_fraction=0.1,
+                                            min_ratio=2.0))
+    c.llm_tau = 20.0       # VAR threshold on |h[d]| / RMS(h); note it is at most sqrt(hidden size)
+    c.llm_sink_dims = ()   # the LLM's sink dims (LLaVA-1.5-7B: (1415, 2533)); () = discover
+    c.bucket_edges = (0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 150.0, 10000.0)
 
     c.embedded = ml_collections.ConfigDict()  # shape of the embedded default model
     c.embedded.image_size = 112

@@ -55,3 +55,40 @@ def test_forward_benchmark_quick(tmp_path):
     result = json.loads(out.read_text())
     assert result["speedup_vs_hf"] > 0
     assert result["max_abs_logit_diff"] <= 1e-4 * max(1.0, result["ref_logit_scale"])
+
+
+def test_analyze_end_to_end_report_and_plots(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.coffee()).save(images / "coffee.png")
+    Image.fromarray(data.rocket()).save(images / "rocket.jpg")
+    (images / "empty.png").write_bytes(b"")
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}", "--config.mode=analyze",
+                           "--config.sink.rule=topk", "--config.sink.k=3", f"--config.images={images}",
+                           *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "empty.png: cannot read image" in proc.stdout
+    report = json.loads((work / "report.json").read_text())
+    assert report["summary"]["images"] == 2 and report["summary"]["skipped"] == 1
+    for png in ["norm_histogram", "attention_by_norm_bucket", "sink_dimensions", "sinks_coffee",
+                "sinks_rocket"]:
+        assert (work / "plots" / f"{png}.png").stat().st_size > 1000, png
+    entry = report["per_image"]["coffee.png"]
+    assert len(entry["sinks"]["topk"]) == 3
+    # F1 figures agree with a direct numpy computation from the model's attention maps
+    model, params = vj.load_pretrained(work / "embedded_default")
+    c = model.config
+    n = c.num_image_tokens
+    ids = jnp.asarray([[1, 5, 6, 7] + [c.image_token_index] * n + [8, 9, 10]])
+    pixels = jnp.asarray(preprocess(c.vision, [load_image(images / "coffee.png")]))
+    out = model.apply({"params": params}, ids, pixels, output_attentions=True, output_vision=True)
+    norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)
+    np.testing.assert_allclose(entry["norms"], norms, rtol=1e-5)
+    sinks = np.argsort(-norms)[:3]
+    assert sorted(entry["sinks"]["topk"]) == sorted(sinks.tolist())
+    is_sink = np.isin(np.arange(n), sinks)
+    for layer, a in enumerate(out.attentions):
+        vis = np.asarray(a)[0][:, 4 + n:, 4:4 + n].mean(axis=(0, 1))  # over heads and text queries
+        ratio = vis[is_sink].mean() / vis[~is_sink].mean()
+        np.testing.assert_allclose(entry["sink_ratio_per_layer"][layer], ratio, rtol=1e-4)

@@ -4,6 +4,7 @@ JSON writing, shared by the CLIs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -39,7 +40,7 @@ def write_json(path, obj) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
+            json.dump(_clean(obj), f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     finally:
@@ -48,9 +49,16 @@ def write_json(path, obj) -> Path:
     return path
 
 
-def _jsonable(x):
+def _clean(x):
+    """Arrays -> lists, NaN / inf -> None (strict JSON), recursively."""
     if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, (set, tuple)):
-        return list(x)
+        x = x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
     return str(x)

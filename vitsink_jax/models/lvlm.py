@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from ..config import LlavaConfig
@@ -75,7 +76,7 @@ class LlavaForConditionalGeneration(nn.Module):
             is_image = input_ids == c.image_token_index
             expected = feats.shape[0] * feats.shape[1]
             if not isinstance(input_ids, jax.core.Tracer):
-                found = int(jnp.sum(is_image))
+                found = int(np.sum(np.asarray(input_ids) == c.image_token_index))
                 if found != expected:
                     raise ValueError(f"input_ids contain {found} image tokens (id "
                                      f"{c.image_token_index}) but pixel_values give {feats.shape[0]} "

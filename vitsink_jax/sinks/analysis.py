@@ -119,3 +119,38 @@ def sink_dimension_profile(hidden: jnp.ndarray, token_mask: jnp.ndarray) -> jnp.
 def top_dims(profile: jnp.ndarray, k: int = 3) -> jnp.ndarray:
     """profile [L, D] -> [L, k] int32, the k most activated dimensions per layer."""
     return jax.lax.top_k(profile, k)[1].astype(jnp.int32)
+
+
+def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
+                    bucket_edges: jnp.ndarray, llm_tau: float = 20.0, sink_dims=None) -> dict:
+    """F1-F3 for one LVLM forward with one image per row (jit-able; ``rule`` is static).
+
+    out: an LVLM output with ``attentions``, ``hidden_states`` and ``vision_features``
+    ([B, P, E]); the query tokens are the ones after the last visual token. ``sink_dims`` [S]
+    int: the LLM's sink dimensions, or None to discover them from massive activations in the
+    middle layer. Returns a dict of arrays (shapes in the keys' comments).
+    """
+    from .detect import llm_sink_mask, massive_activation_dims, sink_mask, token_norms
+
+    feats = out.vision_features
+    b, p = feats.shape[:2]
+    norms = token_norms(feats)                                           # [B, P]
+    vit_sink = sink_mask(norms, rule)                                    # [B, P]
+    vis_pos = visual_positions(input_ids, image_token_index, p)          # [B, P]
+    query = jnp.arange(input_ids.shape[1])[None] > vis_pos[:, -1:]       # [B, T]
+    vis_attn = stack_visual_attention(out.attentions, vis_pos, query)    # [L, B, H, P]
+    hidden = jnp.stack(out.hidden_states[:-1])                           # [L, B, T, D] layer inputs
+    if sink_dims is None:
+        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2])
+    vis_hidden = jnp.take_along_axis(hidden, vis_pos[None, :, :, None], axis=2)  # [L, B, P, D]
+    llm_sink = llm_sink_mask(vis_hidden, sink_dims, llm_tau)             # [L, B, P]
+    groups = token_groups(vit_sink, llm_sink)
+    bucket_mean, bucket_count = attention_by_norm_bucket(vis_attn, norms, bucket_edges)
+    return {
+        "norms": norms, "vit_sink": vit_sink, "llm_sink": llm_sink, "sink_dims": sink_dims,
+        "vis_attn": vis_attn,
+        "sink_ratio": sink_attention_ratio(vis_attn, vit_sink),                      # [L]
+        "bucket_mean": bucket_mean, "bucket_count": bucket_count,                    # [L,H,K], [K]
+        "share": attention_share_by_group(vis_attn, groups),                         # {g: [L]}
+        "dim_profile": {g: sink_dimension_profile(vis_hidden, m) for g, m in groups.items()},
+    }

@@ -1,0 +1,73 @@
+"""PNG figures for the sink analysis (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def norm_histogram(norms: dict, tau: float, path) -> Path:
+    """Histogram of visual-token norms over all images, with the fixed threshold marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    allv = np.concatenate([np.ravel(v) for v in norms.values()])
+    ax.hist(allv, bins=60, color="tab:blue", alpha=0.8)
+    ax.axvline(tau, color="tab:red", ls="--", label=f"tau = {tau:g}")
+    ax.set(xlabel="L2 norm of projector-input token", ylabel="tokens", yscale="log",
+           title=f"ViT token norms ({len(norms)} images, {allv.size} tokens)")
+    ax.legend()
+    return _save(fig, path)
+
+
+def sink_overlay(image: np.ndarray, sink: np.ndarray, norms: np.ndarray, grid: int, title: str,
+                 path) -> Path:
+    """The image, a norm heat map over the patch grid, and the sink patches outlined."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    h, w = image.shape[:2]
+    for ax in axes:
+        ax.imshow(image)
+        ax.axis("off")
+    axes[1].imshow(norms.reshape(grid, grid), extent=(0, w, h, 0), alpha=0.55, cmap="magma")
+    for idx in np.flatnonzero(sink):
+        r, c = divmod(int(idx), grid)
+        axes[1].add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid,
+                                        fill=False, ec="cyan", lw=2))
+    axes[0].set_title(title)
+    axes[1].set_title(f"token norms, {int(sink.sum())} sink(s) outlined")
+    return _save(fig, path)
+
+
+def attention_by_bucket(bucket_mean: np.ndarray, edges: np.ndarray, path) -> Path:
+    """F1: mean attention per visual token by norm bucket (columns) and LLM layer (rows)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    im = ax.imshow(bucket_mean, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(edges) - 1), [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)],
+                  rotation=45, fontsize=7)
+    ax.set(xlabel="ViT norm bucket", ylabel="LLM layer",
+           title="attention received per visual token (mean over heads)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def dimension_profiles(profiles: dict, path) -> Path:
+    """F3: |h[d]| / RMS(h) per hidden dim, averaged over layers, for each token group."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, prof in profiles.items():
+        ax.plot(prof, label=name, lw=1)
+    ax.set(xlabel="LLM hidden dimension", ylabel="mean |h[d]| / RMS(h)",
+           title="hidden dimensions fired by each group of visual tokens")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
