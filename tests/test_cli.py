@@ -19,17 +19,29 @@ SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48"
          "--config.embedded.text_layers=2", "--config.embedded.vocab_size=256"]
 
 
-def test_demo_end_to_end_on_real_photos(tmp_path):
+def photo_folder(tmp_path, photos: dict, broken: str, broken_bytes: bytes) -> Path:
+    """A folder with real scikit-image photos ({file name: skimage loader}) and one bad file."""
     images = tmp_path / "images"
     images.mkdir()
-    Image.fromarray(data.astronaut()).save(images / "astronaut.png")
-    Image.fromarray(data.chelsea()).save(images / "chelsea.jpg")
-    (images / "broken.jpg").write_bytes(b"\x00not a jpeg")
-    work = tmp_path / "work"
+    for name, loader in photos.items():
+        Image.fromarray(loader()).save(images / name)
+    (images / broken).write_bytes(broken_bytes)
+    return images
+
+
+def run_evaluate(work, images, *flags):
     proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}",
-                           f"--config.images={images}", *SMALL],
+                           f"--config.images={images}", *flags, *SMALL],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_demo_end_to_end_on_real_photos(tmp_path):
+    images = photo_folder(tmp_path, {"astronaut.png": data.astronaut, "chelsea.jpg": data.chelsea},
+                          "broken.jpg", b"\x00not a jpeg")
+    work = tmp_path / "work"
+    proc = run_evaluate(work, images)
     assert "2 image(s) processed, 1 skipped" in proc.stdout
     assert "broken.jpg: cannot read image" in proc.stdout
     report = json.loads((work / "demo.json").read_text())
@@ -58,16 +70,11 @@ def test_forward_benchmark_quick(tmp_path):
 
 
 def test_analyze_end_to_end_report_and_plots(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(data.coffee()).save(images / "coffee.png")
-    Image.fromarray(data.rocket()).save(images / "rocket.jpg")
-    (images / "empty.png").write_bytes(b"")
+    images = photo_folder(tmp_path, {"coffee.png": data.coffee, "rocket.jpg": data.rocket},
+                          "empty.png", b"")
     work = tmp_path / "work"
-    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}", "--config.mode=analyze",
-                           "--config.sink.rule=topk", "--config.sink.k=3", f"--config.images={images}",
-                           *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_evaluate(work, images, "--config.mode=analyze", "--config.sink.rule=topk",
+                        "--config.sink.k=3")
     assert "empty.png: cannot read image" in proc.stdout
     report = json.loads((work / "report.json").read_text())
     assert report["summary"]["images"] == 2 and report["summary"]["skipped"] == 1
