@@ -102,7 +102,7 @@ def run_demo(cfg, workdir: Path) -> dict:
         times.append(time.perf_counter() - t0)
         norms, probs = np.asarray(norms[0]), np.asarray(probs[0])
         top = np.argsort(-norms)[: cfg.top_k]
-        offset = int(c.vision_feature_select_strategy == "full" and c.vision.has_class_token)
+        offset = c.visual_cls_offset
         per_image[name] = {
             "norm_mean": float(norms.mean()), "norm_max": float(norms.max()),
             "top_tokens": [{"index": int(i), "norm": float(norms[i]),
@@ -141,11 +141,9 @@ def run_analyze(cfg, workdir: Path) -> dict:
         return res
 
     images, skipped = read_images(cfg.images)
-    grid, offset = c.vision.grid_size, int(c.vision_feature_select_strategy == "full")
+    grid, offset = c.vision.grid_size, c.visual_cls_offset
     per_image, norms_all, buckets, profiles = {}, {}, [], []
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
-        if c.vision_feature_select_strategy == "full" and not c.vision.has_class_token:
-            offset = 0
         res = jax.device_get(forward(params, jnp.asarray(preprocess(c.vision, [image]))))
         norms = res["norms"][0]
         sinks = {n: np.flatnonzero(m[0]).tolist() for n, m in res["masks"].items()}
@@ -159,10 +157,9 @@ def run_analyze(cfg, workdir: Path) -> dict:
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
         profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
-        patch_norms = norms[offset:] if offset else norms
-        patch_sink = res["masks"][rule.rule][0][offset:] if offset else res["masks"][rule.rule][0]
-        plots.sink_overlay(np.asarray(to_rgb(image).resize((c.vision.image_size,) * 2)), patch_sink,
-                           patch_norms, grid, name, workdir / "plots" / f"sinks_{Path(name).stem}.png")
+        plots.sink_overlay(np.asarray(to_rgb(image).resize((c.vision.image_size,) * 2)),
+                           res["masks"][rule.rule][0][offset:], norms[offset:], grid, name,
+                           workdir / "plots" / f"sinks_{Path(name).stem}.png")
         tqdm.write(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")

@@ -242,6 +242,11 @@ class LlavaConfig:
         return tuple(v) if isinstance(v, tuple) else (v,)
 
     @property
+    def visual_cls_offset(self) -> int:
+        """Leading non-patch tokens in the visual features (1 when the CLS token is kept)."""
+        return int(self.vision_feature_select_strategy == "full" and self.vision.has_class_token)
+
+    @property
     def num_image_tokens(self) -> int:
         """Visual tokens per image that reach the LLM."""
         drop_cls = self.vision_feature_select_strategy == "default"
