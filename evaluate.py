@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import vitsink_jax as vj
 from vitsink_jax import plots
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
-from vitsink_jax.embedded import bundled_photos, ensure_embedded_checkpoint
+from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
 from vitsink_jax.provenance import record, write_json
 from vitsink_jax.sinks import analysis, detect
 
@@ -55,12 +55,6 @@ def read_images(folder: str) -> tuple[dict, list]:
             print(f"skipping {e}")
             skipped.append(str(f))
     return images, skipped
-
-
-def demo_prompt(config: vj.LlavaConfig) -> np.ndarray:
-    """[1, T] ids: a few text tokens, the image block, a few text tokens (no tokenizer needed)."""
-    n = config.num_image_tokens
-    return np.array([[1, 5, 6, 7] + [config.image_token_index] * n + [8, 9, 10]], np.int32)
 
 
 def load_lvlm(cfg, workdir: Path):

@@ -12,6 +12,7 @@ from skimage import data
 
 import vitsink_jax as vj
 from vitsink_jax.data.preprocess import load_image, preprocess
+from vitsink_jax.embedded import demo_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
@@ -49,8 +50,7 @@ def test_demo_end_to_end_on_real_photos(tmp_path):
     assert report["seed"] == 0 and report["versions"]["jax"] and len(report["checkpoint_sha256"]) == 64
     # the reported norms agree with a direct computation through the public API
     model, params = vj.load_pretrained(work / "embedded_default")
-    n = model.config.num_image_tokens
-    ids = jnp.asarray([[1, 5, 6, 7] + [model.config.image_token_index] * n + [8, 9, 10]])
+    ids = jnp.asarray(demo_prompt(model.config))
     pixels = jnp.asarray(preprocess(model.config.vision, [load_image(images / "chelsea.jpg")]))
     out = model.apply({"params": params}, ids, pixels, output_vision=True)
     norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)
@@ -87,7 +87,7 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
     model, params = vj.load_pretrained(work / "embedded_default")
     c = model.config
     n = c.num_image_tokens
-    ids = jnp.asarray([[1, 5, 6, 7] + [c.image_token_index] * n + [8, 9, 10]])
+    ids = jnp.asarray(demo_prompt(c))
     pixels = jnp.asarray(preprocess(c.vision, [load_image(images / "coffee.png")]))
     out = model.apply({"params": params}, ids, pixels, output_attentions=True, output_vision=True)
     norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)

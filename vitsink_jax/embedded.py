@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .convert.hf import build_model, init_params, save_pretrained
@@ -39,3 +40,9 @@ def bundled_photos() -> dict:
     from skimage import data
 
     return {name: getattr(data, name)() for name in PHOTOS}
+
+
+def demo_prompt(config: LlavaConfig) -> np.ndarray:
+    """[1, T] ids: a few text tokens, one image block, a few text tokens (no tokenizer needed)."""
+    n = config.num_image_tokens
+    return np.array([[1, 5, 6, 7] + [config.image_token_index] * n + [8, 9, 10]], np.int32)

@@ -16,6 +16,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from .detect import attention_received, llm_sink_mask, massive_activation_dims, sink_mask, token_norms
+
 
 def visual_positions(input_ids: jnp.ndarray, image_token_index: int, num_visual: int) -> jnp.ndarray:
     """Sequence positions of the visual tokens, one image per row.
@@ -35,9 +37,8 @@ def visual_attention(attn: jnp.ndarray, vis_pos: jnp.ndarray, query_mask: jnp.nd
     tokens after the image, or generated tokens) -> [B, H, P] float32.
     """
     chex.assert_rank([attn, vis_pos, query_mask], [4, 2, 2])
-    cols = jnp.take_along_axis(attn.astype(jnp.float32), vis_pos[:, None, None, :], axis=-1)
-    w = query_mask.astype(jnp.float32)[:, None, :, None]                        # [B, 1, T, 1]
-    return jnp.sum(cols * w, axis=2) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
+    cols = jnp.take_along_axis(attn, vis_pos[:, None, None, :], axis=-1)        # [B, H, T, P]
+    return attention_received(cols, query_mask)
 
 
 def stack_visual_attention(attentions, vis_pos, query_mask) -> jnp.ndarray:
@@ -130,8 +131,6 @@ def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
     int: the LLM's sink dimensions, or None to discover them from massive activations in the
     middle layer. Returns a dict of arrays (shapes in the keys' comments).
     """
-    from .detect import llm_sink_mask, massive_activation_dims, sink_mask, token_norms
-
     feats = out.vision_features
     b, p = feats.shape[:2]
     norms = token_norms(feats)                                           # [B, P]
