@@ -11,8 +11,10 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlavaConfig
+from ..sinks.detect import sink_mask, token_norms
+from ..sinks.fuse import VisualTokenPolicy, arrange_visual_tokens, permute_tokens, shift_positions
 from .llm import CausalLM
-from .outputs import LlavaOutput
+from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector
 from .vit import VisionTransformer
 
@@ -35,6 +37,32 @@ def merge_image_features(inputs_embeds, is_image, image_features):
     return merged, jnp.sum(flat) == image_features.shape[0]
 
 
+def arranged_positions(position_ids, is_image, arrangement: VisualArrangement, mode: str):
+    """LLM position ids after the visual tokens were rearranged.
+
+    Args:
+      position_ids: [B, T] positions of the stock model.
+      is_image: [B, T] bool image-token slots (images in order, row-major over the batch).
+      arrangement: the permutation and keep-mask of each image ([N_img, P]).
+      mode: "sequential" (positions follow the new order, dropped tokens deleted) or "original"
+        (each visual token takes the position its source token had in the stock model).
+    Returns:
+      (position_ids [B, T] int32, dropped [B, T] bool: slots holding a dropped token).
+    """
+    b, t = is_image.shape
+    n, p = arrangement.permutation.shape
+    flat = is_image.reshape(-1)
+    m = jnp.clip(jnp.cumsum(flat) - 1, 0, n * p - 1)              # image-token index of each slot
+    dropped = (flat & ~arrangement.kept.reshape(-1)[m]).reshape(b, t)
+    if mode == "sequential":
+        return shift_positions(position_ids, dropped), dropped
+    src = (arrangement.permutation + p * jnp.arange(n)[:, None]).reshape(-1)  # source token per index
+    slots = jnp.nonzero(flat, size=n * p, fill_value=0)[0]                     # slot of each index
+    base = position_ids.reshape(-1)
+    moved = jnp.where(flat, base[slots[src[m]]], base).reshape(b, t)
+    return moved.astype(jnp.int32), dropped
+
+
 class LlavaForConditionalGeneration(nn.Module):
     """``__call__(input_ids [B, T], pixel_values [N_img, C, H, W], attention_mask [B, T])``
     -> LlavaOutput (float32 logits [B, T, V]).
@@ -42,11 +70,18 @@ class LlavaForConditionalGeneration(nn.Module):
     The number of image tokens in ``input_ids`` must be ``N_img * config.num_image_tokens``.
     Outside jit a mismatch raises ValueError; under jit (values unknown at trace time) the
     logits are set to NaN so the mismatch can never pass silently.
+
+    ``visual_tokens`` (a :class:`VisualTokenPolicy`, stock by default) rearranges each image's
+    visual tokens after the ViT and before the projector: sink-to-the-front and its variants.
+    Switch it on an existing model with ``model.clone(visual_tokens=VisualTokenPolicy("front"))``;
+    the params do not change. Dropped tokens are masked out of attention (their own logits are
+    meaningless) and, with "sequential" positions, the later tokens' positions close the gap.
     """
 
     config: LlavaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    visual_tokens: VisualTokenPolicy = VisualTokenPolicy()
 
     def setup(self):
         c = self.config
@@ -56,13 +91,25 @@ class LlavaForConditionalGeneration(nn.Module):
                                                   c.projector_hidden_act, c.projector_bias, **kw)
         self.language_model = CausalLM(c.text, **kw)
 
-    def get_image_features(self, pixel_values, output_attentions: bool = False):
-        """pixel_values [N, C, H, W] -> (projected [N, P, D], selected [N, P, E'], VisionOutput)."""
+    def vision_features(self, pixel_values, output_attentions: bool = False):
+        """pixel_values [N, C, H, W] -> (projector input [N, P, E'], VisionOutput)."""
         c = self.config
         vout = self.vision_tower(pixel_values, output_hidden_states=True,
                                  output_attentions=output_attentions)
         start = 1 if c.vision_feature_select_strategy == "default" else 0
         selected = jnp.concatenate([vout.hidden_states[i][:, start:] for i in c.feature_layers], -1)
+        return selected, vout
+
+    def arrange(self, selected) -> VisualArrangement:
+        """Sinks of the projector input [N, P, E'] and the policy's permutation / keep-mask."""
+        sinks = sink_mask(token_norms(selected), self.visual_tokens.rule)
+        perm, kept = arrange_visual_tokens(sinks, self.visual_tokens.order, self.visual_tokens.select)
+        return VisualArrangement(sink_mask=sinks, permutation=perm, kept=kept)
+
+    def get_image_features(self, pixel_values, output_attentions: bool = False):
+        """pixel_values [N, C, H, W] -> (projected [N, P, D] in stock order, projector input
+        [N, P, E'], VisionOutput)."""
+        selected, vout = self.vision_features(pixel_values, output_attentions)
         return self.multi_modal_projector(selected), selected, vout
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
@@ -70,9 +117,14 @@ class LlavaForConditionalGeneration(nn.Module):
                  output_vision: bool = False) -> LlavaOutput:
         c = self.config
         embeds = self.language_model.embed(input_ids)
-        feats = selected = vout = None
+        feats = selected = vout = arrangement = None
         if pixel_values is not None:
-            feats, selected, vout = self.get_image_features(pixel_values, output_attentions and output_vision)
+            selected, vout = self.vision_features(pixel_values, output_attentions and output_vision)
+            to_project = selected
+            if not self.visual_tokens.is_stock:
+                arrangement = self.arrange(selected)
+                to_project = permute_tokens(selected, arrangement.permutation)
+            feats = self.multi_modal_projector(to_project)
             is_image = input_ids == c.image_token_index
             expected = feats.shape[0] * feats.shape[1]
             if not isinstance(input_ids, jax.core.Tracer):
@@ -82,12 +134,22 @@ class LlavaForConditionalGeneration(nn.Module):
                                      f"{c.image_token_index}) but pixel_values give {feats.shape[0]} "
                                      f"image(s) x {feats.shape[1]} tokens = {expected}")
             embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1))
+            if arrangement is not None:
+                b, t = input_ids.shape
+                if position_ids is None:
+                    position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+                position_ids, dropped = arranged_positions(position_ids, is_image, arrangement,
+                                                           self.visual_tokens.positions)
+                keep = ~dropped if attention_mask is None else attention_mask.astype(bool) & ~dropped
+                attention_mask = keep.astype(jnp.int32)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
                                   output_attentions=output_attentions)
         logits = out.logits if pixel_values is None else jnp.where(count_ok, out.logits, jnp.nan)
+        vision = output_vision and pixel_values is not None
         return LlavaOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
-                           image_features=feats if output_vision else None,
-                           vision_features=selected if output_vision else None,
-                           vision_outputs=vout if output_vision else None)
+                           image_features=feats if vision else None,
+                           vision_features=selected if vision else None,
+                           vision_outputs=vout if vision else None,
+                           visual_arrangement=arrangement if vision else None)

@@ -24,10 +24,19 @@ class CausalLMOutput:
 
 
 @struct.dataclass
+class VisualArrangement:
+    sink_mask: jnp.ndarray      # [N_img, P] bool ViT sinks, stock token order
+    permutation: jnp.ndarray    # [N_img, P] int32, new slot j holds stock token permutation[j]
+    kept: jnp.ndarray           # [N_img, P] bool in the new order; False = dropped by the selection
+
+
+@struct.dataclass
 class LlavaOutput:
     logits: jnp.ndarray                       # [B, T, V] float32
     hidden_states: Optional[tuple] = None     # LLM hidden states, as CausalLMOutput
     attentions: Optional[tuple] = None        # LLM attention weights, as CausalLMOutput
-    image_features: Optional[jnp.ndarray] = None    # [N_img, P, D_llm] projector output
-    vision_features: Optional[jnp.ndarray] = None   # [N_img, P, E*len(layers)] projector input
+    image_features: Optional[jnp.ndarray] = None    # [N_img, P, D_llm] projector output, LLM order
+    vision_features: Optional[jnp.ndarray] = None   # [N_img, P, E*len(layers)] projector input,
+                                                    # stock order
     vision_outputs: Optional[Any] = None            # VisionOutput of the tower (all hidden states)
+    visual_arrangement: Optional[VisualArrangement] = None  # set when the policy is not stock
