@@ -71,3 +71,23 @@ def dimension_profiles(profiles: dict, path) -> Path:
            title="hidden dimensions fired by each group of visual tokens")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def relevance_maps(image: np.ndarray, maps: dict, path) -> Path:
+    """F4: the image, then one panel per target token with its relevance map (attention it
+    receives from every patch, mean over heads) over the image; the target's patch is outlined."""
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 3.4))
+    h, w = image.shape[:2]
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for ax, (label, (grid_map, patch)) in zip(axes[1:], maps.items()):
+        grid = grid_map.shape[0]
+        ax.imshow(image)
+        ax.imshow(grid_map, extent=(0, w, h, 0), alpha=0.6, cmap="inferno")
+        r, c = divmod(int(patch), grid)
+        ax.add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid, fill=False,
+                                   ec="cyan", lw=2))
+        ax.set_title(label, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    return _save(fig, path)

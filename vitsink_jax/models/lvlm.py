@@ -112,6 +112,18 @@ class LlavaForConditionalGeneration(nn.Module):
         selected, vout = self.vision_features(pixel_values, output_attentions)
         return self.multi_modal_projector(selected), selected, vout
 
+    def decode_isolated(self, image_features):
+        """F4 logit lens: each visual token pushed through the LLM alone.
+
+        Attention between the token and every other token is blocked, which is the same as a
+        sequence of length 1 (with RoPE a lone token's position cannot matter), so all tokens of
+        all images run as one batch. image_features [N, P, D] (projector output)
+        -> logits [N, P, V] float32.
+        """
+        n, p, d = image_features.shape
+        out = self.language_model(inputs_embeds=image_features.reshape(n * p, 1, d))
+        return out.logits.reshape(n, p, -1)
+
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False) -> LlavaOutput:

@@ -8,6 +8,11 @@ chosen query tokens (text / generated), per layer and head: [L, B, H, P].
 * F2 :func:`token_groups` + :func:`attention_share_by_group` (paper: non-sink 0.15%,
   LLM-emerged sinks 1.27%, propagated ViT sinks 1.13% per token).
 * F3 :func:`sink_dimension_profile` + :func:`top_dims` (which hidden dims each group fires).
+* F4 :func:`relevance_maps` (ViT attention column on the patch grid) and :func:`top_decoded` on
+  the logits of ``LlavaForConditionalGeneration.decode_isolated`` (logit lens of a visual token
+  processed alone).
+* F5 token selection is :class:`vitsink_jax.sinks.fuse.VisualTokenPolicy` (select "sinks" /
+  "nonsinks"); its scores by global / local tag come from the benchmark harness (eval_lib).
 """
 
 from __future__ import annotations
@@ -120,6 +125,46 @@ def sink_dimension_profile(hidden: jnp.ndarray, token_mask: jnp.ndarray) -> jnp.
 def top_dims(profile: jnp.ndarray, k: int = 3) -> jnp.ndarray:
     """profile [L, D] -> [L, k] int32, the k most activated dimensions per layer."""
     return jax.lax.top_k(profile, k)[1].astype(jnp.int32)
+
+
+def relevance_maps(vit_attn: jnp.ndarray, targets: jnp.ndarray, grid: int,
+                   prefix: int = 1) -> jnp.ndarray:
+    """F4 relevance maps: where on the image each target ViT token is looked at from.
+
+    The map of target j is column j of the ViT attention (the attention j receives from every
+    patch query), reshaped to the patch grid, with j's attention to itself set to 0 so that only
+    the other tokens count. Non-sink tokens light up their neighbourhood; sinks light up large
+    foreground or background regions (paper Fig. 4).
+
+    Args:
+      vit_attn: [B, H, N, N] float attention weights of one ViT layer, N = prefix + grid**2.
+      targets: [B, K] int ViT token indices (prefix tokens such as CLS included in the count).
+      grid: patches per side; prefix: tokens before the patches (CLIP: 1 CLS, SigLIP: 0).
+    Returns:
+      [B, H, K, grid, grid] float32.
+    """
+    chex.assert_rank([vit_attn, targets], [4, 2])
+    b, h, n, _ = vit_attn.shape
+    if n != prefix + grid * grid:
+        raise ValueError(f"ViT attention over {n} tokens does not match prefix {prefix} + "
+                         f"grid {grid}x{grid}")
+    cols = jnp.take_along_axis(vit_attn[:, :, prefix:, :].astype(jnp.float32),
+                               targets[:, None, None, :], axis=3)               # [B, H, P, K]
+    own = jnp.arange(prefix, n)[None, None, :, None] == targets[:, None, None, :]
+    cols = jnp.where(own, 0.0, cols)
+    return jnp.moveaxis(cols, 3, 2).reshape(b, h, targets.shape[1], grid, grid)
+
+
+def vit_attention_layer(feature_layer: int) -> int:
+    """Index into the ViT ``attentions`` tuple of the layer that produced hidden state
+    ``feature_layer`` (hidden states start with the embeddings; negative indices count back)."""
+    return feature_layer if feature_layer < 0 else feature_layer - 1
+
+
+def top_decoded(logits: jnp.ndarray, k: int = 5):
+    """F4 logit-lens readout: logits [..., V] -> (top-k ids [..., k] int32, probs [..., k])."""
+    probs, ids = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
+    return ids.astype(jnp.int32), probs
 
 
 def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,

@@ -1,0 +1,252 @@
+"""Benchmark files as users have them on disk -> one record schema -> tfds builders.
+
+Layouts read:
+* VLMEvalKit TSV: ``index``, ``image`` (base64; a short value refers to another row's index, as
+  VLMEvalKit stores repeated images), ``question``, option columns ``A``.. ``J``, ``answer``,
+  ``category`` / ``l2-category``, optional ``hint``, ``image_path``, ``question_type``,
+  ``answer_type``, ``choices``.
+* lmms-eval style JSON (a list) or JSONL exports: the same field names, plus ``choices`` /
+  ``options`` as a list, an answer given as letter, ``(A)``, option text or option number, and
+  ``image`` as base64 or as a path relative to the file.
+
+Record schema (every benchmark, one dict per item)::
+
+    index str | image bytes (encoded PNG/JPEG) | question str (hint prepended) |
+    options list[str] ([] for yes/no and open questions) | answer str (letter for "mc",
+    "yes"/"no" for "yesno", text for "open") | kind "mc"|"yesno"|"open" | category str |
+    tag str ("global"/"local"/"mixed" or "") | group str (MME: the image the pair shares) |
+    answer_type str ("text"/"integer"/"float")
+
+Bad input: a missing required column or an empty file raises :class:`BenchmarkError` naming
+the file and field; a row whose image does not decode or whose answer is not among its options
+is skipped with a message naming file, row and field, and counted in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+LETTERS = "ABCDEFGHIJ"
+KINDS = ("mc", "yesno", "open")
+# benchmark -> default kind of its items ("auto": mc when the row has options, else open)
+BENCHMARKS = {"mmstar": "mc", "cvbench": "mc", "scienceqa": "mc", "mme": "yesno", "pope": "yesno",
+              "mathvista": "auto", "gqa": "open", "embedded": "mc", "generic": "auto"}
+FIELDS = ("index", "image", "question", "options", "answer", "kind", "category", "tag", "group",
+          "answer_type")
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file that cannot be used at all (the message names file and field)."""
+
+
+class SkipRow(ValueError):
+    """One unusable row (the message names the field); the reader skips and counts it."""
+
+
+def _decode_image(value, base: Path, images: dict) -> bytes:
+    if isinstance(value, dict) and "bytes" in value:  # HF datasets' Image feature export
+        value = value["bytes"]
+    if isinstance(value, bytes):
+        raw = value
+    elif isinstance(value, str) and value in images:  # VLMEvalKit: reference to another row
+        raw = images[value]
+    elif isinstance(value, str) and len(value) < 256 and (base / value).is_file():
+        raw = (base / value).read_bytes()
+    else:
+        try:
+            raw = base64.b64decode(str(value), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise SkipRow(f"field 'image': not base64, not an existing file, not a row index ({e})")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad data)
+        raise SkipRow(f"field 'image': does not decode as an image ({type(e).__name__}: {e})")
+    return raw
+
+
+def _options(row: dict) -> list:
+    for key in ("choices", "options"):
+        v = row.get(key)
+        if isinstance(v, str) and v.strip().startswith("["):
+            v = ast.literal_eval(v)
+        if isinstance(v, (list, tuple)) and v:
+            return [str(o) for o in v]
+    opts = []
+    for letter in LETTERS:
+        v = row.get(letter)
+        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in ("", "nan"):
+            break
+        opts.append(str(v))
+    return opts
+
+
+def _mc_answer(answer, options: list) -> str:
+    a = str(answer).strip()
+    if isinstance(answer, (int, np.integer)) and 0 <= int(answer) < len(options):
+        return LETTERS[int(answer)]
+    stripped = a.strip("()").strip()
+    if len(stripped) == 1 and stripped.upper() in LETTERS[:len(options)]:
+        return stripped.upper()
+    if a in options:
+        return LETTERS[options.index(a)]
+    raise SkipRow(f"field 'answer': {a!r} is not a letter of, or equal to, one of the "
+                  f"{len(options)} options {options}")
+
+
+def normalize_row(row: dict, benchmark: str, base: Path, images: dict) -> dict:
+    """One raw row (TSV or JSON) -> a record of the schema above. Raises SkipRow."""
+    kind = BENCHMARKS[benchmark]
+    options = _options(row)
+    if kind == "auto":
+        kind = "mc" if options else "open"
+    question = str(row["question"]).strip()
+    hint = row.get("hint")
+    if hint is not None and str(hint).strip() not in ("", "nan", "None"):
+        question = f"Hint: {str(hint).strip()}\n{question}"
+    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    answer = row["answer"]
+    if kind == "mc":
+        if not options:
+            raise SkipRow("field 'options': a multiple-choice row without options")
+        answer = _mc_answer(answer, options)
+    elif kind == "yesno":
+        answer = str(answer).strip().lower()
+        if answer not in ("yes", "no"):
+            raise SkipRow(f"field 'answer': {answer!r} is not yes or no")
+        options = []
+    else:
+        answer, options = str(answer).strip(), []
+    category = row.get("category") or row.get("task") or meta.get("category") or ""
+    return {"index": str(row.get("index", row.get("question_id", row.get("pid", "")))),
+            "image": _decode_image(row["image"], base, images), "question": question,
+            "options": options, "answer": answer, "kind": kind, "category": str(category),
+            "tag": str(row.get("tag") or ""),
+            "group": str(row.get("image_path") or row.get("image_id") or row.get("imageId") or ""),
+            "answer_type": str(row.get("answer_type") or meta.get("answer_type") or "text")}
+
+
+def _raw_rows(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise BenchmarkError(f"{path}: the file is empty")
+    if path.suffix == ".tsv":
+        csv.field_size_limit(sys.maxsize)
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return data if isinstance(data, list) else data.get("data", data.get("annotations", []))
+    raise BenchmarkError(f"{path}: unknown benchmark file type {path.suffix!r} "
+                         "(expected .tsv, .json or .jsonl)")
+
+
+def read_benchmark(path, benchmark: str = "generic", verbose: bool = True) -> tuple[list, list]:
+    """A benchmark file -> (records, skipped), skipped = ["file:row N: reason", ...]."""
+    path = Path(path)
+    if benchmark not in BENCHMARKS:
+        raise BenchmarkError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
+    if not path.is_file():
+        raise BenchmarkError(f"{path}: benchmark file not found")
+    rows = _raw_rows(path)
+    if not rows:
+        raise BenchmarkError(f"{path}: no rows")
+    for field in ("question", "answer", "image"):
+        if field not in rows[0]:
+            raise BenchmarkError(f"{path}: missing column {field!r} (has {sorted(rows[0])})")
+    images, records, skipped = {}, [], []  # images: row index -> bytes, for VLMEvalKit references
+    for n, row in enumerate(rows, start=1):
+        try:
+            rec = normalize_row(row, benchmark, path.parent, images)
+        except SkipRow as e:
+            skipped.append(f"{path}:row {n} (index {row.get('index', '?')}): {e}")
+            if verbose:
+                print(f"skipping {skipped[-1]}")
+            continue
+        images[str(row.get("index"))] = rec["image"]
+        records.append(rec)
+    if not records:
+        raise BenchmarkError(f"{path}: all {len(rows)} rows were skipped")
+    return records, skipped
+
+
+def build_tfds(records: list, name: str, data_dir) -> Path:
+    """Writes the records as a tensorflow-datasets builder (array_record, split "test").
+
+    The builder lives in ``data_dir/local_benchmark/<name>/1.0.0``; read it back, sharded over hosts, with
+    :func:`load_tfds`. An existing builder of the same name is rewritten.
+    """
+    import shutil
+
+    root = Path(data_dir) / "local_benchmark" / name
+    if root.exists():
+        shutil.rmtree(root)
+    builder = _builder(name, data_dir, records)
+    builder.download_and_prepare()
+    return root
+
+
+def load_tfds(name: str, data_dir, process_index: int = 0, process_count: int = 1) -> list:
+    """This host's share of a benchmark builder (``tfds.even_splits``), as records sorted by
+    their order of writing."""
+    import tensorflow_datasets as tfds
+
+    split = tfds.even_splits("test", n=process_count)[process_index]
+    source = _builder(name, data_dir).as_data_source(split=split)
+    out = []
+    for ex in source:
+        rec = {k: (v.decode() if isinstance(v, bytes) and k != "image" else v) for k, v in ex.items()}
+        rec["options"] = [o.decode() if isinstance(o, bytes) else str(o) for o in rec["options"]]
+        out.append(rec)
+    return sorted(out, key=lambda r: int(r.pop("order")))
+
+
+def _builder(name: str, data_dir, records=None):
+    """The builder of benchmark ``name`` under ``data_dir`` (one config per benchmark)."""
+    import tensorflow_datasets as tfds
+
+    global _LocalBenchmark
+    if _LocalBenchmark is None:
+        class LocalBenchmark(tfds.core.GeneratorBasedBuilder):
+            """A local benchmark in the record schema (images as encoded bytes, no TensorFlow)."""
+
+            VERSION = tfds.core.Version("1.0.0")
+            code_path = None  # not a packaged tfds dataset: no checksums file to look for
+
+            def __init__(self, records=None, **kw):
+                self._records = records
+                super().__init__(**kw)
+
+            def _info(self):
+                text = tfds.features.Text()
+                feats = {k: text for k in FIELDS if k not in ("image", "options")}
+                feats.update(image=tfds.features.Tensor(shape=(), dtype=np.object_),
+                             options=tfds.features.Sequence(tfds.features.Text()),
+                             order=tfds.features.Scalar(np.int64))
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats))
+
+            def _split_generators(self, dl_manager):
+                del dl_manager
+                return {"test": self._generate_examples()}
+
+            def _generate_examples(self):
+                for i, rec in enumerate(self._records):
+                    yield i, {**{k: rec[k] for k in FIELDS}, "order": i}
+
+        _LocalBenchmark = LocalBenchmark
+    return _LocalBenchmark(records=records, data_dir=str(data_dir), file_format="array_record",
+                           config=tfds.core.BuilderConfig(name=name))
+
+
+_LocalBenchmark = None  # the builder class, defined on first use (tfds is imported lazily)

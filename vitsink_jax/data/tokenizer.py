@@ -1,0 +1,72 @@
+"""Tokenizers: the checkpoint's own Hugging Face tokenizer, or, for the embedded default model,
+a small byte-level BPE trained offline on the embedded benchmark's text (so real words come out
+of the logit lens and every prompt encodes without a download).
+
+Prompts are built from a template with an ``<image>`` placeholder that expands to the model's
+number of image tokens, as LLaVA's processor does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+IMAGE_PLACEHOLDER = "<image>"
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def load_tokenizer(path):
+    """The tokenizer saved next to a checkpoint (tokenizer.json / tokenizer.model / vocab files),
+    loaded with ``local_files_only``; None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                               "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """Byte-level BPE with exactly ``vocab_size`` ids; ``<image>`` is the last id.
+
+    Ids 0-3 are ``<unk> <s> </s> <pad>``; unused ids up to ``vocab_size - 2`` are filled with
+    ``<extra_i>`` tokens so the id of ``<image>`` is fixed by the vocabulary size alone.
+    Returns a transformers ``PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=list(SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(sorted(set(corpus)), trainer)
+    n = bpe.get_vocab_size()
+    if n > vocab_size - 1:
+        raise ValueError(f"BPE vocabulary {n} exceeds {vocab_size - 1}")
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens":
+                            [f"<extra_{i}>" for i in range(vocab_size - 1 - n)] + [IMAGE_PLACEHOLDER]})
+    assert tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER) == vocab_size - 1 == len(tok) - 1
+    return tok
+
+
+def encode_prompt(tokenizer, template: str, num_image_tokens: int, image_token_index: int,
+                  **fields) -> np.ndarray:
+    """[T] int32 ids of ``template.format(**fields)`` with BOS first and each ``<image>``
+    expanded to ``num_image_tokens`` copies of ``image_token_index``."""
+    text = template.format(**fields)
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for i, piece in enumerate(pieces):
+        if i:
+            ids += [image_token_index] * num_image_tokens
+        if piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return np.asarray(ids, np.int32)
