@@ -23,15 +23,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import plots
+from jax.experimental import multihost_utils
+
+from vitsink_jax import eval_lib, plots
+from vitsink_jax.data import benchmarks
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
+from vitsink_jax.data.synthetic import embedded_benchmark
+from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
-from vitsink_jax.provenance import record, write_json
+from vitsink_jax.provenance import record, write_json, write_jsonl
 from vitsink_jax.sinks import analysis, detect
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Python config file.")
@@ -183,6 +188,98 @@ def run_analyze(cfg, workdir: Path) -> dict:
     return report
 
 
+def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
+    """"order[+select[+positions]]" -> VisualTokenPolicy (e.g. "front", "none+sinks")."""
+    parts = spec.split("+")
+    if len(parts) > 3:
+        raise SystemExit(f"error: variant {spec!r} is not order[+select[+positions]]")
+    try:
+        return vj.VisualTokenPolicy(*parts, rule=rule)
+    except ValueError as e:
+        raise SystemExit(f"error: variant {spec!r}: {e}")
+
+
+def benchmark_records(cfg, workdir: Path) -> tuple[list, list]:
+    """(this host's records, skipped rows): the benchmark file or the embedded benchmark, written
+    as a tfds builder and read back through it, sharded over hosts."""
+    b = cfg.benchmark
+    if b.file:
+        records, skipped = benchmarks.read_benchmark(b.file, b.name)
+    elif b.name == "embedded":
+        records, skipped = embedded_benchmark(cfg.seed, b.variants, b.image_size), []
+    else:
+        raise SystemExit(f"error: benchmark {b.name!r} needs --config.benchmark.file")
+    if b.limit:
+        records = records[:b.limit]
+    data_dir = Path(b.data_dir or workdir / "tfds")
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    if jax.process_index() == 0:
+        benchmarks.build_tfds(records, b.name, data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("benchmark builder written")
+    local = benchmarks.load_tfds(b.name, data_dir, jax.process_index(), jax.process_count())
+    print(f"benchmark {b.name}: {len(records)} items ({len(skipped)} rows skipped), "
+          f"{len(local)} on this host; tfds builder in {data_dir}")
+    return local, skipped
+
+
+def gather_predictions(preds: list, workdir: Path, name: str) -> list:
+    """All hosts' predictions (each host scored its tfds shard): written per host, merged."""
+    if jax.process_count() == 1:
+        return preds
+    write_json(workdir / f"{name}.p{jax.process_index()}.json", preds)
+    multihost_utils.sync_global_devices(f"{name} written")
+    import json
+    return [p for i in range(jax.process_count())
+            for p in json.loads((workdir / f"{name}.p{i}.json").read_text())]
+
+
+def run_benchmark(cfg, workdir: Path) -> dict:
+    ckpt, model, params = load_lvlm(cfg, workdir)
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer is None:
+        raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
+                         " benchmark mode needs the checkpoint's tokenizer")
+    records, skipped = benchmark_records(cfg, workdir)
+    rule = detect.SinkRule(**cfg.sink)
+    results, rows = {}, []
+    for spec in cfg.variants:
+        policy = parse_variant(spec, rule)
+        print(f"variant {spec}: order={policy.order} select={policy.select} "
+              f"positions={policy.positions}")
+        preds = eval_lib.predict(model.clone(visual_tokens=policy), params, tokenizer, records,
+                                 cfg.eval, cfg.eval.parallel)
+        preds = gather_predictions(preds, workdir, f"predictions_{spec}")
+        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
+        write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
+        rows.append((spec, results[spec]))
+    table = comparison_table(rows)
+    print(table)
+    report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
+              "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, "skipped_rows": skipped,
+              "results": results, "table": table}
+    out = write_json(workdir / "results.json", report)
+    print(f"wrote {out} and per-item predictions_<variant>.jsonl")
+    return report
+
+
+def comparison_table(rows: list) -> str:
+    """Variants side by side (the paper's Table 1 layout): overall, per tag, per category."""
+    tags = sorted({t for _, r in rows for t in r["per_tag"]})
+    cats = sorted({c for _, r in rows for c in r["per_category"]})
+    head = ["variant", "sinks/img", "overall"] + [f"tag:{t}" for t in tags] + cats
+    lines = ["\t".join(head)]
+    for spec, r in rows:
+        sinks = "-" if r["sinks_per_image"] is None else f"{r['sinks_per_image']:.2f}"
+        cells = [spec, sinks, f"{100 * r['accuracy']:.2f}"]
+        cells += [f"{100 * r['per_tag'][t]['acc']:.2f}" if t in r["per_tag"] else "-" for t in tags]
+        cells += [f"{100 * r['per_category'][c]['acc']:.2f}" if c in r["per_category"] else "-"
+                  for c in cats]
+        lines.append("\t".join(cells))
+    return "\n".join(lines)
+
+
 def _nanmean(x, axis=None):
     """np.nanmean without the all-NaN warning (all-NaN -> NaN)."""
     x = np.asarray(x, np.float64)
@@ -190,11 +287,13 @@ def _nanmean(x, axis=None):
     return np.where(n > 0, np.nansum(x, axis=axis) / np.maximum(n, 1), np.nan)
 
 
-MODES = {"demo": run_demo, "analyze": run_analyze}
+MODES = {"demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark}
 
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # tfds / XLA info lines would drown the progress
     cfg = _CONFIG.value
     if cfg.mode not in MODES:
         raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")

@@ -7,6 +7,8 @@ loaded back through the converter, so the whole pipeline runs offline.
 
 import ml_collections
 
+from vitsink_jax.eval_lib import TEMPLATES
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -23,6 +25,26 @@ def get_config():
     c.llm_tau = 20.0       # VAR threshold on |h[d]| / RMS(h); note it is at most sqrt(hidden size)
     c.llm_sink_dims = ()   # the LLM's sink dims (LLaVA-1.5-7B: (1415, 2533)); () = discover
     c.bucket_edges = (0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 150.0, 10000.0)
+
+    # benchmark mode (vitsink_jax.eval_lib): which benchmark, how it is scored, which variants
+    c.benchmark = ml_collections.ConfigDict()
+    c.benchmark.name = "embedded"   # embedded | mmstar | cvbench | mme | pope | mathvista |
+                                    # scienceqa | gqa | generic
+    c.benchmark.file = ""           # VLMEvalKit .tsv or lmms-eval .json/.jsonl; "" = embedded
+    c.benchmark.data_dir = ""       # where the tfds builder is written; "" = workdir/tfds
+    c.benchmark.limit = 0           # score only the first N items (0 = all)
+    c.benchmark.variants = 2        # embedded benchmark: overlays per photo (3 questions each)
+    c.benchmark.image_size = 224    # embedded benchmark: stored image side in pixels
+    # visual-token variants compared side by side: "order[+select[+positions]]", e.g. "front",
+    # "end", "none+sinks" (sink-only input), "none+nonsinks", "front+all+original"
+    c.variants = ("none", "front")
+    c.eval = ml_collections.ConfigDict()
+    c.eval.scoring = "loglik"       # loglik | generate (open questions always generate)
+    c.eval.batch_size = 8           # rows per forward (rounded up to a multiple of the devices)
+    c.eval.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
+    c.eval.max_new_tokens = 8       # generation
+    c.eval.parallel = "mesh"        # mesh | pmap
+    c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
 
     c.embedded = ml_collections.ConfigDict()  # shape of the embedded default model
     c.embedded.image_size = 112

@@ -27,12 +27,27 @@ def embedded_config(e) -> LlavaConfig:
 
 
 def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
-    """Writes the seeded embedded default into ``workdir/embedded_default`` (HF layout) once."""
+    """Writes the seeded embedded default into ``workdir/embedded_default`` (HF layout: weights,
+    config and a byte-level BPE tokenizer trained on the embedded benchmark's text) once."""
     path = Path(workdir) / "embedded_default"
     if not (path / "config.json").is_file():
         model = build_model(embedded_config(e))
         save_pretrained(model, init_params(model, jax.random.PRNGKey(seed)), path)
+    if not (path / "tokenizer.json").is_file():
+        embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
     return path
+
+
+def embedded_tokenizer(vocab_size: int):
+    """The embedded default's tokenizer: byte-level BPE over the embedded benchmark's questions,
+    options and the evaluation prompt templates; ``<image>`` is id ``vocab_size - 1``."""
+    from .data.synthetic import benchmark_corpus
+    from .data.tokenizer import train_embedded_tokenizer
+    from .eval_lib import TEMPLATES
+
+    answers = [f"ASSISTANT: {a}" for a in ("A", "B", "C", "D", "Yes", "No")]
+    corpus = benchmark_corpus() + list(TEMPLATES.values()) + answers
+    return train_embedded_tokenizer(corpus, vocab_size)
 
 
 def bundled_photos() -> dict:

@@ -35,13 +35,22 @@ def record(config: Any, seed: int, checkpoint: str | None = None,
 
 def write_json(path, obj) -> Path:
     """Writes JSON atomically (temporary file in the same folder, then os.replace)."""
+    return _write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_jsonl(path, rows) -> Path:
+    """Writes one strict-JSON object per line, atomically."""
+    return _write_atomic(path, "".join(json.dumps(_clean(r), sort_keys=True, allow_nan=False) + "\n"
+                                       for r in rows))
+
+
+def _write_atomic(path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_clean(obj), f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

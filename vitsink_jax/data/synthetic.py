@@ -27,6 +27,9 @@ SUBJECTS = {
     "coins": "old coins", "moon": "the surface of the moon", "page": "a page of printed text",
     "brick": "a brick wall", "grass": "grass", "colorwheel": "a colour wheel",
 }
+QUESTIONS = {"scene": "What is the main subject of this image?",
+             "counting": "How many small red squares are in the image?",
+             "position": "In which corner is the small blue square?"}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 LETTERS = "ABCD"
 
@@ -97,21 +100,19 @@ def embedded_benchmark(seed: int = 0, variants: int = 2, size: int = 224, photos
             image = _png(img)
             others = rng.choice([SUBJECTS[n] for n in SUBJECTS if n != name], 3, replace=False)
             questions = [
-                ("global", "scene", "What is the main subject of this image?",
-                 _mc(rng, SUBJECTS[name], others)),
-                ("local", "counting", "How many small red squares are in the image?",
-                 _mc(rng, str(count), [str(n) for n in range(1, 5) if n != count])),
-                ("local", "position", "In which corner is the small blue square?",
-                 _mc(rng, corner, [c for c in CORNERS if c != corner])),
+                ("global", "scene", _mc(rng, SUBJECTS[name], others)),
+                ("local", "counting", _mc(rng, str(count), [str(n) for n in range(1, 5) if n != count])),
+                ("local", "position", _mc(rng, corner, [c for c in CORNERS if c != corner])),
             ]
-            for tag, category, question, (options, answer) in questions:
+            for tag, category, (options, answer) in questions:
                 records.append({"index": f"{name}-{v}-{category}", "image": image,
-                                "question": question, "options": options, "answer": answer,
+                                "question": QUESTIONS[category], "options": options, "answer": answer,
                                 "kind": "mc", "category": category, "tag": tag, "group": name,
                                 "answer_type": "text"})
     return records
 
 
-def benchmark_corpus(records) -> list:
-    """Every question and option string, the text the embedded tokenizer is trained on."""
-    return sorted({r["question"] for r in records} | {o for r in records for o in r["options"]})
+def benchmark_corpus() -> list:
+    """Every question and option string the generator can emit (the embedded tokenizer's text)."""
+    return sorted(set(QUESTIONS.values()) | set(SUBJECTS.values()) | set(CORNERS)
+                  | {str(n) for n in range(1, 5)})

@@ -57,11 +57,9 @@ def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):
     return tok
 
 
-def encode_prompt(tokenizer, template: str, num_image_tokens: int, image_token_index: int,
-                  **fields) -> np.ndarray:
-    """[T] int32 ids of ``template.format(**fields)`` with BOS first and each ``<image>``
-    expanded to ``num_image_tokens`` copies of ``image_token_index``."""
-    text = template.format(**fields)
+def encode_prompt(tokenizer, text: str, num_image_tokens: int, image_token_index: int) -> np.ndarray:
+    """[T] int32 ids of ``text`` with BOS first and each ``<image>`` expanded to
+    ``num_image_tokens`` copies of ``image_token_index``."""
     pieces = text.split(IMAGE_PLACEHOLDER)
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     for i, piece in enumerate(pieces):

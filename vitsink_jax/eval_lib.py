@@ -1,0 +1,327 @@
+"""Benchmark scoring for the LVLM (used by ``evaluate.py --config.mode=benchmark``).
+
+* Multiple choice and yes/no, ``scoring="loglik"`` (default): each candidate answer (the option
+  letter, or Yes / No) is scored by its log-likelihood after the prompt. When every candidate is
+  one token that continues the prompt's tokenization, one row per item suffices (the candidates
+  are read off the next-token distribution); otherwise each candidate gets a row and its tokens'
+  log-probs are summed. All rows of a batch go through one jitted forward.
+* ``scoring="generate"`` and open questions: greedy generation, then answer extraction (option
+  letter / option text, yes / no, normalised exact match; numbers compared as numbers).
+* Metrics: accuracy overall, per category and per global / local tag (Finding 5's table); MME's
+  acc and acc+ (both questions of an image right) and its score 100 x (acc + acc+) per subtask;
+  POPE's accuracy / precision / recall / F1 / yes-ratio.
+
+Batches are padded to ``batch_size`` rows (a multiple of the device count) and to length buckets,
+then split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import string
+from collections import defaultdict
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import parallel
+from .data.preprocess import preprocess
+from .data.tokenizer import encode_prompt
+from .generate import greedy_generate, left_pad
+from .sinks.detect import sink_mask, token_norms
+
+LETTERS = "ABCDEFGHIJ"
+TEMPLATES = {
+    "mc": "USER: <image>\n{question}\n{options}\nAnswer with the option's letter from the "
+          "given choices directly. ASSISTANT:",
+    "yesno": "USER: <image>\n{question}\nAnswer the question using a single word or phrase. "
+             "ASSISTANT:",
+    "open": "USER: <image>\n{question}\nAnswer the question using a single word or phrase. "
+            "ASSISTANT:",
+}
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+# ------------------------------------------------------------------------------ prompts ---
+
+def candidates(rec: dict) -> list:
+    """The answers scored for a record: option letters (mc) or Yes / No (yesno)."""
+    return list(LETTERS[:len(rec["options"])]) if rec["kind"] == "mc" else ["Yes", "No"]
+
+
+def prompt_text(rec: dict, templates: dict) -> str:
+    """The record's prompt: its kind's template filled with the question and lettered options."""
+    options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(rec["options"]))
+    return templates[rec["kind"]].format(question=rec["question"], options=options)
+
+
+def scoring_rows(tokenizer, rec: dict, templates: dict, n_img: int, image_id: int) -> list:
+    """Token rows that score one record's candidates.
+
+    Returns a list of (ids [L] int32, targets [L] int32, cand [K] int32, which): ``targets[t]``
+    is the token whose log-prob at position t counts (-1: none); ``cand`` are candidate ids read
+    at the last position (-1 padded); ``which`` is the candidate index of a per-candidate row or
+    -1 for the shared next-token row.
+    """
+    text = prompt_text(rec, templates)
+    base = encode_prompt(tokenizer, text, n_img, image_id)
+    fulls = [encode_prompt(tokenizer, f"{text} {c}", n_img, image_id) for c in candidates(rec)]
+    shared = all(len(f) == len(base) + 1 and np.array_equal(f[:-1], base) for f in fulls)
+    if shared:
+        return [(base, np.full(len(base), -1, np.int32), np.array([f[-1] for f in fulls], np.int32), -1)]
+    rows = []
+    for k, full in enumerate(fulls):
+        common = int(np.argmin(np.append(full[:len(base)] == base[:len(full)], False)))
+        targets = np.full(len(full), -1, np.int32)
+        targets[common - 1:-1] = full[common:]
+        rows.append((full, targets, np.full(1, -1, np.int32), k))
+    return rows
+
+
+# ------------------------------------------------------------------------------ scoring ---
+
+def candidate_logprobs(logits, mask, targets, cand):
+    """Log-likelihoods read off the logits of right-padded rows (pure, jit-able).
+
+    Args:
+      logits: [B, L, V]; mask: [B, L] 1 = token (right padding); targets: [B, L] the token whose
+        log-prob at position t counts, -1 for none; cand: [B, K] candidate ids, -1 padded.
+    Returns:
+      (seq_lp [B]: summed log-probs of the targets, last_lp [B, K]: log-probs of the candidates
+      as the next token after the last real position).
+    """
+    chex.assert_rank([logits, mask, targets, cand], [3, 2, 2, 2])
+    chex.assert_equal_shape([mask, targets])
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)                                         # [B, L]
+    tgt = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], -1)[..., 0] - lse
+    seq_lp = jnp.sum(jnp.where(targets >= 0, tgt, 0.0), axis=-1)
+    last = jnp.sum(mask, axis=-1) - 1
+    at_last = jnp.take_along_axis(logits, last[:, None, None], 1)[:, 0]           # [B, V]
+    last_lp = jnp.take_along_axis(at_last, jnp.maximum(cand, 0), -1) - \
+        jnp.take_along_axis(lse, last[:, None], 1)
+    return seq_lp, last_lp
+
+
+def make_scorer(model, strategy: str = "mesh"):
+    """Jitted, data-parallel ``score(params, ids, mask, pixels, targets, cand)``.
+
+    Args (batch B, length L, K candidates): ids, mask, targets [B, L]; pixels [B, C, H, W];
+    cand [B, K]. Returns :func:`candidate_logprobs`'s pair and sinks [B], the ViT sinks of each
+    row's image under the model's sink rule.
+    """
+    def score(params, ids, mask, pixels, targets, cand):
+        out = model.apply({"params": params}, ids, pixels, attention_mask=mask, output_vision=True)
+        sinks = jnp.sum(sink_mask(token_norms(out.vision_features), model.visual_tokens.rule), -1)
+        return (*candidate_logprobs(out.logits, mask, targets, cand), sinks)
+
+    return parallel.data_parallel(score, strategy)
+
+
+def bucket(n: int, size: int) -> int:
+    """n rounded up to a multiple of ``size`` (length buckets bound the number of compiles)."""
+    return -(-n // size) * size
+
+
+def _pixels(model, rec: dict, cache: dict) -> np.ndarray:
+    key = rec["index"]
+    if key not in cache:
+        with Image.open(io.BytesIO(rec["image"])) as im:
+            cache[key] = preprocess(model.config.vision, [im.convert("RGB")])[0]
+    return cache[key]
+
+
+def _batches(rows: list, batch_size: int):
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        yield chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)
+
+
+def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"):
+    """(per record a list with one log-likelihood per candidate, per record its sink count)."""
+    c = model.config
+    rows = []  # (record index, row)
+    for i, rec in enumerate(records):
+        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, c.num_image_tokens,
+                                              c.image_token_index)]
+    scorer = make_scorer(model, strategy)
+    params = parallel.replicate(params, strategy)
+    bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
+    kmax = max(max(len(r[2]) for _, r in rows), 1)
+    scores = [np.zeros(len(candidates(r))) for r in records]
+    sinks = np.zeros(len(records), np.int64)
+    cache = {}
+    pad = tokenizer.pad_token_id or 0
+    for chunk, n in tqdm(list(_batches(rows, bs)), desc="scoring", unit="batch"):
+        length = bucket(max(len(r[0]) for _, r in chunk), cfg.length_bucket)
+        ids = np.full((bs, length), pad, np.int32)
+        mask = np.zeros((bs, length), np.int32)
+        targets = np.full((bs, length), -1, np.int32)
+        cand = np.full((bs, kmax), -1, np.int32)
+        for b, (_, (row_ids, row_t, row_c, _)) in enumerate(chunk):
+            ids[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, 1
+            targets[b, :len(row_t)], cand[b, :len(row_c)] = row_t, row_c
+        pixels = np.stack([_pixels(model, records[i], cache) for i, _ in chunk])
+        seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, ids, mask, pixels, targets, cand))
+        for b, (i, (_, _, row_c, which)) in enumerate(chunk[:n]):
+            sinks[i] = n_sinks[b]
+            if which < 0:
+                scores[i] = last_lp[b, :len(row_c)]
+            else:
+                scores[i][which] = seq_lp[b]
+    return [np.asarray(s, np.float64).tolist() for s in scores], sinks.tolist()
+
+
+def generate_answers(model, params, tokenizer, records: list, cfg) -> list:
+    """Greedy answers (decoded text) for the records, ``cfg.max_new_tokens`` tokens at most."""
+    c = model.config
+    gen = jax.jit(lambda p, i, m, x: greedy_generate(model, p, i, m, x, cfg.max_new_tokens,
+                                                     tokenizer.eos_token_id))
+    texts, cache = [], {}
+    prompts = [encode_prompt(tokenizer, prompt_text(r, cfg.templates), c.num_image_tokens,
+                             c.image_token_index) for r in records]
+    order = list(range(len(records)))
+    for chunk, n in tqdm(list(_batches(order, cfg.batch_size)), desc="generating", unit="batch"):
+        length = bucket(max(len(prompts[i]) for i in chunk), cfg.length_bucket)
+        ids, mask = left_pad([prompts[i] for i in chunk], length, tokenizer.pad_token_id or 0)
+        pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
+        out = np.asarray(gen(params, ids, mask, pixels))
+        for row in out[:n]:
+            row = row.tolist()
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+# --------------------------------------------------------------------- answer extraction ---
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (VQA-style normalisation)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def extract_choice(text: str, options: list) -> str:
+    """The option letter a free-form answer names, or "" when none can be read."""
+    letters = LETTERS[:len(options)]
+    m = re.match(rf"^\W*\(?([{letters}])\)?(?:[.:)\s]|$)", text.strip())
+    if m is None:
+        m = re.search(rf"answer is\W*\(?([{letters}])\b", text, re.IGNORECASE)
+    if m:
+        return m.group(1)
+    norm = normalize_answer(text)
+    hits = [LETTERS[i] for i, o in enumerate(options) if normalize_answer(o) and normalize_answer(o) in norm]
+    return hits[0] if len(hits) == 1 else ""
+
+
+def extract_yes_no(text: str) -> str:
+    words = normalize_answer(text).split()
+    return words[0] if words and words[0] in ("yes", "no") else ""
+
+
+def open_match(pred: str, gold: str, answer_type: str = "text") -> bool:
+    """Normalised exact match; numbers (answer_type integer/float, or a numeric gold) compared
+    as numbers at the gold answer's precision."""
+    try:
+        g = float(gold)
+    except ValueError:
+        return normalize_answer(pred) == normalize_answer(gold)
+    m = re.search(r"-?\d+(?:\.\d+)?", pred.replace(",", ""))
+    if m is None:
+        return False
+    decimals = len(gold.split(".")[1]) if "." in gold else 0
+    return round(float(m.group(0)), decimals) == round(g, decimals)
+
+
+# ------------------------------------------------------------------------------ driver ---
+
+def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh") -> list:
+    """Per record: {"index", "prediction", "correct", "scores" (loglik only), "answer",
+    "category", "tag", "kind", "group"}."""
+    by_loglik = [i for i, r in enumerate(records) if r["kind"] != "open" and cfg.scoring == "loglik"]
+    by_gen = [i for i in range(len(records)) if i not in set(by_loglik)]
+    preds = [None] * len(records)
+    if by_loglik:
+        scores, sinks = loglik_scores(model, params, tokenizer, [records[i] for i in by_loglik],
+                                      cfg, strategy)
+        for i, s, k in zip(by_loglik, scores, sinks):
+            preds[i] = {"prediction": candidates(records[i])[int(np.argmax(s))], "scores": s,
+                        "sinks": k}
+    if by_gen:
+        texts = generate_answers(model, params, tokenizer, [records[i] for i in by_gen], cfg)
+        for i, text in zip(by_gen, texts):
+            preds[i] = {"prediction": text, "generated": text}
+    out = []
+    for rec, p in zip(records, preds):
+        pred, kind = p["prediction"], rec["kind"]
+        if kind == "mc":
+            pred = pred if pred in LETTERS else extract_choice(pred, rec["options"])
+            correct = pred == rec["answer"]
+        elif kind == "yesno":
+            pred = extract_yes_no(pred)
+            correct = pred == rec["answer"]
+        else:
+            correct = open_match(pred, rec["answer"], rec["answer_type"])
+        out.append({**p, "index": rec["index"], "prediction": pred, "correct": bool(correct),
+                    "answer": rec["answer"], "category": rec["category"], "tag": rec["tag"],
+                    "kind": kind, "group": rec["group"]})
+    return out
+
+
+# ------------------------------------------------------------------------------ metrics ---
+
+def accuracy_by(preds: list, key: str) -> dict:
+    """{value of ``key``: {"acc", "n"}} over predictions (empty values left out)."""
+    groups = defaultdict(list)
+    for p in preds:
+        if p[key]:
+            groups[p[key]].append(p["correct"])
+    return {k: {"acc": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
+
+
+def mme_scores(preds: list) -> dict:
+    """MME: per subtask acc, acc+ (an image counts when all its questions are right) and
+    score = 100 x (acc + acc+); perception and cognition totals."""
+    per = {}
+    for cat in sorted({p["category"] for p in preds}):
+        items = [p for p in preds if p["category"] == cat]
+        images = defaultdict(list)
+        for p in items:
+            images[p["group"] or p["index"]].append(p["correct"])
+        acc = float(np.mean([p["correct"] for p in items]))
+        acc_plus = float(np.mean([all(v) for v in images.values()]))
+        per[cat] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus), "n": len(items)}
+    cognition = sum(v["score"] for k, v in per.items() if k.lower().replace(" ", "_") in COGNITION)
+    perception = sum(v["score"] for k, v in per.items() if k.lower().replace(" ", "_") not in COGNITION)
+    return {"subtasks": per, "perception": perception, "cognition": cognition}
+
+
+def pope_scores(preds: list) -> dict:
+    """POPE with "yes" as the positive class: accuracy, precision, recall, F1, yes ratio."""
+    pred = np.array([p["prediction"] == "yes" for p in preds])
+    gold = np.array([p["answer"] == "yes" for p in preds])
+    tp, fp, fn = np.sum(pred & gold), np.sum(pred & ~gold), np.sum(~pred & gold)
+    precision = float(tp / max(tp + fp, 1))
+    recall = float(tp / max(tp + fn, 1))
+    return {"accuracy": float(np.mean(pred == gold)), "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+            "yes_ratio": float(np.mean(pred))}
+
+
+def summarize(benchmark: str, preds: list) -> dict:
+    """results.json's scores: overall, per category, per tag, and the benchmark's own metric."""
+    sinks = [p["sinks"] for p in preds if "sinks" in p]
+    res = {"n": len(preds), "accuracy": float(np.mean([p["correct"] for p in preds])),
+           "sinks_per_image": float(np.mean(sinks)) if sinks else None,
+           "per_category": accuracy_by(preds, "category"), "per_tag": accuracy_by(preds, "tag")}
+    if benchmark == "mme":
+        res["mme"] = mme_scores(preds)
+    if benchmark == "pope":
+        res["pope"] = pope_scores(preds)
+    return res
