@@ -43,9 +43,9 @@ def qwen2_config(**kw):
 
 
 def llava_config(vision=None, text=None, **kw):
+    kw.setdefault("image_token_index", IMAGE_TOKEN)
     return transformers.LlavaConfig(vision_config=vision or clip_vision_config(),
-                                    text_config=text or llama_config(),
-                                    image_token_index=IMAGE_TOKEN, **kw)
+                                    text_config=text or llama_config(), **kw)
 
 
 def build(model_cls, config, seed=0):

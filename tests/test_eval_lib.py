@@ -1,0 +1,189 @@
+"""Scoring, answer extraction and metrics; log-likelihoods against a direct forward; greedy
+generation against transformers; the same scores on 1 and 8 devices."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import vitsink_jax as vj
+from conftest import build, llama_config, llava_config, random_ids, save
+from vitsink_jax import eval_lib as E
+from vitsink_jax.data.synthetic import embedded_benchmark
+from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
+from vitsink_jax.embedded import embedded_tokenizer
+from vitsink_jax.generate import greedy_generate, left_pad
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512  # a byte-level BPE needs 256 + specials ids at least
+
+
+def test_candidate_logprobs_on_known_logits():
+    logits = np.log(np.array([[[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [1 / 3] * 3]]))
+    mask = np.array([[1, 1, 0]])
+    targets = np.array([[1, -1, -1]])  # position 0 predicts token 1
+    seq, last = E.candidate_logprobs(jnp.asarray(logits), jnp.asarray(mask), jnp.asarray(targets),
+                                     jnp.asarray([[2, 0, -1]]))
+    np.testing.assert_allclose(seq, [np.log(0.25)], rtol=1e-6)
+    np.testing.assert_allclose(last[0, :2], np.log([0.7, 0.1]), rtol=1e-6)  # last real = pos 1
+
+
+def test_answer_extraction():
+    opts = ["a cat", "a dog", "a red car"]
+    assert E.extract_choice("B", opts) == "B"
+    assert E.extract_choice("(C) a red car", opts) == "C"
+    assert E.extract_choice("The answer is A.", opts) == "A"
+    assert E.extract_choice("I think it is a dog", opts) == "B"
+    assert E.extract_choice("no idea", opts) == ""
+    assert E.extract_choice("D", opts) == ""  # not an option letter here
+    assert E.extract_yes_no("Yes, there is.") == "yes" and E.extract_yes_no("Maybe") == ""
+    assert E.open_match("The Red.", "red") and not E.open_match("blue", "red")
+    assert E.open_match("about 3.14159", "3.14", "float") and E.open_match("12", "12.0")
+    assert not E.open_match("13", "12", "integer") and not E.open_match("none", "12")
+
+
+def _pred(correct, category="c", group="", prediction="", answer="", tag=""):
+    return dict(correct=correct, category=category, group=group, prediction=prediction,
+                answer=answer, tag=tag, index=str(id(object())))
+
+
+def test_mme_acc_plus_and_pope():
+    preds = [_pred(True, "existence", "i1"), _pred(True, "existence", "i1"),   # image 1: both right
+             _pred(True, "existence", "i2"), _pred(False, "existence", "i2"),  # image 2: one wrong
+             _pred(True, "code_reasoning", "i3"), _pred(True, "code_reasoning", "i3")]
+    m = E.mme_scores(preds)
+    ex = m["subtasks"]["existence"]
+    assert ex["acc"] == 0.75 and ex["acc_plus"] == 0.5 and ex["score"] == 125.0
+    assert m["perception"] == 125.0 and m["cognition"] == 200.0
+    pope = [_pred(True, prediction="yes", answer="yes"), _pred(False, prediction="yes", answer="no"),
+            _pred(False, prediction="no", answer="yes"), _pred(True, prediction="no", answer="no")]
+    p = E.pope_scores(pope)
+    assert p["accuracy"] == 0.5 and p["precision"] == 0.5 and p["recall"] == 0.5 and p["f1"] == 0.5
+    assert p["yes_ratio"] == 0.5
+    s = E.summarize("x", [_pred(True, tag="global"), _pred(False, tag="local"), _pred(True, tag="local")])
+    assert s["per_tag"] == {"global": {"acc": 1.0, "n": 1}, "local": {"acc": 0.5, "n": 2}}
+
+
+# ------------------------------------------------------------ with a tiny LLaVA and tokenizer ---
+
+def eval_cfg(**kw):
+    base = dict(scoring="loglik", batch_size=4, length_bucket=16, max_new_tokens=4,
+                templates=dict(E.TEMPLATES))
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tok = embedded_tokenizer(VOCAB)
+    assert tok.convert_tokens_to_ids("<image>") == VOCAB - 1
+    hf = build(transformers.LlavaForConditionalGeneration,
+               llava_config(text=llama_config(vocab_size=VOCAB), image_token_index=VOCAB - 1,
+                            vision_feature_layer=-1))
+    model, params = vj.load_pretrained(save(hf, tmp_path_factory.mktemp("ev") / "llava"))
+    records = embedded_benchmark(seed=0, variants=1, size=28, photos=["chelsea", "coffee"])
+    return dict(hf=hf, model=model, params=params, tok=tok, records=records)
+
+
+def _direct_logprobs(d, rec, text_suffix=""):
+    """log_softmax at the last prompt position, from one plain forward."""
+    c = d["model"].config
+    ids = encode_prompt(d["tok"], E.prompt_text(rec, E.TEMPLATES) + text_suffix, c.num_image_tokens,
+                        c.image_token_index)
+    pix = E._pixels(d["model"], rec, {})[None]
+    logits = d["model"].apply({"params": d["params"]}, jnp.asarray(ids[None]), jnp.asarray(pix)).logits
+    return ids, np.asarray(jax.nn.log_softmax(logits[0], -1))
+
+
+def test_loglik_equals_direct_forward(tiny):
+    d = tiny
+    scores, _ = E.loglik_scores(d["model"], d["params"], d["tok"], d["records"], eval_cfg())
+    for rec, s in zip(d["records"], scores):
+        _, lp = _direct_logprobs(d, rec)
+        cands = [d["tok"].convert_tokens_to_ids("Ġ" + L) for L in "ABCD"]
+        np.testing.assert_allclose(s, lp[-1, cands], atol=1e-5)
+
+
+def test_multi_token_candidates_sum_their_tokens(tiny):
+    d = tiny
+    plain = train_embedded_tokenizer(["hello world"], VOCAB)  # no merges for " A": 2 tokens
+    rec = d["records"][0]
+    c = d["model"].config
+    rows = E.scoring_rows(plain, rec, E.TEMPLATES, c.num_image_tokens, c.image_token_index)
+    assert len(rows) == 4 and all(r[3] == k for k, r in enumerate(rows))
+    scores, _ = E.loglik_scores(d["model"], d["params"], plain, [rec], eval_cfg())
+    d2 = {**d, "tok": plain}
+    for k, letter in enumerate("ABCD"):
+        ids, lp = _direct_logprobs(d2, rec, f" {letter}")
+        n = len(rows[k][0]) - int(np.sum(rows[k][1] >= 0))  # context length
+        want = sum(lp[t - 1, ids[t]] for t in range(n, len(ids)))
+        np.testing.assert_allclose(scores[0][k], want, atol=1e-4)
+
+
+def test_greedy_generation_matches_transformers(tiny, rng):
+    d = tiny
+    c = d["model"].config
+    prompts = [np.concatenate([[1], random_ids(rng, 1, n)[0], [VOCAB - 1] * c.num_image_tokens,
+                               random_ids(rng, 1, 3)[0]]) for n in (2, 5)]
+    ids, mask = left_pad(prompts, 16 + c.num_image_tokens)
+    pix = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
+    ours = jax.jit(lambda p, i, m, x: greedy_generate(d["model"], p, i, m, x, 5))(
+        d["params"], ids, mask, pix)
+    with torch.no_grad():
+        ref = d["hf"].generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                               attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pix),
+                               max_new_tokens=5, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(ours), ref[:, ids.shape[1]:].numpy())
+
+
+def test_generate_mode_predicts(tiny):
+    d = tiny
+    preds = E.predict(d["model"], d["params"], d["tok"], d["records"][:3], eval_cfg(scoring="generate"))
+    assert all("generated" in p and isinstance(p["correct"], bool) for p in preds)
+
+
+MULTI = textwrap.dedent("""
+    import json, sys
+    import jax, ml_collections
+    import vitsink_jax as vj
+    from vitsink_jax import eval_lib as E
+    from vitsink_jax.data.synthetic import embedded_benchmark
+    from vitsink_jax.embedded import embedded_tokenizer
+    model, params = vj.load_pretrained(sys.argv[1])
+    model = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=vj.SinkRule("topk", k=2)))
+    recs = embedded_benchmark(seed=0, variants=1, size=28, photos=["chelsea", "coffee", "rocket"])
+    cfg = ml_collections.ConfigDict(dict(scoring="loglik", batch_size=3, length_bucket=16,
+                                         max_new_tokens=4, templates=dict(E.TEMPLATES)))
+    preds = E.predict(model, params, embedded_tokenizer(512), recs, cfg, sys.argv[2])
+    print("RESULT", jax.device_count(), json.dumps(preds))
+""")
+
+
+def test_scores_equal_on_one_and_eight_devices(tiny, tmp_path):
+    path = save(tiny["hf"], tmp_path / "llava")
+    out = {}
+    for devices, strategy in ((1, "mesh"), (8, "mesh"), (8, "pmap")):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+               "JAX_PLATFORMS": "cpu"}
+        r = subprocess.run([sys.executable, "-c", MULTI, str(path), strategy], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+        n, preds = line.split(" ", 2)[1:]
+        assert int(n) == devices
+        out[(devices, strategy)] = __import__("json").loads(preds)
+    one = out[(1, "mesh")]
+    for key, preds in out.items():
+        assert [p["prediction"] for p in preds] == [p["prediction"] for p in one], key
+        assert [p["sinks"] for p in preds] == [p["sinks"] for p in one] == [2] * len(one)
+        np.testing.assert_allclose([p["scores"] for p in preds], [p["scores"] for p in one],
+                                   atol=1e-5, err_msg=str(key))
