@@ -131,17 +131,31 @@ def run_analyze(cfg, workdir: Path) -> dict:
     ids = jnp.asarray(demo_prompt(c))
     dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
 
+    prefix = int(c.vision.has_class_token)  # ViT tokens before the patches
+    shift = prefix - c.visual_cls_offset      # visual-feature index -> ViT token index
+
     @jax.jit
     def forward(params, pixels):
         out = model.apply({"params": params}, ids, pixels, output_attentions=True,
                           output_hidden_states=True, output_vision=True)
         res = analysis.analyze_forward(out, ids, c.image_token_index, rule, edges, cfg.llm_tau, dims)
         res["masks"] = {n: detect.sink_mask(res["norms"], r) for n, r in rules.items()}
+        # F4: relevance maps of the two largest-norm tokens and the median-norm token, and the
+        # logit-lens readout of every visual token processed alone
+        order = jnp.argsort(-res["norms"], axis=-1)
+        mid = order.shape[1] // 2
+        res["f4_targets"] = jnp.concatenate([order[:, :2], order[:, mid:mid + 1]], axis=-1)
+        vit_attn = out.vision_outputs.attentions[analysis.vit_attention_layer(c.feature_layers[-1])]
+        res["relevance"] = analysis.relevance_maps(vit_attn, res["f4_targets"] + shift,
+                                                   grid, prefix).mean(axis=1)     # [1, 3, g, g]
+        logits = model.apply({"params": params}, out.image_features, method=model.decode_isolated)
+        res["decoded"], res["decoded_p"] = analysis.top_decoded(logits, cfg.top_k)
         return res
 
-    images, skipped = read_images(cfg.images)
     grid, offset = c.vision.grid_size, c.visual_cls_offset
-    per_image, norms_all, buckets, profiles = {}, {}, [], []
+    tokenizer = load_tokenizer(ckpt)
+    images, skipped = read_images(cfg.images)
+    per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
         res = jax.device_get(forward(params, jnp.asarray(preprocess(c.vision, [image]))))
         norms = res["norms"][0]
@@ -153,6 +167,16 @@ def run_analyze(cfg, workdir: Path) -> dict:
             "llm_sinks_per_layer": res["llm_sink"][:, 0].sum(-1),
             "top_dims": {g: np.argsort(-p.mean(0))[:3].tolist() for g, p in res["dim_profile"].items()},
         }
+        f4, rates = _f4_entry(res, norms, sinks[rule.rule], tokenizer,
+                              cfg.object_words.get(Path(name).stem))
+        per_image[name]["f4"] = f4
+        for group, rate in rates.items():
+            hits[group].append(rate)
+        rgb = np.asarray(to_rgb(image).resize((c.vision.image_size,) * 2))
+        plots.relevance_maps(rgb, {f"{'sink' if t['is_sink'] else 'token'} #{t['index']} "
+                                   f"(norm {t['norm']:.0f})": (m, t["index"] - offset)
+                                   for t, m in zip(f4["targets"], res["relevance"][0])},
+                             workdir / "plots" / f"relevance_{Path(name).stem}.png")
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
         profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
@@ -171,7 +195,8 @@ def run_analyze(cfg, workdir: Path) -> dict:
                "f1_sink_to_nonsink_attention_ratio": float(_nanmean(ratios)),
                "f2_attention_share": {g: float(_nanmean([v["attention_share_per_layer"][g]
                                                          for v in per_image.values()]))
-                                      for g in ("non_sink", "llm_emerged_sink", "propagated_vit_sink")}}
+                                      for g in ("non_sink", "llm_emerged_sink", "propagated_vit_sink")},
+               "f4_object_word_in_top_k": {g: float(np.mean(v)) if v else None for g, v in hits.items()}}
     plots.norm_histogram(norms_all, rule.tau, workdir / "plots" / "norm_histogram.png")
     plots.attention_by_bucket(_nanmean(np.stack(buckets), 0), np.asarray(cfg.bucket_edges),
                               workdir / "plots" / "attention_by_norm_bucket.png")
@@ -278,6 +303,28 @@ def comparison_table(rows: list) -> str:
                   for c in cats]
         lines.append("\t".join(cells))
     return "\n".join(lines)
+
+
+def _f4_entry(res: dict, norms, sinks: list, tokenizer, word):
+    """report.json's F4 block for one image, and the share of sink / non-sink tokens whose
+    top-k logit-lens words contain the image's object word (None without word or tokenizer)."""
+    def words(i):
+        toks = res["decoded"][0, i].tolist()
+        names = tokenizer.convert_ids_to_tokens(toks) if tokenizer is not None else [None] * len(toks)
+        return [{"id": t, "token": n, "p": float(p)} for t, n, p in zip(toks, names, res["decoded_p"][0, i])]
+
+    targets = [{"index": int(i), "norm": float(norms[i]), "is_sink": int(i) in sinks,
+                "decoded": words(int(i))} for i in res["f4_targets"][0]]
+    f4 = {"targets": targets, "decoded_sinks": {int(i): words(int(i)) for i in sinks}}
+    rates = {}
+    if word and tokenizer is not None:
+        clean = lambda t: (t or "").lstrip("\u0120\u2581 ").lower()  # noqa: E731  (BPE / SP space marks)
+        hit = np.array([any(clean(w["token"]) == word.lower() for w in words(i))
+                        for i in range(len(norms))])
+        is_sink = np.isin(np.arange(len(norms)), sinks)
+        rates = {g: float(hit[m].mean()) for g, m in (("sink", is_sink), ("non_sink", ~is_sink)) if m.any()}
+        f4["object_word"], f4["object_word_in_top_k"] = word, rates
+    return f4, rates
 
 
 def _nanmean(x, axis=None):

@@ -1,4 +1,5 @@
-"""Default evaluate.py config: the demo main job on the embedded default model.
+"""Default evaluate.py config: the embedded benchmark on the embedded default model, stock
+visual-token order vs sink-to-the-front side by side (the README's main job).
 
 Until real weights ship (see the README's roadmap), the embedded default is a small LLaVA
 (CLIP-style tower + LLaMA-style LM) with seeded random weights, written in Hugging Face layout and
@@ -12,18 +13,21 @@ from vitsink_jax.eval_lib import TEMPLATES
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.mode = "demo"
+    c.mode = "benchmark"   # benchmark | analyze | demo (see evaluate.py)
     c.seed = 0
     c.checkpoint = ""      # a Hugging Face LLaVA folder; "" = build the embedded default in workdir
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
     c.dtype = "float32"    # compute dtype: float32 | bfloat16
-    c.top_k = 5            # highest-norm visual tokens to report per image (demo)
+    c.top_k = 5            # demo: highest-norm tokens per image; analyze: logit-lens words (F4)
 
     # analyze mode: ViT-sink rule (see vitsink_jax.sinks.detect.SinkRule)
     c.sink = ml_collections.ConfigDict(dict(rule="threshold", tau=100.0, k=4, max_fraction=0.1,
                                             min_ratio=2.0))
     c.llm_tau = 20.0       # VAR threshold on |h[d]| / RMS(h); note it is at most sqrt(hidden size)
     c.llm_sink_dims = ()   # the LLM's sink dims (LLaVA-1.5-7B: (1415, 2533)); () = discover
+    # F4: the object word of each image (file stem -> word) for the logit-lens hit rate
+    c.object_words = ml_collections.ConfigDict(dict(astronaut="astronaut", chelsea="cat",
+                                                    coffee="coffee", rocket="rocket"))
     c.bucket_edges = (0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 150.0, 10000.0)
 
     # benchmark mode (vitsink_jax.eval_lib): which benchmark, how it is scored, which variants

@@ -17,7 +17,7 @@ from vitsink_jax.embedded import demo_prompt
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
          "--config.embedded.vision_layers=2", "--config.embedded.text_hidden=64",
-         "--config.embedded.text_layers=2", "--config.embedded.vocab_size=256"]
+         "--config.embedded.text_layers=2", "--config.embedded.vocab_size=512"]
 
 
 def photo_folder(tmp_path, photos: dict, broken: str, broken_bytes: bytes) -> Path:
@@ -42,7 +42,7 @@ def test_demo_end_to_end_on_real_photos(tmp_path):
     images = photo_folder(tmp_path, {"astronaut.png": data.astronaut, "chelsea.jpg": data.chelsea},
                           "broken.jpg", b"\x00not a jpeg")
     work = tmp_path / "work"
-    proc = run_evaluate(work, images)
+    proc = run_evaluate(work, images, "--config.mode=demo")
     assert "2 image(s) processed, 1 skipped" in proc.stdout
     assert "broken.jpg: cannot read image" in proc.stdout
     report = json.loads((work / "demo.json").read_text())
@@ -79,7 +79,7 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
     report = json.loads((work / "report.json").read_text())
     assert report["summary"]["images"] == 2 and report["summary"]["skipped"] == 1
     for png in ["norm_histogram", "attention_by_norm_bucket", "sink_dimensions", "sinks_coffee",
-                "sinks_rocket"]:
+                "sinks_rocket", "relevance_coffee", "relevance_rocket"]:
         assert (work / "plots" / f"{png}.png").stat().st_size > 1000, png
     entry = report["per_image"]["coffee.png"]
     assert len(entry["sinks"]["topk"]) == 3
@@ -99,3 +99,32 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
         vis = np.asarray(a)[0][:, 4 + n:, 4:4 + n].mean(axis=(0, 1))  # over heads and text queries
         ratio = vis[is_sink].mean() / vis[~is_sink].mean()
         np.testing.assert_allclose(entry["sink_ratio_per_layer"][layer], ratio, rtol=1e-4)
+    # F4: the logit-lens words of the top-norm token agree with the model run on it alone
+    f4 = entry["f4"]["targets"][0]
+    assert f4["index"] == int(np.argmax(norms)) and f4["is_sink"]
+    alone = model.apply({"params": params}, out.image_features, method=model.decode_isolated)
+    assert [w["id"] for w in f4["decoded"]] == np.argsort(-np.asarray(alone[0, f4["index"]]))[:5].tolist()
+    assert all(isinstance(w["token"], str) for w in f4["decoded"])  # the embedded tokenizer's words
+    assert set(report["summary"]["f4_object_word_in_top_k"]) == {"sink", "non_sink"}
+
+
+def test_benchmark_end_to_end_side_by_side(tmp_path):
+    work = tmp_path / "work"
+    variants = '--config.variants=("none","front","none+sinks")'
+    proc = run_evaluate(work, "", "--config.benchmark.limit=12", "--config.benchmark.image_size=56",
+                        variants, "--config.sink.rule=topk", "--config.sink.k=2")
+    assert "variant\tsinks/img\toverall\ttag:global\ttag:local" in proc.stdout
+    results = json.loads((work / "results.json").read_text())
+    assert results["benchmark"] == "embedded" and len(results["checkpoint_sha256"]) == 64
+    assert set(results["results"]) == {"none", "front", "none+sinks"}
+    for spec, res in results["results"].items():
+        preds = [json.loads(x) for x in (work / f"predictions_{spec}.jsonl").read_text().splitlines()]
+        assert len(preds) == res["n"] == 12 and res["sinks_per_image"] == 2.0
+        assert res["accuracy"] == np.mean([p["correct"] for p in preds])
+        local = [p["correct"] for p in preds if p["tag"] == "local"]
+        assert res["per_tag"]["local"]["acc"] == np.mean(local)
+        assert all(p["prediction"] == "ABCD"[int(np.argmax(p["scores"]))] for p in preds)
+    # the variants really change the model's input: scores differ between orders
+    none = [json.loads(x)["scores"] for x in (work / "predictions_none.jsonl").read_text().splitlines()]
+    front = [json.loads(x)["scores"] for x in (work / "predictions_front.jsonl").read_text().splitlines()]
+    assert not np.allclose(none, front)

@@ -90,3 +90,41 @@ def test_visual_attention_on_a_real_model_matches_a_direct_loop(tmp_path):
         a = np.asarray(out.attentions[layer])[0]          # [H, T, T]
         direct = a[:, 18:, 2:18].mean(axis=1)              # [H, P]
         np.testing.assert_allclose(vis[layer, 0], direct, rtol=1e-5, atol=1e-7)
+
+
+def test_f4_relevance_map_on_known_attention():
+    # 1 CLS + 2x2 patches; every patch query gives its attention to target patch 3 in proportion
+    # to its own index, the target itself puts 0.9 on itself (must be ignored)
+    attn = np.zeros((1, 1, 5, 5), np.float32)
+    for q in range(1, 5):
+        attn[0, 0, q, 4] = 0.1 * q
+    attn[0, 0, 4, 4] = 0.9
+    maps = jax.jit(analysis.relevance_maps, static_argnums=(2, 3))(
+        jnp.asarray(attn), jnp.asarray([[4, 1]]), 2, 1)
+    assert maps.shape == (1, 1, 2, 2, 2)
+    np.testing.assert_allclose(maps[0, 0, 0], [[0.1, 0.2], [0.3, 0.0]], atol=1e-7)
+    np.testing.assert_allclose(maps[0, 0, 1], 0.0)
+    assert analysis.vit_attention_layer(-2) == -2 and analysis.vit_attention_layer(3) == 2
+
+
+def test_f4_isolated_decoding_equals_transformers_on_one_token(tmp_path):
+    import torch
+    import transformers
+
+    import vitsink_jax as vj
+    from conftest import assert_close, build, llava_config, save, t2n
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    feats = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
+    ours = model.apply({"params": params}, jnp.asarray(feats), method=model.decode_isolated)
+    lm = hf.model.language_model
+    with torch.no_grad():
+        for i, pos in ((0, 0), (1, 37)):  # a lone token's logits do not depend on its position
+            for j in range(3):
+                x = torch.tensor(feats[i, j][None, None])
+                h = lm(inputs_embeds=x, position_ids=torch.tensor([[pos]])).last_hidden_state
+                assert_close(ours[i, j], t2n(hf.lm_head(h))[0, 0], what=f"token {i},{j}")
+    ids, probs = analysis.top_decoded(ours, 3)
+    np.testing.assert_array_equal(ids, np.argsort(-np.asarray(ours), -1)[..., :3])
+    assert probs.shape == (2, 3, 3) and np.all(np.diff(probs, axis=-1) <= 0)

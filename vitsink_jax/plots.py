@@ -84,9 +84,10 @@ def relevance_maps(image: np.ndarray, maps: dict, path) -> Path:
         grid = grid_map.shape[0]
         ax.imshow(image)
         ax.imshow(grid_map, extent=(0, w, h, 0), alpha=0.6, cmap="inferno")
-        r, c = divmod(int(patch), grid)
-        ax.add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid, fill=False,
-                                   ec="cyan", lw=2))
+        if patch >= 0:  # (a CLS target has no patch)
+            r, c = divmod(int(patch), grid)
+            ax.add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid,
+                                       fill=False, ec="cyan", lw=2))
         ax.set_title(label, fontsize=9)
     for ax in axes:
         ax.axis("off")
