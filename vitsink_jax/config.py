@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any, Optional, Union
 
+from .sinks.detect import SinkRule
+
 VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
                 "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model"}
 TEXT_TYPES = ("llama", "qwen2")
@@ -203,6 +205,38 @@ FeatureLayer = Union[int, tuple]
 
 
 @dataclasses.dataclass(frozen=True)
+class DIYSinkConfig:
+    """DIYSink (paper Sec. 4.2): a second projector for the ViT-sink tokens, sinks first, and an
+    optional reweighting MLP (ReW). Stored in config.json under ``"diysink"``; transformers
+    ignores that key and loads the non-sink projector as its ``multi_modal_projector``.
+
+    rule: how sinks are detected on the projector input (see :class:`SinkRule`).
+    select: "all" (both paths, the default), "sinks" or "nonsinks" (the token-selection ablation);
+      a per-row ``route`` passed to the model (CoT routing) overrides it.
+    reweight: add the ReW MLP: a frozen question embedding (mean of the LLM's input embeddings
+      over the question tokens) -> hidden -> 2 logits -> w = 2 * softmax. The factor 2 makes the
+      zero-initialised MLP start at w_sink = w_nonsink = 1, i.e. exactly the model without ReW
+      (the paper leaves the normalisation UNKNOWN; a plain softmax would halve every visual
+      embedding at the start).
+    rew_hidden: width of the ReW MLP's hidden layer.
+    """
+
+    rule: SinkRule = SinkRule()
+    select: str = "all"
+    reweight: bool = False
+    rew_hidden: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.rule, dict):
+            object.__setattr__(self, "rule", SinkRule(**self.rule))
+        if self.select not in ("all", "sinks", "nonsinks"):
+            raise ValueError(f"diysink select {self.select!r} not one of all, sinks, nonsinks")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "rule": dataclasses.asdict(self.rule)}
+
+
+@dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     """LLaVA composition: vision tower -> projector -> LLM, with HF's feature-selection options.
 
@@ -220,6 +254,7 @@ class LlavaConfig:
     projector_bias: bool = True
     vision_feature_layer: FeatureLayer = -2
     vision_feature_select_strategy: str = "default"
+    diysink: Optional[DIYSinkConfig] = None
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -266,6 +301,7 @@ class LlavaConfig:
                    projector_bias=d.get("multimodal_projector_bias", True),
                    vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
                    vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+                   diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
@@ -281,6 +317,9 @@ class LlavaConfig:
         d.setdefault("architectures", ["LlavaForConditionalGeneration"])
         if self.projector_type != "mlp2x_gelu":
             d["projector_type"] = self.projector_type
+        d.pop("diysink", None)
+        if self.diysink is not None:
+            d["diysink"] = self.diysink.to_dict()
         return d
 
 

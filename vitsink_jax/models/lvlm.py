@@ -15,7 +15,7 @@ from ..sinks.detect import sink_mask, token_norms
 from ..sinks.fuse import VisualTokenPolicy, arrange_visual_tokens, permute_tokens, shift_positions
 from .llm import CausalLM
 from .outputs import LlavaOutput, VisualArrangement
-from .projector import MLPProjector
+from .projector import MLPProjector, Reweighter
 from .vit import VisionTransformer
 
 
@@ -87,9 +87,23 @@ class LlavaForConditionalGeneration(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.vision_tower = VisionTransformer(c.vision, **kw)
-        self.multi_modal_projector = MLPProjector(c.text.hidden_size, c.projector_type,
-                                                  c.projector_hidden_act, c.projector_bias, **kw)
+        projector = lambda: MLPProjector(c.text.hidden_size, c.projector_type,  # noqa: E731
+                                         c.projector_hidden_act, c.projector_bias, **kw)
+        self.multi_modal_projector = projector()  # DIYSink: the non-sink path
+        if c.diysink is not None:
+            self.multi_modal_projector_sink = projector()
+            if c.diysink.reweight:
+                self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
         self.language_model = CausalLM(c.text, **kw)
+
+    @property
+    def policy(self) -> VisualTokenPolicy:
+        """The visual-token policy in force: ``visual_tokens``, or for a DIYSink model sinks first
+        with the DIYSink rule and selection (positions still from ``visual_tokens``)."""
+        d = self.config.diysink
+        if d is None:
+            return self.visual_tokens
+        return VisualTokenPolicy("front", d.select, self.visual_tokens.positions, d.rule)
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (projector input [N, P, E'], VisionOutput)."""
@@ -100,11 +114,35 @@ class LlavaForConditionalGeneration(nn.Module):
         selected = jnp.concatenate([vout.hidden_states[i][:, start:] for i in c.feature_layers], -1)
         return selected, vout
 
-    def arrange(self, selected) -> VisualArrangement:
-        """Sinks of the projector input [N, P, E'] and the policy's permutation / keep-mask."""
-        sinks = sink_mask(token_norms(selected), self.visual_tokens.rule)
-        perm, kept = arrange_visual_tokens(sinks, self.visual_tokens.order, self.visual_tokens.select)
+    def arrange(self, selected, route=None) -> VisualArrangement:
+        """Sinks of the projector input [N, P, E'] and the policy's permutation / keep-mask;
+        ``route`` [N] int (0 all, 1 sinks, 2 nonsinks) overrides the policy's selection."""
+        policy = self.policy
+        sinks = sink_mask(token_norms(selected), policy.rule)
+        perm, kept = arrange_visual_tokens(sinks, policy.order,
+                                           policy.select if route is None else route)
         return VisualArrangement(sink_mask=sinks, permutation=perm, kept=kept)
+
+    def project(self, tokens, arrangement, weights=None):
+        """Projector on the (rearranged) tokens [N, P, E'] -> [N, P, D]. DIYSink: sink slots go
+        through the sink projector, the rest through the non-sink one, each scaled by its
+        weight column of ``weights`` [N, 2] (ReW) when given."""
+        nonsink = self.multi_modal_projector(tokens)
+        if self.config.diysink is None:
+            return nonsink
+        sink = self.multi_modal_projector_sink(tokens)
+        if weights is not None:
+            sink = sink * weights[:, :1, None].astype(sink.dtype)
+            nonsink = nonsink * weights[:, 1:, None].astype(nonsink.dtype)
+        is_sink = permute_tokens(arrangement.sink_mask, arrangement.permutation)
+        return jnp.where(is_sink[..., None], sink, nonsink)
+
+    def question_weights(self, embeds, question_mask):
+        """ReW: (w_sink, w_nonsink) [B, 2] from the mean frozen input embedding of the question
+        tokens (embeds [B, T, D], question_mask [B, T]); gradients stop at the embeddings."""
+        m = question_mask.astype(jnp.float32)[..., None]
+        q = jnp.sum(jax.lax.stop_gradient(embeds).astype(jnp.float32) * m, 1) / jnp.maximum(m.sum(1), 1)
+        return self.reweighting(q)
 
     def get_image_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (projected [N, P, D] in stock order, projector input
@@ -126,18 +164,29 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
-                 output_vision: bool = False) -> LlavaOutput:
+                 output_vision: bool = False, route=None, question_mask=None) -> LlavaOutput:
+        """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
+        e.g. from CoT routing. question_mask: [B, T] the question tokens for DIYSink ReW
+        (default: every non-image token the attention mask keeps; one image per row)."""
         c = self.config
         embeds = self.language_model.embed(input_ids)
-        feats = selected = vout = arrangement = None
+        feats = selected = vout = arrangement = weights = None
         if pixel_values is not None:
             selected, vout = self.vision_features(pixel_values, output_attentions and output_vision)
-            to_project = selected
-            if not self.visual_tokens.is_stock:
-                arrangement = self.arrange(selected)
-                to_project = permute_tokens(selected, arrangement.permutation)
-            feats = self.multi_modal_projector(to_project)
             is_image = input_ids == c.image_token_index
+            to_project = selected
+            if not self.policy.is_stock or route is not None:
+                arrangement = self.arrange(selected, route)
+                to_project = permute_tokens(selected, arrangement.permutation)
+            if c.diysink is not None and c.diysink.reweight:
+                if selected.shape[0] != input_ids.shape[0]:
+                    raise ValueError(f"DIYSink reweighting needs one image per row; got "
+                                     f"{selected.shape[0]} images for {input_ids.shape[0]} rows")
+                if question_mask is None:
+                    question_mask = ~is_image if attention_mask is None else (
+                        attention_mask.astype(bool) & ~is_image)
+                weights = self.question_weights(embeds, question_mask)
+            feats = self.project(to_project, arrangement, weights)
             expected = feats.shape[0] * feats.shape[1]
             if not isinstance(input_ids, jax.core.Tracer):
                 found = int(np.sum(np.asarray(input_ids) == c.image_token_index))
@@ -151,7 +200,7 @@ class LlavaForConditionalGeneration(nn.Module):
                 if position_ids is None:
                     position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
                 position_ids, dropped = arranged_positions(position_ids, is_image, arrangement,
-                                                           self.visual_tokens.positions)
+                                                           self.policy.positions)
                 keep = ~dropped if attention_mask is None else attention_mask.astype(bool) & ~dropped
                 attention_mask = keep.astype(jnp.int32)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
@@ -164,4 +213,5 @@ class LlavaForConditionalGeneration(nn.Module):
                            image_features=feats if vision else None,
                            vision_features=selected if vision else None,
                            vision_outputs=vout if vision else None,
-                           visual_arrangement=arrangement if vision else None)
+                           visual_arrangement=arrangement if vision else None,
+                           visual_weights=weights if vision else None)

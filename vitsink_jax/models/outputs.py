@@ -40,3 +40,4 @@ class LlavaOutput:
                                                     # stock order
     vision_outputs: Optional[Any] = None            # VisionOutput of the tower (all hidden states)
     visual_arrangement: Optional[VisualArrangement] = None  # set when the policy is not stock
+    visual_weights: Optional[jnp.ndarray] = None    # [N_img, 2] DIYSink ReW (w_sink, w_nonsink)

@@ -57,16 +57,23 @@ class VisualTokenPolicy:
         return self.order == "none" and self.select == "all"
 
 
-def keep_mask(sink_mask: jnp.ndarray, select: str = "all") -> jnp.ndarray:
-    """sink_mask [..., N] bool -> [..., N] bool, True for the tokens the selection keeps."""
-    if select not in SELECTS:
-        raise ValueError(f"visual token select {select!r} not one of {SELECTS}")
-    if select == "all":
-        return jnp.ones_like(sink_mask, dtype=bool)
-    return sink_mask if select == "sinks" else ~sink_mask
+def keep_mask(sink_mask: jnp.ndarray, select="all") -> jnp.ndarray:
+    """sink_mask [B, N] bool -> [B, N] bool, True for the tokens the selection keeps.
+
+    select: one of :data:`SELECTS` for every image, or an int array [B] of per-image codes
+    (index into :data:`SELECTS`: 0 all, 1 sinks, 2 nonsinks), e.g. CoT routing decisions.
+    """
+    if isinstance(select, str):
+        if select not in SELECTS:
+            raise ValueError(f"visual token select {select!r} not one of {SELECTS}")
+        select = SELECTS.index(select)
+        return {0: jnp.ones_like(sink_mask, dtype=bool), 1: sink_mask, 2: ~sink_mask}[select]
+    chex.assert_shape(select, sink_mask.shape[:1])
+    code = select[:, None]
+    return jnp.where(code == 0, True, jnp.where(code == 1, sink_mask, ~sink_mask))
 
 
-def arrange_visual_tokens(sink_mask: jnp.ndarray, order: str = "none", select: str = "all"):
+def arrange_visual_tokens(sink_mask: jnp.ndarray, order: str = "none", select="all"):
     """The stable permutation and keep-mask of one policy.
 
     Sort key, lexicographic and stable: dropped tokens last, then (for "front") sinks before
@@ -74,6 +81,7 @@ def arrange_visual_tokens(sink_mask: jnp.ndarray, order: str = "none", select: s
 
     Args:
       sink_mask: [B, N] bool ViT-sink mask.
+      select: a name of :data:`SELECTS` or per-image codes [B] (see :func:`keep_mask`).
     Returns:
       (perm [B, N] int32: new slot j holds old token perm[j];
        kept [B, N] bool in the new order: False for tokens the selection drops).
