@@ -1,0 +1,58 @@
+"""DIYSink (paper Sec. 4.2) around a stock LLaVA: building the dual-projector model from a
+checkpoint, and the CoT routing that picks sink-only / non-sink-only / both per item.
+
+CoT routing asks the LVLM itself two questions (prompts in the config; the paper's exact wording
+is UNKNOWN, these are ours): is the image simple / symbolic or complex / real-world, and does the
+question need the whole image (global) or a detail (local). Rule (paper): simple + global ->
+sink-only; complex + local -> non-sink-only; anything else -> both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax.core import unfreeze
+
+from .config import DIYSinkConfig
+from .convert.hf import build_model, init_params
+
+ROUTES = ("all", "sinks", "nonsinks")  # route codes 0, 1, 2 (as VisualTokenPolicy selections)
+IMAGE_PROMPT = ("USER: <image>\nIs this image simple or symbolic (a diagram, chart, icon, text or "
+                "a single object on a plain background), or complex and real-world (a natural "
+                "scene)? Answer with one word: simple or complex. ASSISTANT:")
+QUESTION_PROMPT = ("USER: <image>\nQuestion: {question}\nDoes answering this question need the "
+                   "whole image (global) or one small part of it (local)? Answer with one word: "
+                   "global or local. ASSISTANT:")
+
+
+def to_diysink(model, params, diysink: DIYSinkConfig, init: str = "copy", rng=None):
+    """(model, params) of a stock LLaVA -> the DIYSink model and its params.
+
+    init: "copy" (both projectors start as the pretrained one) or "scratch" (the sink projector
+    freshly initialised; the non-sink one keeps the pretrained weights only if they exist, as
+    every other part does). The ReW MLP, when configured, starts at w = (1, 1).
+    """
+    if init not in ("copy", "scratch"):
+        raise ValueError(f"DIYSink init {init!r} not one of copy, scratch")
+    config = dataclasses.replace(model.config, diysink=diysink)
+    new = build_model(config, dtype=model.dtype, param_dtype=model.param_dtype)
+    fresh = unfreeze(init_params(new, jax.random.PRNGKey(0) if rng is None else rng))
+    out = {**fresh, **{k: v for k, v in params.items() if k in fresh}}
+    if init == "copy":
+        out["multi_modal_projector_sink"] = jax.tree_util.tree_map(
+            lambda x: x.copy(), params["multi_modal_projector"])
+    return new, out
+
+
+def route_code(image_answer: str, question_answer: str) -> int:
+    """The paper's routing rule on the two parsed answers -> code into :data:`ROUTES`."""
+    simple = "simple" in image_answer.lower() or "symbolic" in image_answer.lower()
+    complex_ = "complex" in image_answer.lower() or "real" in image_answer.lower()
+    glob = "global" in question_answer.lower() or "whole" in question_answer.lower()
+    local = "local" in question_answer.lower() or "part" in question_answer.lower()
+    if simple and not complex_ and glob and not local:
+        return ROUTES.index("sinks")
+    if complex_ and not simple and local and not glob:
+        return ROUTES.index("nonsinks")
+    return ROUTES.index("all")
