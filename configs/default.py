@@ -8,6 +8,7 @@ loaded back through the converter, so the whole pipeline runs offline.
 
 import ml_collections
 
+from vitsink_jax.embedded import embedded_shape
 from vitsink_jax.eval_lib import TEMPLATES
 
 
@@ -50,15 +51,5 @@ def get_config():
     c.eval.parallel = "mesh"        # mesh | pmap
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
 
-    c.embedded = ml_collections.ConfigDict()  # shape of the embedded default model
-    c.embedded.image_size = 112
-    c.embedded.patch_size = 14
-    c.embedded.vision_hidden = 192
-    c.embedded.vision_layers = 4
-    c.embedded.vision_heads = 3
-    c.embedded.text_hidden = 256
-    c.embedded.text_layers = 4
-    c.embedded.text_heads = 4
-    c.embedded.text_kv_heads = 2
-    c.embedded.vocab_size = 1024
+    c.embedded = embedded_shape()  # shape of the embedded default model
     return c

@@ -13,6 +13,16 @@ from .convert.hf import build_model, init_params, save_pretrained
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # real photos shipped with scikit-image
 
 
+def embedded_shape():
+    """The embedded default model's shape (the ``embedded`` block of every config)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(image_size=112, patch_size=14, vision_hidden=192,
+                                          vision_layers=4, vision_heads=3, text_hidden=256,
+                                          text_layers=4, text_heads=4, text_kv_heads=2,
+                                          vocab_size=1024))
+
+
 def embedded_config(e) -> LlavaConfig:
     """LlavaConfig (CLIP-style tower + LLaMA-style LM) from the ``embedded`` config block."""
     vision = VisionConfig(model_type="clip_vision_model", hidden_size=e.vision_hidden,

@@ -117,7 +117,7 @@ def make_scorer(model, strategy: str = "mesh"):
     """
     def score(params, ids, mask, pixels, targets, cand):
         out = model.apply({"params": params}, ids, pixels, attention_mask=mask, output_vision=True)
-        sinks = jnp.sum(sink_mask(token_norms(out.vision_features), model.visual_tokens.rule), -1)
+        sinks = jnp.sum(sink_mask(token_norms(out.vision_features), model.policy.rule), -1)
         return (*candidate_logprobs(out.logits, mask, targets, cand), sinks)
 
     return parallel.data_parallel(score, strategy)

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .tfds_io import read_builder, write_builder
+
 LETTERS = "ABCDEFGHIJ"
 KINDS = ("mc", "yesno", "open")
 # benchmark -> default kind of its items ("auto": mc when the row has options, else open)
@@ -181,72 +183,15 @@ def read_benchmark(path, benchmark: str = "generic", verbose: bool = True) -> tu
     return records, skipped
 
 
+SCHEMA = {**{k: "text" for k in FIELDS}, "image": "bytes", "options": "text_list"}
+
+
 def build_tfds(records: list, name: str, data_dir) -> Path:
-    """Writes the records as a tensorflow-datasets builder (array_record, split "test").
-
-    The builder lives in ``data_dir/local_benchmark/<name>/1.0.0``; read it back, sharded over hosts, with
-    :func:`load_tfds`. An existing builder of the same name is rewritten.
-    """
-    import shutil
-
-    root = Path(data_dir) / "local_benchmark" / name
-    if root.exists():
-        shutil.rmtree(root)
-    builder = _builder(name, data_dir, records)
-    builder.download_and_prepare()
-    return root
+    """Writes benchmark records as a tfds builder (array_record, no TensorFlow); see
+    :mod:`vitsink_jax.data.tfds_io`."""
+    return write_builder(records, f"benchmark_{name}", data_dir, SCHEMA)
 
 
 def load_tfds(name: str, data_dir, process_index: int = 0, process_count: int = 1) -> list:
-    """This host's share of a benchmark builder (``tfds.even_splits``), as records sorted by
-    their order of writing."""
-    import tensorflow_datasets as tfds
-
-    split = tfds.even_splits("test", n=process_count)[process_index]
-    source = _builder(name, data_dir).as_data_source(split=split)
-    out = []
-    for ex in source:
-        rec = {k: (v.decode() if isinstance(v, bytes) and k != "image" else v) for k, v in ex.items()}
-        rec["options"] = [o.decode() if isinstance(o, bytes) else str(o) for o in rec["options"]]
-        out.append(rec)
-    return sorted(out, key=lambda r: int(r.pop("order")))
-
-
-def _builder(name: str, data_dir, records=None):
-    """The builder of benchmark ``name`` under ``data_dir`` (one config per benchmark)."""
-    import tensorflow_datasets as tfds
-
-    global _LocalBenchmark
-    if _LocalBenchmark is None:
-        class LocalBenchmark(tfds.core.GeneratorBasedBuilder):
-            """A local benchmark in the record schema (images as encoded bytes, no TensorFlow)."""
-
-            VERSION = tfds.core.Version("1.0.0")
-            code_path = None  # not a packaged tfds dataset: no checksums file to look for
-
-            def __init__(self, records=None, **kw):
-                self._records = records
-                super().__init__(**kw)
-
-            def _info(self):
-                text = tfds.features.Text()
-                feats = {k: text for k in FIELDS if k not in ("image", "options")}
-                feats.update(image=tfds.features.Tensor(shape=(), dtype=np.object_),
-                             options=tfds.features.Sequence(tfds.features.Text()),
-                             order=tfds.features.Scalar(np.int64))
-                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(feats))
-
-            def _split_generators(self, dl_manager):
-                del dl_manager
-                return {"test": self._generate_examples()}
-
-            def _generate_examples(self):
-                for i, rec in enumerate(self._records):
-                    yield i, {**{k: rec[k] for k in FIELDS}, "order": i}
-
-        _LocalBenchmark = LocalBenchmark
-    return _LocalBenchmark(records=records, data_dir=str(data_dir), file_format="array_record",
-                           config=tfds.core.BuilderConfig(name=name))
-
-
-_LocalBenchmark = None  # the builder class, defined on first use (tfds is imported lazily)
+    """This host's share of a benchmark builder, records in writing order."""
+    return read_builder(f"benchmark_{name}", data_dir, SCHEMA, process_index, process_count)

@@ -99,11 +99,12 @@ class LlavaForConditionalGeneration(nn.Module):
     @property
     def policy(self) -> VisualTokenPolicy:
         """The visual-token policy in force: ``visual_tokens``, or for a DIYSink model sinks first
-        with the DIYSink rule and selection (positions still from ``visual_tokens``)."""
-        d = self.config.diysink
+        with the DIYSink rule and selection (a non-"all" selection and the positions of
+        ``visual_tokens`` still apply, e.g. for the sink-only / non-sink-only ablation)."""
+        d, v = self.config.diysink, self.visual_tokens
         if d is None:
-            return self.visual_tokens
-        return VisualTokenPolicy("front", d.select, self.visual_tokens.positions, d.rule)
+            return v
+        return VisualTokenPolicy("front", d.select if v.select == "all" else v.select, v.positions, d.rule)
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (projector input [N, P, E'], VisionOutput)."""

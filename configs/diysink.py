@@ -1,0 +1,60 @@
+"""train.py default: DIYSink on the embedded default model and the embedded instruction set.
+
+    python train.py --config configs/diysink.py --workdir runs/diysink            # stage 1
+    python train.py --config configs/diysink.py --workdir runs/diysink_ft \\
+        --config.stage=finetune --config.checkpoint=runs/diysink/export            # stage 2
+    python train.py --config configs/diysink.py --workdir runs/diysink_rew \\
+        --config.stage=rew --config.diysink.reweight=True \\
+        --config.checkpoint=runs/diysink_ft/export --config.optim.lr=1e-2 \\
+        --config.batch_size=20 --config.steps=60                                  # ReW
+
+The embedded default has random weights, so no token reaches the paper's threshold (tau = 100);
+this config therefore marks the top-4 norms of each image as sinks. For a real LLaVA use
+``--config.diysink.rule.rule=threshold``.
+"""
+
+import ml_collections
+
+from vitsink_jax.embedded import embedded_shape
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.checkpoint = ""          # Hugging Face LLaVA folder (or a DIYSink export); "" = embedded
+    c.stage = "pretrain"       # pretrain | finetune | rew (vitsink_jax.train_lib)
+    c.finetune_parts = ("multi_modal_projector", "multi_modal_projector_sink", "language_model")
+    c.steps = 40
+    c.batch_size = 8           # global batch (rows), split over devices and hosts
+    c.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
+    c.compute_dtype = "float32"  # float32 | bfloat16 (params, softmax, norms and loss stay fp32)
+    c.parallel = "mesh"        # mesh | pmap
+    c.fsdp = 1                 # mesh: devices per fsdp group (1 = pure data parallel)
+    c.checkpoint_every = 20
+    c.keep_checkpoints = 2
+    c.log_every = 1
+
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=5, final_lr_ratio=0.1,
+                                             weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
+                                             grad_accum=1))
+
+    c.diysink = ml_collections.ConfigDict()
+    c.diysink.enabled = True   # turn a stock LLaVA checkpoint into a DIYSink model first
+    c.diysink.init = "copy"    # copy | scratch: how the sink projector starts
+    c.diysink.rule = ml_collections.ConfigDict(dict(rule="topk", tau=100.0, k=4, max_fraction=0.1,
+                                                    min_ratio=2.0))
+    c.diysink.select = "all"
+    c.diysink.reweight = False
+    c.diysink.rew_hidden = 64
+
+    c.data = ml_collections.ConfigDict()
+    c.data.json = ""           # LLaVA-format instruction JSON; "" = the embedded instruction set
+    c.data.image_folder = ""   # images of data.json ("" = next to the JSON file)
+    c.data.data_dir = ""       # tfds builders; "" = workdir/tfds
+    c.data.variants = 2        # embedded set: overlays per photo (3 conversations each)
+    c.data.image_size = 224
+
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
+                                                   local_device_count=0))
+    c.embedded = embedded_shape()  # shape of the embedded default model
+    return c

@@ -1,0 +1,279 @@
+"""vitsink_jax trainer: one loop for every DIYSink stage.
+
+    python train.py --config configs/diysink.py --workdir runs/diysink [--config.key=value]
+
+A workdir that already holds a checkpoint resumes from it (params, optimizer state, step, RNG and
+data position). The trained model is exported with vj.save_pretrained (plus the tokenizer) to
+``workdir/export``: evaluate.py loads it with ``--config.checkpoint``, transformers loads its
+stock part. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image
+from tqdm.auto import tqdm
+
+import vitsink_jax as vj
+from vitsink_jax import parallel, train_lib
+from vitsink_jax.config import DIYSinkConfig
+from vitsink_jax.convert.hf import build_model
+from vitsink_jax.data import instruct
+from vitsink_jax.data.preprocess import preprocess
+from vitsink_jax.data.tokenizer import load_tokenizer
+from vitsink_jax.diysink import to_diysink
+from vitsink_jax.embedded import ensure_embedded_checkpoint
+from vitsink_jax.provenance import record, write_json
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/diysink.py", "Python config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
+
+
+def init_distributed(d) -> None:
+    """jax.distributed when a coordinator is configured (one process per host)."""
+    if not d.coordinator:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if d.local_device_count:
+        jax.config.update("jax_num_cpu_devices", d.local_device_count)
+    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+
+
+def load_model(cfg, workdir: Path):
+    """(checkpoint path, model in the compute dtype, fp32 params, tokenizer)."""
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
+        workdir, cfg.embedded, cfg.seed)
+    model, params = vj.load_pretrained(ckpt, dtype=jnp.float32)
+    if not isinstance(model, vj.LlavaForConditionalGeneration):
+        raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; training needs a llava checkpoint")
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer is None:
+        raise SystemExit(f"error: {ckpt} has no tokenizer files; training needs the tokenizer")
+    if cfg.diysink.enabled and model.config.diysink is None:
+        d = cfg.diysink
+        model, params = to_diysink(model, params, DIYSinkConfig(
+            vj.SinkRule(**d.rule), d.select, d.reweight, d.rew_hidden), d.init,
+            jax.random.PRNGKey(cfg.seed))
+    model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32)
+    return ckpt, model, params, tokenizer
+
+
+def load_data(cfg, workdir: Path) -> list:
+    """This host's share of the instruction records (written once as a tfds builder)."""
+    d = cfg.data
+    data_dir = Path(d.data_dir or workdir / "tfds")
+    name = Path(d.json).stem if d.json else "embedded"
+    if jax.process_index() == 0:
+        if d.json:
+            records, skipped = instruct.read_llava_json(d.json, d.image_folder or None)
+            print(f"{d.json}: {len(records)} conversations, {len(skipped)} skipped")
+        else:
+            records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size)
+        import tensorflow_datasets as tfds
+        tfds.disable_progress_bar()
+        instruct.write_instruct(records, name, data_dir)
+    sync("instruction data written")
+    return instruct.read_instruct(name, data_dir, jax.process_index(), jax.process_count())
+
+
+def sync(what: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(what)
+
+
+class Batches:
+    """Host-local training batches: batch k is fully determined by k (see batch_indices)."""
+
+    def __init__(self, records, model, tokenizer, cfg):
+        self.records, self.model, self.tok, self.cfg = records, model, tokenizer, cfg
+        self.local_size = cfg.batch_size // jax.process_count()
+        c = model.config
+        self.examples = [dict(zip(("ids", "loss_mask", "question_mask"), instruct.tokenize_conversation(
+            tokenizer, r["roles"], r["texts"], c.num_image_tokens, c.image_token_index)))
+            for r in records]
+
+    def __call__(self, step: int) -> dict:
+        idx = instruct.batch_indices(len(self.records), self.local_size, step, self.cfg.seed)
+        rows = []
+        for i in idx:
+            with Image.open(io.BytesIO(self.records[i]["image"])) as im:
+                pixels = preprocess(self.model.config.vision, [im.convert("RGB")])[0]
+            rows.append({**self.examples[i], "pixels": pixels})
+        return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0)
+
+
+class Runner:
+    """The step function and state placement of one parallel strategy."""
+
+    def __init__(self, cfg, model, tx, schedule, frozen):
+        self.strategy = cfg.parallel
+        if cfg.batch_size % jax.device_count():
+            raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
+                             f"{jax.device_count()} devices")
+        if self.strategy == "pmap":
+            step = train_lib.make_train_step(model, tx, schedule, cfg.stage, axis_name="batch")
+            self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
+            self.frozen = frozen
+        else:
+            self.mesh = parallel.make_mesh(cfg.fsdp)
+            self.frozen = jax.device_put(frozen, parallel.fsdp_shardings(frozen, self.mesh))
+            self._step = train_lib.make_train_step(model, tx, schedule, cfg.stage)
+            self.step = None
+
+    def place(self, state):
+        if self.strategy == "pmap":
+            return parallel.stack_for_pmap(state)
+        shardings = parallel.fsdp_shardings(state, self.mesh)
+        self.step = jax.jit(self._step, out_shardings=(shardings, None), donate_argnums=(0,))
+        return jax.device_put(state, shardings)
+
+    def run(self, state, local_batch):
+        if self.strategy == "pmap":
+            state, metrics = self.step(state, self.frozen, parallel.split_for_pmap(local_batch))
+            return state, jax.tree_util.tree_map(lambda x: x[0], metrics)
+        return self.step(state, self.frozen, parallel.global_batch(local_batch, self.mesh))
+
+    def unplace(self, state):
+        """The state as one copy (pmap keeps one per device)."""
+        return jax.tree_util.tree_map(lambda x: x[0], state) if self.strategy == "pmap" else state
+
+
+def to_host(tree):
+    """numpy copies of (possibly multi-host, sharded) arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def checkpoint_manager(workdir: Path, keep: int):
+    return ocp.CheckpointManager(workdir.absolute() / "checkpoints",
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def save_checkpoint(manager, state, step: int, meta: dict) -> None:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, state):
+    """(state, meta) of the newest checkpoint, restored into the layout of ``state``."""
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    step = manager.latest_step()
+    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                        meta=ocp.args.JsonRestore()))
+    restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state),
+                                            jax.tree_util.tree_leaves(got.state))
+    return restored, got.meta
+
+
+class MetricLog:
+    """metrics.jsonl (appended, one line per logged step) and TensorBoard scalars (process 0)."""
+
+    def __init__(self, workdir: Path):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.file = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(workdir / "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            self.tb.close()
+
+
+def train(cfg, workdir: Path) -> dict:
+    """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    init_distributed(cfg.distributed)
+    ckpt, model, params, tokenizer = load_model(cfg, workdir)
+    trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
+        cfg.stage, cfg.finetune_parts))
+    tx, schedule = train_lib.make_optimizer(cfg.optim, cfg.steps)
+    state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable,
+             "opt_state": tx.init(trainable), "rng": jax.random.key_data(jax.random.PRNGKey(cfg.seed))}
+    runner = Runner(cfg, model, tx, schedule, frozen)
+    state = runner.place(state)
+    manager = checkpoint_manager(workdir, cfg.keep_checkpoints)
+    start = 0
+    if manager.latest_step() is not None:
+        one, meta = restore_checkpoint(manager, runner.unplace(state))
+        state, start = runner.place(one), int(meta["data_step"])
+        print(f"resumed from {manager.directory} at step {start}")
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    print(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M params "
+          f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows, "
+          f"parallel={cfg.parallel} on {jax.device_count()} device(s), "
+          f"{jax.process_count()} process(es)")
+    records = load_data(cfg, workdir)
+    batches = Batches(records, model, tokenizer, cfg)
+    log = MetricLog(workdir)
+    meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage}
+    losses = []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
+               disable=jax.process_index() != 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = batches(step)
+        state, metrics = runner.run(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(metrics["loss"]):  # the step kept the last good state: save it
+            save_checkpoint(manager, runner.unplace(state), step, {**meta, "data_step": step})
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (stage "
+                                     f"{cfg.stage}, lr {metrics['lr']:.3g}); the last good state "
+                                     f"is saved at step {step} in {manager.directory}")
+        metrics["tokens_per_s"] = float(batch["mask"].sum()) * jax.process_count() / (
+            time.perf_counter() - t0)
+        losses.append(metrics["loss"])
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
+            save_checkpoint(manager, runner.unplace(state), step + 1, {**meta, "data_step": step + 1})
+    log.close()
+    final = {**frozen, **to_host(runner.unplace(state)["trainable"])}
+    export = workdir / "export"
+    if jax.process_index() == 0:
+        fp32 = build_model(model.config, dtype=jnp.float32)
+        vj.save_pretrained(fp32, final, export, overwrite=True)
+        tokenizer.save_pretrained(str(export))
+    summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
+               "steps": cfg.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "export": str(export)}
+    if jax.process_index() == 0:
+        write_json(workdir / "train_summary.json", summary)
+        print(f"losses: first {summary['first_loss']}, last {summary['last_loss']}; "
+              f"exported to {export}")
+    return summary
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)
+    train(_CONFIG.value, Path(_WORKDIR.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,121 @@
+"""Training pieces used by train.py: what trains in each stage, the optimizer, the loss and the
+step function, for one device, a device mesh or pmap.
+
+Stages (paper Sec. 4.2 and the training recipe):
+* ``pretrain``: connector pre-training. ViT and LLM frozen. For a DIYSink model each projector
+  sees only its own tokens: loss = LM loss with sink-only input (through f_sink) + LM loss with
+  non-sink-only input (through f_nonsink); for a plain LLaVA the usual LM loss.
+* ``finetune``: instruction tuning on the full visual input; the trained parts are a config field
+  (default: both projectors and the LLM).
+* ``rew``: only DIYSink's reweighting MLP trains (paper: ~120-240 samples, 10 epochs, lr 1e-2,
+  batch 20).
+
+The loss is next-token cross-entropy over answer tokens only, summed on each device and divided
+by the global number of answer tokens (passed in), so one device, a mesh and pmap compute the
+same number. Only the trainable params get gradients and optimizer state; the frozen ones are
+never touched, so they stay bitwise equal.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+STAGES = ("pretrain", "finetune", "rew")
+PROJECTORS = ("multi_modal_projector", "multi_modal_projector_sink")
+
+
+def trainable_parts(stage: str, finetune_parts=("multi_modal_projector", "multi_modal_projector_sink",
+                                                "language_model")) -> tuple:
+    """Top-level param groups that train in ``stage``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; choose one of {STAGES}")
+    return {"pretrain": PROJECTORS, "finetune": tuple(finetune_parts), "rew": ("reweighting",)}[stage]
+
+
+def split_params(params: dict, parts: tuple) -> tuple[dict, dict]:
+    """(trainable, frozen): the top-level groups in ``parts`` and the rest."""
+    missing = [p for p in parts if p in ("reweighting",) and p not in params]
+    if missing or not any(p in params for p in parts):
+        raise ValueError(f"nothing to train: parts {parts} not in the model's params "
+                         f"{sorted(params)} (the rew stage needs diysink.reweight=True)")
+    return ({k: v for k, v in params.items() if k in parts},
+            {k: v for k, v in params.items() if k not in parts})
+
+
+def make_optimizer(cfg, total_steps: int):
+    """AdamW with linear warmup and cosine decay, global-norm clipping, optional gradient
+    accumulation (optax.MultiSteps). Returns (optimizer, learning-rate schedule)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.final_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    if cfg.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+    return tx, schedule
+
+
+def answer_nll_sum(logits, ids, loss_mask):
+    """Summed next-token NLL over answer tokens: logits [B, T, V] (position t predicts t + 1),
+    ids [B, T], loss_mask [B, T] (True at answer tokens). Returns a float32 scalar."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(loss_mask[:, 1:], nll, 0.0))
+
+
+def loss_fn(model, stage: str):
+    """``loss(trainable, frozen, batch, n_tokens) -> (loss, {})`` for ``stage``; ``batch`` holds
+    ids, mask, loss_mask, question_mask [B, T] and pixels [B, C, H, W]; ``n_tokens`` is the global
+    number of answer tokens the sum is divided by."""
+    dual = model.config.diysink is not None
+
+    def nll(params, batch, route):
+        out = model.apply({"params": params}, batch["ids"], batch["pixels"],
+                          attention_mask=batch["mask"], question_mask=batch["question_mask"],
+                          route=route)
+        return answer_nll_sum(out.logits, batch["ids"], batch["loss_mask"])
+
+    def loss(trainable, frozen, batch, n_tokens):
+        params = {**frozen, **trainable}
+        if stage == "pretrain" and dual:
+            ones = jnp.ones((batch["ids"].shape[0],), jnp.int32)
+            total = nll(params, batch, ones) + nll(params, batch, 2 * ones)  # sink-, non-sink-only
+        else:
+            total = nll(params, batch, None)
+        return total / jnp.maximum(n_tokens, 1)
+
+    return loss
+
+
+def make_train_step(model, tx, schedule, stage: str, axis_name=None):
+    """``step(state, frozen, batch) -> (state, metrics)``.
+
+    state: {"step", "trainable", "opt_state", "rng"} (the RNG key is advanced every step for
+    stochastic layers; the current models are deterministic). With ``axis_name`` (pmap) each
+    device holds part of the batch: answer-token counts, losses and gradients are summed over
+    that axis. When the loss or gradient is not finite the returned state is the input state.
+    """
+    loss = loss_fn(model, stage)
+
+    def step(state, frozen, batch):
+        n_tokens = jnp.sum(batch["loss_mask"][:, 1:])
+        if axis_name is not None:
+            n_tokens = jax.lax.psum(n_tokens, axis_name)
+        value, grads = jax.value_and_grad(loss)(state["trainable"], frozen, batch, n_tokens)
+        if axis_name is not None:
+            value, grads = jax.lax.psum((value, grads), axis_name)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        grad_norm = optax.global_norm(grads)
+        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
+        new = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
+               "opt_state": opt_state, "rng": rng}
+        # a non-finite loss or gradient leaves the state as it was (the caller stops and saves it)
+        ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
+        metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "answer_tokens": n_tokens}
+        return new, metrics
+
+    return step
