@@ -10,6 +10,7 @@ stock part. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard files in ``w
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -59,17 +60,28 @@ def load_model(cfg, workdir: Path):
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files; training needs the tokenizer")
-    if cfg.diysink.enabled and model.config.diysink is None:
-        d = cfg.diysink
-        model, params = to_diysink(model, params, DIYSinkConfig(
-            vj.SinkRule(**d.rule), d.select, d.reweight, d.rew_hidden), d.init,
-            jax.random.PRNGKey(cfg.seed))
+    d, have = cfg.diysink, model.config.diysink
+    if d.enabled and (have is None or (d.reweight and not have.reweight)):
+        want = (DIYSinkConfig(vj.SinkRule(**d.rule), d.select, d.reweight, d.rew_hidden)
+                if have is None else dataclasses.replace(have, reweight=True, rew_hidden=d.rew_hidden))
+        model, params = to_diysink(model, params, want, d.init, jax.random.PRNGKey(cfg.seed))
     model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32)
     return ckpt, model, params, tokenizer
 
 
+def data_shards(cfg) -> tuple[int, list]:
+    """(number of data shards, the shards this process reads). The shard count (default: the
+    process count) fixes which rows form global batch k, so a one-process run with as many
+    shards as a multi-host run sees exactly the same batches."""
+    n = cfg.data.shards or jax.process_count()
+    if n % jax.process_count():
+        raise SystemExit(f"error: data.shards={n} is not a multiple of the {jax.process_count()} processes")
+    per = n // jax.process_count()
+    return n, list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
+
+
 def load_data(cfg, workdir: Path) -> list:
-    """This host's share of the instruction records (written once as a tfds builder)."""
+    """This process's shards of the instruction records (written once as a tfds builder)."""
     d = cfg.data
     data_dir = Path(d.data_dir or workdir / "tfds")
     name = Path(d.json).stem if d.json else "embedded"
@@ -83,7 +95,8 @@ def load_data(cfg, workdir: Path) -> list:
         tfds.disable_progress_bar()
         instruct.write_instruct(records, name, data_dir)
     sync("instruction data written")
-    return instruct.read_instruct(name, data_dir, jax.process_index(), jax.process_count())
+    n, mine = data_shards(cfg)
+    return [instruct.read_instruct(name, data_dir, s, n) for s in mine]
 
 
 def sync(what: str) -> None:
@@ -93,23 +106,32 @@ def sync(what: str) -> None:
 
 
 class Batches:
-    """Host-local training batches: batch k is fully determined by k (see batch_indices)."""
+    """This process's rows of global batch k: from each of its data shards, the rows that
+    batch_indices picks for k (so the batch depends on k alone and resuming is exact)."""
 
-    def __init__(self, records, model, tokenizer, cfg):
-        self.records, self.model, self.tok, self.cfg = records, model, tokenizer, cfg
-        self.local_size = cfg.batch_size // jax.process_count()
+    def __init__(self, shards, model, tokenizer, cfg):
+        self.model, self.tok, self.cfg = model, tokenizer, cfg
+        n_shards = data_shards(cfg)[0]
+        if cfg.batch_size % n_shards:
+            raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
+                             f"{n_shards} data shards")
+        self.per_shard = cfg.batch_size // n_shards
+        self.ids = data_shards(cfg)[1]
         c = model.config
-        self.examples = [dict(zip(("ids", "loss_mask", "question_mask"), instruct.tokenize_conversation(
-            tokenizer, r["roles"], r["texts"], c.num_image_tokens, c.image_token_index)))
-            for r in records]
+        self.shards = [[(r, dict(zip(("ids", "loss_mask", "question_mask"),
+                                     instruct.tokenize_conversation(
+                                         tokenizer, r["roles"], r["texts"], c.num_image_tokens,
+                                         c.image_token_index))))
+                        for r in shard] for shard in shards]
 
     def __call__(self, step: int) -> dict:
-        idx = instruct.batch_indices(len(self.records), self.local_size, step, self.cfg.seed)
         rows = []
-        for i in idx:
-            with Image.open(io.BytesIO(self.records[i]["image"])) as im:
-                pixels = preprocess(self.model.config.vision, [im.convert("RGB")])[0]
-            rows.append({**self.examples[i], "pixels": pixels})
+        for shard_id, shard in zip(self.ids, self.shards):
+            for i in instruct.batch_indices(len(shard), self.per_shard, step, [self.cfg.seed, shard_id]):
+                record, example = shard[i]
+                with Image.open(io.BytesIO(record["image"])) as im:
+                    pixels = preprocess(self.model.config.vision, [im.convert("RGB")])[0]
+                rows.append({**example, "pixels": pixels})
         return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0)
 
 
@@ -226,8 +248,7 @@ def train(cfg, workdir: Path) -> dict:
           f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows, "
           f"parallel={cfg.parallel} on {jax.device_count()} device(s), "
           f"{jax.process_count()} process(es)")
-    records = load_data(cfg, workdir)
-    batches = Batches(records, model, tokenizer, cfg)
+    batches = Batches(load_data(cfg, workdir), model, tokenizer, cfg)
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage}
     losses = []
@@ -239,7 +260,8 @@ def train(cfg, workdir: Path) -> dict:
         state, metrics = runner.run(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]):  # the step kept the last good state: save it
-            save_checkpoint(manager, runner.unplace(state), step, {**meta, "data_step": step})
+            if manager.latest_step() != step:
+                save_checkpoint(manager, runner.unplace(state), step, {**meta, "data_step": step})
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (stage "
                                      f"{cfg.stage}, lr {metrics['lr']:.3g}); the last good state "
                                      f"is saved at step {step} in {manager.directory}")

@@ -53,6 +53,7 @@ def get_config():
     c.data.data_dir = ""       # tfds builders; "" = workdir/tfds
     c.data.variants = 2        # embedded set: overlays per photo (3 conversations each)
     c.data.image_size = 224
+    c.data.shards = 0          # data shards (0 = one per process); fixes which rows form a batch
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                    local_device_count=0))

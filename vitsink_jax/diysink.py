@@ -27,11 +27,12 @@ QUESTION_PROMPT = ("USER: <image>\nQuestion: {question}\nDoes answering this que
 
 
 def to_diysink(model, params, diysink: DIYSinkConfig, init: str = "copy", rng=None):
-    """(model, params) of a stock LLaVA -> the DIYSink model and its params.
+    """(model, params) of a stock LLaVA (or of a DIYSink model, e.g. to add ReW) -> the DIYSink
+    model of ``diysink`` and its params.
 
-    init: "copy" (both projectors start as the pretrained one) or "scratch" (the sink projector
-    freshly initialised; the non-sink one keeps the pretrained weights only if they exist, as
-    every other part does). The ReW MLP, when configured, starts at w = (1, 1).
+    init: "copy" (the sink projector starts as the pretrained one) or "scratch" (freshly
+    initialised); a sink projector the params already hold is kept. Every other part keeps its
+    pretrained weights; the ReW MLP, when configured and new, starts at w = (1, 1).
     """
     if init not in ("copy", "scratch"):
         raise ValueError(f"DIYSink init {init!r} not one of copy, scratch")
@@ -39,7 +40,7 @@ def to_diysink(model, params, diysink: DIYSinkConfig, init: str = "copy", rng=No
     new = build_model(config, dtype=model.dtype, param_dtype=model.param_dtype)
     fresh = unfreeze(init_params(new, jax.random.PRNGKey(0) if rng is None else rng))
     out = {**fresh, **{k: v for k, v in params.items() if k in fresh}}
-    if init == "copy":
+    if init == "copy" and "multi_modal_projector_sink" not in params:
         out["multi_modal_projector_sink"] = jax.tree_util.tree_map(
             lambda x: x.copy(), params["multi_modal_projector"])
     return new, out

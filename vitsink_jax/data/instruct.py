@@ -142,14 +142,16 @@ def pad_batch(examples: list, length_bucket: int, pad_id: int = 0) -> dict:
     return out
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+def batch_indices(n: int, batch_size: int, step: int, seed) -> np.ndarray:
     """Example indices of batch ``step``: a fresh seeded permutation every epoch, so the data
-    position is the step alone and resuming at step k replays nothing and skips nothing."""
+    position is the step alone and resuming at step k replays nothing and skips nothing.
+    ``seed``: an int or a list of ints (e.g. [seed, shard])."""
     out = []
     pos = step * batch_size
+    seed = list(seed) if isinstance(seed, (list, tuple)) else [seed]
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        perm = np.random.default_rng(seed + [epoch]).permutation(n)
         take = perm[offset:offset + batch_size - len(out)]
         out.extend(take.tolist())
         pos += len(take)

@@ -1,0 +1,199 @@
+"""train.py: loss falls, frozen parts stay bitwise, resume equals a straight run, NaN stops
+with a checkpoint, 1 device = mesh(8) = pmap(8), and a real two-process jax.distributed run."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import vitsink_jax as vj
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+SMALL = dict(image_size=56, vision_hidden=48, vision_layers=2, text_hidden=64, text_layers=2,
+             vocab_size=512)
+
+
+def config(**kw):
+    spec = importlib.util.spec_from_file_location("diysink_config", ROOT / "configs" / "diysink.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.embedded.update(SMALL)
+    cfg.data.variants, cfg.data.image_size = 1, 56
+    cfg.update(dict(steps=4, batch_size=8, checkpoint_every=2, log_every=1))
+    for k, v in kw.items():
+        target = cfg
+        *path, leaf = k.split(".")
+        for p in path:
+            target = target[p]
+        target[leaf] = v
+    return cfg
+
+
+def params_of(workdir):
+    return vj.load_pretrained(workdir / "export")[1]
+
+
+def same(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A stage-1 DIYSink export of the small embedded model (the starting point of later stages)."""
+    work = tmp_path_factory.mktemp("base")
+    train.train(config(steps=2), work)
+    return work
+
+
+def test_loss_falls_and_only_trainable_parts_change(base, tmp_path):
+    start = params_of(base)
+    summary = train.train(config(stage="finetune", steps=30, checkpoint=str(base / "export"),
+                                 **{"optim.lr": 3e-3}), tmp_path)
+    assert summary["last_loss"] < 0.5 * summary["first_loss"], summary
+    end = params_of(tmp_path)
+    same(end["vision_tower"], start["vision_tower"])        # frozen: bitwise
+    for part in ("language_model", "multi_modal_projector", "multi_modal_projector_sink"):
+        assert not np.array_equal(end[part]["lm_head" if part == "language_model" else "linear_1"]
+                                  ["kernel"], start[part]["lm_head" if part == "language_model"
+                                                          else "linear_1"]["kernel"]), part
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(30))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_pretrain_and_rew_touch_only_their_parts(base, tmp_path):
+    start = params_of(base)
+    assert set(start) >= {"multi_modal_projector_sink", "multi_modal_projector"}
+    train.train(config(steps=2, checkpoint=str(base / "export")), tmp_path / "pre")
+    pre = params_of(tmp_path / "pre")
+    same(pre["vision_tower"], start["vision_tower"])
+    same(pre["language_model"], start["language_model"])
+    assert not np.array_equal(pre["multi_modal_projector_sink"]["linear_2"]["kernel"],
+                              start["multi_modal_projector_sink"]["linear_2"]["kernel"])
+    work = tmp_path / "rew"
+    train.train(config(stage="rew", steps=3, checkpoint=str(base / "export"),
+                       **{"optim.lr": 1e-2, "diysink.reweight": True}), work)
+    rew = params_of(work)
+    assert "reweighting" in rew
+    for k in start:
+        same(rew[k], start[k])
+    with pytest.raises(ValueError, match="rew stage needs diysink.reweight"):
+        train.train(config(stage="rew", steps=1, checkpoint=str(base / "export")), tmp_path / "x")
+
+
+def test_resume_equals_straight_run(base, tmp_path):
+    kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
+    train.train(config(steps=5, **kw), tmp_path / "straight")
+    train.train(config(steps=2, **kw), tmp_path / "resumed")   # "killed" after 2 steps
+    summary = train.train(config(steps=5, **kw), tmp_path / "resumed")
+    assert summary["resumed_from"] == 2
+    same(params_of(tmp_path / "resumed"), params_of(tmp_path / "straight"))
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in straight] == [json.loads(x)["loss"] for x in resumed]
+
+
+def test_nan_loss_stops_with_a_checkpoint(base, tmp_path):
+    with pytest.raises(FloatingPointError, match="the last good state is saved"):
+        train.train(config(stage="finetune", steps=6, checkpoint=str(base / "export"),
+                           **{"optim.lr": 1e30, "optim.warmup_steps": 1}), tmp_path)
+    assert any((tmp_path / "checkpoints").iterdir())
+
+
+RUN = """
+import json, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from pathlib import Path
+import jax, numpy as np
+import test_train, train
+cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ckpt!r},
+                        parallel=sys.argv[1], fsdp=int(sys.argv[2]), checkpoint_every=2,
+                        **{{"distributed.coordinator": sys.argv[3],
+                        "distributed.num_processes": int(sys.argv[4]),
+                        "distributed.process_id": int(sys.argv[5]),
+                        "distributed.local_device_count": int(sys.argv[6]), "data.shards": 2}})
+work = Path(sys.argv[7])
+train.train(cfg, work)
+if jax.process_index() == 0:
+    losses = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    print("RESULT", jax.device_count(), json.dumps(losses))
+"""
+
+
+def _launch(base, work, strategy="mesh", fsdp=1, devices=1, coordinator="", nproc=1, pid=0, local=0,
+            steps=3):
+    code = RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), ckpt=str(base / "export"))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.Popen([sys.executable, "-c", code, strategy, str(fsdp), coordinator,
+                             str(nproc), str(pid), str(local), str(work), str(steps)], env=env,
+                            cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc):
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    n, losses = line.split(" ", 2)[1:]
+    return int(n), json.loads(losses)
+
+
+def test_one_device_mesh_and_pmap_agree(base, tmp_path):
+    runs = {}
+    for name, kw in {"single": dict(), "mesh8": dict(devices=8), "fsdp": dict(devices=8, fsdp=2),
+                     "pmap8": dict(devices=8, strategy="pmap")}.items():
+        runs[name] = (_launch(base, tmp_path / name, **kw), kw.get("devices", 1))
+    ref = None
+    for name, (proc, devices) in runs.items():
+        n, losses = _result(proc)
+        assert n == devices
+        if ref is None:
+            ref, ref_params = losses, params_of(tmp_path / name)
+            continue
+        np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=name)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name),
+                               params_of(tmp_path / name), ref_params)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(base, work, steps):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [_launch(base, work, coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps)
+             for i in range(2)]
+    n, losses = _result(procs[0])
+    _, err = procs[1].communicate(timeout=400)
+    assert procs[1].returncode == 0, err[-3000:]
+    return n, losses
+
+
+def test_two_processes_with_jax_distributed(base, tmp_path):
+    """Two train.py processes joined by jax.distributed (gloo), 2 CPU devices each, each reading
+    only its own data shard; one orbax checkpoint saved together, then resumed together; the
+    losses and params equal a one-process run over the same global batches."""
+    work = tmp_path / "multi"
+    n, losses = _two_processes(base, work, steps=3)
+    assert n == 4
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    _, resumed = _two_processes(base, work, steps=4)          # resumes at step 3
+    _, ref = _result(_launch(base, tmp_path / "single", steps=4))
+    np.testing.assert_allclose(losses + resumed[3:], ref, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                           params_of(work), params_of(tmp_path / "single"))
