@@ -8,6 +8,7 @@ loaded back through the converter, so the whole pipeline runs offline.
 
 import ml_collections
 
+from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT
 from vitsink_jax.embedded import embedded_shape
 from vitsink_jax.eval_lib import TEMPLATES
 
@@ -50,6 +51,9 @@ def get_config():
     c.eval.max_new_tokens = 8       # generation
     c.eval.parallel = "mesh"        # mesh | pmap
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
+    c.eval.routing = "none"         # none | cot (DIYSink CoT routing: per-item token selection)
+    c.eval.cot_image_prompt = IMAGE_PROMPT
+    c.eval.cot_question_prompt = QUESTION_PROMPT
 
     c.embedded = embedded_shape()  # shape of the embedded default model
     return c

@@ -128,3 +128,22 @@ def test_benchmark_end_to_end_side_by_side(tmp_path):
     none = [json.loads(x)["scores"] for x in (work / "predictions_none.jsonl").read_text().splitlines()]
     front = [json.loads(x)["scores"] for x in (work / "predictions_front.jsonl").read_text().splitlines()]
     assert not np.allclose(none, front)
+
+
+def test_train_then_evaluate_end_to_end(tmp_path):
+    work = tmp_path / "train"
+    proc = subprocess.run([sys.executable, "train.py", f"--workdir={work}", "--config.steps=3",
+                           "--config.data.variants=1", "--config.data.image_size=56", *SMALL],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "train_summary.json").read_text())
+    assert summary["stage"] == "pretrain" and summary["steps"] == 3 and summary["first_loss"] > 0
+    assert len((work / "metrics.jsonl").read_text().splitlines()) == 3
+    model, _ = vj.load_pretrained(work / "export")
+    assert model.config.diysink is not None
+    proc = run_evaluate(tmp_path / "eval", "", f"--config.checkpoint={work / 'export'}",
+                        "--config.benchmark.limit=6", "--config.benchmark.image_size=56",
+                        '--config.variants=("none","none+sinks")')
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["results"]["none"]["sinks_per_image"] == 4.0  # the DIYSink rule: top-4
+    assert results["results"]["none"]["n"] == 6

@@ -20,6 +20,8 @@ from conftest import build, llama_config, llava_config, random_ids, save
 from vitsink_jax import eval_lib as E
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
+from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT, to_diysink
+from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.embedded import embedded_tokenizer
 from vitsink_jax.generate import greedy_generate, left_pad
 
@@ -77,7 +79,8 @@ def test_mme_acc_plus_and_pope():
 
 def eval_cfg(**kw):
     base = dict(scoring="loglik", batch_size=4, length_bucket=16, max_new_tokens=4,
-                templates=dict(E.TEMPLATES))
+                templates=dict(E.TEMPLATES), routing="none", cot_image_prompt=IMAGE_PROMPT,
+                cot_question_prompt=QUESTION_PROMPT)
     return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -162,7 +165,8 @@ MULTI = textwrap.dedent("""
     model = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=vj.SinkRule("topk", k=2)))
     recs = embedded_benchmark(seed=0, variants=1, size=28, photos=["chelsea", "coffee", "rocket"])
     cfg = ml_collections.ConfigDict(dict(scoring="loglik", batch_size=3, length_bucket=16,
-                                         max_new_tokens=4, templates=dict(E.TEMPLATES)))
+                                         max_new_tokens=4, templates=dict(E.TEMPLATES),
+                                         routing="none"))
     preds = E.predict(model, params, embedded_tokenizer(512), recs, cfg, sys.argv[2])
     print("RESULT", jax.device_count(), json.dumps(preds))
 """)
@@ -187,3 +191,23 @@ def test_scores_equal_on_one_and_eight_devices(tiny, tmp_path):
         assert [p["sinks"] for p in preds] == [p["sinks"] for p in one] == [2] * len(one)
         np.testing.assert_allclose([p["scores"] for p in preds], [p["scores"] for p in one],
                                    atol=1e-5, err_msg=str(key))
+
+
+def test_cot_routing_feeds_each_item_its_route(tiny):
+    d = tiny
+    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3)))
+    recs = d["records"][:3]
+    routed = E.predict(model, params, d["tok"], recs, eval_cfg(routing="cot"))
+    routes = E.cot_routes(model, params, d["tok"], recs, eval_cfg())
+    assert [p["route"] for p in routed] == [r["route"] for r in routes]
+    assert all(isinstance(p["cot_image"], str) and isinstance(p["cot_question"], str) for p in routed)
+    # the scores are those of each item's fixed selection (route 0/1/2 = all/sinks/nonsinks)
+    for p, rec in zip(routed, recs):
+        select = ("all", "sinks", "nonsinks")[p["route"]]
+        fixed, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3), select))
+        scores, _ = E.loglik_scores(fixed, params, d["tok"], [rec], eval_cfg())
+        np.testing.assert_allclose(p["scores"], scores[0], atol=1e-5)
+    forced = E.loglik_scores(model, params, d["tok"], recs, eval_cfg(), routes=[1, 2, 1])[0]
+    sinks_only, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3), "sinks"))
+    np.testing.assert_allclose(forced[0], E.loglik_scores(sinks_only, params, d["tok"], recs[:1],
+                                                          eval_cfg())[0][0], atol=1e-5)

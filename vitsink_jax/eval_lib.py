@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import parallel
 from .data.preprocess import preprocess
 from .data.tokenizer import encode_prompt
+from .diysink import route_code
 from .generate import greedy_generate, left_pad
 from .sinks.detect import sink_mask, token_norms
 
@@ -108,15 +109,17 @@ def candidate_logprobs(logits, mask, targets, cand):
     return seq_lp, last_lp
 
 
-def make_scorer(model, strategy: str = "mesh"):
-    """Jitted, data-parallel ``score(params, ids, mask, pixels, targets, cand)``.
+def make_scorer(model, strategy: str = "mesh", routed: bool = False):
+    """Jitted, data-parallel ``score(params, ids, mask, pixels, targets, cand, route)``.
 
     Args (batch B, length L, K candidates): ids, mask, targets [B, L]; pixels [B, C, H, W];
-    cand [B, K]. Returns :func:`candidate_logprobs`'s pair and sinks [B], the ViT sinks of each
-    row's image under the model's sink rule.
+    cand [B, K]; route [B] per-row token selection (used when ``routed``). Returns
+    :func:`candidate_logprobs`'s pair and sinks [B], the ViT sinks of each row's image under the
+    model's sink rule.
     """
-    def score(params, ids, mask, pixels, targets, cand):
-        out = model.apply({"params": params}, ids, pixels, attention_mask=mask, output_vision=True)
+    def score(params, ids, mask, pixels, targets, cand, route):
+        out = model.apply({"params": params}, ids, pixels, attention_mask=mask, output_vision=True,
+                          route=route if routed else None)
         sinks = jnp.sum(sink_mask(token_norms(out.vision_features), model.policy.rule), -1)
         return (*candidate_logprobs(out.logits, mask, targets, cand), sinks)
 
@@ -142,14 +145,17 @@ def _batches(rows: list, batch_size: int):
         yield chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)
 
 
-def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"):
-    """(per record a list with one log-likelihood per candidate, per record its sink count)."""
+def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = "mesh",
+                  routes=None):
+    """(per record a list with one log-likelihood per candidate, per record its sink count).
+    ``routes``: per-record token selection codes (CoT routing) or None."""
     c = model.config
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
         rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, c.num_image_tokens,
                                               c.image_token_index)]
-    scorer = make_scorer(model, strategy)
+    scorer = make_scorer(model, strategy, routed=routes is not None)
+    routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
     params = parallel.replicate(params, strategy)
     bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
     kmax = max(max(len(r[2]) for _, r in rows), 1)
@@ -167,7 +173,9 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
             ids[b, :len(row_ids)], mask[b, :len(row_ids)] = row_ids, 1
             targets[b, :len(row_t)], cand[b, :len(row_c)] = row_t, row_c
         pixels = np.stack([_pixels(model, records[i], cache) for i, _ in chunk])
-        seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, ids, mask, pixels, targets, cand))
+        route = np.asarray([routes[i] for i, _ in chunk], np.int32)
+        seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, ids, mask, pixels, targets, cand,
+                                                         route))
         for b, (i, (_, _, row_c, which)) in enumerate(chunk[:n]):
             sinks[i] = n_sinks[b]
             if which < 0:
@@ -177,18 +185,18 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     return [np.asarray(s, np.float64).tolist() for s in scores], sinks.tolist()
 
 
-def generate_answers(model, params, tokenizer, records: list, cfg) -> list:
-    """Greedy answers (decoded text) for the records, ``cfg.max_new_tokens`` tokens at most."""
+def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) -> list:
+    """Greedy continuations (decoded text, ``cfg.max_new_tokens`` tokens at most) of prompt
+    texts (with ``<image>``), each with its record's image."""
     c = model.config
     gen = jax.jit(lambda p, i, m, x: greedy_generate(model, p, i, m, x, cfg.max_new_tokens,
                                                      tokenizer.eos_token_id))
     texts, cache = [], {}
-    prompts = [encode_prompt(tokenizer, prompt_text(r, cfg.templates), c.num_image_tokens,
-                             c.image_token_index) for r in records]
-    order = list(range(len(records)))
-    for chunk, n in tqdm(list(_batches(order, cfg.batch_size)), desc="generating", unit="batch"):
-        length = bucket(max(len(prompts[i]) for i in chunk), cfg.length_bucket)
-        ids, mask = left_pad([prompts[i] for i in chunk], length, tokenizer.pad_token_id or 0)
+    ids_list = [encode_prompt(tokenizer, p, c.num_image_tokens, c.image_token_index) for p in prompts]
+    for chunk, n in tqdm(list(_batches(list(range(len(prompts))), cfg.batch_size)),
+                         desc="generating", unit="batch"):
+        length = bucket(max(len(ids_list[i]) for i in chunk), cfg.length_bucket)
+        ids, mask = left_pad([ids_list[i] for i in chunk], length, tokenizer.pad_token_id or 0)
         pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
         out = np.asarray(gen(params, ids, mask, pixels))
         for row in out[:n]:
@@ -197,6 +205,19 @@ def generate_answers(model, params, tokenizer, records: list, cfg) -> list:
                 row = row[:row.index(tokenizer.eos_token_id)]
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return texts
+
+
+def cot_routes(model, params, tokenizer, records: list, cfg) -> list:
+    """DIYSink (CoT): the model answers the two routing questions about each record (prompts
+    ``cfg.cot_image_prompt`` / ``cfg.cot_question_prompt``); the paper's rule maps the answers to
+    a route. Returns per record {"route", "cot_image", "cot_question"}."""
+    image = generate_texts(model, params, tokenizer, [cfg.cot_image_prompt] * len(records),
+                           records, cfg)
+    question = generate_texts(model, params, tokenizer,
+                              [cfg.cot_question_prompt.format(question=r["question"]) for r in records],
+                              records, cfg)
+    return [{"route": route_code(a, b), "cot_image": a, "cot_question": b}
+            for a, b in zip(image, question)]
 
 
 # --------------------------------------------------------------------- answer extraction ---
@@ -247,16 +268,25 @@ def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"
     by_loglik = [i for i, r in enumerate(records) if r["kind"] != "open" and cfg.scoring == "loglik"]
     by_gen = [i for i in range(len(records)) if i not in set(by_loglik)]
     preds = [None] * len(records)
+    routing = cot_routes(model, params, tokenizer, records, cfg) if cfg.routing == "cot" else None
     if by_loglik:
+        routes = None if routing is None else [routing[i]["route"] for i in by_loglik]
         scores, sinks = loglik_scores(model, params, tokenizer, [records[i] for i in by_loglik],
-                                      cfg, strategy)
+                                      cfg, strategy, routes)
         for i, s, k in zip(by_loglik, scores, sinks):
             preds[i] = {"prediction": candidates(records[i])[int(np.argmax(s))], "scores": s,
                         "sinks": k}
     if by_gen:
-        texts = generate_answers(model, params, tokenizer, [records[i] for i in by_gen], cfg)
+        if routing is not None:
+            raise ValueError("CoT routing is implemented for log-likelihood scoring only")
+        sub = [records[i] for i in by_gen]
+        texts = generate_texts(model, params, tokenizer, [prompt_text(r, cfg.templates) for r in sub],
+                               sub, cfg)
         for i, text in zip(by_gen, texts):
             preds[i] = {"prediction": text, "generated": text}
+    if routing is not None:
+        for p, r in zip(preds, routing):
+            p.update(r)
     out = []
     for rec, p in zip(records, preds):
         pred, kind = p["prediction"], rec["kind"]
