@@ -17,6 +17,7 @@ Modes (``config.mode``):
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -28,9 +29,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from jax.experimental import multihost_utils
-
-from vitsink_jax import eval_lib, plots
+from vitsink_jax import eval_lib, parallel, plots
 from vitsink_jax.data import benchmarks
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -224,9 +223,10 @@ def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
         raise SystemExit(f"error: variant {spec!r}: {e}")
 
 
-def benchmark_records(cfg, workdir: Path) -> tuple[list, list]:
-    """(this host's records, skipped rows): the benchmark file or the embedded benchmark, written
-    as a tfds builder and read back through it, sharded over hosts."""
+def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
+    """(this host's records, skipped rows, {index: position in the file}): the benchmark file or
+    the embedded benchmark, written as a tfds builder and read back through it, sharded over
+    hosts (tfds shards follow its storage order, not the file's)."""
     b = cfg.benchmark
     if b.file:
         records, skipped = benchmarks.read_benchmark(b.file, b.name)
@@ -241,23 +241,24 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list]:
     tfds.disable_progress_bar()
     if jax.process_index() == 0:
         benchmarks.build_tfds(records, b.name, data_dir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("benchmark builder written")
+    parallel.sync("benchmark builder written")
     local = benchmarks.load_tfds(b.name, data_dir, jax.process_index(), jax.process_count())
+    if not local:
+        raise SystemExit(f"error: process {jax.process_index()} got no items of {len(records)}")
     print(f"benchmark {b.name}: {len(records)} items ({len(skipped)} rows skipped), "
           f"{len(local)} on this host; tfds builder in {data_dir}")
-    return local, skipped
+    return local, skipped, {r["index"]: i for i, r in enumerate(records)}
 
 
-def gather_predictions(preds: list, workdir: Path, name: str) -> list:
-    """All hosts' predictions (each host scored its tfds shard): written per host, merged."""
-    if jax.process_count() == 1:
-        return preds
-    write_json(workdir / f"{name}.p{jax.process_index()}.json", preds)
-    multihost_utils.sync_global_devices(f"{name} written")
-    import json
-    return [p for i in range(jax.process_count())
-            for p in json.loads((workdir / f"{name}.p{i}.json").read_text())]
+def gather_predictions(preds: list, workdir: Path, name: str, order: dict) -> list:
+    """All hosts' predictions (each host scored its tfds shard), in the benchmark's order:
+    written per host, merged."""
+    if jax.process_count() > 1:
+        write_json(workdir / f"{name}.p{jax.process_index()}.json", preds)
+        parallel.sync(f"{name} written")
+        preds = [p for i in range(jax.process_count())
+                 for p in json.loads((workdir / f"{name}.p{i}.json").read_text())]
+    return sorted(preds, key=lambda p: order[p["index"]])
 
 
 def run_benchmark(cfg, workdir: Path) -> dict:
@@ -266,7 +267,7 @@ def run_benchmark(cfg, workdir: Path) -> dict:
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
                          " benchmark mode needs the checkpoint's tokenizer")
-    records, skipped = benchmark_records(cfg, workdir)
+    records, skipped, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**cfg.sink)
     results, rows = {}, []
     for spec in cfg.variants:
@@ -275,17 +276,19 @@ def run_benchmark(cfg, workdir: Path) -> dict:
               f"positions={policy.positions}")
         preds = eval_lib.predict(model.clone(visual_tokens=policy), params, tokenizer, records,
                                  cfg.eval, cfg.eval.parallel)
-        preds = gather_predictions(preds, workdir, f"predictions_{spec}")
+        preds = gather_predictions(preds, workdir, f"predictions_{spec}", order)
         results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
-        write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
+        if jax.process_index() == 0:
+            write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
         rows.append((spec, results[spec]))
     table = comparison_table(rows)
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, "skipped_rows": skipped,
-              "results": results, "table": table}
-    out = write_json(workdir / "results.json", report)
-    print(f"wrote {out} and per-item predictions_<variant>.jsonl")
+              "processes": jax.process_count(), "results": results, "table": table}
+    if jax.process_index() == 0:
+        out = write_json(workdir / "results.json", report)
+        print(f"wrote {out} and per-item predictions_<variant>.jsonl")
     return report
 
 
@@ -342,6 +345,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # tfds / XLA info lines would drown the progress
     cfg = _CONFIG.value
+    parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:
         raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")
     MODES[cfg.mode](cfg, Path(_WORKDIR.value))

@@ -40,16 +40,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/diysink.py", "Pytho
 _WORKDIR = flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
 
 
-def init_distributed(d) -> None:
-    """jax.distributed when a coordinator is configured (one process per host)."""
-    if not d.coordinator:
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if d.local_device_count:
-        jax.config.update("jax_num_cpu_devices", d.local_device_count)
-    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
-
-
 def load_model(cfg, workdir: Path):
     """(checkpoint path, model in the compute dtype, fp32 params, tokenizer)."""
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
@@ -94,15 +84,9 @@ def load_data(cfg, workdir: Path) -> list:
         import tensorflow_datasets as tfds
         tfds.disable_progress_bar()
         instruct.write_instruct(records, name, data_dir)
-    sync("instruction data written")
+    parallel.sync("instruction data written")
     n, mine = data_shards(cfg)
     return [instruct.read_instruct(name, data_dir, s, n) for s in mine]
-
-
-def sync(what: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(what)
 
 
 class Batches:
@@ -171,14 +155,6 @@ class Runner:
         return jax.tree_util.tree_map(lambda x: x[0], state) if self.strategy == "pmap" else state
 
 
-def to_host(tree):
-    """numpy copies of (possibly multi-host, sharded) arrays."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
 def checkpoint_manager(workdir: Path, keep: int):
     return ocp.CheckpointManager(workdir.absolute() / "checkpoints",
                                  options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -228,7 +204,7 @@ class MetricLog:
 def train(cfg, workdir: Path) -> dict:
     """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
     workdir.mkdir(parents=True, exist_ok=True)
-    init_distributed(cfg.distributed)
+    parallel.init_distributed(cfg.distributed)
     ckpt, model, params, tokenizer = load_model(cfg, workdir)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
@@ -274,7 +250,7 @@ def train(cfg, workdir: Path) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             save_checkpoint(manager, runner.unplace(state), step + 1, {**meta, "data_step": step + 1})
     log.close()
-    final = {**frozen, **to_host(runner.unplace(state)["trainable"])}
+    final = {**frozen, **parallel.to_host(runner.unplace(state)["trainable"])}
     export = workdir / "export"
     if jax.process_index() == 0:
         fp32 = build_model(model.config, dtype=jnp.float32)

@@ -55,5 +55,7 @@ def get_config():
     c.eval.cot_image_prompt = IMAGE_PROMPT
     c.eval.cot_question_prompt = QUESTION_PROMPT
 
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
+                                                   local_device_count=0))  # multi-host runs
     c.embedded = embedded_shape()  # shape of the embedded default model
     return c

@@ -147,3 +147,37 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["results"]["none"]["sinks_per_image"] == 4.0  # the DIYSink rule: top-4
     assert results["results"]["none"]["n"] == 6
+
+
+def test_benchmark_on_two_processes_equals_one(tmp_path):
+    """evaluate.py as two jax.distributed processes (2 CPU devices each), each scoring its own
+    tfds shard, gives the one-process scores."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--config.benchmark.limit=10", "--config.benchmark.image_size=56",
+              "--config.eval.batch_size=2", *SMALL]
+    single = run_evaluate(tmp_path / "one", "", *common)
+    assert single.returncode == 0
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    dist = [f"--config.distributed.coordinator=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2", "--config.distributed.local_device_count=2"]
+    procs = [subprocess.Popen([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'two'}",
+                               *common, *dist, f"--config.distributed.process_id={i}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["processes"] == 2
+    for spec in ("none", "front"):
+        assert two["results"][spec]["accuracy"] == one["results"][spec]["accuracy"]
+        a = [json.loads(x) for x in (tmp_path / "one" / f"predictions_{spec}.jsonl").read_text().splitlines()]
+        b = [json.loads(x) for x in (tmp_path / "two" / f"predictions_{spec}.jsonl").read_text().splitlines()]
+        assert [x["index"] for x in a] == [x["index"] for x in b]
+        np.testing.assert_allclose([x["scores"] for x in a], [x["scores"] for x in b], atol=1e-5)

@@ -39,12 +39,16 @@ def embedded_config(e) -> LlavaConfig:
 def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
     """Writes the seeded embedded default into ``workdir/embedded_default`` (HF layout: weights,
     config and a byte-level BPE tokenizer trained on the embedded benchmark's text) once."""
+    from .parallel import sync
+
     path = Path(workdir) / "embedded_default"
-    if not (path / "config.json").is_file():
-        model = build_model(embedded_config(e))
-        save_pretrained(model, init_params(model, jax.random.PRNGKey(seed)), path)
-    if not (path / "tokenizer.json").is_file():
-        embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
+    if jax.process_index() == 0:  # with several processes, one writes and the others wait
+        if not (path / "config.json").is_file():
+            model = build_model(embedded_config(e))
+            save_pretrained(model, init_params(model, jax.random.PRNGKey(seed)), path)
+        if not (path / "tokenizer.json").is_file():
+            embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
+    sync("embedded checkpoint written")
     return path
 
 

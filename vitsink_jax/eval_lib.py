@@ -163,7 +163,10 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     sinks = np.zeros(len(records), np.int64)
     cache = {}
     pad = tokenizer.pad_token_id or 0
-    for chunk, n in tqdm(list(_batches(rows, bs)), desc="scoring", unit="batch"):
+    batches = list(_batches(rows, bs))
+    # every process runs as many global batches; spare ones repeat a batch and are dropped
+    batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
+    for chunk, n in tqdm(batches, desc="scoring", unit="batch"):
         length = bucket(max(len(r[0]) for _, r in chunk), cfg.length_bucket)
         ids = np.full((bs, length), pad, np.int32)
         mask = np.zeros((bs, length), np.int32)

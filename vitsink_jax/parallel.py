@@ -56,8 +56,43 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
 
 
 def batch_multiple(strategy: str = "mesh") -> int:
-    """Batch sizes must be a multiple of this (the number of devices the batch is split over)."""
-    return jax.device_count() if strategy == "mesh" else jax.local_device_count()
+    """Host-local batch sizes must be a multiple of this (this host's devices)."""
+    _check_strategy(strategy)
+    return jax.local_device_count()
+
+
+def init_distributed(d) -> None:
+    """jax.distributed when ``d.coordinator`` is set (one process per host; on CPU with gloo
+    collectives and ``d.local_device_count`` devices per process when given)."""
+    if not d.coordinator:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if d.local_device_count:
+        jax.config.update("jax_num_cpu_devices", d.local_device_count)
+    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+
+
+def sync(what: str) -> None:
+    """Barrier across processes (a no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(what)
+
+
+def to_host(tree):
+    """numpy copies of (possibly multi-host, sharded) arrays, whole on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def max_over_processes(n: int) -> int:
+    """The largest ``n`` any process holds (so every process runs as many global steps)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.asarray([n]))))
 
 
 def replicate(params, strategy: str = "mesh"):
@@ -87,8 +122,9 @@ def data_parallel(fn: Callable, strategy: str = "mesh") -> Callable:
     -> the same function with the batch split over devices; ``params`` must come from
     :func:`replicate` with the same strategy.
 
-    The batch size must be a multiple of :func:`batch_multiple`; outputs come back with the full
-    batch axis.
+    Each process passes its own rows (a multiple of :func:`batch_multiple`) and gets back the
+    outputs of its rows; with several processes every one must call as often (see
+    :func:`max_over_processes`).
     """
     _check_strategy(strategy)
     n = batch_multiple(strategy)
@@ -99,23 +135,24 @@ def data_parallel(fn: Callable, strategy: str = "mesh") -> Callable:
                 raise ValueError(f"batch axis {x.shape[0]} not a multiple of the {n} devices")
 
     if strategy == "mesh":
-        split = NamedSharding(make_mesh(), BATCH)
+        mesh = make_mesh()
         jitted = jax.jit(fn)
 
         def run_mesh(params, *batch):
             check(batch)
-            return jitted(params, *[jax.device_put(x, split) for x in batch])
+            out = to_host(jitted(params, *global_batch(dict(enumerate(batch)), mesh).values()))
+            rows, i = batch[0].shape[0], jax.process_index()  # this process's rows of the result
+            return jax.tree_util.tree_map(lambda y: y[i * rows:(i + 1) * rows], out)
 
         return run_mesh
 
     mapped = {}  # number of batch arguments -> pmapped fn (params broadcast, batch split)
 
     def run_pmap(params, *batch):
-        check(batch)
         k = len(batch)
         if k not in mapped:
             mapped[k] = jax.pmap(fn, in_axes=(None,) + (0,) * k)
-        out = mapped[k](params, *[np.asarray(x).reshape((n, -1) + x.shape[1:]) for x in batch])
+        out = mapped[k](params, *split_for_pmap(dict(enumerate(batch))).values())
         return jax.tree_util.tree_map(lambda y: y.reshape((-1,) + y.shape[2:]), out)
 
     return run_pmap
