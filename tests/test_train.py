@@ -197,3 +197,18 @@ def test_two_processes_with_jax_distributed(base, tmp_path):
     np.testing.assert_allclose(losses + resumed[3:], ref, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                            params_of(work), params_of(tmp_path / "single"))
+
+
+def test_bf16_compute_and_gradient_accumulation(base, tmp_path):
+    kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=1)
+    fp32 = train.train(config(**kw), tmp_path / "fp32")
+    bf16 = train.train(config(compute_dtype="bfloat16", **kw), tmp_path / "bf16")
+    np.testing.assert_allclose(bf16["first_loss"], fp32["first_loss"], rtol=3e-2)
+    assert params_of(tmp_path / "bf16")["language_model"]["lm_head"]["kernel"].dtype == np.float32
+    start = params_of(base)
+    train.train(config(**{**kw, "optim.grad_accum": 2}), tmp_path / "acc1")  # half an update
+    same(params_of(tmp_path / "acc1")["language_model"], start["language_model"])
+    # inner update 1 (micro-step 2) has lr = schedule(0) = 0 (warmup from 0); update 2 moves
+    train.train(config(**{**kw, "steps": 4, "optim.grad_accum": 2}), tmp_path / "acc2")
+    assert not np.array_equal(params_of(tmp_path / "acc2")["language_model"]["lm_head"]["kernel"],
+                              start["language_model"]["lm_head"]["kernel"])
