@@ -23,7 +23,7 @@ from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
 from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT, to_diysink
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.embedded import embedded_tokenizer
-from vitsink_jax.generate import greedy_generate, left_pad
+from vitsink_jax.generate import filter_logits, generate, left_pad
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a byte-level BPE needs 256 + specials ids at least
@@ -131,21 +131,82 @@ def test_multi_token_candidates_sum_their_tokens(tiny):
         np.testing.assert_allclose(scores[0][k], want, atol=1e-4)
 
 
-def test_greedy_generation_matches_transformers(tiny, rng):
+def _prompts(rng, c, lengths, image_id=VOCAB - 1):
+    return [np.concatenate([[1], random_ids(rng, 1, n)[0], [image_id] * c.num_image_tokens,
+                            random_ids(rng, 1, 3)[0]]) for n in lengths]
+
+
+@pytest.mark.parametrize("policy", [None, "front"])
+def test_greedy_generation_matches_transformers(tiny, rng, policy):
     d = tiny
     c = d["model"].config
-    prompts = [np.concatenate([[1], random_ids(rng, 1, n)[0], [VOCAB - 1] * c.num_image_tokens,
-                               random_ids(rng, 1, 3)[0]]) for n in (2, 5)]
-    ids, mask = left_pad(prompts, 16 + c.num_image_tokens)
+    ids, mask = left_pad(_prompts(rng, c, (2, 5)), 16 + c.num_image_tokens)
     pix = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
-    ours = jax.jit(lambda p, i, m, x: greedy_generate(d["model"], p, i, m, x, 5))(
-        d["params"], ids, mask, pix)
+    model = d["model"]
     with torch.no_grad():
-        ref = d["hf"].generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                               attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pix),
-                               max_new_tokens=5, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(ours), ref[:, ids.shape[1]:].numpy())
+        if policy is None:
+            ref = d["hf"].generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                                   attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pix),
+                                   max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[:, ids.shape[1]:].numpy()
+        else:  # sink-to-the-front: transformers gets the rearranged image features by hand
+            rule = vj.SinkRule("topk", k=2)
+            model = model.clone(visual_tokens=vj.VisualTokenPolicy(policy, rule=rule))
+            arr = model.apply({"params": d["params"]}, ids, pix, output_vision=True).visual_arrangement
+            hf = d["hf"]
+            vis = hf.model.vision_tower(torch.tensor(pix), output_hidden_states=True)
+            feats = hf.model.multi_modal_projector(
+                vis.hidden_states[hf.config.vision_feature_layer][:, 1:])
+            perm = torch.tensor(np.asarray(arr.permutation), dtype=torch.long)
+            feats = torch.gather(feats, 1, perm[..., None].expand(-1, -1, feats.shape[-1]))
+            emb = hf.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+            emb[torch.tensor(ids) == VOCAB - 1] = feats.reshape(-1, feats.shape[-1])
+            ref = hf.generate(inputs_embeds=emb, attention_mask=torch.tensor(mask),
+                              max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0).numpy()
+    ours = generate(model, d["params"], ids, mask, pix, 6)
+    np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_sampling_is_reproducible_and_stops(tiny, rng):
+    d = tiny
+    c = d["model"].config
+    ids, mask = left_pad(_prompts(rng, c, (2, 4, 3)), 16 + c.num_image_tokens)
+    pix = rng.standard_normal((3, 3, 28, 28)).astype(np.float32)
+    run = lambda key, **kw: np.asarray(generate(d["model"], d["params"], ids, mask, pix, 8,  # noqa: E731
+                                                temperature=1.0, top_k=20, top_p=0.9, key=key, **kw))
+    a, b = run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, run(jax.random.PRNGKey(2)))
+    greedy = np.asarray(generate(d["model"], d["params"], ids, mask, pix, 8))
+    stop = int(greedy[0, 2])  # stop on row 0's third token: the rest of row 0 repeats it
+    stopped = np.asarray(generate(d["model"], d["params"], ids, mask, pix, 8, (stop,)))
+    first = [int(np.argmax(r == stop)) if (r == stop).any() else None for r in greedy]
+    for row, f in zip(range(3), first):
+        if f is None:
+            np.testing.assert_array_equal(stopped[row], greedy[row])
+        else:
+            np.testing.assert_array_equal(stopped[row, :f + 1], greedy[row, :f + 1])
+            assert (stopped[row, f:] == stop).all()
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    assert np.isfinite(filter_logits(logits, top_k=2)).sum() == 2
+    kept = np.isfinite(filter_logits(logits, top_p=0.7))
+    np.testing.assert_array_equal(kept, [[True, True, False, False]])  # 0.5 < 0.7 <= 0.8
+    np.testing.assert_array_equal(np.isfinite(filter_logits(logits, top_p=0.5)), [[True, False, False, False]])
+
+
+def test_no_recompile_within_a_length_bucket(tiny, rng):
+    d = tiny
+    c = d["model"].config
+    pix = rng.standard_normal((1, 3, 28, 28)).astype(np.float32)
+    before = generate._cache_size()
+    for n in (1, 6):  # prompts of different lengths, one bucket of 16 + image tokens
+        ids, mask = left_pad(_prompts(rng, c, (n,)), 16 + c.num_image_tokens)
+        generate(d["model"], d["params"], ids, mask, pix, 4)
+    assert generate._cache_size() - before == 1
 
 
 def test_generate_mode_predicts(tiny):

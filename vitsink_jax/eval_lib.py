@@ -33,7 +33,7 @@ from . import parallel
 from .data.preprocess import preprocess
 from .data.tokenizer import encode_prompt
 from .diysink import route_code
-from .generate import greedy_generate, left_pad
+from .generate import generate, left_pad
 from .sinks.detect import sink_mask, token_norms
 
 LETTERS = "ABCDEFGHIJ"
@@ -192,8 +192,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
     """Greedy continuations (decoded text, ``cfg.max_new_tokens`` tokens at most) of prompt
     texts (with ``<image>``), each with its record's image."""
     c = model.config
-    gen = jax.jit(lambda p, i, m, x: greedy_generate(model, p, i, m, x, cfg.max_new_tokens,
-                                                     tokenizer.eos_token_id))
+    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
     texts, cache = [], {}
     ids_list = [encode_prompt(tokenizer, p, c.num_image_tokens, c.image_token_index) for p in prompts]
     for chunk, n in tqdm(list(_batches(list(range(len(prompts))), cfg.batch_size)),
@@ -201,7 +200,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
         length = bucket(max(len(ids_list[i]) for i in chunk), cfg.length_bucket)
         ids, mask = left_pad([ids_list[i] for i in chunk], length, tokenizer.pad_token_id or 0)
         pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
-        out = np.asarray(gen(params, ids, mask, pixels))
+        out = np.asarray(generate(model, params, ids, mask, pixels, cfg.max_new_tokens, stop))
         for row in out[:n]:
             row = row.tolist()
             if tokenizer.eos_token_id in row:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -69,8 +70,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, rope: Optional[Callable] = None,
-                 output_attentions: bool = False):
-        """x: [B, T, E] -> ([B, T, E], weights [B, H, T, T] or None)."""
+                 output_attentions: bool = False, kv_cache=None, cache_index=None):
+        """x: [B, T, E] -> ([B, T, E], weights [B, H, T, S] or None, new kv_cache or None).
+
+        kv_cache: (keys, values) each [B, S, K, D]; this call's keys and values are written at
+        slot ``cache_index`` and the queries attend over all S slots (``mask`` [B, 1, T, S]).
+        """
         dense = lambda n, heads, bias, name: nn.Dense(  # noqa: E731
             n * heads, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         b, t, e = x.shape
@@ -82,8 +87,13 @@ class Attention(nn.Module):
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
         if rope is not None:
             q, k = rope(q), rope(k)
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            kv_cache = (k, v)
         out, weights = dot_product_attention(q, k, v, mask)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
         out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=self.out_name)(out)
-        return out, (weights if output_attentions else None)
+        return out, (weights if output_attentions else None), kv_cache

@@ -13,7 +13,7 @@ from flax import linen as nn
 from ..config import LlavaConfig
 from ..sinks.detect import sink_mask, token_norms
 from ..sinks.fuse import VisualTokenPolicy, arrange_visual_tokens, permute_tokens, shift_positions
-from .llm import CausalLM
+from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
 from .vit import VisionTransformer
@@ -151,6 +151,11 @@ class LlavaForConditionalGeneration(nn.Module):
         selected, vout = self.vision_features(pixel_values, output_attentions)
         return self.multi_modal_projector(selected), selected, vout
 
+    def decode(self, input_ids, cache):
+        """One decoding step on the LLM with a prefilled cache: input_ids [B, T] -> CausalLMOutput
+        (logits [B, T, V], the updated cache)."""
+        return self.language_model(input_ids=input_ids, cache=cache)
+
     def decode_isolated(self, image_features):
         """F4 logit lens: each visual token pushed through the LLM alone.
 
@@ -165,10 +170,13 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
-                 output_vision: bool = False, route=None, question_mask=None) -> LlavaOutput:
+                 output_vision: bool = False, route=None, question_mask=None,
+                 cache=None) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing. question_mask: [B, T] the question tokens for DIYSink ReW
-        (default: every non-image token the attention mask keeps; one image per row)."""
+        (default: every non-image token the attention mask keeps; one image per row).
+        cache: a :class:`KVCache` to prefill (see :mod:`vitsink_jax.generate`); positions then
+        default to generation positions (running count of kept tokens)."""
         c = self.config
         embeds = self.language_model.embed(input_ids)
         feats = selected = vout = arrangement = weights = None
@@ -198,8 +206,11 @@ class LlavaForConditionalGeneration(nn.Module):
             embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1))
             if arrangement is not None:
                 b, t = input_ids.shape
-                if position_ids is None:
+                if position_ids is None and cache is None:
                     position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+                elif position_ids is None:
+                    keep = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask
+                    position_ids = generation_positions(keep, cache.position)
                 position_ids, dropped = arranged_positions(position_ids, is_image, arrangement,
                                                            self.policy.positions)
                 keep = ~dropped if attention_mask is None else attention_mask.astype(bool) & ~dropped
@@ -207,7 +218,7 @@ class LlavaForConditionalGeneration(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions)
+                                  output_attentions=output_attentions, cache=cache)
         logits = out.logits if pixel_values is None else jnp.where(count_ok, out.logits, jnp.nan)
         vision = output_vision and pixel_values is not None
         return LlavaOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
@@ -215,4 +226,4 @@ class LlavaForConditionalGeneration(nn.Module):
                            vision_features=selected if vision else None,
                            vision_outputs=vout if vision else None,
                            visual_arrangement=arrangement if vision else None,
-                           visual_weights=weights if vision else None)
+                           visual_weights=weights if vision else None, cache=out.cache)

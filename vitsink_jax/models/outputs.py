@@ -17,10 +17,22 @@ class VisionOutput:
 
 
 @struct.dataclass
+class KVCache:
+    """A preallocated key/value cache of S slots for incremental decoding (rows left-padded)."""
+
+    keys: tuple                               # L x [B, S, K, D]
+    values: tuple                             # L x [B, S, K, D]
+    mask: jnp.ndarray                         # [B, S] int32: 1 = a token to attend to
+    index: jnp.ndarray                        # int32 scalar: the next slot to write
+    position: jnp.ndarray                     # [B] int32: the next position id of each row
+
+
+@struct.dataclass
 class CausalLMOutput:
     logits: jnp.ndarray                       # [B, T, V] float32
     hidden_states: Optional[tuple] = None     # L+1 x [B, T, D]; last one after the final norm
     attentions: Optional[tuple] = None        # L x [B, H, T, T] float32
+    cache: Optional[KVCache] = None           # the updated cache when one was passed
 
 
 @struct.dataclass
@@ -41,3 +53,4 @@ class LlavaOutput:
     vision_outputs: Optional[Any] = None            # VisionOutput of the tower (all hidden states)
     visual_arrangement: Optional[VisualArrangement] = None  # set when the policy is not stock
     visual_weights: Optional[jnp.ndarray] = None    # [N_img, 2] DIYSink ReW (w_sink, w_nonsink)
+    cache: Optional[KVCache] = None                 # the updated KV cache when one was passed

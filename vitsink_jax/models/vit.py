@@ -66,8 +66,8 @@ class EncoderLayer(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
-        h, weights = Attention(c.num_attention_heads, c.num_attention_heads,
-                               c.hidden_size // c.num_attention_heads, name="self_attn", **kw)(
+        h, weights, _ = Attention(c.num_attention_heads, c.num_attention_heads,
+                                  c.hidden_size // c.num_attention_heads, name="self_attn", **kw)(
             ln("layer_norm1")(x), output_attentions=output_attentions)
         x = x + h
         x = x + VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(
