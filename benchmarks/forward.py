@@ -1,6 +1,7 @@
 """Forward speed: vitsink_jax (jit, after warm-up) vs Hugging Face PyTorch (eager, inference_mode)
-on the same medium LLaVA checkpoint and inputs, in one run. Prints the speed ratio and the parity
-error; ``--out`` writes them as JSON.
+on the same medium LLaVA checkpoint and inputs, in one run, and the cost of sink detection +
+sink-to-the-front on our forward. Prints the speed ratio, the overhead and the parity error;
+``--out`` writes them as JSON.
 
     python benchmarks/forward.py            # medium config
     python benchmarks/forward.py --quick    # tiny config, one repeat (used by the test suite)
@@ -78,6 +79,11 @@ def main(argv=None) -> dict:
     ours = np.asarray(jax.block_until_ready(fwd(params, jids, jpix)))  # compile + warm-up
     t_jax = timed(lambda: jax.block_until_ready(fwd(params, jids, jpix)), repeats)
 
+    front = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=vj.SinkRule("topk", k=4)))
+    fwd_front = jax.jit(lambda p, i, x: front.apply({"params": p}, i, x).logits)
+    jax.block_until_ready(fwd_front(params, jids, jpix))
+    t_front = timed(lambda: jax.block_until_ready(fwd_front(params, jids, jpix)), repeats)
+
     tids, tpix = torch.tensor(ids), torch.tensor(pixels)
     with torch.inference_mode():
         ref = hf(input_ids=tids, pixel_values=tpix).logits.numpy()  # warm-up
@@ -86,11 +92,13 @@ def main(argv=None) -> dict:
     err = float(np.max(np.abs(ours - ref)))
     result = {"config": s, "repeats": repeats, "torch_threads": torch.get_num_threads(),
               "hf_eager_s": t_torch, "vitsink_jax_jit_s": t_jax, "speedup_vs_hf": t_torch / t_jax,
+              "sink_to_front_jit_s": t_front, "sink_to_front_overhead": t_front / t_jax - 1,
               "max_abs_logit_diff": err, "ref_logit_scale": float(np.max(np.abs(ref))),
               "versions": package_versions(), "device": str(jax.devices()[0])}
     print(f"LLaVA forward, batch {s['batch']} x {ids.shape[1]} tokens ({n_img} visual): "
           f"HF eager {t_torch * 1e3:.1f} ms, vitsink_jax jit {t_jax * 1e3:.1f} ms -> "
-          f"{t_torch / t_jax:.2f}x; max|logit diff| {err:.2e} (logit scale {result['ref_logit_scale']:.2f})")
+          f"{t_torch / t_jax:.2f}x; max|logit diff| {err:.2e} (logit scale {result['ref_logit_scale']:.2f}); "
+          f"sink detection + sink-to-front {100 * (t_front / t_jax - 1):+.1f}%")
     if args.out:
         write_json(args.out, result)
     return result

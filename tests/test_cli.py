@@ -67,6 +67,7 @@ def test_forward_benchmark_quick(tmp_path):
     result = json.loads(out.read_text())
     assert result["speedup_vs_hf"] > 0
     assert result["max_abs_logit_diff"] <= 1e-4 * max(1.0, result["ref_logit_scale"])
+    assert result["sink_to_front_jit_s"] > 0
 
 
 def test_analyze_end_to_end_report_and_plots(tmp_path):
@@ -181,3 +182,12 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
         b = [json.loads(x) for x in (tmp_path / "two" / f"predictions_{spec}.jsonl").read_text().splitlines()]
         assert [x["index"] for x in a] == [x["index"] for x in b]
         np.testing.assert_allclose([x["scores"] for x in a], [x["scores"] for x in b], atol=1e-5)
+
+
+def test_generate_benchmark_quick(tmp_path):
+    out = tmp_path / "gen.json"
+    proc = subprocess.run([sys.executable, "benchmarks/generate.py", "--quick", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tokens_equal"] and result["speedup_vs_hf"] > 0
