@@ -55,7 +55,8 @@ def load_model(cfg, workdir: Path):
         want = (DIYSinkConfig(vj.SinkRule(**d.rule), d.select, d.reweight, d.rew_hidden)
                 if have is None else dataclasses.replace(have, reweight=True, rew_hidden=d.rew_hidden))
         model, params = to_diysink(model, params, want, d.init, jax.random.PRNGKey(cfg.seed))
-    model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32)
+    model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32,
+                        remat=cfg.remat)
     return ckpt, model, params, tokenizer
 
 

@@ -56,6 +56,21 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a large fp32 jnp.dot on this machine (the compute roof)."""
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(mm(a))
+    return 2 * n ** 3 / timed(lambda: jax.block_until_ready(mm(a)), repeats)
+
+
+def compiled_flops(jitted, *args) -> float:
+    """FLOPs of one call, from XLA's cost analysis of the compiled program."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -90,15 +105,21 @@ def main(argv=None) -> dict:
         t_torch = timed(lambda: hf(input_ids=tids, pixel_values=tpix), repeats)
 
     err = float(np.max(np.abs(ours - ref)))
+    flops = compiled_flops(fwd, params, jids, jpix)
+    peak = matmul_peak(256 if args.quick else 2048, repeats)
     result = {"config": s, "repeats": repeats, "torch_threads": torch.get_num_threads(),
               "hf_eager_s": t_torch, "vitsink_jax_jit_s": t_jax, "speedup_vs_hf": t_torch / t_jax,
               "sink_to_front_jit_s": t_front, "sink_to_front_overhead": t_front / t_jax - 1,
+              "forward_flops": flops, "achieved_flops_per_s": flops / t_jax,
+              "matmul_peak_flops_per_s": peak, "fraction_of_matmul_peak": flops / t_jax / peak,
               "max_abs_logit_diff": err, "ref_logit_scale": float(np.max(np.abs(ref))),
               "versions": package_versions(), "device": str(jax.devices()[0])}
     print(f"LLaVA forward, batch {s['batch']} x {ids.shape[1]} tokens ({n_img} visual): "
           f"HF eager {t_torch * 1e3:.1f} ms, vitsink_jax jit {t_jax * 1e3:.1f} ms -> "
           f"{t_torch / t_jax:.2f}x; max|logit diff| {err:.2e} (logit scale {result['ref_logit_scale']:.2f}); "
-          f"sink detection + sink-to-front {100 * (t_front / t_jax - 1):+.1f}%")
+          f"sink detection + sink-to-front {100 * (t_front / t_jax - 1):+.1f}%; "
+          f"{flops / t_jax / 1e9:.1f} GFLOP/s = {100 * flops / t_jax / peak:.0f}% of the "
+          f"{peak / 1e9:.1f} GFLOP/s matmul peak")
     if args.out:
         write_json(args.out, result)
     return result

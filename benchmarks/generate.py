@@ -25,6 +25,14 @@ from vitsink_jax.generate import generate
 from vitsink_jax.provenance import package_versions, write_json
 
 
+def stream_bandwidth(n_bytes: int, repeats: int = 3) -> float:
+    """Bytes/s of reading a large fp32 array once (a jitted sum): the memory roof."""
+    x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
+    total = jax.jit(lambda a: a.sum())
+    jax.block_until_ready(total(x))
+    return n_bytes / timed(lambda: jax.block_until_ready(total(x)), repeats)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -59,17 +67,38 @@ def main(argv=None) -> dict:
         ref = hf.generate(**kw)[:, ids.shape[1]:].numpy()  # warm-up
         t_torch = timed(lambda: hf.generate(**kw), repeats)
 
+    # decode alone: the time of n_new tokens minus the time of 1 (prefill + first token)
+    one = lambda: jax.block_until_ready(generate(model, params, ids, mask, pixels, 1))  # noqa: E731
+    one()
+    decode_step = (t_jax - timed(one, repeats)) / (n_new - 1)
+    with torch.inference_mode():
+        hf_one = timed(lambda: hf.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}), repeats)
+    hf_step = (t_torch - hf_one) / (n_new - 1)
+    lm = params["language_model"]
+    c = model.config.text
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lm))
+    cache_bytes = (2 * c.num_hidden_layers * s["batch"] * (ids.shape[1] + n_new)
+                   * c.num_key_value_heads * c.head_dim * 4)
+    bandwidth = stream_bandwidth(1 << 24 if args.quick else 1 << 29, repeats)
     new = s["batch"] * n_new
     result = {"config": s, "new_tokens": n_new, "repeats": repeats,
               "torch_threads": torch.get_num_threads(), "hf_generate_s": t_torch,
               "vitsink_jax_generate_s": t_jax, "compile_s": compile_s,
               "hf_tokens_per_s": new / t_torch, "vitsink_jax_tokens_per_s": new / t_jax,
               "speedup_vs_hf": t_torch / t_jax, "tokens_equal": bool(np.array_equal(ours, ref)),
+              "decode_step_s": decode_step, "hf_decode_step_s": hf_step,
+              "decode_speedup_vs_hf": hf_step / decode_step,
+              "bytes_per_decode_step": weight_bytes + cache_bytes,
+              "stream_bandwidth_bytes_per_s": bandwidth,
+              "fraction_of_bandwidth": (weight_bytes + cache_bytes) / decode_step / bandwidth,
               "versions": package_versions(), "device": str(jax.devices()[0])}
     print(f"greedy generation, batch {s['batch']}, prompt {ids.shape[1]} tokens ({n_img} visual), "
           f"{n_new} new: HF generate {t_torch * 1e3:.0f} ms ({new / t_torch:.1f} tok/s), "
           f"vitsink_jax {t_jax * 1e3:.0f} ms ({new / t_jax:.1f} tok/s) -> {t_torch / t_jax:.2f}x; "
-          f"tokens equal: {result['tokens_equal']} (first call incl. compile {compile_s:.1f} s)")
+          f"tokens equal: {result['tokens_equal']} (first call incl. compile {compile_s:.1f} s); "
+          f"decode step {decode_step * 1e3:.2f} ms vs HF {hf_step * 1e3:.2f} ms -> "
+          f"{hf_step / decode_step:.2f}x; {(weight_bytes + cache_bytes) / decode_step / 1e9:.1f} GB/s "
+          f"= {100 * result['fraction_of_bandwidth']:.0f}% of the {bandwidth / 1e9:.1f} GB/s stream")
     if args.out:
         write_json(args.out, result)
     return result

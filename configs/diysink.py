@@ -28,6 +28,7 @@ def get_config():
     c.batch_size = 8           # global batch (rows), split over devices and hosts
     c.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
     c.compute_dtype = "float32"  # float32 | bfloat16 (params, softmax, norms and loss stay fp32)
+    c.remat = False            # recompute LLM layer activations in the backward pass (memory)
     c.parallel = "mesh"        # mesh | pmap
     c.fsdp = 1                 # mesh: devices per fsdp group (1 = pure data parallel)
     c.checkpoint_every = 20

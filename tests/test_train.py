@@ -212,3 +212,12 @@ def test_bf16_compute_and_gradient_accumulation(base, tmp_path):
     train.train(config(**{**kw, "steps": 4, "optim.grad_accum": 2}), tmp_path / "acc2")
     assert not np.array_equal(params_of(tmp_path / "acc2")["language_model"]["lm_head"]["kernel"],
                               start["language_model"]["lm_head"]["kernel"])
+
+
+def test_remat_gives_the_same_step(base, tmp_path):
+    kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=2)
+    plain = train.train(config(**kw), tmp_path / "plain")
+    remat = train.train(config(remat=True, **kw), tmp_path / "remat")
+    assert remat["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           params_of(tmp_path / "remat"), params_of(tmp_path / "plain"))

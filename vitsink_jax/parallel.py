@@ -24,12 +24,13 @@ STRATEGIES = ("mesh", "pmap")
 BATCH = P(("data", "fsdp"))  # the batch axis is split over every device
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over all devices; ``fsdp`` must divide the device count."""
-    n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over ``devices`` (default: all); ``fsdp`` must divide their count."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
-    return Mesh(np.asarray(jax.devices()).reshape(n // fsdp, fsdp), ("data", "fsdp"))
+    return Mesh(np.asarray(devices).reshape(n // fsdp, fsdp), ("data", "fsdp"))
 
 
 def fsdp_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):

@@ -143,11 +143,12 @@ def to_hf(path: tuple, array: np.ndarray) -> np.ndarray:
 # Models and abstract params
 # ---------------------------------------------------------------------------------------------
 
-def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None):
-    """The Flax module for a config (LVLM, vision tower or LLM)."""
+def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **options):
+    """The Flax module for a config (LVLM, vision tower or LLM); ``options`` are module fields
+    such as ``remat=True`` (LLM and LVLM)."""
     cls = {LlavaConfig: LlavaForConditionalGeneration, VisionConfig: VisionTransformer,
            TextConfig: CausalLM}[type(config)]
-    return cls(config, dtype=dtype, param_dtype=param_dtype or dtype)
+    return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, **options)
 
 
 def example_inputs(config: ModelConfig) -> dict:

@@ -64,17 +64,23 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Embedding + decoder layers + final norm (HF's LlamaModel / Qwen2Model)."""
+    """Embedding + decoder layers + final norm (HF's LlamaModel / Qwen2Model).
+
+    ``remat``: recompute each layer's activations in the backward pass (nn.remat) instead of
+    keeping them: less memory for training, same numbers, same param names.
+    """
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, **kw)
-        self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+        layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
+        self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def embed(self, input_ids):
@@ -142,9 +148,10 @@ class CausalLM(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     def setup(self):
-        self.model = DecoderModel(self.config, self.dtype, self.param_dtype)
+        self.model = DecoderModel(self.config, self.dtype, self.param_dtype, self.remat)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                     param_dtype=self.param_dtype)

@@ -82,6 +82,7 @@ class LlavaForConditionalGeneration(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     visual_tokens: VisualTokenPolicy = VisualTokenPolicy()
+    remat: bool = False  # recompute LLM layer activations in the backward pass (training memory)
 
     def setup(self):
         c = self.config
@@ -94,7 +95,7 @@ class LlavaForConditionalGeneration(nn.Module):
             self.multi_modal_projector_sink = projector()
             if c.diysink.reweight:
                 self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
-        self.language_model = CausalLM(c.text, **kw)
+        self.language_model = CausalLM(c.text, remat=self.remat, **kw)
 
     @property
     def policy(self) -> VisualTokenPolicy:

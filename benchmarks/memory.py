@@ -1,0 +1,123 @@
+"""Scale without hardware: compile the DIYSink fine-tuning step for the LLaVA-1.5-7B / 13B shapes
+on N fake CPU devices with fsdp sharding, nothing allocated (abstract params from
+jax.eval_shape), and compare XLA's per-device memory analysis with the one-device program.
+
+    python benchmarks/memory.py                    # 7B and 13B shapes, 8 devices (minutes)
+    python benchmarks/memory.py --quick            # a tiny shape (used by the test suite)
+
+Run it as its own process: it sets XLA_FLAGS for the fake devices before importing jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {  # vision: CLIP-L/336; text: Vicuna (LLaMA) 7B / 13B
+    "llava-1.5-7b": dict(vh=1024, vl=24, vheads=16, vi=4096, image=336, patch=14,
+                         th=4096, tl=32, theads=32, ti=11008, vocab=32064),
+    "llava-1.5-13b": dict(vh=1024, vl=24, vheads=16, vi=4096, image=336, patch=14,
+                          th=5120, tl=40, theads=40, ti=13824, vocab=32064),
+    "quick": dict(vh=64, vl=2, vheads=4, vi=128, image=56, patch=14,
+                  th=128, tl=2, theads=4, ti=256, vocab=512),
+}
+
+
+def llava_config(s: dict):
+    from vitsink_jax.config import DIYSinkConfig, LlavaConfig, TextConfig, VisionConfig
+
+    vision = VisionConfig(model_type="clip_vision_model", hidden_size=s["vh"],
+                          intermediate_size=s["vi"], num_hidden_layers=s["vl"],
+                          num_attention_heads=s["vheads"], image_size=s["image"],
+                          patch_size=s["patch"])
+    text = TextConfig(model_type="llama", vocab_size=s["vocab"], hidden_size=s["th"],
+                      intermediate_size=s["ti"], num_hidden_layers=s["tl"],
+                      num_attention_heads=s["theads"], num_key_value_heads=s["theads"],
+                      head_dim=s["th"] // s["theads"], max_position_embeddings=4096)
+    return LlavaConfig(vision=vision, text=text, image_token_index=s["vocab"] - 1,
+                       diysink=DIYSinkConfig())
+
+
+def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int,
+                remat: bool = True) -> dict:
+    """Per-device bytes of the compiled fine-tuning step (bf16 compute, fp32 params)."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from jax.sharding import NamedSharding
+
+    from vitsink_jax import parallel, train_lib
+    from vitsink_jax.convert.hf import build_model, example_inputs
+
+    config = llava_config(SHAPES[name])
+    model = build_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example_inputs(config))["params"])
+    trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts("finetune"))
+    optim = ml_collections.ConfigDict(dict(lr=2e-5, warmup_steps=10, final_lr_ratio=0.0,
+                                           weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
+                                           grad_accum=1))
+    tx, schedule = train_lib.make_optimizer(optim, 1000)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": trainable,
+             "opt_state": jax.eval_shape(tx.init, trainable),
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    t = config.num_image_tokens + text_tokens
+    v = config.vision
+    batch_shapes = {"ids": ((batch, t), jnp.int32), "mask": ((batch, t), jnp.int32),
+                    "loss_mask": ((batch, t), jnp.bool_), "question_mask": ((batch, t), jnp.bool_),
+                    "pixels": ((batch, 3, v.image_size, v.image_size), jnp.float32)}
+    batch_abs = {k: jax.ShapeDtypeStruct(*sd) for k, sd in batch_shapes.items()}
+    mesh = parallel.make_mesh(fsdp, jax.devices()[:devices])
+    state_sh = parallel.fsdp_shardings(state, mesh)
+    frozen_sh = parallel.fsdp_shardings(frozen, mesh)
+    batch_sh = {k: NamedSharding(mesh, parallel.BATCH) for k in batch_abs}
+    step = train_lib.make_train_step(model, tx, schedule, "finetune")
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                       out_shardings=(state_sh, None), donate_argnums=(0,)).lower(
+        state, frozen, batch_abs).compile()
+    m = compiled.memory_analysis()
+    per_device = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                  - m.alias_size_in_bytes)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    return {"shape": name, "devices": devices, "fsdp": fsdp, "batch": batch, "tokens": t, "remat": remat,
+            "params": n_params, "compile_s": time.perf_counter() - t0,
+            "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+            "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+            "per_device_bytes": per_device}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--text-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}")
+    from vitsink_jax.provenance import package_versions, write_json
+
+    n = args.devices
+    shapes = ["quick"] if args.quick else ["llava-1.5-7b", "llava-1.5-13b"]
+    results = []
+    for name in shapes:
+        one = step_memory(name, 1, 1, n, args.text_tokens)
+        sharded = step_memory(name, n, n, n, args.text_tokens)
+        ratio = sharded["per_device_bytes"] / (one["per_device_bytes"] / n)
+        results.append({"one_device": one, "fsdp": sharded, "ratio_to_ideal": ratio})
+        print(f"{name}: {one['params'] / 1e9:.2f}B params, fine-tuning step (batch {n} x "
+              f"{one['tokens']} tokens, bf16 compute, fp32 params + AdamW): 1 device "
+              f"{one['per_device_bytes'] / 2 ** 30:.1f} GiB; fsdp over {n} devices "
+              f"{sharded['per_device_bytes'] / 2 ** 30:.2f} GiB per device = {ratio:.2f}x total/{n} "
+              f"(compile {one['compile_s']:.0f} s + {sharded['compile_s']:.0f} s)")
+    result = {"results": results, "versions": package_versions()}
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
