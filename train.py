@@ -52,8 +52,10 @@ def load_model(cfg, workdir: Path):
         raise SystemExit(f"error: {ckpt} has no tokenizer files; training needs the tokenizer")
     d, have = cfg.diysink, model.config.diysink
     if d.enabled and (have is None or (d.reweight and not have.reweight)):
-        want = (DIYSinkConfig(vj.SinkRule(**d.rule), d.select, d.reweight, d.rew_hidden)
-                if have is None else dataclasses.replace(have, reweight=True, rew_hidden=d.rew_hidden))
+        want = (DIYSinkConfig(vj.SinkRule(**d.rule), d.select, d.reweight, d.rew_hidden,
+                              d.question_encoder)
+                if have is None else dataclasses.replace(have, reweight=True, rew_hidden=d.rew_hidden,
+                                                         question_encoder=d.question_encoder))
         model, params = to_diysink(model, params, want, d.init, jax.random.PRNGKey(cfg.seed))
     model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32,
                         remat=cfg.remat)
@@ -133,15 +135,15 @@ class Runner:
             self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
             self.frozen = frozen
         else:
-            self.mesh = parallel.make_mesh(cfg.fsdp)
-            self.frozen = jax.device_put(frozen, parallel.fsdp_shardings(frozen, self.mesh))
+            self.mesh = parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor)
+            self.frozen = jax.device_put(frozen, parallel.param_shardings(frozen, self.mesh))
             self._step = train_lib.make_train_step(model, tx, schedule, cfg.stage)
             self.step = None
 
     def place(self, state):
         if self.strategy == "pmap":
             return parallel.stack_for_pmap(state)
-        shardings = parallel.fsdp_shardings(state, self.mesh)
+        shardings = parallel.param_shardings(state, self.mesh)
         self.step = jax.jit(self._step, out_shardings=(shardings, None), donate_argnums=(0,))
         return jax.device_put(state, shardings)
 

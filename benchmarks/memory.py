@@ -70,8 +70,8 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
                     "pixels": ((batch, 3, v.image_size, v.image_size), jnp.float32)}
     batch_abs = {k: jax.ShapeDtypeStruct(*sd) for k, sd in batch_shapes.items()}
     mesh = parallel.make_mesh(fsdp, jax.devices()[:devices])
-    state_sh = parallel.fsdp_shardings(state, mesh)
-    frozen_sh = parallel.fsdp_shardings(frozen, mesh)
+    state_sh = parallel.param_shardings(state, mesh)
+    frozen_sh = parallel.param_shardings(frozen, mesh)
     batch_sh = {k: NamedSharding(mesh, parallel.BATCH) for k in batch_abs}
     step = train_lib.make_train_step(model, tx, schedule, "finetune")
     t0 = time.perf_counter()

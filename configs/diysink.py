@@ -30,7 +30,8 @@ def get_config():
     c.compute_dtype = "float32"  # float32 | bfloat16 (params, softmax, norms and loss stay fp32)
     c.remat = False            # recompute LLM layer activations in the backward pass (memory)
     c.parallel = "mesh"        # mesh | pmap
-    c.fsdp = 1                 # mesh: devices per fsdp group (1 = pure data parallel)
+    c.fsdp = 1                 # mesh: devices per fsdp group (1 = no param sharding)
+    c.tensor = 1               # mesh: tensor-parallel degree (vitsink_jax.parallel.TENSOR_RULES)
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
     c.log_every = 1
@@ -47,6 +48,7 @@ def get_config():
     c.diysink.select = "all"
     c.diysink.reweight = False
     c.diysink.rew_hidden = 64
+    c.diysink.question_encoder = "mean_embed"  # mean_embed | token_histogram | a registered name
 
     c.data = ml_collections.ConfigDict()
     c.data.json = ""           # LLaVA-format instruction JSON; "" = the embedded instruction set

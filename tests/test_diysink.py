@@ -1,5 +1,7 @@
 """DIYSink model side: the dual projector, ReW, routes, save / load, transformers interop."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +110,28 @@ def test_save_load_and_transformers_reads_the_nonsink_path(stock, tmp_path):
                  pixel_values=torch.tensor(np.asarray(d["pixels"]))).logits
     stock_view = d["model"].apply({"params": {k: loaded[k] for k in d["params"]}}, d["ids"], d["pixels"])
     assert_close(stock_view.logits, t2n(ref), what="transformers on the DIYSink checkpoint")
+
+
+def test_question_encoders_are_pluggable(stock):
+    d = stock
+    seen = {}
+
+    @vj.register_question_encoder("test_last_token")
+    def last_token(embeds, input_ids, mask):
+        seen["called"] = True
+        return embeds[:, -1].astype(jnp.float32) * 3.0
+
+    for name in ("token_histogram", "test_last_token"):
+        model, params = to_diysink(d["model"], d["params"],
+                                   DIYSinkConfig(RULE, reweight=True, question_encoder=name))
+        width = {"token_histogram": 256, "test_last_token": 64}[name]
+        assert params["reweighting"]["fc1"]["kernel"].shape[0] == width
+        params["reweighting"]["fc2"]["bias"] = jnp.asarray([0.3, -0.3])
+        out = apply(model, params, d)
+        np.testing.assert_allclose(np.asarray(out.visual_weights).sum(-1), 2.0, rtol=1e-6)
+    assert seen["called"]
+    bad, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(RULE, reweight=True))
+    bad = bad.clone(config=dataclasses.replace(
+        bad.config, diysink=DIYSinkConfig(RULE, reweight=True, question_encoder="nope")))
+    with pytest.raises(ValueError, match="unknown question encoder 'nope'"):
+        apply(bad, params, d)

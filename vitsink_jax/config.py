@@ -219,12 +219,17 @@ class DIYSinkConfig:
       (the paper leaves the normalisation UNKNOWN; a plain softmax would halve every visual
       embedding at the start).
     rew_hidden: width of the ReW MLP's hidden layer.
+    question_encoder: the frozen question encoder ReW reads, by registered name (pluggable:
+      ``vitsink_jax.models.lvlm.register_question_encoder``); "mean_embed" (default, the mean
+      of the LLM's input embeddings over the question tokens: offline, no extra weights) or
+      "token_histogram".
     """
 
     rule: SinkRule = SinkRule()
     select: str = "all"
     reweight: bool = False
     rew_hidden: int = 64
+    question_encoder: str = "mean_embed"
 
     def __post_init__(self):
         if isinstance(self.rule, dict):

@@ -2,16 +2,21 @@
 or ``pmap`` (the classic data-parallel map). Both split the leading batch axis over the devices
 and give the numbers of a one-device run.
 
-The mesh has two axes, ``data`` and ``fsdp``: the batch is split over both, and params (and
-optimizer state) above a size threshold are sharded over ``fsdp`` along their largest divisible
-dimension (ZeRO-3 style; XLA inserts the gathers). ``fsdp=1`` is pure data parallelism. The same
-code runs on 1 CPU, on 8 fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``),
-on an accelerator host and on several hosts (``jax.distributed``; batches are built from each
-host's own rows with :func:`global_batch`). Tensor parallelism is not implemented.
+The mesh has three axes, ``data``, ``fsdp`` and ``tensor``. The batch is split over data x fsdp.
+Params (and the optimizer state, which mirrors their paths) are placed by :func:`param_shardings`:
+first the rules table (:data:`TENSOR_RULES`, path regex -> logical spec, Megatron-style: q/k/v/
+gate/up column-parallel, o/down row-parallel, embeddings and LM head over the vocabulary) puts
+``tensor`` on one dimension, then arrays above a size threshold get ``fsdp`` on their largest
+remaining divisible dimension (ZeRO-3 style). XLA inserts the collectives. ``fsdp=1, tensor=1``
+is pure data parallelism. The same code runs on 1 CPU, on 8 fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on an accelerator host and on several
+hosts (``jax.distributed``; batches are built from each host's own rows with
+:func:`global_batch`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import jax
@@ -24,29 +29,52 @@ STRATEGIES = ("mesh", "pmap")
 BATCH = P(("data", "fsdp"))  # the batch axis is split over every device
 
 
-def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over ``devices`` (default: all); ``fsdp`` must divide their count."""
+TENSOR_RULES = (  # param path (regex on "a/b/c") -> which dimension carries "tensor"
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", (None, "tensor")),  # column parallel
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", ("tensor",)),
+    (r"(o_proj|down_proj)/kernel$", ("tensor", None)),                        # row parallel
+    (r"embed_tokens/embedding$", ("tensor", None)),                           # vocabulary
+    (r"lm_head/kernel$", (None, "tensor")),
+)
+
+
+def make_mesh(fsdp: int = 1, devices=None, tensor: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: all); fsdp x tensor must divide
+    their count."""
     devices = jax.devices() if devices is None else list(devices)
     n = len(devices)
-    if fsdp < 1 or n % fsdp:
-        raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
-    return Mesh(np.asarray(devices).reshape(n // fsdp, fsdp), ("data", "fsdp"))
+    if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
+        raise ValueError(f"fsdp={fsdp} x tensor={tensor} does not divide the {n} devices")
+    return Mesh(np.asarray(devices).reshape(n // (fsdp * tensor), fsdp, tensor),
+                ("data", "fsdp", "tensor"))
 
 
-def fsdp_shardings(tree, mesh: Mesh, min_size: int = 2 ** 14):
-    """NamedSharding per leaf: arrays of at least ``min_size`` elements sharded over ``fsdp``
-    along their largest dimension divisible by the axis size; the rest replicated."""
-    k = mesh.shape["fsdp"]
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
-    def one(x):
-        dims = [d for d in np.argsort(x.shape)[::-1] if x.shape[d] % k == 0]
-        if k == 1 or x.size < min_size or not dims:
-            return NamedSharding(mesh, P())
+
+def param_shardings(tree, mesh: Mesh, rules=TENSOR_RULES, min_size: int = 2 ** 14):
+    """NamedSharding per leaf of a param tree (or of anything holding param-shaped leaves under
+    the same paths, like an optimizer state): ``tensor`` from the first matching rule when that
+    dimension divides evenly, then ``fsdp`` on the largest remaining divisible dimension of
+    arrays with at least ``min_size`` elements; everything else replicated."""
+    t, k = mesh.shape["tensor"], mesh.shape["fsdp"]
+
+    def one(keys, x):
         spec = [None] * len(x.shape)
-        spec[int(dims[0])] = "fsdp"
+        path = _path(keys)
+        for pattern, logical in rules:
+            if t > 1 and re.search(pattern, path) and len(logical) == len(x.shape):
+                dim = logical.index("tensor")
+                if x.shape[dim] % t == 0:
+                    spec[dim] = "tensor"
+                break
+        free = [d for d in np.argsort(x.shape)[::-1] if spec[d] is None and x.shape[d] % k == 0]
+        if k > 1 and x.size >= min_size and free:
+            spec[int(free[0])] = "fsdp"
         return NamedSharding(mesh, P(*spec))
 
-    return jax.tree_util.tree_map(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

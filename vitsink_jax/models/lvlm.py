@@ -63,6 +63,35 @@ def arranged_positions(position_ids, is_image, arrangement: VisualArrangement, m
     return moved.astype(jnp.int32), dropped
 
 
+QUESTION_ENCODERS = {}  # name -> fn(embeds [B, T, D], input_ids [B, T], mask [B, T]) -> [B, Q]
+
+
+def register_question_encoder(name: str):
+    """Decorator: makes a question encoder available to DIYSink's ReW under ``name``
+    (``DIYSinkConfig.question_encoder``). It must be a jit-able function of the input embeddings,
+    ids and question mask of a batch; its output is treated as frozen."""
+    def add(fn):
+        QUESTION_ENCODERS[name] = fn
+        return fn
+    return add
+
+
+@register_question_encoder("mean_embed")
+def mean_embedding(embeds, input_ids, mask):
+    """The default: the mean of the LLM's input embeddings over the question tokens [B, D]."""
+    del input_ids
+    m = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(embeds.astype(jnp.float32) * m, 1) / jnp.maximum(m.sum(1), 1)
+
+
+@register_question_encoder("token_histogram")
+def token_histogram(embeds, input_ids, mask, buckets: int = 256):
+    """A bag of token ids hashed into 256 buckets, L2-normalised [B, 256] (no embeddings)."""
+    del embeds
+    counts = jnp.sum(jax.nn.one_hot(input_ids % buckets, buckets) * mask[..., None], axis=1)
+    return counts / jnp.maximum(jnp.linalg.norm(counts, axis=-1, keepdims=True), 1e-6)
+
+
 class LlavaForConditionalGeneration(nn.Module):
     """``__call__(input_ids [B, T], pixel_values [N_img, C, H, W], attention_mask [B, T])``
     -> LlavaOutput (float32 logits [B, T, V]).
@@ -139,12 +168,14 @@ class LlavaForConditionalGeneration(nn.Module):
         is_sink = permute_tokens(arrangement.sink_mask, arrangement.permutation)
         return jnp.where(is_sink[..., None], sink, nonsink)
 
-    def question_weights(self, embeds, question_mask):
-        """ReW: (w_sink, w_nonsink) [B, 2] from the mean frozen input embedding of the question
-        tokens (embeds [B, T, D], question_mask [B, T]); gradients stop at the embeddings."""
-        m = question_mask.astype(jnp.float32)[..., None]
-        q = jnp.sum(jax.lax.stop_gradient(embeds).astype(jnp.float32) * m, 1) / jnp.maximum(m.sum(1), 1)
-        return self.reweighting(q)
+    def question_weights(self, embeds, input_ids, question_mask):
+        """ReW: (w_sink, w_nonsink) [B, 2] from the frozen question embedding of the configured
+        encoder (see :data:`QUESTION_ENCODERS`); gradients stop at the encoder's output."""
+        name = self.config.diysink.question_encoder
+        if name not in QUESTION_ENCODERS:
+            raise ValueError(f"unknown question encoder {name!r}; registered: {sorted(QUESTION_ENCODERS)}")
+        q = QUESTION_ENCODERS[name](embeds, input_ids, question_mask)
+        return self.reweighting(jax.lax.stop_gradient(q).astype(jnp.float32))
 
     def get_image_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (projected [N, P, D] in stock order, projector input
@@ -195,7 +226,7 @@ class LlavaForConditionalGeneration(nn.Module):
                 if question_mask is None:
                     question_mask = ~is_image if attention_mask is None else (
                         attention_mask.astype(bool) & ~is_image)
-                weights = self.question_weights(embeds, question_mask)
+                weights = self.question_weights(embeds, input_ids, question_mask)
             feats = self.project(to_project, arrangement, weights)
             expected = feats.shape[0] * feats.shape[1]
             if not isinstance(input_ids, jax.core.Tracer):
