@@ -1,6 +1,7 @@
 """Scale without hardware: compile the DIYSink fine-tuning step for the LLaVA-1.5-7B / 13B shapes
-on N fake CPU devices with fsdp sharding, nothing allocated (abstract params from
-jax.eval_shape), and compare XLA's per-device memory analysis with the one-device program.
+on N fake CPU devices with fsdp sharding, and the inference forward with tensor parallelism,
+nothing allocated (abstract params from jax.eval_shape), and compare XLA's per-device memory
+analysis with the one-device programs.
 
     python benchmarks/memory.py                    # 7B and 13B shapes, 8 devices (minutes)
     python benchmarks/memory.py --quick            # a tiny shape (used by the test suite)
@@ -89,6 +90,36 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
             "per_device_bytes": per_device}
 
 
+def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens: int) -> dict:
+    """Per-device bytes of the compiled inference forward (bf16 params and compute) with the
+    params sharded by the tensor-parallel rules over ``tensor`` devices."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vitsink_jax import parallel
+    from vitsink_jax.convert.hf import build_model, example_inputs
+
+    config = llava_config(SHAPES[name])
+    model = build_model(config, dtype=jnp.bfloat16)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example_inputs(config))["params"])
+    mesh = parallel.make_mesh(1, jax.devices()[:devices], tensor=tensor)
+    t = config.num_image_tokens + text_tokens
+    v = config.vision
+    ids = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+    pix = jax.ShapeDtypeStruct((batch, 3, v.image_size, v.image_size), jnp.bfloat16)
+    rep = NamedSharding(mesh, P())
+    fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits[:, -1],
+                  in_shardings=(parallel.param_shardings(params, mesh), rep, rep))
+    t0 = time.perf_counter()
+    m = fwd.lower(params, ids, pix).compile().memory_analysis()
+    return {"shape": name, "devices": devices, "tensor": tensor, "batch": batch, "tokens": t,
+            "compile_s": time.perf_counter() - t0, "argument_bytes": m.argument_size_in_bytes,
+            "temp_bytes": m.temp_size_in_bytes,
+            "per_device_bytes": m.argument_size_in_bytes + m.output_size_in_bytes
+            + m.temp_size_in_bytes - m.alias_size_in_bytes}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -107,12 +138,20 @@ def main(argv=None) -> dict:
         one = step_memory(name, 1, 1, n, args.text_tokens)
         sharded = step_memory(name, n, n, n, args.text_tokens)
         ratio = sharded["per_device_bytes"] / (one["per_device_bytes"] / n)
-        results.append({"one_device": one, "fsdp": sharded, "ratio_to_ideal": ratio})
+        inf_one = forward_memory(name, 1, 1, 1, args.text_tokens)
+        inf_tp = forward_memory(name, n, n, 1, args.text_tokens)
+        tp_ratio = inf_tp["per_device_bytes"] / (inf_one["per_device_bytes"] / n)
+        results.append({"one_device": one, "fsdp": sharded, "ratio_to_ideal": ratio,
+                        "inference_one_device": inf_one, "inference_tensor": inf_tp,
+                        "inference_ratio_to_ideal": tp_ratio})
         print(f"{name}: {one['params'] / 1e9:.2f}B params, fine-tuning step (batch {n} x "
               f"{one['tokens']} tokens, bf16 compute, fp32 params + AdamW): 1 device "
               f"{one['per_device_bytes'] / 2 ** 30:.1f} GiB; fsdp over {n} devices "
               f"{sharded['per_device_bytes'] / 2 ** 30:.2f} GiB per device = {ratio:.2f}x total/{n} "
-              f"(compile {one['compile_s']:.0f} s + {sharded['compile_s']:.0f} s)")
+              f"(compile {one['compile_s']:.0f} s + {sharded['compile_s']:.0f} s); inference "
+              f"forward 1 device {inf_one['per_device_bytes'] / 2 ** 30:.1f} GiB, tensor-parallel "
+              f"over {n}: {inf_tp['per_device_bytes'] / 2 ** 30:.2f} GiB per device = "
+              f"{tp_ratio:.2f}x total/{n}")
     result = {"results": results, "versions": package_versions()}
     if args.out:
         write_json(args.out, result)

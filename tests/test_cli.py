@@ -191,3 +191,13 @@ def test_generate_benchmark_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["tokens_equal"] and result["speedup_vs_hf"] > 0
+
+
+def test_memory_benchmark_quick(tmp_path):
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick", f"--out={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["fsdp"]["devices"] == 8 and r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
+    assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
