@@ -130,8 +130,8 @@ def run_analyze(cfg, workdir: Path) -> dict:
     ids = jnp.asarray(demo_prompt(c))
     dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
 
-    prefix = int(c.vision.has_class_token)  # ViT tokens before the patches
-    shift = prefix - c.visual_cls_offset      # visual-feature index -> ViT token index
+    prefix = c.vision.prefix_tokens  # ViT tokens before the patches (CLS, registers)
+    to_vit = lambda t: jnp.where(t < c.visual_cls_offset, t, t + prefix - c.visual_cls_offset)  # noqa: E731
 
     @jax.jit
     def forward(params, pixels):
@@ -145,7 +145,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
         mid = order.shape[1] // 2
         res["f4_targets"] = jnp.concatenate([order[:, :2], order[:, mid:mid + 1]], axis=-1)
         vit_attn = out.vision_outputs.attentions[analysis.vit_attention_layer(c.feature_layers[-1])]
-        res["relevance"] = analysis.relevance_maps(vit_attn, res["f4_targets"] + shift,
+        res["relevance"] = analysis.relevance_maps(vit_attn, to_vit(res["f4_targets"]),
                                                    grid, prefix).mean(axis=1)     # [1, 3, g, g]
         logits = model.apply({"params": params}, out.image_features, method=model.decode_isolated)
         res["decoded"], res["decoded_p"] = analysis.top_decoded(logits, cfg.top_k)

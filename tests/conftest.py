@@ -29,6 +29,14 @@ def siglip_vision_config(**kw):
     return transformers.SiglipVisionConfig(**{**base, **kw})
 
 
+def dinov2_config(registers: int = 0, **kw):
+    base = dict(hidden_size=32, mlp_ratio=2, num_hidden_layers=3, num_attention_heads=4,
+                image_size=28, patch_size=7, layerscale_value=0.5)
+    if registers:
+        return transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **{**base, **kw})
+    return transformers.Dinov2Config(**{**base, **kw})
+
+
 def llama_config(**kw):
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)

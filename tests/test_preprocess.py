@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+from transformers import BitImageProcessorPil, CLIPImageProcessorPil, SiglipImageProcessorPil
 
-from vitsink_jax.data.preprocess import load_image, preprocess_clip, preprocess_siglip
+from vitsink_jax.data.preprocess import load_image, preprocess_clip, preprocess_dinov2, preprocess_siglip
 
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "camera": data.camera}
 
@@ -24,6 +24,15 @@ def test_siglip_matches_hf(name):
     img = PHOTOS[name]()
     ref = SiglipImageProcessorPil(size={"height": 48, "width": 48})(images=Image.fromarray(img), return_tensors="np")
     np.testing.assert_allclose(preprocess_siglip(img, 48), ref["pixel_values"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_dinov2_matches_hf(name):
+    img = PHOTOS[name]()
+    hf = BitImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56},
+                              image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    ref = hf(images=Image.fromarray(img), return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(preprocess_dinov2(img, 56), ref, atol=1e-5)
 
 
 def test_bad_inputs_are_named(tmp_path):

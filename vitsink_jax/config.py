@@ -15,7 +15,8 @@ from typing import Any, Optional, Union
 from .sinks.detect import SinkRule
 
 VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
-                "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model"}
+                "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model",
+                "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers"}
 TEXT_TYPES = ("llama", "qwen2")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SELECT_STRATEGIES = ("default", "full")
@@ -59,10 +60,13 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     vision_use_head: bool = False
+    layerscale_value: float = 1.0     # DINOv2
+    num_register_tokens: int = 0      # DINOv2 with registers
+    qkv_bias: bool = True             # DINOv2
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in ("clip_vision_model", "siglip_vision_model"):
+        if self.model_type not in set(VISION_TYPES.values()):
             raise ValueError(f"unknown vision model_type {self.model_type!r}; supported: "
                              f"{sorted(VISION_TYPES)}")
         if self.hidden_size % self.num_attention_heads:
@@ -71,7 +75,16 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        return self.model_type == "clip_vision_model"
+        return self.model_type != "siglip_vision_model"
+
+    @property
+    def is_dinov2(self) -> bool:
+        return self.model_type.startswith("dinov2")
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches inside the tower (CLS and registers)."""
+        return int(self.has_class_token) + self.num_register_tokens
 
     @property
     def grid_size(self) -> int:
@@ -93,13 +106,20 @@ class VisionConfig:
         if d["model_type"] in ("clip", "siglip"):  # full CLIP/SigLIP checkpoint: use its vision half
             d = dict(d.get("vision_config") or {}, model_type=d["model_type"] + "_vision_model")
         c = _hf_config(d)
+        if getattr(c, "use_swiglu_ffn", False):
+            raise ValueError(f"{c.model_type} with use_swiglu_ffn=True (the giant DINOv2) is not "
+                             "supported")
+        dino = c.model_type.startswith("dinov2")
         return cls(model_type=c.model_type, hidden_size=c.hidden_size,
-                   intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                   intermediate_size=int(c.hidden_size * c.mlp_ratio) if dino else c.intermediate_size,
+                   num_hidden_layers=c.num_hidden_layers,
                    num_attention_heads=c.num_attention_heads, image_size=c.image_size,
                    patch_size=c.patch_size, num_channels=c.num_channels,
                    layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
                    vision_use_head=bool(getattr(c, "vision_use_head", False)),
-                   hf_json=json.dumps(d))
+                   layerscale_value=float(getattr(c, "layerscale_value", 1.0)),
+                   num_register_tokens=int(getattr(c, "num_register_tokens", 0)),
+                   qkv_bias=bool(getattr(c, "qkv_bias", True)), hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
         d = json.loads(self.hf_json)
@@ -111,6 +131,13 @@ class VisionConfig:
                  layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act)
         if self.model_type == "siglip_vision_model":
             d["vision_use_head"] = self.vision_use_head
+        if self.is_dinov2:
+            del d["intermediate_size"]
+            ratio = self.intermediate_size / self.hidden_size
+            d.update(mlp_ratio=int(ratio) if ratio.is_integer() else ratio,
+                     layerscale_value=self.layerscale_value, qkv_bias=self.qkv_bias)
+            if self.num_register_tokens:
+                d["num_register_tokens"] = self.num_register_tokens
         return d
 
 

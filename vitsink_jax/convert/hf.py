@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..config import LlavaConfig, ModelConfig, TextConfig, VisionConfig, config_from_hf
 from ..models.llm import CausalLM
 from ..models.lvlm import LlavaForConditionalGeneration
-from ..models.vit import VisionTransformer
+from ..models.dinov2 import vision_tower_class
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -94,8 +94,8 @@ def _segments(key: str) -> list:
     out, parts = [], key.split(".")
     i = 0
     while i < len(parts):
-        if parts[i] == "layers" and i + 1 < len(parts) and parts[i + 1].isdigit():
-            out.append(f"layers_{parts[i + 1]}")
+        if parts[i] in ("layers", "layer") and i + 1 < len(parts) and parts[i + 1].isdigit():
+            out.append(f"{parts[i]}_{parts[i + 1]}")
             i += 2
         else:
             out.append(parts[i])
@@ -119,8 +119,8 @@ def hf_key_to_path(key: str, targets: dict) -> Optional[tuple]:
 def path_to_hf_key(path: tuple) -> str:
     segs = []
     for s in path:
-        m = re.fullmatch(r"layers_(\d+)", s)
-        segs.append(f"layers.{m.group(1)}" if m else s)
+        m = re.fullmatch(r"(layers?)_(\d+)", s)
+        segs.append(f"{m.group(1)}.{m.group(2)}" if m else s)
     if segs[-1] in _WEIGHT_LEAVES:
         segs[-1] = "weight"
     return ".".join(segs)
@@ -146,8 +146,10 @@ def to_hf(path: tuple, array: np.ndarray) -> np.ndarray:
 def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **options):
     """The Flax module for a config (LVLM, vision tower or LLM); ``options`` are module fields
     such as ``remat=True`` (LLM and LVLM)."""
-    cls = {LlavaConfig: LlavaForConditionalGeneration, VisionConfig: VisionTransformer,
-           TextConfig: CausalLM}[type(config)]
+    if isinstance(config, VisionConfig):
+        cls = vision_tower_class(config)
+    else:
+        cls = {LlavaConfig: LlavaForConditionalGeneration, TextConfig: CausalLM}[type(config)]
     return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, **options)
 
 

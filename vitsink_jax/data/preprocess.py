@@ -2,7 +2,8 @@
 
 CLIP (CLIPImageProcessor): resize the shortest edge (bicubic), center crop, rescale 1/255,
 normalise with OpenAI's CLIP mean/std. SigLIP (SiglipImageProcessor): resize to a square
-(bicubic), rescale, normalise with mean = std = 0.5. Output is HF's channels-first float32.
+(bicubic), rescale, normalise with mean = std = 0.5. DINOv2 (BitImageProcessor): shortest edge to
+256/224 of the crop, center crop, ImageNet mean/std. Output is HF's channels-first float32.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..config import VisionConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -71,7 +74,13 @@ def preprocess_siglip(image: ImageLike, size: int, mean=SIGLIP_MEAN, std=SIGLIP_
     return _normalise(image, mean, std)
 
 
+def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
+    """-> [3, size, size] float32: shortest edge to size * 256 / 224, center crop ``size``."""
+    return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
+
+
 def preprocess(config: VisionConfig, images: Sequence[ImageLike]) -> np.ndarray:
     """Images -> pixel_values [N, 3, S, S] for the given vision tower (S = config.image_size)."""
-    fn = preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip
+    fn = (preprocess_dinov2 if config.is_dinov2 else
+          preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)
     return np.stack([fn(im, config.image_size) for im in images])

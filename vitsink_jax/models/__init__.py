@@ -3,4 +3,5 @@
 from .llm import CausalLM  # noqa: F401
 from .lvlm import LlavaForConditionalGeneration  # noqa: F401
 from .projector import MLPProjector  # noqa: F401
+from .dinov2 import Dinov2Tower  # noqa: F401
 from .vit import VisionTransformer  # noqa: F401

@@ -16,7 +16,7 @@ from ..sinks.fuse import VisualTokenPolicy, arrange_visual_tokens, permute_token
 from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
-from .vit import VisionTransformer
+from .dinov2 import vision_tower_class
 
 
 def merge_image_features(inputs_embeds, is_image, image_features):
@@ -116,7 +116,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = VisionTransformer(c.vision, **kw)
+        self.vision_tower = vision_tower_class(c.vision)(c.vision, **kw)
         projector = lambda: MLPProjector(c.text.hidden_size, c.projector_type,  # noqa: E731
                                          c.projector_hidden_act, c.projector_bias, **kw)
         self.multi_modal_projector = projector()  # DIYSink: the non-sink path
@@ -142,7 +142,9 @@ class LlavaForConditionalGeneration(nn.Module):
         vout = self.vision_tower(pixel_values, output_hidden_states=True,
                                  output_attentions=output_attentions)
         start = 1 if c.vision_feature_select_strategy == "default" else 0
-        selected = jnp.concatenate([vout.hidden_states[i][:, start:] for i in c.feature_layers], -1)
+        r = c.vision.num_register_tokens  # registers never reach the projector
+        drop = lambda h: h if not r else jnp.concatenate([h[:, :1], h[:, 1 + r:]], 1)  # noqa: E731
+        selected = jnp.concatenate([drop(vout.hidden_states[i])[:, start:] for i in c.feature_layers], -1)
         return selected, vout
 
     def arrange(self, selected, route=None) -> VisualArrangement:
