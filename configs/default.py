@@ -15,7 +15,7 @@ from vitsink_jax.eval_lib import TEMPLATES
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.mode = "benchmark"   # benchmark | analyze | demo (see evaluate.py)
+    c.mode = "benchmark"   # benchmark | analyze | vit | demo (see evaluate.py)
     c.seed = 0
     c.checkpoint = ""      # a Hugging Face LLaVA folder; "" = build the embedded default in workdir
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
@@ -25,6 +25,7 @@ def get_config():
     # analyze mode: ViT-sink rule (see vitsink_jax.sinks.detect.SinkRule)
     c.sink = ml_collections.ConfigDict(dict(rule="threshold", tau=100.0, k=4, max_fraction=0.1,
                                             min_ratio=2.0))
+    c.vit_layer = -2       # vit mode: the hidden state analysed (LLaVA's feature-layer convention)
     c.llm_tau = 20.0       # VAR threshold on |h[d]| / RMS(h); note it is at most sqrt(hidden size)
     c.llm_sink_dims = ()   # the LLM's sink dims (LLaVA-1.5-7B: (1415, 2533)); () = discover
     # F4: the object word of each image (file stem -> word) for the logit-lens hit rate

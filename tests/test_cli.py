@@ -201,3 +201,21 @@ def test_memory_benchmark_quick(tmp_path):
     (r,) = json.loads(out.read_text())["results"]
     assert r["fsdp"]["devices"] == 8 and r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
     assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
+
+
+def test_vit_mode_on_real_dinov2_weights(tmp_path):
+    import os
+
+    images = photo_folder(tmp_path, {"chelsea.png": data.chelsea}, "notes.txt", b"")
+    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'work'}",
+                           f"--config.images={images}", "--config.mode=vit"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "work" / "vit_report.json").read_text())
+    entry = report["per_image"]["chelsea.png"]
+    assert len(entry["norms"]) == 37 * 37 and len(entry["sinks"]["topk"]) == 4
+    assert report["summary"]["sinks_per_image"]["threshold"] == 0.0  # DINOv2-S: no norm > 100
+    assert "no token reaches the fixed threshold" in proc.stdout
+    for png in ("norm_histogram", "sinks_chelsea", "relevance_chelsea"):
+        assert (tmp_path / "work" / "plots" / f"{png}.png").stat().st_size > 1000
