@@ -95,10 +95,10 @@ def run_demo(cfg, workdir: Path) -> dict:
 
     ids = jnp.asarray(demo_prompt(c))
     images, skipped = read_images(cfg.images)
-    grid = c.vision.grid_size
+    grid = c.grid_size
     per_image, times = {}, []
     for name, image in tqdm(images.items(), desc="images", unit="img"):
-        pixels = jnp.asarray(preprocess(c.vision, [image]))
+        pixels = jnp.asarray(preprocess(c.vision, [image], c.input_size))
         t0 = time.perf_counter()
         norms, probs = jax.block_until_ready(forward(params, ids, pixels))
         times.append(time.perf_counter() - t0)
@@ -155,12 +155,12 @@ def run_analyze(cfg, workdir: Path) -> dict:
         res["decoded"], res["decoded_p"] = analysis.top_decoded(logits, cfg.top_k)
         return res
 
-    grid, offset = c.vision.grid_size, c.visual_cls_offset
+    grid, offset = c.grid_size, c.visual_cls_offset
     tokenizer = load_tokenizer(ckpt)
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
-        res = jax.device_get(forward(params, jnp.asarray(preprocess(c.vision, [image]))))
+        res = jax.device_get(forward(params, jnp.asarray(preprocess(c.vision, [image], c.input_size))))
         norms = res["norms"][0]
         sinks = {n: np.flatnonzero(m[0]).tolist() for n, m in res["masks"].items()}
         per_image[name] = {
@@ -175,7 +175,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
         per_image[name]["f4"] = f4
         for group, rate in rates.items():
             hits[group].append(rate)
-        rgb = np.asarray(to_rgb(image).resize((c.vision.image_size,) * 2))
+        rgb = np.asarray(to_rgb(image).resize((c.input_size,) * 2))
         plots.relevance_maps(rgb, {f"{'sink' if t['is_sink'] else 'token'} #{t['index']} "
                                    f"(norm {t['norm']:.0f})": (m, t["index"] - offset)
                                    for t, m in zip(f4["targets"], res["relevance"][0])},
@@ -183,7 +183,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
         profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
-        plots.sink_overlay(np.asarray(to_rgb(image).resize((c.vision.image_size,) * 2)),
+        plots.sink_overlay(rgb,
                            res["masks"][rule.rule][0][offset:], norms[offset:], grid, name,
                            workdir / "plots" / f"sinks_{Path(name).stem}.png")
         tqdm.write(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "

@@ -117,7 +117,8 @@ class Batches:
             for i in instruct.batch_indices(len(shard), self.per_shard, step, [self.cfg.seed, shard_id]):
                 record, example = shard[i]
                 with Image.open(io.BytesIO(record["image"])) as im:
-                    pixels = preprocess(self.model.config.vision, [im.convert("RGB")])[0]
+                    c = self.model.config
+                    pixels = preprocess(c.vision, [im.convert("RGB")], c.input_size)[0]
                 rows.append({**example, "pixels": pixels})
         return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0)
 

@@ -66,3 +66,25 @@ def test_llava_with_dinov2_tower(tmp_path, rng, registers):
     back = vj.save_pretrained(model, params, tmp_path / "again")
     reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(str(back))
     assert type(reloaded.model.vision_tower).__name__ == type(hf.model.vision_tower).__name__
+
+
+def test_llava_dinov2_at_another_input_size(tmp_path, rng):
+    """A LLaVA whose DINOv2 tower runs at 42 px (grid 6) while its position grid is 4 x 4."""
+    import dataclasses
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config(vision=dinov2_config()))
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    config = dataclasses.replace(model.config, image_size=42)
+    assert config.num_image_tokens == 36 and config.grid_size == 6
+    model, params = vj.load_pretrained(vj.save_pretrained(vj.build_model(config), params, tmp_path / "at42"))
+    assert model.config.image_size == 42
+    ids = np.concatenate([prompt_with_images(rng, 1, 36) for _ in range(2)])
+    pixels = rng.standard_normal((2, 3, 42, 42)).astype(np.float32)
+    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits
+    assert_close(out.logits, t2n(ref), what="logits at 42 px")
+    with pytest.raises(ValueError, match="only DINOv2 towers interpolate"):
+        dataclasses.replace(vj.load_pretrained(save(build(transformers.LlavaForConditionalGeneration,
+                                                          llava_config()), tmp_path / "clip"))[0].config,
+                            image_size=42)

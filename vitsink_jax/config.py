@@ -287,6 +287,7 @@ class LlavaConfig:
     vision_feature_layer: FeatureLayer = -2
     vision_feature_select_strategy: str = "default"
     diysink: Optional[DIYSinkConfig] = None
+    image_size: int = 0  # input side in pixels; 0 = the tower's; others need a DINOv2 tower
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -298,6 +299,11 @@ class LlavaConfig:
                              f"{self.vision_feature_select_strategy!r}; supported: {SELECT_STRATEGIES}")
         if isinstance(self.vision_feature_layer, list):
             object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+        if self.image_size and self.image_size != self.vision.image_size and (
+                not self.vision.is_dinov2 or self.image_size % self.vision.patch_size):
+            raise ValueError(f"image_size {self.image_size} differs from the {self.vision.model_type} "
+                             f"tower's {self.vision.image_size}: only DINOv2 towers interpolate, and "
+                             f"only to multiples of the patch size {self.vision.patch_size}")
         if (self.vision_feature_select_strategy == "default"
                 and not self.vision.has_class_token):
             raise ValueError("vision_feature_select_strategy='default' drops the CLS token, but "
@@ -314,10 +320,19 @@ class LlavaConfig:
         return int(self.vision_feature_select_strategy == "full" and self.vision.has_class_token)
 
     @property
+    def input_size(self) -> int:
+        """Side of the images the model is fed (pixels)."""
+        return self.image_size or self.vision.image_size
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the input images."""
+        return self.input_size // self.vision.patch_size
+
+    @property
     def num_image_tokens(self) -> int:
-        """Visual tokens per image that reach the LLM."""
-        drop_cls = self.vision_feature_select_strategy == "default"
-        return self.vision.num_positions - int(drop_cls)
+        """Visual tokens per image that reach the LLM (registers never do)."""
+        return self.grid_size ** 2 + self.visual_cls_offset
 
     @classmethod
     def from_hf(cls, d: dict) -> "LlavaConfig":
@@ -334,6 +349,7 @@ class LlavaConfig:
                    vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
                    vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
                    diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
+                   image_size=int(d.get("vitsink_image_size", 0)),
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
@@ -350,6 +366,9 @@ class LlavaConfig:
         if self.projector_type != "mlp2x_gelu":
             d["projector_type"] = self.projector_type
         d.pop("diysink", None)
+        d.pop("vitsink_image_size", None)
+        if self.image_size:
+            d["vitsink_image_size"] = self.image_size
         if self.diysink is not None:
             d["diysink"] = self.diysink.to_dict()
         return d

@@ -135,7 +135,8 @@ def _pixels(model, rec: dict, cache: dict) -> np.ndarray:
     key = rec["index"]
     if key not in cache:
         with Image.open(io.BytesIO(rec["image"])) as im:
-            cache[key] = preprocess(model.config.vision, [im.convert("RGB")])[0]
+            c = model.config
+            cache[key] = preprocess(c.vision, [im.convert("RGB")], c.input_size)[0]
     return cache[key]
 
 

@@ -163,7 +163,7 @@ def example_inputs(config: ModelConfig) -> dict:
     v = config.vision
     ids = jnp.full((1, config.num_image_tokens), config.image_token_index, jnp.int32)
     return {"input_ids": ids,
-            "pixel_values": jnp.zeros((1, v.num_channels, v.image_size, v.image_size))}
+            "pixel_values": jnp.zeros((1, v.num_channels, config.input_size, config.input_size))}
 
 
 def init_params(model, rng=None) -> dict:

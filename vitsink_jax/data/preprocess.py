@@ -79,8 +79,9 @@ def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
     return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess(config: VisionConfig, images: Sequence[ImageLike]) -> np.ndarray:
-    """Images -> pixel_values [N, 3, S, S] for the given vision tower (S = config.image_size)."""
+def preprocess(config: VisionConfig, images: Sequence[ImageLike], size: int = 0) -> np.ndarray:
+    """Images -> pixel_values [N, 3, S, S] for the given vision tower (S = ``size`` or
+    config.image_size; pass a LLaVA config's ``input_size``)."""
     fn = (preprocess_dinov2 if config.is_dinov2 else
           preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)
-    return np.stack([fn(im, config.image_size) for im in images])
+    return np.stack([fn(im, size or config.image_size) for im in images])
