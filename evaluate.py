@@ -130,7 +130,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     ckpt, model, params = load_lvlm(cfg, workdir)
     c = model.config
     rule = detect.SinkRule(**cfg.sink)
-    rules = {name: detect.SinkRule(**{**cfg.sink, "rule": name}) for name in detect.RULES}
+    rules = all_rules(cfg)
     edges = jnp.asarray(cfg.bucket_edges, jnp.float32)
     ids = jnp.asarray(demo_prompt(c))
     dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
@@ -146,9 +146,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
         res["masks"] = {n: detect.sink_mask(res["norms"], r) for n, r in rules.items()}
         # F4: relevance maps of the two largest-norm tokens and the median-norm token, and the
         # logit-lens readout of every visual token processed alone
-        order = jnp.argsort(-res["norms"], axis=-1)
-        mid = order.shape[1] // 2
-        res["f4_targets"] = jnp.concatenate([order[:, :2], order[:, mid:mid + 1]], axis=-1)
+        res["f4_targets"] = analysis.relevance_targets(res["norms"])
         vit_attn = out.vision_outputs.attentions[analysis.vit_attention_layer(c.feature_layers[-1])]
         res["relevance"] = analysis.relevance_maps(vit_attn, to_vit(res["f4_targets"]),
                                                    grid, prefix).mean(axis=1)     # [1, 3, g, g]
@@ -194,8 +192,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
         raise SystemExit("error: no readable images")
     ratios = np.array([v["sink_ratio_per_layer"] for v in per_image.values()])
     summary = {"images": len(per_image), "skipped": len(skipped),
-               "sinks_per_image": {n: float(np.mean([len(v["sinks"][n]) for v in per_image.values()]))
-                                   for n in detect.RULES},
+               "sinks_per_image": sinks_per_image(per_image),
                "f1_sink_to_nonsink_attention_ratio": float(_nanmean(ratios)),
                "f2_attention_share": {g: float(_nanmean([v["attention_share_per_layer"][g]
                                                          for v in per_image.values()]))
@@ -347,15 +344,14 @@ def run_vit(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; vit mode needs a vision tower "
                          "(use mode=analyze for a llava checkpoint)")
     c = model.config
-    rules = {name: detect.SinkRule(**{**cfg.sink, "rule": name}) for name in detect.RULES}
+    rules = all_rules(cfg)
     layer, prefix, grid = cfg.vit_layer, c.prefix_tokens, c.grid_size
 
     @jax.jit
     def forward(params, pixels):
         out = model.apply({"params": params}, pixels, output_hidden_states=True, output_attentions=True)
         norms = detect.token_norms(out.hidden_states[layer][:, prefix:])             # [1, P]
-        order = jnp.argsort(-norms, axis=-1)
-        targets = jnp.concatenate([order[:, :2], order[:, grid * grid // 2:][:, :1]], -1)
+        targets = analysis.relevance_targets(norms)
         attn = out.attentions[analysis.vit_attention_layer(layer)]
         rel = analysis.relevance_maps(attn, targets + prefix, grid, prefix).mean(1)
         return norms, {n: detect.sink_mask(norms, r) for n, r in rules.items()}, targets, rel
@@ -382,8 +378,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         raise SystemExit("error: no readable images")
     plots.norm_histogram(norms_all, cfg.sink.tau, workdir / "plots" / "norm_histogram.png")
     summary = {"images": len(per_image), "skipped": len(skipped), "layer": layer,
-               "sinks_per_image": {n: float(np.mean([len(v["sinks"][n]) for v in per_image.values()]))
-                                   for n in detect.RULES},
+               "sinks_per_image": sinks_per_image(per_image),
                "max_over_median_norm": float(np.mean([v["max_over_median_norm"] for v in per_image.values()]))}
     if summary["sinks_per_image"]["threshold"] == 0:
         print(f"no token reaches the fixed threshold tau = {cfg.sink.tau:g} on any image "
@@ -394,6 +389,16 @@ def run_vit(cfg, workdir: Path) -> dict:
     print(f"sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
           + f"; wrote {out} and plots in {workdir / 'plots'}")
     return report
+
+
+def all_rules(cfg) -> dict:
+    """{rule name: SinkRule} with the configured parameters, for every detection rule."""
+    return {name: detect.SinkRule(**{**cfg.sink, "rule": name}) for name in detect.RULES}
+
+
+def sinks_per_image(per_image: dict) -> dict:
+    """{rule name: mean number of sinks per image} over a report's per-image entries."""
+    return {n: float(np.mean([len(v["sinks"][n]) for v in per_image.values()])) for n in detect.RULES}
 
 
 def _nanmean(x, axis=None):

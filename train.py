@@ -11,7 +11,6 @@ stock part. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard files in ``w
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
@@ -30,7 +28,7 @@ from vitsink_jax import parallel, train_lib
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.convert.hf import build_model
 from vitsink_jax.data import instruct
-from vitsink_jax.data.preprocess import preprocess
+from vitsink_jax.data.preprocess import pixels_from_bytes
 from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import to_diysink
 from vitsink_jax.embedded import ensure_embedded_checkpoint
@@ -98,12 +96,11 @@ class Batches:
 
     def __init__(self, shards, model, tokenizer, cfg):
         self.model, self.tok, self.cfg = model, tokenizer, cfg
-        n_shards = data_shards(cfg)[0]
+        n_shards, self.ids = data_shards(cfg)
         if cfg.batch_size % n_shards:
             raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
                              f"{n_shards} data shards")
         self.per_shard = cfg.batch_size // n_shards
-        self.ids = data_shards(cfg)[1]
         c = model.config
         self.shards = [[(r, dict(zip(("ids", "loss_mask", "question_mask"),
                                      instruct.tokenize_conversation(
@@ -116,10 +113,7 @@ class Batches:
         for shard_id, shard in zip(self.ids, self.shards):
             for i in instruct.batch_indices(len(shard), self.per_shard, step, [self.cfg.seed, shard_id]):
                 record, example = shard[i]
-                with Image.open(io.BytesIO(record["image"])) as im:
-                    c = self.model.config
-                    pixels = preprocess(c.vision, [im.convert("RGB")], c.input_size)[0]
-                rows.append({**example, "pixels": pixels})
+                rows.append({**example, "pixels": pixels_from_bytes(self.model.config, record["image"])})
         return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0)
 
 

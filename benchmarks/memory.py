@@ -42,6 +42,13 @@ def llava_config(s: dict):
                        diysink=DIYSinkConfig())
 
 
+def per_device_bytes(m) -> int:
+    """Bytes one device holds for a compiled program: arguments + outputs + temporaries, minus
+    the outputs that alias donated arguments."""
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
 def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int,
                 remat: bool = True) -> dict:
     """Per-device bytes of the compiled fine-tuning step (bf16 compute, fp32 params)."""
@@ -80,14 +87,12 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
                        out_shardings=(state_sh, None), donate_argnums=(0,)).lower(
         state, frozen, batch_abs).compile()
     m = compiled.memory_analysis()
-    per_device = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                  - m.alias_size_in_bytes)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     return {"shape": name, "devices": devices, "fsdp": fsdp, "batch": batch, "tokens": t, "remat": remat,
             "params": n_params, "compile_s": time.perf_counter() - t0,
             "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
             "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-            "per_device_bytes": per_device}
+            "per_device_bytes": per_device_bytes(m)}
 
 
 def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens: int) -> dict:
@@ -116,8 +121,7 @@ def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens
     return {"shape": name, "devices": devices, "tensor": tensor, "batch": batch, "tokens": t,
             "compile_s": time.perf_counter() - t0, "argument_bytes": m.argument_size_in_bytes,
             "temp_bytes": m.temp_size_in_bytes,
-            "per_device_bytes": m.argument_size_in_bytes + m.output_size_in_bytes
-            + m.temp_size_in_bytes - m.alias_size_in_bytes}
+            "per_device_bytes": per_device_bytes(m)}
 
 
 def main(argv=None) -> dict:

@@ -59,11 +59,17 @@ def test_demo_end_to_end_on_real_photos(tmp_path):
     np.testing.assert_allclose(top["norm"], norms.max(), rtol=1e-5)
 
 
-def test_forward_benchmark_quick(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "benchmarks/forward.py", "--quick", f"--out={out}"],
+def run_benchmark_script(name: str, tmp_path) -> Path:
+    """Runs benchmarks/<name>.py --quick; returns its JSON output file."""
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, f"benchmarks/{name}.py", "--quick", f"--out={out}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_forward_benchmark_quick(tmp_path):
+    out = run_benchmark_script("forward", tmp_path)
     result = json.loads(out.read_text())
     assert result["speedup_vs_hf"] > 0
     assert result["max_abs_logit_diff"] <= 1e-4 * max(1.0, result["ref_logit_scale"])
@@ -185,19 +191,13 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
 
 
 def test_generate_benchmark_quick(tmp_path):
-    out = tmp_path / "gen.json"
-    proc = subprocess.run([sys.executable, "benchmarks/generate.py", "--quick", f"--out={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_benchmark_script("generate", tmp_path)
     result = json.loads(out.read_text())
     assert result["tokens_equal"] and result["speedup_vs_hf"] > 0
 
 
 def test_memory_benchmark_quick(tmp_path):
-    out = tmp_path / "mem.json"
-    proc = subprocess.run([sys.executable, "benchmarks/memory.py", "--quick", f"--out={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = run_benchmark_script("memory", tmp_path)
     (r,) = json.loads(out.read_text())["results"]
     assert r["fsdp"]["devices"] == 8 and r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
     assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]

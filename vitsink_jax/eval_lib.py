@@ -17,7 +17,6 @@ then split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``).
 
 from __future__ import annotations
 
-import io
 import re
 import string
 from collections import defaultdict
@@ -26,11 +25,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import parallel
-from .data.preprocess import preprocess
+from .data.preprocess import pixels_from_bytes
 from .data.tokenizer import encode_prompt
 from .diysink import route_code
 from .generate import generate, left_pad
@@ -132,12 +130,9 @@ def bucket(n: int, size: int) -> int:
 
 
 def _pixels(model, rec: dict, cache: dict) -> np.ndarray:
-    key = rec["index"]
-    if key not in cache:
-        with Image.open(io.BytesIO(rec["image"])) as im:
-            c = model.config
-            cache[key] = preprocess(c.vision, [im.convert("RGB")], c.input_size)[0]
-    return cache[key]
+    if rec["index"] not in cache:
+        cache[rec["index"]] = pixels_from_bytes(model.config, rec["image"])
+    return cache[rec["index"]]
 
 
 def _batches(rows: list, batch_size: int):
@@ -269,7 +264,8 @@ def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"
     """Per record: {"index", "prediction", "correct", "scores" (loglik only), "answer",
     "category", "tag", "kind", "group"}."""
     by_loglik = [i for i, r in enumerate(records) if r["kind"] != "open" and cfg.scoring == "loglik"]
-    by_gen = [i for i in range(len(records)) if i not in set(by_loglik)]
+    scored = set(by_loglik)
+    by_gen = [i for i in range(len(records)) if i not in scored]
     preds = [None] * len(records)
     routing = cot_routes(model, params, tokenizer, records, cfg) if cfg.routing == "cot" else None
     if by_loglik:

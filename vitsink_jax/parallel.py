@@ -137,12 +137,18 @@ def stack_for_pmap(tree):
     return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + x.shape), tree)
 
 
-def split_for_pmap(batch: dict) -> dict:
-    """[B, ...] -> [local devices, B / devices, ...] for every array of a batch."""
+def check_batch(batch: dict) -> None:
+    """Every host-local batch array must split evenly over this host's devices."""
     n = jax.local_device_count()
     for k, x in batch.items():
         if x.shape[0] % n:
             raise ValueError(f"batch {k!r} axis {x.shape[0]} not a multiple of the {n} devices")
+
+
+def split_for_pmap(batch: dict) -> dict:
+    """[B, ...] -> [local devices, B / devices, ...] for every array of a batch."""
+    check_batch(batch)
+    n = jax.local_device_count()
     return {k: np.asarray(x).reshape((n, -1) + x.shape[1:]) for k, x in batch.items()}
 
 
@@ -156,19 +162,12 @@ def data_parallel(fn: Callable, strategy: str = "mesh") -> Callable:
     :func:`max_over_processes`).
     """
     _check_strategy(strategy)
-    n = batch_multiple(strategy)
-
-    def check(batch):
-        for x in batch:
-            if x.shape[0] % n:
-                raise ValueError(f"batch axis {x.shape[0]} not a multiple of the {n} devices")
-
     if strategy == "mesh":
         mesh = make_mesh()
         jitted = jax.jit(fn)
 
         def run_mesh(params, *batch):
-            check(batch)
+            check_batch(dict(enumerate(batch)))
             out = to_host(jitted(params, *global_batch(dict(enumerate(batch)), mesh).values()))
             rows, i = batch[0].shape[0], jax.process_index()  # this process's rows of the result
             return jax.tree_util.tree_map(lambda y: y[i * rows:(i + 1) * rows], out)

@@ -8,6 +8,7 @@ normalise with OpenAI's CLIP mean/std. SigLIP (SiglipImageProcessor): resize to 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -85,3 +86,10 @@ def preprocess(config: VisionConfig, images: Sequence[ImageLike], size: int = 0)
     fn = (preprocess_dinov2 if config.is_dinov2 else
           preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)
     return np.stack([fn(im, size or config.image_size) for im in images])
+
+
+def pixels_from_bytes(config, raw: bytes) -> np.ndarray:
+    """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for a
+    LLaVA config (S = its ``input_size``)."""
+    with Image.open(io.BytesIO(raw)) as im:
+        return preprocess(config.vision, [im.convert("RGB")], config.input_size)[0]

@@ -155,6 +155,14 @@ def relevance_maps(vit_attn: jnp.ndarray, targets: jnp.ndarray, grid: int,
     return jnp.moveaxis(cols, 3, 2).reshape(b, h, targets.shape[1], grid, grid)
 
 
+def relevance_targets(norms: jnp.ndarray) -> jnp.ndarray:
+    """The tokens whose relevance maps the reports show: the two largest norms and the median
+    norm. norms [B, P] -> [B, 3] int token indices."""
+    order = jnp.argsort(-norms, axis=-1)
+    mid = order.shape[1] // 2
+    return jnp.concatenate([order[:, :2], order[:, mid:mid + 1]], axis=-1)
+
+
 def vit_attention_layer(feature_layer: int) -> int:
     """Index into the ViT ``attentions`` tuple of the layer that produced hidden state
     ``feature_layer`` (hidden states start with the embeddings; negative indices count back)."""
