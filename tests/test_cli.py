@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -118,7 +119,8 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
 def test_benchmark_end_to_end_side_by_side(tmp_path):
     work = tmp_path / "work"
     variants = '--config.variants=("none","front","none+sinks")'
-    proc = run_evaluate(work, "", "--config.benchmark.limit=12", "--config.benchmark.image_size=56",
+    proc = run_evaluate(work, "", "--config.mode=benchmark", "--config.benchmark.limit=12",
+                        "--config.benchmark.image_size=56",
                         variants, "--config.sink.rule=topk", "--config.sink.k=2")
     assert "variant\tsinks/img\toverall\ttag:global\ttag:local" in proc.stdout
     results = json.loads((work / "results.json").read_text())
@@ -148,7 +150,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert len((work / "metrics.jsonl").read_text().splitlines()) == 3
     model, _ = vj.load_pretrained(work / "export")
     assert model.config.diysink is not None
-    proc = run_evaluate(tmp_path / "eval", "", f"--config.checkpoint={work / 'export'}",
+    proc = run_evaluate(tmp_path / "eval", "", "--config.mode=benchmark",
+                        f"--config.checkpoint={work / 'export'}",
                         "--config.benchmark.limit=6", "--config.benchmark.image_size=56",
                         '--config.variants=("none","none+sinks")')
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -165,7 +168,7 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["--config.benchmark.limit=10", "--config.benchmark.image_size=56",
+    common = ["--config.mode=benchmark", "--config.benchmark.limit=10", "--config.benchmark.image_size=56",
               "--config.eval.batch_size=2", *SMALL]
     single = run_evaluate(tmp_path / "one", "", *common)
     assert single.returncode == 0
@@ -203,39 +206,59 @@ def test_memory_benchmark_quick(tmp_path):
     assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
 
 
-def test_vit_mode_on_real_dinov2_weights(tmp_path):
+def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
+    """train.py runs a recipe on the real DINOv2-S tower and publishes the models without it;
+    evaluate.py's default mode (the main job) analyses the real tower's sinks and scores the
+    published models side by side."""
     import os
 
-    images = photo_folder(tmp_path, {"chelsea.png": data.chelsea}, "notes.txt", b"")
-    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'work'}",
-                           f"--config.images={images}", "--config.mode=vit"],
+    from safetensors.numpy import load_file
+
+    from vitsink_jax import mini_study
+
+    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache")}  # a fresh import of the tower
+    work = tmp_path / "study"
+    recipe = ('--config.recipe=("single: diysink.enabled=False", "diysink: stage=rew '
+              'diysink.reweight=True batch_size=4")')
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/mini_study.py",
+                           f"--workdir={work}", recipe, "--config.publish.diysink=diysink", "--config.steps=2", "--config.batch_size=2",
+                           "--config.embedded.image_size=56", "--config.data.image_size=56",
+                           "--config.data.variants=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((tmp_path / "work" / "vit_report.json").read_text())
+    pub = work / "published"
+    record = json.loads((pub / "training_record.json").read_text())
+    assert sorted(record["runs"]) == ["diysink", "single"] and record["recipe"][0].startswith("single")
+    assert len(record["runs"]["diysink"]["loss_curve"]) == 2
+    assert record["runs"]["diysink"]["config"]["stage"] == "rew"
+    for name, run in (("single", "single"), ("diysink", "diysink")):
+        assert not [k for k in load_file(str(pub / name / "model.safetensors")) if "vision_tower" in k]
+        exported = vj.load_pretrained(work / run / "export")[1]
+        assembled = vj.load_pretrained(mini_study.assemble(pub / name, tmp_path / "asm"))[1]
+        for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(assembled)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    images = photo_folder(tmp_path, {"chelsea.png": data.chelsea}, "notes.txt", b"")
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'main'}",
+                           f"--config.images={images}", "--config.benchmark.limit=6",
+                           "--config.benchmark.image_size=56",
+                           f"--config.study.models=('{pub / 'single'}', '{pub / 'diysink'}')"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # (a) the real tower's ViT sinks
+    report = json.loads((tmp_path / "main" / "vit" / "vit_report.json").read_text())
     entry = report["per_image"]["chelsea.png"]
     assert len(entry["norms"]) == 37 * 37 and len(entry["sinks"]["topk"]) == 4
     assert report["summary"]["sinks_per_image"]["threshold"] == 0.0  # DINOv2-S: no norm > 100
     assert "no token reaches the fixed threshold" in proc.stdout
     for png in ("norm_histogram", "sinks_chelsea", "relevance_chelsea"):
-        assert (tmp_path / "work" / "plots" / f"{png}.png").stat().st_size > 1000
-
-
-def test_benchmark_with_the_real_dinov2_tower(tmp_path):
-    import os
-
-    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'work'}",
-                           "--config.embedded.vision=dinov2_s", "--config.embedded.image_size=112",
-                           "--config.embedded.text_hidden=64", "--config.embedded.text_layers=2",
-                           "--config.embedded.vocab_size=512", "--config.benchmark.limit=6",
-                           "--config.benchmark.image_size=112"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "real DINOv2-S tower" in proc.stdout
-    results = json.loads((tmp_path / "work" / "results.json").read_text())
-    assert results["results"]["none"]["n"] == 6
-    model, params = vj.load_pretrained(tmp_path / "work" / "embedded_dinov2_s")
-    assert model.config.num_image_tokens == 64 and model.config.vision.model_type == "dinov2"
-    real = vj.load_pretrained(next((tmp_path / "cache").iterdir()))[1]
-    np.testing.assert_array_equal(params["vision_tower"]["layernorm"]["scale"], real["layernorm"]["scale"])
+        assert (tmp_path / "main" / "vit" / "plots" / f"{png}.png").stat().st_size > 1000
+    # (b) one table: both models x both orders, global / local columns
+    study = json.loads((tmp_path / "main" / "study.json").read_text())
+    assert sorted(study["results"]) == ["diysink front", "diysink none", "single front", "single none"]
+    assert [row.split("\t")[0] for row in study["table"].splitlines()[1:]] == [
+        "single none", "single front", "diysink none", "diysink front"]
+    assert "variant\tsinks/img\toverall\ttag:global\ttag:local" in proc.stdout
+    for res in study["results"].values():
+        assert res["n"] == 6 and res["sinks_per_image"] == 4.0
+    assert study["vit_summary"]["images"] == 1 and len(study["checkpoints"]["single"]["sha256"]) == 64

@@ -79,7 +79,7 @@ def test_mme_acc_plus_and_pope():
 
 def eval_cfg(**kw):
     base = dict(scoring="loglik", batch_size=4, length_bucket=16, max_new_tokens=4,
-                templates=dict(E.TEMPLATES), routing="none", cot_image_prompt=IMAGE_PROMPT,
+                templates=dict(E.TEMPLATES), mc_format="letter", routing="none", cot_image_prompt=IMAGE_PROMPT,
                 cot_question_prompt=QUESTION_PROMPT)
     return ml_collections.ConfigDict({**base, **kw})
 
@@ -227,7 +227,7 @@ MULTI = textwrap.dedent("""
     recs = embedded_benchmark(seed=0, variants=1, size=28, photos=["chelsea", "coffee", "rocket"])
     cfg = ml_collections.ConfigDict(dict(scoring="loglik", batch_size=3, length_bucket=16,
                                          max_new_tokens=4, templates=dict(E.TEMPLATES),
-                                         routing="none"))
+                                         mc_format="letter", routing="none"))
     preds = E.predict(model, params, embedded_tokenizer(512), recs, cfg, sys.argv[2])
     print("RESULT", jax.device_count(), json.dumps(preds))
 """)

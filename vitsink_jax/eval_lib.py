@@ -1,7 +1,10 @@
 """Benchmark scoring for the LVLM (used by ``evaluate.py --config.mode=benchmark``).
 
 * Multiple choice and yes/no, ``scoring="loglik"`` (default): each candidate answer (the option
-  letter, or Yes / No) is scored by its log-likelihood after the prompt. When every candidate is
+  letter, or Yes / No) is scored by its log-likelihood after the prompt. ``mc_format="cloze"``
+  scores multiple choice as lm-evaluation-harness's cloze formulation instead: the prompt holds
+  the question only and each option's text is the candidate (summed log-prob), the format for
+  small models trained from scratch that cannot map options to letters (the mini study). When every candidate is
   one token that continues the prompt's tokenization, one row per item suffices (the candidates
   are read off the next-token distribution); otherwise each candidate gets a row and its tokens'
   log-probs are summed. All rows of a batch go through one jitted forward.
@@ -42,24 +45,46 @@ TEMPLATES = {
              "ASSISTANT:",
     "open": "USER: <image>\n{question}\nAnswer the question using a single word or phrase. "
             "ASSISTANT:",
+    "cloze": "USER: <image>\n{question} ASSISTANT:",
 }
+MC_FORMATS = ("letter", "cloze")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 # ------------------------------------------------------------------------------ prompts ---
 
-def candidates(rec: dict) -> list:
-    """The answers scored for a record: option letters (mc) or Yes / No (yesno)."""
-    return list(LETTERS[:len(rec["options"])]) if rec["kind"] == "mc" else ["Yes", "No"]
+def _check_format(mc_format: str) -> None:
+    if mc_format not in MC_FORMATS:
+        raise ValueError(f"multiple-choice format {mc_format!r} not one of {MC_FORMATS}")
 
 
-def prompt_text(rec: dict, templates: dict) -> str:
-    """The record's prompt: its kind's template filled with the question and lettered options."""
+def candidates(rec: dict, mc_format: str = "letter") -> list:
+    """The answers scored for a record: option letters (mc; the option texts under
+    ``mc_format="cloze"``) or Yes / No (yesno)."""
+    _check_format(mc_format)
+    if rec["kind"] != "mc":
+        return ["Yes", "No"]
+    return list(rec["options"]) if mc_format == "cloze" else list(LETTERS[:len(rec["options"])])
+
+
+def prompt_text(rec: dict, templates: dict, mc_format: str = "letter") -> str:
+    """The record's prompt: its kind's template filled with the question and lettered options
+    (multiple choice under ``mc_format="cloze"``: the cloze template, question only)."""
+    _check_format(mc_format)
     options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(rec["options"]))
-    return templates[rec["kind"]].format(question=rec["question"], options=options)
+    kind = "cloze" if rec["kind"] == "mc" and mc_format == "cloze" else rec["kind"]
+    return templates[kind].format(question=rec["question"], options=options)
 
 
-def scoring_rows(tokenizer, rec: dict, templates: dict, n_img: int, image_id: int) -> list:
+def answer_text(rec: dict, mc_format: str = "letter") -> str:
+    """The gold answer as the model should say it (the letter, or the option text in cloze)."""
+    if rec["kind"] == "mc" and mc_format == "cloze":
+        return rec["options"][LETTERS.index(rec["answer"])]
+    return rec["answer"]
+
+
+def scoring_rows(tokenizer, rec: dict, templates: dict, n_img: int, image_id: int,
+                 mc_format: str = "letter") -> list:
     """Token rows that score one record's candidates.
 
     Returns a list of (ids [L] int32, targets [L] int32, cand [K] int32, which): ``targets[t]``
@@ -67,9 +92,10 @@ def scoring_rows(tokenizer, rec: dict, templates: dict, n_img: int, image_id: in
     at the last position (-1 padded); ``which`` is the candidate index of a per-candidate row or
     -1 for the shared next-token row.
     """
-    text = prompt_text(rec, templates)
+    text = prompt_text(rec, templates, mc_format)
     base = encode_prompt(tokenizer, text, n_img, image_id)
-    fulls = [encode_prompt(tokenizer, f"{text} {c}", n_img, image_id) for c in candidates(rec)]
+    fulls = [encode_prompt(tokenizer, f"{text} {c}", n_img, image_id)
+             for c in candidates(rec, mc_format)]
     shared = all(len(f) == len(base) + 1 and np.array_equal(f[:-1], base) for f in fulls)
     if shared:
         return [(base, np.full(len(base), -1, np.int32), np.array([f[-1] for f in fulls], np.int32), -1)]
@@ -149,13 +175,13 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
         rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, c.num_image_tokens,
-                                              c.image_token_index)]
+                                              c.image_token_index, cfg.mc_format)]
     scorer = make_scorer(model, strategy, routed=routes is not None)
     routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
     params = parallel.replicate(params, strategy)
     bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
     kmax = max(max(len(r[2]) for _, r in rows), 1)
-    scores = [np.zeros(len(candidates(r))) for r in records]
+    scores = [np.zeros(len(candidates(r, cfg.mc_format))) for r in records]
     sinks = np.zeros(len(records), np.int64)
     cache = {}
     pad = tokenizer.pad_token_id or 0
@@ -273,14 +299,15 @@ def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"
         scores, sinks = loglik_scores(model, params, tokenizer, [records[i] for i in by_loglik],
                                       cfg, strategy, routes)
         for i, s, k in zip(by_loglik, scores, sinks):
-            preds[i] = {"prediction": candidates(records[i])[int(np.argmax(s))], "scores": s,
-                        "sinks": k}
+            best = int(np.argmax(s))
+            preds[i] = {"prediction": LETTERS[best] if records[i]["kind"] == "mc"
+                        else candidates(records[i])[best], "scores": s, "sinks": k}
     if by_gen:
         if routing is not None:
             raise ValueError("CoT routing is implemented for log-likelihood scoring only")
         sub = [records[i] for i in by_gen]
-        texts = generate_texts(model, params, tokenizer, [prompt_text(r, cfg.templates) for r in sub],
-                               sub, cfg)
+        texts = generate_texts(model, params, tokenizer,
+                               [prompt_text(r, cfg.templates, cfg.mc_format) for r in sub], sub, cfg)
         for i, text in zip(by_gen, texts):
             preds[i] = {"prediction": text, "generated": text}
     if routing is not None:

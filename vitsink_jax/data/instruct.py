@@ -65,17 +65,18 @@ def read_llava_json(path, image_folder=None, verbose: bool = True) -> tuple[list
     return records, skipped
 
 
-def embedded_instruct(seed: int, variants: int, size: int) -> list:
+def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "letter") -> list:
     """A small real training set without downloads: the embedded benchmark's generator (other
-    seed, other overlays) as single-turn conversations answered with the option letter."""
-    from ..eval_lib import TEMPLATES, prompt_text
+    seed, other overlays) as single-turn conversations in the benchmark's prompt format,
+    answered with the option letter (or, ``mc_format="cloze"``, the option text)."""
+    from ..eval_lib import TEMPLATES, answer_text, prompt_text
     from .synthetic import embedded_benchmark
 
     records = []
     for rec in embedded_benchmark(seed, variants, size):
-        human = prompt_text(rec, TEMPLATES).removeprefix("USER: ").removesuffix(" ASSISTANT:")
+        human = prompt_text(rec, TEMPLATES, mc_format).removeprefix("USER: ").removesuffix(" ASSISTANT:")
         records.append({"id": rec["index"], "image": rec["image"], "roles": ["human", "gpt"],
-                        "texts": [human, rec["answer"]]})
+                        "texts": [human, answer_text(rec, mc_format)]})
     return records
 
 

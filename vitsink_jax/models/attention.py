@@ -32,11 +32,13 @@ def make_attention_mask(attention_mask: Optional[jnp.ndarray], q_len: int, kv_le
     return mask
 
 
-def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None):
+def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
+                          adjust: Optional[Callable] = None):
     """Softmax attention with grouped key/value heads.
 
     Args:
-      q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool, broadcastable to [B, 1, T, S].
+      q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool, broadcastable to [B, 1, T, S];
+      adjust: optional fn on the probabilities [B, H, T, S] before they weigh the values (VAR).
     Returns:
       (out [B, T, H, D] in q.dtype, weights [B, H, T, S] float32).
     """
@@ -52,6 +54,8 @@ def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None):
     if mask is not None:
         scores = jnp.where(mask, scores, MASK_VALUE)
     weights = nn.softmax(scores, axis=-1)
+    if adjust is not None:
+        weights = adjust(weights)
     out = jnp.einsum("bkgts,bskd->btkgd", weights.reshape(b, kh, g, t, s).astype(v.dtype), v)
     return out.reshape(b, t, h, d), weights
 
@@ -70,8 +74,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None, rope: Optional[Callable] = None,
-                 output_attentions: bool = False, kv_cache=None, cache_index=None):
+                 output_attentions: bool = False, kv_cache=None, cache_index=None,
+                 adjust: Optional[Callable] = None):
         """x: [B, T, E] -> ([B, T, E], weights [B, H, T, S] or None, new kv_cache or None).
+        ``adjust``: see :func:`dot_product_attention`.
 
         kv_cache: (keys, values) each [B, S, K, D]; this call's keys and values are written at
         slot ``cache_index`` and the queries attend over all S slots (``mask`` [B, 1, T, S]).
@@ -92,7 +98,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
-        out, weights = dot_product_attention(q, k, v, mask)
+        out, weights = dot_product_attention(q, k, v, mask, adjust=adjust)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
         out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=self.out_name)(out)

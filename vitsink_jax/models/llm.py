@@ -20,6 +20,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ..config import TextConfig
+from ..interventions import Interventions, pruning
+from ..interventions.var import redistribute
+from ..sinks.detect import llm_sink_mask
 from .attention import Attention, make_attention_mask
 from .layers import RMSNorm, activation
 from .outputs import CausalLMOutput, KVCache
@@ -48,7 +51,8 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, output_attentions=False, kv_cache=None, cache_index=None):
+    def __call__(self, x, mask, cos, sin, output_attentions=False, kv_cache=None, cache_index=None,
+                 adjust=None):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         rope = lambda t: apply_rotary(t, cos, sin)  # noqa: E731
@@ -56,7 +60,7 @@ class DecoderLayer(nn.Module):
                                          qkv_bias=c.qkv_bias, out_bias=c.o_bias, out_name="o_proj",
                                          name="self_attn", **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), mask, rope, output_attentions,
-            kv_cache, cache_index)
+            kv_cache, cache_index, adjust)
         x = x + h
         x = x + GatedMLP(c, name="mlp", **kw)(
             RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
@@ -87,14 +91,28 @@ class DecoderModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, inputs_embeds, attention_mask=None, position_ids=None,
-                 output_attentions=False, cache: Optional[KVCache] = None):
+                 output_attentions=False, cache: Optional[KVCache] = None,
+                 interventions: Optional[Interventions] = None, visual_mask=None, sink_mask=None,
+                 num_visual: int = 0):
         """inputs_embeds [B, T, D] -> (normed last [B, T, D], hidden states, attentions, cache).
 
         With a ``cache`` the T tokens go to slots [index, index + T), attend to every earlier
         slot the cache mask keeps, and ``position_ids`` default to the row's next positions
         (``cache.position`` + running count of kept tokens, as in generation).
+
+        ``interventions`` (token pruning, VAR; :mod:`vitsink_jax.interventions`) need
+        ``visual_mask`` [B, T] (visual-token slots) and ``sink_mask`` [B, T] (ViT sinks); pruning
+        drops int(ratio x ``num_visual``) tokens per row (every row must hold ``num_visual``
+        visual tokens). With pruning, layers after K run on the T' kept tokens; the outputs are scattered back to T
+        slots (zeros at pruned tokens; attentions of those layers stay [B, H, T', T']).
         """
         b, t, _ = inputs_embeds.shape
+        prune = None if interventions is None else interventions.prune
+        var = None if interventions is None else interventions.var
+        if (prune or var) and (visual_mask is None or sink_mask is None):
+            raise ValueError("token pruning and VAR need visual_mask and sink_mask")
+        if prune is not None and cache is not None:
+            raise NotImplementedError("token pruning with a KV cache (generation) is not supported")
         if cache is None:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -109,22 +127,44 @@ class DecoderModel(nn.Module):
             mask = causal[None, None] & slots.astype(bool)[:, None, None, :]
         cos, sin = rotary_embedding(self.config, position_ids)
         x = inputs_embeds.astype(self.dtype)
-        states, attns, kvs = [x], [], []
+        states, attns, kvs, kept = [x], [], [], None
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
+            if prune is not None and i == prune.layer:  # FastV: drop the least-attended tokens
+                scores = pruning.attention_received(attns[-1], attention_mask, prune.score)
+                n_drop = int(prune.ratio * num_visual)
+                kept = pruning.keep_indices(scores, visual_mask,
+                                            sink_mask if prune.keep_sinks else None, n_drop)
+                x, position_ids, visual_mask, sink_mask = (
+                    pruning.gather_tokens(a, kept) for a in (x, position_ids, visual_mask, sink_mask))
+                if attention_mask is not None:
+                    attention_mask = pruning.gather_tokens(attention_mask, kept)
+                mask = make_attention_mask(attention_mask, t - n_drop, t - n_drop, causal=True)
+                cos, sin = rotary_embedding(self.config, position_ids)
+            adjust = None
+            if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
+                sinks = sink_mask if var.sinks == "vit" else llm_sink_mask(
+                    x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
+                adjust = partial(redistribute, visual=visual_mask.astype(bool),
+                                 sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x, w, kv = layer(x, mask, cos, sin, output_attentions, kv,
-                             None if cache is None else cache.index)
+            need = output_attentions or (prune is not None and i == prune.layer - 1)
+            x, w, kv = layer(x, mask, cos, sin, need, kv, None if cache is None else cache.index,
+                             adjust)
             states.append(x)
             attns.append(w)
             kvs.append(kv)
         x = self.norm(x)
         states[-1] = x  # HF convention: the last hidden state is the normed one
+        if kept is not None:
+            x = pruning.scatter_tokens(x, kept, t)
+            states = [s_ if s_.shape[1] == t else pruning.scatter_tokens(s_, kept, t) for s_ in states]
         if cache is not None:
             last = jnp.max(jnp.where(keep > 0, position_ids, -1), axis=1) + 1
             cache = KVCache(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs),
                             mask=slots, index=cache.index + t,
                             position=jnp.maximum(cache.position, last).astype(jnp.int32))
-        return x, tuple(states), tuple(attns), cache
+        return x, tuple(states), tuple(attns) if output_attentions else (None,) * n, cache
 
 
 def generation_positions(mask, start):
@@ -162,7 +202,10 @@ class CausalLM(nn.Module):
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None,
                  inputs_embeds: Optional[jnp.ndarray] = None, output_hidden_states: bool = False,
-                 output_attentions: bool = False, cache: Optional[KVCache] = None) -> CausalLMOutput:
+                 output_attentions: bool = False, cache: Optional[KVCache] = None,
+                 **interventions) -> CausalLMOutput:
+        """``interventions``: ``interventions``, ``visual_mask``, ``sink_mask``, ``num_visual``
+        as in :class:`DecoderModel` (the LVLM passes them)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -171,7 +214,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                              f"{tuple(inputs_embeds.shape[:2])} (batch, sequence)")
         x, states, attns, cache = self.model(inputs_embeds, attention_mask, position_ids,
-                                             output_attentions, cache)
+                                             output_attentions, cache, **interventions)
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(x)
         else:

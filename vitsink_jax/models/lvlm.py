@@ -17,6 +17,7 @@ from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
 from .dinov2 import vision_tower_class
+from ..interventions import Interventions
 
 
 def merge_image_features(inputs_embeds, is_image, image_features):
@@ -105,12 +106,17 @@ class LlavaForConditionalGeneration(nn.Module):
     Switch it on an existing model with ``model.clone(visual_tokens=VisualTokenPolicy("front"))``;
     the params do not change. Dropped tokens are masked out of attention (their own logits are
     meaningless) and, with "sequential" positions, the later tokens' positions close the gap.
+
+    ``interventions`` (:mod:`vitsink_jax.interventions`, none by default) switches on FastV /
+    sink-aware token pruning, VAR attention redistribution and test-time registers the same way.
+    Pruning and VAR take the ViT sinks of the policy's rule; pruning needs one image per row.
     """
 
     config: LlavaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     visual_tokens: VisualTokenPolicy = VisualTokenPolicy()
+    interventions: Interventions = Interventions()  # token pruning, VAR, test-time registers
     remat: bool = False  # recompute LLM layer activations in the backward pass (training memory)
 
     def setup(self):
@@ -178,6 +184,22 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"unknown question encoder {name!r}; registered: {sorted(QUESTION_ENCODERS)}")
         q = QUESTION_ENCODERS[name](embeds, input_ids, question_mask)
         return self.reweighting(jax.lax.stop_gradient(q).astype(jnp.float32))
+
+    def intervention_inputs(self, selected, arrangement, is_image) -> dict:
+        """The LLM's inputs for pruning / VAR: visual-token slots [B, T], the ViT sinks of the
+        policy's rule in sequence slots [B, T] and the visual tokens per row."""
+        if self.interventions.prune is not None and selected.shape[0] != is_image.shape[0]:
+            raise ValueError(f"token pruning needs one image per row; got {selected.shape[0]} "
+                             f"images for {is_image.shape[0]} rows")
+        if arrangement is None:
+            sinks = sink_mask(token_norms(selected), self.policy.rule)
+        else:
+            sinks = permute_tokens(arrangement.sink_mask, arrangement.permutation)
+        b, t = is_image.shape
+        seq, _ = merge_image_features(jnp.zeros((b, t, 1)), is_image,
+                                      sinks.reshape(-1, 1).astype(jnp.float32))
+        return {"interventions": self.interventions, "visual_mask": is_image,
+                "sink_mask": seq[..., 0] > 0, "num_visual": selected.shape[1]}
 
     def get_image_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (projected [N, P, D] in stock order, projector input
@@ -249,10 +271,13 @@ class LlavaForConditionalGeneration(nn.Module):
                                                            self.policy.positions)
                 keep = ~dropped if attention_mask is None else attention_mask.astype(bool) & ~dropped
                 attention_mask = keep.astype(jnp.int32)
+        extra = {}
+        if pixel_values is not None and (self.interventions.prune or self.interventions.var):
+            extra = self.intervention_inputs(selected, arrangement, is_image)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, cache=cache)
+                                  output_attentions=output_attentions, cache=cache, **extra)
         logits = out.logits if pixel_values is None else jnp.where(count_ok, out.logits, jnp.nan)
         vision = output_vision and pixel_values is not None
         return LlavaOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,

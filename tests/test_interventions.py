@@ -1,0 +1,149 @@
+"""Sink interventions against hand-computed references: FastV / sink-aware pruning against
+transformers run on the kept tokens, VAR against a loop over (row, head, query), both off =
+stock."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import vitsink_jax as vj
+from conftest import (IMAGE_TOKEN, assert_close, build, llama_config, llava_config, random_ids,
+                      save, t2n)
+from vitsink_jax.sinks.detect import sink_mask, token_norms
+from vitsink_jax.interventions import AttentionRedistribution, Interventions, TokenPruning
+from vitsink_jax.interventions.var import redistribute
+
+VIS = slice(3, 15)  # 12 visual slots in a 20-token row
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    hf = build(transformers.LlamaForCausalLM, llama_config(num_hidden_layers=4))
+    model, params = vj.load_pretrained(save(hf, tmp_path_factory.mktemp("llama")))
+    ids = random_ids(np.random.default_rng(1), 2, 20)
+    visual = np.zeros(ids.shape, bool)
+    visual[:, VIS] = True
+    sinks = np.zeros(ids.shape, bool)
+    sinks[0, [5, 9]] = sinks[1, 4] = True
+    return hf, model, params, ids, visual, sinks
+
+
+def run(model, params, ids, visual, sinks, **iv):
+    return model.apply({"params": params}, jnp.asarray(ids), interventions=Interventions(**iv),
+                       visual_mask=jnp.asarray(visual), sink_mask=jnp.asarray(sinks), num_visual=12,
+                       output_attentions=True)
+
+
+def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks):
+    """transformers: layers < K on every token; FastV's rule picks the kept tokens from layer
+    K-1's attention (mean over heads and queries); layers >= K run on them alone with their
+    original positions. Returns (kept indices per row, logits at the kept tokens)."""
+    with torch.no_grad():
+        full = hf(torch.tensor(ids), output_attentions=True, output_hidden_states=True)
+        received = t2n(full.attentions[layer - 1]).mean(1).mean(1)           # [B, T]
+        n_drop = int(ratio * visual[0].sum())
+        rest = copy.deepcopy(hf)
+        rest.model.layers = rest.model.layers[layer:]
+        kept, logits = [], []
+        for b in range(ids.shape[0]):
+            order = [i for i in np.argsort(received[b], kind="stable")
+                     if visual[b, i] and not (keep_sinks and sinks[b, i])]
+            keep = np.setdiff1d(np.arange(ids.shape[1]), order[:n_drop])
+            h = full.hidden_states[layer][b:b + 1, keep]
+            out = rest(inputs_embeds=h, position_ids=torch.tensor(keep)[None])
+            kept.append(keep)
+            logits.append(t2n(out.logits[0]))
+    return np.stack(kept), np.stack(logits)
+
+
+@pytest.mark.parametrize("keep_sinks", [False, True])
+def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks):
+    hf, model, params, ids, visual, sinks = llama
+    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks)
+    out = run(model, params, ids, visual, sinks, prune=TokenPruning(2, 0.5, keep_sinks))
+    ours = np.take_along_axis(np.asarray(out.logits), kept[..., None], 1)
+    assert_close(ours, ref, what="logits at the kept tokens")
+    assert out.attentions[-1].shape[-1] == 20 - 6  # the later layers really ran on 14 tokens
+    if keep_sinks:
+        assert all(np.isin(np.flatnonzero(sinks[b]), kept[b]).all() for b in range(2))
+
+
+def test_pruning_ratio_zero_and_var_budget_zero_equal_stock(llama):
+    _, model, params, ids, visual, sinks = llama
+    stock = model.apply({"params": params}, jnp.asarray(ids)).logits
+    for iv in (dict(prune=TokenPruning(2, 0.0)), dict(var=AttentionRedistribution(p=1.0))):
+        np.testing.assert_allclose(run(model, params, ids, visual, sinks, **iv).logits, stock, atol=1e-5)
+
+
+def var_loop(w, visual, sinks, p, rho, summ):
+    """VAR written as the method states it, one (row, head, query) at a time."""
+    out = w.copy()
+    for b, h, t in np.ndindex(*w.shape[:3]):
+        row = w[b, h, t]
+        a = row[visual[b]].sum()
+        if not (row[visual[b] & sinks[b]].sum() / (a + 1e-6) <= rho and a >= summ):
+            continue
+        new = row.copy()
+        new[sinks[b]] *= p
+        budget = (1 - p) * row[sinks[b]].sum()
+        target = visual[b] & ~sinks[b]
+        new[target] += budget * new[target] / (new[target].sum() + 1e-8)
+        out[b, h, t] = new
+    return out
+
+
+def test_var_matches_the_loop_and_keeps_rows_normalised():
+    rng = np.random.default_rng(0)
+    w = rng.dirichlet(np.full(10, 0.3), size=(2, 3, 5)).astype(np.float32)      # [B, H, T, S]
+    visual = np.zeros((2, 10), bool)
+    visual[:, 2:8] = True
+    sinks = np.zeros((2, 10), bool)
+    sinks[:, [0, 3]] = True   # a text sink (BOS-like) and a visual sink
+    sinks[1, 6] = True
+    got = np.asarray(redistribute(jnp.asarray(w), jnp.asarray(visual), jnp.asarray(sinks),
+                                  0.6, 0.5, 0.2))
+    ref = var_loop(w, visual, sinks, 0.6, 0.5, 0.2)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert not np.allclose(got, w)                      # some heads were image-centric
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+    per_row = jax.vmap(lambda x, v, s: redistribute(x[None], v[None], s[None], 0.6, 0.5, 0.2)[0])
+    np.testing.assert_allclose(per_row(jnp.asarray(w), jnp.asarray(visual), jnp.asarray(sinks)), got,
+                               atol=1e-7)
+
+
+def test_var_inside_the_model_moves_attention_off_the_sinks(llama):
+    _, model, params, ids, visual, sinks = llama
+    var = AttentionRedistribution(p=0.2, rho=1.0, summ=0.0, first_layer=1, skip_last=False)
+    stock = run(model, params, ids, visual, sinks)
+    out = run(model, params, ids, visual, sinks, var=var)
+    a, b = np.asarray(stock.attentions[2]), np.asarray(out.attentions[2])
+    np.testing.assert_allclose(b.sum(-1), 1.0, atol=1e-5)
+    sink_share = lambda w: (w * sinks[:, None, None, :]).sum(-1)  # noqa: E731
+    assert np.all(sink_share(b)[:, :, 10:] < sink_share(a)[:, :, 10:])
+    np.testing.assert_allclose(np.asarray(out.attentions[0]), np.asarray(stock.attentions[0]), atol=1e-6)
+
+
+def test_lvlm_pruning_keeps_the_vit_sinks_and_needs_one_image_per_row(tmp_path):
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    ids = np.array([[1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8]] * 2)
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
+    rule = vj.SinkRule("topk", k=3)
+    policy = model.clone(visual_tokens=vj.VisualTokenPolicy(rule=rule))
+    pruned = policy.clone(interventions=Interventions(prune=TokenPruning(1, 0.75, keep_sinks=True)))
+    out = pruned.apply({"params": params}, jnp.asarray(ids), pixels, output_attentions=True,
+                       output_vision=True)
+    assert out.attentions[-1].shape[-1] == ids.shape[1] - int(0.75 * n)
+    sinks = sink_mask(token_norms(out.vision_features), rule)
+    inputs = pruned.apply({"params": params}, out.vision_features, None, jnp.asarray(ids) == IMAGE_TOKEN,
+                          method=pruned.intervention_inputs)
+    np.testing.assert_array_equal(np.asarray(inputs["sink_mask"])[:, 3:3 + n], np.asarray(sinks))
+    two = np.array([[1] + [IMAGE_TOKEN] * n + [5] + [IMAGE_TOKEN] * n + [7]])  # 2 images, 1 row
+    with pytest.raises(ValueError, match="one image per row"):
+        pruned.apply({"params": params}, jnp.asarray(two), pixels)

@@ -1,0 +1,92 @@
+"""Published sink interventions as switches on the LVLM, all off by default (stock parity):
+
+* :class:`TokenPruning` - FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2",
+  ECCV 2024): after LLM layer K drop the share r of visual tokens that received the least
+  attention; ``keep_sinks`` makes it sink-aware (ViT sinks are never dropped, after this
+  paper's finding that they carry the global meaning). The sequence really gets shorter.
+* :class:`AttentionRedistribution` - VAR (Kang et al., "See What You Are Told: Visual Attention
+  Sink in Large Multimodal Models", ICLR 2025): in image-centric heads, part of the attention
+  paid to sink tokens is moved to the non-sink visual tokens.
+* :class:`TestTimeRegisters` - Jiang et al., "Vision Transformers Don't Need Trained Registers"
+  (2025): the ViT MLP neurons that write the high-norm outliers are redirected into an extra
+  token that is never passed on, removing the sinks without training.
+
+Set them with ``model.clone(interventions=Interventions(prune=TokenPruning(2, 0.5)))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPruning:
+    """layer: K, visual tokens are dropped after the first K LLM layers (FastV: 2).
+    ratio: r, the share of each image's visual tokens dropped (FastV: 0.5).
+    keep_sinks: never drop a ViT sink (the model's sink rule), the sink-aware variant.
+    score: "mean" (attention received, averaged over heads and all query tokens: FastV's rule)
+      or "last" (attention from the last token only)."""
+
+    layer: int = 2
+    ratio: float = 0.5
+    keep_sinks: bool = False
+    score: str = "mean"
+
+    def __post_init__(self):
+        if self.layer < 1 or not 0 <= self.ratio < 1 or self.score not in ("mean", "last"):
+            raise ValueError(f"bad token pruning: layer={self.layer} (>= 1), ratio={self.ratio} "
+                             f"(in [0, 1)), score={self.score!r} (mean | last)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRedistribution:
+    """VAR. p: the share of sink attention kept (1 = stock; the method's 0.6);
+    rho: a head is image-centric for a query when at most this share of its visual attention
+    goes to visual sinks, and summ: it pays at least this much attention to the image at all.
+    sinks: "vit" (the ViT sinks of the model's sink rule) or "dims" (LLM sink tokens: tokens with
+    max over ``sink_dims`` of |h[d]| / RMS(h) > tau in the layer's input, the method's rule).
+    Layers from ``first_layer``; the last layer is skipped when ``skip_last``."""
+
+    p: float = 0.6
+    rho: float = 0.5
+    summ: float = 0.2
+    sinks: str = "vit"
+    sink_dims: tuple = ()
+    tau: float = 20.0
+    first_layer: int = 2
+    skip_last: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.p <= 1 or self.sinks not in ("vit", "dims") or (
+                self.sinks == "dims" and not self.sink_dims):
+            raise ValueError(f"bad attention redistribution: p={self.p} (in [0, 1]), "
+                             f"sinks={self.sinks!r} (vit | dims; dims needs sink_dims)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTimeRegisters:
+    """neurons: ((layer, neuron), ...) ViT MLP neurons that write the outliers (see
+    :func:`vitsink_jax.interventions.registers.find_register_neurons`); registers: extra tokens
+    appended to the ViT sequence (zeros), dropped before the projector; scale: the registers'
+    activation = scale x the neuron's max over the tokens; the patches' activation becomes 0."""
+
+    neurons: tuple = ()
+    registers: int = 1
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.registers < 1 or any(len(n) != 2 for n in self.neurons):
+            raise ValueError(f"bad test-time registers: registers={self.registers} (>= 1), "
+                             f"neurons={self.neurons} (pairs of layer, neuron)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interventions:
+    prune: Optional[TokenPruning] = None
+    var: Optional[AttentionRedistribution] = None
+    registers: Optional[TestTimeRegisters] = None
+
+    @property
+    def is_stock(self) -> bool:
+        return self.prune is None and self.var is None and self.registers is None

