@@ -147,3 +147,51 @@ def test_lvlm_pruning_keeps_the_vit_sinks_and_needs_one_image_per_row(tmp_path):
     two = np.array([[1] + [IMAGE_TOKEN] * n + [5] + [IMAGE_TOKEN] * n + [7]])  # 2 images, 1 row
     with pytest.raises(ValueError, match="one image per row"):
         pruned.apply({"params": params}, jnp.asarray(two), pixels)
+
+
+def test_test_time_registers_remove_a_planted_outlier():
+    """A tiny CLIP tower with one planted register neuron (layer 0, neuron 10 fires only at the
+    token whose position embedding points along dim 0, and writes a huge value into dim 1): the
+    neuron search finds it, and moving it into a test-time register removes the outlier."""
+    from flax.core import unfreeze
+
+    from vitsink_jax.config import VisionConfig
+    from vitsink_jax.interventions import TestTimeRegisters
+    from vitsink_jax.interventions.registers import find_register_neurons
+    from vitsink_jax.models.dinov2 import Dinov2Tower
+    from vitsink_jax.models.vit import VisionTransformer
+
+    c = VisionConfig(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7)
+    pixels = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 28, 28))
+    tower = VisionTransformer(c)
+    p = unfreeze(tower.init(jax.random.PRNGKey(0), pixels)["params"])
+    token, neuron = 6, 10
+    p["embeddings"]["position_embedding"]["embedding"] = \
+        p["embeddings"]["position_embedding"]["embedding"].at[token, 0].set(30.0)
+    mlp = p["encoder"]["layers_0"]["mlp"]
+    mlp["fc1"]["kernel"] = mlp["fc1"]["kernel"].at[:, neuron].set(0.0).at[0, neuron].set(5.0)
+    mlp["fc1"]["bias"] = mlp["fc1"]["bias"].at[neuron].set(-8.0)
+    mlp["fc2"]["kernel"] = mlp["fc2"]["kernel"].at[neuron].set(0.0).at[neuron, 1].set(30.0)
+
+    out, inter = tower.apply({"params": p}, pixels, output_hidden_states=True, mutable=["intermediates"])
+    norms = np.asarray(token_norms(out.hidden_states[-1]))
+    assert (np.argmax(norms, 1) == token).all() and norms[:, token].min() > 20 * np.median(norms)
+    acts = [inter["intermediates"]["encoder"][f"layers_{i}"]["mlp"]["mlp_activations"][0]
+            for i in range(3)]
+    (layer, found, _), *_ = find_register_neurons(acts, norms == norms.max(1, keepdims=True), top=3)
+    assert (layer, found) == (0, neuron)
+
+    ttr = TestTimeRegisters(neurons=((layer, found),))
+    fixed = VisionTransformer(c, test_time_registers=ttr).apply({"params": p}, pixels,
+                                                                  output_hidden_states=True)
+    norms = np.asarray(token_norms(fixed.hidden_states[-1]))
+    assert fixed.hidden_states[-1].shape == out.hidden_states[-1].shape  # the register is dropped
+    assert norms.max() < 2 * np.median(norms)
+    empty = VisionTransformer(c, test_time_registers=TestTimeRegisters()).apply({"params": p}, pixels)
+    np.testing.assert_array_equal(empty.last_hidden_state, out.last_hidden_state)  # no neuron: stock
+    d = VisionConfig(model_type="dinov2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, image_size=28, patch_size=7, layerscale_value=0.5)
+    dino = Dinov2Tower(d, test_time_registers=ttr)
+    out = dino.apply(dino.init(jax.random.PRNGKey(0), pixels), pixels, output_attentions=True)
+    assert out.last_hidden_state.shape == (2, 17, 32) and out.attentions[0].shape == (2, 4, 17, 17)

@@ -12,6 +12,7 @@ attention.query``, ``layer_scale1.lambda1``, ``layernorm``), so conversion needs
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,8 @@ from flax import linen as nn
 from ..config import VisionConfig
 from .attention import dot_product_attention
 from .outputs import VisionOutput
-from .vit import VisionMLP, VisionTransformer
+from ..interventions import TestTimeRegisters
+from .vit import VisionMLP, VisionTransformer, register_edit, with_registers, without_registers
 
 
 def _cubic(x, a):
@@ -160,13 +162,14 @@ class Dinov2Layer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, edit=None):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
         h, weights = Dinov2Attention(c, name="attention", **kw)(ln("norm1")(x))
         x = x + LayerScale(c.layerscale_value, self.param_dtype, name="layer_scale1")(h)
-        h = VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(ln("norm2")(x))
+        h = VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(
+            ln("norm2")(x), edit)
         return x + LayerScale(c.layerscale_value, self.param_dtype, name="layer_scale2")(h), weights
 
 
@@ -174,13 +177,15 @@ class Dinov2Encoder(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, x):
         """Returns (last, hidden_states L+1 x [B, N, E], attentions L x [B, H, N, N])."""
         states, attns = [x], []
         for i in range(self.config.num_hidden_layers):
-            x, w = Dinov2Layer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(x)
+            x, w = Dinov2Layer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
+                x, register_edit(self.test_time_registers, i, self.config))
             states.append(x)
             attns.append(w)
         return x, tuple(states), tuple(attns)
@@ -194,6 +199,7 @@ class Dinov2Tower(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False,
@@ -205,7 +211,10 @@ class Dinov2Tower(nn.Module):
                              f"[B, {c.num_channels}, H, W] with H, W multiples of {c.patch_size}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Dinov2Embeddings(c, name="embeddings", **kw)(pixel_values)
-        x, states, attns = Dinov2Encoder(c, name="encoder", **kw)(x)
+        ttr = self.test_time_registers
+        x, states, attns = Dinov2Encoder(c, name="encoder", test_time_registers=ttr, **kw)(
+            with_registers(x, ttr))
+        x, states, attns = without_registers(ttr, x, states, attns)
         last = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm", **kw)(x)
         return VisionOutput(last_hidden_state=last, pooler_output=last[:, 0],
                             hidden_states=states if output_hidden_states else None,

@@ -122,7 +122,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = vision_tower_class(c.vision)(c.vision, **kw)
+        self.vision_tower = vision_tower_class(c.vision)(
+            c.vision, test_time_registers=self.interventions.registers, **kw)
         projector = lambda: MLPProjector(c.text.hidden_size, c.projector_type,  # noqa: E731
                                          c.projector_hidden_act, c.projector_bias, **kw)
         self.multi_modal_projector = projector()  # DIYSink: the non-sink path

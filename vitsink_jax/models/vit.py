@@ -8,6 +8,9 @@ per-layer names equal to HF's (a scanned variant belongs to the fast-inference w
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Optional
+
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -15,6 +18,40 @@ from ..config import VisionConfig
 from .attention import Attention, dot_product_attention
 from .layers import activation
 from .outputs import VisionOutput
+from ..interventions import TestTimeRegisters
+from ..interventions.registers import move_to_registers
+
+
+def active(ttr: Optional[TestTimeRegisters]) -> bool:
+    """Test-time registers are on (a config with at least one neuron)."""
+    return ttr is not None and len(ttr.neurons) > 0
+
+
+def with_registers(x, ttr: Optional[TestTimeRegisters]):
+    """Appends the test-time registers (zeros) to the tokens [B, N, E] -> [B, N + R, E]."""
+    if not active(ttr):
+        return x
+    return jnp.concatenate([x, jnp.zeros((x.shape[0], ttr.registers, x.shape[2]), x.dtype)], 1)
+
+
+def without_registers(ttr: Optional[TestTimeRegisters], last, states, attns):
+    """Drops the test-time registers from the tower's outputs (attention to them left out)."""
+    if not active(ttr):
+        return last, states, attns
+    r = ttr.registers
+    return (last[:, :-r], tuple(s[:, :-r] for s in states),
+            tuple(None if a is None else a[:, :, :-r, :-r] for a in attns))
+
+
+def register_edit(ttr: Optional[TestTimeRegisters], layer: int, config: VisionConfig):
+    """The MLP activation edit of ``layer`` (None when it has no register neuron)."""
+    if not active(ttr):
+        return None
+    neurons = [n for l, n in ttr.neurons if l == layer]
+    if not neurons:
+        return None
+    return partial(move_to_registers, neurons=tuple(neurons), registers=ttr.registers,
+                   prefix=config.prefix_tokens, scale=ttr.scale)
 
 
 class VisionEmbeddings(nn.Module):
@@ -48,9 +85,15 @@ class VisionMLP(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, edit=None):
+        """``edit``: optional fn on the activations [B, N, F] (test-time registers). The
+        activations are sown as ``intermediates/mlp_activations`` (apply with
+        ``mutable=["intermediates"]`` to read them)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = activation(self.act)(nn.Dense(self.intermediate_size, name="fc1", **kw)(x))
+        if edit is not None:
+            x = edit(x)
+        self.sow("intermediates", "mlp_activations", x)
         return nn.Dense(self.hidden_size, name="fc2", **kw)(x)
 
 
@@ -62,7 +105,7 @@ class EncoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, output_attentions=False):
+    def __call__(self, x, output_attentions=False, edit=None):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
@@ -71,7 +114,7 @@ class EncoderLayer(nn.Module):
             ln("layer_norm1")(x), output_attentions=output_attentions)
         x = x + h
         x = x + VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(
-            ln("layer_norm2")(x))
+            ln("layer_norm2")(x), edit)
         return x, weights
 
 
@@ -123,6 +166,7 @@ class Encoder(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, x, output_attentions=False):
@@ -130,7 +174,7 @@ class Encoder(nn.Module):
         states, attns = [x], []
         for i in range(self.config.num_hidden_layers):
             x, w = EncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(
-                x, output_attentions)
+                x, output_attentions, register_edit(self.test_time_registers, i, self.config))
             states.append(x)
             attns.append(w)
         return x, tuple(states), tuple(attns)
@@ -147,6 +191,7 @@ class VisionTransformer(nn.Module):
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False,
@@ -161,7 +206,10 @@ class VisionTransformer(nn.Module):
         x = VisionEmbeddings(c, name="embeddings", **kw)(pixel_values)
         if c.has_class_token:
             x = ln("pre_layrnorm")(x)
-        last, states, attns = Encoder(c, name="encoder", **kw)(x, output_attentions)
+        ttr = self.test_time_registers
+        last, states, attns = Encoder(c, name="encoder", test_time_registers=ttr, **kw)(
+            with_registers(x, ttr), output_attentions)
+        last, states, attns = without_registers(ttr, last, states, attns)
         if c.has_class_token:  # CLIP: last_hidden_state un-normed, pooled = post-LN CLS
             pooled = ln("post_layernorm")(last[:, 0])
         else:  # SigLIP: post-LN on every token, optional attention-pooling head

@@ -1,0 +1,45 @@
+"""Test-time registers (Jiang et al., "Vision Transformers Don't Need Trained Registers", 2025)
+as pure functions: finding the ViT MLP neurons that write the high-norm outliers, and moving
+their activation into extra tokens. B images, N tokens (prefix + patches), F MLP neurons,
+R extra register tokens (appended last, zeros after the embeddings, never passed on).
+"""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+
+def move_to_registers(act, neurons, registers: int, prefix: int, scale: float = 1.0):
+    """One layer's MLP activations [B, N + R, F] with each neuron of ``neurons`` [k] moved to
+    the registers: the R last tokens get scale x the neuron's max over all tokens, the patches
+    (tokens ``prefix`` .. N - 1) get 0; CLS / trained registers keep theirs."""
+    chex.assert_rank(act, 3)
+    idx = jnp.asarray(neurons, jnp.int32)
+    sel = act[..., idx]                                                       # [B, N + R, k]
+    peak = jnp.max(sel, axis=1, keepdims=True)
+    n = act.shape[1] - registers
+    token = jnp.arange(act.shape[1])[None, :, None]
+    sel = jnp.where(token >= n, scale * peak, jnp.where(token >= prefix, 0.0, sel))
+    return act.at[..., idx].set(sel.astype(act.dtype))
+
+
+def find_register_neurons(activations, outliers, top: int = 10) -> list:
+    """The (layer, neuron, score) of the ``top`` neurons with the largest mean |activation| at
+    outlier tokens, averaged over the images that have outliers (the method's rule).
+
+    Args:
+      activations: L x [B, N, F] MLP activations per layer (e.g. from ``mutable=["intermediates"]``).
+      outliers: [B, N] bool, the outlier (sink) tokens, e.g. a sink rule on a late layer's norms.
+    """
+    acts = np.stack([np.abs(np.asarray(a, np.float32)) for a in activations])    # [L, B, N, F]
+    out = np.asarray(outliers, bool)
+    have = out.any(axis=1)
+    if not have.any():
+        raise ValueError("no outlier token in any image: lower the rule's threshold (or use topk)")
+    w = out[None, :, :, None].astype(np.float32)
+    per_image = (acts * w).sum(2) / np.maximum(w.sum(2), 1)                       # [L, B, F]
+    score = per_image[:, have].mean(1)                                            # [L, F]
+    order = np.argsort(-score, axis=None)[:top]
+    return [(int(i // score.shape[1]), int(i % score.shape[1]), float(score.flat[i])) for i in order]
