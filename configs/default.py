@@ -67,6 +67,14 @@ def get_config():
     c.study = ml_collections.ConfigDict(dict(models=("single", "diysink"), rule="topk",
                                              mc_format="cloze"))
 
+    # interventions mode (vitsink_jax.interventions.parse): the specs compared (the first is the
+    # timing reference), on the mini-study single-MLP model (2 LLM layers: pruning after layer 1)
+    # unless --config.checkpoint is given
+    c.compare = ml_collections.ConfigDict(dict(
+        specs=("stock", "front", "fastv:0.25:1", "fastv:0.5:1", "fastv:0.75:1", "fastv+sinks:0.25:1",
+               "fastv+sinks:0.5:1", "fastv+sinks:0.75:1", "var:0.6:0", "registers:10"),
+        checkpoint="mini_study:single", mc_format="cloze", rule="topk", new_tokens=8))
+
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                    local_device_count=0))  # multi-host runs
     c.embedded = embedded_shape()  # shape of the embedded default model

@@ -262,3 +262,18 @@ def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
     for res in study["results"].values():
         assert res["n"] == 6 and res["sinks_per_image"] == 4.0
     assert study["vit_summary"]["images"] == 1 and len(study["checkpoints"]["single"]["sha256"]) == 64
+
+
+def test_interventions_side_by_side(tmp_path):
+    specs = '--config.compare.specs=("stock","fastv:0.5:1","fastv+sinks:0.5:1","var:0.6:0","registers:4")'
+    proc = run_evaluate(tmp_path / "work", "", "--config.mode=interventions", specs,
+                        "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
+                        "--config.benchmark.limit=6", "--config.benchmark.image_size=56")
+    assert "intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x\tdecode x" in proc.stdout
+    report = json.loads((tmp_path / "work" / "interventions.json").read_text())
+    res = report["results"]
+    assert res["stock"]["visual_tokens_kept"] == 16 and res["fastv:0.5:1"]["visual_tokens_kept"] == 8
+    assert res["stock"]["prefill_vs_first"] == 1.0 and res["fastv:0.5:1"]["decode_step_s"] > 0
+    assert res["var:0.6:0"]["decode_vs_first"] is None  # VAR: no cached generation
+    assert len(res["registers:4"]["register_neurons"]) == 4 and res["var:0.6:0"]["n"] == 6
+    assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000

@@ -195,3 +195,32 @@ def test_test_time_registers_remove_a_planted_outlier():
     dino = Dinov2Tower(d, test_time_registers=ttr)
     out = dino.apply(dino.init(jax.random.PRNGKey(0), pixels), pixels, output_attentions=True)
     assert out.last_hidden_state.shape == (2, 17, 32) and out.attentions[0].shape == (2, 4, 17, 17)
+
+
+def test_pruned_generation_uses_a_shorter_cache(tmp_path):
+    from vitsink_jax.generate import generate
+    from vitsink_jax.models.llm import init_cache
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    ids = np.array([[1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8], [0, 1, 9] + [IMAGE_TOKEN] * n + [4, 2]])
+    mask = np.ones(ids.shape, np.int32)
+    mask[1, 0] = 0  # left padding
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
+    stock = generate(model, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 5)
+    zero = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.0)))
+    np.testing.assert_array_equal(generate(zero, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 5), stock)
+    pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5)))
+    cache = init_cache(model.config.text, 2, ids.shape[1] + 5, pruning=(1, n // 2))
+    assert cache.keys[0].shape[1] == ids.shape[1] + 5 and cache.keys[1].shape[1] == ids.shape[1] + 5 - n // 2
+    out = pruned.apply({"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
+                       cache=cache)
+    plain = pruned.apply({"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
+                         position_ids=jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0)))
+    np.testing.assert_allclose(out.logits[:, -1], plain.logits[:, -1], atol=1e-5)  # prefill = forward
+    tokens = generate(pruned, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 5)
+    assert tokens.shape == (2, 5) and int(tokens[0, 0]) == int(np.argmax(plain.logits[0, -1]))
+    with pytest.raises(ValueError, match="init_cache"):
+        pruned.apply({"params": params}, jnp.asarray(ids), pixels,
+                     cache=init_cache(model.config.text, 2, ids.shape[1] + 5))

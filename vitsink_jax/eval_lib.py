@@ -330,6 +330,74 @@ def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"
     return out
 
 
+# --------------------------------------------------------------------- interventions ---
+
+def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
+    """The prompts of ``records`` as one batch: ids, mask [B, L] right-padded (forward) and
+    left_ids, left_mask left-padded (generation), pixels [B, C, H, W]."""
+    c = model.config
+    rows = [encode_prompt(tokenizer, prompt_text(r, cfg.templates, cfg.mc_format), c.num_image_tokens,
+                          c.image_token_index) for r in records]
+    length = bucket(max(len(i) for i in rows), cfg.length_bucket)
+    pad = tokenizer.pad_token_id or 0
+    out = {"ids": np.full((len(rows), length), pad, np.int32), "mask": np.zeros((len(rows), length), np.int32),
+           "pixels": np.stack([pixels_from_bytes(c, r["image"]) for r in records])}
+    for b, row in enumerate(rows):
+        out["ids"][b, :len(row)], out["mask"][b, :len(row)] = row, 1
+    out["left_ids"], out["left_mask"] = left_pad(rows, length, pad)
+    return out
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` (blocked on its result) after one warm-up (compile) call."""
+    import time
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
+    """Median time of the jitted forward (the prefill) over ``batch``."""
+    fwd = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, attention_mask=m).logits)
+    return _median_seconds(lambda: fwd(params, batch["ids"], batch["pixels"], batch["mask"]), repeats)
+
+
+def generate_seconds(model, params, batch: dict, new_tokens: int = 8, repeats: int = 3) -> float:
+    """Median time of :func:`vitsink_jax.generate.generate` (prefill + ``new_tokens`` - 1 decode
+    steps, no stop token) over ``batch``."""
+    return _median_seconds(lambda: generate(model, params, batch["left_ids"], batch["left_mask"],
+                                            batch["pixels"], new_tokens), repeats)
+
+
+def register_neurons(model, params, pixels, rule, top: int) -> list:
+    """Test-time registers: the ``top`` (layer, neuron, score) register neurons of the LVLM's
+    vision tower on ``pixels`` [N, C, H, W], outliers = the sinks of ``rule`` on the projector
+    input (the feature layer)."""
+    from flax import traverse_util
+
+    from .interventions.registers import find_register_neurons
+
+    (selected, _), state = model.apply({"params": params}, jnp.asarray(pixels),
+                                       method=model.vision_features, mutable=["intermediates"])
+    layers = {}
+    for path, value in traverse_util.flatten_dict(state["intermediates"]).items():
+        hit = [int(m.group(1)) for k in path if (m := re.fullmatch(r"layers?_(\d+)", k))]
+        if hit:  # encoder layers only (not SigLIP's pooling head)
+            layers[hit[0]] = value[0]
+    acts = [layers[i] for i in sorted(layers)]
+    c = model.config
+    sinks = np.asarray(sink_mask(token_norms(selected), rule))
+    n, off = sinks.shape[0], c.visual_cls_offset  # tower order: CLS, trained registers, patches
+    gap = np.zeros((n, c.vision.prefix_tokens - off), bool)
+    outliers = np.concatenate([sinks[:, :off], gap, sinks[:, off:]], axis=1)
+    return find_register_neurons(acts, outliers, top)
+
+
 # ------------------------------------------------------------------------------ metrics ---
 
 def accuracy_by(preds: list, key: str) -> dict:

@@ -1,6 +1,8 @@
 """Generation for the LVLM: one prefill over the prompt (images included) into a preallocated
 KV cache, then a compiled decode loop (``lax.while_loop``, one token per iteration, no Python
 dispatch per token) that stops when every row has hit a stop token or ``max_new_tokens``.
+With FastV token pruning the layers after K cache only the kept tokens, so decode steps read a
+shorter cache there.
 
 Greedy (``temperature=0``) or sampling with temperature, top-k and top-p under an explicit
 PRNG key. Prompts are left-padded; pad them to a length bucket (``left_pad``) so that prompts of
@@ -71,7 +73,9 @@ def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tok
       [B, max_new_tokens] int32.
     """
     b, t = input_ids.shape
-    cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype)
+    prune = model.interventions.prune  # FastV: the pruned layers get a shorter cache
+    pruning = () if prune is None else (prune.layer, int(prune.ratio * model.config.num_image_tokens))
+    cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning)
     key = jax.random.PRNGKey(0) if key is None else key
     out = model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
                       cache=cache, route=route)

@@ -92,3 +92,16 @@ def relevance_maps(image: np.ndarray, maps: dict, path) -> Path:
     for ax in axes:
         ax.axis("off")
     return _save(fig, path)
+
+
+def pruning_curves(curves: dict, path) -> Path:
+    """Accuracy (%) against visual tokens kept, one line per pruning method
+    ({label: [(tokens kept, accuracy)]})."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for label, points in curves.items():
+        kept, acc = zip(*sorted(points))
+        ax.plot(kept, acc, marker="o", label=label)
+    ax.set(xlabel="visual tokens kept", ylabel="accuracy (%)", title="token pruning")
+    if curves:
+        ax.legend()
+    return _save(fig, path)

@@ -90,3 +90,33 @@ class Interventions:
     @property
     def is_stock(self) -> bool:
         return self.prune is None and self.var is None and self.registers is None
+
+
+SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | var[:p[:first_layer]] | "
+             "registers[:neurons]")
+
+
+def parse(spec: str) -> tuple[Interventions, str, int]:
+    """A comparison spec -> (interventions, visual-token order, register neurons to find).
+
+    "stock", "front" (sink-to-the-front, this paper), "fastv:0.5:2" (FastV, ratio 0.5 after layer
+    2), "fastv+sinks:0.5" (sink-aware pruning), "var:0.6:2" (VAR keeping 60% of sink attention,
+    from layer 2 on),
+    "registers:10" (test-time registers on the 10 top register neurons, found on the data).
+    """
+    name, *args = spec.split(":")
+    try:
+        nums = [float(a) for a in args]
+        if name in ("stock", "front") and not nums:
+            return Interventions(), "front" if name == "front" else "none", 0
+        if name in ("fastv", "fastv+sinks") and len(nums) <= 2:
+            ratio, layer = (nums + [0.5, 2.0][len(nums):])[:2]
+            return Interventions(prune=TokenPruning(int(layer), ratio, name == "fastv+sinks")), "none", 0
+        if name == "var" and len(nums) <= 2:
+            p, first = (nums + [0.6, 2.0][len(nums):])[:2]
+            return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first))), "none", 0
+        if name == "registers" and len(nums) <= 1:
+            return Interventions(), "none", int(nums[0]) if nums else 10
+    except ValueError as e:
+        raise ValueError(f"intervention {spec!r}: {e}") from e
+    raise ValueError(f"intervention {spec!r} is not one of {SPEC_HELP}")

@@ -111,8 +111,16 @@ class DecoderModel(nn.Module):
         var = None if interventions is None else interventions.var
         if (prune or var) and (visual_mask is None or sink_mask is None):
             raise ValueError("token pruning and VAR need visual_mask and sink_mask")
-        if prune is not None and cache is not None:
-            raise NotImplementedError("token pruning with a KV cache (generation) is not supported")
+        if prune is not None and prune.layer >= len(self.layers):
+            raise ValueError(f"token pruning after layer {prune.layer} needs more than "
+                             f"{len(self.layers)} LLM layers")
+        if var is not None and cache is not None:
+            raise NotImplementedError("VAR with a KV cache (generation) is not supported; score "
+                                      "with log-likelihoods (eval.scoring=loglik)")
+        if prune is not None and cache is not None and (cache.late_mask is None or cache.split != prune.layer
+                                                        or cache.drop != int(prune.ratio * num_visual)):
+            raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
+                             "dropped tokens)) matching the pruning (generate() does this)")
         if cache is None:
             if position_ids is None:
                 position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -121,17 +129,18 @@ class DecoderModel(nn.Module):
             keep = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
             if position_ids is None:
                 position_ids = generation_positions(keep, cache.position)
-            slots = jax.lax.dynamic_update_slice(cache.mask, keep, (0, cache.index))
-            s = slots.shape[1]
-            causal = jnp.arange(s)[None, :] <= (cache.index + jnp.arange(t))[:, None]
-            mask = causal[None, None] & slots.astype(bool)[:, None, None, :]
+            last = jnp.max(jnp.where(keep > 0, position_ids, -1), axis=1) + 1
+            slots, mask = cache_mask(cache.mask, keep, cache.index)
         cos, sin = rotary_embedding(self.config, position_ids)
         x = inputs_embeds.astype(self.dtype)
-        states, attns, kvs, kept = [x], [], [], None
+        states, attns, kvs, kept, late_slots = [x], [], [], None, None
+        index = None if cache is None else cache.index
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             if prune is not None and i == prune.layer:  # FastV: drop the least-attended tokens
-                scores = pruning.attention_received(attns[-1], attention_mask, prune.score)
+                received = attns[-1] if cache is None else jax.lax.dynamic_slice_in_dim(
+                    attns[-1], cache.index, t, axis=-1)
+                scores = pruning.attention_received(received, attention_mask, prune.score)
                 n_drop = int(prune.ratio * num_visual)
                 kept = pruning.keep_indices(scores, visual_mask,
                                             sink_mask if prune.keep_sinks else None, n_drop)
@@ -139,8 +148,17 @@ class DecoderModel(nn.Module):
                     pruning.gather_tokens(a, kept) for a in (x, position_ids, visual_mask, sink_mask))
                 if attention_mask is not None:
                     attention_mask = pruning.gather_tokens(attention_mask, kept)
-                mask = make_attention_mask(attention_mask, t - n_drop, t - n_drop, causal=True)
+                if cache is None:
+                    mask = make_attention_mask(attention_mask, t - n_drop, t - n_drop, causal=True)
+                else:
+                    late_keep = pruning.gather_tokens(keep, kept)
                 cos, sin = rotary_embedding(self.config, position_ids)
+            if cache is not None and cache.late_mask is not None and i == cache.split:
+                # the pruned layers' own, shorter cache: the pruning prefill writes its kept tokens
+                # from the same slot; later steps come ``drop`` slots earlier than in layers < K
+                index = cache.index if kept is not None else cache.index - cache.drop
+                late_slots, mask = cache_mask(cache.late_mask, late_keep if kept is not None else keep,
+                                              index)
             adjust = None
             if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
                 sinks = sink_mask if var.sinks == "vit" else llm_sink_mask(
@@ -149,8 +167,7 @@ class DecoderModel(nn.Module):
                                  sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             need = output_attentions or (prune is not None and i == prune.layer - 1)
-            x, w, kv = layer(x, mask, cos, sin, need, kv, None if cache is None else cache.index,
-                             adjust)
+            x, w, kv = layer(x, mask, cos, sin, need, kv, index, adjust)
             states.append(x)
             attns.append(w)
             kvs.append(kv)
@@ -160,11 +177,19 @@ class DecoderModel(nn.Module):
             x = pruning.scatter_tokens(x, kept, t)
             states = [s_ if s_.shape[1] == t else pruning.scatter_tokens(s_, kept, t) for s_ in states]
         if cache is not None:
-            last = jnp.max(jnp.where(keep > 0, position_ids, -1), axis=1) + 1
-            cache = KVCache(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs),
-                            mask=slots, index=cache.index + t,
-                            position=jnp.maximum(cache.position, last).astype(jnp.int32))
+            cache = cache.replace(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs),
+                                  mask=slots, index=cache.index + t, late_mask=late_slots,
+                                  position=jnp.maximum(cache.position, last).astype(jnp.int32))
         return x, tuple(states), tuple(attns) if output_attentions else (None,) * n, cache
+
+
+def cache_mask(slot_mask, keep, index):
+    """(updated slot mask [B, S], attention mask [B, 1, T, S]) for T new tokens written at slot
+    ``index``: each attends to the kept slots up to its own."""
+    t = keep.shape[1]
+    slots = jax.lax.dynamic_update_slice(slot_mask, keep.astype(slot_mask.dtype), (0, index))
+    causal = jnp.arange(slots.shape[1])[None, :] <= (index + jnp.arange(t))[:, None]
+    return slots, causal[None, None] & slots.astype(bool)[:, None, None, :]
 
 
 def generation_positions(mask, start):
@@ -173,12 +198,19 @@ def generation_positions(mask, start):
     return start[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
 
 
-def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of ``length`` slots for ``batch`` rows."""
-    shape = (batch, length, config.num_key_value_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-    return KVCache(keys=zeros, values=zeros, mask=jnp.zeros((batch, length), jnp.int32),
-                   index=jnp.asarray(0, jnp.int32), position=jnp.zeros((batch,), jnp.int32))
+def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32,
+               pruning: tuple = ()) -> KVCache:
+    """An empty cache of ``length`` slots for ``batch`` rows. ``pruning`` = (layer K, tokens
+    dropped per row): layers from K get ``length - dropped`` slots (FastV's shorter cache)."""
+    split, drop = pruning or (config.num_hidden_layers, 0)
+    def zeros(i):
+        return jnp.zeros((batch, length - (drop if i >= split else 0), config.num_key_value_heads,
+                          config.head_dim), dtype)
+    keys = tuple(zeros(i) for i in range(config.num_hidden_layers))
+    return KVCache(keys=keys, values=keys, mask=jnp.zeros((batch, length), jnp.int32),
+                   index=jnp.asarray(0, jnp.int32), position=jnp.zeros((batch,), jnp.int32),
+                   late_mask=jnp.zeros((batch, length - drop), jnp.int32) if pruning else None,
+                   drop=drop, split=split if pruning else 0)
 
 
 class CausalLM(nn.Module):

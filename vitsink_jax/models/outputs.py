@@ -25,6 +25,11 @@ class KVCache:
     mask: jnp.ndarray                         # [B, S] int32: 1 = a token to attend to
     index: jnp.ndarray                        # int32 scalar: the next slot to write
     position: jnp.ndarray                     # [B] int32: the next position id of each row
+    # token pruning (FastV): layers >= split hold S - drop slots, with their own slot mask; their
+    # next slot is index - drop (the prefill wrote the pruned tokens to the early layers only)
+    late_mask: Optional[jnp.ndarray] = None   # [B, S - drop] int32
+    drop: int = struct.field(pytree_node=False, default=0)
+    split: int = struct.field(pytree_node=False, default=0)
 
 
 @struct.dataclass
