@@ -224,3 +224,16 @@ def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     with pytest.raises(ValueError, match="init_cache"):
         pruned.apply({"params": params}, jnp.asarray(ids), pixels,
                      cache=init_cache(model.config.text, 2, ids.shape[1] + 5))
+
+
+def test_comparison_specs():
+    from vitsink_jax.interventions import parse
+
+    assert parse("stock") == (Interventions(), "none", 0) and parse("front")[1] == "front"
+    assert parse("fastv+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, keep_sinks=True)
+    assert parse("fastv")[0].prune == TokenPruning(2, 0.5)
+    assert parse("var:0.5:0")[0].var == AttentionRedistribution(p=0.5, first_layer=0)
+    assert parse("registers:3")[2] == 3
+    for bad in ("bogus", "fastv:x", "var:1:2:3", "fastv:1.5"):
+        with pytest.raises(ValueError, match="intervention|bad token pruning"):
+            parse(bad)

@@ -70,5 +70,8 @@ def test_shipped_models_assemble_into_loadable_llava_folders(tmp_path, tower):
             np.asarray(params["vision_tower"]["embeddings"]["patch_embeddings"]["projection"]["bias"]),
             tower["embeddings.patch_embeddings.projection.bias"])
         assert (folder / "tokenizer.json").is_file()
-    for run in record["runs"].values():  # every run of the recipe trained: its loss fell
-        assert run["loss_curve"][-1] < run["loss_curve"][0] and len(run["checkpoint_sha256"]) == 64
+    assert sorted(record["runs"]) == ["diysink", "diysink_rew", "single"]
+    for name in ("single", "diysink"):  # trained from a random LM: the answer loss fell
+        run = record["runs"][name]
+        assert run["loss_curve"][-1] < 0.1 * run["loss_curve"][0] and len(run["checkpoint_sha256"]) == 64
+    assert record["runs"]["diysink_rew"]["config"]["stage"] == "rew"
