@@ -1,10 +1,12 @@
 """vitsink_jax evaluation CLI.
 
-    python evaluate.py                                   # demo on the embedded default, offline
+    python evaluate.py                                   # the mini LVLM study (main job), offline
     python evaluate.py --config configs/default.py --config.checkpoint=/path/to/llava --workdir runs/x
 
 Modes (``config.mode``):
-  benchmark (default) the embedded benchmark (or a benchmark file) scored for several visual-token
+  study (default) the README's main job: vit mode on the real DINOv2-S, then the embedded
+        benchmark on the shipped mini LVLMs (single MLP, DIYSink), stock vs sink-to-front.
+  benchmark  the embedded benchmark (or a benchmark file) scored for several visual-token
         variants side by side; writes results.json and per-item predictions.
   interventions  sink interventions side by side on one benchmark (sink-to-front, FastV and
         sink-aware pruning, VAR, test-time registers): accuracy, tokens kept, prefill time;
@@ -386,7 +388,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         neurons = []
         if top:
             neurons = eval_lib.register_neurons(model, params, batch["pixels"], rule, top)
-            iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((l, n) for l, n, _ in neurons)))
+            iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)

@@ -208,22 +208,22 @@ def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     mask = np.ones(ids.shape, np.int32)
     mask[1, 0] = 0  # left padding
     pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
-    stock = generate(model, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 5)
+    stock = generate(model, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3)
     zero = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.0)))
-    np.testing.assert_array_equal(generate(zero, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 5), stock)
+    np.testing.assert_array_equal(generate(zero, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3), stock)
     pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5)))
-    cache = init_cache(model.config.text, 2, ids.shape[1] + 5, pruning=(1, n // 2))
-    assert cache.keys[0].shape[1] == ids.shape[1] + 5 and cache.keys[1].shape[1] == ids.shape[1] + 5 - n // 2
+    cache = init_cache(model.config.text, 2, ids.shape[1] + 3, pruning=(1, n // 2))
+    assert cache.keys[0].shape[1] == ids.shape[1] + 3 and cache.keys[1].shape[1] == ids.shape[1] + 3 - n // 2
     out = pruned.apply({"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
                        cache=cache)
     plain = pruned.apply({"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
                          position_ids=jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0)))
     np.testing.assert_allclose(out.logits[:, -1], plain.logits[:, -1], atol=1e-5)  # prefill = forward
-    tokens = generate(pruned, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 5)
-    assert tokens.shape == (2, 5) and int(tokens[0, 0]) == int(np.argmax(plain.logits[0, -1]))
+    tokens = generate(pruned, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3)
+    assert tokens.shape == (2, 3) and int(tokens[0, 0]) == int(np.argmax(plain.logits[0, -1]))
     with pytest.raises(ValueError, match="init_cache"):
         pruned.apply({"params": params}, jnp.asarray(ids), pixels,
-                     cache=init_cache(model.config.text, 2, ids.shape[1] + 5))
+                     cache=init_cache(model.config.text, 2, ids.shape[1] + 3))
 
 
 def test_comparison_specs():

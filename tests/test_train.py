@@ -1,5 +1,5 @@
 """train.py: loss falls, frozen parts stay bitwise, resume equals a straight run, NaN stops
-with a checkpoint, 1 device = mesh(8) = pmap(8), and a real two-process jax.distributed run."""
+with a checkpoint, 1 device = mesh(2 data x 2 fsdp x 2 tensor) = pmap(8), and a real two-process jax.distributed run."""
 
 import importlib.util
 import json
@@ -155,8 +155,7 @@ def _result(proc):
 
 def test_one_device_mesh_and_pmap_agree(base, tmp_path):
     runs = {}
-    for name, kw in {"single": dict(), "mesh8": dict(devices=8),
-                     "fsdp_tensor": dict(devices=8, fsdp=2, tensor=2),
+    for name, kw in {"single": dict(), "fsdp_tensor": dict(devices=8, fsdp=2, tensor=2),
                      "pmap8": dict(devices=8, strategy="pmap")}.items():
         runs[name] = (_launch(base, tmp_path / name, **kw), kw.get("devices", 1))
     ref = None

@@ -47,7 +47,7 @@ def register_edit(ttr: Optional[TestTimeRegisters], layer: int, config: VisionCo
     """The MLP activation edit of ``layer`` (None when it has no register neuron)."""
     if not active(ttr):
         return None
-    neurons = [n for l, n in ttr.neurons if l == layer]
+    neurons = [n for at, n in ttr.neurons if at == layer]
     if not neurons:
         return None
     return partial(move_to_registers, neurons=tuple(neurons), registers=ttr.registers,
