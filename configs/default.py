@@ -73,7 +73,7 @@ def get_config():
     c.compare = ml_collections.ConfigDict(dict(
         specs=("stock", "front", "fastv:0.25:1", "fastv:0.5:1", "fastv:0.75:1", "fastv+sinks:0.25:1",
                "fastv+sinks:0.5:1", "fastv+sinks:0.75:1", "var:0.6:0", "registers:10"),
-        checkpoint="mini_study:single", mc_format="cloze", rule="topk", new_tokens=8))
+        checkpoint="mini_study:single", mc_format="cloze", rule="topk", decode_steps=16))
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                    local_device_count=0))  # multi-host runs

@@ -179,6 +179,12 @@ def test_generate_benchmark_quick(tmp_path):
     assert result["tokens_equal"] and result["speedup_vs_hf"] > 0
 
 
+def test_pruning_benchmark_quick(tmp_path):
+    rows = json.loads(run_benchmark_script("pruning", tmp_path).read_text())["results"]
+    assert rows["stock"]["prefill_speedup"] == 1.0 and rows["fastv:0.5:1"]["visual_tokens_kept"] == 8
+    assert rows["fastv:0.5:1"]["decode_step_s"] > 0
+
+
 def test_memory_benchmark_quick(tmp_path):
     out = run_benchmark_script("memory", tmp_path)
     (r,) = json.loads(out.read_text())["results"]
@@ -248,7 +254,7 @@ def test_interventions_side_by_side(tmp_path):
     specs = '--config.compare.specs=("stock","fastv+sinks:0.5:1","var:0.6:0","registers:4")'
     proc = run_evaluate(tmp_path / "work", "", "--config.mode=interventions", specs,
                         "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
-                        "--config.compare.new_tokens=3", "--config.benchmark.limit=4",
+                        "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
                         "--config.benchmark.image_size=56")
     assert "intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x\tdecode x" in proc.stdout
     report = json.loads((tmp_path / "work" / "interventions.json").read_text())

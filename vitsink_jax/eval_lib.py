@@ -34,7 +34,7 @@ from . import parallel
 from .data.preprocess import pixels_from_bytes
 from .data.tokenizer import encode_prompt
 from .diysink import route_code
-from .generate import generate, left_pad
+from .generate import generate, left_pad, prefill
 from .sinks.detect import sink_mask, token_norms
 
 LETTERS = "ABCDEFGHIJ"
@@ -367,11 +367,22 @@ def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
     return _median_seconds(lambda: fwd(params, batch["ids"], batch["pixels"], batch["mask"]), repeats)
 
 
-def generate_seconds(model, params, batch: dict, new_tokens: int = 8, repeats: int = 3) -> float:
-    """Median time of :func:`vitsink_jax.generate.generate` (prefill + ``new_tokens`` - 1 decode
-    steps, no stop token) over ``batch``."""
-    return _median_seconds(lambda: generate(model, params, batch["left_ids"], batch["left_mask"],
-                                            batch["pixels"], new_tokens), repeats)
+def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: int = 3) -> float:
+    """Median time of one greedy KV-cache decode step over ``batch`` (left-padded prompts): a
+    compiled loop of ``steps`` steps from the prefilled cache, divided by ``steps``."""
+    out = jax.jit(lambda p, i, m, x: prefill(model, p, i, m, x, steps + 1))(
+        params, batch["left_ids"], batch["left_mask"], batch["pixels"])
+    first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+
+    @jax.jit
+    def loop(p, cache, tok):
+        def body(_, carry):
+            cache, tok = carry
+            step = model.apply({"params": p}, tok[:, None], cache, method=type(model).decode)
+            return step.cache, jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (cache, tok))
+
+    return _median_seconds(lambda: loop(params, out.cache, first), repeats) / steps
 
 
 def register_neurons(model, params, pixels, rule, top: int) -> list:

@@ -57,6 +57,17 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens: int, route=None):
+    """The prompt's forward into a fresh cache of T + ``max_new_tokens`` slots -> LlavaOutput
+    (``.cache`` prefilled). With FastV pruning the layers after K get the shorter cache."""
+    b, t = input_ids.shape
+    prune = model.interventions.prune
+    pruning = () if prune is None else (prune.layer, int(prune.ratio * model.config.num_image_tokens))
+    cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning)
+    return model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
+                       cache=cache, route=route)
+
+
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "temperature", "top_k",
                                    "top_p"))
 def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tokens: int,
@@ -72,13 +83,9 @@ def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tok
     Returns:
       [B, max_new_tokens] int32.
     """
-    b, t = input_ids.shape
-    prune = model.interventions.prune  # FastV: the pruned layers get a shorter cache
-    pruning = () if prune is None else (prune.layer, int(prune.ratio * model.config.num_image_tokens))
-    cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning)
+    b, _ = input_ids.shape
     key = jax.random.PRNGKey(0) if key is None else key
-    out = model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
-                      cache=cache, route=route)
+    out = prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens, route)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     fill = stops[0]
     first = next_token(out.logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)

@@ -1,0 +1,70 @@
+"""Token pruning speed: prefill forward and one cached decode step of a medium LLaVA with FastV
+pruning (and its sink-aware variant) against the stock model, in one run on the same batch.
+The pruned layers run on fewer tokens and keep a shorter KV cache, so both should get faster;
+the ratios say by how much on this machine. Random weights (speed does not depend on them).
+
+    python benchmarks/pruning.py            # medium config (6-layer 512-wide LLM, 256 visual tokens)
+    python benchmarks/pruning.py --quick    # tiny config (used by the test suite)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import vitsink_jax as vj
+from forward import SIZES, hf_llava
+from vitsink_jax import eval_lib
+from vitsink_jax.generate import left_pad
+from vitsink_jax.interventions import parse
+from vitsink_jax.provenance import package_versions, write_json
+
+SPECS = ("stock", "fastv:0.5:2", "fastv:0.75:2", "fastv+sinks:0.5:2", "fastv+sinks:0.75:2")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    s = SIZES["quick" if args.quick else "medium"]
+    repeats = 1 if args.quick else args.repeats
+    with tempfile.TemporaryDirectory() as d:
+        hf_llava(s).save_pretrained(d)
+        model, params = vj.load_pretrained(d)
+    n_img = model.config.num_image_tokens
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, s["vocab"] - 2, size=(s["batch"], s["text"] + n_img)).astype(np.int32)
+    ids[:, 4:4 + n_img] = s["vocab"] - 1
+    mask = np.ones_like(ids)
+    batch = {"ids": ids, "mask": mask, "pixels": rng.standard_normal(
+        (s["batch"], 3, s["image"], s["image"])).astype(np.float32)}
+    batch["left_ids"], batch["left_mask"] = left_pad(list(ids), ids.shape[1])
+    rule = vj.SinkRule("topk", k=4)
+    rows = {}
+    for spec in SPECS if not args.quick else [x.replace(":2", ":1") for x in SPECS[:2]]:
+        iv, _, _ = parse(spec)  # quick: a 2-layer LLM, so pruning after layer 1
+        m = model.clone(visual_tokens=vj.VisualTokenPolicy(rule=rule), interventions=iv)
+        rows[spec] = {"visual_tokens_kept": n_img - (int(iv.prune.ratio * n_img) if iv.prune else 0),
+                      "prefill_s": eval_lib.prefill_seconds(m, params, batch, repeats),
+                      "decode_step_s": eval_lib.decode_step_seconds(m, params, batch, 8, repeats)}
+    ref = rows["stock"]
+    for spec, r in rows.items():
+        r["prefill_speedup"] = ref["prefill_s"] / r["prefill_s"]
+        r["decode_speedup"] = ref["decode_step_s"] / r["decode_step_s"]
+        print(f"{spec:>20}: {r['visual_tokens_kept']:4d} visual tokens, prefill "
+              f"{r['prefill_s'] * 1e3:7.1f} ms ({r['prefill_speedup']:.2f}x), decode step "
+              f"{r['decode_step_s'] * 1e3:6.2f} ms ({r['decode_speedup']:.2f}x)")
+    result = {"config": s, "repeats": repeats, "results": rows, "versions": package_versions()}
+    if args.out:
+        write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
