@@ -106,3 +106,21 @@ def test_inputs_embeds_equals_input_ids(tmp_path, rng):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="exactly one"):
         model.apply({"params": params}, ids, inputs_embeds=emb)
+
+
+def test_fused_attention_switch_equals_transformers(tmp_path, rng):
+    """``fused_attention=True`` (jax.nn.dot_product_attention) on a left-padded batch
+    equals transformers; layers that must return weights fall back to the explicit path."""
+    hf = build(transformers.LlamaForCausalLM, llama_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llama"))
+    fused = model.clone(fused_attention=True)
+    ids = random_ids(rng, 2, 10)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = t2n(hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits)
+    out = fused.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert_close(np.asarray(out.logits)[mask.astype(bool)], ref[mask.astype(bool)], what="fused logits")
+    assert np.isfinite(np.asarray(out.logits)).all()
+    weights = fused.apply({"params": params}, jnp.asarray(ids), output_attentions=True).attentions
+    assert weights[0].shape == (2, 4, 10, 10)

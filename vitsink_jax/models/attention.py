@@ -33,12 +33,14 @@ def make_attention_mask(attention_mask: Optional[jnp.ndarray], q_len: int, kv_le
 
 
 def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
-                          adjust: Optional[Callable] = None):
+                          adjust: Optional[Callable] = None, fused: bool = False):
     """Softmax attention with grouped key/value heads.
 
     Args:
       q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool, broadcastable to [B, 1, T, S];
       adjust: optional fn on the probabilities [B, H, T, S] before they weigh the values (VAR).
+      fused: use ``jax.nn.dot_product_attention`` (XLA's fused kernel; cuDNN flash attention
+        on GPU in half precision) - no weights are returned and ``adjust`` must be None.
     Returns:
       (out [B, T, H, D] in q.dtype, weights [B, H, T, S] float32).
     """
@@ -48,6 +50,10 @@ def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
         raise ValueError(f"query heads {h} not a multiple of key/value heads {kh}")
     g = h // kh
     scale = d ** -0.5 if scale is None else scale
+    if fused:
+        if adjust is not None:
+            raise ValueError("fused attention cannot adjust the attention probabilities")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale), None
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, h, t, s)
@@ -69,6 +75,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     out_bias: bool = True
     out_name: str = "out_proj"  # CLIP/SigLIP: out_proj, LLaMA/Qwen2: o_proj
+    fused: bool = False  # jax.nn.dot_product_attention when no weights are needed
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -98,7 +105,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
-        out, weights = dot_product_attention(q, k, v, mask, adjust=adjust)
+        fused = self.fused and not output_attentions and adjust is None
+        out, weights = dot_product_attention(q, k, v, mask, adjust=adjust, fused=fused)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
         out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=self.out_name)(out)

@@ -49,6 +49,7 @@ class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fused_attention: bool = False
 
     @nn.compact
     def __call__(self, x, mask, cos, sin, output_attentions=False, kv_cache=None, cache_index=None,
@@ -58,7 +59,7 @@ class DecoderLayer(nn.Module):
         rope = lambda t: apply_rotary(t, cos, sin)  # noqa: E731
         h, weights, kv_cache = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                          qkv_bias=c.qkv_bias, out_bias=c.o_bias, out_name="o_proj",
-                                         name="self_attn", **kw)(
+                                         fused=self.fused_attention, name="self_attn", **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), mask, rope, output_attentions,
             kv_cache, cache_index, adjust)
         x = x + h
@@ -72,19 +73,22 @@ class DecoderModel(nn.Module):
 
     ``remat``: recompute each layer's activations in the backward pass (nn.remat) instead of
     keeping them: less memory for training, same numbers, same param names.
+    ``fused_attention``: jax.nn.dot_product_attention in every layer whose weights are not needed.
     """
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    fused_attention: bool = False
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, **kw)
         layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
-        self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+        self.layers = [layer(c, name=f"layers_{i}", fused_attention=self.fused_attention, **kw)
+                       for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def embed(self, input_ids):
@@ -221,9 +225,11 @@ class CausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    fused_attention: bool = False  # see DecoderModel
 
     def setup(self):
-        self.model = DecoderModel(self.config, self.dtype, self.param_dtype, self.remat)
+        self.model = DecoderModel(self.config, self.dtype, self.param_dtype, self.remat,
+                                  self.fused_attention)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                     param_dtype=self.param_dtype)

@@ -118,6 +118,7 @@ class LlavaForConditionalGeneration(nn.Module):
     visual_tokens: VisualTokenPolicy = VisualTokenPolicy()
     interventions: Interventions = Interventions()  # token pruning, VAR, test-time registers
     remat: bool = False  # recompute LLM layer activations in the backward pass (training memory)
+    fused_attention: bool = False  # LLM: jax.nn.dot_product_attention where no weights are needed
 
     def setup(self):
         c = self.config
@@ -131,7 +132,8 @@ class LlavaForConditionalGeneration(nn.Module):
             self.multi_modal_projector_sink = projector()
             if c.diysink.reweight:
                 self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
-        self.language_model = CausalLM(c.text, remat=self.remat, **kw)
+        self.language_model = CausalLM(c.text, remat=self.remat, fused_attention=self.fused_attention,
+                                       **kw)
 
     @property
     def policy(self) -> VisualTokenPolicy:
