@@ -531,7 +531,7 @@ def run_vit(cfg, workdir: Path) -> dict:
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
               "per_image": per_image, "skipped_files": skipped}
     out = write_json(workdir / "vit_report.json", report)
-    print(f"sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
+    print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
           + f"; wrote {out} and plots in {workdir / 'plots'}")
     return report
 

@@ -47,6 +47,33 @@ def hf_llava(s: dict):
     return transformers.LlavaForConditionalGeneration(cfg).eval()
 
 
+def parse_args(doc: str, argv, repeats: int = 5, **extra):
+    """(args, size dict, repeats) of a benchmark CLI: --quick, --repeats, --out and ``extra``
+    ({flag name: argparse kwargs})."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out", type=Path)
+    for name, kw in extra.items():
+        ap.add_argument(f"--{name}", **kw)
+    args = ap.parse_args(argv)
+    return args, SIZES["quick" if args.quick else "medium"], 1 if args.quick else args.repeats
+
+
+def llava_inputs(s: dict):
+    """(HF model, our model, params, ids [B, T] with one image block, pixels) for a size dict."""
+    hf = hf_llava(s)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, params = vj.load_pretrained(d)
+    n_img = (s["image"] // s["patch"]) ** 2
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, s["vocab"] - 2, size=(s["batch"], s["text"] + n_img)).astype(np.int32)
+    ids[:, 4:4 + n_img] = s["vocab"] - 1
+    pixels = rng.standard_normal((s["batch"], 3, s["image"], s["image"])).astype(np.float32)
+    return hf, model, params, ids, pixels
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -72,22 +99,9 @@ def compiled_flops(jitted, *args) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    s = SIZES["quick" if args.quick else "medium"]
-    repeats = 1 if args.quick else args.repeats
-    hf = hf_llava(s)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model, params = vj.load_pretrained(d)
-    n_img = (s["image"] // s["patch"]) ** 2
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, s["vocab"] - 2, size=(s["batch"], s["text"] + n_img))
-    ids[:, 4:4 + n_img] = s["vocab"] - 1
-    pixels = rng.standard_normal((s["batch"], 3, s["image"], s["image"])).astype(np.float32)
+    args, s, repeats = parse_args(__doc__, argv)
+    hf, model, params, ids, pixels = llava_inputs(s)
+    n_img = model.config.num_image_tokens
 
     fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
     jids, jpix = jnp.asarray(ids), jnp.asarray(pixels)

@@ -9,18 +9,14 @@ agree; ``--out`` writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import torch
 
-import vitsink_jax as vj
-from forward import SIZES, hf_llava, timed
+from forward import llava_inputs, parse_args, timed
 from vitsink_jax.generate import generate
 from vitsink_jax.provenance import package_versions, write_json
 
@@ -34,25 +30,11 @@ def stream_bandwidth(n_bytes: int, repeats: int = 3) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    s = SIZES["quick" if args.quick else "medium"]
+    args, s, repeats = parse_args(__doc__, argv, repeats=3, **{"new-tokens": dict(type=int, default=32)})
     n_new = 8 if args.quick else args.new_tokens
-    repeats = 1 if args.quick else args.repeats
-    hf = hf_llava(s)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model, params = vj.load_pretrained(d)
-    n_img = (s["image"] // s["patch"]) ** 2
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, s["vocab"] - 2, size=(s["batch"], s["text"] + n_img)).astype(np.int32)
-    ids[:, 4:4 + n_img] = s["vocab"] - 1
+    hf, model, params, ids, pixels = llava_inputs(s)
+    n_img = model.config.num_image_tokens
     mask = np.ones_like(ids)
-    pixels = rng.standard_normal((s["batch"], 3, s["image"], s["image"])).astype(np.float32)
 
     run = lambda: jax.block_until_ready(generate(model, params, ids, mask, pixels, n_new))  # noqa: E731
     t0 = time.perf_counter()

@@ -9,15 +9,12 @@ the ratios say by how much on this machine. Random weights (speed does not depen
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 import vitsink_jax as vj
-from forward import SIZES, hf_llava
+from forward import llava_inputs, parse_args
 from vitsink_jax import eval_lib
 from vitsink_jax.generate import left_pad
 from vitsink_jax.interventions import parse
@@ -27,23 +24,10 @@ SPECS = ("stock", "fastv:0.5:2", "fastv:0.75:2", "fastv+sinks:0.5:2", "fastv+sin
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    s = SIZES["quick" if args.quick else "medium"]
-    repeats = 1 if args.quick else args.repeats
-    with tempfile.TemporaryDirectory() as d:
-        hf_llava(s).save_pretrained(d)
-        model, params = vj.load_pretrained(d)
+    args, s, repeats = parse_args(__doc__, argv)
+    _, model, params, ids, pixels = llava_inputs(s)
     n_img = model.config.num_image_tokens
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, s["vocab"] - 2, size=(s["batch"], s["text"] + n_img)).astype(np.int32)
-    ids[:, 4:4 + n_img] = s["vocab"] - 1
-    mask = np.ones_like(ids)
-    batch = {"ids": ids, "mask": mask, "pixels": rng.standard_normal(
-        (s["batch"], 3, s["image"], s["image"])).astype(np.float32)}
+    batch = {"ids": ids, "mask": np.ones_like(ids), "pixels": pixels}
     batch["left_ids"], batch["left_mask"] = left_pad(list(ids), ids.shape[1])
     rule = vj.SinkRule("topk", k=4)
     rows = {}

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import IMAGE_TOKEN, assert_close, build, dinov2_config, llava_config, save, t2n
+from conftest import assert_close, build, dinov2_config, llava_config, save, t2n
 from test_lvlm import prompt_with_images
 from vitsink_jax.models.dinov2 import resize_matrix
 

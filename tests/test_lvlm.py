@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, clip_vision_config, llava_config,
+from conftest import (IMAGE_TOKEN, assert_close, build, llava_config,
                       qwen2_config, random_ids, save, siglip_vision_config, t2n)
 
 LLAVA = transformers.LlavaForConditionalGeneration
@@ -33,7 +33,7 @@ def _compare(hf, path, ids, pixels, mask=None):
                  attention_mask=None if mask is None else torch.tensor(mask),
                  output_hidden_states=True)
     keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-    err = assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
+    assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
     ref_feats = ref.image_hidden_states  # a list of per-image tensors in transformers 5
     ref_feats = torch.cat(list(ref_feats)) if isinstance(ref_feats, (list, tuple)) else ref_feats
     assert_close(np.asarray(out.image_features).reshape(-1, out.image_features.shape[-1]),
