@@ -365,8 +365,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     """Sink interventions side by side on one benchmark and one model (default: the mini-study
     single-MLP model): accuracy overall / global / local, visual tokens kept, and prefill time
     and prefill / decode-step time relative to the first spec (stock), measured in this run on
-    the same batch (decode: a compiled loop of ``compare.decode_steps`` greedy cached steps;
-    VAR has no cached decode here). On a model whose vision tower dominates the prefill (the
+    the same batch (decode: a compiled loop of ``compare.decode_steps`` greedy cached steps). On a model whose vision tower dominates the prefill (the
     mini study) pruning the LLM cannot show there: benchmarks/pruning.py measures it on a
     medium LLaVA."""
     from vitsink_jax.interventions import TestTimeRegisters, parse
@@ -398,8 +397,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
                          "visual_tokens_kept": n_vis - (int(iv.prune.ratio * n_vis) if iv.prune else 0),
                          "prefill_s": eval_lib.prefill_seconds(m, params, batch),
-                         "decode_step_s": None if iv.var else  # VAR: no cached decoding
-                         eval_lib.decode_step_seconds(m, params, batch, k.decode_steps),
+                         "decode_step_s": eval_lib.decode_step_seconds(m, params, batch, k.decode_steps),
                          "register_neurons": neurons}
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)

@@ -240,3 +240,28 @@ def test_comparison_specs():
     for bad in ("bogus", "fastv:x", "var:1:2:3", "fastv:1.5"):
         with pytest.raises(ValueError, match="intervention|bad token pruning"):
             parse(bad)
+
+
+def test_var_during_cached_generation_equals_the_forward(tmp_path):
+    """VAR with the KV cache: the cached prefill equals the forward, and a decode step equals the
+    forward over prompt + the new token (a text token: neither visual nor a sink)."""
+    from vitsink_jax.generate import generate, prefill
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    ids = np.array([[1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8]] * 2)
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
+    var = model.clone(visual_tokens=vj.VisualTokenPolicy(rule=vj.SinkRule("topk", k=3)),
+                      interventions=Interventions(var=AttentionRedistribution(
+                          p=0.2, rho=1.0, summ=0.0, first_layer=0)))
+    mask = jnp.ones(ids.shape, jnp.int32)
+    out = prefill(var, params, jnp.asarray(ids), mask, pixels, 2)
+    full = var.apply({"params": params}, jnp.asarray(ids), pixels)
+    np.testing.assert_allclose(out.logits[:, -1], full.logits[:, -1], atol=1e-5)
+    assert not np.allclose(full.logits, model.apply({"params": params}, jnp.asarray(ids), pixels).logits)
+    tok = np.argmax(np.asarray(out.logits[:, -1]), -1)
+    step = var.apply({"params": params}, jnp.asarray(tok[:, None]), out.cache, method=type(var).decode)
+    longer = var.apply({"params": params}, jnp.asarray(np.concatenate([ids, tok[:, None]], 1)), pixels)
+    np.testing.assert_allclose(step.logits[:, -1], longer.logits[:, -1], atol=1e-5)
+    assert generate(var, params, jnp.asarray(ids), mask, pixels, 3).shape == (2, 3)

@@ -63,7 +63,8 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_toke
     b, t = input_ids.shape
     prune = model.interventions.prune
     pruning = () if prune is None else (prune.layer, int(prune.ratio * model.config.num_image_tokens))
-    cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning)
+    cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning,
+                       var=model.interventions.var is not None)
     return model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
                        cache=cache, route=route)
 

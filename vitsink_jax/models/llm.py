@@ -118,9 +118,10 @@ class DecoderModel(nn.Module):
         if prune is not None and prune.layer >= len(self.layers):
             raise ValueError(f"token pruning after layer {prune.layer} needs more than "
                              f"{len(self.layers)} LLM layers")
-        if var is not None and cache is not None:
-            raise NotImplementedError("VAR with a KV cache (generation) is not supported; score "
-                                      "with log-likelihoods (eval.scoring=loglik)")
+        if var is not None and cache is not None and (var.sinks != "vit" or prune is not None
+                                                      or cache.visual is None):
+            raise NotImplementedError("VAR with a KV cache needs sinks='vit', no token pruning and "
+                                      "init_cache(..., var=True) (generate() does this)")
         if prune is not None and cache is not None and (cache.late_mask is None or cache.split != prune.layer
                                                         or cache.drop != int(prune.ratio * num_visual)):
             raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
@@ -138,6 +139,11 @@ class DecoderModel(nn.Module):
         cos, sin = rotary_embedding(self.config, position_ids)
         x = inputs_embeds.astype(self.dtype)
         states, attns, kvs, kept, late_slots = [x], [], [], None, None
+        key_visual, key_sinks = visual_mask, sink_mask  # VAR reads the keys' masks
+        if var is not None and cache is not None:  # ... over the cache slots
+            key_visual, key_sinks = (jax.lax.dynamic_update_slice(
+                slot, new.astype(slot.dtype), (0, cache.index)) for slot, new in
+                ((cache.visual, visual_mask), (cache.sinks, sink_mask)))
         index = None if cache is None else cache.index
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
@@ -150,6 +156,7 @@ class DecoderModel(nn.Module):
                                             sink_mask if prune.keep_sinks else None, n_drop)
                 x, position_ids, visual_mask, sink_mask = (
                     pruning.gather_tokens(a, kept) for a in (x, position_ids, visual_mask, sink_mask))
+                key_visual, key_sinks = visual_mask, sink_mask  # (VAR + pruning: no cache here)
                 if attention_mask is not None:
                     attention_mask = pruning.gather_tokens(attention_mask, kept)
                 if cache is None:
@@ -165,9 +172,9 @@ class DecoderModel(nn.Module):
                                               index)
             adjust = None
             if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
-                sinks = sink_mask if var.sinks == "vit" else llm_sink_mask(
+                sinks = key_sinks if var.sinks == "vit" else llm_sink_mask(
                     x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
-                adjust = partial(redistribute, visual=visual_mask.astype(bool),
+                adjust = partial(redistribute, visual=key_visual.astype(bool),
                                  sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             need = output_attentions or (prune is not None and i == prune.layer - 1)
@@ -184,6 +191,8 @@ class DecoderModel(nn.Module):
             cache = cache.replace(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs),
                                   mask=slots, index=cache.index + t, late_mask=late_slots,
                                   position=jnp.maximum(cache.position, last).astype(jnp.int32))
+            if var is not None:
+                cache = cache.replace(visual=key_visual, sinks=key_sinks)
         return x, tuple(states), tuple(attns) if output_attentions else (None,) * n, cache
 
 
@@ -203,9 +212,10 @@ def generation_positions(mask, start):
 
 
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32,
-               pruning: tuple = ()) -> KVCache:
+               pruning: tuple = (), var: bool = False) -> KVCache:
     """An empty cache of ``length`` slots for ``batch`` rows. ``pruning`` = (layer K, tokens
-    dropped per row): layers from K get ``length - dropped`` slots (FastV's shorter cache)."""
+    dropped per row): layers from K get ``length - dropped`` slots (FastV's shorter cache).
+    ``var``: keep the visual / ViT-sink masks of the slots (VAR during generation)."""
     split, drop = pruning or (config.num_hidden_layers, 0)
     def zeros(i):
         return jnp.zeros((batch, length - (drop if i >= split else 0), config.num_key_value_heads,
@@ -214,7 +224,9 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32,
     return KVCache(keys=keys, values=keys, mask=jnp.zeros((batch, length), jnp.int32),
                    index=jnp.asarray(0, jnp.int32), position=jnp.zeros((batch,), jnp.int32),
                    late_mask=jnp.zeros((batch, length - drop), jnp.int32) if pruning else None,
-                   drop=drop, split=split if pruning else 0)
+                   drop=drop, split=split if pruning else 0,
+                   visual=jnp.zeros((batch, length), jnp.int32) if var else None,
+                   sinks=jnp.zeros((batch, length), jnp.int32) if var else None)
 
 
 class CausalLM(nn.Module):

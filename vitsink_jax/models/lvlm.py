@@ -212,8 +212,14 @@ class LlavaForConditionalGeneration(nn.Module):
 
     def decode(self, input_ids, cache):
         """One decoding step on the LLM with a prefilled cache: input_ids [B, T] -> CausalLMOutput
-        (logits [B, T, V], the updated cache)."""
-        return self.language_model(input_ids=input_ids, cache=cache)
+        (logits [B, T, V], the updated cache). VAR stays on (new tokens are text: no visual, no
+        sink); token pruning happened in the prefill."""
+        extra = {}
+        if self.interventions.var is not None:
+            none = jnp.zeros(input_ids.shape, bool)
+            extra = dict(interventions=Interventions(var=self.interventions.var), visual_mask=none,
+                         sink_mask=none)
+        return self.language_model(input_ids=input_ids, cache=cache, **extra)
 
     def decode_isolated(self, image_features):
         """F4 logit lens: each visual token pushed through the LLM alone.

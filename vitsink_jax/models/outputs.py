@@ -29,6 +29,9 @@ class KVCache:
     # next slot is index - drop (the prefill wrote the pruned tokens to the early layers only)
     late_mask: Optional[jnp.ndarray] = None   # [B, S - drop] int32
     drop: int = struct.field(pytree_node=False, default=0)
+    # VAR during generation: which slots hold visual tokens / ViT sinks (the keys' masks)
+    visual: Optional[jnp.ndarray] = None      # [B, S] int32
+    sinks: Optional[jnp.ndarray] = None       # [B, S] int32
     split: int = struct.field(pytree_node=False, default=0)
 
 
