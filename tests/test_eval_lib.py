@@ -272,3 +272,25 @@ def test_cot_routing_feeds_each_item_its_route(tiny):
     sinks_only, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3), "sinks"))
     np.testing.assert_allclose(forced[0], E.loglik_scores(sinks_only, params, d["tok"], recs[:1],
                                                           eval_cfg())[0][0], atol=1e-5)
+
+
+def test_greedy_generation_matches_transformers_on_a_medium_checkpoint(tmp_path, rng):
+    """A medium LLaVA (CLIP 112 px -> 64 visual tokens, 4 x 192; LLaMA 4 x 256, GQA, 1024
+    tokens): 12 greedy tokens for two left-padded prompts equal transformers' generate."""
+    vision = transformers.CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                                           num_attention_heads=4, image_size=112, patch_size=14)
+    text = llama_config(hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
+    hf = build(transformers.LlavaForConditionalGeneration,
+               llava_config(vision=vision, text=text, image_token_index=1023))
+    model, params = vj.load_pretrained(save(hf, tmp_path / "medium"))
+    c = model.config
+    rows = [np.concatenate([[1], rng.integers(3, 1000, n), [1023] * c.num_image_tokens,
+                            rng.integers(3, 1000, 5)]) for n in (4, 9)]
+    ids, mask = left_pad(rows, 16 + c.num_image_tokens)
+    pix = rng.standard_normal((2, 3, 112, 112)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pix), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(np.asarray(generate(model, params, ids, mask, pix, 12)), ref)
