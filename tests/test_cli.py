@@ -1,4 +1,5 @@
-"""The README's main job (evaluate.py demo) and the benchmark script, end to end."""
+"""The CLIs end to end: the README's main job (evaluate.py study mode, after a train.py recipe),
+the other evaluate.py modes, train.py and the benchmark scripts' quick modes."""
 
 import json
 import subprocess
