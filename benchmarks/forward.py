@@ -10,10 +10,8 @@ sink-to-the-front on our forward. Prints the speed ratio, the overhead and the p
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -23,6 +21,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
+from vitsink_jax.eval_lib import median_seconds
 from vitsink_jax.provenance import package_versions, write_json
 
 SIZES = {  # (image, patch, vision hidden/layers/heads, text hidden/layers/heads/kv, batch, text tokens)
@@ -74,21 +73,12 @@ def llava_inputs(s: dict):
     return hf, model, params, ids, pixels
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def matmul_peak(n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a large fp32 jnp.dot on this machine (the compute roof)."""
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     jax.block_until_ready(mm(a))
-    return 2 * n ** 3 / timed(lambda: jax.block_until_ready(mm(a)), repeats)
+    return 2 * n ** 3 / median_seconds(lambda: jax.block_until_ready(mm(a)), repeats, warmup=False)
 
 
 def compiled_flops(jitted, *args) -> float:
@@ -106,22 +96,26 @@ def main(argv=None) -> dict:
     fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
     jids, jpix = jnp.asarray(ids), jnp.asarray(pixels)
     ours = np.asarray(jax.block_until_ready(fwd(params, jids, jpix)))  # compile + warm-up
-    t_jax = timed(lambda: jax.block_until_ready(fwd(params, jids, jpix)), repeats)
+    t_jax = median_seconds(lambda: jax.block_until_ready(fwd(params, jids, jpix)),
+                           repeats, warmup=False)
 
     front = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=vj.SinkRule("topk", k=4)))
     fwd_front = jax.jit(lambda p, i, x: front.apply({"params": p}, i, x).logits)
     jax.block_until_ready(fwd_front(params, jids, jpix))
-    t_front = timed(lambda: jax.block_until_ready(fwd_front(params, jids, jpix)), repeats)
+    t_front = median_seconds(lambda: jax.block_until_ready(fwd_front(params, jids, jpix)),
+                             repeats, warmup=False)
 
     fused = model.clone(fused_attention=True)
     fwd_fused = jax.jit(lambda p, i, x: fused.apply({"params": p}, i, x).logits)
     jax.block_until_ready(fwd_fused(params, jids, jpix))
-    t_fused = timed(lambda: jax.block_until_ready(fwd_fused(params, jids, jpix)), repeats)
+    t_fused = median_seconds(lambda: jax.block_until_ready(fwd_fused(params, jids, jpix)),
+                             repeats, warmup=False)
 
     tids, tpix = torch.tensor(ids), torch.tensor(pixels)
     with torch.inference_mode():
         ref = hf(input_ids=tids, pixel_values=tpix).logits.numpy()  # warm-up
-        t_torch = timed(lambda: hf(input_ids=tids, pixel_values=tpix), repeats)
+        t_torch = median_seconds(lambda: hf(input_ids=tids, pixel_values=tpix),
+                                 repeats, warmup=False)
 
     err = float(np.max(np.abs(ours - ref)))
     flops = compiled_flops(fwd, params, jids, jpix)

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import torch
 
-from forward import llava_inputs, parse_args, timed
+from forward import llava_inputs, parse_args
+from vitsink_jax.eval_lib import median_seconds
 from vitsink_jax.generate import generate
 from vitsink_jax.provenance import package_versions, write_json
 
@@ -26,7 +27,7 @@ def stream_bandwidth(n_bytes: int, repeats: int = 3) -> float:
     x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
     total = jax.jit(lambda a: a.sum())
     jax.block_until_ready(total(x))
-    return n_bytes / timed(lambda: jax.block_until_ready(total(x)), repeats)
+    return n_bytes / median_seconds(lambda: jax.block_until_ready(total(x)), repeats, warmup=False)
 
 
 def main(argv=None) -> dict:
@@ -40,21 +41,22 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     ours = np.asarray(run())
     compile_s = time.perf_counter() - t0
-    t_jax = timed(run, repeats)
+    t_jax = median_seconds(run, repeats, warmup=False)
 
     kw = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
               pixel_values=torch.tensor(pixels), max_new_tokens=n_new, min_new_tokens=n_new,
               do_sample=False, pad_token_id=0)
     with torch.inference_mode():
         ref = hf.generate(**kw)[:, ids.shape[1]:].numpy()  # warm-up
-        t_torch = timed(lambda: hf.generate(**kw), repeats)
+        t_torch = median_seconds(lambda: hf.generate(**kw), repeats, warmup=False)
 
     # decode alone: the time of n_new tokens minus the time of 1 (prefill + first token)
     one = lambda: jax.block_until_ready(generate(model, params, ids, mask, pixels, 1))  # noqa: E731
     one()
-    decode_step = (t_jax - timed(one, repeats)) / (n_new - 1)
+    decode_step = (t_jax - median_seconds(one, repeats, warmup=False)) / (n_new - 1)
     with torch.inference_mode():
-        hf_one = timed(lambda: hf.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}), repeats)
+        hf_one = median_seconds(lambda: hf.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}),
+                                repeats, warmup=False)
     hf_step = (t_torch - hf_one) / (n_new - 1)
     lm = params["language_model"]
     c = model.config.text

@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     for spec in SPECS if not args.quick else [x.replace(":2", ":1") for x in SPECS[:2]]:
         iv, _, _ = parse(spec)  # quick: a 2-layer LLM, so pruning after layer 1
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(rule=rule), interventions=iv)
-        rows[spec] = {"visual_tokens_kept": n_img - (int(iv.prune.ratio * n_img) if iv.prune else 0),
+        rows[spec] = {"visual_tokens_kept": iv.tokens_kept(n_img),
                       "prefill_s": eval_lib.prefill_seconds(m, params, batch, repeats),
                       "decode_step_s": eval_lib.decode_step_seconds(m, params, batch, 8, repeats)}
     ref = rows["stock"]

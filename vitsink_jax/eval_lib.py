@@ -348,11 +348,13 @@ def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
     return out
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` (blocked on its result) after one warm-up (compile) call."""
+def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of ``fn()`` (blocked on its result), after one warm-up (compile) call
+    unless ``warmup=False`` (the caller warmed up already)."""
     import time
 
-    jax.block_until_ready(fn())
+    if warmup:
+        jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -364,7 +366,7 @@ def _median_seconds(fn, repeats: int) -> float:
 def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
     """Median time of the jitted forward (the prefill) over ``batch``."""
     fwd = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, attention_mask=m).logits)
-    return _median_seconds(lambda: fwd(params, batch["ids"], batch["pixels"], batch["mask"]), repeats)
+    return median_seconds(lambda: fwd(params, batch["ids"], batch["pixels"], batch["mask"]), repeats)
 
 
 def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: int = 3) -> float:
@@ -382,7 +384,7 @@ def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: in
             return step.cache, jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)
         return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
-    return _median_seconds(lambda: loop(params, out.cache, first), repeats) / steps
+    return median_seconds(lambda: loop(params, out.cache, first), repeats) / steps
 
 
 def register_neurons(model, params, pixels, rule, top: int) -> list:

@@ -62,7 +62,7 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_toke
     (``.cache`` prefilled). With FastV pruning the layers after K get the shorter cache."""
     b, t = input_ids.shape
     prune = model.interventions.prune
-    pruning = () if prune is None else (prune.layer, int(prune.ratio * model.config.num_image_tokens))
+    pruning = () if prune is None else (prune.layer, prune.dropped(model.config.num_image_tokens))
     cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning,
                        var=model.interventions.var is not None)
     return model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,

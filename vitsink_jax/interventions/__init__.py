@@ -33,6 +33,10 @@ class TokenPruning:
     keep_sinks: bool = False
     score: str = "mean"
 
+    def dropped(self, num_visual: int) -> int:
+        """Visual tokens dropped per row (static) out of ``num_visual``."""
+        return int(self.ratio * num_visual)
+
     def __post_init__(self):
         if self.layer < 1 or not 0 <= self.ratio < 1 or self.score not in ("mean", "last"):
             raise ValueError(f"bad token pruning: layer={self.layer} (>= 1), ratio={self.ratio} "
@@ -90,6 +94,10 @@ class Interventions:
     @property
     def is_stock(self) -> bool:
         return self.prune is None and self.var is None and self.registers is None
+
+    def tokens_kept(self, num_visual: int) -> int:
+        """Visual tokens per row the LLM's later layers see (pruning drops some)."""
+        return num_visual - (self.prune.dropped(num_visual) if self.prune else 0)
 
 
 SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | var[:p[:first_layer]] | "

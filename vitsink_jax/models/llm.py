@@ -107,8 +107,9 @@ class DecoderModel(nn.Module):
         ``interventions`` (token pruning, VAR; :mod:`vitsink_jax.interventions`) need
         ``visual_mask`` [B, T] (visual-token slots) and ``sink_mask`` [B, T] (ViT sinks); pruning
         drops int(ratio x ``num_visual``) tokens per row (every row must hold ``num_visual``
-        visual tokens). With pruning, layers after K run on the T' kept tokens; the outputs are scattered back to T
-        slots (zeros at pruned tokens; attentions of those layers stay [B, H, T', T']).
+        visual tokens). With pruning, layers after K run on the T' kept tokens; the outputs are
+        scattered back to T slots (zeros at pruned tokens; attentions of those layers stay
+        [B, H, T', T']).
         """
         b, t, _ = inputs_embeds.shape
         prune = None if interventions is None else interventions.prune
@@ -123,7 +124,7 @@ class DecoderModel(nn.Module):
             raise NotImplementedError("VAR with a KV cache needs sinks='vit', no token pruning and "
                                       "init_cache(..., var=True) (generate() does this)")
         if prune is not None and cache is not None and (cache.late_mask is None or cache.split != prune.layer
-                                                        or cache.drop != int(prune.ratio * num_visual)):
+                                                        or cache.drop != prune.dropped(num_visual)):
             raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
                              "dropped tokens)) matching the pruning (generate() does this)")
         if cache is None:
@@ -151,7 +152,7 @@ class DecoderModel(nn.Module):
                 received = attns[-1] if cache is None else jax.lax.dynamic_slice_in_dim(
                     attns[-1], cache.index, t, axis=-1)
                 scores = pruning.attention_received(received, attention_mask, prune.score)
-                n_drop = int(prune.ratio * num_visual)
+                n_drop = prune.dropped(num_visual)
                 kept = pruning.keep_indices(scores, visual_mask,
                                             sink_mask if prune.keep_sinks else None, n_drop)
                 x, position_ids, visual_mask, sink_mask = (
