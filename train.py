@@ -41,7 +41,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics 
 
 
 def load_model(cfg, workdir: Path):
-    """(checkpoint path, model in the compute dtype, fp32 params, tokenizer)."""
+    """(checkpoint path, model in the compute dtype, fp32 params, tokenizer); with
+    ``cfg.scan_layers`` the params are in the scanned layout (the export is HF's either way)."""
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
     model, params = vj.load_pretrained(ckpt, dtype=jnp.float32)
@@ -58,8 +59,8 @@ def load_model(cfg, workdir: Path):
                                                          question_encoder=d.question_encoder))
         model, params = to_diysink(model, params, want, d.init, jax.random.PRNGKey(cfg.seed))
     model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32,
-                        remat=cfg.remat)
-    return ckpt, model, params, tokenizer
+                        remat=cfg.remat, remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
+    return ckpt, model, vj.stack_layers(params) if cfg.scan_layers else params, tokenizer
 
 
 def data_shards(cfg) -> tuple[int, list]:
@@ -177,6 +178,15 @@ def restore_checkpoint(manager, state):
     return restored, got.meta
 
 
+def check_layout(manager, cfg) -> None:
+    """A run resumes only in the param layout it was saved in (loop or scanned layers)."""
+    meta = manager.restore(manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    saved = meta.get("scan_layers", False)
+    if saved != cfg.scan_layers:
+        raise SystemExit(f"error: the checkpoint in {manager.directory} was saved with "
+                         f"scan_layers={saved}; resume it with --config.scan_layers={saved}")
+
+
 class MetricLog:
     """metrics.jsonl (appended, one line per logged step) and TensorBoard scalars (process 0)."""
 
@@ -216,6 +226,7 @@ def train(cfg, workdir: Path) -> dict:
     manager = checkpoint_manager(workdir, cfg.keep_checkpoints)
     start = 0
     if manager.latest_step() is not None:
+        check_layout(manager, cfg)
         one, meta = restore_checkpoint(manager, runner.unplace(state))
         state, start = runner.place(one), int(meta["data_step"])
         print(f"resumed from {manager.directory} at step {start}")
@@ -226,7 +237,8 @@ def train(cfg, workdir: Path) -> dict:
           f"{jax.process_count()} process(es)")
     batches = Batches(load_data(cfg, workdir), model, tokenizer, cfg)
     log = MetricLog(workdir)
-    meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage}
+    meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage,
+            "scan_layers": cfg.scan_layers}
     losses = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                disable=jax.process_index() != 0)

@@ -50,8 +50,9 @@ def per_device_bytes(m) -> int:
 
 
 def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int,
-                remat: bool = True) -> dict:
-    """Per-device bytes of the compiled fine-tuning step (bf16 compute, fp32 params)."""
+                remat: bool = True, scan_layers: bool = False) -> dict:
+    """Per-device bytes of the compiled fine-tuning step (bf16 compute, fp32 params); the LLM's
+    layers as a Python loop or (``scan_layers``) one nn.scan."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -61,7 +62,8 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
     from vitsink_jax.convert.hf import build_model, example_inputs
 
     config = llava_config(SHAPES[name])
-    model = build_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
+    model = build_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat,
+                        scan_layers=scan_layers)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example_inputs(config))["params"])
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts("finetune"))
     optim = ml_collections.ConfigDict(dict(lr=2e-5, warmup_steps=10, final_lr_ratio=0.0,
@@ -89,7 +91,7 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
     m = compiled.memory_analysis()
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     return {"shape": name, "devices": devices, "fsdp": fsdp, "batch": batch, "tokens": t, "remat": remat,
-            "params": n_params, "compile_s": time.perf_counter() - t0,
+            "scan_layers": scan_layers, "params": n_params, "compile_s": time.perf_counter() - t0,
             "argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
             "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
             "per_device_bytes": per_device_bytes(m)}

@@ -29,6 +29,8 @@ def get_config():
     c.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
     c.compute_dtype = "float32"  # float32 | bfloat16 (params, softmax, norms and loss stay fp32)
     c.remat = False            # recompute LLM layer activations in the backward pass (memory)
+    c.remat_policy = "nothing_saveable"  # what remat may keep (vitsink_jax.REMAT_POLICIES)
+    c.scan_layers = False      # LLM layers as one nn.scan: compile time and fsdp memory flat in depth
     c.parallel = "mesh"        # mesh | pmap
     c.fsdp = 1                 # mesh: devices per fsdp group (1 = no param sharding)
     c.tensor = 1               # mesh: tensor-parallel degree (vitsink_jax.parallel.TENSOR_RULES)

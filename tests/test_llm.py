@@ -10,9 +10,10 @@ import vitsink_jax as vj
 from conftest import assert_close, build, llama_config, qwen2_config, random_ids, save, t2n
 
 
-def _compare(hf, path, ids, mask=None, positions=None, full=True):
-    """Compares logits (and hidden states / attentions when ``full``) on non-pad positions."""
-    model, params = vj.load_pretrained(save(hf, path))
+def _compare(hf, path, ids, mask=None, positions=None, full=True, **options):
+    """Compares logits (and hidden states / attentions when ``full``) on non-pad positions;
+    ``options`` are module fields for load_pretrained."""
+    model, params = vj.load_pretrained(save(hf, path), **options)
     m = None if mask is None else jnp.asarray(mask)
     out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=m,
                       output_hidden_states=full, output_attentions=full)
@@ -124,3 +125,37 @@ def test_fused_attention_switch_equals_transformers(tmp_path, rng):
     assert np.isfinite(np.asarray(out.logits)).all()
     weights = fused.apply({"params": params}, jnp.asarray(ids), output_attentions=True).attentions
     assert weights[0].shape == (2, 4, 10, 10)
+
+
+def test_scan_layers_switch_equals_transformers_and_round_trips(tmp_path, rng):
+    """``scan_layers=True``: params stacked [L, ...] under model.layers, logits / hidden states /
+    attentions of a left-padded batch equal transformers; the scanned params save to the HF
+    layout; remat policies give the loop's gradients; a KV cache is refused by name."""
+    import jax
+
+    hf = build(transformers.LlamaForCausalLM, llama_config())
+    ids = random_ids(rng, 2, 10)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    _compare(hf, tmp_path / "llama", ids, mask, scan_layers=True)
+    scanned, params = vj.load_pretrained(tmp_path / "llama", scan_layers=True)
+    n = scanned.config.num_hidden_layers
+    assert params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape[0] == n
+    assert not any(k.startswith("layers_") for k in params["model"])
+    vj.save_pretrained(scanned, params, tmp_path / "back")
+    loop, loop_params = vj.load_pretrained(tmp_path / "back")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loop_params, vj.unstack_layers(params))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, vj.stack_layers(loop_params), params)
+
+    x = jnp.asarray(ids)
+    grad = lambda m, p: jax.grad(lambda p: m.apply({"params": p}, x).logits.std())(p)  # noqa: E731
+    ref = grad(loop, loop_params)
+    for policy in vj.REMAT_POLICIES:
+        got = vj.unstack_layers(grad(scanned.clone(remat=True, remat_policy=policy), params))
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                               got, ref)
+    with pytest.raises(ValueError, match="dots_saveable"):
+        loop.clone(remat=True, remat_policy="everything").apply({"params": loop_params}, x)
+    from vitsink_jax.models.llm import init_cache
+    with pytest.raises(NotImplementedError, match="scan_layers"):
+        scanned.apply({"params": params}, x, cache=init_cache(scanned.config, 2, 16))

@@ -216,10 +216,18 @@ def test_bf16_compute_and_gradient_accumulation(base, tmp_path):
                               start["language_model"]["lm_head"]["kernel"])
 
 
-def test_remat_gives_the_same_step(base, tmp_path):
+def test_remat_and_scanned_layers_give_the_same_step(base, tmp_path):
+    """remat, and scanned LLM layers with a remat policy, train to the loop's params; the
+    scanned run exports HF's layout and refuses to resume in the other layout."""
     kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=2)
     plain = train.train(config(**kw), tmp_path / "plain")
     remat = train.train(config(remat=True, **kw), tmp_path / "remat")
+    scan = train.train(config(remat=True, scan_layers=True, remat_policy="dots_saveable", **kw),
+                       tmp_path / "scan")
     assert remat["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                           params_of(tmp_path / "remat"), params_of(tmp_path / "plain"))
+    assert scan["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-5)
+    for run, atol in (("remat", 1e-6), ("scan", 1e-5)):
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
+                               params_of(tmp_path / run), params_of(tmp_path / "plain"))
+    with pytest.raises(SystemExit, match="scan_layers=True"):
+        train.train(config(**{**kw, "steps": 3}), tmp_path / "scan")

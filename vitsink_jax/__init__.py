@@ -11,6 +11,7 @@ from .config import LlavaConfig, TextConfig, VisionConfig, config_from_hf  # noq
 from .convert.hf import (CheckpointError, build_model, checkpoint_hash, init_params,  # noqa: F401
                          load_pretrained, save_pretrained)
 from .models import CausalLM, LlavaForConditionalGeneration, MLPProjector, VisionTransformer  # noqa: F401
+from .models.llm import REMAT_POLICIES, stack_layers, unstack_layers  # noqa: F401
 from .models.lvlm import register_question_encoder  # noqa: F401
 from .sinks.detect import SinkRule  # noqa: F401
 from .sinks.fuse import VisualTokenPolicy  # noqa: F401

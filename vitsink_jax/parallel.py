@@ -57,19 +57,23 @@ def param_shardings(tree, mesh: Mesh, rules=TENSOR_RULES, min_size: int = 2 ** 1
     """NamedSharding per leaf of a param tree (or of anything holding param-shaped leaves under
     the same paths, like an optimizer state): ``tensor`` from the first matching rule when that
     dimension divides evenly, then ``fsdp`` on the largest remaining divisible dimension of
-    arrays with at least ``min_size`` elements; everything else replicated."""
+    arrays with at least ``min_size`` elements; everything else replicated. Scanned layers
+    (``.../layers/...``, a leading [L] axis) get the same specs behind an unsplit layer axis,
+    so each scan step gathers one layer."""
     t, k = mesh.shape["tensor"], mesh.shape["fsdp"]
 
     def one(keys, x):
         spec = [None] * len(x.shape)
         path = _path(keys)
+        lead = 1 if re.search(r"(^|/)layers/", path) else 0  # scanned layers: [L, ...], L unsplit
         for pattern, logical in rules:
-            if t > 1 and re.search(pattern, path) and len(logical) == len(x.shape):
-                dim = logical.index("tensor")
+            if t > 1 and re.search(pattern, path) and len(logical) + lead == len(x.shape):
+                dim = lead + logical.index("tensor")
                 if x.shape[dim] % t == 0:
                     spec[dim] = "tensor"
                 break
-        free = [d for d in np.argsort(x.shape)[::-1] if spec[d] is None and x.shape[d] % k == 0]
+        free = [d for d in np.argsort(x.shape)[::-1]
+                if d >= lead and spec[d] is None and x.shape[d] % k == 0]
         if k > 1 and x.size >= min_size and free:
             spec[int(free[0])] = "fsdp"
         return NamedSharding(mesh, P(*spec))

@@ -29,7 +29,7 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 from ..config import LlavaConfig, ModelConfig, TextConfig, VisionConfig, config_from_hf
-from ..models.llm import CausalLM
+from ..models.llm import CausalLM, stack_layers, unstack_layers
 from ..models.lvlm import LlavaForConditionalGeneration
 from ..models.dinov2 import vision_tower_class
 
@@ -145,7 +145,7 @@ def to_hf(path: tuple, array: np.ndarray) -> np.ndarray:
 
 def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **options):
     """The Flax module for a config (LVLM, vision tower or LLM); ``options`` are module fields
-    such as ``remat=True`` (LLM and LVLM)."""
+    such as ``remat=True``, ``scan_layers=True`` (LLM and LVLM)."""
     if isinstance(config, VisionConfig):
         cls = vision_tower_class(config)
     else:
@@ -312,8 +312,12 @@ def load_params(path, config: ModelConfig, model, dtype=jnp.float32,
     return traverse_util.unflatten_dict(flat)
 
 
-def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optional[bool] = None):
+def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optional[bool] = None,
+                    **options):
     """Loads a Hugging Face model folder. Returns (flax module, params).
+
+    ``options`` are module fields (see :func:`build_model`); with ``scan_layers=True`` the
+    params come in the scanned layout (:func:`~vitsink_jax.models.llm.stack_layers`).
 
     ``dtype`` is the compute dtype and, unless ``param_dtype`` is given, the dtype params are cast
     to (fp16/bf16 checkpoints are upcast or kept as asked). Dispatch on config.json's model_type:
@@ -325,9 +329,10 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
         config = config_from_hf(raw)
     except ValueError as e:
         raise type(e)(f"{Path(path) / 'config.json'}: {e}") from e
-    model = build_model(config, dtype, param_dtype)
-    params = load_params(path, config, model, param_dtype or dtype, progress)
-    return model, params
+    model = build_model(config, dtype, param_dtype, **options)
+    loop = model.clone(scan_layers=False) if options.get("scan_layers") else model
+    params = load_params(path, config, loop, param_dtype or dtype, progress)
+    return model, stack_layers(params) if loop is not model else params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +346,8 @@ _WEIGHT_NAMES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 
 
 def hf_state_dict(params: dict) -> dict:
-    """Our params -> {canonical HF key: numpy array in HF layout}."""
-    flat = traverse_util.flatten_dict(jax.device_get(params))
+    """Our params (loop or scanned layout) -> {canonical HF key: numpy array in HF layout}."""
+    flat = traverse_util.flatten_dict(unstack_layers(jax.device_get(params)))
     return {path_to_hf_key(p): np.ascontiguousarray(to_hf(p, np.asarray(v))) for p, v in flat.items()}
 
 

@@ -6,14 +6,20 @@ mlp.{gate,up,down}_proj}``, ``model.norm``, ``lm_head`` (absent when embeddings 
 Padding: ``attention_mask`` [B, T] (1 = token, 0 = pad) works for left and right padding.
 ``position_ids`` default to ``arange(T)`` exactly as a transformers forward call does; pass
 ``cumsum(mask) - 1`` yourself for left-padded generation-style positions.
-Layers run as a Python loop (compile time is small at the sizes tested; per-layer names stay
-equal to HF's).
+Layers run as a Python loop by default (per-layer names stay HF's; at the depths tested
+compile time is seconds). ``scan_layers=True`` runs them as one ``nn.scan`` instead: the
+params of all layers are stacked under ``model.layers`` with a leading [L] axis
+(:func:`stack_layers` / :func:`unstack_layers` convert; ``load_pretrained(...,
+scan_layers=True)`` and ``save_pretrained`` do it for you). The program holds one layer body:
+compile time and, under fsdp, the all-gathered weights no longer grow with depth. The loop stays
+the default for generation and the interventions, which address single layers.
 """
 
 from __future__ import annotations
 
+import re
 from functools import partial
-from typing import Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +74,34 @@ class DecoderLayer(nn.Module):
         return x, weights, kv_cache
 
 
+class ScannedDecoderLayer(DecoderLayer):
+    """The ``nn.scan`` body: (x, mask, cos, sin, need weights) -> (x, (x, attention weights))."""
+
+    def __call__(self, x, mask, cos, sin, output_attentions=False):
+        x, weights, _ = super().__call__(x, mask, cos, sin, output_attentions)
+        return x, (x, weights)
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_policy(name: str):
+    """A ``jax.checkpoint_policies`` entry by name: what the backward pass may keep instead of
+    recomputing (``nothing_saveable``: only layer inputs; ``dots_saveable``: also matmul
+    outputs, more memory and less recompute)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {name!r} not one of {REMAT_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
+
+
 class DecoderModel(nn.Module):
     """Embedding + decoder layers + final norm (HF's LlamaModel / Qwen2Model).
 
     ``remat``: recompute each layer's activations in the backward pass (nn.remat) instead of
-    keeping them: less memory for training, same numbers, same param names.
+    keeping them: less memory for training, same numbers, same param names; ``remat_policy``
+    (one of :data:`REMAT_POLICIES`) says what may be kept.
+    ``scan_layers``: one ``nn.scan`` over the layers, params stacked under ``layers`` (see the
+    module docstring); no KV cache or interventions in this layout.
     ``fused_attention``: jax.nn.dot_product_attention in every layer whose weights are not needed.
     """
 
@@ -81,15 +110,25 @@ class DecoderModel(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     fused_attention: bool = False
+    scan_layers: bool = False
+    remat_policy: str = "nothing_saveable"
 
     def setup(self):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, **kw)
-        layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
-        self.layers = [layer(c, name=f"layers_{i}", fused_attention=self.fused_attention, **kw)
-                       for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, **kw)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, fused_attention=self.fused_attention)
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
+                                     param_dtype=self.param_dtype)
+        layer = ScannedDecoderLayer if self.scan_layers else DecoderLayer
+        if self.remat:  # arg 5 (after self, x, mask, cos, sin): need attention weights, static
+            layer = nn.remat(layer, static_argnums=(5,), policy=remat_policy(self.remat_policy),
+                             prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers)(
+                c, name="layers", **kw)
+        else:
+            self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -116,9 +155,14 @@ class DecoderModel(nn.Module):
         var = None if interventions is None else interventions.var
         if (prune or var) and (visual_mask is None or sink_mask is None):
             raise ValueError("token pruning and VAR need visual_mask and sink_mask")
-        if prune is not None and prune.layer >= len(self.layers):
+        n = self.config.num_hidden_layers
+        if self.scan_layers and (cache is not None or prune or var):
+            raise NotImplementedError("scan_layers=True runs plain forwards (training, scoring); "
+                                      "for a KV cache or interventions use the loop layout "
+                                      "(unstack_layers(params), scan_layers=False)")
+        if prune is not None and prune.layer >= n:
             raise ValueError(f"token pruning after layer {prune.layer} needs more than "
-                             f"{len(self.layers)} LLM layers")
+                             f"{n} LLM layers")
         if var is not None and cache is not None and (var.sinks != "vit" or prune is not None
                                                       or cache.visual is None):
             raise NotImplementedError("VAR with a KV cache needs sinks='vit', no token pruning and "
@@ -146,43 +190,47 @@ class DecoderModel(nn.Module):
                 slot, new.astype(slot.dtype), (0, cache.index)) for slot, new in
                 ((cache.visual, visual_mask), (cache.sinks, sink_mask)))
         index = None if cache is None else cache.index
-        n = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            if prune is not None and i == prune.layer:  # FastV: drop the least-attended tokens
-                received = attns[-1] if cache is None else jax.lax.dynamic_slice_in_dim(
-                    attns[-1], cache.index, t, axis=-1)
-                scores = pruning.attention_received(received, attention_mask, prune.score)
-                n_drop = prune.dropped(num_visual)
-                kept = pruning.keep_indices(scores, visual_mask,
-                                            sink_mask if prune.keep_sinks else None, n_drop)
-                x, position_ids, visual_mask, sink_mask = (
-                    pruning.gather_tokens(a, kept) for a in (x, position_ids, visual_mask, sink_mask))
-                key_visual, key_sinks = visual_mask, sink_mask  # (VAR + pruning: no cache here)
-                if attention_mask is not None:
-                    attention_mask = pruning.gather_tokens(attention_mask, kept)
-                if cache is None:
-                    mask = make_attention_mask(attention_mask, t - n_drop, t - n_drop, causal=True)
-                else:
-                    late_keep = pruning.gather_tokens(keep, kept)
-                cos, sin = rotary_embedding(self.config, position_ids)
-            if cache is not None and cache.late_mask is not None and i == cache.split:
-                # the pruned layers' own, shorter cache: the pruning prefill writes its kept tokens
-                # from the same slot; later steps come ``drop`` slots earlier than in layers < K
-                index = cache.index if kept is not None else cache.index - cache.drop
-                late_slots, mask = cache_mask(cache.late_mask, late_keep if kept is not None else keep,
-                                              index)
-            adjust = None
-            if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
-                sinks = key_sinks if var.sinks == "vit" else llm_sink_mask(
-                    x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
-                adjust = partial(redistribute, visual=key_visual.astype(bool),
-                                 sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
-            kv = None if cache is None else (cache.keys[i], cache.values[i])
-            need = output_attentions or (prune is not None and i == prune.layer - 1)
-            x, w, kv = layer(x, mask, cos, sin, need, kv, index, adjust)
-            states.append(x)
-            attns.append(w)
-            kvs.append(kv)
+        if self.scan_layers:
+            x, (hidden, weights) = self.layers(x, mask, cos, sin, output_attentions)
+            states += list(hidden)
+            attns = list(weights) if output_attentions else attns
+        else:
+            for i, layer in enumerate(self.layers):
+                if prune is not None and i == prune.layer:  # FastV: drop the least-attended tokens
+                    received = attns[-1] if cache is None else jax.lax.dynamic_slice_in_dim(
+                        attns[-1], cache.index, t, axis=-1)
+                    scores = pruning.attention_received(received, attention_mask, prune.score)
+                    n_drop = prune.dropped(num_visual)
+                    kept = pruning.keep_indices(scores, visual_mask,
+                                                sink_mask if prune.keep_sinks else None, n_drop)
+                    x, position_ids, visual_mask, sink_mask = (
+                        pruning.gather_tokens(a, kept) for a in (x, position_ids, visual_mask, sink_mask))
+                    key_visual, key_sinks = visual_mask, sink_mask  # (VAR + pruning: no cache here)
+                    if attention_mask is not None:
+                        attention_mask = pruning.gather_tokens(attention_mask, kept)
+                    if cache is None:
+                        mask = make_attention_mask(attention_mask, t - n_drop, t - n_drop, causal=True)
+                    else:
+                        late_keep = pruning.gather_tokens(keep, kept)
+                    cos, sin = rotary_embedding(self.config, position_ids)
+                if cache is not None and cache.late_mask is not None and i == cache.split:
+                    # the pruned layers' own, shorter cache: the pruning prefill writes its kept tokens
+                    # from the same slot; later steps come ``drop`` slots earlier than in layers < K
+                    index = cache.index if kept is not None else cache.index - cache.drop
+                    late_slots, mask = cache_mask(cache.late_mask, late_keep if kept is not None else keep,
+                                                  index)
+                adjust = None
+                if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
+                    sinks = key_sinks if var.sinks == "vit" else llm_sink_mask(
+                        x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
+                    adjust = partial(redistribute, visual=key_visual.astype(bool),
+                                     sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
+                kv = None if cache is None else (cache.keys[i], cache.values[i])
+                need = output_attentions or (prune is not None and i == prune.layer - 1)
+                x, w, kv = layer(x, mask, cos, sin, need, kv, index, adjust)
+                states.append(x)
+                attns.append(w)
+                kvs.append(kv)
         x = self.norm(x)
         states[-1] = x  # HF convention: the last hidden state is the normed one
         if kept is not None:
@@ -230,6 +278,47 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32,
                    sinks=jnp.zeros((batch, length), jnp.int32) if var else None)
 
 
+_LAYER = re.compile(r"layers_(\d+)")
+
+
+def _decoders(tree, convert):
+    """``tree`` with ``convert`` applied to every decoder's param dict (the one holding
+    ``embed_tokens``: DecoderModel's)."""
+    if not isinstance(tree, Mapping):
+        return tree
+    if "embed_tokens" in tree:
+        return convert(dict(tree))
+    return {k: _decoders(v, convert) for k, v in tree.items()}
+
+
+def stack_layers(params):
+    """Loop layout -> scanned layout: each decoder's ``layers_0`` ... ``layers_{L-1}`` become
+    ``layers`` with every leaf stacked on a new leading [L] axis. Other params are unchanged;
+    a tree already scanned is returned as it is."""
+    def convert(d):
+        names = sorted((k for k in d if _LAYER.fullmatch(k)), key=lambda k: int(k[7:]))
+        if not names:
+            return d
+        if names != [f"layers_{i}" for i in range(len(names))]:
+            raise ValueError(f"decoder layers {names} are not layers_0 ... layers_{len(names) - 1}")
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(d.pop(k) for k in names))
+        return {**d, "layers": stacked}
+    return _decoders(params, convert)
+
+
+def unstack_layers(params):
+    """Scanned layout -> loop layout (HF's per-layer names), the inverse of
+    :func:`stack_layers`; a tree already in the loop layout is returned as it is."""
+    def convert(d):
+        if "layers" not in d:
+            return d
+        stacked = d.pop("layers")
+        n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        return {**d, **{f"layers_{i}": jax.tree_util.tree_map(lambda x: x[i], stacked)
+                        for i in range(n)}}
+    return _decoders(params, convert)
+
+
 class CausalLM(nn.Module):
     """``__call__(input_ids [B, T] | inputs_embeds [B, T, D], attention_mask, position_ids)``
     -> CausalLMOutput with float32 logits [B, T, V]."""
@@ -237,12 +326,14 @@ class CausalLM(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    remat: bool = False
-    fused_attention: bool = False  # see DecoderModel
+    remat: bool = False  # remat, fused_attention, scan_layers, remat_policy: see DecoderModel
+    fused_attention: bool = False
+    scan_layers: bool = False
+    remat_policy: str = "nothing_saveable"
 
     def setup(self):
         self.model = DecoderModel(self.config, self.dtype, self.param_dtype, self.remat,
-                                  self.fused_attention)
+                                  self.fused_attention, self.scan_layers, self.remat_policy)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                     param_dtype=self.param_dtype)

@@ -119,6 +119,8 @@ class LlavaForConditionalGeneration(nn.Module):
     interventions: Interventions = Interventions()  # token pruning, VAR, test-time registers
     remat: bool = False  # recompute LLM layer activations in the backward pass (training memory)
     fused_attention: bool = False  # LLM: jax.nn.dot_product_attention where no weights are needed
+    scan_layers: bool = False  # LLM layers as one nn.scan, params stacked (see llm.stack_layers)
+    remat_policy: str = "nothing_saveable"  # what remat may keep (llm.REMAT_POLICIES)
 
     def setup(self):
         c = self.config
@@ -133,6 +135,7 @@ class LlavaForConditionalGeneration(nn.Module):
             if c.diysink.reweight:
                 self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
         self.language_model = CausalLM(c.text, remat=self.remat, fused_attention=self.fused_attention,
+                                       scan_layers=self.scan_layers, remat_policy=self.remat_policy,
                                        **kw)
 
     @property
