@@ -1,5 +1,6 @@
 """Scale without hardware: compile the DIYSink fine-tuning step for the LLaVA-1.5-7B / 13B shapes
-on N fake CPU devices with fsdp sharding, and the inference forward with tensor parallelism,
+on N fake CPU devices with fsdp sharding, and the inference forward with tensor parallelism, each
+with the LLM layers as a Python loop and as one nn.scan (scan_layers),
 nothing allocated (abstract params from jax.eval_shape), and compare XLA's per-device memory
 analysis with the one-device programs.
 
@@ -97,7 +98,8 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
             "per_device_bytes": per_device_bytes(m)}
 
 
-def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens: int) -> dict:
+def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens: int,
+                   scan_layers: bool = False) -> dict:
     """Per-device bytes of the compiled inference forward (bf16 params and compute) with the
     params sharded by the tensor-parallel rules over ``tensor`` devices."""
     import jax
@@ -108,7 +110,7 @@ def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens
     from vitsink_jax.convert.hf import build_model, example_inputs
 
     config = llava_config(SHAPES[name])
-    model = build_model(config, dtype=jnp.bfloat16)
+    model = build_model(config, dtype=jnp.bfloat16, scan_layers=scan_layers)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example_inputs(config))["params"])
     mesh = parallel.make_mesh(1, jax.devices()[:devices], tensor=tensor)
     t = config.num_image_tokens + text_tokens
@@ -121,9 +123,22 @@ def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens
     t0 = time.perf_counter()
     m = fwd.lower(params, ids, pix).compile().memory_analysis()
     return {"shape": name, "devices": devices, "tensor": tensor, "batch": batch, "tokens": t,
-            "compile_s": time.perf_counter() - t0, "argument_bytes": m.argument_size_in_bytes,
+            "scan_layers": scan_layers, "compile_s": time.perf_counter() - t0, "argument_bytes": m.argument_size_in_bytes,
             "temp_bytes": m.temp_size_in_bytes,
             "per_device_bytes": per_device_bytes(m)}
+
+
+def layout_memory(name: str, n: int, text_tokens: int, scan_layers: bool) -> dict:
+    """One layout (loop or scanned LLM layers): the fine-tuning step on 1 device vs fsdp over
+    ``n`` (batch ``n``), the inference forward on 1 device vs tensor-parallel over ``n``."""
+    one = step_memory(name, 1, 1, n, text_tokens, scan_layers=scan_layers)
+    sharded = step_memory(name, n, n, n, text_tokens, scan_layers=scan_layers)
+    inf_one = forward_memory(name, 1, 1, 1, text_tokens, scan_layers)
+    inf_tp = forward_memory(name, n, n, 1, text_tokens, scan_layers)
+    return {"one_device": one, "fsdp": sharded,
+            "ratio_to_ideal": sharded["per_device_bytes"] / (one["per_device_bytes"] / n),
+            "inference_one_device": inf_one, "inference_tensor": inf_tp,
+            "inference_ratio_to_ideal": inf_tp["per_device_bytes"] / (inf_one["per_device_bytes"] / n)}
 
 
 def main(argv=None) -> dict:
@@ -138,26 +153,21 @@ def main(argv=None) -> dict:
     from vitsink_jax.provenance import package_versions, write_json
 
     n = args.devices
-    shapes = ["quick"] if args.quick else ["llava-1.5-7b", "llava-1.5-13b"]
+    gib = lambda r, k: r[k]["per_device_bytes"] / 2 ** 30  # noqa: E731
     results = []
-    for name in shapes:
-        one = step_memory(name, 1, 1, n, args.text_tokens)
-        sharded = step_memory(name, n, n, n, args.text_tokens)
-        ratio = sharded["per_device_bytes"] / (one["per_device_bytes"] / n)
-        inf_one = forward_memory(name, 1, 1, 1, args.text_tokens)
-        inf_tp = forward_memory(name, n, n, 1, args.text_tokens)
-        tp_ratio = inf_tp["per_device_bytes"] / (inf_one["per_device_bytes"] / n)
-        results.append({"one_device": one, "fsdp": sharded, "ratio_to_ideal": ratio,
-                        "inference_one_device": inf_one, "inference_tensor": inf_tp,
-                        "inference_ratio_to_ideal": tp_ratio})
-        print(f"{name}: {one['params'] / 1e9:.2f}B params, fine-tuning step (batch {n} x "
-              f"{one['tokens']} tokens, bf16 compute, fp32 params + AdamW): 1 device "
-              f"{one['per_device_bytes'] / 2 ** 30:.1f} GiB; fsdp over {n} devices "
-              f"{sharded['per_device_bytes'] / 2 ** 30:.2f} GiB per device = {ratio:.2f}x total/{n} "
-              f"(compile {one['compile_s']:.0f} s + {sharded['compile_s']:.0f} s); inference "
-              f"forward 1 device {inf_one['per_device_bytes'] / 2 ** 30:.1f} GiB, tensor-parallel "
-              f"over {n}: {inf_tp['per_device_bytes'] / 2 ** 30:.2f} GiB per device = "
-              f"{tp_ratio:.2f}x total/{n}")
+    for name in ["quick"] if args.quick else ["llava-1.5-7b", "llava-1.5-13b"]:
+        entry = {"shape": name}
+        for layout in ("loop", "scan"):
+            r = entry[layout] = layout_memory(name, n, args.text_tokens, layout == "scan")
+            print(f"{name}, {layout} layers: {r['one_device']['params'] / 1e9:.2f}B params; "
+                  f"fine-tuning step (batch {n} x {r['one_device']['tokens']} tokens, bf16 compute, "
+                  f"fp32 params + AdamW, remat) 1 device {gib(r, 'one_device'):.1f} GiB, fsdp over {n} "
+                  f"{gib(r, 'fsdp'):.2f} GiB per device = {r['ratio_to_ideal']:.2f}x total/{n} "
+                  f"(compile {r['fsdp']['compile_s']:.0f} s); inference forward 1 device "
+                  f"{gib(r, 'inference_one_device'):.1f} GiB, tensor-parallel over {n} "
+                  f"{gib(r, 'inference_tensor'):.2f} GiB per device = "
+                  f"{r['inference_ratio_to_ideal']:.2f}x total/{n}", flush=True)
+        results.append(entry)
     result = {"results": results, "versions": package_versions()}
     if args.out:
         write_json(args.out, result)

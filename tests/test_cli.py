@@ -188,9 +188,12 @@ def test_pruning_benchmark_quick(tmp_path):
 
 def test_memory_benchmark_quick(tmp_path):
     out = run_benchmark_script("memory", tmp_path)
-    (r,) = json.loads(out.read_text())["results"]
-    assert r["fsdp"]["devices"] == 8 and r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
-    assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
+    (entry,) = json.loads(out.read_text())["results"]
+    for layout in ("loop", "scan"):
+        r = entry[layout]
+        assert r["fsdp"]["scan_layers"] == (layout == "scan")
+        assert r["fsdp"]["devices"] == 8 and r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
+        assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
 
 
 def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
