@@ -58,8 +58,10 @@ def main(argv=None) -> dict:
         hf_one = median_seconds(lambda: hf.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}),
                                 repeats, warmup=False)
     hf_step = (t_torch - hf_one) / (n_new - 1)
-    lm = params["language_model"]
     c = model.config.text
+    lm = params["language_model"]  # every weight is read once per step but the embedding table
+    if not c.tie_word_embeddings:  # (one row per token) unless it doubles as the LM head
+        lm = {**lm, "model": {k: v for k, v in lm["model"].items() if k != "embed_tokens"}}
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lm))
     cache_bytes = (2 * c.num_hidden_layers * s["batch"] * (ids.shape[1] + n_new)
                    * c.num_key_value_heads * c.head_dim * 4)
