@@ -28,7 +28,9 @@ SHAPES = {  # vision: CLIP-L/336; text: Vicuna (LLaMA) 7B / 13B
 }
 
 
-def llava_config(s: dict):
+def llava_config(s: dict, diysink: bool = True):
+    """The LlavaConfig of a SHAPES entry (with the DIYSink dual projector unless ``diysink`` is
+    False)."""
     from vitsink_jax.config import DIYSinkConfig, LlavaConfig, TextConfig, VisionConfig
 
     vision = VisionConfig(model_type="clip_vision_model", hidden_size=s["vh"],
@@ -40,7 +42,7 @@ def llava_config(s: dict):
                       num_attention_heads=s["theads"], num_key_value_heads=s["theads"],
                       head_dim=s["th"] // s["theads"], max_position_embeddings=4096)
     return LlavaConfig(vision=vision, text=text, image_token_index=s["vocab"] - 1,
-                       diysink=DIYSinkConfig())
+                       diysink=DIYSinkConfig() if diysink else None)
 
 
 def per_device_bytes(m) -> int:

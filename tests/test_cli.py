@@ -196,6 +196,14 @@ def test_memory_benchmark_quick(tmp_path):
         assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
 
 
+def test_mfu_benchmark_quick(tmp_path):
+    """The accelerator script runs (tiny shape, here on the CPU); its FLOP formula agrees with
+    XLA's count of the same forward."""
+    r = json.loads(run_benchmark_script("mfu", tmp_path).read_text())
+    assert abs(r["flops_formula_vs_xla"] - 1) < 0.02, r["flops_formula_vs_xla"]
+    assert 0 < r["prefill_mfu"] and 0 < r["train_step_mfu"] and r["device_kind"]
+
+
 def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
     """train.py runs a recipe on the real DINOv2-S tower and publishes the models without it;
     evaluate.py's default mode (the main job) analyses the real tower's sinks and scores the
