@@ -189,11 +189,10 @@ def test_pruning_benchmark_quick(tmp_path):
 def test_memory_benchmark_quick(tmp_path):
     out = run_benchmark_script("memory", tmp_path)
     (entry,) = json.loads(out.read_text())["results"]
-    for layout in ("loop", "scan"):
-        r = entry[layout]
-        assert r["fsdp"]["scan_layers"] == (layout == "scan")
-        assert r["fsdp"]["devices"] == 8 and r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
-        assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
+    r = entry["scan"]  # the quick run compiles the scanned layout only (the loop's is the default)
+    assert r["fsdp"]["scan_layers"] and r["fsdp"]["devices"] == 8
+    assert r["fsdp"]["per_device_bytes"] < r["one_device"]["per_device_bytes"]
+    assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
 
 
 def test_mfu_benchmark_quick(tmp_path):

@@ -120,7 +120,7 @@ import jax, numpy as np
 import test_train, train
 cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ckpt!r},
                         parallel=sys.argv[1], fsdp=int(sys.argv[2]), checkpoint_every=2,
-                        tensor=int(sys.argv[9]),
+                        tensor=int(sys.argv[9]), scan_layers=sys.argv[10] == "scan",
                         **{{"distributed.coordinator": sys.argv[3],
                         "distributed.num_processes": int(sys.argv[4]),
                         "distributed.process_id": int(sys.argv[5]),
@@ -134,12 +134,13 @@ if jax.process_index() == 0:
 
 
 def _launch(base, work, strategy="mesh", fsdp=1, devices=1, coordinator="", nproc=1, pid=0, local=0,
-            steps=3, tensor=1):
+            steps=3, tensor=1, layers="loop"):
     code = RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), ckpt=str(base / "export"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.Popen([sys.executable, "-c", code, strategy, str(fsdp), coordinator,
-                             str(nproc), str(pid), str(local), str(work), str(steps), str(tensor)],
+                             str(nproc), str(pid), str(local), str(work), str(steps), str(tensor),
+                             layers],
                             env=env,
                             cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,8 +155,11 @@ def _result(proc):
 
 
 def test_one_device_mesh_and_pmap_agree(base, tmp_path):
+    """One device, fsdp x tensor over 8 devices (loop and scanned LLM layers) and pmap over 8
+    train to the same losses and params."""
     runs = {}
     for name, kw in {"single": dict(), "fsdp_tensor": dict(devices=8, fsdp=2, tensor=2),
+                     "fsdp_tensor_scan": dict(devices=8, fsdp=2, tensor=2, layers="scan"),
                      "pmap8": dict(devices=8, strategy="pmap")}.items():
         runs[name] = (_launch(base, tmp_path / name, **kw), kw.get("devices", 1))
     ref = None
