@@ -156,6 +156,8 @@ def test_scan_layers_switch_equals_transformers_and_round_trips(tmp_path, rng):
                                got, ref)
     with pytest.raises(ValueError, match="dots_saveable"):
         loop.clone(remat=True, remat_policy="everything").apply({"params": loop_params}, x)
+    with pytest.raises(ValueError, match="CausalLM has no option scan_layer"):
+        vj.load_pretrained(tmp_path / "llama", scan_layer=True)
     from vitsink_jax.models.llm import init_cache
     with pytest.raises(NotImplementedError, match="scan_layers"):
         scanned.apply({"params": params}, x, cache=init_cache(scanned.config, 2, 16))

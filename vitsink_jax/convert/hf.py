@@ -14,6 +14,7 @@ read one at a time. Any problem raises :class:`CheckpointError` naming the file,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -150,6 +151,9 @@ def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **opti
         cls = vision_tower_class(config)
     else:
         cls = {LlavaConfig: LlavaForConditionalGeneration, TextConfig: CausalLM}[type(config)]
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}")
     return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, **options)
 
 
