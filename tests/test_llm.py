@@ -148,6 +148,8 @@ def test_scan_layers_switch_equals_transformers_and_round_trips(tmp_path, rng):
     jax.tree_util.tree_map(np.testing.assert_array_equal, vj.stack_layers(loop_params), params)
 
     x = jnp.asarray(ids)
+    np.testing.assert_allclose(scanned.clone(fused_attention=True).apply({"params": params}, x).logits,
+                               loop.apply({"params": loop_params}, x).logits, atol=1e-5)
     grad = lambda m, p: jax.grad(lambda p: m.apply({"params": p}, x).logits.std())(p)  # noqa: E731
     ref = grad(loop, loop_params)
     for policy in vj.REMAT_POLICIES:
