@@ -242,9 +242,11 @@ def test_comparison_specs():
             parse(bad)
 
 
-def test_var_during_cached_generation_equals_the_forward(tmp_path):
-    """VAR with the KV cache: the cached prefill equals the forward, and a decode step equals the
-    forward over prompt + the new token (a text token: neither visual nor a sink)."""
+@pytest.mark.parametrize("sinks", ["vit", "dims"])
+def test_var_during_cached_generation_equals_the_forward(tmp_path, sinks):
+    """VAR with the KV cache, sinks from the ViT or from the LLM's sink dims (a per-layer mask of
+    the cached slots): the cached prefill equals the forward, and a decode step equals the
+    forward over prompt + the new token."""
     from vitsink_jax.generate import generate, prefill
 
     hf = build(transformers.LlavaForConditionalGeneration, llava_config())
@@ -254,7 +256,8 @@ def test_var_during_cached_generation_equals_the_forward(tmp_path):
     pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
     var = model.clone(visual_tokens=vj.VisualTokenPolicy(rule=vj.SinkRule("topk", k=3)),
                       interventions=Interventions(var=AttentionRedistribution(
-                          p=0.2, rho=1.0, summ=0.0, first_layer=0)))
+                          p=0.2, rho=1.0, summ=0.0, first_layer=0, sinks=sinks, sink_dims=(0, 3, 5),
+                          tau=1.5, skip_last=False)))
     mask = jnp.ones(ids.shape, jnp.int32)
     out = prefill(var, params, jnp.asarray(ids), mask, pixels, 2)
     full = var.apply({"params": params}, jnp.asarray(ids), pixels)

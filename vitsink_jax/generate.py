@@ -63,8 +63,9 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_toke
     b, t = input_ids.shape
     prune = model.interventions.prune
     pruning = () if prune is None else (prune.layer, prune.dropped(model.config.num_image_tokens))
+    var = model.interventions.var
     cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning,
-                       var=model.interventions.var is not None)
+                       var=None if var is None else var.sinks)
     return model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
                        cache=cache, route=route)
 

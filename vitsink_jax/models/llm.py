@@ -163,10 +163,11 @@ class DecoderModel(nn.Module):
         if prune is not None and prune.layer >= n:
             raise ValueError(f"token pruning after layer {prune.layer} needs more than "
                              f"{n} LLM layers")
-        if var is not None and cache is not None and (var.sinks != "vit" or prune is not None
-                                                      or cache.visual is None):
-            raise NotImplementedError("VAR with a KV cache needs sinks='vit', no token pruning and "
-                                      "init_cache(..., var=True) (generate() does this)")
+        if var is not None and cache is not None and (
+                prune is not None or cache.visual is None
+                or (var.sinks == "dims") != (cache.layer_sinks is not None)):
+            raise NotImplementedError(f"VAR with a KV cache needs no token pruning and init_cache("
+                                      f"..., var={var.sinks!r}) (generate() does this)")
         if prune is not None and cache is not None and (cache.late_mask is None or cache.split != prune.layer
                                                         or cache.drop != prune.dropped(num_visual)):
             raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
@@ -190,6 +191,8 @@ class DecoderModel(nn.Module):
                 slot, new.astype(slot.dtype), (0, cache.index)) for slot, new in
                 ((cache.visual, visual_mask), (cache.sinks, sink_mask)))
         index = None if cache is None else cache.index
+        # VAR sinks="dims" with a cache: each layer's LLM-sink mask over the cached slots
+        layer_sinks = None if cache is None or cache.layer_sinks is None else list(cache.layer_sinks)
         if self.scan_layers:
             x, (hidden, weights) = self.layers(x, mask, cos, sin, output_attentions)
             states += list(hidden)
@@ -223,6 +226,9 @@ class DecoderModel(nn.Module):
                 if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
                     sinks = key_sinks if var.sinks == "vit" else llm_sink_mask(
                         x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
+                    if layer_sinks is not None:  # this layer's mask of every cached slot
+                        sinks = layer_sinks[i] = jax.lax.dynamic_update_slice(
+                            layer_sinks[i], sinks.astype(jnp.int32), (0, cache.index))
                     adjust = partial(redistribute, visual=key_visual.astype(bool),
                                      sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
                 kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -241,7 +247,8 @@ class DecoderModel(nn.Module):
                                   mask=slots, index=cache.index + t, late_mask=late_slots,
                                   position=jnp.maximum(cache.position, last).astype(jnp.int32))
             if var is not None:
-                cache = cache.replace(visual=key_visual, sinks=key_sinks)
+                cache = cache.replace(visual=key_visual, sinks=key_sinks, layer_sinks=None
+                                      if layer_sinks is None else tuple(layer_sinks))
         return x, tuple(states), tuple(attns) if output_attentions else (None,) * n, cache
 
 
@@ -261,10 +268,14 @@ def generation_positions(mask, start):
 
 
 def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32,
-               pruning: tuple = (), var: bool = False) -> KVCache:
+               pruning: tuple = (), var: Optional[str] = None) -> KVCache:
     """An empty cache of ``length`` slots for ``batch`` rows. ``pruning`` = (layer K, tokens
     dropped per row): layers from K get ``length - dropped`` slots (FastV's shorter cache).
-    ``var``: keep the visual / ViT-sink masks of the slots (VAR during generation)."""
+    ``var`` (VAR during generation, its sink source): "vit" keeps the visual / ViT-sink masks
+    of the slots, "dims" also each layer's LLM-sink mask."""
+    if var not in (None, "vit", "dims"):
+        raise ValueError(f"init_cache var={var!r}: None, 'vit' or 'dims'")
+    slots = lambda: jnp.zeros((batch, length), jnp.int32) if var else None  # noqa: E731
     split, drop = pruning or (config.num_hidden_layers, 0)
     def zeros(i):
         return jnp.zeros((batch, length - (drop if i >= split else 0), config.num_key_value_heads,
@@ -274,8 +285,8 @@ def init_cache(config: TextConfig, batch: int, length: int, dtype=jnp.float32,
                    index=jnp.asarray(0, jnp.int32), position=jnp.zeros((batch,), jnp.int32),
                    late_mask=jnp.zeros((batch, length - drop), jnp.int32) if pruning else None,
                    drop=drop, split=split if pruning else 0,
-                   visual=jnp.zeros((batch, length), jnp.int32) if var else None,
-                   sinks=jnp.zeros((batch, length), jnp.int32) if var else None)
+                   visual=slots(), sinks=slots(),
+                   layer_sinks=tuple(slots() for _ in keys) if var == "dims" else None)
 
 
 _LAYER = re.compile(r"layers_(\d+)")

@@ -32,6 +32,7 @@ class KVCache:
     # VAR during generation: which slots hold visual tokens / ViT sinks (the keys' masks)
     visual: Optional[jnp.ndarray] = None      # [B, S] int32
     sinks: Optional[jnp.ndarray] = None       # [B, S] int32
+    layer_sinks: Optional[tuple] = None       # VAR sinks="dims": L x [B, S] int32, LLM sinks per layer
     split: int = struct.field(pytree_node=False, default=0)
 
 
