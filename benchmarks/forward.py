@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from vitsink_jax.eval_lib import median_seconds
+from vitsink_jax.eval_lib import interleaved_seconds, median_seconds
 from vitsink_jax.provenance import package_versions, write_json
 
 SIZES = {  # (image, patch, vision hidden/layers/heads, text hidden/layers/heads/kv, batch, text tokens)
@@ -93,29 +93,23 @@ def main(argv=None) -> dict:
     hf, model, params, ids, pixels = llava_inputs(s)
     n_img = model.config.num_image_tokens
 
-    fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
     jids, jpix = jnp.asarray(ids), jnp.asarray(pixels)
-    ours = np.asarray(jax.block_until_ready(fwd(params, jids, jpix)))  # compile + warm-up
-    t_jax = median_seconds(lambda: jax.block_until_ready(fwd(params, jids, jpix)),
-                           repeats, warmup=False)
-
     front = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=vj.SinkRule("topk", k=4)))
-    fwd_front = jax.jit(lambda p, i, x: front.apply({"params": p}, i, x).logits)
-    jax.block_until_ready(fwd_front(params, jids, jpix))
-    t_front = median_seconds(lambda: jax.block_until_ready(fwd_front(params, jids, jpix)),
-                             repeats, warmup=False)
-
-    fused = model.clone(fused_attention=True)
-    fwd_fused = jax.jit(lambda p, i, x: fused.apply({"params": p}, i, x).logits)
-    jax.block_until_ready(fwd_fused(params, jids, jpix))
-    t_fused = median_seconds(lambda: jax.block_until_ready(fwd_fused(params, jids, jpix)),
-                             repeats, warmup=False)
-
+    fwd, fwd_front, fwd_fused = (jax.jit(lambda p, i, x, m=m: m.apply({"params": p}, i, x).logits)
+                                 for m in (model, front, model.clone(fused_attention=True)))
     tids, tpix = torch.tensor(ids), torch.tensor(pixels)
-    with torch.inference_mode():
-        ref = hf(input_ids=tids, pixel_values=tpix).logits.numpy()  # warm-up
-        t_torch = median_seconds(lambda: hf(input_ids=tids, pixel_values=tpix),
-                                 repeats, warmup=False)
+
+    @torch.inference_mode()
+    def hf_forward():
+        return hf(input_ids=tids, pixel_values=tpix).logits
+
+    ours = np.asarray(jax.block_until_ready(fwd(params, jids, jpix)))  # compile + warm-up
+    ref = hf_forward().numpy()
+    t = interleaved_seconds({"jax": lambda: fwd(params, jids, jpix),
+                             "front": lambda: fwd_front(params, jids, jpix),
+                             "fused": lambda: fwd_fused(params, jids, jpix), "torch": hf_forward},
+                            repeats)  # the calls take turns: a slow spell hits all of them
+    t_jax, t_front, t_fused, t_torch = t["jax"], t["front"], t["fused"], t["torch"]
 
     err = float(np.max(np.abs(ours - ref)))
     flops = compiled_flops(fwd, params, jids, jpix)

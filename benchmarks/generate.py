@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from forward import llava_inputs, parse_args
-from vitsink_jax.eval_lib import median_seconds
+from vitsink_jax.eval_lib import interleaved_seconds, median_seconds
 from vitsink_jax.generate import generate
 from vitsink_jax.provenance import package_versions, write_json
 
@@ -50,26 +50,26 @@ def main(argv=None) -> dict:
     n_img = model.config.num_image_tokens
     mask = np.ones_like(ids)
 
-    run = lambda: jax.block_until_ready(generate(model, params, ids, mask, pixels, n_new))  # noqa: E731
-    t0 = time.perf_counter()
-    ours = np.asarray(run())
-    compile_s = time.perf_counter() - t0
-    t_jax = median_seconds(run, repeats, warmup=False)
+    def ours(n):
+        return lambda: generate(model, params, ids, mask, pixels, n)
 
     kw = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-              pixel_values=torch.tensor(pixels), max_new_tokens=n_new, min_new_tokens=n_new,
-              do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        ref = hf.generate(**kw)[:, ids.shape[1]:].numpy()  # warm-up
-        t_torch = median_seconds(lambda: hf.generate(**kw), repeats, warmup=False)
+              pixel_values=torch.tensor(pixels), do_sample=False, pad_token_id=0)
 
-    # decode alone: the time of n_new tokens minus the time of 1 (prefill + first token)
-    one = lambda: jax.block_until_ready(generate(model, params, ids, mask, pixels, 1))  # noqa: E731
-    one()
-    decode_step = (t_jax - median_seconds(one, repeats, warmup=False)) / (n_new - 1)
-    with torch.inference_mode():
-        hf_one = median_seconds(lambda: hf.generate(**{**kw, "max_new_tokens": 1, "min_new_tokens": 1}),
-                                repeats, warmup=False)
+    def theirs(n):
+        return torch.inference_mode()(lambda: hf.generate(**kw, max_new_tokens=n, min_new_tokens=n))
+
+    t0 = time.perf_counter()
+    got = np.asarray(jax.block_until_ready(ours(n_new)()))
+    compile_s = time.perf_counter() - t0
+    ref = theirs(n_new)()[:, ids.shape[1]:].numpy()
+    # decode alone: the time of n_new tokens minus the time of 1 (prefill + first token); the
+    # four calls take turns so that a slow spell of the machine hits all of them
+    t = interleaved_seconds({"jax": ours(n_new), "jax_one": ours(1), "torch": theirs(n_new),
+                             "torch_one": theirs(1)}, repeats)
+    t_jax, t_torch = t["jax"], t["torch"]
+    decode_step = (t_jax - t["jax_one"]) / (n_new - 1)
+    hf_one = t["torch_one"]
     hf_step = (t_torch - hf_one) / (n_new - 1)
     c = model.config.text
     lm = params["language_model"]  # every weight is read once per step but the embedding table
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
               "torch_threads": torch.get_num_threads(), "hf_generate_s": t_torch,
               "vitsink_jax_generate_s": t_jax, "compile_s": compile_s,
               "hf_tokens_per_s": new / t_torch, "vitsink_jax_tokens_per_s": new / t_jax,
-              "speedup_vs_hf": t_torch / t_jax, "tokens_equal": bool(np.array_equal(ours, ref)),
+              "speedup_vs_hf": t_torch / t_jax, "tokens_equal": bool(np.array_equal(got, ref)),
               "decode_step_s": decode_step, "hf_decode_step_s": hf_step,
               "decode_speedup_vs_hf": hf_step / decode_step,
               "bytes_per_decode_step": weight_bytes + cache_bytes,

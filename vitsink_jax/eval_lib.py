@@ -348,19 +348,27 @@ def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
     return out
 
 
-def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of ``fn()`` (blocked on its result), after one warm-up (compile) call
-    unless ``warmup=False`` (the caller warmed up already)."""
+def interleaved_seconds(fns: dict, repeats: int, warmup: bool = True) -> dict:
+    """{name: median wall time of ``fn()``} (blocked on its result) with the calls taking turns,
+    one of each per round, so that a slow spell of a shared machine hits every contender alike;
+    one warm-up (compile) call each first unless ``warmup=False``."""
     import time
 
     if warmup:
-        jax.block_until_ready(fn())
-    times = []
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of ``fn()`` (see :func:`interleaved_seconds`)."""
+    return interleaved_seconds({"fn": fn}, repeats, warmup)["fn"]
 
 
 def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
