@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .models.llm import init_cache
+from .models.llm import init_cache, unstack_layers
 
 
 def left_pad(rows: list, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +78,8 @@ def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tok
     """New tokens for a batch of left-padded prompts.
 
     Args:
-      model: an LlavaForConditionalGeneration (its visual-token policy applies in the prefill).
+      model: an LlavaForConditionalGeneration (its visual-token policy applies in the prefill);
+        with ``scan_layers`` the params are unstacked once per call and the loop layout runs.
       input_ids, attention_mask: [B, T] left-padded prompts; pixel_values: [N_img, C, H, W].
       stop_ids: token ids that end a row (the stop token is kept, later ones are ``stop_ids[0]``).
       key: PRNG key for sampling (``temperature > 0``); route: [N_img] optional token selection.
@@ -86,6 +87,8 @@ def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tok
       [B, max_new_tokens] int32.
     """
     b, _ = input_ids.shape
+    if model.scan_layers:  # the KV cache addresses single layers
+        model, params = model.clone(scan_layers=False), unstack_layers(params)
     key = jax.random.PRNGKey(0) if key is None else key
     out = prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens, route)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)

@@ -12,7 +12,8 @@ params of all layers are stacked under ``model.layers`` with a leading [L] axis
 (:func:`stack_layers` / :func:`unstack_layers` convert; ``load_pretrained(...,
 scan_layers=True)`` and ``save_pretrained`` do it for you). The program holds one layer body:
 compile time and, under fsdp, the all-gathered weights no longer grow with depth. The loop stays
-the default for generation and the interventions, which address single layers.
+the default: the KV cache and the interventions address single layers (``generate`` runs a
+scanned model in the loop layout).
 """
 
 from __future__ import annotations
