@@ -371,15 +371,15 @@ def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
     return interleaved_seconds({"fn": fn}, repeats, warmup)["fn"]
 
 
-def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
-    """Median time of the jitted forward (the prefill) over ``batch``."""
+def prefill_call(model, params, batch: dict):
+    """A no-argument call of the jitted forward (the prefill) over ``batch`` (ids, mask, pixels)."""
     fwd = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, attention_mask=m).logits)
-    return median_seconds(lambda: fwd(params, batch["ids"], batch["pixels"], batch["mask"]), repeats)
+    return lambda: fwd(params, batch["ids"], batch["pixels"], batch["mask"])
 
 
-def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: int = 3) -> float:
-    """Median time of one greedy KV-cache decode step over ``batch`` (left-padded prompts): a
-    compiled loop of ``steps`` steps from the prefilled cache, divided by ``steps``."""
+def decode_call(model, params, batch: dict, steps: int = 16):
+    """A no-argument call of a compiled loop of ``steps`` greedy KV-cache decode steps from the
+    prefilled cache of ``batch`` (left_ids, left_mask, pixels: left-padded prompts)."""
     out = jax.jit(lambda p, i, m, x: prefill(model, p, i, m, x, steps + 1))(
         params, batch["left_ids"], batch["left_mask"], batch["pixels"])
     first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
@@ -392,7 +392,18 @@ def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: in
             return step.cache, jnp.argmax(step.logits[:, -1], axis=-1).astype(jnp.int32)
         return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
-    return median_seconds(lambda: loop(params, out.cache, first), repeats) / steps
+    return lambda: loop(params, out.cache, first)
+
+
+def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
+    """Median time of the jitted forward (the prefill) over ``batch``."""
+    return median_seconds(prefill_call(model, params, batch), repeats)
+
+
+def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: int = 3) -> float:
+    """Median time of one greedy KV-cache decode step over ``batch`` (:func:`decode_call`,
+    divided by ``steps``)."""
+    return median_seconds(decode_call(model, params, batch, steps), repeats) / steps
 
 
 def register_neurons(model, params, pixels, rule, top: int) -> list:
