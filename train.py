@@ -167,24 +167,21 @@ def save_checkpoint(manager, state, step: int, meta: dict) -> None:
     manager.wait_until_finished()
 
 
-def restore_checkpoint(manager, state):
-    """(state, meta) of the newest checkpoint, restored into the layout of ``state``."""
-    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+def restore_checkpoint(manager, state, scan_layers: bool):
+    """(state, meta) of the newest checkpoint, restored into the layout of ``state``. A run
+    resumes only in the param layout it was saved in (loop or scanned layers): the meta is read
+    first to check that, then the state."""
     step = manager.latest_step()
-    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        meta=ocp.args.JsonRestore()))
-    restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state),
-                                            jax.tree_util.tree_leaves(got.state))
-    return restored, got.meta
-
-
-def check_layout(manager, cfg) -> None:
-    """A run resumes only in the param layout it was saved in (loop or scanned layers)."""
-    meta = manager.restore(manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     saved = meta.get("scan_layers", False)
-    if saved != cfg.scan_layers:
+    if saved != scan_layers:
         raise SystemExit(f"error: the checkpoint in {manager.directory} was saved with "
                          f"scan_layers={saved}; resume it with --config.scan_layers={saved}")
+    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state),
+                                            jax.tree_util.tree_leaves(got.state))
+    return restored, meta
 
 
 class MetricLog:
@@ -226,8 +223,7 @@ def train(cfg, workdir: Path) -> dict:
     manager = checkpoint_manager(workdir, cfg.keep_checkpoints)
     start = 0
     if manager.latest_step() is not None:
-        check_layout(manager, cfg)
-        one, meta = restore_checkpoint(manager, runner.unplace(state))
+        one, meta = restore_checkpoint(manager, runner.unplace(state), cfg.scan_layers)
         state, start = runner.place(one), int(meta["data_step"])
         print(f"resumed from {manager.directory} at step {start}")
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
