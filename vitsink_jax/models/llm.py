@@ -308,7 +308,8 @@ def stack_layers(params):
     ``layers`` with every leaf stacked on a new leading [L] axis. Other params are unchanged;
     a tree already scanned is returned as it is."""
     def convert(d):
-        names = sorted((k for k in d if _LAYER.fullmatch(k)), key=lambda k: int(k[7:]))
+        index = {k: int(m[1]) for k in d if (m := _LAYER.fullmatch(k))}
+        names = sorted(index, key=index.get)
         if not names:
             return d
         if names != [f"layers_{i}" for i in range(len(names))]:
