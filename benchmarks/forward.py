@@ -77,8 +77,7 @@ def matmul_peak(n: int = 2048, repeats: int = 3, dtype=jnp.float32) -> float:
     """FLOP/s of a large jnp.dot in ``dtype`` on this machine (the compute roof)."""
     a = jnp.ones((n, n), dtype)
     mm = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(mm(a))
-    return 2 * n ** 3 / median_seconds(lambda: jax.block_until_ready(mm(a)), repeats, warmup=False)
+    return 2 * n ** 3 / median_seconds(lambda: mm(a), repeats)  # after one warm-up call
 
 
 def compiled_flops(jitted, *args) -> float:

@@ -27,8 +27,7 @@ def stream_bandwidth(n_bytes: int, repeats: int = 3) -> float:
     """Bytes/s of reading a large fp32 array once (a jitted sum): the memory roof."""
     x = jax.numpy.ones((n_bytes // 4,), jax.numpy.float32)
     total = jax.jit(lambda a: a.sum())
-    jax.block_until_ready(total(x))
-    return n_bytes / median_seconds(lambda: jax.block_until_ready(total(x)), repeats, warmup=False)
+    return n_bytes / median_seconds(lambda: total(x), repeats)  # after one warm-up call
 
 
 def matmul_floor(mats: list, batch: int, repeats: int = 3, steps: int = 8) -> float:
@@ -39,8 +38,7 @@ def matmul_floor(mats: list, batch: int, repeats: int = 3, steps: int = 8) -> fl
         return acc + sum((jax.numpy.broadcast_to(acc, (batch, w.shape[0])) @ w)[:, :1] for w in mats)
     loop = jax.jit(lambda ms, x: jax.lax.fori_loop(0, steps, lambda i, a: one_pass(i, a), x))
     x = jax.numpy.zeros((batch, 1), jax.numpy.float32)
-    jax.block_until_ready(loop(mats, x))
-    return median_seconds(lambda: jax.block_until_ready(loop(mats, x)), repeats, warmup=False) / steps
+    return median_seconds(lambda: loop(mats, x), repeats) / steps  # after one warm-up call
 
 
 def main(argv=None) -> dict:

@@ -62,12 +62,12 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
     from jax.sharding import NamedSharding
 
     from vitsink_jax import parallel, train_lib
-    from vitsink_jax.convert.hf import build_model, example_inputs
+    from vitsink_jax.convert.hf import build_model, init_params
 
     config = llava_config(SHAPES[name])
     model = build_model(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat,
                         scan_layers=scan_layers)
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example_inputs(config))["params"])
+    params = jax.eval_shape(lambda: init_params(model))
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts("finetune"))
     optim = ml_collections.ConfigDict(dict(lr=2e-5, warmup_steps=10, final_lr_ratio=0.0,
                                            weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
@@ -109,11 +109,11 @@ def forward_memory(name: str, devices: int, tensor: int, batch: int, text_tokens
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from vitsink_jax import parallel
-    from vitsink_jax.convert.hf import build_model, example_inputs
+    from vitsink_jax.convert.hf import build_model, init_params
 
     config = llava_config(SHAPES[name])
     model = build_model(config, dtype=jnp.bfloat16, scan_layers=scan_layers)
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **example_inputs(config))["params"])
+    params = jax.eval_shape(lambda: init_params(model))
     mesh = parallel.make_mesh(1, jax.devices()[:devices], tensor=tensor)
     t = config.num_image_tokens + text_tokens
     v = config.vision

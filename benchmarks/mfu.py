@@ -15,19 +15,17 @@ dense bf16 figure for known devices and otherwise a large bf16 matmul measured i
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from forward import matmul_peak
+from forward import matmul_peak, parse_args
 from memory import SHAPES, llava_config
 from vitsink_jax import train_lib
-from vitsink_jax.convert.hf import build_model, example_inputs
+from vitsink_jax.convert.hf import build_model, init_params
 from vitsink_jax.eval_lib import median_seconds
 from vitsink_jax.provenance import package_versions, write_json
 
@@ -61,8 +59,7 @@ def forward_flops(config, batch: int, text_tokens: int) -> dict:
 def xla_forward_flops(model, data: dict) -> float:
     """XLA's FLOP count of the lowered forward (loop layout: a scan body is counted once),
     from abstract params: the check on :func:`forward_flops`."""
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 **example_inputs(model.config))["params"])
+    abstract = jax.eval_shape(lambda: init_params(model))
     fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits)
     return float(fwd.lower(abstract, data["ids"], data["pixels"]).cost_analysis()["flops"])
 
@@ -86,26 +83,19 @@ def inputs(config, batch: int, text_tokens: int, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--text-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    shape, batch, repeats = ("quick", 2, 1) if args.quick else (args.shape, args.batch, args.repeats)
+    args, _, repeats = parse_args(__doc__, argv, repeats=5, shape=dict(default="llava-1.5-7b",
+                                  choices=sorted(SHAPES)), batch=dict(type=int, default=8),
+                                  **{"text-tokens": dict(type=int, default=64)})
+    shape, batch = ("quick", 2) if args.quick else (args.shape, args.batch)
     config = llava_config(SHAPES[shape], diysink=False)
     model = build_model(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True,
                         remat=True)
-    params = jax.jit(lambda k: model.init(k, **example_inputs(config))["params"])(jax.random.PRNGKey(0))
+    params = jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0))
     data = {k: jnp.asarray(x) for k, x in inputs(config, batch, args.text_tokens).items()}
     data["pixels"] = data["pixels"].astype(jnp.bfloat16)
 
     prefill = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x).logits[:, -1])
-    jax.block_until_ready(prefill(params, data["ids"], data["pixels"]))
-    t_prefill = median_seconds(lambda: jax.block_until_ready(prefill(params, data["ids"], data["pixels"])),
-                               repeats, warmup=False)
+    t_prefill = median_seconds(lambda: prefill(params, data["ids"], data["pixels"]), repeats)
 
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts("finetune"))
     tx = optax.adamw(1e-5)
@@ -117,10 +107,9 @@ def main(argv=None) -> dict:
     def train_step():
         nonlocal state
         state, metrics = step(state, frozen, data)
-        jax.block_until_ready(metrics["loss"])
+        return metrics["loss"]  # median_seconds blocks on it
 
-    train_step()
-    t_train = median_seconds(train_step, repeats, warmup=False)
+    t_train = median_seconds(train_step, repeats)  # its first call (the warm-up) compiles
 
     f = forward_flops(config, batch, args.text_tokens)
     fwd, train = sum(f.values()), f["vision"] + 3 * (f["projector"] + f["llm"])
