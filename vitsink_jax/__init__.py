@@ -8,8 +8,9 @@ Public API::
 """
 
 from .config import LlavaConfig, TextConfig, VisionConfig, config_from_hf  # noqa: F401
-from .convert.hf import (CheckpointError, build_model, checkpoint_hash, init_params,  # noqa: F401
-                         load_pretrained, save_pretrained)
+from .convert.checkpoint_io import (CheckpointError, checkpoint_hash, load_pretrained,  # noqa: F401
+                                    resolve_model_path, save_pretrained)
+from .convert.hf import build_model, init_params  # noqa: F401
 from .models import CausalLM, LlavaForConditionalGeneration, MLPProjector, VisionTransformer  # noqa: F401
 from .models.llm import REMAT_POLICIES, stack_layers, unstack_layers  # noqa: F401
 from .models.lvlm import register_question_encoder  # noqa: F401

