@@ -290,7 +290,7 @@ def _check_divisible(path: tuple, shape: tuple, sharding) -> None:
 
 def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
     """{param path: sharding}: ``shardings`` (a tree like the params) when given, else
-    :func:`~vitsink_jax.parallel.param_shardings` over ``mesh``, else the default device. A mesh
+    :func:`~vitsink_jax.parallel.param_shardings` over ``mesh``, else this process's first device. A mesh
     that splits no axis of a large param replicates it, said once in a warning."""
     from .. import parallel
 
@@ -301,7 +301,7 @@ def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
             raise CheckpointError(f"shardings has no entry for {_limited(['/'.join(p) for p in missing])}")
         return {p: flat[p] for p in plan}
     if mesh is None:
-        return {p: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for p in plan}
+        return {p: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for p in plan}
     shapes = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(e.shape, jnp.float32)
                                            for p, e in plan.items()})
     out = traverse_util.flatten_dict(parallel.param_shardings(shapes, mesh))
@@ -496,7 +496,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    parallel.sync(f"saved {out_dir}")
+    parallel.sync("save_pretrained written")  # the same name on every process
     return out_dir
 
 
