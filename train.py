@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 import vitsink_jax as vj
 from vitsink_jax import parallel, train_lib
 from vitsink_jax.config import DIYSinkConfig
-from vitsink_jax.convert.hf import build_model
 from vitsink_jax.data import instruct
 from vitsink_jax.data.preprocess import pixels_from_bytes
 from vitsink_jax.data.tokenizer import load_tokenizer
@@ -40,12 +39,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/diysink.py", "Pytho
 _WORKDIR = flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
 
 
-def load_model(cfg, workdir: Path):
-    """(checkpoint path, model in the compute dtype, fp32 params, tokenizer); with
-    ``cfg.scan_layers`` the params are in the scanned layout (the export is HF's either way)."""
+def load_model(cfg, workdir: Path, mesh=None):
+    """(checkpoint path, model in the compute dtype, params, tokenizer). The params are created
+    on their ``mesh`` shards while reading (none without a mesh: pmap), the parts that train in
+    ``cfg.stage`` in float32 and the frozen ones in the compute dtype; with ``cfg.scan_layers``
+    in the scanned layout (the export is HF's either way)."""
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
-    model, params = vj.load_pretrained(ckpt, dtype=jnp.float32)
+    trains = train_lib.trainable_parts(cfg.stage, cfg.finetune_parts)
+    compute = jnp.dtype(cfg.compute_dtype)
+    group_dtype = lambda name: jnp.float32 if name in trains else compute  # noqa: E731
+    model, params = vj.load_pretrained(ckpt, dtype=compute, param_dtype=jnp.float32, mesh=mesh,
+                                       param_dtypes=lambda path: group_dtype(path[0]),
+                                       remat=cfg.remat, remat_policy=cfg.remat_policy,
+                                       scan_layers=cfg.scan_layers)
     if not isinstance(model, vj.LlavaForConditionalGeneration):
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; training needs a llava checkpoint")
     tokenizer = load_tokenizer(ckpt)
@@ -57,10 +64,13 @@ def load_model(cfg, workdir: Path):
                               d.question_encoder)
                 if have is None else dataclasses.replace(have, reweight=True, rew_hidden=d.rew_hidden,
                                                          question_encoder=d.question_encoder))
-        model, params = to_diysink(model, params, want, d.init, jax.random.PRNGKey(cfg.seed))
-    model = build_model(model.config, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.float32,
-                        remat=cfg.remat, remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
-    return ckpt, model, vj.stack_layers(params) if cfg.scan_layers else params, tokenizer
+        model, grown = to_diysink(model, params, want, d.init, jax.random.PRNGKey(cfg.seed))
+        new = {k: jax.tree_util.tree_map(lambda x, k=k: x.astype(group_dtype(k)), v)
+               for k, v in grown.items() if k not in params}  # small: the projector / ReW MLP
+        if mesh is not None:
+            new = jax.device_put(new, parallel.param_shardings(new, mesh))
+        params = {**params, **new}
+    return ckpt, model, params, tokenizer
 
 
 def data_shards(cfg) -> tuple[int, list]:
@@ -123,18 +133,15 @@ class Batches:
 class Runner:
     """The step function and state placement of one parallel strategy."""
 
-    def __init__(self, cfg, model, tx, schedule, frozen):
+    def __init__(self, cfg, model, tx, schedule, frozen, mesh=None):
         self.strategy = cfg.parallel
-        if cfg.batch_size % jax.device_count():
-            raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
-                             f"{jax.device_count()} devices")
         if self.strategy == "pmap":
             step = train_lib.make_train_step(model, tx, schedule, cfg.stage, axis_name="batch")
             self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
             self.frozen = frozen
         else:
-            self.mesh = parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor)
-            self.frozen = jax.device_put(frozen, parallel.param_shardings(frozen, self.mesh))
+            self.mesh = mesh
+            self.frozen = frozen  # already on its shards (load_model)
             self._step = train_lib.make_train_step(model, tx, schedule, cfg.stage)
             self.step = None
 
@@ -212,13 +219,17 @@ def train(cfg, workdir: Path) -> dict:
     """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.init_distributed(cfg.distributed)
-    ckpt, model, params, tokenizer = load_model(cfg, workdir)
+    if cfg.batch_size % jax.device_count():
+        raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
+                         f"{jax.device_count()} devices")
+    mesh = parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor) if cfg.parallel == "mesh" else None
+    ckpt, model, params, tokenizer = load_model(cfg, workdir, mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
     tx, schedule = train_lib.make_optimizer(cfg.optim, cfg.steps)
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable,
              "opt_state": tx.init(trainable), "rng": jax.random.key_data(jax.random.PRNGKey(cfg.seed))}
-    runner = Runner(cfg, model, tx, schedule, frozen)
+    runner = Runner(cfg, model, tx, schedule, frozen, mesh)
     state = runner.place(state)
     manager = checkpoint_manager(workdir, cfg.keep_checkpoints)
     start = 0
@@ -258,11 +269,10 @@ def train(cfg, workdir: Path) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             save_checkpoint(manager, runner.unplace(state), step + 1, {**meta, "data_step": step + 1})
     log.close()
-    final = {**frozen, **parallel.to_host(runner.unplace(state)["trainable"])}
-    export = workdir / "export"
+    export = workdir / "export"  # streamed from the shards, written by process 0, in float32
+    vj.save_pretrained(model, {**frozen, **runner.unplace(state)["trainable"]}, export,
+                       overwrite=True, dtype=jnp.float32)
     if jax.process_index() == 0:
-        fp32 = build_model(model.config, dtype=jnp.float32)
-        vj.save_pretrained(fp32, final, export, overwrite=True)
         tokenizer.save_pretrained(str(export))
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
                "steps": cfg.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,

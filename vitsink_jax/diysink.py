@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax.core import unfreeze
 
 from .config import DIYSinkConfig
-from .convert.hf import build_model, init_params
 
 ROUTES = ("all", "sinks", "nonsinks")  # route codes 0, 1, 2 (as VisualTokenPolicy selections)
 IMAGE_PROMPT = ("USER: <image>\nIs this image simple or symbolic (a diagram, chart, icon, text or "
@@ -28,21 +28,35 @@ QUESTION_PROMPT = ("USER: <image>\nQuestion: {question}\nDoes answering this que
 
 def to_diysink(model, params, diysink: DIYSinkConfig, init: str = "copy", rng=None):
     """(model, params) of a stock LLaVA (or of a DIYSink model, e.g. to add ReW) -> the DIYSink
-    model of ``diysink`` and its params.
+    model of ``diysink`` (same module options) and its params.
 
     init: "copy" (the sink projector starts as the pretrained one) or "scratch" (freshly
     initialised); a sink projector the params already hold is kept. Every other part keeps its
-    pretrained weights; the ReW MLP, when configured and new, starts at w = (1, 1).
+    pretrained weights (as they are: sharded params stay sharded); the ReW MLP, when configured
+    and new, starts at w = (1, 1). Only the new parts are initialised (the whole LVLM never is),
+    with the random streams a whole-model init would give them.
     """
     if init not in ("copy", "scratch"):
         raise ValueError(f"DIYSink init {init!r} not one of copy, scratch")
-    config = dataclasses.replace(model.config, diysink=diysink)
-    new = build_model(config, dtype=model.dtype, param_dtype=model.param_dtype)
-    fresh = unfreeze(init_params(new, jax.random.PRNGKey(0) if rng is None else rng))
-    out = {**fresh, **{k: v for k, v in params.items() if k in fresh}}
+    new = model.clone(config=dataclasses.replace(model.config, diysink=diysink))
+    out = dict(params)
     if init == "copy" and "multi_modal_projector_sink" not in params:
         out["multi_modal_projector_sink"] = jax.tree_util.tree_map(
             lambda x: x.copy(), params["multi_modal_projector"])
+    todo = [n for n in ("multi_modal_projector_sink", "reweighting")
+            if n not in out and (n != "reweighting" or diysink.reweight)]
+    if todo:
+        c = model.config
+        tokens = jnp.zeros((1, 1, params["multi_modal_projector"]["linear_1"]["kernel"].shape[0]))
+        embeds, ids = jnp.zeros((1, 1, c.text.hidden_size)), jnp.zeros((1, 1), jnp.int32)
+
+        def new_parts(m):
+            return {n: (m.question_weights(embeds, ids, jnp.ones_like(ids)) if n == "reweighting"
+                        else m.multi_modal_projector_sink(tokens)) for n in todo}
+
+        fresh = unfreeze(new.init(jax.random.PRNGKey(0) if rng is None else rng,
+                                  method=new_parts)["params"])
+        out.update({n: fresh[n] for n in todo})
     return new, out
 
 

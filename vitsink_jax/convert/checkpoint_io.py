@@ -435,7 +435,8 @@ def shard_layout(entries: list, max_bytes: int) -> list:
 
 
 def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
-                    max_shard_size: Union[int, str] = "5GB", progress: Optional[bool] = None) -> Path:
+                    max_shard_size: Union[int, str] = "5GB", dtype=None,
+                    progress: Optional[bool] = None) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` (or shards of at most ``max_shard_size`` +
     ``model.safetensors.index.json``) in the layout transformers loads, from params in either
     layer layout, on one device or sharded over several hosts.
@@ -452,7 +453,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: not empty; pass overwrite=True to replace the model there")
     tensors = hf_tensors(params)
-    entries = [(key, np.dtype(x.dtype), tuple(x.shape[1:] if i is not None else x.shape), p)
+    entries = [(key, np.dtype(dtype or x.dtype), tuple(x.shape[1:] if i is not None else x.shape), p)
                for key, x, i, p in tensors]
     hf_shape = lambda p, s: tuple(s[i] for i in to_hf_perm(p, len(s))) if to_hf_perm(p, len(s)) else s  # noqa: E731
     entries = [(k, dt, hf_shape(p, s), int(np.prod(s, dtype=np.int64)) * dt.itemsize)
@@ -478,7 +479,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
                 def arrays(n=len(group)):
                     for _ in range(n):
                         _, x, layer, p = next(it)
-                        a = _hf_layout(p, _gather(x, layer))
+                        a = _hf_layout(p, _gather(x, layer).astype(dtype or x.dtype, copy=False))
                         bar.update(1)
                         yield a
                 if writer:
