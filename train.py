@@ -85,20 +85,21 @@ def data_shards(cfg) -> tuple[int, list]:
 
 
 def load_data(cfg, workdir: Path) -> list:
-    """This process's shards of the instruction records (written once as a tfds builder)."""
+    """This process's shards of the instruction records: every process reads the source itself
+    and writes its own tfds builder (in a folder of its own when there are several: hosts share
+    no filesystem), then reads its shards back through it."""
     d = cfg.data
-    data_dir = Path(d.data_dir or workdir / "tfds")
+    data_dir = parallel.process_local(Path(d.data_dir or workdir / "tfds"))
     name = Path(d.json).stem if d.json else "embedded"
-    if jax.process_index() == 0:
-        if d.json:
-            records, skipped = instruct.read_llava_json(d.json, d.image_folder or None)
+    if d.json:
+        records, skipped = instruct.read_llava_json(d.json, d.image_folder or None)
+        if jax.process_index() == 0:
             print(f"{d.json}: {len(records)} conversations, {len(skipped)} skipped")
-        else:
-            records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size, d.mc_format)
-        import tensorflow_datasets as tfds
-        tfds.disable_progress_bar()
-        instruct.write_instruct(records, name, data_dir)
-    parallel.sync("instruction data written")
+    else:
+        records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size, d.mc_format)
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    instruct.write_instruct(records, name, data_dir)
     n, mine = data_shards(cfg)
     return [instruct.read_instruct(name, data_dir, s, n) for s in mine]
 
@@ -270,8 +271,9 @@ def train(cfg, workdir: Path) -> dict:
             save_checkpoint(manager, runner.unplace(state), step + 1, {**meta, "data_step": step + 1})
     log.close()
     export = workdir / "export"  # streamed from the shards, written by process 0, in float32
-    vj.save_pretrained(model, {**frozen, **runner.unplace(state)["trainable"]}, export,
-                       overwrite=True, dtype=jnp.float32)
+    final = {**frozen, **runner.unplace(state)["trainable"]}
+    if parallel.is_global(final) or jax.process_index() == 0:  # a collective for global arrays
+        vj.save_pretrained(model, final, export, overwrite=True, dtype=jnp.float32)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(str(export))
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,

@@ -54,6 +54,8 @@ def get_config():
     c.eval.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
     c.eval.max_new_tokens = 8       # generation
     c.eval.parallel = "mesh"        # mesh | pmap
+    c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices (1 x 1 =
+    c.eval.tensor = 1               #   replicated on each, the default for small models)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
     c.eval.routing = "none"         # none | cot (DIYSink CoT routing: per-item token selection)

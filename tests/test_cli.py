@@ -140,9 +140,22 @@ def test_benchmark_end_to_end_side_by_side(tmp_path):
     assert not np.allclose(none, front)
 
 
+def _predictions(work, spec):
+    return [json.loads(x) for x in (work / f"predictions_{spec}.jsonl").read_text().splitlines()]
+
+
+def _same_predictions(a, b):
+    assert [x["index"] for x in a] == [x["index"] for x in b]
+    assert [x["prediction"] for x in a] == [x["prediction"] for x in b]
+    if "scores" in a[0]:
+        np.testing.assert_allclose([x["scores"] for x in a], [x["scores"] for x in b], atol=1e-5)
+
+
 def test_benchmark_on_two_processes_equals_one(tmp_path):
-    """evaluate.py as two jax.distributed processes (2 CPU devices each), each scoring its own
-    tfds shard, gives the one-process scores."""
+    """evaluate.py as two jax.distributed processes (2 CPU devices each), each with a workdir of
+    its own (no shared files: each builds its own embedded checkpoint and tfds shard, the
+    predictions meet through a collective), gives the one-process scores; only process 0 writes
+    results."""
     import os
     import socket
 
@@ -156,22 +169,40 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     dist = [f"--config.distributed.coordinator=127.0.0.1:{port}",
             "--config.distributed.num_processes=2", "--config.distributed.local_device_count=2"]
-    procs = [subprocess.Popen([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'two'}",
+    procs = [subprocess.Popen([sys.executable, "evaluate.py", f"--workdir={tmp_path / f'two{i}'}",
                                *common, *dist, f"--config.distributed.process_id={i}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
+    assert not (tmp_path / "two1" / "results.json").exists()
+    assert not list((tmp_path / "two0").glob("*.p[0-9].json"))  # no per-host merge files
     one = json.loads((tmp_path / "one" / "results.json").read_text())
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    two = json.loads((tmp_path / "two0" / "results.json").read_text())
     assert two["processes"] == 2
-    for spec in ("none",):
-        assert two["results"][spec]["accuracy"] == one["results"][spec]["accuracy"]
-        a = [json.loads(x) for x in (tmp_path / "one" / f"predictions_{spec}.jsonl").read_text().splitlines()]
-        b = [json.loads(x) for x in (tmp_path / "two" / f"predictions_{spec}.jsonl").read_text().splitlines()]
-        assert [x["index"] for x in a] == [x["index"] for x in b]
-        np.testing.assert_allclose([x["scores"] for x in a], [x["scores"] for x in b], atol=1e-5)
+    assert two["results"]["none"]["accuracy"] == one["results"]["none"]["accuracy"]
+    _same_predictions(_predictions(tmp_path / "one", "none"), _predictions(tmp_path / "two0", "none"))
+
+
+def test_sharded_evaluation_equals_replicated(tmp_path):
+    """eval.fsdp=2 x eval.tensor=2 over 8 devices (params created on their shards) scores and
+    generates what the replicated default does."""
+    import os
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    common = ["--config.mode=benchmark", "--config.benchmark.limit=8", '--config.variants=("none",)',
+              "--config.benchmark.image_size=56", "--config.eval.batch_size=8", *SMALL]
+    for scoring in ("loglik", "generate"):
+        runs = {}
+        for name, extra in (("replicated", []), ("sharded", ["--config.eval.fsdp=2", "--config.eval.tensor=2"])):
+            work = tmp_path / f"{scoring}_{name}"
+            proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}", *common, *extra,
+                                   f"--config.eval.scoring={scoring}"], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[name] = _predictions(work, "none")
+        _same_predictions(runs["replicated"], runs["sharded"])
 
 
 def test_generate_benchmark_quick(tmp_path):

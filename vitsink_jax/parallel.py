@@ -116,6 +116,49 @@ def sync(what: str) -> None:
         multihost_utils.sync_global_devices(what)
 
 
+def is_global(tree) -> bool:
+    """Whether any leaf is a jax.Array spread over several processes (then every process must
+    take part in reading it)."""
+    return any(isinstance(x, jax.Array) and not x.is_fully_addressable
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def params_mesh(params):
+    """The Mesh the params are placed on (a NamedSharding over more than one device), or None
+    for params on one device."""
+    for x in jax.tree_util.tree_leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+def process_local(path):
+    """``path`` for one process; with several, a sibling ``<name>.process<i>`` each process
+    fills itself (pod hosts share no filesystem, and on one that is shared no two processes
+    write the same file)."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path if jax.process_count() == 1 else path.with_name(f"{path.name}.process{jax.process_index()}")
+
+
+def allgather_objects(obj) -> list:
+    """[the JSON-able ``obj`` of every process], in process order, through a collective (no
+    files): each process's JSON bytes padded to the longest."""
+    import json
+
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.asarray([raw.size]))))
+    padded = np.zeros((1, n), np.uint8)
+    padded[0, :raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
+    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
 def to_host(tree):
     """numpy copies of (possibly multi-host, sharded) arrays, whole on every process."""
     if jax.process_count() > 1:
@@ -160,10 +203,11 @@ def split_for_pmap(batch: dict) -> dict:
     return {k: np.asarray(x).reshape((n, -1) + x.shape[1:]) for k, x in batch.items()}
 
 
-def data_parallel(fn: Callable, strategy: str = "mesh") -> Callable:
+def data_parallel(fn: Callable, strategy: str = "mesh", mesh: Mesh = None) -> Callable:
     """``fn(params, *batch) -> outputs`` (every batch array and output with a leading batch axis)
     -> the same function with the batch split over devices; ``params`` must come from
-    :func:`replicate` with the same strategy.
+    :func:`replicate` with the same strategy, or be placed on ``mesh`` (sharded params, e.g.
+    ``load_pretrained(..., mesh=mesh)``; the batch is then split over its data x fsdp axes).
 
     Each process passes its own rows (a multiple of :func:`batch_multiple`) and gets back the
     outputs of its rows; with several processes every one must call as often (see
@@ -171,7 +215,7 @@ def data_parallel(fn: Callable, strategy: str = "mesh") -> Callable:
     """
     _check_strategy(strategy)
     if strategy == "mesh":
-        mesh = make_mesh()
+        mesh = make_mesh() if mesh is None else mesh
         jitted = jax.jit(fn)
 
         def run_mesh(params, *batch):

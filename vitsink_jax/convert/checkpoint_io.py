@@ -255,19 +255,26 @@ def _read_box(reader, key: str, perm, box: tuple) -> np.ndarray:
     return ours[tuple(slice(None) if d == lead else slice(*b) for d, b in enumerate(box))]
 
 
+def _read_block(entry: Planned, box: tuple) -> np.ndarray:
+    """The part ``box`` ((start, stop) per dim) of a planned param, in the file's dtype."""
+    if entry.stacked:
+        layers = entry.sources[box[0][0]:box[0][1]]
+        return np.stack([_read_box(r, k, entry.perm, box[1:]) for r, k in layers])
+    return _read_box(*entry.sources[0], entry.perm, box)
+
+
 def materialize(entry: Planned, sharding, dtype) -> jax.Array:
     """One planned param as a global array placed by ``sharding``: this process reads the
     bounding box of the slices its devices hold (once), and each device gets its slice cast to
-    ``dtype``."""
+    ``dtype``. ``sharding=None``: the whole param on the default device, uncommitted (as
+    ``jnp.asarray`` places it, so it can still be replicated over a multi-host mesh)."""
     shape = entry.shape
+    if sharding is None:
+        return jnp.asarray(np.asarray(_read_block(entry, tuple((0, n) for n in shape)), dtype))
     local = {d: _bounds(i, shape) for d, i in sharding.addressable_devices_indices_map(shape).items()}
     box = tuple((min(b[k][0] for b in local.values()), max(b[k][1] for b in local.values()))
                 for k in range(len(shape))) if local else tuple((0, 0) for _ in shape)
-    if entry.stacked:
-        layers = entry.sources[box[0][0]:box[0][1]]
-        block = np.stack([_read_box(r, k, entry.perm, box[1:]) for r, k in layers])
-    else:
-        block = _read_box(*entry.sources[0], entry.perm, box)
+    block = _read_block(entry, box)
 
     def shard(index):
         rel = tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip(_bounds(index, shape), box))
@@ -278,7 +285,7 @@ def materialize(entry: Planned, sharding, dtype) -> jax.Array:
 
 def _check_divisible(path: tuple, shape: tuple, sharding) -> None:
     spec = getattr(sharding, "spec", None)
-    if spec is None:
+    if spec is None:  # one device, or a sharding kind without a mesh spec
         return
     for dim, axes in enumerate(spec):
         axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
@@ -290,7 +297,7 @@ def _check_divisible(path: tuple, shape: tuple, sharding) -> None:
 
 def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
     """{param path: sharding}: ``shardings`` (a tree like the params) when given, else
-    :func:`~vitsink_jax.parallel.param_shardings` over ``mesh``, else this process's first device. A mesh
+    :func:`~vitsink_jax.parallel.param_shardings` over ``mesh``, else None (the default device). A mesh
     that splits no axis of a large param replicates it, said once in a warning."""
     from .. import parallel
 
@@ -301,7 +308,7 @@ def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
             raise CheckpointError(f"shardings has no entry for {_limited(['/'.join(p) for p in missing])}")
         return {p: flat[p] for p in plan}
     if mesh is None:
-        return {p: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) for p in plan}
+        return {p: None for p in plan}
     shapes = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(e.shape, jnp.float32)
                                            for p, e in plan.items()})
     out = traverse_util.flatten_dict(parallel.param_shardings(shapes, mesh))
@@ -441,7 +448,9 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     ``model.safetensors.index.json``) in the layout transformers loads, from params in either
     layer layout, on one device or sharded over several hosts.
 
-    Streamed: one tensor at a time is gathered (every process calls this; process 0 writes).
+    Streamed: one tensor at a time is gathered. Params spread over several processes make this a
+    collective (every process calls it, process 0 writes, the others wait); params this process
+    holds whole are written by the caller alone.
     Atomic: everything is written into a temporary folder beside ``out_dir`` first, then moved
     in. An existing non-empty ``out_dir`` is refused unless ``overwrite=True``; then only the
     files written here (and weight files that would shadow them) are replaced.
@@ -449,7 +458,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     from .. import parallel
 
     out_dir = Path(out_dir)
-    writer = jax.process_index() == 0
+    collective = parallel.is_global(params)
+    writer = jax.process_index() == 0 or not collective
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: not empty; pass overwrite=True to replace the model there")
     tensors = hf_tensors(params)
@@ -497,7 +507,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    parallel.sync("save_pretrained written")  # the same name on every process
+    if collective:
+        parallel.sync("save_pretrained written")  # the same name on every process
     return out_dir
 
 
