@@ -20,13 +20,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
 from vitsink_jax import parallel, train_lib
+from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct
 from vitsink_jax.data.preprocess import pixels_from_bytes
@@ -164,32 +164,27 @@ class Runner:
         return jax.tree_util.tree_map(lambda x: x[0], state) if self.strategy == "pmap" else state
 
 
-def checkpoint_manager(workdir: Path, keep: int):
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints",
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-
-def save_checkpoint(manager, state, step: int, meta: dict) -> None:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
-
-
-def restore_checkpoint(manager, state, scan_layers: bool):
+def restore_checkpoint(manager, state, cfg):
     """(state, meta) of the newest checkpoint, restored into the layout of ``state``. A run
-    resumes only in the param layout it was saved in (loop or scanned layers): the meta is read
-    first to check that, then the state."""
+    resumes only in the param layout it was saved in (loop or scanned layers) and, with
+    per-process storage, on the same devices: the meta is read first to check that."""
     step = manager.latest_step()
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = manager.meta(step)
     saved = meta.get("scan_layers", False)
-    if saved != scan_layers:
+    if saved != cfg.scan_layers:
         raise SystemExit(f"error: the checkpoint in {manager.directory} was saved with "
                          f"scan_layers={saved}; resume it with --config.scan_layers={saved}")
-    target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state),
-                                            jax.tree_util.tree_leaves(got.state))
-    return restored, meta
+    here = devices_meta(cfg)
+    if manager.storage == "per_process" and meta.get("devices", here) != here:
+        raise SystemExit(f"error: the checkpoint in {manager.directory} holds this process's shards "
+                         f"for {meta['devices']}; this run has {here} (per-process checkpoints "
+                         "resume on the same devices)")
+    return manager.restore(step, state), meta
+
+
+def devices_meta(cfg) -> dict:
+    return {"processes": jax.process_count(), "devices": jax.device_count(),
+            "parallel": cfg.parallel, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
 
 
 class MetricLog:
@@ -232,10 +227,10 @@ def train(cfg, workdir: Path) -> dict:
              "opt_state": tx.init(trainable), "rng": jax.random.key_data(jax.random.PRNGKey(cfg.seed))}
     runner = Runner(cfg, model, tx, schedule, frozen, mesh)
     state = runner.place(state)
-    manager = checkpoint_manager(workdir, cfg.keep_checkpoints)
+    manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
     start = 0
     if manager.latest_step() is not None:
-        one, meta = restore_checkpoint(manager, runner.unplace(state), cfg.scan_layers)
+        one, meta = restore_checkpoint(manager, runner.unplace(state), cfg)
         state, start = runner.place(one), int(meta["data_step"])
         print(f"resumed from {manager.directory} at step {start}")
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
@@ -246,7 +241,7 @@ def train(cfg, workdir: Path) -> dict:
     batches = Batches(load_data(cfg, workdir), model, tokenizer, cfg)
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage,
-            "scan_layers": cfg.scan_layers}
+            "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg)}
     losses = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                disable=jax.process_index() != 0)
@@ -257,7 +252,7 @@ def train(cfg, workdir: Path) -> dict:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]):  # the step kept the last good state: save it
             if manager.latest_step() != step:
-                save_checkpoint(manager, runner.unplace(state), step, {**meta, "data_step": step})
+                manager.save(step, runner.unplace(state), {**meta, "data_step": step})
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (stage "
                                      f"{cfg.stage}, lr {metrics['lr']:.3g}); the last good state "
                                      f"is saved at step {step} in {manager.directory}")
@@ -268,7 +263,7 @@ def train(cfg, workdir: Path) -> dict:
             log.write(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            save_checkpoint(manager, runner.unplace(state), step + 1, {**meta, "data_step": step + 1})
+            manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1})
     log.close()
     export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}

@@ -36,6 +36,7 @@ def get_config():
     c.tensor = 1               # mesh: tensor-parallel degree (vitsink_jax.parallel.TENSOR_RULES)
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
+    c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process
     c.log_every = 1
 
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=5, final_lr_ratio=0.1,

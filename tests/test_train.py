@@ -181,23 +181,30 @@ def _free_port() -> int:
 
 
 def _two_processes(base, work, steps):
+    """Two processes, each with a workdir of its own (``work`` for process 0, ``work``.p1)."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [_launch(base, work, coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps)
+    procs = [_launch(base, work if i == 0 else work.with_name(work.name + ".p1"),
+                     coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps)
              for i in range(2)]
-    n, losses = _result(procs[0])
-    _, err = procs[1].communicate(timeout=400)
-    assert procs[1].returncode == 0, err[-3000:]
-    return n, losses
+    out = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in reversed(list(zip(procs, out))):
+        assert p.returncode == 0, err[-3000:]
+    line = next(x for x in out[0][0].splitlines() if x.startswith("RESULT"))
+    n, losses = line.split(" ", 2)[1:]
+    return int(n), json.loads(losses)
 
 
 def test_two_processes_with_jax_distributed(base, tmp_path):
-    """Two train.py processes joined by jax.distributed (gloo), 2 CPU devices each, each reading
-    only its own data shard; one orbax checkpoint saved together, then resumed together; the
-    losses and params equal a one-process run over the same global batches."""
+    """Two train.py processes joined by jax.distributed (gloo), 2 CPU devices each, each with a
+    workdir of its own (no shared files) reading only its own data shard; per-process orbax
+    checkpoints, then resumed together; the losses and params equal a one-process run over the
+    same global batches."""
     work = tmp_path / "multi"
     n, losses = _two_processes(base, work, steps=3)
     assert n == 4
-    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    for i in range(2):  # each process keeps its own shards in its own workdir
+        own = (work if i == 0 else work.with_name(work.name + ".p1")) / f"checkpoints.process{i}"
+        assert sorted(p.name for p in own.iterdir() if p.name.isdigit()) == ["2", "3"]
     _, resumed = _two_processes(base, work, steps=4)          # resumes at step 3
     _, ref = _result(_launch(base, tmp_path / "single", steps=4))
     np.testing.assert_allclose(losses + resumed[3:], ref, rtol=1e-5)
@@ -235,3 +242,24 @@ def test_remat_and_scanned_layers_give_the_same_step(base, tmp_path):
                                params_of(tmp_path / run), params_of(tmp_path / "plain"))
     with pytest.raises(SystemExit, match="scan_layers=True"):
         train.train(config(**{**kw, "steps": 3}), tmp_path / "scan")
+
+
+def test_per_process_checkpoints_round_trip(tmp_path):
+    """per_process storage (what several hosts without a shared filesystem use): each step a
+    folder of its own, the newest N kept, every leaf (bf16 too) restored bitwise onto the same
+    placement; a state of another shape is refused by name."""
+    import jax.numpy as jnp
+
+    from vitsink_jax.checkpoints import StateCheckpoints
+
+    state = {"step": jnp.asarray(3, jnp.int32), "w": jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4),
+             "opt": {"mu": jnp.linspace(0, 1, 5)}}
+    ckpts = StateCheckpoints(tmp_path / "ckpt", keep=2, storage="per_process")
+    for step in (1, 2, 3):
+        ckpts.save(step, jax.tree_util.tree_map(lambda x, s=step: x + s, state), {"data_step": step})
+    assert ckpts.latest_step() == 3 and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]
+    back = ckpts.restore(3, state)
+    assert back["w"].dtype == jnp.bfloat16 and ckpts.meta(3) == {"data_step": 3}
+    same(back, jax.tree_util.tree_map(lambda x: x + 3, state))
+    with pytest.raises(SystemExit, match="holds another train state"):
+        ckpts.restore(3, {**state, "extra": jnp.zeros(2)})

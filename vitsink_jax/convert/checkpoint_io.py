@@ -298,7 +298,8 @@ def _check_divisible(path: tuple, shape: tuple, sharding) -> None:
 def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
     """{param path: sharding}: ``shardings`` (a tree like the params) when given, else
     :func:`~vitsink_jax.parallel.param_shardings` over ``mesh``, else None (the default device). A mesh
-    that splits no axis of a large param replicates it, said once in a warning."""
+    whose fsdp axis divides no free dimension of a large param leaves it unsplit there, said
+    once in a warning."""
     from .. import parallel
 
     if shardings is not None:
@@ -312,12 +313,12 @@ def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
     shapes = traverse_util.unflatten_dict({p: jax.ShapeDtypeStruct(e.shape, jnp.float32)
                                            for p, e in plan.items()})
     out = traverse_util.flatten_dict(parallel.param_shardings(shapes, mesh))
-    if mesh.size > 1:
+    if mesh.shape["fsdp"] > 1:
         whole = ["/".join(p) + str(list(plan[p].shape)) for p, s in out.items()
-                 if all(a is None for a in s.spec) and np.prod(plan[p].shape) >= parallel.MIN_SPLIT_SIZE]
+                 if "fsdp" not in s.spec and np.prod(plan[p].shape) >= parallel.MIN_SPLIT_SIZE]
         if whole:
-            warnings.warn(f"{len(whole)} large param(s) stay whole on every device (no mesh axis "
-                          f"divides them): {_limited(whole, 5)}", stacklevel=3)
+            warnings.warn(f"{len(whole)} large param(s) are not split over fsdp (no free dimension "
+                          f"divides by {mesh.shape['fsdp']}): {_limited(whole, 5)}", stacklevel=4)
     return out
 
 

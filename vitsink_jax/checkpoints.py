@@ -1,0 +1,161 @@
+"""Train-state checkpoints (atomic, keep the newest N, resume) in two storages.
+
+* ``global``: an orbax CheckpointManager checkpoint of global arrays that every process writes
+  its shards into; needs a directory all hosts share (gs:// on pods, or one machine), and
+  restores onto any mesh.
+* ``per_process``: each process keeps the shards its own devices hold in a folder of its own
+  (``<dir>.process<i>`` with several processes; a step folder per checkpoint, written aside and
+  renamed into place), so hosts need no shared filesystem (orbax's managers assume one primary
+  host writing shared metadata, so this storage is not built on them); a resume
+  needs the same mesh and process count (checked against the saved shard layout). Shards that
+  several local devices hold identically (replicated params, the step, the RNG) are kept once.
+
+``auto`` is ``per_process`` with several processes and ``global`` with one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from . import parallel
+
+STORAGES = ("auto", "global", "per_process")
+
+
+def _index_key(index: tuple, shape: tuple) -> tuple:
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _local_layout(x) -> tuple:
+    """(this process's devices in id order, the index key each holds, the distinct keys)."""
+    idx = x.sharding.addressable_devices_indices_map(x.shape)
+    devices = sorted(idx, key=lambda d: d.id)
+    keys = [_index_key(idx[d], x.shape) for d in devices]
+    return devices, keys, list(dict.fromkeys(keys))
+
+
+def local_shards(state):
+    """Every leaf -> [distinct local shards, ...shard shape] numpy (this process's part)."""
+    def one(x):
+        devices, keys, unique = _local_layout(x)
+        by_device = {s.device: s for s in x.addressable_shards}
+        first = {k: d for d, k in zip(reversed(devices), reversed(keys))}
+        return np.stack([np.asarray(by_device[first[k]].data) for k in unique])
+    return jax.tree_util.tree_map(one, state)
+
+
+def from_local_shards(local, like):
+    """The inverse of :func:`local_shards` onto the shardings of ``like`` (global arrays)."""
+    def one(path, data, x):
+        devices, keys, unique = _local_layout(x)
+        if data.shape[0] != len(unique) or data.shape[1:] != x.sharding.shard_shape(x.shape):
+            raise SystemExit(f"error: checkpointed state {jax.tree_util.keystr(path)} was saved on "
+                             f"another mesh ({data.shape[0]} x {list(data.shape[1:])} shards here, "
+                             f"{len(unique)} x {list(x.sharding.shard_shape(x.shape))} now); resume "
+                             "with the same fsdp / tensor / process count, or use "
+                             "checkpoint_storage=global on a shared filesystem")
+        arrays = [jax.device_put(data[unique.index(k)], d) for d, k in zip(devices, keys)]
+        return jax.make_array_from_single_device_arrays(x.shape, x.sharding, arrays)
+    return jax.tree_util.tree_map_with_path(one, local, like)
+
+
+class _ProcessFolder:
+    """This process's checkpoints: ``<step>/state.npz`` (every leaf's local shards, stored as raw
+    unsigned ints beside their dtype names) + ``meta.json``, each step written into a temporary
+    folder and renamed into place; the newest ``keep`` steps stay."""
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory, self.keep = directory, keep
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def steps(self) -> list:
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def save(self, step: int, tree, meta: dict) -> None:
+        flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{step}.tmp-", dir=self.directory))
+        try:
+            with open(tmp / "state.npz", "wb") as f:
+                np.savez(f, **{f"leaf{i}": v.view(f"u{v.dtype.itemsize}") for i, v in enumerate(flat.values())})
+                f.flush()
+                os.fsync(f.fileno())
+            index = [{"key": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in flat.items()]
+            (tmp / "meta.json").write_text(json.dumps({"meta": meta, "leaves": index}))
+            final = self.directory / str(step)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in self.steps()[:-self.keep]:
+            shutil.rmtree(self.directory / str(old))
+
+    def meta(self, step: int) -> dict:
+        return json.loads((self.directory / str(step) / "meta.json").read_text())["meta"]
+
+    def restore(self, step: int, like):
+        folder = self.directory / str(step)
+        index = json.loads((folder / "meta.json").read_text())["leaves"]
+        leaves = jax.tree_util.tree_leaves_with_path(like)
+        keys = [jax.tree_util.keystr(k) for k, _ in leaves]
+        if keys != [e["key"] for e in index]:
+            raise SystemExit(f"error: {folder} holds another train state ({len(index)} leaves, "
+                             f"this run has {len(keys)}; first difference at "
+                             f"{next((a for a, b in zip(keys, [e['key'] for e in index]) if a != b), '-')})")
+        with np.load(folder / "state.npz") as data:
+            values = [data[f"leaf{i}"].view(jnp.dtype(e["dtype"])) for i, e in enumerate(index)]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), values)
+
+
+class StateCheckpoints:
+    """The train state's checkpoints under ``directory`` (see the module docstring)."""
+
+    def __init__(self, directory, keep: int, storage: str = "auto"):
+        if storage not in STORAGES:
+            raise ValueError(f"checkpoint storage {storage!r} not one of {STORAGES}")
+        if storage == "auto":
+            storage = "per_process" if jax.process_count() > 1 else "global"
+        self.storage = storage
+        directory = Path(directory).absolute()
+        if storage == "per_process":
+            self.directory = parallel.process_local(directory)
+            self.folder = _ProcessFolder(self.directory, keep)
+        else:
+            self.directory = directory
+            self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True))
+
+    def latest_step(self):
+        if self.storage == "per_process":
+            return (self.folder.steps() or [None])[-1]
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        if self.storage == "per_process":
+            return self.folder.save(step, local_shards(state), meta)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def meta(self, step: int) -> dict:
+        if self.storage == "per_process":
+            return self.folder.meta(step)
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore(self, step: int, like):
+        """The state of ``step`` in the structure and placement of ``like``."""
+        if self.storage == "per_process":
+            return from_local_shards(self.folder.restore(step, local_shards(like)), like)
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
+                                            jax.tree_util.tree_leaves(got.state))
