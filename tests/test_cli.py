@@ -226,6 +226,17 @@ def test_memory_benchmark_quick(tmp_path):
     assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
 
 
+def test_io_benchmark_quick(tmp_path):
+    """benchmarks/io.py on a tiny shape: every phase runs (8-device load, two processes, save,
+    transformers parity); the byte accounting and the 7B plan hold at any size."""
+    r = json.loads(run_benchmark_script("io", tmp_path).read_text())
+    f = r["figures"]
+    assert r["load"]["devices"] == 8 and len(r["load"]["per_device_bytes"]) == 8
+    assert sum(m["held_bytes"] for m in r["two_processes"]) == sum(r["load"]["per_device_bytes"].values())
+    assert r["load"]["save_files"] > 2 and f["parity_relative"] < 1e-4
+    assert r["load"]["llava_1_5_7b_plan"]["vs_total_over_n"] < 1.02  # fsdp=8 splits the 7B evenly
+
+
 def test_mfu_benchmark_quick(tmp_path):
     """The accelerator script runs (tiny shape, here on the CPU); its FLOP formula agrees with
     XLA's count of the same forward."""
