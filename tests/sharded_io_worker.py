@@ -61,4 +61,25 @@ for fsdp, tensor, scan in layouts:
     if scan:
         vj.save_pretrained(model, params, out / "saved_scan", max_shard_size="60KB")
 result["total_bytes"] = int(sum(v.nbytes for v in reference(False).values()))
+if mode == "one":  # bad placements: a large param fsdp cannot split is named in a warning; an
+    import warnings  # explicit sharding that does not divide a param is refused naming it
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from vitsink_jax.convert import checkpoint_io as cio
+
+    mesh = parallel.make_mesh(8)
+    plan = {("odd", "kernel"): cio.Planned((3 * 7 * 1000, 5), [], False, None),
+            ("fine", "kernel"): cio.Planned((64, 512), [], False, None)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cio.plan_shardings(plan, mesh)
+    result["warnings"] = [str(w.message) for w in caught]
+    try:
+        split_first = {k: NamedSharding(mesh, P("fsdp", *[None] * (v.ndim - 1)))
+                       for k, v in reference(False).items()}
+        cio.load_params(ckpt, model.config, model.clone(scan_layers=False),
+                        shardings=traverse_util.unflatten_dict(split_first))
+    except vj.CheckpointError as e:
+        result["refused"] = str(e)
 print("RESULT", json.dumps(result))

@@ -417,10 +417,18 @@ def _gather(x, layer: Optional[int]) -> np.ndarray:
     process must call this in the same order (it is a collective)."""
     if layer is not None:
         x = x[layer]
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    if not x.is_fully_addressable:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    # assembled from the shards: np.asarray(x) would keep a host copy cached on the param
+    # itself, so a save would leave the whole model in host memory
+    out = np.empty(x.shape, x.dtype)
+    for shard in x.addressable_shards:
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 def _hf_layout(path: tuple, a: np.ndarray) -> np.ndarray:
