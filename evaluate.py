@@ -27,7 +27,6 @@ Modes (``config.mode``):
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
