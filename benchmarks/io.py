@@ -108,7 +108,7 @@ def write_checkpoint(shape: str, folder: Path) -> dict:
     import numpy as np
 
     from vitsink_jax.convert.checkpoint_io import SAFE_INDEX, hf_tensors, parse_size, shard_layout
-    from vitsink_jax.convert.hf import abstract_params, build_model, to_hf_perm
+    from vitsink_jax.convert.hf import abstract_params, build_model, hf_shape
     from vitsink_jax.convert.safetensors_io import write_stream
     from flax import traverse_util
 
@@ -119,8 +119,7 @@ def write_checkpoint(shape: str, folder: Path) -> dict:
     bf16 = np.dtype(ml_dtypes.bfloat16)
     entries = []
     for key, x, _, p in tensors:
-        perm = to_hf_perm(p, len(x.shape))
-        hf = tuple(x.shape[i] for i in perm) if perm else tuple(x.shape)
+        hf = hf_shape(p, x.shape)
         entries.append((key, bf16, hf, int(np.prod(hf)) * 2, p))
     files = shard_layout(entries, parse_size(SHARD[shape][0]))
     rng = np.random.default_rng(0)

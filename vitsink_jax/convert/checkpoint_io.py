@@ -34,8 +34,8 @@ from flax import traverse_util
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig, config_from_hf
-from .hf import (abstract_params, build_model, canonical_key, hf_key_to_path, ignored_patterns,
-                 path_to_hf_key, to_hf_perm)
+from .hf import (abstract_params, build_model, canonical_key, hf_key_to_path, hf_shape,
+                 ignored_patterns, path_to_hf_key, to_hf_perm)
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, write_stream
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -207,9 +207,9 @@ def load_plan(path: Path, config: ModelConfig, model, readers: list) -> dict:
             perm = to_hf_perm(target, len(info.shape))
             ours = tuple(info.shape[i] for i in np.argsort(perm)) if perm else tuple(info.shape)
             if ours != want:
-                hf_want = tuple(want[i] for i in perm) if perm else want
                 raise CheckpointError(f"{reader.path}: tensor {key!r} has shape {tuple(info.shape)} "
-                                      f"but the config needs {hf_want} (param {'/'.join(target)})")
+                                      f"but the config needs {hf_shape(target, want)} (param "
+                                      f"{'/'.join(target)})")
             found[target] = (reader, key, perm)
     missing = ["/".join(p) + f" (HF {path_to_hf_key(p)})" for p in targets if p not in found]
     if missing or unexpected:
@@ -472,11 +472,10 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: not empty; pass overwrite=True to replace the model there")
     tensors = hf_tensors(params)
-    entries = [(key, np.dtype(dtype or x.dtype), tuple(x.shape[1:] if i is not None else x.shape), p)
-               for key, x, i, p in tensors]
-    hf_shape = lambda p, s: tuple(s[i] for i in to_hf_perm(p, len(s))) if to_hf_perm(p, len(s)) else s  # noqa: E731
-    entries = [(k, dt, hf_shape(p, s), int(np.prod(s, dtype=np.int64)) * dt.itemsize)
-               for k, dt, s, p in entries]
+    entries = []  # (HF key, dtype written, HF shape, bytes)
+    for key, x, layer, p in tensors:
+        dt, shape = np.dtype(dtype or x.dtype), tuple(x.shape[1:] if layer is not None else x.shape)
+        entries.append((key, dt, hf_shape(p, shape), int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
     files = shard_layout(entries, parse_size(max_shard_size))
     names = [SAFE_SINGLE] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]

@@ -117,6 +117,12 @@ def to_hf_perm(path: tuple, ndim: int) -> Optional[tuple]:
     return (3, 2, 0, 1) if ndim == 4 else (1, 0)
 
 
+def hf_shape(path: tuple, shape: tuple) -> tuple:
+    """The shape HF stores the param at ``path`` in, from its shape in our layout."""
+    perm = to_hf_perm(path, len(shape))
+    return tuple(shape[i] for i in perm) if perm else tuple(shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Models and abstract params
 # ---------------------------------------------------------------------------------------------
@@ -160,4 +166,4 @@ def abstract_params(model) -> dict:
 
 
 __all__ = ["build_model", "init_params", "abstract_params", "canonical_key", "hf_key_to_path",
-           "path_to_hf_key", "to_hf_perm", "ignored_patterns"]
+           "path_to_hf_key", "to_hf_perm", "hf_shape", "ignored_patterns"]
