@@ -163,3 +163,17 @@ def test_repo_id_resolves_through_the_hub_cache(bf16_llava, tmp_path, monkeypatc
     assert vj.resolve_model_path("tiny-org/tiny-llava") == snap
     with pytest.raises(vj.CheckpointError, match="tiny-org/absent: neither a folder nor .* cache"):
         vj.load_pretrained("tiny-org/absent")
+
+
+@pytest.mark.parametrize("entry", [{"dtype": "F32", "shape": [2], "data_offsets": 5},
+                                   {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]},
+                                   {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}])
+def test_malformed_safetensors_header_names_file_and_tensor(tmp_path, entry):
+    from vitsink_jax.convert.safetensors_io import SafetensorsFile
+
+    head = json.dumps({"w": entry}).encode()
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(len(head).to_bytes(8, "little") + head + bytes(16))
+    with pytest.raises(vj.CheckpointError, match=r"model.safetensors: corrupt or truncated .*'w'"):
+        SafetensorsFile(f)

@@ -135,9 +135,16 @@ class StateCheckpoints:
                 max_to_keep=keep, create=True))
 
     def latest_step(self):
-        if self.storage == "per_process":
-            return (self.folder.steps() or [None])[-1]
-        return self.manager.latest_step()
+        """The newest step to resume from; per process, the newest one every process holds (a
+        host that died before renaming its last step in leaves the others one step ahead)."""
+        if self.storage != "per_process":
+            return self.manager.latest_step()
+        held = parallel.allgather_objects(self.folder.steps())
+        common = sorted(set.intersection(*map(set, held)))
+        if any(held) and not common:
+            raise SystemExit(f"error: the processes' checkpoints share no step ({held}); "
+                             f"remove {self.directory.name} folders of an older run")
+        return common[-1] if common else None
 
     def save(self, step: int, state, meta: dict) -> None:
         if self.storage == "per_process":

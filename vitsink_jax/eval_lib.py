@@ -194,7 +194,7 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     scorer = make_scorer(model, strategy, routed=routes is not None, mesh=mesh)
     routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
     bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
-    kmax = max(max(len(r[2]) for _, r in rows), 1)
+    kmax = parallel.max_over_processes(max(max(len(r[2]) for _, r in rows), 1))  # same shapes on every host
     scores = [np.zeros(len(candidates(r, cfg.mc_format))) for r in records]
     sinks = np.zeros(len(records), np.int64)
     cache = {}
@@ -203,7 +203,7 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     # every process runs as many global batches; spare ones repeat a batch and are dropped
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
     for chunk, n in tqdm(batches, desc="scoring", unit="batch"):
-        length = bucket(max(len(r[0]) for _, r in chunk), cfg.length_bucket)
+        length = parallel.max_over_processes(bucket(max(len(r[0]) for _, r in chunk), cfg.length_bucket))
         ids = np.full((bs, length), pad, np.int32)
         mask = np.zeros((bs, length), np.int32)
         targets = np.full((bs, length), -1, np.int32)
@@ -245,7 +245,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
     batches = list(_batches(list(range(len(prompts))), bucket(cfg.batch_size, parallel.batch_multiple())))
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
     for chunk, n in tqdm(batches, desc="generating", unit="batch"):
-        length = bucket(max(len(ids_list[i]) for i in chunk), cfg.length_bucket)
+        length = parallel.max_over_processes(bucket(max(len(ids_list[i]) for i in chunk), cfg.length_bucket))
         ids, mask = left_pad([ids_list[i] for i in chunk], length, tokenizer.pad_token_id or 0)
         pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
         out = np.asarray(run(params, ids, mask, pixels))

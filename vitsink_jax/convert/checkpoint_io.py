@@ -469,8 +469,12 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     out_dir = Path(out_dir)
     collective = parallel.is_global(params)
     writer = jax.process_index() == 0 or not collective
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: not empty; pass overwrite=True to replace the model there")
+    refusal = (f"{out_dir}: not empty; pass overwrite=True to replace the model there"
+               if writer and out_dir.exists() and any(out_dir.iterdir()) and not overwrite else None)
+    if collective:  # the writer's disk decides, for every process (none may wait in a gather)
+        refusal = parallel.allgather_objects(refusal)[0]
+    if refusal:
+        raise FileExistsError(refusal)
     tensors = hf_tensors(params)
     entries = []  # (HF key, dtype written, HF shape, bytes)
     for key, x, layer, p in tensors:
@@ -489,6 +493,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     show = progress if progress is not None else len(entries) >= PROGRESS_MIN_TENSORS
+    failure = None  # a write error: the writer keeps taking part in the gathers, then raises
     try:
         it = iter(tensors)
         with tqdm(total=len(entries), desc=f"saving {out_dir.name}", unit="tensor",
@@ -500,11 +505,18 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
                         a = _hf_layout(p, _gather(x, layer).astype(dtype or x.dtype, copy=False))
                         bar.update(1)
                         yield a
-                if writer:
-                    write_stream(tmp / name, [e[:3] for e in group], arrays(), {"format": "pt"})
-                else:
-                    for _ in arrays():  # take part in every gather
-                        pass
+                stream = arrays()
+                if writer and failure is None:
+                    try:
+                        write_stream(tmp / name, [e[:3] for e in group], stream, {"format": "pt"})
+                    except OSError as e:
+                        failure = e
+                for _ in stream:  # the rest of the gathers (all of them on other processes)
+                    pass
+        if collective:
+            parallel.sync("save_pretrained gathered")
+        if failure is not None:
+            raise failure
         if writer:
             if len(files) > 1:
                 index = {"metadata": {"total_size": sum(e[3] for e in entries)},

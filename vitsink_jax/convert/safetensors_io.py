@@ -69,13 +69,17 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise _corrupt(self.path, "the header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
-        self.tensors, end = {}, 0
-        for key, h in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]
-                             if isinstance(kv[1], dict) else 0):
+        entries = []
+        for key, h in header.items():
             try:
                 dtype, shape, (b, e) = np.dtype(DTYPES[h["dtype"]]), tuple(h["shape"]), h["data_offsets"]
+                if not all(isinstance(v, int) and v >= 0 for v in (*shape, b, e)):
+                    raise ValueError("shape and offsets must be non-negative integers")
             except (KeyError, TypeError, ValueError) as err:
                 raise _corrupt(self.path, f"tensor {key!r} has a bad header entry {h!r}: {err!r}") from err
+            entries.append((b, e, key, dtype, shape, h))
+        self.tensors, end = {}, 0
+        for b, e, key, dtype, shape, h in sorted(entries, key=lambda t: t[0]):
             if b != end or e - b != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
                 raise _corrupt(self.path, f"tensor {key!r} offsets {[b, e]} do not fit its shape "
                                           f"{shape} / dtype {h['dtype']} after byte {end}")
