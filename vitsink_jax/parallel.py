@@ -152,7 +152,7 @@ def allgather_objects(obj) -> list:
         return [obj]
     from jax.experimental import multihost_utils
     raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    n = int(np.max(multihost_utils.process_allgather(np.asarray([raw.size]))))
+    n = max_over_processes(raw.size)
     padded = np.zeros((1, n), np.uint8)
     padded[0, :raw.size] = raw
     rows = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
