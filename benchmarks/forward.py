@@ -21,7 +21,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from vitsink_jax.eval_lib import interleaved_seconds, median_seconds
+from vitsink_jax.timing import interleaved_seconds, median_seconds
 from vitsink_jax.provenance import package_versions, write_json
 
 SIZES = {  # (image, patch, vision hidden/layers/heads, text hidden/layers/heads/kv, batch, text tokens)

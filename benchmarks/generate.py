@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from forward import llava_inputs, parse_args
-from vitsink_jax.eval_lib import interleaved_seconds, median_seconds
+from vitsink_jax.timing import interleaved_seconds, median_seconds
 from vitsink_jax.generate import generate
 from vitsink_jax.provenance import package_versions, write_json
 

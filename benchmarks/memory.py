@@ -72,7 +72,7 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
     optim = ml_collections.ConfigDict(dict(lr=2e-5, warmup_steps=10, final_lr_ratio=0.0,
                                            weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
                                            grad_accum=1))
-    tx, schedule = train_lib.make_optimizer(optim, 1000)
+    tx, schedule = train_lib.make_optimizer(optim, 1000, "finetune", tuple(trainable))
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": trainable,
              "opt_state": jax.eval_shape(tx.init, trainable),
              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}

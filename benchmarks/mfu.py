@@ -26,7 +26,7 @@ from forward import matmul_peak, parse_args
 from memory import SHAPES, llava_config
 from vitsink_jax import train_lib
 from vitsink_jax.convert.hf import build_model, init_params
-from vitsink_jax.eval_lib import median_seconds
+from vitsink_jax.timing import median_seconds
 from vitsink_jax.provenance import package_versions, write_json
 
 PEAK_BF16 = {  # dense bf16 FLOP/s by jax device_kind prefix (vendor data sheets)
@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
     tx = optax.adamw(1e-5)
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
              "rng": jax.random.key_data(jax.random.PRNGKey(0))}
-    step = jax.jit(train_lib.make_train_step(model, tx, optax.constant_schedule(1e-5), "finetune"),
+    step = jax.jit(train_lib.make_train_step(model, tx, {"all": optax.constant_schedule(1e-5)},
+                                             "finetune"),
                    donate_argnums=(0,))
 
     def train_step():

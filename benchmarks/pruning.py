@@ -15,8 +15,8 @@ import numpy as np
 
 import vitsink_jax as vj
 from forward import llava_inputs, parse_args
-from vitsink_jax import eval_lib
-from vitsink_jax.generate import left_pad
+from vitsink_jax import timing
+from vitsink_jax.data.padding import left_pad
 from vitsink_jax.interventions import parse
 from vitsink_jax.provenance import package_versions, write_json
 
@@ -35,10 +35,10 @@ def main(argv=None) -> dict:
         iv, _, _ = parse(spec)  # quick: a 2-layer LLM, so pruning after layer 1
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(rule=rule), interventions=iv)
         rows[spec] = {"visual_tokens_kept": iv.tokens_kept(n_img)}
-        calls[spec, "prefill_s"] = eval_lib.prefill_call(m, params, batch)
-        calls[spec, "decode_step_s"] = eval_lib.decode_call(m, params, batch, steps)
+        calls[spec, "prefill_s"] = timing.prefill_call(m, params, batch)
+        calls[spec, "decode_step_s"] = timing.decode_call(m, params, batch, steps)
     # every variant's calls take turns, so a slow spell of the machine hits them all alike
-    for (spec, what), t in eval_lib.interleaved_seconds(calls, repeats).items():
+    for (spec, what), t in timing.interleaved_seconds(calls, repeats).items():
         rows[spec][what] = t / (steps if what == "decode_step_s" else 1)
     ref = rows["stock"]
     for spec, r in rows.items():

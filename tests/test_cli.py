@@ -14,7 +14,10 @@ from skimage import data
 
 import vitsink_jax as vj
 from vitsink_jax.data.preprocess import load_image, preprocess
+from vitsink_jax.data.prompts import ANALYSIS
+from vitsink_jax.data.tokenizer import encode_prompt, load_tokenizer
 from vitsink_jax.embedded import demo_prompt
+from vitsink_jax.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
@@ -92,20 +95,29 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
         assert (work / "plots" / f"{png}.png").stat().st_size > 1000, png
     entry = report["per_image"]["coffee.png"]
     assert len(entry["sinks"]["topk"]) == 3
-    # F1 figures agree with a direct numpy computation from the model's attention maps
+    # F1 figures agree with a direct numpy computation from the model's attention maps: the
+    # queries are the answer the model generated (greedy) after the question prompt
     model, params = vj.load_pretrained(work / "embedded_default")
     c = model.config
     n = c.num_image_tokens
-    ids = jnp.asarray(demo_prompt(c))
+    tok = load_tokenizer(work / "embedded_default")
+    prompt = encode_prompt(tok, ANALYSIS.format(question=report["config"]["analysis"]["question"]), n,
+                           c.image_token_index)
     pixels = jnp.asarray(preprocess(c.vision, [load_image(images / "coffee.png")]))
+    gen = np.asarray(generate(model, params, jnp.asarray(prompt[None]), jnp.ones((1, len(prompt)), jnp.int32),
+                              pixels, 16, (tok.eos_token_id,)))[0]
+    answer = gen[:list(gen).index(tok.eos_token_id)] if tok.eos_token_id in gen else gen
+    assert entry["answer_ids"] == answer.tolist() and entry["queries"] == len(answer) > 0
+    ids = jnp.asarray(np.concatenate([prompt, answer])[None])
     out = model.apply({"params": params}, ids, pixels, output_attentions=True, output_vision=True)
     norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)
     np.testing.assert_allclose(entry["norms"], norms, rtol=1e-5)
     sinks = np.argsort(-norms)[:3]
     assert sorted(entry["sinks"]["topk"]) == sorted(sinks.tolist())
     is_sink = np.isin(np.arange(n), sinks)
+    slots = np.flatnonzero(prompt == c.image_token_index)
     for layer, a in enumerate(out.attentions):
-        vis = np.asarray(a)[0][:, 4 + n:, 4:4 + n].mean(axis=(0, 1))  # over heads and text queries
+        vis = np.asarray(a)[0][:, len(prompt):, slots].mean(axis=(0, 1))  # over heads and answer tokens
         ratio = vis[is_sink].mean() / vis[~is_sink].mean()
         np.testing.assert_allclose(entry["sink_ratio_per_layer"][layer], ratio, rtol=1e-4)
     # F4: the logit-lens words of the top-norm token agree with the model run on it alone
@@ -292,11 +304,13 @@ def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
     assert "no token reaches the fixed threshold" in proc.stdout
     for png in ("norm_histogram", "sinks_chelsea", "relevance_chelsea"):
         assert (tmp_path / "main" / "vit" / "plots" / f"{png}.png").stat().st_size > 1000
-    # (b) one table: both models x both orders, global / local columns
+    # (b) one table: the single MLP in both orders, DIYSink once (it puts its sinks first itself:
+    # a "front" row would be a second name for the same computation), global / local columns
     study = json.loads((tmp_path / "main" / "study.json").read_text())
-    assert sorted(study["results"]) == ["diysink front", "diysink none", "single front", "single none"]
+    assert sorted(study["results"]) == ["diysink none", "single front", "single none"]
     assert [row.split("\t")[0] for row in study["table"].splitlines()[1:]] == [
-        "single none", "single front", "diysink none", "diysink front"]
+        "single none", "single front", "diysink none"]
+    assert list(study["skipped_variants"]["diysink"]) == ["front"] and not study["skipped_variants"]["single"]
     assert "variant\tsinks/img\toverall\ttag:global\ttag:local" in proc.stdout
     for res in study["results"].values():
         assert res["n"] == 4 and res["sinks_per_image"] == 4.0  # DIYSink / study rule: top-4
@@ -317,3 +331,31 @@ def test_interventions_side_by_side(tmp_path):
     assert res["var:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
     assert len(res["registers:4"]["register_neurons"]) == 4 and res["var:0.6:0"]["n"] == 4
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
+
+
+def test_tau_sweep_with_a_finding5_labels_file(tmp_path):
+    """sweep mode: one row per tau and the adaptive rule, sinks per image falling as tau grows;
+    the labels file's tags (joined by index) replace the benchmark's in the per-tag scores.
+    (~30 s: the CLI end to end, five scoring passes over 12 items.)"""
+    from vitsink_jax.data.synthetic import embedded_benchmark
+
+    index = [r["index"] for r in embedded_benchmark(0, 2, 56)[:12]]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("index,image_complexity,question_globalness\n" + "".join(
+        f"{i},{'low' if n < 3 else 'high'},{'high' if n < 3 else 'low'}\n" for n, i in enumerate(index[:7])))
+    work = tmp_path / "work"
+    proc = run_evaluate(work, "", "--config.mode=sweep", "--config.benchmark.limit=12",
+                        "--config.benchmark.image_size=56", f"--config.benchmark.labels={labels}",
+                        "--config.sweep.taus=(0.0,25.0,1e9)")
+    assert "7 items tagged {'global': 3, 'local': 4, 'mixed': 0}, 5 unlabelled" in proc.stdout
+    report = json.loads((work / "sweep.json").read_text())
+    rows = report["results"]
+    assert set(rows) == {"tau=0", "tau=25", "tau=1e+09", "adaptive"}
+    sinks = [rows[n]["sinks_per_image"] for n in ("tau=0", "tau=25", "tau=1e+09")]
+    assert sinks[0] == 16 and sinks[0] >= sinks[1] >= sinks[2] == 0  # all 4 x 4 tokens, some, none
+    assert report["reference"]["sinks_per_image"] is None
+    # no sink: sink-to-the-front is the stock order, so the reference's scores come back exactly
+    assert rows["tau=1e+09"]["accuracy"] == report["reference"]["accuracy"]
+    for r in [report["reference"], *rows.values()]:
+        assert {t: v["n"] for t, v in r["per_tag"].items()} == {"global": 3, "local": 4}
+    assert (work / "plots" / "tau_sweep.png").stat().st_size > 1000

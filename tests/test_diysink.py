@@ -10,10 +10,12 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import assert_close, build, llava_config, save, t2n
+from conftest import IMAGE_TOKEN, assert_close, build, llava_config, save, t2n
 from test_lvlm import prompt_with_images
 from vitsink_jax.config import DIYSinkConfig
-from vitsink_jax.diysink import route_code, to_diysink
+from vitsink_jax import eval_lib as E
+from vitsink_jax.diysink import cot_route, route_code, routing_counts, to_diysink
+from vitsink_jax.sinks.fuse import keep_mask
 
 RULE = vj.SinkRule("topk", k=3)
 
@@ -29,6 +31,7 @@ def stock(tmp_path_factory):
 
 
 def apply(model, params, d, **kw):
+    kw.setdefault("question_mask", d["ids"] != IMAGE_TOKEN)  # every text token (ReW needs a mask)
     return model.apply({"params": params}, d["ids"], d["pixels"], output_vision=True, **kw)
 
 
@@ -88,8 +91,6 @@ def test_routes_per_image_equal_fixed_selections(stock):
         text = np.asarray(d["ids"][row]) != 99
         np.testing.assert_allclose(np.asarray(routed.logits[row])[text],
                                    np.asarray(out.logits[row])[text], atol=1e-5)
-    assert route_code("simple", "global") == 1 and route_code("Complex.", "local") == 2
-    assert route_code("simple", "local") == 0 and route_code("no idea", "global") == 0
 
 
 def test_save_load_and_transformers_reads_the_nonsink_path(stock, tmp_path):
@@ -135,3 +136,66 @@ def test_question_encoders_are_pluggable(stock):
         bad.config, diysink=DIYSinkConfig(RULE, reweight=True, question_encoder="nope")))
     with pytest.raises(ValueError, match="unknown question encoder 'nope'"):
         apply(bad, params, d)
+
+
+def test_diysink_refuses_orders_and_rules_it_does_not_apply(stock):
+    """A DIYSink model honours the selection ablation and refuses, by name, an order or sink rule
+    other than its own; a table of variants gets one row per distinct computation."""
+    d = stock
+    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(RULE))
+    for order in ("front", "end"):
+        with pytest.raises(ValueError, match=f"order '{order}' does not apply to a DIYSink model"):
+            apply(model.clone(visual_tokens=vj.VisualTokenPolicy(order, rule=RULE)), params, d)
+    other = vj.SinkRule("threshold", tau=5.0)
+    with pytest.raises(ValueError, match="rule='threshold'.*does not apply to a DIYSink model"):
+        apply(model.clone(visual_tokens=vj.VisualTokenPolicy(rule=other)), params, d)
+    ablation = apply(model.clone(visual_tokens=vj.VisualTokenPolicy("none", "sinks", rule=RULE)), params, d)
+    fixed, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(RULE, select="sinks"))
+    np.testing.assert_array_equal(ablation.logits, apply(fixed, params, d).logits)
+
+    specs = ("none", "front", "end", "none+all", "none+sinks", "none+all+original")
+    policies = {s: vj.VisualTokenPolicy(*s.split("+"), rule=RULE) for s in specs}
+    runs, skipped = E.distinct_variants(model, policies)
+    assert [name for name, _ in runs] == ["none", "none+sinks", "none+all+original"]
+    assert set(skipped) == {"front", "end", "none+all"}
+    assert "does not apply to a DIYSink model" in skipped["front"]
+    assert skipped["none+all"] == "the same computation as variant 'none'"
+    runs, skipped = E.distinct_variants(d["model"], policies)        # the single-MLP model
+    assert [name for name, _ in runs] == ["none", "front", "end", "none+sinks"]
+    assert set(skipped) == {"none+all", "none+all+original"}      # nothing moves: stock twice
+    logits = {name: np.asarray(apply(m, d["params"], d).logits) for name, m in runs}
+    for a in logits:  # every row a different computation
+        for b in logits:
+            assert a == b or not np.allclose(logits[a], logits[b], atol=1e-6), (a, b)
+
+
+def test_route_codes_are_checked(stock):
+    """Codes other than 0 / 1 / 2 raise, naming the code and image, when concrete; under jit the
+    logits turn NaN (never silently "nonsinks")."""
+    d = stock
+    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(RULE))
+    with pytest.raises(ValueError, match=r"route code 5 \(image 1\) is not one of 0 \(all\)"):
+        apply(model, params, d, route=jnp.asarray([1, 5]))
+    with pytest.raises(ValueError, match="route code -1"):
+        keep_mask(jnp.zeros((1, 4), bool), np.asarray([-1]))
+    forward = jax.jit(lambda p, r: apply(model, p, d, route=r).logits)
+    assert np.isnan(forward(params, jnp.asarray([1, 5]))).all()
+    assert np.isfinite(forward(params, jnp.asarray([1, 2]))).all()
+
+
+def test_cot_answers_are_read_by_whole_words():
+    assert route_code("simple", "global") == 1 and route_code("Complex.", "local") == 2
+    assert route_code("simple", "local") == 0 and route_code("Real-world photo", "local") == 2
+    unparsed = [cot_route("simple", "a particular region"),   # "part" only inside a word
+                cot_route("surreal", "global"),               # "real" only inside a word
+                cot_route("simple, not complex", "global"),    # both classes named
+                cot_route("no idea", "global")]
+    assert [r["route"] for r in unparsed] == [0, 0, 0, 0]
+    assert [r["route_parsed"] for r in unparsed] == [False] * 4
+    assert unparsed[0]["cot_image_class"] == "simple" and unparsed[0]["cot_question_class"] is None
+    parsed = cot_route("Simple.", "The whole image")
+    assert parsed["route"] == 1 and parsed["route_parsed"]
+    counts = routing_counts(unparsed + [parsed, {"index": "no routing"}])
+    assert counts == {"per_route": {"all": 4, "sinks": 1, "nonsinks": 0}, "unparsed": 4,
+                      "unparsed_image": 3, "unparsed_question": 1}
+    assert routing_counts([{"index": "x"}]) is None

@@ -18,12 +18,17 @@ import transformers
 import vitsink_jax as vj
 from conftest import build, llama_config, llava_config, random_ids, save
 from vitsink_jax import eval_lib as E
+from vitsink_jax import scores as S
+from vitsink_jax import timing
+from vitsink_jax.data.instruct import tokenize_conversation
+from vitsink_jax.data.prompts import TEMPLATES, human_text
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
 from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT, to_diysink
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.embedded import embedded_tokenizer
-from vitsink_jax.generate import filter_logits, generate, left_pad
+from vitsink_jax.data.padding import left_pad
+from vitsink_jax.generate import filter_logits, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # a byte-level BPE needs 256 + specials ids at least
@@ -41,16 +46,18 @@ def test_candidate_logprobs_on_known_logits():
 
 def test_answer_extraction():
     opts = ["a cat", "a dog", "a red car"]
-    assert E.extract_choice("B", opts) == "B"
-    assert E.extract_choice("(C) a red car", opts) == "C"
-    assert E.extract_choice("The answer is A.", opts) == "A"
-    assert E.extract_choice("I think it is a dog", opts) == "B"
-    assert E.extract_choice("no idea", opts) == ""
-    assert E.extract_choice("D", opts) == ""  # not an option letter here
-    assert E.extract_yes_no("Yes, there is.") == "yes" and E.extract_yes_no("Maybe") == ""
-    assert E.open_match("The Red.", "red") and not E.open_match("blue", "red")
-    assert E.open_match("about 3.14159", "3.14", "float") and E.open_match("12", "12.0")
-    assert not E.open_match("13", "12", "integer") and not E.open_match("none", "12")
+    """Our generation path's lenient rules (vitsink_jax.scores; VLMEvalKit's own rules are
+    tested in test_scores.py)."""
+    assert S.extract_choice("B", opts) == "B"
+    assert S.extract_choice("(C) a red car", opts) == "C"
+    assert S.extract_choice("The answer is A.", opts) == "A"
+    assert S.extract_choice("I think it is a dog", opts) == "B"
+    assert S.extract_choice("no idea", opts) == ""
+    assert S.extract_choice("D", opts) == ""  # not an option letter here
+    assert S.extract_yes_no("Yes, there is.") == "yes" and S.extract_yes_no("Maybe") == ""
+    assert S.open_match("The Red.", "red") and not S.open_match("blue", "red")
+    assert S.open_match("about 3.14159", "3.14", "float") and S.open_match("12", "12.0")
+    assert not S.open_match("13", "12", "integer") and not S.open_match("none", "12")
 
 
 def _pred(correct, category="c", group="", prediction="", answer="", tag=""):
@@ -58,19 +65,8 @@ def _pred(correct, category="c", group="", prediction="", answer="", tag=""):
                 answer=answer, tag=tag, index=str(id(object())))
 
 
-def test_mme_acc_plus_and_pope():
-    preds = [_pred(True, "existence", "i1"), _pred(True, "existence", "i1"),   # image 1: both right
-             _pred(True, "existence", "i2"), _pred(False, "existence", "i2"),  # image 2: one wrong
-             _pred(True, "code_reasoning", "i3"), _pred(True, "code_reasoning", "i3")]
-    m = E.mme_scores(preds)
-    ex = m["subtasks"]["existence"]
-    assert ex["acc"] == 0.75 and ex["acc_plus"] == 0.5 and ex["score"] == 125.0
-    assert m["perception"] == 125.0 and m["cognition"] == 200.0
-    pope = [_pred(True, prediction="yes", answer="yes"), _pred(False, prediction="yes", answer="no"),
-            _pred(False, prediction="no", answer="yes"), _pred(True, prediction="no", answer="no")]
-    p = E.pope_scores(pope)
-    assert p["accuracy"] == 0.5 and p["precision"] == 0.5 and p["recall"] == 0.5 and p["f1"] == 0.5
-    assert p["yes_ratio"] == 0.5
+def test_summarize_per_tag():
+    """(MME / POPE and the other official numbers: test_scores.py.)"""
     s = E.summarize("x", [_pred(True, tag="global"), _pred(False, tag="local"), _pred(True, tag="local")])
     assert s["per_tag"] == {"global": {"acc": 1.0, "n": 1}, "local": {"acc": 0.5, "n": 2}}
 
@@ -79,7 +75,7 @@ def test_mme_acc_plus_and_pope():
 
 def eval_cfg(**kw):
     base = dict(scoring="loglik", batch_size=4, length_bucket=16, max_new_tokens=4,
-                templates=dict(E.TEMPLATES), mc_format="letter", routing="none", cot_image_prompt=IMAGE_PROMPT,
+                templates=dict(TEMPLATES), mc_format="letter", routing="none", cot_image_prompt=IMAGE_PROMPT,
                 cot_question_prompt=QUESTION_PROMPT)
     return ml_collections.ConfigDict({**base, **kw})
 
@@ -99,7 +95,7 @@ def tiny(tmp_path_factory):
 def _direct_logprobs(d, rec, text_suffix=""):
     """log_softmax at the last prompt position, from one plain forward."""
     c = d["model"].config
-    ids = encode_prompt(d["tok"], E.prompt_text(rec, E.TEMPLATES) + text_suffix, c.num_image_tokens,
+    ids = encode_prompt(d["tok"], E.prompt_text(rec, TEMPLATES) + text_suffix, c.num_image_tokens,
                         c.image_token_index)
     pix = E._pixels(d["model"], rec, {})[None]
     logits = d["model"].apply({"params": d["params"]}, jnp.asarray(ids[None]), jnp.asarray(pix)).logits
@@ -120,7 +116,7 @@ def test_multi_token_candidates_sum_their_tokens(tiny):
     plain = train_embedded_tokenizer(["hello world"], VOCAB)  # no merges for " A": 2 tokens
     rec = d["records"][0]
     c = d["model"].config
-    rows = E.scoring_rows(plain, rec, E.TEMPLATES, c.num_image_tokens, c.image_token_index)
+    rows = E.scoring_rows(plain, rec, TEMPLATES, c.num_image_tokens, c.image_token_index)
     assert len(rows) == 4 and all(r[3] == k for k, r in enumerate(rows))
     scores, _ = E.loglik_scores(d["model"], d["params"], plain, [rec], eval_cfg())
     d2 = {**d, "tok": plain}
@@ -223,13 +219,14 @@ MULTI = textwrap.dedent("""
     import jax, ml_collections
     import vitsink_jax as vj
     from vitsink_jax import eval_lib as E
+    from vitsink_jax.data.prompts import TEMPLATES
     from vitsink_jax.data.synthetic import embedded_benchmark
     from vitsink_jax.embedded import embedded_tokenizer
     model, params = vj.load_pretrained(sys.argv[1])
     model = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=vj.SinkRule("topk", k=2)))
     recs = embedded_benchmark(seed=0, variants=1, size=28, photos=["chelsea", "coffee", "rocket"])
     cfg = ml_collections.ConfigDict(dict(scoring="loglik", batch_size=3, length_bucket=16,
-                                         max_new_tokens=4, templates=dict(E.TEMPLATES),
+                                         max_new_tokens=4, templates=dict(TEMPLATES),
                                          mc_format="letter", routing="none"))
     preds = E.predict(model, params, embedded_tokenizer(512), recs, cfg, sys.argv[2])
     print("RESULT", jax.device_count(), json.dumps(preds))
@@ -265,6 +262,7 @@ def test_cot_routing_feeds_each_item_its_route(tiny):
     routes = E.cot_routes(model, params, d["tok"], recs, eval_cfg())
     assert [p["route"] for p in routed] == [r["route"] for r in routes]
     assert all(isinstance(p["cot_image"], str) and isinstance(p["cot_question"], str) for p in routed)
+    assert all(isinstance(p["route_parsed"], bool) for p in routed)  # unparsed answers are counted
     # the scores are those of each item's fixed selection (route 0/1/2 = all/sinks/nonsinks)
     for p, rec in zip(routed, recs):
         select = ("all", "sinks", "nonsinks")[p["route"]]
@@ -275,6 +273,51 @@ def test_cot_routing_feeds_each_item_its_route(tiny):
     sinks_only, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3), "sinks"))
     np.testing.assert_allclose(forced[0], E.loglik_scores(sinks_only, params, d["tok"], recs[:1],
                                                           eval_cfg())[0][0], atol=1e-5)
+
+
+def test_rew_reads_the_training_question_in_every_candidate_row(tiny):
+    """DIYSink ReW: every scoring row of an item (one per candidate in the cloze format) marks the
+    same question tokens as training's tokenize_conversation for that item (not the template,
+    not a candidate), so each row gets the training-time visual weights; the scorer, generation
+    and the timing batches pass that mask (a ReW model refuses to run without one)."""
+    d = tiny
+    model, params = to_diysink(d["model"], d["params"],
+                               DIYSinkConfig(vj.SinkRule("topk", k=3), reweight=True))
+    fc2 = params["reweighting"]["fc2"]["kernel"]
+    params["reweighting"]["fc2"]["kernel"] = jnp.asarray(  # weights that depend on the question
+        np.random.default_rng(0).standard_normal(fc2.shape) * 5.0, jnp.float32)
+    c, rec, tok = model.config, d["records"][0], d["tok"]
+    pix = jnp.asarray(E._pixels(model, rec, {})[None])
+
+    def forward(ids, question):
+        return model.apply({"params": params}, jnp.asarray(ids[None]), pix, output_vision=True,
+                           question_mask=jnp.asarray(question[None]))
+
+    for mc_format in ("letter", "cloze"):
+        human = human_text(E.prompt_text(rec, TEMPLATES, mc_format))
+        ids, _, question = tokenize_conversation(tok, ["human", "gpt"],
+                                                 [human, E.answer_text(rec, mc_format)],
+                                                 c.num_image_tokens, c.image_token_index)
+        want = np.asarray(forward(ids, question).visual_weights[0])
+        assert not np.allclose(want, 1.0, atol=1e-3)
+        rows = E.scoring_rows(tok, rec, TEMPLATES, c.num_image_tokens, c.image_token_index, mc_format)
+        assert len(rows) == (4 if mc_format == "cloze" else 1)
+        for row_ids, _, _, _, row_q in rows:
+            np.testing.assert_array_equal(row_ids[row_q], ids[question])      # the same tokens
+            np.testing.assert_array_equal(np.flatnonzero(row_q), np.flatnonzero(question))
+            np.testing.assert_allclose(forward(row_ids, row_q).visual_weights[0], want, atol=1e-6)
+    scores, _ = E.loglik_scores(model, params, tok, [rec], eval_cfg(mc_format="cloze"))
+    for k, (row_ids, targets, _, _, row_q) in enumerate(rows):
+        lp = np.asarray(jax.nn.log_softmax(forward(row_ids, row_q).logits[0], -1))
+        want = sum(lp[t, targets[t]] for t in np.flatnonzero(targets >= 0))
+        np.testing.assert_allclose(scores[0][k], want, atol=1e-4)
+    with pytest.raises(ValueError, match="needs question_mask"):
+        model.apply({"params": params}, jnp.asarray(rows[0][0][None]), pix)
+    texts = E.generate_texts(model, params, tok, [E.prompt_text(rec, TEMPLATES)], [rec], eval_cfg())
+    assert isinstance(texts[0], str)
+    batch = E.prompt_batch(model, tok, d["records"][:2], eval_cfg())
+    assert batch["question"].sum() == batch["left_question"].sum() > 0
+    assert np.isfinite(np.asarray(timing.prefill_call(model, params, batch)())).all()
 
 
 def test_greedy_generation_matches_transformers_on_a_medium_checkpoint(tmp_path, rng):

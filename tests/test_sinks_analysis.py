@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vitsink_jax.sinks import analysis
 
@@ -128,3 +129,115 @@ def test_f4_isolated_decoding_equals_transformers_on_one_token(tmp_path):
     ids, probs = analysis.top_decoded(ours, 3)
     np.testing.assert_array_equal(ids, np.argsort(-np.asarray(ours), -1)[..., :3])
     assert probs.shape == (2, 3, 3) and np.all(np.diff(probs, axis=-1) <= 0)
+
+
+def planted(order="front", select="all"):
+    """One row [text, 4 visual slots, 2 answer tokens]; stock token 2 is the planted ViT sink
+    (norm 150, the others 20). The visual tokens are rearranged by ``order`` / ``select`` (as a
+    DIYSink model or sink-to-the-front does) and the answer tokens pay 0.4 to the *slot* that
+    holds the sink, 0.1 to every other visual slot, 0.3 to token 0."""
+    from vitsink_jax.models.outputs import LlavaOutput, VisualArrangement
+    from vitsink_jax.sinks.fuse import arrange_visual_tokens
+
+    norms = np.array([[20.0, 20.0, 150.0, 20.0]], np.float32)
+    feats = np.zeros((1, 4, 8), np.float32)
+    feats[..., 0] = norms
+    sink = jnp.asarray(norms >= 100)
+    perm, kept = arrange_visual_tokens(sink, order, select)
+    slot_of_sink = int(np.flatnonzero(np.asarray(perm[0]) == 2)[0])
+    t = 7
+    attn = np.zeros((1, 2, t, t), np.float32)
+    attn[0, :, np.arange(t), 0] = 1.0
+    for q in (5, 6):
+        attn[0, :, q] = 0.0
+        attn[0, :, q, 1:5] = 0.1
+        attn[0, :, q, 1 + slot_of_sink] = 0.4
+        attn[0, :, q, 0] = 0.3
+    hidden = tuple(jnp.asarray(np.random.default_rng(i).standard_normal((1, t, 16)), jnp.float32)
+                   for i in range(3))
+    out = LlavaOutput(logits=jnp.zeros((1, t, 4)), vision_features=jnp.asarray(feats),
+                      attentions=(jnp.asarray(attn),) * 2, hidden_states=hidden,
+                      visual_arrangement=VisualArrangement(sink, perm, kept))
+    ids = jnp.asarray([[1, 9, 9, 9, 9, 5, 6]])
+    return out, ids, perm
+
+
+def run_planted(out, ids, **kw):
+    from vitsink_jax.sinks.detect import SinkRule
+
+    query = analysis.answer_queries(jnp.asarray([5]), jnp.asarray([2]), 7)
+    return analysis.analyze_forward(out, ids, 9, SinkRule(tau=100.0),
+                                    jnp.asarray([0.0, 100.0, 1000.0]), query, **kw)
+
+
+def test_analysis_reads_a_rearranged_sequence_in_stock_order():
+    """Sink-to-the-front / DIYSink put the sink in slot 0; its attention must still be counted
+    for stock token 2 (and the F1 ratio be 4, as in the stock order)."""
+    for order in ("none", "front", "end"):
+        out, ids, perm = planted(order)
+        res = jax.jit(run_planted)(out, ids)
+        assert res["vit_sink"][0].tolist() == [False, False, True, False]
+        np.testing.assert_allclose(res["vis_attn"][0, 0, 0], [0.1, 0.1, 0.4, 0.1], rtol=1e-6)
+        np.testing.assert_allclose(res["sink_ratio"], [4.0, 4.0], rtol=1e-6)
+        np.testing.assert_allclose(res["bucket_mean"][0, 0], [0.1, 0.4], rtol=1e-6)
+    assert np.asarray(perm)[0].tolist() == [0, 1, 3, 2]  # "end": the sink really moved
+    # tokens a selection dropped are in no group: sink-only input leaves no non-sink token
+    out, ids, _ = planted("front", "sinks")
+    res = run_planted(out, ids)
+    assert res["valid"][0].tolist() == [False, False, True, False]
+    assert np.isnan(res["sink_ratio"]).all() and res["bucket_count"].tolist() == [0, 1]
+
+
+def test_analysis_masks_padding_and_refuses_missing_image_tokens():
+    out, ids, _ = planted("none")
+    # a padded query position (mask 0) paying all its attention to token 0 must not count
+    attn = np.array(out.attentions[0])
+    attn[0, :, 6] = 0.0
+    attn[0, :, 6, 1] = 1.0
+    out = out.replace(attentions=(jnp.asarray(attn),) * 2)
+    mask = jnp.asarray([[1, 1, 1, 1, 1, 1, 0]])
+    res = run_planted(out, ids, attention_mask=mask)
+    np.testing.assert_allclose(res["vis_attn"][0, 0, 0], [0.1, 0.1, 0.4, 0.1], rtol=1e-6)
+    assert int(res["queries"][0]) == 1
+    unmasked = run_planted(out, ids)
+    assert float(unmasked["vis_attn"][0, 0, 0, 0]) > 0.5
+    # a row without its image tokens: an error outside jit, NaN under jit (never a number)
+    short = jnp.asarray([[1, 9, 9, 9, 4, 5, 6]])
+    with pytest.raises(ValueError, match="row 0 holds 3 image tokens"):
+        analysis.visual_positions(short, 9, 4)
+    res = jax.jit(run_planted)(out, short)
+    assert np.isnan(res["vis_attn"]).all() and np.isnan(res["sink_ratio"]).all()
+
+
+def test_cls_token_is_never_a_sink_and_keeps_its_slot_under_full_strategy():
+    import vitsink_jax as vj
+    from vitsink_jax.config import LlavaConfig, TextConfig, VisionConfig
+    from vitsink_jax.sinks.detect import SinkRule, sink_mask
+    from vitsink_jax.sinks.fuse import arrange_visual_tokens
+
+    norms = jnp.asarray([[500.0, 10.0, 300.0, 20.0, 200.0]])  # token 0: a CLS with the top norm
+    assert sink_mask(norms, SinkRule("topk", k=2), prefix=1)[0].tolist() == [False, False, True, False, True]
+    assert sink_mask(norms, SinkRule("adaptive", max_fraction=0.5), prefix=1)[0].tolist() == [False, False, True, False, True]
+    perm, kept = arrange_visual_tokens(jnp.asarray([[False, False, True, False, True]]), "front", "sinks", 1)
+    assert perm[0].tolist() == [0, 2, 4, 1, 3] and kept[0].tolist() == [True, True, True, False, False]
+
+    cfg = LlavaConfig(
+        vision=VisionConfig("clip_vision_model", 32, 64, 2, 4, image_size=28, patch_size=7),
+        text=TextConfig("llama", 64, 32, 64, 2, 4, 2, 8), image_token_index=63,
+        vision_feature_select_strategy="full")
+    feats = np.ones((1, 17, 32), np.float32)
+    feats[0, 0] *= 50.0                      # CLS norm ~283
+    feats[0, 5] *= 30.0                      # a patch with norm ~170
+    rule = SinkRule("topk", k=1)
+    model = vj.build_model(cfg).clone(visual_tokens=vj.VisualTokenPolicy("front", rule=rule))
+    assert np.flatnonzero(model.visual_sinks(jnp.asarray(feats))[0]).tolist() == [5]
+    with_cls = model.clone(visual_tokens=vj.VisualTokenPolicy("front", rule=SinkRule("topk", k=1, include_cls=True)))
+    assert np.flatnonzero(with_cls.visual_sinks(jnp.asarray(feats))[0]).tolist() == [0]
+    # a real forward: whatever the sinks, CLS stays in slot 0 of the rearranged sequence
+    params = vj.init_params(model, jax.random.PRNGKey(0))
+    ids = jnp.asarray([[1, 2] + [63] * 17 + [3]])
+    pix = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 28, 28))
+    out = model.apply({"params": params}, ids, pix, output_vision=True)
+    arr = out.visual_arrangement
+    assert int(arr.permutation[0, 0]) == 0 and not bool(arr.sink_mask[0, 0])
+    assert int(arr.permutation[0, 1]) == int(np.flatnonzero(arr.sink_mask[0])[0])

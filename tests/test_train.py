@@ -69,7 +69,8 @@ def test_loss_falls_and_only_trainable_parts_change(base, tmp_path):
                                                           else "linear_1"]["kernel"]), part
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(30))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    assert {"loss", "lr/projectors", "lr/language_model", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    assert lines[10]["lr/projectors"] == lines[10]["lr/language_model"] > 0  # optim.lr: every group
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
@@ -103,6 +104,8 @@ def test_resume_equals_straight_run(base, tmp_path):
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in straight] == [json.loads(x)["loss"] for x in resumed]
+    lm_lr = [json.loads(x)["lr/language_model"] for x in straight]  # stage 2: LLaVA-1.5's 2e-5
+    assert lm_lr[0] == 0 and 0 < max(lm_lr) <= 2e-5 and max(lm_lr) == pytest.approx(2e-5, rel=0.05)
 
 
 def test_nan_loss_stops_with_a_checkpoint(base, tmp_path):
@@ -110,6 +113,55 @@ def test_nan_loss_stops_with_a_checkpoint(base, tmp_path):
         train.train(config(stage="finetune", steps=6, checkpoint=str(base / "export"),
                            **{"optim.lr": 1e30, "optim.warmup_steps": 1}), tmp_path)
     assert any((tmp_path / "checkpoints").iterdir())
+
+
+def test_optimizer_lr_per_group_and_per_projector_clipping():
+    """Stage defaults from the published recipes, a learning rate per param group (Adam's
+    update for a constant gradient is lr x sign(g) once the warmup from 0 is over) and, in
+    pretrain, each projector clipped by its own gradient norm."""
+    import jax.numpy as jnp
+    import optax
+
+    from vitsink_jax import train_lib
+
+    cfg = config().optim
+    parts = ("multi_modal_projector", "multi_modal_projector_sink", "language_model")
+    assert train_lib.group_lrs(cfg, "finetune", parts) == {"projectors": 2e-5, "language_model": 2e-5}
+    assert train_lib.group_lrs(cfg, "pretrain", train_lib.PROJECTORS) == {"projectors": 1e-3}
+    assert train_lib.group_lrs(cfg, "rew", ("reweighting",)) == {"reweighting": 1e-2}
+    assert train_lib.warmup_steps(cfg, 1000) == 30                      # warmup ratio 0.03
+    spec = importlib.util.spec_from_file_location("mini_config", ROOT / "configs" / "mini_study.py")
+    mini = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mini)
+    assert train_lib.group_lrs(mini.get_config().optim, "finetune", parts) == {  # the shipped recipe
+        "projectors": 2e-3, "language_model": 2e-3}
+    with pytest.raises(ValueError, match=r"optim.lrs names unknown groups \['llm'\]"):
+        train_lib.group_lrs({**cfg, "lrs": {"llm": 1.0}}, "finetune", parts)
+
+    cfg.lrs.language_model, cfg.warmup_steps = 1e-4, 1
+    g = jnp.asarray([0.3, -2.0, 0.5])
+    params = {p: {"w": jnp.zeros(3)} for p in parts}
+    tx, schedules = train_lib.make_optimizer(cfg, 100, "finetune", parts)
+    state = tx.init(params)
+    for _ in range(2):  # update 0 has lr 0 (warmup from 0), update 1 the peak
+        updates, state = tx.update({p: {"w": g} for p in parts}, state, params)
+        params = optax.apply_updates(params, updates)
+    assert set(schedules) == {"projectors", "language_model"}
+    for part, lr in (("multi_modal_projector", 2e-5), ("multi_modal_projector_sink", 2e-5),
+                     ("language_model", 1e-4)):
+        assert float(schedules[train_lib.lr_group(part)](1)) == pytest.approx(lr)
+        np.testing.assert_allclose(params[part]["w"], -lr * np.sign(g), rtol=1e-4, err_msg=part)
+
+    grads = {"multi_modal_projector": {"w": jnp.asarray([30.0, 40.0])},        # norm 50
+             "multi_modal_projector_sink": {"w": jnp.asarray([0.3, 0.4])}}     # norm 0.5
+    norms = {}
+    for stage in ("pretrain", "finetune"):
+        clip = train_lib.clip_gradients(stage, train_lib.PROJECTORS, 1.0)
+        out, _ = clip.update(grads, clip.init(grads))
+        norms[stage] = {k: float(optax.global_norm(v)) for k, v in out.items()}
+    assert norms["pretrain"] == pytest.approx({"multi_modal_projector": 1.0,
+                                               "multi_modal_projector_sink": 0.5})
+    assert norms["finetune"]["multi_modal_projector_sink"] == pytest.approx(0.5 / np.hypot(50, 0.5))
 
 
 RUN = """
@@ -124,7 +176,9 @@ cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ck
                         **{{"distributed.coordinator": sys.argv[3],
                         "distributed.num_processes": int(sys.argv[4]),
                         "distributed.process_id": int(sys.argv[5]),
-                        "distributed.local_device_count": int(sys.argv[6]), "data.shards": 2}})
+                        "distributed.local_device_count": int(sys.argv[6]), "data.shards": 2,
+                        "optim.warmup_steps": 5}})  # all inside the warmup: a run extended on
+                                                     # resume has the straight run's lr
 work = Path(sys.argv[7])
 train.train(cfg, work)
 if jax.process_index() == 0:

@@ -319,6 +319,12 @@ class LlavaConfig:
         """Leading non-patch tokens in the visual features (1 when the CLS token is kept)."""
         return int(self.vision_feature_select_strategy == "full" and self.vision.has_class_token)
 
+    def vit_token_index(self, visual_index):
+        """Visual-token index (what the projector sees: CLS when kept, then the patches) ->
+        index in the vision tower's token sequence (CLS, trained registers, patches)."""
+        off = self.visual_cls_offset
+        return visual_index + (visual_index >= off) * (self.vision.prefix_tokens - off)
+
     @property
     def input_size(self) -> int:
         """Side of the images the model is fed (pixels)."""

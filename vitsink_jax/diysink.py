@@ -4,12 +4,15 @@ checkpoint, and the CoT routing that picks sink-only / non-sink-only / both per 
 CoT routing asks the LVLM itself two questions (prompts in the config; the paper's exact wording
 is UNKNOWN, these are ours): is the image simple / symbolic or complex / real-world, and does the
 question need the whole image (global) or a detail (local). Rule (paper): simple + global ->
-sink-only; complex + local -> non-sink-only; anything else -> both.
+sink-only; complex + local -> non-sink-only; anything else -> both. Answers are read by whole cue
+words; one that names neither class (or both) is unparsed, routes to both and is counted in the
+results (:func:`routing_counts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,9 @@ from flax.core import unfreeze
 from .config import DIYSinkConfig
 
 ROUTES = ("all", "sinks", "nonsinks")  # route codes 0, 1, 2 (as VisualTokenPolicy selections)
+# CoT answers -> classes, by whole cue words (see parse_class)
+IMAGE_CLASSES = {"simple": ("simple", "symbolic"), "complex": ("complex", "real")}
+QUESTION_CLASSES = {"global": ("global", "whole"), "local": ("local", "part")}
 IMAGE_PROMPT = ("USER: <image>\nIs this image simple or symbolic (a diagram, chart, icon, text or "
                 "a single object on a plain background), or complex and real-world (a natural "
                 "scene)? Answer with one word: simple or complex. ASSISTANT:")
@@ -60,14 +66,40 @@ def to_diysink(model, params, diysink: DIYSinkConfig, init: str = "copy", rng=No
     return new, out
 
 
+def parse_class(answer: str, classes: dict):
+    """The class a free answer names: {class: cue words} -> the one class whose cue words occur in
+    ``answer`` as whole words (case-insensitive; "real-world" is "real" and "world", "particular"
+    is not "part"), or None when it names none or more than one."""
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    hits = [name for name, cues in classes.items() if words & set(cues)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def cot_route(image_answer: str, question_answer: str) -> dict:
+    """The paper's routing rule on the model's two answers -> {"route": code into :data:`ROUTES`,
+    "cot_image", "cot_question": the answers, "cot_image_class" (simple / complex / None),
+    "cot_question_class" (global / local / None), "route_parsed": both answers named one class}.
+    simple + global -> sink-only, complex + local -> non-sink-only, anything else (unparsed
+    answers included) -> both."""
+    image, question = parse_class(image_answer, IMAGE_CLASSES), parse_class(question_answer, QUESTION_CLASSES)
+    route = {("simple", "global"): "sinks", ("complex", "local"): "nonsinks"}.get((image, question), "all")
+    return {"route": ROUTES.index(route), "cot_image": image_answer, "cot_question": question_answer,
+            "cot_image_class": image, "cot_question_class": question,
+            "route_parsed": image is not None and question is not None}
+
+
 def route_code(image_answer: str, question_answer: str) -> int:
-    """The paper's routing rule on the two parsed answers -> code into :data:`ROUTES`."""
-    simple = "simple" in image_answer.lower() or "symbolic" in image_answer.lower()
-    complex_ = "complex" in image_answer.lower() or "real" in image_answer.lower()
-    glob = "global" in question_answer.lower() or "whole" in question_answer.lower()
-    local = "local" in question_answer.lower() or "part" in question_answer.lower()
-    if simple and not complex_ and glob and not local:
-        return ROUTES.index("sinks")
-    if complex_ and not simple and local and not glob:
-        return ROUTES.index("nonsinks")
-    return ROUTES.index("all")
+    """The route code (:data:`ROUTES`) of :func:`cot_route`."""
+    return cot_route(image_answer, question_answer)["route"]
+
+
+def routing_counts(preds: list):
+    """CoT routing in a benchmark's results: items per route and the answers that named no class
+    (or both), from predictions carrying :func:`cot_route`'s keys; None without routing."""
+    routed = [p for p in preds if "route_parsed" in p]
+    if not routed:
+        return None
+    return {"per_route": {name: sum(p["route"] == i for p in routed) for i, name in enumerate(ROUTES)},
+            "unparsed": sum(not p["route_parsed"] for p in routed),
+            "unparsed_image": sum(p["cot_image_class"] is None for p in routed),
+            "unparsed_question": sum(p["cot_question_class"] is None for p in routed)}

@@ -76,7 +76,7 @@ def embedded_tokenizer(vocab_size: int):
     options and the evaluation prompt templates; ``<image>`` is id ``vocab_size - 1``."""
     from .data.synthetic import benchmark_corpus
     from .data.tokenizer import train_embedded_tokenizer
-    from .eval_lib import TEMPLATES
+    from .data.prompts import TEMPLATES
 
     answers = [f"ASSISTANT: {a}" for a in ("A", "B", "C", "D", "Yes", "No")]
     corpus = benchmark_corpus() + list(TEMPLATES.values()) + answers

@@ -5,7 +5,7 @@ With FastV token pruning the layers after K cache only the kept tokens, so decod
 shorter cache there.
 
 Greedy (``temperature=0``) or sampling with temperature, top-k and top-p under an explicit
-PRNG key. Prompts are left-padded; pad them to a length bucket (``left_pad``) so that prompts of
+PRNG key. Prompts are left-padded; pad them to a length bucket (:func:`vitsink_jax.data.padding.left_pad`) so that prompts of
 different lengths share one compiled program. Visual-token policies (sink-to-the-front, token
 selection) and the DIYSink projector apply in the prefill like in a plain forward.
 """
@@ -16,21 +16,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .models.llm import init_cache, unstack_layers
-
-
-def left_pad(rows: list, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts (1-D int arrays) -> (ids [B, length] int32 left-padded, mask [B, length] int32)."""
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        if len(r) > length:
-            raise ValueError(f"prompt {i} has {len(r)} tokens, more than the padded length {length}")
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
-    return ids, mask
 
 
 def filter_logits(logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
@@ -57,9 +44,11 @@ def next_token(logits, key, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
-def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens: int, route=None):
+def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens: int, route=None,
+            question_mask=None):
     """The prompt's forward into a fresh cache of T + ``max_new_tokens`` slots -> LlavaOutput
-    (``.cache`` prefilled). With FastV pruning the layers after K get the shorter cache."""
+    (``.cache`` prefilled). With FastV pruning the layers after K get the shorter cache.
+    ``route`` [N_img] and ``question_mask`` [B, T] (DIYSink ReW) as in the model's forward."""
     b, t = input_ids.shape
     prune = model.interventions.prune
     pruning = () if prune is None else (prune.layer, prune.dropped(model.config.num_image_tokens))
@@ -67,14 +56,14 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_toke
     cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning,
                        var=None if var is None else var.sinks)
     return model.apply({"params": params}, input_ids, pixel_values, attention_mask=attention_mask,
-                       cache=cache, route=route)
+                       cache=cache, route=route, question_mask=question_mask)
 
 
 @partial(jax.jit, static_argnames=("model", "max_new_tokens", "stop_ids", "temperature", "top_k",
                                    "top_p"))
 def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tokens: int,
              stop_ids: tuple = (), temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             key=None, route=None):
+             key=None, route=None, question_mask=None):
     """New tokens for a batch of left-padded prompts.
 
     Args:
@@ -83,6 +72,8 @@ def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tok
       input_ids, attention_mask: [B, T] left-padded prompts; pixel_values: [N_img, C, H, W].
       stop_ids: token ids that end a row (the stop token is kept, later ones are ``stop_ids[0]``).
       key: PRNG key for sampling (``temperature > 0``); route: [N_img] optional token selection.
+      question_mask: [B, T] bool left-padded like the ids, the question tokens (needed by a
+        DIYSink ReW model; see ``eval_lib.encode_question_prompt``).
     Returns:
       [B, max_new_tokens] int32.
     """
@@ -90,7 +81,8 @@ def generate(model, params, input_ids, attention_mask, pixel_values, max_new_tok
     if model.scan_layers:  # the KV cache addresses single layers
         model, params = model.clone(scan_layers=False), unstack_layers(params)
     key = jax.random.PRNGKey(0) if key is None else key
-    out = prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens, route)
+    out = prefill(model, params, input_ids, attention_mask, pixel_values, max_new_tokens, route,
+                  question_mask)
     stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
     fill = stops[0]
     first = next_token(out.logits[:, -1], jax.random.fold_in(key, 0), temperature, top_k, top_p)

@@ -10,6 +10,10 @@ Stages (paper Sec. 4.2 and the training recipe):
 * ``rew``: only DIYSink's reweighting MLP trains (paper: ~120-240 samples, 10 epochs, lr 1e-2,
   batch 20).
 
+Optimizer: AdamW with one learning rate per param group (projectors, language model, vision
+tower, ReW), by default the stage's published rate (:data:`STAGE_LR`), warmup (ratio 0.03 of the
+steps) + cosine decay; gradients clipped by global norm, per projector in ``pretrain``.
+
 The loss is next-token cross-entropy over answer tokens only, summed on each device and divided
 by the global number of answer tokens (passed in), so one device, a mesh and pmap compute the
 same number. Only the trainable params get gradients and optimizer state; the frozen ones are
@@ -18,12 +22,21 @@ never touched, so they stay bitwise equal.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
 STAGES = ("pretrain", "finetune", "rew")
 PROJECTORS = ("multi_modal_projector", "multi_modal_projector_sink")
+# default peak learning rate per stage (optim.lr / optim.lrs override it): LLaVA-1.5's and
+# TinyLLaVA's published recipes (stage 1 projectors 1e-3, stage 2 2e-5), the paper's ReW 1e-2
+STAGE_LR = {"pretrain": 1e-3, "finetune": 2e-5, "rew": 1e-2}
+# top-level param group -> learning-rate group (optim.lrs keys)
+LR_GROUPS = {"multi_modal_projector": "projectors", "multi_modal_projector_sink": "projectors",
+             "language_model": "language_model", "vision_tower": "vision_tower",
+             "reweighting": "reweighting"}
 
 
 def trainable_parts(stage: str, finetune_parts=("multi_modal_projector", "multi_modal_projector_sink",
@@ -44,17 +57,74 @@ def split_params(params: dict, parts: tuple) -> tuple[dict, dict]:
             {k: v for k, v in params.items() if k not in parts})
 
 
-def make_optimizer(cfg, total_steps: int):
-    """AdamW with linear warmup and cosine decay, global-norm clipping, optional gradient
-    accumulation (optax.MultiSteps). Returns (optimizer, learning-rate schedule)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1),
-        end_value=cfg.lr * cfg.final_lr_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+def lr_group(part: str) -> str:
+    """The learning-rate group (:data:`LR_GROUPS`) of a top-level param group."""
+    if part not in LR_GROUPS:
+        raise ValueError(f"no learning-rate group for param group {part!r}; known: {sorted(LR_GROUPS)}")
+    return LR_GROUPS[part]
+
+
+def group_lrs(cfg, stage: str, parts) -> dict:
+    """{lr group: peak learning rate} for the trainable top-level ``parts`` in ``stage``.
+
+    Per group: ``cfg.lrs[group]`` when > 0, else ``cfg.lr`` when > 0 (one rate for every
+    group, e.g. the mini study's explicit recipe), else the stage's published default
+    (:data:`STAGE_LR`: LLaVA-1.5 / TinyLLaVA stage 1 projectors 1e-3, stage 2 2e-5, the paper's
+    ReW 1e-2)."""
+    if stage not in STAGE_LR:
+        raise ValueError(f"unknown training stage {stage!r}; choose one of {STAGES}")
+    lrs = dict(cfg.get("lrs") or {})
+    unknown = sorted(set(lrs) - set(LR_GROUPS.values()))
+    if unknown:
+        raise ValueError(f"optim.lrs names unknown groups {unknown}; groups: "
+                         f"{sorted(set(LR_GROUPS.values()))}")
+    return {lr_group(p): lrs.get(lr_group(p), 0.0) or cfg.lr or STAGE_LR[stage] for p in parts}
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    """Warmup length: ``cfg.warmup_steps`` when > 0, else ceil(``cfg.warmup_ratio`` x
+    ``total_steps``) (the rule of HF Trainer's warmup_ratio, LLaVA-1.5's 0.03)."""
+    if cfg.get("warmup_steps", 0) > 0:
+        return int(cfg.warmup_steps)
+    return math.ceil(cfg.get("warmup_ratio", 0.0) * total_steps)
+
+
+def make_schedule(cfg, lr: float, total_steps: int):
+    """Linear warmup from 0 to ``lr`` over :func:`warmup_steps`, then cosine decay to
+    ``lr * cfg.final_lr_ratio`` at ``total_steps`` (counted in optimizer updates)."""
+    warm = max(warmup_steps(cfg, total_steps), 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(total_steps, warm + 1),
+                                              end_value=lr * cfg.final_lr_ratio)
+
+
+def part_labels(tree: dict) -> dict:
+    """Every leaf of a {top-level group: subtree} dict labelled with its group's name."""
+    return {k: jax.tree_util.tree_map(lambda _, k=k: k, v) for k, v in tree.items()}
+
+
+def clip_gradients(stage: str, parts, max_norm: float):
+    """Gradient clipping by global norm: in ``pretrain`` each top-level part (each projector)
+    by its own norm, as each projector is pre-trained on its own loss (paper Sec. 4.2); in the
+    other stages one norm over every trainable param (LLaVA's max_grad_norm)."""
+    if stage == "pretrain":
+        return optax.multi_transform({p: optax.clip_by_global_norm(max_norm) for p in parts},
+                                     part_labels)
+    return optax.clip_by_global_norm(max_norm)
+
+
+def make_optimizer(cfg, total_steps: int, stage: str, parts):
+    """AdamW with a learning rate per group (:func:`group_lrs`, each with linear warmup and
+    cosine decay, :func:`make_schedule`), gradient clipping (:func:`clip_gradients`) and
+    optional gradient accumulation (optax.MultiSteps). ``parts``: the trainable top-level param
+    groups. Returns (optimizer, {lr group: learning-rate schedule})."""
+    parts = tuple(parts)
+    schedules = {g: make_schedule(cfg, lr, total_steps) for g, lr in group_lrs(cfg, stage, parts).items()}
+    adam = {p: optax.adamw(schedules[lr_group(p)], b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+            for p in parts}
+    tx = optax.chain(clip_gradients(stage, parts, cfg.grad_clip), optax.multi_transform(adam, part_labels))
     if cfg.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-    return tx, schedule
+    return tx, schedules
 
 
 def answer_nll_sum(logits, ids, loss_mask):
@@ -89,8 +159,9 @@ def loss_fn(model, stage: str):
     return loss
 
 
-def make_train_step(model, tx, schedule, stage: str, axis_name=None):
-    """``step(state, frozen, batch) -> (state, metrics)``.
+def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None):
+    """``step(state, frozen, batch) -> (state, metrics)``; metrics hold the loss, the gradient
+    norm, the answer tokens and ``lr/<group>`` of each of ``schedules`` ({lr group: schedule}).
 
     state: {"step", "trainable", "opt_state", "rng"} (the RNG key is advanced every step for
     stochastic layers; the current models are deterministic). With ``axis_name`` (pmap) each
@@ -114,8 +185,8 @@ def make_train_step(model, tx, schedule, stage: str, axis_name=None):
         # a non-finite loss or gradient leaves the state as it was (the caller stops and saves it)
         ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "answer_tokens": n_tokens}
+        metrics = {"loss": value, "grad_norm": grad_norm, "answer_tokens": n_tokens,
+                   **{f"lr/{g}": s(state["step"]) for g, s in schedules.items()}}
         return new, metrics
 
     return step

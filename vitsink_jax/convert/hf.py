@@ -149,7 +149,7 @@ def example_inputs(config: ModelConfig) -> dict:
         return {"input_ids": jnp.zeros((1, 1), jnp.int32)}
     v = config.vision
     ids = jnp.full((1, config.num_image_tokens), config.image_token_index, jnp.int32)
-    return {"input_ids": ids,
+    return {"input_ids": ids, "question_mask": jnp.zeros(ids.shape, bool),  # DIYSink ReW reads it
             "pixel_values": jnp.zeros((1, v.num_channels, config.input_size, config.input_size))}
 
 

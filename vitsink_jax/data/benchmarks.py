@@ -15,7 +15,11 @@ Record schema (every benchmark, one dict per item)::
     options list[str] ([] for yes/no and open questions) | answer str (letter for "mc",
     "yes"/"no" for "yesno", text for "open") | kind "mc"|"yesno"|"open" | category str |
     tag str ("global"/"local"/"mixed" or "") | group str (MME: the image the pair shares) |
-    answer_type str ("text"/"integer"/"float")
+    answer_type str ("text"/"integer"/"float") | meta dict (the row's fields among
+    :data:`META_FIELDS` that the official scores break down by, e.g. MMStar ``l2-category``,
+    CV-Bench ``source`` / ``split`` (2D / 3D), MathVista ``task`` / ``skills`` (a list) /
+    ``question_type``; read from the row, then from an lmms-eval ``metadata`` dict; empty
+    values left out; written to tfds as JSON text)
 
 Bad input: a missing required column or an empty file raises :class:`BenchmarkError` naming
 the file and field; a row whose image does not decode or whose answer is not among its options
@@ -36,15 +40,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .prompts import LETTERS
 from .tfds_io import read_builder, write_builder
 
-LETTERS = "ABCDEFGHIJ"
 KINDS = ("mc", "yesno", "open")
 # benchmark -> default kind of its items ("auto": mc when the row has options, else open)
 BENCHMARKS = {"mmstar": "mc", "cvbench": "mc", "scienceqa": "mc", "mme": "yesno", "pope": "yesno",
               "mathvista": "auto", "gqa": "open", "embedded": "mc", "generic": "auto"}
 FIELDS = ("index", "image", "question", "options", "answer", "kind", "category", "tag", "group",
-          "answer_type")
+          "answer_type", "meta")
+# row fields kept in a record's meta (see vitsink_jax.scores for the breakdowns that use them)
+META_FIELDS = ("split", "type", "source", "task", "l2-category", "skills", "question_type",
+               "answer_option", "precision", "subject", "topic", "grade", "unit")
 
 
 class BenchmarkError(ValueError):
@@ -106,8 +113,35 @@ def _mc_answer(answer, options: list) -> str:
                   f"{len(options)} options {options}")
 
 
-def normalize_row(row: dict, benchmark: str, base: Path, images: dict) -> dict:
-    """One raw row (TSV or JSON) -> a record of the schema above. Raises SkipRow."""
+def _skills(value) -> list:
+    """A MathVista ``skills`` value (a list, or a Python-list literal) -> [str]; other text is
+    one skill (VLMEvalKit: ``eval(skills)``, [skills] on a SyntaxError)."""
+    if isinstance(value, (list, tuple)):
+        return [str(s) for s in value]
+    try:
+        v = ast.literal_eval(str(value))
+    except (ValueError, SyntaxError):
+        return [str(value)]
+    return [str(s) for s in v] if isinstance(v, (list, tuple)) else [str(v)]
+
+
+def _meta(row: dict, nested: dict) -> dict:
+    """The row's :data:`META_FIELDS` (then the lmms-eval ``metadata`` dict's), empty ones left
+    out; ``skills`` as a list of str, the others as str."""
+    out = {}
+    for key in META_FIELDS:
+        v = row.get(key)
+        v = nested.get(key) if v is None or str(v).strip() == "" else v
+        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in ("", "nan", "None"):
+            continue
+        out[key] = _skills(v) if key == "skills" else str(v).strip()
+    return out
+
+
+def normalize_row(row: dict, benchmark: str, base: Path, images: dict,
+                  decode_images: bool = True) -> dict:
+    """One raw row (TSV or JSON) -> a record of the schema above (``image`` b"" without
+    ``decode_images``: scoring predictions needs no pixels). Raises SkipRow."""
     kind = BENCHMARKS[benchmark]
     options = _options(row)
     if kind == "auto":
@@ -131,11 +165,13 @@ def normalize_row(row: dict, benchmark: str, base: Path, images: dict) -> dict:
         answer, options = str(answer).strip(), []
     category = row.get("category") or row.get("task") or meta.get("category") or ""
     return {"index": str(row.get("index", row.get("question_id", row.get("pid", "")))),
-            "image": _decode_image(row["image"], base, images), "question": question,
+            "image": _decode_image(row["image"], base, images) if decode_images else b"",
+            "question": question,
             "options": options, "answer": answer, "kind": kind, "category": str(category),
             "tag": str(row.get("tag") or ""),
             "group": str(row.get("image_path") or row.get("image_id") or row.get("imageId") or ""),
-            "answer_type": str(row.get("answer_type") or meta.get("answer_type") or "text")}
+            "answer_type": str(row.get("answer_type") or meta.get("answer_type") or "text"),
+            "meta": _meta(row, meta)}
 
 
 def _raw_rows(path: Path) -> list:
@@ -154,8 +190,10 @@ def _raw_rows(path: Path) -> list:
                          "(expected .tsv, .json or .jsonl)")
 
 
-def read_benchmark(path, benchmark: str = "generic", verbose: bool = True) -> tuple[list, list]:
-    """A benchmark file -> (records, skipped), skipped = ["file:row N: reason", ...]."""
+def read_benchmark(path, benchmark: str = "generic", verbose: bool = True,
+                   decode_images: bool = True) -> tuple[list, list]:
+    """A benchmark file -> (records, skipped), skipped = ["file:row N (index I): reason", ...].
+    ``decode_images=False``: images are neither decoded nor checked (``image`` is b"")."""
     path = Path(path)
     if benchmark not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
@@ -170,7 +208,7 @@ def read_benchmark(path, benchmark: str = "generic", verbose: bool = True) -> tu
     images, records, skipped = {}, [], []  # images: row index -> bytes, for VLMEvalKit references
     for n, row in enumerate(rows, start=1):
         try:
-            rec = normalize_row(row, benchmark, path.parent, images)
+            rec = normalize_row(row, benchmark, path.parent, images, decode_images)
         except SkipRow as e:
             skipped.append(f"{path}:row {n} (index {row.get('index', '?')}): {e}")
             if verbose:
@@ -188,10 +226,12 @@ SCHEMA = {**{k: "text" for k in FIELDS}, "image": "bytes", "options": "text_list
 
 def build_tfds(records: list, name: str, data_dir) -> Path:
     """Writes benchmark records as a tfds builder (array_record, no TensorFlow); see
-    :mod:`vitsink_jax.data.tfds_io`."""
-    return write_builder(records, f"benchmark_{name}", data_dir, SCHEMA)
+    :mod:`vitsink_jax.data.tfds_io`; ``meta`` as JSON text."""
+    return write_builder([{**r, "meta": json.dumps(r.get("meta", {}), sort_keys=True)} for r in records],
+                         f"benchmark_{name}", data_dir, SCHEMA)
 
 
 def load_tfds(name: str, data_dir, process_index: int = 0, process_count: int = 1) -> list:
     """This host's share of a benchmark builder, records in writing order."""
-    return read_builder(f"benchmark_{name}", data_dir, SCHEMA, process_index, process_count)
+    records = read_builder(f"benchmark_{name}", data_dir, SCHEMA, process_index, process_count)
+    return [{**r, "meta": json.loads(r["meta"] or "{}")} for r in records]

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .padding import bucket, right_pad
+from .prompts import ASSISTANT, TEMPLATES, USER, human_text
 from .tfds_io import read_builder, write_builder
-from .tokenizer import IMAGE_PLACEHOLDER
+from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
 
 SCHEMA = {"id": "text", "image": "bytes", "roles": "text_list", "texts": "text_list"}
 ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -69,12 +71,12 @@ def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "let
     """A small real training set without downloads: the embedded benchmark's generator (other
     seed, other overlays) as single-turn conversations in the benchmark's prompt format,
     answered with the option letter (or, ``mc_format="cloze"``, the option text)."""
-    from ..eval_lib import TEMPLATES, answer_text, prompt_text
+    from ..eval_lib import answer_text, prompt_text
     from .synthetic import embedded_benchmark
 
     records = []
     for rec in embedded_benchmark(seed, variants, size):
-        human = prompt_text(rec, TEMPLATES, mc_format).removeprefix("USER: ").removesuffix(" ASSISTANT:")
+        human = human_text(prompt_text(rec, TEMPLATES, mc_format))
         records.append({"id": rec["index"], "image": rec["image"], "roles": ["human", "gpt"],
                         "texts": [human, answer_text(rec, mc_format)]})
     return records
@@ -99,9 +101,9 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
     text, answer_spans, question_spans = "", [], []
     for role, value in zip(roles, texts):
         if role == "human":
-            text += "USER: "
+            text += USER
             question_spans.append((len(text), len(text) + len(value)))
-            text += value + " ASSISTANT:"
+            text += value + ASSISTANT
         else:
             text += " "
             answer_spans.append((len(text), len(text) + len(value) + len(eos)))
@@ -109,36 +111,18 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
     if text.count(IMAGE_PLACEHOLDER) != 1:
         raise ValueError(f"a conversation needs exactly one {IMAGE_PLACEHOLDER}; found "
                          f"{text.count(IMAGE_PLACEHOLDER)}")
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    loss, question = [False] * len(ids), [False] * len(ids)
-    start = 0
-    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if i:
-            ids += [image_token_index] * num_image_tokens
-            loss += [False] * num_image_tokens
-            question += [False] * num_image_tokens
-            start += len(IMAGE_PLACEHOLDER)
-        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-            a, b = a + start, max(b, a + 1) + start
-            ids.append(tok)
-            loss.append(any(a < e and s < b for s, e in answer_spans))
-            question.append(any(a < e and s < b for s, e in question_spans))
-        start += len(piece)
-    return np.asarray(ids, np.int32), np.asarray(loss), np.asarray(question)
+    return encode_marked(tokenizer, text, num_image_tokens, image_token_index, answer_spans,
+                         question_spans)
 
 
 def pad_batch(examples: list, length_bucket: int, pad_id: int = 0) -> dict:
     """Tokenized examples (dicts with ids, loss_mask, question_mask, pixels) -> right-padded
     batch arrays; the length is rounded up to a multiple of ``length_bucket``."""
-    length = -(-max(len(e["ids"]) for e in examples) // length_bucket) * length_bucket
-    b = len(examples)
-    out = {"ids": np.full((b, length), pad_id, np.int32), "mask": np.zeros((b, length), np.int32),
-           "loss_mask": np.zeros((b, length), bool), "question_mask": np.zeros((b, length), bool)}
-    for i, e in enumerate(examples):
-        n = len(e["ids"])
-        out["ids"][i, :n], out["mask"][i, :n] = e["ids"], 1
-        out["loss_mask"][i, :n], out["question_mask"][i, :n] = e["loss_mask"], e["question_mask"]
+    length = bucket(max(len(e["ids"]) for e in examples), length_bucket)
+    out = {}
+    out["ids"], out["mask"] = right_pad([e["ids"] for e in examples], length, pad_id)
+    for key in ("loss_mask", "question_mask"):
+        out[key] = right_pad([np.asarray(e[key], bool) for e in examples], length, False)[0]
     out["pixels"] = np.stack([e["pixels"] for e in examples])
     return out
 

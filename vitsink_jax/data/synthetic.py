@@ -18,6 +18,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from .prompts import LETTERS
+
 # scikit-image photo -> its main subject (all load offline from the scikit-image wheel)
 SUBJECTS = {
     "astronaut": "an astronaut", "chelsea": "a cat", "coffee": "a cup of coffee",
@@ -31,7 +33,6 @@ QUESTIONS = {"scene": "What is the main subject of this image?",
              "counting": "How many small red squares are in the image?",
              "position": "In which corner is the small blue square?"}
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-LETTERS = "ABCD"
 
 
 def load_photo(name: str, size: int) -> np.ndarray:
@@ -108,7 +109,7 @@ def embedded_benchmark(seed: int = 0, variants: int = 2, size: int = 224, photos
                 records.append({"index": f"{name}-{v}-{category}", "image": image,
                                 "question": QUESTIONS[category], "options": options, "answer": answer,
                                 "kind": "mc", "category": category, "tag": tag, "group": name,
-                                "answer_type": "text"})
+                                "answer_type": "text", "meta": {}})
     return records
 
 

@@ -60,11 +60,38 @@ def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):
 def encode_prompt(tokenizer, text: str, num_image_tokens: int, image_token_index: int) -> np.ndarray:
     """[T] int32 ids of ``text`` with BOS first and each ``<image>`` expanded to
     ``num_image_tokens`` copies of ``image_token_index``."""
-    pieces = text.split(IMAGE_PLACEHOLDER)
+    return encode_marked(tokenizer, text, num_image_tokens, image_token_index)[0]
+
+
+def encode_marked(tokenizer, text: str, num_image_tokens: int, image_token_index: int,
+                  *span_sets) -> tuple:
+    """:func:`encode_prompt` plus one token mask per set of character spans of ``text``.
+
+    Each span set is a list of (start, end) character offsets into ``text``; its mask [T] bool
+    is True at the tokens that overlap one of them (read from the tokenizer's offsets, so the
+    text is tokenized exactly once, as :func:`encode_prompt` does; needs a fast tokenizer when
+    spans are given). BOS and image tokens are in no span. Training marks answers and the
+    question this way (:func:`vitsink_jax.data.instruct.tokenize_conversation`), evaluation
+    the question of its prompts, so DIYSink's ReW reads the same tokens in both.
+    Returns (ids [T] int32, mask [T] bool per span set).
+    """
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for i, piece in enumerate(pieces):
+    masks = [[False] * len(ids) for _ in span_sets]
+    start = 0
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
             ids += [image_token_index] * num_image_tokens
-        if piece:
+            for m in masks:
+                m += [False] * num_image_tokens
+            start += len(IMAGE_PLACEHOLDER)
+        if piece and not span_sets:
             ids += tokenizer.encode(piece, add_special_tokens=False)
-    return np.asarray(ids, np.int32)
+        elif piece:
+            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                a, b = a + start, max(b, a + 1) + start
+                ids.append(tok)
+                for m, spans in zip(masks, span_sets):
+                    m.append(any(a < e and s < b for s, e in spans))
+        start += len(piece)
+    return (np.asarray(ids, np.int32), *(np.asarray(m, bool) for m in masks))

@@ -6,9 +6,13 @@ R extra register tokens (appended last, zeros after the embeddings, never passed
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax.numpy as jnp
 import numpy as np
+
+from ..sinks.detect import sink_mask, token_norms
 
 
 def move_to_registers(act, neurons, registers: int, prefix: int, scale: float = 1.0):
@@ -43,3 +47,25 @@ def find_register_neurons(activations, outliers, top: int = 10) -> list:
     score = per_image[:, have].mean(1)                                            # [L, F]
     order = np.argsort(-score, axis=None)[:top]
     return [(int(i // score.shape[1]), int(i % score.shape[1]), float(score.flat[i])) for i in order]
+
+
+def register_neurons(model, params, pixels, rule, top: int) -> list:
+    """For an LVLM: the ``top`` (layer, neuron, score) register neurons of the LVLM's
+    vision tower on ``pixels`` [N, C, H, W], outliers = the sinks of ``rule`` on the projector
+    input (the feature layer)."""
+    from flax import traverse_util
+
+    (selected, _), state = model.apply({"params": params}, jnp.asarray(pixels),
+                                       method=model.vision_features, mutable=["intermediates"])
+    layers = {}
+    for path, value in traverse_util.flatten_dict(state["intermediates"]).items():
+        hit = [int(m.group(1)) for k in path if (m := re.fullmatch(r"layers?_(\d+)", k))]
+        if hit:  # encoder layers only (not SigLIP's pooling head)
+            layers[hit[0]] = value[0]
+    acts = [layers[i] for i in sorted(layers)]
+    c = model.config
+    cls = 0 if rule.include_cls else c.visual_cls_offset  # a kept CLS is no outlier unless asked
+    sinks = np.asarray(sink_mask(token_norms(selected), rule, cls))
+    outliers = np.zeros((sinks.shape[0], c.vision.prefix_tokens + c.grid_size ** 2), bool)
+    outliers[:, c.vit_token_index(np.arange(sinks.shape[1]))] = sinks  # tower order, registers too
+    return find_register_neurons(acts, outliers, top)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -154,9 +154,32 @@ class DecoderModel(nn.Module):
         b, t, _ = inputs_embeds.shape
         prune = None if interventions is None else interventions.prune
         var = None if interventions is None else interventions.var
-        if (prune or var) and (visual_mask is None or sink_mask is None):
-            raise ValueError("token pruning and VAR need visual_mask and sink_mask")
+        self._check(cache, prune, var, visual_mask is not None and sink_mask is not None, num_visual)
+        tokens = _Tokens.of_call(attention_mask, position_ids, cache, visual_mask, sink_mask, b, t)
+        x = inputs_embeds.astype(self.dtype)
+        if self.scan_layers:
+            states, kept = [x], None
+            x, (hidden, attns) = self.layers(x, tokens.mask()[1],
+                                             *rotary_embedding(self.config, tokens.position_ids),
+                                             output_attentions)
+            states += list(hidden)
+        else:
+            x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var,
+                                                             num_visual, output_attentions)
+        x = self.norm(x)
+        states[-1] = x  # HF convention: the last hidden state is the normed one
+        if kept is not None:  # FastV: back to T slots, zeros at the pruned tokens
+            x = pruning.scatter_tokens(x, kept, t)
+            states = [s_ if s_.shape[1] == t else pruning.scatter_tokens(s_, kept, t) for s_ in states]
+        attns = tuple(attns) if output_attentions else (None,) * self.config.num_hidden_layers
+        return x, tuple(states), attns, cache
+
+    def _check(self, cache, prune, var, masks_given: bool, num_visual: int):
+        """Raises on a combination of layout, cache and interventions that ``__call__`` does not
+        run (``masks_given``: both ``visual_mask`` and ``sink_mask`` were passed)."""
         n = self.config.num_hidden_layers
+        if (prune or var) and not masks_given:
+            raise ValueError("token pruning and VAR need visual_mask and sink_mask")
         if self.scan_layers and (cache is not None or prune or var):
             raise NotImplementedError("scan_layers=True runs plain forwards (training, scoring); "
                                       "for a KV cache or interventions use the loop layout "
@@ -173,84 +196,144 @@ class DecoderModel(nn.Module):
                                                         or cache.drop != prune.dropped(num_visual)):
             raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
                              "dropped tokens)) matching the pruning (generate() does this)")
-        if cache is None:
-            if position_ids is None:
-                position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
-            mask = make_attention_mask(attention_mask, t, t, causal=True)
-        else:
-            keep = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
-            if position_ids is None:
-                position_ids = generation_positions(keep, cache.position)
-            last = jnp.max(jnp.where(keep > 0, position_ids, -1), axis=1) + 1
-            slots, mask = cache_mask(cache.mask, keep, cache.index)
-        cos, sin = rotary_embedding(self.config, position_ids)
-        x = inputs_embeds.astype(self.dtype)
-        states, attns, kvs, kept, late_slots = [x], [], [], None, None
-        key_visual, key_sinks = visual_mask, sink_mask  # VAR reads the keys' masks
-        if var is not None and cache is not None:  # ... over the cache slots
-            key_visual, key_sinks = (jax.lax.dynamic_update_slice(
-                slot, new.astype(slot.dtype), (0, cache.index)) for slot, new in
-                ((cache.visual, visual_mask), (cache.sinks, sink_mask)))
-        index = None if cache is None else cache.index
-        # VAR sinks="dims" with a cache: each layer's LLM-sink mask over the cached slots
-        layer_sinks = None if cache is None or cache.layer_sinks is None else list(cache.layer_sinks)
-        if self.scan_layers:
-            x, (hidden, weights) = self.layers(x, mask, cos, sin, output_attentions)
-            states += list(hidden)
-            attns = list(weights) if output_attentions else attns
-        else:
-            for i, layer in enumerate(self.layers):
-                if prune is not None and i == prune.layer:  # FastV: drop the least-attended tokens
-                    received = attns[-1] if cache is None else jax.lax.dynamic_slice_in_dim(
-                        attns[-1], cache.index, t, axis=-1)
-                    scores = pruning.attention_received(received, attention_mask, prune.score)
-                    n_drop = prune.dropped(num_visual)
-                    kept = pruning.keep_indices(scores, visual_mask,
-                                                sink_mask if prune.keep_sinks else None, n_drop)
-                    x, position_ids, visual_mask, sink_mask = (
-                        pruning.gather_tokens(a, kept) for a in (x, position_ids, visual_mask, sink_mask))
-                    key_visual, key_sinks = visual_mask, sink_mask  # (VAR + pruning: no cache here)
-                    if attention_mask is not None:
-                        attention_mask = pruning.gather_tokens(attention_mask, kept)
-                    if cache is None:
-                        mask = make_attention_mask(attention_mask, t - n_drop, t - n_drop, causal=True)
-                    else:
-                        late_keep = pruning.gather_tokens(keep, kept)
-                    cos, sin = rotary_embedding(self.config, position_ids)
-                if cache is not None and cache.late_mask is not None and i == cache.split:
-                    # the pruned layers' own, shorter cache: the pruning prefill writes its kept tokens
-                    # from the same slot; later steps come ``drop`` slots earlier than in layers < K
+
+    def _layer_loop(self, x, tokens, cache, prune, var, num_visual, output_attentions):
+        """The loop layout: x [B, T, D] through every layer, with the KV cache, FastV pruning
+        and VAR when given -> (last hidden [B, T', D], hidden states [x, L x [B, T or T', D]],
+        L attention weights [B, H, T or T', S] or None, kept [B, T'] int32 or None, the
+        updated cache or None). T' = T - dropped from layer K on (pruning; else T' = T); S = T
+        without a cache, else the cache's slots (S - dropped from its split on)."""
+        n = self.config.num_hidden_layers
+        index = None if cache is None else cache.index  # the slot the layers write to
+        slots, mask = tokens.mask(None if cache is None else cache.mask, index)
+        cos, sin = rotary_embedding(self.config, tokens.position_ids)
+        key_visual, key_sinks, layer_sinks = _var_keys(var, cache, tokens)
+        # from this layer on: the tokens FastV keeps (pruning) and / or the shorter late cache
+        split = prune.layer if prune is not None else (
+            cache.split if cache is not None and cache.late_mask is not None else n)
+        live, states, attns, kvs, kept, late_slots = tokens, [x], [], [], None, None
+        for i, layer in enumerate(self.layers):
+            if i == split:
+                if prune is not None:
+                    kept, x, live = _prune(prune, attns[-1], x, live, cache, num_visual)
+                    cos, sin = rotary_embedding(self.config, live.position_ids)
+                    key_visual, key_sinks = live.visual, live.sinks  # (VAR + pruning: no cache)
+                if cache is not None:  # the pruning prefill writes its kept tokens from the same
+                    # slot; later steps come ``drop`` slots earlier than in layers < K
                     index = cache.index if kept is not None else cache.index - cache.drop
-                    late_slots, mask = cache_mask(cache.late_mask, late_keep if kept is not None else keep,
-                                                  index)
-                adjust = None
-                if var is not None and i >= var.first_layer and not (var.skip_last and i == n - 1):
-                    sinks = key_sinks if var.sinks == "vit" else llm_sink_mask(
-                        x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
-                    if layer_sinks is not None:  # this layer's mask of every cached slot
-                        sinks = layer_sinks[i] = jax.lax.dynamic_update_slice(
-                            layer_sinks[i], sinks.astype(jnp.int32), (0, cache.index))
-                    adjust = partial(redistribute, visual=key_visual.astype(bool),
-                                     sinks=sinks.astype(bool), p=var.p, rho=var.rho, summ=var.summ)
-                kv = None if cache is None else (cache.keys[i], cache.values[i])
-                need = output_attentions or (prune is not None and i == prune.layer - 1)
-                x, w, kv = layer(x, mask, cos, sin, need, kv, index, adjust)
-                states.append(x)
-                attns.append(w)
-                kvs.append(kv)
-        x = self.norm(x)
-        states[-1] = x  # HF convention: the last hidden state is the normed one
-        if kept is not None:
-            x = pruning.scatter_tokens(x, kept, t)
-            states = [s_ if s_.shape[1] == t else pruning.scatter_tokens(s_, kept, t) for s_ in states]
+                late_slots, mask = live.mask(None if cache is None else cache.late_mask, index)
+            adjust = self._var_adjust(var, i, x, key_visual, key_sinks, layer_sinks,
+                                      None if cache is None else cache.index)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            need = output_attentions or (prune is not None and i == prune.layer - 1)
+            x, w, kv = layer(x, mask, cos, sin, need, kv, index, adjust)
+            states.append(x)
+            attns.append(w)
+            kvs.append(kv)
         if cache is not None:
-            cache = cache.replace(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs),
-                                  mask=slots, index=cache.index + t, late_mask=late_slots,
-                                  position=jnp.maximum(cache.position, last).astype(jnp.int32))
-            if var is not None:
-                cache = cache.replace(visual=key_visual, sinks=key_sinks, layer_sinks=None
-                                      if layer_sinks is None else tuple(layer_sinks))
-        return x, tuple(states), tuple(attns) if output_attentions else (None,) * n, cache
+            cache = _updated_cache(cache, kvs, tokens, slots, late_slots,
+                                   None if var is None else (key_visual, key_sinks, layer_sinks))
+        return x, states, attns, kept, cache
+
+    def _var_adjust(self, var, i, x, visual, sinks, layer_sinks, index):
+        """VAR's edit of layer i's attention probabilities [B, H, T, S] -> [B, H, T, S], or None
+        where VAR is off. visual, sinks [B, S]: the keys' visual-token slots and ViT sinks; with
+        sinks="dims" the sinks are the LLM sinks of the layer input x [B, T, D] instead, and with
+        a cache (``layer_sinks``: L x [B, S] int32 over its slots) they are written into
+        ``layer_sinks[i]`` at slot ``index`` and the layer reads every slot's."""
+        if var is None or i < var.first_layer or (var.skip_last and i == self.config.num_hidden_layers - 1):
+            return None
+        if var.sinks == "dims":
+            sinks = llm_sink_mask(x, jnp.asarray(var.sink_dims, jnp.int32), var.tau)
+            if layer_sinks is not None:  # this layer's mask of every cached slot
+                sinks = layer_sinks[i] = jax.lax.dynamic_update_slice(
+                    layer_sinks[i], sinks.astype(jnp.int32), (0, index))
+        return partial(redistribute, visual=visual.astype(bool), sinks=sinks.astype(bool), p=var.p,
+                       rho=var.rho, summ=var.summ)
+
+
+class _Tokens(NamedTuple):
+    """The per-token inputs of the decoder layers, each [B, T]: the call's T tokens, or the T'
+    of them FastV pruning keeps (:meth:`gather`). position_ids; attention_mask: 1 = token,
+    0 = pad, as passed (None: no padding); keep: int32, the tokens a cache stores as attendable
+    (attention_mask, default all; None without a cache); visual, sinks: the visual-token slots
+    and ViT sinks (interventions only, else None)."""
+
+    position_ids: jnp.ndarray
+    attention_mask: Optional[jnp.ndarray]
+    keep: Optional[jnp.ndarray]
+    visual: Optional[jnp.ndarray]
+    sinks: Optional[jnp.ndarray]
+
+    @classmethod
+    def of_call(cls, attention_mask, position_ids, cache, visual, sinks, b: int, t: int):
+        """The T tokens of a call; ``position_ids`` default to arange(T) without a cache and to
+        :func:`generation_positions` from the rows' next positions with one."""
+        keep = None
+        if cache is not None:
+            keep = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        if position_ids is None:
+            position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if cache is None
+                            else generation_positions(keep, cache.position))
+        return cls(position_ids, attention_mask, keep, visual, sinks)
+
+    def gather(self, kept):
+        """The T' tokens at kept [B, T'] (every field that is set)."""
+        return _Tokens(*(None if a is None else pruning.gather_tokens(a, kept) for a in self))
+
+    def mask(self, slot_mask=None, index=None):
+        """The layers' attention mask. Without a cache (``slot_mask`` None): (None, causal and
+        padding mask [B or 1, 1, T, T]); with its slot mask [B, S]: :func:`cache_mask` (the slot
+        mask with these tokens written at slot ``index``, mask [B, 1, T, S])."""
+        if slot_mask is None:
+            t = self.position_ids.shape[-1]
+            return None, make_attention_mask(self.attention_mask, t, t, causal=True)
+        return cache_mask(slot_mask, self.keep, index)
+
+    def next_position(self):
+        """[B]: each row's position after its last kept token (with a cache)."""
+        return jnp.max(jnp.where(self.keep > 0, self.position_ids, -1), axis=1) + 1
+
+
+def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int):
+    """FastV after layer K: ranks the visual tokens by the attention they received in layer K-1
+    (``weights`` [B, H, T, S]; with a cache the T columns of the new tokens' slots) and keeps all
+    but the int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``).
+    x [B, T, D] -> (kept [B, T'] int32 ascending, x [B, T', D], the T' tokens)."""
+    received = weights if cache is None else jax.lax.dynamic_slice_in_dim(
+        weights, cache.index, x.shape[1], axis=-1)
+    scores = pruning.attention_received(received, tokens.attention_mask, prune.score)
+    kept = pruning.keep_indices(scores, tokens.visual, tokens.sinks if prune.keep_sinks else None,
+                                prune.dropped(num_visual))
+    return kept, pruning.gather_tokens(x, kept), tokens.gather(kept)
+
+
+def _var_keys(var, cache, tokens: _Tokens):
+    """VAR's masks of the S keys: (visual [B, S], ViT sinks [B, S], LLM sinks L x [B, S] int32 or
+    None). Without VAR or a cache, the tokens' own (S = T, no per-layer masks); with both, the
+    cache's slot masks with the T tokens' written at its index, and with sinks="dims" a list of
+    each layer's LLM-sink mask of the cached slots (the layers write theirs in)."""
+    if var is None or cache is None:
+        return tokens.visual, tokens.sinks, None
+    visual, sinks = (jax.lax.dynamic_update_slice(slot, new.astype(slot.dtype), (0, cache.index))
+                     for slot, new in ((cache.visual, tokens.visual), (cache.sinks, tokens.sinks)))
+    return visual, sinks, None if cache.layer_sinks is None else list(cache.layer_sinks)
+
+
+def _updated_cache(cache: KVCache, kvs, tokens: _Tokens, slots, late_slots, var_keys) -> KVCache:
+    """The cache after a call's T ``tokens``: each layer's (keys, values) from ``kvs``, the slot
+    masks ``slots`` [B, S] and ``late_slots`` [B, S - drop] (None without pruning), the next slot
+    index + T and the rows' next positions; with VAR ``var_keys`` (:func:`_var_keys`, updated by
+    the layers) become its key masks."""
+    position = jnp.maximum(cache.position, tokens.next_position()).astype(jnp.int32)
+    cache = cache.replace(keys=tuple(k for k, _ in kvs), values=tuple(v for _, v in kvs),
+                          mask=slots, index=cache.index + tokens.keep.shape[1],
+                          late_mask=late_slots, position=position)
+    if var_keys is None:
+        return cache
+    visual, sinks, layer_sinks = var_keys
+    return cache.replace(visual=visual, sinks=sinks,
+                         layer_sinks=None if layer_sinks is None else tuple(layer_sinks))
 
 
 def cache_mask(slot_mask, keep, index):

@@ -11,8 +11,9 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlavaConfig
-from ..sinks.detect import sink_mask, token_norms
-from ..sinks.fuse import VisualTokenPolicy, arrange_visual_tokens, permute_tokens, shift_positions
+from ..sinks.detect import SinkRule, sink_mask, token_norms
+from ..sinks.fuse import (VisualTokenPolicy, arrange_visual_tokens, permute_tokens, route_codes_ok,
+                          shift_positions)
 from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
@@ -141,11 +142,23 @@ class LlavaForConditionalGeneration(nn.Module):
     @property
     def policy(self) -> VisualTokenPolicy:
         """The visual-token policy in force: ``visual_tokens``, or for a DIYSink model sinks first
-        with the DIYSink rule and selection (a non-"all" selection and the positions of
-        ``visual_tokens`` still apply, e.g. for the sink-only / non-sink-only ablation)."""
+        with the DIYSink rule and selection, of which ``visual_tokens`` changes only the
+        selection (non-"all": the sink-only / non-sink-only ablation) and the positions.
+
+        A DIYSink model's projectors were trained on its own layout and sink rule, so it refuses
+        (ValueError naming it) any order but "none" (its own layout: "front" would be a second
+        name for it, "end" is not what it was trained on) and any rule but its own; the default
+        ``SinkRule()`` of a policy stands for "the model's own"."""
         d, v = self.config.diysink, self.visual_tokens
         if d is None:
             return v
+        if v.order != "none":
+            raise ValueError(f"visual-token order {v.order!r} does not apply to a DIYSink model: it "
+                             "puts its sinks first through its own projector, as trained; use order "
+                             "'none' (its own layout)")
+        if v.rule not in (SinkRule(), d.rule):
+            raise ValueError(f"sink rule {v.rule} does not apply to a DIYSink model trained with "
+                             f"{d.rule}; leave the policy's rule at its default or use the model's")
         return VisualTokenPolicy("front", d.select if v.select == "all" else v.select, v.positions, d.rule)
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
@@ -159,13 +172,24 @@ class LlavaForConditionalGeneration(nn.Module):
         selected = jnp.concatenate([drop(vout.hidden_states[i])[:, start:] for i in c.feature_layers], -1)
         return selected, vout
 
+    @property
+    def sink_prefix(self) -> int:
+        """Leading visual tokens that are never sinks and never move: the CLS token kept by
+        ``vision_feature_select_strategy="full"`` unless the rule's ``include_cls`` is set."""
+        return 0 if self.policy.rule.include_cls else self.config.visual_cls_offset
+
+    def visual_sinks(self, selected):
+        """ViT sinks of the projector input [N, P, E'] under the policy's rule -> [N, P] bool
+        (stock token order). Needs no params: callable on an unbound model."""
+        return sink_mask(token_norms(selected), self.policy.rule, self.sink_prefix)
+
     def arrange(self, selected, route=None) -> VisualArrangement:
         """Sinks of the projector input [N, P, E'] and the policy's permutation / keep-mask;
         ``route`` [N] int (0 all, 1 sinks, 2 nonsinks) overrides the policy's selection."""
-        policy = self.policy
-        sinks = sink_mask(token_norms(selected), policy.rule)
+        policy, sinks = self.policy, self.visual_sinks(selected)
         perm, kept = arrange_visual_tokens(sinks, policy.order,
-                                           policy.select if route is None else route)
+                                           policy.select if route is None else route,
+                                           self.sink_prefix)
         return VisualArrangement(sink_mask=sinks, permutation=perm, kept=kept)
 
     def project(self, tokens, arrangement, weights=None):
@@ -198,7 +222,7 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"token pruning needs one image per row; got {selected.shape[0]} "
                              f"images for {is_image.shape[0]} rows")
         if arrangement is None:
-            sinks = sink_mask(token_norms(selected), self.policy.rule)
+            sinks = self.visual_sinks(selected)
         else:
             sinks = permute_tokens(arrangement.sink_mask, arrangement.permutation)
         b, t = is_image.shape
@@ -206,12 +230,6 @@ class LlavaForConditionalGeneration(nn.Module):
                                       sinks.reshape(-1, 1).astype(jnp.float32))
         return {"interventions": self.interventions, "visual_mask": is_image,
                 "sink_mask": seq[..., 0] > 0, "num_visual": selected.shape[1]}
-
-    def get_image_features(self, pixel_values, output_attentions: bool = False):
-        """pixel_values [N, C, H, W] -> (projected [N, P, D] in stock order, projector input
-        [N, P, E'], VisionOutput)."""
-        selected, vout = self.vision_features(pixel_values, output_attentions)
-        return self.multi_modal_projector(selected), selected, vout
 
     def decode(self, input_ids, cache):
         """One decoding step on the LLM with a prefilled cache: input_ids [B, T] -> CausalLMOutput
@@ -241,8 +259,11 @@ class LlavaForConditionalGeneration(nn.Module):
                  output_vision: bool = False, route=None, question_mask=None,
                  cache=None) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
-        e.g. from CoT routing. question_mask: [B, T] the question tokens for DIYSink ReW
-        (default: every non-image token the attention mask keeps; one image per row).
+        e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
+        question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
+        model, which cannot tell the question from the template or an answer: training marks the
+        human turn's text, :func:`vitsink_jax.data.tokenizer.encode_marked` marks the same in
+        evaluation prompts; one image per row). Ignored by other models.
         cache: a :class:`KVCache` to prefill (see :mod:`vitsink_jax.generate`); positions then
         default to generation positions (running count of kept tokens)."""
         c = self.config
@@ -260,8 +281,12 @@ class LlavaForConditionalGeneration(nn.Module):
                     raise ValueError(f"DIYSink reweighting needs one image per row; got "
                                      f"{selected.shape[0]} images for {input_ids.shape[0]} rows")
                 if question_mask is None:
-                    question_mask = ~is_image if attention_mask is None else (
-                        attention_mask.astype(bool) & ~is_image)
+                    raise ValueError("a DIYSink ReW model needs question_mask [B, T] (the question's "
+                                     "tokens, as training marks them: data.tokenizer.encode_marked); "
+                                     "pass input_ids != image_token_index to read every text token")
+                if question_mask.shape != input_ids.shape:
+                    raise ValueError(f"question_mask has shape {question_mask.shape}, input_ids "
+                                     f"{input_ids.shape}")
                 weights = self.question_weights(embeds, input_ids, question_mask)
             feats = self.project(to_project, arrangement, weights)
             expected = feats.shape[0] * feats.shape[1]
@@ -272,6 +297,8 @@ class LlavaForConditionalGeneration(nn.Module):
                                      f"{c.image_token_index}) but pixel_values give {feats.shape[0]} "
                                      f"image(s) x {feats.shape[1]} tokens = {expected}")
             embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1))
+            if route is not None:  # a bad code raises here when concrete, else NaN logits
+                count_ok = count_ok & route_codes_ok(route)
             if arrangement is not None:
                 b, t = input_ids.shape
                 if position_ids is None and cache is None:

@@ -2,9 +2,12 @@
 
 Shapes: L LLM layers, B batch, H heads, T sequence, P visual tokens per sequence, D hidden size,
 K norm buckets. ``vis_attn`` below is the attention each visual token receives, averaged over the
-chosen query tokens (text / generated), per layer and head: [L, B, H, P].
+chosen query tokens, per layer and head: [L, B, H, P], always in the *stock* token order (token i
+= the i-th visual token the vision tower gives), whatever order the LLM saw them in (see
+:func:`stock_order`: sink-to-the-front variants and DIYSink put sinks first).
 
-* F1 :func:`attention_by_norm_bucket`, :func:`sink_attention_ratio` (paper: ~7x on LLaVA-1.5-7B).
+* F1 :func:`attention_by_norm_bucket`, :func:`sink_attention_ratio` (paper: ~7x on LLaVA-1.5-7B,
+  attention paid by the generated answer tokens).
 * F2 :func:`token_groups` + :func:`attention_share_by_group` (paper: non-sink 0.15%,
   LLM-emerged sinks 1.27%, propagated ViT sinks 1.13% per token).
 * F3 :func:`sink_dimension_profile` + :func:`top_dims` (which hidden dims each group fires).
@@ -20,19 +23,65 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .detect import attention_received, llm_sink_mask, massive_activation_dims, sink_mask, token_norms
+from .fuse import permute_tokens
+
+QUERIES = ("answer", "after_image")
 
 
 def visual_positions(input_ids: jnp.ndarray, image_token_index: int, num_visual: int) -> jnp.ndarray:
-    """Sequence positions of the visual tokens, one image per row.
+    """Sequence positions (slots) of the visual tokens, one image per row.
 
-    input_ids [B, T] -> [B, P] int32 (P = num_visual, static). Rows with fewer image tokens are
-    padded with T - 1; callers check counts outside jit.
+    input_ids [B, T] -> [B, P] int32 (P = num_visual, static). Concrete ids must hold exactly P
+    image tokens per row (ValueError naming the row otherwise); under jit a row with another
+    count gets position T - 1 for the missing ones and :func:`analyze_forward` turns its
+    results to NaN (see :func:`visual_rows_ok`), so it can never pass as a number.
     """
+    chex.assert_rank(input_ids, 2)
+    if not isinstance(input_ids, jax.core.Tracer):
+        counts = np.sum(np.asarray(input_ids) == image_token_index, axis=1)
+        bad = np.flatnonzero(counts != num_visual)
+        if bad.size:
+            raise ValueError(f"input_ids row {int(bad[0])} holds {int(counts[bad[0]])} image tokens "
+                             f"(id {image_token_index}); the analysis needs exactly {num_visual} "
+                             "(one image) per row")
     t = input_ids.shape[1]
     return jax.vmap(lambda row: jnp.nonzero(row == image_token_index, size=num_visual,
                                             fill_value=t - 1)[0])(input_ids).astype(jnp.int32)
+
+
+def visual_rows_ok(input_ids: jnp.ndarray, image_token_index: int, num_visual: int) -> jnp.ndarray:
+    """input_ids [B, T] -> [B] bool: the row holds exactly ``num_visual`` image tokens."""
+    return jnp.sum(input_ids == image_token_index, axis=1) == num_visual
+
+
+def stock_order(x: jnp.ndarray, arrangement) -> jnp.ndarray:
+    """x [B, P, ...] indexed by visual slot (the order the LLM saw, slot j holding stock token
+    ``arrangement.permutation[b, j]``) -> the same values indexed by stock token. ``arrangement``
+    is a model output's ``visual_arrangement`` (None for the stock order: x unchanged)."""
+    if arrangement is None:
+        return x
+    chex.assert_equal_shape_prefix([x, arrangement.permutation], 2)
+    return permute_tokens(x, jnp.argsort(arrangement.permutation, axis=-1))
+
+
+def queries_after_image(vis_slots: jnp.ndarray, attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """The "after_image" queries: every kept token after the last visual slot.
+
+    vis_slots [B, P] int; attention_mask [B, T] -> [B, T] bool."""
+    t = attention_mask.shape[1]
+    return (jnp.arange(t)[None] > jnp.max(vis_slots, axis=1, keepdims=True)) & attention_mask.astype(bool)
+
+
+def answer_queries(prompt_len: jnp.ndarray, answer_len: jnp.ndarray, length: int) -> jnp.ndarray:
+    """The "answer" queries (the paper's): the generated answer tokens of prompt + answer rows.
+
+    prompt_len, answer_len [B] int; length: T (static) -> [B, T] bool, True on positions
+    prompt_len <= t < prompt_len + answer_len."""
+    t = jnp.arange(length)[None]
+    return (t >= prompt_len[:, None]) & (t < (prompt_len + answer_len)[:, None])
 
 
 def visual_attention(attn: jnp.ndarray, vis_pos: jnp.ndarray, query_mask: jnp.ndarray) -> jnp.ndarray:
@@ -51,11 +100,13 @@ def stack_visual_attention(attentions, vis_pos, query_mask) -> jnp.ndarray:
     return jnp.stack([visual_attention(a, vis_pos, query_mask) for a in attentions])
 
 
-def attention_by_norm_bucket(vis_attn: jnp.ndarray, norms: jnp.ndarray, edges: jnp.ndarray):
+def attention_by_norm_bucket(vis_attn: jnp.ndarray, norms: jnp.ndarray, edges: jnp.ndarray,
+                             valid: jnp.ndarray | None = None):
     """F1: mean attention received per visual token, bucketed by its ViT norm.
 
     vis_attn [L, B, H, P]; norms [B, P]; edges [K + 1] increasing (a token with
-    edges[k] <= norm < edges[k+1] falls in bucket k; the last bucket is closed on the right).
+    edges[k] <= norm < edges[k+1] falls in bucket k; the last bucket is closed on the right);
+    valid [B, P] bool: the tokens that count (default all).
     Returns (mean [L, H, K] float32, NaN for empty buckets; count [K] tokens per bucket).
     """
     chex.assert_rank([vis_attn, norms, edges], [4, 2, 1])
@@ -63,6 +114,8 @@ def attention_by_norm_bucket(vis_attn: jnp.ndarray, norms: jnp.ndarray, edges: j
     k = edges.shape[0] - 1
     bucket = jnp.clip(jnp.searchsorted(edges, norms, side="right") - 1, 0, k - 1)
     inside = (norms >= edges[0]) & (norms <= edges[-1])
+    if valid is not None:
+        inside = inside & valid
     onehot = jax.nn.one_hot(bucket, k) * inside[..., None]                      # [B, P, K]
     count = jnp.sum(onehot, axis=(0, 1))                                        # [K]
     total = jnp.einsum("lbhp,bpk->lhk", vis_attn.astype(jnp.float32), onehot)
@@ -78,12 +131,16 @@ def _group_mean(vis_attn: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(den > 0, num / jnp.maximum(den, 1.0), jnp.nan)
 
 
-def sink_attention_ratio(vis_attn: jnp.ndarray, sink_mask: jnp.ndarray) -> jnp.ndarray:
-    """F1 headline: mean attention per ViT-sink token / per non-sink token, per layer.
+def sink_attention_ratio(vis_attn: jnp.ndarray, sink_mask: jnp.ndarray,
+                         valid: jnp.ndarray | None = None) -> jnp.ndarray:
+    """F1: mean attention per ViT-sink token / per non-sink token, per layer (the ratio of the
+    two groups' means over batch, heads and tokens).
 
-    vis_attn [L, B, H, P]; sink_mask [B, P] bool -> [L] float32 (NaN where a group is empty).
+    vis_attn [L, B, H, P]; sink_mask, valid [B, P] bool (valid: the tokens that count, default
+    all) -> [L] float32 (NaN where a group is empty).
     """
-    return _group_mean(vis_attn, sink_mask) / _group_mean(vis_attn, ~sink_mask)
+    valid = jnp.ones_like(sink_mask, bool) if valid is None else valid
+    return _group_mean(vis_attn, sink_mask & valid) / _group_mean(vis_attn, ~sink_mask & valid)
 
 
 def token_groups(vit_sink: jnp.ndarray, llm_sink: jnp.ndarray) -> dict:
@@ -176,32 +233,52 @@ def top_decoded(logits: jnp.ndarray, k: int = 5):
 
 
 def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
-                    bucket_edges: jnp.ndarray, llm_tau: float = 20.0, sink_dims=None) -> dict:
-    """F1-F3 for one LVLM forward with one image per row (jit-able; ``rule`` is static).
+                    bucket_edges: jnp.ndarray, query_mask: jnp.ndarray,
+                    attention_mask: jnp.ndarray | None = None, llm_tau: float = 20.0,
+                    sink_dims=None, prefix: int = 0) -> dict:
+    """F1-F3 for one LVLM forward with one image per row (jit-able; ``rule``, ``prefix`` static).
 
-    out: an LVLM output with ``attentions``, ``hidden_states`` and ``vision_features``
-    ([B, P, E]); the query tokens are the ones after the last visual token. ``sink_dims`` [S]
-    int: the LLM's sink dimensions, or None to discover them from massive activations in the
-    middle layer. Returns a dict of arrays (shapes in the keys' comments).
+    out: an LVLM output with ``attentions``, ``hidden_states``, ``vision_features`` ([B, P, E])
+    and ``visual_arrangement`` (``output_vision=True``); a rearranged visual sequence
+    (sink-to-the-front, a DIYSink model) is read back into stock token order, and tokens the
+    arrangement dropped count in no group. query_mask [B, T] bool: the queries whose attention
+    is averaged (:func:`answer_queries` for the paper's generated tokens, or
+    :func:`queries_after_image`); attention_mask [B, T]: padding, never a query nor counted in
+    the sink-dimension search. ``sink_dims`` [S] int: the LLM's sink dimensions, or None to
+    discover them from massive activations in the middle layer. ``prefix``: leading visual
+    tokens (a kept CLS) in neither group. A row without exactly P image tokens gives NaN.
+    Returns a dict of arrays (shapes in the comments), every per-token array in stock order.
     """
     feats = out.vision_features
     b, p = feats.shape[:2]
+    if b != input_ids.shape[0]:
+        raise ValueError(f"the analysis needs one image per row; got {b} images for "
+                         f"{input_ids.shape[0]} rows")
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    chex.assert_equal_shape([input_ids, query_mask, mask])
+    arrangement = out.visual_arrangement
     norms = token_norms(feats)                                           # [B, P]
-    vit_sink = sink_mask(norms, rule)                                    # [B, P]
-    vis_pos = visual_positions(input_ids, image_token_index, p)          # [B, P]
-    query = jnp.arange(input_ids.shape[1])[None] > vis_pos[:, -1:]       # [B, T]
-    vis_attn = stack_visual_attention(out.attentions, vis_pos, query)    # [L, B, H, P]
+    vit_sink = sink_mask(norms, rule, prefix)                            # [B, P]
+    vis_pos = stock_order(visual_positions(input_ids, image_token_index, p), arrangement)
+    valid = jnp.broadcast_to(jnp.arange(p) >= prefix, (b, p))
+    if arrangement is not None:
+        valid = valid & stock_order(arrangement.kept, arrangement)       # [B, P]
+    ok = visual_rows_ok(input_ids, image_token_index, p)                 # [B]
+    vis_attn = stack_visual_attention(out.attentions, vis_pos, query_mask & mask)  # [L, B, H, P]
+    vis_attn = jnp.where(ok[None, :, None, None], vis_attn, jnp.nan)
     hidden = jnp.stack(out.hidden_states[:-1])                           # [L, B, T, D] layer inputs
     if sink_dims is None:
-        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2])
+        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2], mask)
     vis_hidden = jnp.take_along_axis(hidden, vis_pos[None, :, :, None], axis=2)  # [L, B, P, D]
     llm_sink = llm_sink_mask(vis_hidden, sink_dims, llm_tau)             # [L, B, P]
-    groups = token_groups(vit_sink, llm_sink)
-    bucket_mean, bucket_count = attention_by_norm_bucket(vis_attn, norms, bucket_edges)
+    groups = {g: m & valid for g, m in token_groups(vit_sink, llm_sink).items()}
+    bucket_mean, bucket_count = attention_by_norm_bucket(vis_attn, norms, bucket_edges, valid)
     return {
-        "norms": norms, "vit_sink": vit_sink, "llm_sink": llm_sink, "sink_dims": sink_dims,
-        "vis_attn": vis_attn,
-        "sink_ratio": sink_attention_ratio(vis_attn, vit_sink),                      # [L]
+        "norms": norms, "vit_sink": vit_sink, "llm_sink": llm_sink & valid, "sink_dims": sink_dims,
+        "vis_attn": vis_attn, "valid": valid, "queries": jnp.sum(query_mask & mask, axis=1),
+        "sink_ratio": sink_attention_ratio(vis_attn, vit_sink, valid),               # [L]
+        "group_attention": {"sink": _group_mean(vis_attn, vit_sink & valid),         # {g: [L]}
+                            "non_sink": _group_mean(vis_attn, ~vit_sink & valid)},
         "bucket_mean": bucket_mean, "bucket_count": bucket_count,                    # [L,H,K], [K]
         "share": attention_share_by_group(vis_attn, groups),                         # {g: [L]}
         "dim_profile": {g: sink_dimension_profile(vis_hidden, m) for g, m in groups.items()},

@@ -37,6 +37,11 @@ class SinkRule:
     max_fraction: adaptive only; the largest share of tokens that may be sinks (the paper reports
       3-5 of 576 tokens, about 1%; 0.1 leaves ample room).
     min_ratio: adaptive only; the smallest norm ratio across the cut for sinks to exist at all.
+    include_cls: whether a CLS token kept in the visual features (LLaVA's
+      ``vision_feature_select_strategy="full"``) may be a sink and be moved. Default False: the
+      paper's sinks are patch tokens, so CLS is left out of detection (and of the rule's
+      statistics: top-k, adaptive cut) and keeps its slot, as under the "default" strategy,
+      which drops it.
     """
 
     rule: str = "threshold"
@@ -44,6 +49,7 @@ class SinkRule:
     k: int = 4
     max_fraction: float = 0.1
     min_ratio: float = 2.0
+    include_cls: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -98,14 +104,24 @@ def sink_mask_adaptive(norms: jnp.ndarray, max_fraction: float = 0.1,
     return (norms >= threshold) & has_sinks
 
 
-def sink_mask(norms: jnp.ndarray, rule: SinkRule = SinkRule()) -> jnp.ndarray:
-    """ViT-sink mask from token norms with the chosen rule. norms [B, N] -> bool [B, N]."""
+def sink_mask(norms: jnp.ndarray, rule: SinkRule = SinkRule(), prefix: int = 0) -> jnp.ndarray:
+    """ViT-sink mask from token norms with the chosen rule. norms [B, N] -> bool [B, N].
+
+    prefix (static): leading non-patch tokens (a kept CLS) that are never sinks; the rule sees
+    only the N - prefix patch norms (so a large CLS norm takes no top-k place and moves no cut).
+    """
     chex.assert_rank(norms, 2)
+    if not 0 <= prefix < norms.shape[1]:
+        raise ValueError(f"sink_mask: prefix {prefix} outside [0, {norms.shape[1]}) for norms "
+                         f"of shape {norms.shape}")
+    patches = norms[:, prefix:]
     if rule.rule == "threshold":
-        return sink_mask_threshold(norms, rule.tau)
-    if rule.rule == "topk":
-        return sink_mask_topk(norms, rule.k)
-    return sink_mask_adaptive(norms, rule.max_fraction, rule.min_ratio)
+        mask = sink_mask_threshold(patches, rule.tau)
+    elif rule.rule == "topk":
+        mask = sink_mask_topk(patches, rule.k)
+    else:
+        mask = sink_mask_adaptive(patches, rule.max_fraction, rule.min_ratio)
+    return jnp.pad(mask, ((0, 0), (prefix, 0)))
 
 
 # --------------------------------------------------------------------------------- LLM side

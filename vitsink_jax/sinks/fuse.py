@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 
 import chex
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .detect import SinkRule
 
@@ -57,11 +59,27 @@ class VisualTokenPolicy:
         return self.order == "none" and self.select == "all"
 
 
+def route_codes_ok(codes) -> jnp.ndarray:
+    """Per-image selection codes [B] int -> bool scalar: every code is one of 0, 1, 2.
+
+    Concrete (untraced) codes outside 0..2 raise ValueError naming the first bad code and its
+    image; under jit the caller turns a False into a never-silent failure (the LVLM's logits
+    become NaN, like a wrong image-token count)."""
+    if not isinstance(codes, jax.core.Tracer):
+        values = np.asarray(codes)
+        bad = np.flatnonzero((values < 0) | (values >= len(SELECTS)))
+        if bad.size:
+            raise ValueError(f"route code {int(values[bad[0]])} (image {int(bad[0])}) is not one of "
+                             + ", ".join(f"{i} ({s})" for i, s in enumerate(SELECTS)))
+    return jnp.all((codes >= 0) & (codes < len(SELECTS)))
+
+
 def keep_mask(sink_mask: jnp.ndarray, select="all") -> jnp.ndarray:
     """sink_mask [B, N] bool -> [B, N] bool, True for the tokens the selection keeps.
 
     select: one of :data:`SELECTS` for every image, or an int array [B] of per-image codes
     (index into :data:`SELECTS`: 0 all, 1 sinks, 2 nonsinks), e.g. CoT routing decisions.
+    Concrete codes outside 0..2 raise (:func:`route_codes_ok`); a traced one keeps no token.
     """
     if isinstance(select, str):
         if select not in SELECTS:
@@ -69,19 +87,24 @@ def keep_mask(sink_mask: jnp.ndarray, select="all") -> jnp.ndarray:
         select = SELECTS.index(select)
         return {0: jnp.ones_like(sink_mask, dtype=bool), 1: sink_mask, 2: ~sink_mask}[select]
     chex.assert_shape(select, sink_mask.shape[:1])
+    route_codes_ok(select)
     code = select[:, None]
-    return jnp.where(code == 0, True, jnp.where(code == 1, sink_mask, ~sink_mask))
+    return jnp.where(code == 0, True, jnp.where(code == 1, sink_mask, (code == 2) & ~sink_mask))
 
 
-def arrange_visual_tokens(sink_mask: jnp.ndarray, order: str = "none", select="all"):
+def arrange_visual_tokens(sink_mask: jnp.ndarray, order: str = "none", select="all",
+                          pinned: int = 0):
     """The stable permutation and keep-mask of one policy.
 
-    Sort key, lexicographic and stable: dropped tokens last, then (for "front") sinks before
-    non-sinks or (for "end") non-sinks before sinks, then the original index.
+    Sort key, lexicographic and stable: pinned tokens first, dropped tokens last, then (for
+    "front") sinks before non-sinks or (for "end") non-sinks before sinks, then the original
+    index.
 
     Args:
       sink_mask: [B, N] bool ViT-sink mask.
       select: a name of :data:`SELECTS` or per-image codes [B] (see :func:`keep_mask`).
+      pinned: (static) leading tokens that keep their slots and are always kept, e.g. a CLS
+        token that is neither a sink nor a non-sink patch.
     Returns:
       (perm [B, N] int32: new slot j holds old token perm[j];
        kept [B, N] bool in the new order: False for tokens the selection drops).
@@ -90,10 +113,11 @@ def arrange_visual_tokens(sink_mask: jnp.ndarray, order: str = "none", select="a
     if order not in ORDERS:
         raise ValueError(f"visual token order {order!r} not one of {ORDERS}")
     sink = sink_mask.astype(bool)
-    keep = keep_mask(sink, select)
+    pin = jnp.arange(sink.shape[1]) < pinned                                  # [N]
+    keep = keep_mask(sink, select) | pin
     group = {"none": jnp.zeros_like(sink, jnp.int32), "front": (~sink).astype(jnp.int32),
              "end": sink.astype(jnp.int32)}[order]
-    key = 2 * (~keep).astype(jnp.int32) + group
+    key = jnp.where(pin, -1, 2 * (~keep).astype(jnp.int32) + group)
     perm = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
     return perm, jnp.take_along_axis(keep, perm, axis=-1)
 
