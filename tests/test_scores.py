@@ -322,6 +322,15 @@ def test_score_mode_errors_name_file_column_and_index(tmp_path):
     if importlib.util.find_spec("openpyxl") is None:
         (tmp_path / "p.xlsx").write_bytes(b"PK")
         fails(None, r"p.xlsx: reading .xlsx needs the openpyxl package", name="p.xlsx")
+    else:  # VLMEvalKit's default prediction file: an .xlsx sheet, read as the .tsv is
+        import openpyxl
+
+        book = openpyxl.Workbook()
+        book.active.append(["index", "prediction"])
+        for i, p in enumerate(["Yes", "no", "Yes, it is."]):
+            book.active.append([i, p])
+        book.save(tmp_path / "p.xlsx")
+        assert score(tmp_path, "pope", bench, tmp_path / "p.xlsx")["official"]["Overall"]["acc"] == pytest.approx(200 / 3)
     # a subset is scored when allowed, and counted
     write_table(tmp_path / "p.tsv", [dict(index=0, prediction="yes"), dict(index=1, prediction="no")])
     report = score(tmp_path, "pope", bench, tmp_path / "p.tsv", **{"score.allow_subset": True})
