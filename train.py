@@ -2,11 +2,17 @@
 
     python train.py --config configs/diysink.py --workdir runs/diysink [--config.key=value]
 
-A workdir that already holds a checkpoint resumes from it (params, optimizer state, step, RNG and
-data position). A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a
-row, each in ``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained model is exported with vj.save_pretrained (plus the tokenizer) to
-``workdir/export``: evaluate.py loads it with ``--config.checkpoint``, transformers loads its
-stock part. Metrics go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``.
+A workdir that already holds a checkpoint resumes from it (params, optimizer state, step and
+data position). ``steps`` counts optimizer updates and ``batch_size`` is the global batch of one
+update (Hugging Face's per_device_train_batch_size x gradient_accumulation_steps x devices); with
+``optim.grad_accum`` = k the step runs it as k micro-batches of batch_size / k rows (memory) and
+makes one update, equal to the update on the whole batch.
+
+A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a row, each in
+``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained
+model is exported with vj.save_pretrained (plus the tokenizer) to ``workdir/export``:
+evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. Metrics
+go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``.
 """
 
 from __future__ import annotations
@@ -71,21 +77,11 @@ def load_model(cfg, workdir: Path, mesh=None):
     return ckpt, model, params, tokenizer
 
 
-def data_shards(cfg) -> tuple[int, list]:
-    """(number of data shards, the shards this process reads). The shard count (default: the
-    process count) fixes which rows form global batch k, so a one-process run with as many
-    shards as a multi-host run sees exactly the same batches."""
-    n = cfg.data.shards or jax.process_count()
-    if n % jax.process_count():
-        raise SystemExit(f"error: data.shards={n} is not a multiple of the {jax.process_count()} processes")
-    per = n // jax.process_count()
-    return n, list(range(jax.process_index() * per, (jax.process_index() + 1) * per))
-
-
-def load_data(cfg, workdir: Path) -> list:
-    """This process's shards of the instruction records: every process reads the source itself
-    and writes its own tfds builder (in a folder of its own when there are several: hosts share
-    no filesystem), then reads its shards back through it."""
+def load_data(cfg, workdir: Path):
+    """The instruction records by index (``instruct.open_instruct``: read on access): every
+    process reads the source itself and writes its own tfds builder of all records (in a folder
+    of its own when there are several: hosts share no filesystem), so any host can read any
+    row of a global batch."""
     d = cfg.data
     data_dir = parallel.process_local(Path(d.data_dir or workdir / "tfds"))
     name = Path(d.json).stem if d.json else "embedded"
@@ -98,35 +94,54 @@ def load_data(cfg, workdir: Path) -> list:
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
     instruct.write_instruct(records, name, data_dir)
-    n, mine = data_shards(cfg)
-    return [instruct.read_instruct(name, data_dir, s, n) for s in mine]
+    return instruct.open_instruct(name, data_dir)
 
 
 class Batches:
-    """This process's rows of global batch k: from each of its data shards, the rows that
-    batch_indices picks for k (so the batch depends on k alone and resuming is exact)."""
+    """This process's rows of global batch k. Global batch k is the records
+    ``instruct.batch_indices`` picks for k out of all of them, a function of (seed, k) alone,
+    so a run resumed on another number of hosts continues with the same rows; process p
+    supplies its contiguous slice of it (``parallel.process_rows``), padded to the longest row
+    of the whole global batch, so every process passes arrays of one shape (and as a one-process
+    run would). Rows are tokenized when needed; only each record's token count is kept (every
+    process counts the tokens of every row of a batch, its own and the others')."""
 
-    def __init__(self, shards, model, tokenizer, cfg):
-        self.model, self.tok, self.cfg = model, tokenizer, cfg
-        n_shards, self.ids = data_shards(cfg)
-        if cfg.batch_size % n_shards:
-            raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
-                             f"{n_shards} data shards")
-        self.per_shard = cfg.batch_size // n_shards
-        c = model.config
-        self.shards = [[(r, dict(zip(("ids", "loss_mask", "question_mask"),
-                                     instruct.tokenize_conversation(
-                                         tokenizer, r["roles"], r["texts"], c.num_image_tokens,
-                                         c.image_token_index))))
-                        for r in shard] for shard in shards]
+    def __init__(self, records, model, tokenizer, cfg, process_index=None, process_count=None):
+        self.records, self.model, self.tok, self.cfg = records, model, tokenizer, cfg
+        if cfg.batch_size > len(records):
+            raise SystemExit(f"error: batch_size {cfg.batch_size} is larger than the "
+                             f"{len(records)} training records")
+        self.rows = parallel.process_rows(cfg.batch_size, process_index, process_count)
+        self.lengths = np.full(len(records), -1, np.int64)  # tokens of record i, once counted
+
+    def example(self, i: int, record=None) -> dict:
+        """Record i tokenized (ids, loss_mask, question_mask); counts its tokens."""
+        c = self.model.config
+        record = self.records[i] if record is None else record
+        ids, loss_mask, question_mask = instruct.tokenize_conversation(
+            self.tok, record["roles"], record["texts"], c.num_image_tokens, c.image_token_index)
+        self.lengths[i] = len(ids)
+        return {"ids": ids, "loss_mask": loss_mask, "question_mask": question_mask}
+
+    def indices(self, step: int) -> np.ndarray:
+        """Record indices of global batch ``step`` (every process's rows, in order)."""
+        # [seed, 0]: the stream of the single data shard of earlier versions, so one-process
+        # runs keep their batches (the shipped mini-study models were trained on them)
+        return instruct.batch_indices(len(self.records), self.cfg.batch_size, step,
+                                      [self.cfg.seed, 0])
 
     def __call__(self, step: int) -> dict:
+        every = self.indices(step)
         rows = []
-        for shard_id, shard in zip(self.ids, self.shards):
-            for i in instruct.batch_indices(len(shard), self.per_shard, step, [self.cfg.seed, shard_id]):
-                record, example = shard[i]
-                rows.append({**example, "pixels": pixels_from_bytes(self.model.config, record["image"])})
-        return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0)
+        for i in every[self.rows]:
+            record = self.records[i]
+            rows.append({**self.example(i, record),
+                         "pixels": pixels_from_bytes(self.model.config, record["image"])})
+        for i in every:
+            if self.lengths[i] < 0:
+                self.example(i)
+        return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0,
+                                  longest=int(self.lengths[every].max()))
 
 
 class Runner:
@@ -135,13 +150,15 @@ class Runner:
     def __init__(self, cfg, model, tx, schedules, frozen, mesh=None):
         self.strategy = cfg.parallel
         if self.strategy == "pmap":
-            step = train_lib.make_train_step(model, tx, schedules, cfg.stage, axis_name="batch")
+            step = train_lib.make_train_step(model, tx, schedules, cfg.stage, axis_name="batch",
+                                             grad_accum=cfg.optim.grad_accum)
             self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
             self.frozen = frozen
         else:
             self.mesh = mesh
             self.frozen = frozen  # already on its shards (load_model)
-            self._step = train_lib.make_train_step(model, tx, schedules, cfg.stage)
+            self._step = train_lib.make_train_step(model, tx, schedules, cfg.stage,
+                                                   grad_accum=cfg.optim.grad_accum)
             self.step = None
 
     def place(self, state):
@@ -218,16 +235,17 @@ def train(cfg, workdir: Path) -> dict:
     """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.init_distributed(cfg.distributed)
-    if cfg.batch_size % jax.device_count():
+    accum = cfg.optim.grad_accum
+    if accum < 1 or cfg.batch_size % (jax.device_count() * accum):
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
-                         f"{jax.device_count()} devices")
+                         f"{jax.device_count()} devices x optim.grad_accum {accum} (each "
+                         "device's rows split into grad_accum micro-batches)")
     mesh = parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor) if cfg.parallel == "mesh" else None
     ckpt, model, params, tokenizer = load_model(cfg, workdir, mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
     tx, schedules = train_lib.make_optimizer(cfg.optim, cfg.steps, cfg.stage, tuple(trainable))
-    state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable,
-             "opt_state": tx.init(trainable), "rng": jax.random.key_data(jax.random.PRNGKey(cfg.seed))}
+    state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
     runner = Runner(cfg, model, tx, schedules, frozen, mesh)
     state = runner.place(state)
     manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
@@ -238,7 +256,8 @@ def train(cfg, workdir: Path) -> dict:
         print(f"resumed from {manager.directory} at step {start}")
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     print(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M params "
-          f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows, "
+          f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows"
+          + (f" ({accum} micro-batches of {cfg.batch_size // accum})" if accum > 1 else "") + ", "
           f"parallel={cfg.parallel} on {jax.device_count()} device(s), "
           f"{jax.process_count()} process(es); peak lr "
           + ", ".join(f"{g} {lr:g}" for g, lr in train_lib.group_lrs(cfg.optim, cfg.stage, trainable).items())

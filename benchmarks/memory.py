@@ -74,8 +74,7 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
                                            grad_accum=1))
     tx, schedule = train_lib.make_optimizer(optim, 1000, "finetune", tuple(trainable))
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": trainable,
-             "opt_state": jax.eval_shape(tx.init, trainable),
-             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+             "opt_state": jax.eval_shape(tx.init, trainable)}
     t = config.num_image_tokens + text_tokens
     v = config.vision
     batch_shapes = {"ids": ((batch, t), jnp.int32), "mask": ((batch, t), jnp.int32),

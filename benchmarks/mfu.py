@@ -99,8 +99,7 @@ def main(argv=None) -> dict:
 
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts("finetune"))
     tx = optax.adamw(1e-5)
-    state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-             "rng": jax.random.key_data(jax.random.PRNGKey(0))}
+    state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
     step = jax.jit(train_lib.make_train_step(model, tx, {"all": optax.constant_schedule(1e-5)},
                                              "finetune"),
                    donate_argnums=(0,))

@@ -29,8 +29,9 @@ def get_config():
     c.checkpoint = ""          # Hugging Face LLaVA folder (or a DIYSink export); "" = embedded
     c.stage = "pretrain"       # pretrain | finetune | rew (vitsink_jax.train_lib)
     c.finetune_parts = ("multi_modal_projector", "multi_modal_projector_sink", "language_model")
-    c.steps = 40
-    c.batch_size = 8           # global batch (rows), split over devices and hosts
+    c.steps = 40               # optimizer updates
+    c.batch_size = 8           # global batch of one update (rows), split over devices and hosts
+                               # (HF: per_device_train_batch_size x grad. accumulation x devices)
     c.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
     c.compute_dtype = "float32"  # float32 | bfloat16 (params, softmax, norms and loss stay fp32)
     c.remat = False            # recompute LLM layer activations in the backward pass (memory)
@@ -47,7 +48,10 @@ def get_config():
     # learning rates: optim.lrs.<group> > optim.lr (every group) > the stage's published default
     # (vitsink_jax.train_lib.STAGE_LR: pretrain 1e-3, finetune 2e-5, rew 1e-2); 0 = unset.
     # Warmup: warmup_steps when > 0, else warmup_ratio x steps; then cosine decay to
-    # lr x final_lr_ratio. grad_clip: per projector in pretrain, one global norm otherwise.
+    # lr x final_lr_ratio (counted in optimizer updates). grad_clip: per projector in pretrain,
+    # one global norm otherwise. grad_accum: each update's batch_size rows run as grad_accum
+    # micro-batches of batch_size / grad_accum rows (memory); the update is the whole batch's
+    # (loss normalised by the answer tokens of the whole batch), so results do not depend on it.
     c.optim = ml_collections.ConfigDict(dict(lr=0.0, warmup_ratio=0.03, warmup_steps=0,
                                              final_lr_ratio=0.0, weight_decay=0.0, b1=0.9,
                                              b2=0.999, grad_clip=1.0, grad_accum=1))
@@ -71,7 +75,6 @@ def get_config():
     c.data.variants = 2        # embedded set: overlays per photo (3 conversations each)
     c.data.image_size = 224
     c.data.mc_format = "letter"  # embedded set: answer with the option letter | "cloze": its text
-    c.data.shards = 0          # data shards (0 = one per process); fixes which rows form a batch
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                    local_device_count=0))

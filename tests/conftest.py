@@ -125,3 +125,44 @@ def random_ids(rng, batch, length, low=3, high=VOCAB - 2):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def hf_tokenizer(family: str, path, corpus: list):
+    """A small tokenizer of a checkpoint family, BPE-trained offline on ``corpus``, saved to
+    ``path`` and read back as a checkpoint's is (``load_tokenizer``); ``<image>`` is added.
+
+    ``llama``: LLaMA's layout (transformers' LlamaTokenizer: ``▁`` for spaces, Metaspace, the
+    256 byte-fallback pieces, ``<unk> <s> </s>``); ``qwen2``: Qwen2's (byte-level BPE after
+    Qwen2's split regex, ``<|endoftext|>``, no BOS). Digits are trained as single pieces, as
+    both families split numbers, so `` 2`` is a space token then ``2``.
+    """
+    import json
+    import re
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from vitsink_jax.data.tokenizer import load_tokenizer
+
+    if family == "llama":
+        pre, specials = pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"]
+        specials += [f"<0x{b:02X}>" for b in range(256)]
+        alphabet = []
+    else:
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                use_regex=False)])
+        specials, alphabet = ["<|endoftext|>"], pre_tokenizers.ByteLevel.alphabet()
+    bpe = Tokenizer(models.BPE(unk_token="<unk>" if family == "llama" else None))
+    bpe.pre_tokenizer = pre
+    bpe.train_from_iterator([re.sub(r"\d", " ", t) for t in corpus],  # digits: no merges
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                initial_alphabet=alphabet + list("0123456789"),
+                                                show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    cls = transformers.LlamaTokenizerFast if family == "llama" else transformers.Qwen2TokenizerFast
+    cls(vocab=model["vocab"], merges=merges).save_pretrained(str(path))
+    tok = load_tokenizer(path)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tok

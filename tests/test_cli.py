@@ -229,6 +229,14 @@ def test_pruning_benchmark_quick(tmp_path):
     assert rows["fastv:0.5:1"]["decode_step_s"] > 0
 
 
+def test_bf16_loss_benchmark_quick(tmp_path):
+    rows = json.loads(run_benchmark_script("bf16_loss", tmp_path).read_text())["results"]
+    for r in rows.values():
+        assert not r["bf16"]["logits_on_bf16_grid"]  # the head's float32 output
+        assert r["abs_loss_diff"] < 1e-2 * r["fp32"]["loss"]
+    assert 19.0 < rows["max_logit_20"]["fp32"]["max_abs_logit"] < 21.0
+
+
 def test_memory_benchmark_quick(tmp_path):
     out = run_benchmark_script("memory", tmp_path)
     (entry,) = json.loads(out.read_text())["results"]

@@ -97,6 +97,37 @@ def test_larger_config_4_layers_hidden_512(tmp_path, rng):
     _compare(hf, tmp_path / "llama512", rng.integers(0, 1000, size=(2, 48)), full=False)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # own lm_head / tied embeddings
+def test_bf16_compute_head_returns_unrounded_float32_logits(tmp_path, rng, family):
+    """In bf16 compute the head multiplies bf16 operands but outputs float32: the logits are the
+    float32 products of the bf16 final hidden state and head, not rounded to bf16 (whose step is
+    0.125 near 20, the range here), so the training loss's log-softmax reads them unrounded; the
+    loss is close to float32 compute's. Float32 compute stays transformers' (tests above)."""
+    from vitsink_jax.train_lib import answer_nll_sum
+
+    cls, cfg = ((transformers.LlamaForCausalLM, llama_config()) if family == "llama"
+                else (transformers.Qwen2ForCausalLM, qwen2_config()))
+    path = save(build(cls, cfg), tmp_path / family)
+    m32, params = vj.load_pretrained(path)
+    m16, _ = vj.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)  # train.py's
+    ids = jnp.asarray(random_ids(rng, 2, 12))
+    top = float(np.max(np.abs(m32.apply({"params": params}, ids).logits)))
+    params["model"]["norm"]["scale"] = params["model"]["norm"]["scale"] * (20.0 / top)
+    out = m16.apply({"params": params}, ids, output_hidden_states=True)
+    logits = np.asarray(out.logits)
+    assert logits.dtype == np.float32 and 15.0 < np.max(np.abs(logits)) < 25.0
+    assert np.mean(logits != logits.astype(jnp.bfloat16).astype(np.float32)) > 0.9  # off bf16's grid
+    head = params["lm_head"]["kernel"] if family == "llama" else params["model"]["embed_tokens"]["embedding"].T
+    h = np.asarray(out.hidden_states[-1])  # the normed final state, bf16
+    assert h.dtype == jnp.bfloat16
+    want = h.astype(np.float32) @ np.asarray(head.astype(jnp.bfloat16)).astype(np.float32)
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    mask = jnp.zeros(ids.shape, bool).at[:, 6:].set(True)
+    loss32 = float(answer_nll_sum(m32.apply({"params": params}, ids).logits, ids, mask))
+    loss16 = float(answer_nll_sum(out.logits, ids, mask))
+    assert abs(loss16 - loss32) / 12 < 2e-2  # per answer token
+
+
 def test_inputs_embeds_equals_input_ids(tmp_path, rng):
     hf = build(transformers.LlamaForCausalLM, llama_config())
     model, params = vj.load_pretrained(save(hf, tmp_path / "llama"))

@@ -164,6 +164,102 @@ def test_optimizer_lr_per_group_and_per_projector_clipping():
     assert norms["finetune"]["multi_modal_projector_sink"] == pytest.approx(0.5 / np.hypot(50, 0.5))
 
 
+class ToyModel:
+    """A stand-in for the LVLM in make_train_step: logits = emb[ids] + mean(pixels) x w."""
+    config = type("Config", (), {"diysink": None})()
+
+    def apply(self, variables, ids, pixels, attention_mask=None, question_mask=None, route=None):
+        p = variables["params"]
+        bias = pixels.mean(axis=(1, 2, 3))[:, None, None] * p["multi_modal_projector"]["w"]
+        return type("Out", (), {"logits": p["language_model"]["emb"][ids] + bias})()
+
+
+def toy_batch(answer_lengths, t=12, vocab=16, seed=0):
+    rng = np.random.default_rng(seed)
+    b = len(answer_lengths)
+    loss_mask = np.arange(t)[None] >= t - np.asarray(answer_lengths)[:, None]
+    return {"ids": rng.integers(0, vocab, (b, t)).astype(np.int32), "mask": np.ones((b, t), np.int32),
+            "loss_mask": loss_mask, "question_mask": np.zeros((b, t), bool),
+            "pixels": rng.standard_normal((b, 3, 2, 2)).astype(np.float32)}
+
+
+def toy_params(vocab=16, seed=1):
+    rng = np.random.default_rng(seed)
+    return {"language_model": {"emb": rng.standard_normal((vocab, vocab)).astype(np.float32)},
+            "multi_modal_projector": {"w": rng.standard_normal(vocab).astype(np.float32)}}
+
+
+def test_accumulated_step_weights_every_answer_token_alike():
+    """grad_accum = k splits a batch into k micro-batches (rows j, j + k, ...) with very unequal
+    answer lengths (20 tokens in micro-batch 0, 2 in the others): the loss and gradient are those
+    of one step on the whole batch (NLL summed, divided by the batch's answer tokens), not the
+    mean of per-micro-batch means; the state holds no (unused) RNG key."""
+    import jax.numpy as jnp
+    import optax
+
+    from vitsink_jax import train_lib
+
+    model, params = ToyModel(), toy_params()
+    batch = toy_batch([10, 1, 1, 1, 10, 1, 1, 1])
+    n = int(batch["loss_mask"][:, 1:].sum())
+
+    def mean_nll(p, rows):
+        logits = model.apply({"params": p}, batch["ids"][rows], batch["pixels"][rows]).logits
+        mask = batch["loss_mask"][rows]
+        return train_lib.answer_nll_sum(logits, batch["ids"][rows], mask) / mask[:, 1:].sum()
+
+    ref_loss, ref_grad = jax.value_and_grad(mean_nll)(params, np.arange(8))
+    per_micro_mean = jax.tree_util.tree_map(lambda *g: sum(g) / 4, *[
+        jax.grad(mean_nll)(params, np.arange(j, 8, 4)) for j in range(4)])  # optax.MultiSteps' weighting
+    assert not np.allclose(per_micro_mean["language_model"]["emb"], ref_grad["language_model"]["emb"],
+                           atol=1e-3)   # the lengths are unequal enough to tell the two apart
+    tx = optax.sgd(1.0)
+    for k in (1, 2, 4):
+        step = jax.jit(train_lib.make_train_step(model, tx, {"all": optax.constant_schedule(1.0)},
+                                                 "finetune", grad_accum=k))
+        state = {"step": jnp.asarray(0, jnp.int32), "trainable": params, "opt_state": tx.init(params)}
+        new, metrics = step(state, {}, batch)
+        assert set(new) == {"step", "trainable", "opt_state"}, k       # no dead RNG key
+        assert int(metrics["answer_tokens"]) == n
+        np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-6, err_msg=str(k))
+        jax.tree_util.tree_map(lambda new_p, p, g, k=k: np.testing.assert_allclose(
+            new_p, p - g, rtol=1e-5, atol=1e-7, err_msg=str(k)), new["trainable"], params, ref_grad)
+    with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
+        jax.jit(train_lib.make_train_step(model, tx, {}, "finetune", grad_accum=3))(state, {}, batch)
+
+
+def test_learning_rate_schedule_counts_optimizer_updates():
+    """The issue's case: 40 updates, warmup 5, lr 1e-3, grad_accum 4. The schedule counts
+    optimizer updates (warmup over after 5, the last update at schedule(39), near 0) and the logged
+    lr is the one applied: schedule(the optimizer's own count before the update), equal to the
+    rates of grad_accum 1 on the same batches."""
+    import jax.numpy as jnp
+    import optax
+
+    from vitsink_jax import train_lib
+
+    cfg = config(**{"optim.lr": 1e-3, "optim.warmup_steps": 5}).optim
+    model, params = ToyModel(), toy_params()
+    batch = toy_batch([3, 1, 2, 5, 4, 1, 2, 2])
+    tx, schedules = train_lib.make_optimizer(cfg, 40, "finetune", tuple(params))
+    logged = {}
+    for k in (1, 4):
+        step = jax.jit(train_lib.make_train_step(model, tx, schedules, "finetune", grad_accum=k))
+        state = {"step": jnp.asarray(0, jnp.int32), "trainable": params, "opt_state": tx.init(params)}
+        logged[k] = []
+        for i in range(40):
+            counts = {int(c) for _, c in
+                      optax.tree_utils.tree_get_all_with_path(state["opt_state"], "count")}
+            assert counts == {i}, (k, i, counts)   # every adam / schedule count: the updates applied
+            state, metrics = step(state, {}, batch)
+            logged[k].append(float(metrics["lr/projectors"]))
+            assert float(metrics["lr/language_model"]) == pytest.approx(
+                float(schedules["language_model"](i)))
+    np.testing.assert_allclose(logged[4], logged[1], rtol=1e-6)
+    assert logged[4][0] == 0 and logged[4][5] == pytest.approx(1e-3) and logged[4][4] < 1e-3
+    assert logged[4][-1] == pytest.approx(float(schedules["projectors"](39))) and logged[4][-1] < 1e-5
+
+
 RUN = """
 import json, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
@@ -176,7 +272,9 @@ cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ck
                         **{{"distributed.coordinator": sys.argv[3],
                         "distributed.num_processes": int(sys.argv[4]),
                         "distributed.process_id": int(sys.argv[5]),
-                        "distributed.local_device_count": int(sys.argv[6]), "data.shards": 2,
+                        "distributed.local_device_count": int(sys.argv[6]),
+                        "length_bucket": int(sys.argv[11]), "checkpoint_storage": sys.argv[12],
+                        "optim.grad_accum": int(sys.argv[13]),
                         "optim.warmup_steps": 5}})  # all inside the warmup: a run extended on
                                                      # resume has the straight run's lr
 work = Path(sys.argv[7])
@@ -188,13 +286,13 @@ if jax.process_index() == 0:
 
 
 def _launch(base, work, strategy="mesh", fsdp=1, devices=1, coordinator="", nproc=1, pid=0, local=0,
-            steps=3, tensor=1, layers="loop"):
+            steps=3, tensor=1, layers="loop", bucket=32, storage="auto", accum=1):
     code = RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), ckpt=str(base / "export"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.Popen([sys.executable, "-c", code, strategy, str(fsdp), coordinator,
                              str(nproc), str(pid), str(local), str(work), str(steps), str(tensor),
-                             layers],
+                             layers, str(bucket), storage, str(accum)],
                             env=env,
                             cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -209,12 +307,16 @@ def _result(proc):
 
 
 def test_one_device_mesh_and_pmap_agree(base, tmp_path):
-    """One device, fsdp x tensor over 8 devices (loop and scanned LLM layers) and pmap over 8
-    train to the same losses and params."""
+    """One device, fsdp x tensor over 8 devices, pmap over 8 and, with each update's batch run
+    as 2 micro-batches, fsdp x tensor over 4 devices with scanned LLM layers and pmap over 4
+    train to the same losses and params (the loss is divided by the answer tokens of every
+    micro-batch and device)."""
     runs = {}
     for name, kw in {"single": dict(), "fsdp_tensor": dict(devices=8, fsdp=2, tensor=2),
-                     "fsdp_tensor_scan": dict(devices=8, fsdp=2, tensor=2, layers="scan"),
-                     "pmap8": dict(devices=8, strategy="pmap")}.items():
+                     "fsdp_tensor_scan_accum2": dict(devices=4, fsdp=2, tensor=2, layers="scan",
+                                                     accum=2),
+                     "pmap8": dict(devices=8, strategy="pmap"),
+                     "pmap4_accum2": dict(devices=4, strategy="pmap", accum=2)}.items():
         runs[name] = (_launch(base, tmp_path / name, **kw), kw.get("devices", 1))
     ref = None
     for name, (proc, devices) in runs.items():
@@ -234,11 +336,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(base, work, steps):
-    """Two processes, each with a workdir of its own (``work`` for process 0, ``work``.p1)."""
+def _two_processes(base, work, steps, shared=False, **kw):
+    """Two processes, each with a workdir of its own (``work`` for process 0, ``work``.p1), or
+    both in ``work`` (``shared``, as on hosts sharing a filesystem)."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [_launch(base, work if i == 0 else work.with_name(work.name + ".p1"),
-                     coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps)
+    procs = [_launch(base, work if i == 0 or shared else work.with_name(work.name + ".p1"),
+                     coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps, **kw)
              for i in range(2)]
     out = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in reversed(list(zip(procs, out))):
@@ -250,35 +353,142 @@ def _two_processes(base, work, steps):
 
 def test_two_processes_with_jax_distributed(base, tmp_path):
     """Two train.py processes joined by jax.distributed (gloo), 2 CPU devices each, each with a
-    workdir of its own (no shared files) reading only its own data shard; per-process orbax
-    checkpoints, then resumed together; the losses and params equal a one-process run over the
-    same global batches."""
+    workdir of its own (no shared files), each supplying its half of every global batch, padded
+    without a length bucket (its rows are shorter than the other's at some step:
+    test_global_batches_do_not_depend_on_the_process_count); per-process orbax checkpoints,
+    then resumed together; the losses and params equal a one-process run."""
     work = tmp_path / "multi"
-    n, losses = _two_processes(base, work, steps=3)
+    single = _launch(base, tmp_path / "single", steps=4, bucket=1)   # alongside: 2 cores busy
+    n, losses = _two_processes(base, work, steps=3, bucket=1)
     assert n == 4
     for i in range(2):  # each process keeps its own shards in its own workdir
         own = (work if i == 0 else work.with_name(work.name + ".p1")) / f"checkpoints.process{i}"
         assert sorted(p.name for p in own.iterdir() if p.name.isdigit()) == ["2", "3"]
-    _, resumed = _two_processes(base, work, steps=4)          # resumes at step 3
-    _, ref = _result(_launch(base, tmp_path / "single", steps=4))
+    _, resumed = _two_processes(base, work, steps=4, bucket=1)          # resumes at step 3
+    _, ref = _result(single)
     np.testing.assert_allclose(losses + resumed[3:], ref, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                            params_of(work), params_of(tmp_path / "single"))
 
 
-def test_bf16_compute_and_gradient_accumulation(base, tmp_path):
+def test_resume_on_another_process_count_continues_the_same_rows(base, tmp_path):
+    """Two processes (2 devices each, one shared workdir, global orbax checkpoints) train 3
+    steps; one process with 4 devices resumes the run to step 5: the 5 losses and the params
+    equal a straight one-device run's (the data order is a function of seed and step only)."""
+    work = tmp_path / "multi"
+    single = _launch(base, tmp_path / "single", steps=5, bucket=1)   # alongside
+    n, losses = _two_processes(base, work, steps=3, shared=True, bucket=1, storage="global")
+    assert n == 4 and len(losses) == 3
+    n, resumed = _result(_launch(base, work, devices=4, steps=5, bucket=1, storage="global"))
+    assert n == 4 and resumed[:3] == losses              # metrics.jsonl: 3 logged, 2 appended
+    _, ref = _result(single)
+    np.testing.assert_allclose(resumed, ref, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                           params_of(work), params_of(tmp_path / "single"))
+
+
+def _batch_setup(tmp_path, **kw):
+    """(records as train.load_data gives them, a stand-in model with the small config, the
+    embedded tokenizer, cfg)."""
+    from types import SimpleNamespace
+
+    from vitsink_jax.embedded import embedded_config, embedded_tokenizer
+
+    cfg = config(**kw)
+    model = SimpleNamespace(config=embedded_config(cfg.embedded))
+    return train.load_data(cfg, tmp_path), model, embedded_tokenizer(cfg.embedded.vocab_size), cfg
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
+    """Process p of P = 1, 2, 4 supplies rows [p B / P, (p + 1) B / P) of global batch k, padded
+    to the global batch's longest row: the processes' arrays have one shape, and put together
+    they are the one-process batch (rows, masks, pixels), also across epoch boundaries
+    (48 records, batches of 20). Without a length bucket the two halves' own longest rows
+    differ at some of the first 3 steps (the case that broke multi-host padding)."""
+    from vitsink_jax.data.instruct import embedded_instruct
+
+    records, model, tok, cfg = _batch_setup(tmp_path, batch_size=20, length_bucket=1)
+    source = embedded_instruct(cfg.seed + 1000, cfg.data.variants, cfg.data.image_size,
+                               cfg.data.mc_format)
+    assert len(records) == len(source) == 48     # tfds gives record i at index i
+    assert [records[i]["id"] for i in range(48)] == [r["id"] for r in source]
+    for batch_size, steps in ((8, 3), (20, 8)):
+        cfg.batch_size = batch_size
+        one = train.Batches(records, model, tok, cfg)
+        uneven = False
+        for k in range(steps):
+            ref = one(k)
+            assert ref["mask"].shape[1] == ref["mask"].sum(1).max()      # no bucket: the longest
+            assert len(set(one.indices(k).tolist())) == batch_size
+            for count in (2, 4):
+                parts = [train.Batches(records, model, tok, cfg, p, count)(k) for p in range(count)]
+                assert len({x["ids"].shape for x in parts}) == 1, (batch_size, k, count)
+                for key in ref:
+                    np.testing.assert_array_equal(np.concatenate([x[key] for x in parts]), ref[key])
+                own = {int(x["mask"].sum(1).max()) for x in parts}
+                uneven |= count == 2 and k < 3 and len(own) > 1
+        if batch_size == 8:
+            assert uneven
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    """instruct.batch_indices: every epoch a permutation (no row skipped or repeated, also for
+    epochs that straddle batches, and for n < 2 batches), no row twice in a batch, random
+    access (a resume) equal to the sequential order; a batch larger than the records is
+    refused; without straddling batches the order is the seeded permutation of each epoch
+    (what one-process runs had before)."""
+    from vitsink_jax.data import instruct
+
+    for n, b in ((48, 8), (48, 20), (576, 20), (10, 8), (15, 8), (7, 7)):
+        instruct._LAST_ORDER.clear()
+        batches = [instruct.batch_indices(n, b, k, [3, 0]) for k in range(30 * n // b + 2)]
+        assert all(len(set(x.tolist())) == b for x in batches), (n, b)
+        stream = np.concatenate(batches)
+        for e in range(len(stream) // n):
+            assert sorted(stream[e * n:(e + 1) * n].tolist()) == list(range(n)), (n, b, e)
+        for k in (len(batches) - 1, len(batches) // 2, 1):   # cold caches, as a resume has
+            instruct._LAST_ORDER.clear()
+            np.testing.assert_array_equal(instruct.batch_indices(n, b, k, [3, 0]), batches[k])
+    for k in range(12):
+        e, offset = divmod(k * 8, 48)
+        np.testing.assert_array_equal(instruct.batch_indices(48, 8, k, [3, 0]),
+                                      np.random.default_rng([3, 0, e]).permutation(48)[offset:offset + 8])
+    with pytest.raises(ValueError, match="batch size 9"):
+        instruct.batch_indices(8, 9, 0, 0)
+
+
+def test_bf16_compute(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=1)
     fp32 = train.train(config(**kw), tmp_path / "fp32")
     bf16 = train.train(config(compute_dtype="bfloat16", **kw), tmp_path / "bf16")
     np.testing.assert_allclose(bf16["first_loss"], fp32["first_loss"], rtol=3e-2)
     assert params_of(tmp_path / "bf16")["language_model"]["lm_head"]["kernel"].dtype == np.float32
-    start = params_of(base)
-    train.train(config(**{**kw, "optim.grad_accum": 2}), tmp_path / "acc1")  # half an update
-    same(params_of(tmp_path / "acc1")["language_model"], start["language_model"])
-    # inner update 1 (micro-step 2) has lr = schedule(0) = 0 (warmup from 0); update 2 moves
-    train.train(config(**{**kw, "steps": 4, "optim.grad_accum": 2}), tmp_path / "acc2")
-    assert not np.array_equal(params_of(tmp_path / "acc2")["language_model"]["lm_head"]["kernel"],
-                              start["language_model"]["lm_head"]["kernel"])
+
+
+def test_gradient_accumulation_equals_the_whole_batch(base, tmp_path):
+    """steps = optimizer updates, batch_size = rows per update: grad_accum 4 (micro-batches of 2
+    rows) trains like grad_accum 1 (one micro-batch of 8 rows, 4x the accumulated run's): the
+    same updates, learning rates (warmup and decay counted in updates), losses and params, and
+    the checkpoint's data position is the update count."""
+    from vitsink_jax.checkpoints import StateCheckpoints
+
+    kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=4,
+              **{"optim.lr": 1e-3, "optim.warmup_steps": 2})
+    runs = {}
+    for k in (1, 4):
+        train.train(config(**{**kw, "optim.grad_accum": k}), tmp_path / f"acc{k}")
+        lines = (tmp_path / f"acc{k}" / "metrics.jsonl").read_text().splitlines()
+        runs[k] = [json.loads(x) for x in lines]
+        assert [x["lr/language_model"] for x in runs[k]] == pytest.approx([0, 5e-4, 1e-3, 5e-4]), k
+        assert StateCheckpoints(tmp_path / f"acc{k}" / "checkpoints", 2).meta(4)["data_step"] == 4
+    assert [x["answer_tokens"] for x in runs[4]] == [x["answer_tokens"] for x in runs[1]]
+    np.testing.assert_allclose([x["loss"] for x in runs[4]], [x["loss"] for x in runs[1]], rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                           params_of(tmp_path / "acc4"), params_of(tmp_path / "acc1"))
+    assert not np.array_equal(params_of(tmp_path / "acc4")["language_model"]["lm_head"]["kernel"],
+                              params_of(base)["language_model"]["lm_head"]["kernel"])
+    with pytest.raises(SystemExit, match="not a multiple of the 1 devices x optim.grad_accum 3"):
+        train.train(config(**{**kw, "optim.grad_accum": 3}), tmp_path / "acc3")
 
 
 def test_remat_and_scanned_layers_give_the_same_step(base, tmp_path):

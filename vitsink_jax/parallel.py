@@ -92,6 +92,18 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
             for k, v in local.items()}
 
 
+def process_rows(batch_size: int, index: int = None, count: int = None) -> slice:
+    """The rows of a global batch that process ``index`` of ``count`` (default: this one of
+    all) passes to :func:`global_batch`: the index-th of ``count`` equal contiguous slices,
+    where the batch axis puts them (the mesh takes the devices in process order)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if batch_size % count:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {count} processes")
+    per = batch_size // count
+    return slice(index * per, (index + 1) * per)
+
+
 def batch_multiple(strategy: str = "mesh") -> int:
     """Host-local batch sizes must be a multiple of this (this host's devices)."""
     _check_strategy(strategy)

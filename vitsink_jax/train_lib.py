@@ -12,12 +12,18 @@ Stages (paper Sec. 4.2 and the training recipe):
 
 Optimizer: AdamW with one learning rate per param group (projectors, language model, vision
 tower, ReW), by default the stage's published rate (:data:`STAGE_LR`), warmup (ratio 0.03 of the
-steps) + cosine decay; gradients clipped by global norm, per projector in ``pretrain``.
+steps) + cosine decay, counted in optimizer updates; gradients clipped by global norm, per
+projector in ``pretrain``.
 
-The loss is next-token cross-entropy over answer tokens only, summed on each device and divided
-by the global number of answer tokens (passed in), so one device, a mesh and pmap compute the
-same number. Only the trainable params get gradients and optimizer state; the frozen ones are
-never touched, so they stay bitwise equal.
+The loss is next-token cross-entropy over answer tokens only, summed over every row of the
+update's batch and divided by the number of answer tokens of that whole batch (all gradient
+accumulation micro-batches, devices and hosts), so one device, a mesh, pmap and any
+``grad_accum`` compute the same number. Gradient accumulation happens inside the step: the
+batch of one update is split into ``grad_accum`` micro-batches (a ``lax.scan``: activations
+for one micro-batch at a time), their gradients are summed, then one optimizer update is made.
+Only the trainable params get gradients and optimizer state; the frozen ones are never touched,
+so they stay bitwise equal. The models are deterministic (no dropout), so the step takes no RNG
+key; a stochastic layer would need one folded with the device / process index.
 """
 
 from __future__ import annotations
@@ -114,31 +120,37 @@ def clip_gradients(stage: str, parts, max_norm: float):
 
 def make_optimizer(cfg, total_steps: int, stage: str, parts):
     """AdamW with a learning rate per group (:func:`group_lrs`, each with linear warmup and
-    cosine decay, :func:`make_schedule`), gradient clipping (:func:`clip_gradients`) and
-    optional gradient accumulation (optax.MultiSteps). ``parts``: the trainable top-level param
-    groups. Returns (optimizer, {lr group: learning-rate schedule})."""
+    cosine decay, :func:`make_schedule`) and gradient clipping (:func:`clip_gradients`).
+    ``total_steps``: optimizer updates (gradient accumulation is done by the train step,
+    :func:`make_train_step`, so every ``tx.update`` is an applied update and the schedules count
+    exactly those). ``parts``: the trainable top-level param groups. Returns (optimizer, {lr
+    group: learning-rate schedule})."""
     parts = tuple(parts)
     schedules = {g: make_schedule(cfg, lr, total_steps) for g, lr in group_lrs(cfg, stage, parts).items()}
     adam = {p: optax.adamw(schedules[lr_group(p)], b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
             for p in parts}
-    tx = optax.chain(clip_gradients(stage, parts, cfg.grad_clip), optax.multi_transform(adam, part_labels))
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-    return tx, schedules
+    return optax.chain(clip_gradients(stage, parts, cfg.grad_clip),
+                       optax.multi_transform(adam, part_labels)), schedules
 
 
 def answer_nll_sum(logits, ids, loss_mask):
     """Summed next-token NLL over answer tokens: logits [B, T, V] (position t predicts t + 1),
-    ids [B, T], loss_mask [B, T] (True at answer tokens). Returns a float32 scalar."""
+    ids [B, T], loss_mask [B, T] (True at answer tokens). Returns a float32 scalar.
+
+    The log-softmax runs in float32 on the model's logits, which are float32 in every compute
+    dtype (the LM head accumulates and outputs float32: models.llm.head_dot_general), so a bf16
+    run's loss reads logits that were never rounded to bf16."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(loss_mask[:, 1:], nll, 0.0))
 
 
 def loss_fn(model, stage: str):
-    """``loss(trainable, frozen, batch, n_tokens) -> (loss, {})`` for ``stage``; ``batch`` holds
-    ids, mask, loss_mask, question_mask [B, T] and pixels [B, C, H, W]; ``n_tokens`` is the global
-    number of answer tokens the sum is divided by."""
+    """``loss(trainable, frozen, batch, n_tokens) -> loss`` for ``stage``; ``batch`` holds
+    ids, mask, loss_mask, question_mask [B, T] and pixels [B, C, H, W]; ``n_tokens`` is the
+    number of answer tokens of the whole batch of the optimizer update (every micro-batch,
+    device and host) the summed NLL is divided by, so the losses (and gradients) of the pieces
+    of a batch add up to those of the batch."""
     dual = model.config.diysink is not None
 
     def nll(params, batch, route):
@@ -159,29 +171,54 @@ def loss_fn(model, stage: str):
     return loss
 
 
-def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None):
-    """``step(state, frozen, batch) -> (state, metrics)``; metrics hold the loss, the gradient
-    norm, the answer tokens and ``lr/<group>`` of each of ``schedules`` ({lr group: schedule}).
+def micro_batches(batch: dict, k: int) -> dict:
+    """[B, ...] -> [k, B / k, ...] for every array: micro-batch j holds rows j, j + k, j + 2k, ...
+    A device holding a contiguous block of rows whose length is a multiple of ``k`` (mesh) or
+    its own rows (pmap) thus holds its share of every micro-batch: no data moves between devices,
+    and mesh and pmap form the same micro-batches."""
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {k} micro-batches")
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return {name: split(x) for name, x in batch.items()}
 
-    state: {"step", "trainable", "opt_state", "rng"} (the RNG key is advanced every step for
-    stochastic layers; the current models are deterministic). With ``axis_name`` (pmap) each
-    device holds part of the batch: answer-token counts, losses and gradients are summed over
-    that axis. When the loss or gradient is not finite the returned state is the input state.
+
+def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad_accum: int = 1):
+    """``step(state, frozen, batch) -> (state, metrics)``: one optimizer update on ``batch``;
+    metrics hold the loss, the gradient norm, the answer tokens and ``lr/<group>``, the learning
+    rate of each of ``schedules`` ({lr group: schedule}) that this update applies.
+
+    state: {"step", "trainable", "opt_state"}; ``step`` counts applied updates, as the
+    optimizer's own count does (both stay put on a skipped step), so ``schedule(step)`` is the
+    rate applied. With ``grad_accum`` = k > 1 the batch is split into k micro-batches
+    (:func:`micro_batches`) run one after the other (``lax.scan``); their gradients are summed,
+    each micro-batch's NLL divided by the answer tokens of the whole batch, so the update equals
+    one on the whole batch. With ``axis_name`` (pmap) each device holds part of the batch:
+    answer-token counts, losses and gradients are summed over that axis. When the loss or
+    gradient is not finite the returned state is the input state.
     """
     loss = loss_fn(model, stage)
+    grad = jax.value_and_grad(loss)
 
     def step(state, frozen, batch):
         n_tokens = jnp.sum(batch["loss_mask"][:, 1:])
         if axis_name is not None:
             n_tokens = jax.lax.psum(n_tokens, axis_name)
-        value, grads = jax.value_and_grad(loss)(state["trainable"], frozen, batch, n_tokens)
+        trainable = state["trainable"]
+        if grad_accum == 1:
+            value, grads = grad(trainable, frozen, batch, n_tokens)
+        else:
+            def accumulate(carry, micro):
+                added = jax.tree_util.tree_map(jnp.add, carry, grad(trainable, frozen, micro, n_tokens))
+                return added, None
+            zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
+            (value, grads), _ = jax.lax.scan(accumulate, zero, micro_batches(batch, grad_accum))
         if axis_name is not None:
             value, grads = jax.lax.psum((value, grads), axis_name)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         grad_norm = optax.global_norm(grads)
-        rng = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 1))
-        new = {"step": state["step"] + 1, "trainable": optax.apply_updates(state["trainable"], updates),
-               "opt_state": opt_state, "rng": rng}
+        new = {"step": state["step"] + 1, "trainable": optax.apply_updates(trainable, updates),
+               "opt_state": opt_state}
         # a non-finite loss or gradient leaves the state as it was (the caller stops and saves it)
         ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)

@@ -6,9 +6,10 @@ LLaVA format: a JSON list of ``{"id", "image": path relative to the image folder
 
     <s>USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>
 
-The loss covers the answer tokens and their ``</s>`` only; the question tokens (non-image tokens
-of human turns) form the question mask that DIYSink's ReW reads. Token labels come from the
-tokenizer's character offsets, so the text is tokenized exactly once, as a whole.
+The loss covers the answer tokens (from the space after ``ASSISTANT:`` on: the first token an
+evaluation prompt leaves the model to produce) and their ``</s>`` only; the question tokens
+(non-image tokens of human turns) form the question mask that DIYSink's ReW reads. Token labels
+come from the tokenizer's character offsets, so the text is tokenized exactly once, as a whole.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from .padding import bucket, right_pad
 from .prompts import ASSISTANT, TEMPLATES, USER, human_text
-from .tfds_io import read_builder, write_builder
+from .tfds_io import Records, write_builder
 from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
 
 SCHEMA = {"id": "text", "image": "bytes", "roles": "text_list", "texts": "text_list"}
@@ -83,11 +84,12 @@ def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "let
 
 
 def write_instruct(records: list, name: str, data_dir) -> Path:
-    return write_builder(records, f"instruct_{name}", data_dir, SCHEMA)
+    return write_builder(records, f"instruct_{name}", data_dir, SCHEMA, ordered=True)
 
 
-def read_instruct(name: str, data_dir, process_index: int = 0, process_count: int = 1) -> list:
-    return read_builder(f"instruct_{name}", data_dir, SCHEMA, process_index, process_count)
+def open_instruct(name: str, data_dir) -> Records:
+    """The written records by index (record i of the source is ``[i]``), read on access."""
+    return Records(f"instruct_{name}", data_dir, SCHEMA)
 
 
 def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens: int,
@@ -96,6 +98,13 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
 
     The ``<image>`` placeholder expands to ``num_image_tokens`` image tokens (neither loss nor
     question); a conversation must hold exactly one placeholder.
+
+    The loss covers every token that overlaps an answer, its ``</s>`` or the space between
+    ``ASSISTANT:`` and the answer: the tokens a model must produce after a prompt that ends at
+    ``ASSISTANT:``, which is where evaluation prompts end. A tokenizer that makes that space a
+    token of its own (byte-level BPE's ``Ġ`` before a digit or an unmerged letter, LLaMA's
+    ``▁`` before a digit) has it supervised, and the supervised tokens of an answer are the ones
+    :func:`vitsink_jax.eval_lib.scoring_rows` scores for the same answer after the same prompt.
     """
     eos = tokenizer.eos_token or ""
     text, answer_spans, question_spans = "", [], []
@@ -104,10 +113,9 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
             text += USER
             question_spans.append((len(text), len(text) + len(value)))
             text += value + ASSISTANT
-        else:
-            text += " "
-            answer_spans.append((len(text), len(text) + len(value) + len(eos)))
-            text += value + eos
+        else:  # the answer's span starts at the space after ASSISTANT: (see the docstring)
+            answer_spans.append((len(text), len(text) + 1 + len(value) + len(eos)))
+            text += " " + value + eos
     if text.count(IMAGE_PLACEHOLDER) != 1:
         raise ValueError(f"a conversation needs exactly one {IMAGE_PLACEHOLDER}; found "
                          f"{text.count(IMAGE_PLACEHOLDER)}")
@@ -115,10 +123,12 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
                          question_spans)
 
 
-def pad_batch(examples: list, length_bucket: int, pad_id: int = 0) -> dict:
+def pad_batch(examples: list, length_bucket: int, pad_id: int = 0, longest: int = 0) -> dict:
     """Tokenized examples (dicts with ids, loss_mask, question_mask, pixels) -> right-padded
-    batch arrays; the length is rounded up to a multiple of ``length_bucket``."""
-    length = bucket(max(len(e["ids"]) for e in examples), length_bucket)
+    batch arrays; the length (the longest row, or ``longest`` when given: the longest row of
+    the global batch, so that every host pads its rows alike) is rounded up to a multiple of
+    ``length_bucket``."""
+    length = bucket(longest or max(len(e["ids"]) for e in examples), length_bucket)
     out = {}
     out["ids"], out["mask"] = right_pad([e["ids"] for e in examples], length, pad_id)
     for key in ("loss_mask", "question_mask"):
@@ -128,16 +138,53 @@ def pad_batch(examples: list, length_bucket: int, pad_id: int = 0) -> dict:
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed) -> np.ndarray:
-    """Example indices of batch ``step``: a fresh seeded permutation every epoch, so the data
-    position is the step alone and resuming at step k replays nothing and skips nothing.
-    ``seed``: an int or a list of ints (e.g. [seed, shard])."""
-    out = []
-    pos = step * batch_size
-    seed = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng(seed + [epoch]).permutation(n)
-        take = perm[offset:offset + batch_size - len(out)]
-        out.extend(take.tolist())
-        pos += len(take)
-    return np.asarray(out)
+    """Record indices (of all ``n``) of global batch ``step``: the rows at positions
+    [step x batch_size, (step + 1) x batch_size) of the stream of epoch orders
+    (:func:`epoch_order`), so the batch is a function of (seed, step) alone: resuming at step
+    k, on any number of hosts, replays nothing and skips nothing. Every row is seen once per
+    epoch, and a batch never holds a row twice (``batch_size <= n``). ``seed``: an int or a
+    list of ints."""
+    if not 0 < batch_size <= n:
+        raise ValueError(f"batch size {batch_size} must be between 1 and the {n} records")
+    epoch, offset = divmod(step * batch_size, n)
+    out = epoch_order(n, batch_size, epoch, seed)[offset:offset + batch_size]
+    if len(out) < batch_size:  # the batch straddles two epochs
+        out = np.concatenate([out, epoch_order(n, batch_size, epoch + 1, seed)[:batch_size - len(out)]])
+    return out
+
+
+_LAST_ORDER = {}  # (n, batch_size, seed) -> (epoch, its order): consecutive steps reuse it
+
+
+def epoch_order(n: int, batch_size: int, epoch: int, seed) -> np.ndarray:
+    """The order of the ``n`` records in ``epoch`` (read-only): the seeded permutation
+    ``default_rng(seed + [epoch])``, except at the start of an epoch that a batch straddles:
+    that batch ends epoch - 1 with its last ``t`` rows and takes its other ``batch_size - t``
+    rows from the start of this order, so any of those that is among the ``t`` swaps places
+    with the next rows of this order that are not (they move forward, it moves back). Each
+    epoch stays a permutation (no row skipped or repeated), and the swaps touch the first
+    ``batch_size`` positions only, so with ``n >= 2 x batch_size`` an epoch depends on the
+    previous plain permutation alone (below that on the previous order, computed in turn)."""
+    seed = tuple(seed) if isinstance(seed, (list, tuple)) else (seed,)
+    key = (n, batch_size, seed)
+    have, order = _LAST_ORDER.get(key, (None, None))
+    if have == epoch:
+        return order
+    chained = n < 2 * batch_size
+    if have is not None and (have == epoch - 1 or (chained and have < epoch)):
+        start, prev = have + 1, order
+    else:
+        start, prev = (0 if chained else max(epoch - 1, 0)), None
+    for e in range(start, epoch + 1):
+        order = np.random.default_rng(list(seed) + [e]).permutation(n)
+        tail = e * n % batch_size  # rows of epoch e - 1 in the batch that straddles into e
+        if tail and prev is not None:
+            head = batch_size - tail
+            taken = np.isin(order, prev[n - tail:])
+            dup = np.flatnonzero(taken[:head])
+            free = head + np.flatnonzero(~taken[head:])[:len(dup)]
+            order[dup], order[free] = order[free], order[dup]
+        prev = order
+    order.flags.writeable = False
+    _LAST_ORDER[key] = (epoch, order)
+    return order

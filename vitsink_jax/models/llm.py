@@ -415,9 +415,17 @@ def unstack_layers(params):
     return _decoders(params, convert)
 
 
+# the LM head's matmul: operands in the compute dtype, products accumulated and returned in
+# float32, so the log-softmax of the loss and of scoring reads logits that were never rounded to
+# bf16 (a bf16 output has a grid step of 0.125 at logits near 20); in float32 compute it is the
+# plain float32 matmul, bit for bit
+head_dot_general = partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
 class CausalLM(nn.Module):
     """``__call__(input_ids [B, T] | inputs_embeds [B, T, D], attention_mask, position_ids)``
-    -> CausalLMOutput with float32 logits [B, T, V]."""
+    -> CausalLMOutput with float32 logits [B, T, V]: the head multiplies in the compute dtype
+    and outputs float32 (:data:`head_dot_general`), in bf16 compute too."""
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
@@ -432,7 +440,7 @@ class CausalLM(nn.Module):
                                   self.fused_attention, self.scan_layers, self.remat_policy)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
+                                    param_dtype=self.param_dtype, dot_general=head_dot_general)
 
     def embed(self, input_ids):
         """input_ids [B, T] -> token embeddings [B, T, D]."""
@@ -453,8 +461,10 @@ class CausalLM(nn.Module):
                              f"{tuple(inputs_embeds.shape[:2])} (batch, sequence)")
         x, states, attns, cache = self.model(inputs_embeds, attention_mask, position_ids,
                                              output_attentions, cache, **interventions)
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(x)
+        if self.config.tie_word_embeddings:  # Embed.attend's x @ embedding.T, float32 out
+            emb = self.model.embed_tokens.embedding
+            logits = head_dot_general(x.astype(self.dtype), emb.astype(self.dtype),
+                                      (((x.ndim - 1,), (1,)), ((), ())))
         else:
             logits = self.lm_head(x)
         return CausalLMOutput(logits=logits.astype(jnp.float32),
