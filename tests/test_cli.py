@@ -341,21 +341,34 @@ def test_interventions_side_by_side(tmp_path):
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
 
 
-def test_tau_sweep_with_a_finding5_labels_file(tmp_path):
+def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
     """sweep mode: one row per tau and the adaptive rule, sinks per image falling as tau grows;
     the labels file's tags (joined by index) replace the benchmark's in the per-tag scores.
-    (~30 s: the CLI end to end, five scoring passes over 12 items.)"""
+    (~25 s: evaluate.run_sweep in this process, five scoring passes over 12 items.)"""
+    import importlib.util
+
     from vitsink_jax.data.synthetic import embedded_benchmark
+
+    sys.path.insert(0, str(ROOT))
+    import evaluate
 
     index = [r["index"] for r in embedded_benchmark(0, 2, 56)[:12]]
     labels = tmp_path / "labels.csv"
     labels.write_text("index,image_complexity,question_globalness\n" + "".join(
         f"{i},{'low' if n < 3 else 'high'},{'high' if n < 3 else 'low'}\n" for n, i in enumerate(index[:7])))
+    spec = importlib.util.spec_from_file_location("default_config", ROOT / "configs" / "default.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.mode, cfg.benchmark.limit, cfg.benchmark.image_size = "sweep", 12, 56
+    cfg.benchmark.labels, cfg.sweep.taus = str(labels), (0.0, 25.0, 1e9)
+    for flag in SMALL:  # --config.embedded.<key>=<int>
+        key, value = flag.removeprefix("--config.embedded.").split("=")
+        cfg.embedded[key] = int(value)
     work = tmp_path / "work"
-    proc = run_evaluate(work, "", "--config.mode=sweep", "--config.benchmark.limit=12",
-                        "--config.benchmark.image_size=56", f"--config.benchmark.labels={labels}",
-                        "--config.sweep.taus=(0.0,25.0,1e9)")
-    assert "7 items tagged {'global': 3, 'local': 4, 'mixed': 0}, 5 unlabelled" in proc.stdout
+    evaluate.run_sweep(cfg, work)
+    proc = capsys.readouterr()  # .out: the printed lines
+    assert "7 items tagged {'global': 3, 'local': 4, 'mixed': 0}, 5 unlabelled" in proc.out
     report = json.loads((work / "sweep.json").read_text())
     rows = report["results"]
     assert set(rows) == {"tau=0", "tau=25", "tau=1e+09", "adaptive"}
