@@ -213,7 +213,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     rules = all_rules(cfg)
     edges = jnp.asarray(cfg.bucket_edges, jnp.float32)
     dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
-    cls = 0 if rule.include_cls else c.visual_cls_offset  # a kept CLS is in neither group
+    cls = c.sink_prefix(rule)  # a kept CLS is in neither group
 
     prefix = c.vision.prefix_tokens  # ViT tokens before the patches (CLS, registers)
 
@@ -323,7 +323,6 @@ def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
         return vj.VisualTokenPolicy(*parts, rule=rule)
     except ValueError as e:
         raise SystemExit(f"error: variant {spec!r}: {e}")
-
 
 
 def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
@@ -492,6 +491,10 @@ def run_interventions(cfg, workdir: Path) -> dict:
             neurons = register_neurons(model, params, batch["pixels"], rule, top)
             iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
+        try:
+            m.policy  # a DIYSink model refuses orders / rules it does not apply
+        except ValueError as e:
+            raise SystemExit(f"error: intervention {spec}: {e}")
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
@@ -745,7 +748,8 @@ def run_sweep(cfg, workdir: Path) -> dict:
         rows[name] = {**score(name, with_rule(model, cfg.sweep.variant, rule)),
                       "rule": dataclasses.asdict(rule)}
         rows[name]["vs_reference"] = rows[name]["accuracy"] - reference["accuracy"]
-        print(f"{name}: {rows[name]['sinks_per_image']:.2f} sinks/img, accuracy "
+        sinks = rows[name]["sinks_per_image"]
+        print(f"{name}: {'-' if sinks is None else f'{sinks:.2f}'} sinks/img, accuracy "
               f"{100 * rows[name]['accuracy']:.2f} ({100 * rows[name]['vs_reference']:+.2f} vs reference)")
     table = comparison_table([("reference", reference)] + list(rows.items()))
     print(table)

@@ -42,7 +42,6 @@ from vitsink_jax.embedded import ensure_embedded_checkpoint
 from vitsink_jax.provenance import record, write_json
 
 
-
 def load_model(cfg, workdir: Path, mesh=None):
     """(checkpoint path, model in the compute dtype, params, tokenizer). The params are created
     on their ``mesh`` shards while reading (none without a mesh: pmap), the parts that train in
@@ -126,7 +125,8 @@ class Batches:
     def indices(self, step: int) -> np.ndarray:
         """Record indices of global batch ``step`` (every process's rows, in order)."""
         # [seed, 0]: the stream of the single data shard of earlier versions, so one-process
-        # runs keep their batches (the shipped mini-study models were trained on them)
+        # runs keep their batches except where a batch straddling two epochs repeated a row
+        # (the mini study's 600-step stages are unchanged; its ReW stage differs from step 86)
         return instruct.batch_indices(len(self.records), self.cfg.batch_size, step,
                                       [self.cfg.seed, 0])
 

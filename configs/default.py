@@ -19,7 +19,7 @@ from vitsink_jax.data.prompts import ANALYSIS, TEMPLATES
 
 def get_config():
     c = ml_collections.ConfigDict()
-    c.mode = "study"       # study | benchmark | analyze | vit | demo | interventions | score
+    c.mode = "study"       # study | benchmark | analyze | sweep | vit | demo | interventions | score
                            # (see evaluate.py)
     c.seed = 0
     c.checkpoint = ""      # a HF LLaVA folder, mini_study:<name>, or "" = the embedded default

@@ -319,6 +319,11 @@ class LlavaConfig:
         """Leading non-patch tokens in the visual features (1 when the CLS token is kept)."""
         return int(self.vision_feature_select_strategy == "full" and self.vision.has_class_token)
 
+    def sink_prefix(self, rule) -> int:
+        """Leading visual tokens that are never sinks under ``rule`` and never move: the CLS
+        token kept by ``vision_feature_select_strategy="full"`` unless ``rule.include_cls``."""
+        return 0 if rule.include_cls else self.visual_cls_offset
+
     def vit_token_index(self, visual_index):
         """Visual-token index (what the projector sees: CLS when kept, then the patches) ->
         index in the vision tower's token sequence (CLS, trained registers, patches)."""

@@ -110,15 +110,17 @@ def pruning_curves(curves: dict, path) -> Path:
 def tau_sweep(taus: list, accuracy: list, sinks: list, reference: float, adaptive, path) -> Path:
     """Threshold robustness: accuracy (%) and sinks per image against tau; the reference model's
     accuracy as a dotted line and the adaptive rule's (accuracy, sinks) as dashed lines
-    (``adaptive`` None: left out)."""
+    (``adaptive`` None: left out; sink counts None, as for generated answers: no sink curve)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(taus, accuracy, marker="o", color="tab:blue", label="accuracy")
     ax.axhline(reference, color="tab:gray", ls=":", label="reference model")
     right = ax.twinx()
-    right.plot(taus, sinks, marker="s", color="tab:orange", label="sinks / image")
+    if None not in sinks:  # counted only where items were scored by log-likelihood
+        right.plot(taus, sinks, marker="s", color="tab:orange", label="sinks / image")
     if adaptive is not None:
         ax.axhline(adaptive[0], color="tab:blue", ls="--", label="adaptive rule")
-        right.axhline(adaptive[1], color="tab:orange", ls="--")
+        if adaptive[1] is not None:
+            right.axhline(adaptive[1], color="tab:orange", ls="--")
     ax.set(xlabel="tau (L2 norm threshold)", ylabel="accuracy (%)", title="sink threshold sweep")
     right.set_ylabel("sinks per image")
     lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]

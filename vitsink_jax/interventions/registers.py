@@ -64,7 +64,7 @@ def register_neurons(model, params, pixels, rule, top: int) -> list:
             layers[hit[0]] = value[0]
     acts = [layers[i] for i in sorted(layers)]
     c = model.config
-    cls = 0 if rule.include_cls else c.visual_cls_offset  # a kept CLS is no outlier unless asked
+    cls = c.sink_prefix(rule)  # a kept CLS is no outlier unless asked
     sinks = np.asarray(sink_mask(token_norms(selected), rule, cls))
     outliers = np.zeros((sinks.shape[0], c.vision.prefix_tokens + c.grid_size ** 2), bool)
     outliers[:, c.vit_token_index(np.arange(sinks.shape[1]))] = sinks  # tower order, registers too

@@ -176,7 +176,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def sink_prefix(self) -> int:
         """Leading visual tokens that are never sinks and never move: the CLS token kept by
         ``vision_feature_select_strategy="full"`` unless the rule's ``include_cls`` is set."""
-        return 0 if self.policy.rule.include_cls else self.config.visual_cls_offset
+        return self.config.sink_prefix(self.policy.rule)
 
     def visual_sinks(self, selected):
         """ViT sinks of the projector input [N, P, E'] under the policy's rule -> [N, P] bool
