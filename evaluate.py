@@ -43,12 +43,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import eval_lib, mini_study, parallel, plots, scores, timing
+from vitsink_jax import cli, eval_lib, mini_study, parallel, plots, scores, timing
 from vitsink_jax.data import benchmarks, labels
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -774,8 +774,6 @@ MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmar
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # tfds / XLA info lines would drown the progress
     cfg = flags.FLAGS.config
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:
@@ -788,8 +786,9 @@ def define_flags() -> None:
     defines none, so train.py and evaluate.py can share a process)."""
     config_flags.DEFINE_config_file("config", "configs/default.py", "Python config file.")
     flags.DEFINE_string("workdir", "runs/default", "Where outputs are written.")
+    cli.define_verbose()
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(cli.main_of(main))

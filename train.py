@@ -26,12 +26,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import parallel, train_lib
+from vitsink_jax import cli, parallel, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct
@@ -40,15 +40,21 @@ from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import to_diysink
 from vitsink_jax.embedded import ensure_embedded_checkpoint
 from vitsink_jax.provenance import record, write_json
+from vitsink_jax.scores import file_sha256
 
 
-def load_model(cfg, workdir: Path, mesh=None):
-    """(checkpoint path, model in the compute dtype, params, tokenizer). The params are created
-    on their ``mesh`` shards while reading (none without a mesh: pmap), the parts that train in
-    ``cfg.stage`` in float32 and the frozen ones in the compute dtype; with ``cfg.scan_layers``
-    in the scanned layout (the export is HF's either way)."""
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
+def base_checkpoint(cfg, workdir: Path) -> Path:
+    """The checkpoint a run starts from: ``cfg.checkpoint``, or the embedded default (written
+    into ``workdir`` once)."""
+    return Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
+
+
+def load_model(cfg, ckpt: Path, mesh=None):
+    """(model in the compute dtype, params, tokenizer) of checkpoint ``ckpt``. The params are
+    created on their ``mesh`` shards while reading (none without a mesh: pmap), the parts that
+    train in ``cfg.stage`` in float32 and the frozen ones in the compute dtype; with
+    ``cfg.scan_layers`` in the scanned layout (the export is HF's either way)."""
     trains = train_lib.trainable_parts(cfg.stage, cfg.finetune_parts)
     compute = jnp.dtype(cfg.compute_dtype)
     group_dtype = lambda name: jnp.float32 if name in trains else compute  # noqa: E731
@@ -73,7 +79,7 @@ def load_model(cfg, workdir: Path, mesh=None):
         if mesh is not None:
             new = jax.device_put(new, parallel.param_shardings(new, mesh))
         params = {**params, **new}
-    return ckpt, model, params, tokenizer
+    return model, params, tokenizer
 
 
 def load_data(cfg, workdir: Path):
@@ -179,22 +185,127 @@ class Runner:
         return jax.tree_util.tree_map(lambda x: x[0], state) if self.strategy == "pmap" else state
 
 
-def restore_checkpoint(manager, state, cfg):
-    """(state, meta) of the newest checkpoint, restored into the layout of ``state``. A run
-    resumes only in the param layout it was saved in (loop or scanned layers) and, with
-    per-process storage, on the same devices: the meta is read first to check that."""
-    step = manager.latest_step()
+# the settings that define a run (config keys): a resume with any of them changed is refused
+# (``resume_changes=allow`` overrides). Learning rates, steps, logging, checkpointing, padding,
+# remat, grad_accum and the parallel layout may change (a lower lr after a non-finite loss).
+# The base checkpoint and data file count by content (sha256), not path: a copy elsewhere is
+# the same run.
+RUN_KEYS = ("seed", "stage", "finetune_parts", "batch_size", "compute_dtype", "scan_layers",
+            "diysink", "data.image_folder", "embedded", "data.variants", "data.image_size",
+            "data.mc_format")
+
+
+def run_settings(cfg, ckpt: Path) -> dict:
+    """{dotted config key: value} of :data:`RUN_KEYS` that apply to this run (the embedded
+    model's shape only without ``checkpoint``, the embedded data's only without ``data.json``,
+    DIYSink's only when enabled), plus ``sha256:checkpoint`` (the base checkpoint's files) and
+    ``sha256:data.json`` (the instruction file's bytes): the config as stored in a checkpoint."""
+    flat = {}
+    for key in RUN_KEYS:
+        top, _, sub = key.partition(".")
+        value = cfg[top][sub] if sub else cfg[key]
+        if hasattr(value, "to_dict"):
+            flat.update({f"{key}.{k}": v for k, v in _flatten(value.to_dict()).items()})
+        else:
+            flat[key] = value
+    skip = (("embedded.",) if cfg.checkpoint else ()) + (
+        ("data.variants", "data.image_size", "data.mc_format") if cfg.data.json else ("data.image_folder",))
+    if not cfg.diysink.enabled:
+        skip += tuple(k for k in flat if k.startswith("diysink.") and k != "diysink.enabled")
+    flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
+    flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
+    if cfg.data.json:
+        flat["sha256:data.json"] = file_sha256(cfg.data.json)
+    return json.loads(json.dumps(flat))  # tuples as lists, as read back from a checkpoint
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def setting_changes(saved: dict, now: dict) -> list:
+    """One line per setting that differs between a checkpoint's ``saved`` settings and ``now``,
+    naming the flag that sets it."""
+    lines = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key, "(unset)"), now.get(key, "(unset)")
+        if old == new:
+            continue
+        if key.startswith("sha256:"):
+            lines.append(f"--config.{key.partition(':')[2]}: other contents (sha256 "
+                         f"{str(old)[:12]} in the checkpoint, {str(new)[:12]} now)")
+        else:
+            lines.append(f"--config.{key}: {old!r} in the checkpoint, {new!r} now")
+    return lines
+
+
+def check_resume(manager, step: int, cfg, settings: dict) -> list:
+    """The setting changes of resuming checkpoint ``step`` with ``settings``; refuses (SystemExit,
+    a line per change) unless ``cfg.resume_changes == "allow"``, and always refuses a change of
+    param layout or, with per-process storage, of devices (neither can be restored)."""
     meta = manager.meta(step)
+    where = f"{manager.directory} (step {step})"
     saved = meta.get("scan_layers", False)
     if saved != cfg.scan_layers:
-        raise SystemExit(f"error: the checkpoint in {manager.directory} was saved with "
+        raise SystemExit(f"error: the checkpoint in {where} was saved with "
                          f"scan_layers={saved}; resume it with --config.scan_layers={saved}")
     here = devices_meta(cfg)
     if manager.storage == "per_process" and meta.get("devices", here) != here:
-        raise SystemExit(f"error: the checkpoint in {manager.directory} holds this process's shards "
+        raise SystemExit(f"error: the checkpoint in {where} holds this process's shards "
                          f"for {meta['devices']}; this run has {here} (per-process checkpoints "
                          "resume on the same devices)")
-    return manager.restore(step, state), meta
+    if "settings" not in meta:
+        changes = ["the checkpoint records no run settings (written by an older vitsink_jax)"]
+    else:
+        changes = setting_changes(meta["settings"], settings)
+    if cfg.resume_changes not in ("refuse", "allow"):
+        raise SystemExit(f"error: resume_changes {cfg.resume_changes!r} not one of refuse, allow")
+    if changes and cfg.resume_changes != "allow":
+        raise SystemExit(f"error: {where} was saved by a run with other settings:\n  "
+                         + "\n  ".join(changes) + "\nundo the change, use a new --workdir, or "
+                         "resume anyway with --config.resume_changes=allow (recorded in "
+                         "train_summary.json)")
+    return changes
+
+
+def restore_checkpoint(manager, state, cfg, settings: dict):
+    """(state, meta, setting changes) of the newest checkpoint with finite params and optimizer
+    state, restored into the layout of ``state``; checks the saved settings first
+    (:func:`check_resume`). A checkpoint holding a non-finite value is set aside."""
+    while (step := manager.latest_step()) is not None:
+        changes = check_resume(manager, step, cfg, settings)
+        try:
+            restored = manager.restore(step, state)
+        except (ValueError, KeyError, TypeError) as e:  # another tree, shape or dtype
+            raise SystemExit(f"error: {manager.directory} (step {step}) holds another train state "
+                             f"than this run builds ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             "use a new --workdir") from None
+        if bool(train_lib.all_finite(restored)):
+            return restored, manager.meta(step), changes
+        aside = manager.set_aside(step)
+        print(f"checkpoint step {step} holds non-finite values: set aside as {aside.name}")
+    raise SystemExit(f"error: every checkpoint in {manager.directory} holds non-finite values "
+                     "(set aside as <step>.nonfinite); start again in a new --workdir")
+
+
+def nonfinite_error(manager, first: int, step: int, metrics: dict, cfg) -> FloatingPointError:
+    """The error of a run stopped at ``step`` whose state gave non-finite values since data step
+    ``first``: the checkpoints from ``first`` on hold that state, so they are set aside; the
+    message names the checkpoint to resume from and the settings to change."""
+    aside = [manager.set_aside(s).name for s in manager.steps() if s >= first]
+    good = [s for s in manager.steps() if s < first]
+    where = (f"resume from step {good[-1]} (the newest checkpoint before it, in {manager.directory})"
+             if good else "no checkpoint precedes it: run again from step 0")
+    return FloatingPointError(
+        f"loss or update not finite at step {step} (loss {metrics['loss']}, stage {cfg.stage}, "
+        f"{lr_text(metrics)}"
+        + (f"; {step - first + 1} steps in a row skipped" if step > first else "") + "); "
+        + (f"checkpoints {', '.join(aside)} set aside; " if aside else "") + where
+        + " with a lower learning rate (--config.optim.lr, --config.optim.lrs.<group>), or skip "
+        "such batches with --config.nonfinite=skip")
 
 
 def lr_text(metrics: dict) -> str:
@@ -223,7 +334,8 @@ class MetricLog:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         for k, v in metrics.items():
-            self.tb.add_scalar(k, v, step)
+            if v is not None:
+                self.tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self.active:
@@ -241,19 +353,24 @@ def train(cfg, workdir: Path) -> dict:
                          f"{jax.device_count()} devices x optim.grad_accum {accum} (each "
                          "device's rows split into grad_accum micro-batches)")
     mesh = parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor) if cfg.parallel == "mesh" else None
-    ckpt, model, params, tokenizer = load_model(cfg, workdir, mesh)
+    ckpt = base_checkpoint(cfg, workdir)
+    settings = run_settings(cfg, ckpt)
+    manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
+    if manager.latest_step() is not None:  # refuse a changed run before loading anything
+        check_resume(manager, manager.latest_step(), cfg, settings)
+    model, params, tokenizer = load_model(cfg, ckpt, mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
     tx, schedules = train_lib.make_optimizer(cfg.optim, cfg.steps, cfg.stage, tuple(trainable))
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
     runner = Runner(cfg, model, tx, schedules, frozen, mesh)
     state = runner.place(state)
-    manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
-    start = 0
+    start, changes = 0, []
     if manager.latest_step() is not None:
-        one, meta = restore_checkpoint(manager, runner.unplace(state), cfg)
-        state, start = runner.place(one), int(meta["data_step"])
-        print(f"resumed from {manager.directory} at step {start}")
+        one, saved, changes = restore_checkpoint(manager, runner.unplace(state), cfg, settings)
+        state, start = runner.place(one), int(saved["data_step"])
+        print(f"resumed from {manager.directory} at step {start}"
+              + (f" with changed settings: {'; '.join(changes)}" if changes else ""))
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     print(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M params "
           f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows"
@@ -264,9 +381,10 @@ def train(cfg, workdir: Path) -> dict:
           + f", warmup {train_lib.warmup_steps(cfg.optim, cfg.steps)} steps")
     batches = Batches(load_data(cfg, workdir), model, tokenizer, cfg)
     log = MetricLog(workdir)
-    meta = {"base_checkpoint": str(ckpt), "base_sha256": vj.checkpoint_hash(ckpt), "stage": cfg.stage,
-            "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg)}
-    losses = []
+    meta = {"base_checkpoint": str(ckpt), "base_sha256": settings["sha256:checkpoint"],
+            "stage": cfg.stage, "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg),
+            "settings": settings}
+    losses, skipped, first_bad = [], [], None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                disable=jax.process_index() != 0)
     for step in bar:
@@ -274,18 +392,22 @@ def train(cfg, workdir: Path) -> dict:
         batch = batches(step)
         state, metrics = runner.run(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(metrics["loss"]):  # the step kept the last good state: save it
-            if manager.latest_step() != step:
-                manager.save(step, runner.unplace(state), {**meta, "data_step": step})
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {step} (stage "
-                                     f"{cfg.stage}, {lr_text(metrics)}); the last good state "
-                                     f"is saved at step {step} in {manager.directory}")
-        metrics["tokens_per_s"] = float(batch["mask"].sum()) * jax.process_count() / (
-            time.perf_counter() - t0)
-        losses.append(metrics["loss"])
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            log.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if metrics.pop("applied"):
+            first_bad = None
+        else:  # the step kept the state it was given
+            first_bad = step if first_bad is None else first_bad
+            if cfg.nonfinite != "skip" or step - first_bad >= cfg.max_skips:
+                log.close()
+                raise nonfinite_error(manager, first_bad, step, metrics, cfg)
+            skipped.append(step)
+            log.write(step, {"skipped": 1, "loss": None})
+        if first_bad is None:
+            metrics["tokens_per_s"] = float(batch["mask"].sum()) * jax.process_count() / (
+                time.perf_counter() - t0)
+            losses.append(metrics["loss"])
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                log.write(step, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
             manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1})
     log.close()
@@ -296,12 +418,14 @@ def train(cfg, workdir: Path) -> dict:
     if jax.process_index() == 0:
         tokenizer.save_pretrained(str(export))
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
-               "steps": cfg.steps, "resumed_from": start, "first_loss": losses[0] if losses else None,
+               "steps": cfg.steps, "resumed_from": start, "resume_changes": changes,
+               "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "export": str(export)}
     if jax.process_index() == 0:
         write_json(workdir / "train_summary.json", summary)
         print(f"losses: first {summary['first_loss']}, last {summary['last_loss']}; "
-              f"exported to {export}")
+              + (f"{len(skipped)} non-finite steps skipped; " if skipped else "")
+              + f"exported to {export}")
     return summary
 
 
@@ -375,8 +499,6 @@ def run_recipe(cfg, workdir: Path) -> dict:
 
 def main(argv):
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
     cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
     if cfg.get("recipe"):
         run_recipe(cfg, workdir)
@@ -389,8 +511,9 @@ def define_flags() -> None:
     defines none, so train.py and evaluate.py can share a process)."""
     config_flags.DEFINE_config_file("config", "configs/diysink.py", "Python config file.")
     flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
+    cli.define_verbose()
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(cli.main_of(main))

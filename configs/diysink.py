@@ -44,6 +44,11 @@ def get_config():
     c.keep_checkpoints = 2
     c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process
     c.log_every = 1
+    c.nonfinite = "stop"       # a non-finite loss / update: stop (checkpoints of the bad state set
+                               # aside) | skip: keep the state, drop the batch, go on
+    c.max_skips = 10           # skip: stop after this many non-finite steps in a row
+    c.resume_changes = "refuse"  # refuse | allow: resume a checkpoint whose run settings
+                                 # (train.RUN_KEYS) differ from this config's
 
     # learning rates: optim.lrs.<group> > optim.lr (every group) > the stage's published default
     # (vitsink_jax.train_lib.STAGE_LR: pretrain 1e-3, finetune 2e-5, rew 1e-2); 0 = unset.

@@ -4,6 +4,7 @@ with a checkpoint, 1 device = mesh(2 data x 2 fsdp x 2 tensor) = pmap(8), and a 
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -108,11 +109,68 @@ def test_resume_equals_straight_run(base, tmp_path):
     assert lm_lr[0] == 0 and 0 < max(lm_lr) <= 2e-5 and max(lm_lr) == pytest.approx(2e-5, rel=0.05)
 
 
-def test_nan_loss_stops_with_a_checkpoint(base, tmp_path):
-    with pytest.raises(FloatingPointError, match="the last good state is saved"):
-        train.train(config(stage="finetune", steps=6, checkpoint=str(base / "export"),
-                           **{"optim.lr": 1e30, "optim.warmup_steps": 1}), tmp_path)
-    assert any((tmp_path / "checkpoints").iterdir())
+def kept_checkpoints(workdir):
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir() if not p.name.startswith("."))
+
+
+def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finite_one(base, tmp_path):
+    """lr 1e30 (after a zero-lr warmup step) makes step 1's update explode: the loss at step 2
+    is not finite. Checkpoint 2 holds the exploded state: it is set aside and the error names
+    step 1; resuming with lr 1e-3 finishes bitwise equal to a run with lr 1e-3 throughout."""
+    kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=1,
+              **{"optim.warmup_steps": 1})
+    with pytest.raises(FloatingPointError, match=r"at step 2 .* checkpoints 2.nonfinite set aside; "
+                       r"resume from step 1 .*--config.optim.lr"):
+        train.train(config(**kw, **{"optim.lr": 1e30}), tmp_path / "run")
+    assert kept_checkpoints(tmp_path / "run") == ["1", "2.nonfinite"]
+    summary = train.train(config(**kw, **{"optim.lr": 1e-3}), tmp_path / "run")
+    assert summary["resumed_from"] == 1 and summary["resume_changes"] == []
+    train.train(config(**kw, **{"optim.lr": 1e-3}), tmp_path / "straight")
+    same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
+
+
+def test_a_nonfinite_batch_is_skipped_or_stops_the_run(base, tmp_path, monkeypatch):
+    """NaN pixels in global batch 2 (fault injection): ``nonfinite=skip`` keeps the state, counts
+    the step and goes on; the default stops before saving, naming the step to resume from."""
+    plain = train.Batches.__call__
+
+    def poisoned(self, step):
+        batch = plain(self, step)
+        return {**batch, "pixels": batch["pixels"] * np.nan} if step == 2 else batch
+
+    monkeypatch.setattr(train.Batches, "__call__", poisoned)
+    kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=1)
+    summary = train.train(config(nonfinite="skip", **kw), tmp_path / "skip")
+    assert summary["skipped_steps"] == [2] and np.isfinite(summary["last_loss"])
+    lines = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("skipped", 0) for x in lines] == [0, 0, 1, 0]
+    with pytest.raises(FloatingPointError, match=r"at step 2 .*checkpoints 2.nonfinite set aside; resume from step 1"):
+        train.train(config(**kw), tmp_path / "stop")
+    assert kept_checkpoints(tmp_path / "stop") == ["1", "2.nonfinite"]
+
+
+def test_resume_refuses_changed_run_settings_by_name(base, tmp_path):
+    """A resume whose run-defining settings differ is refused with one line per change naming
+    its flag (before the model loads); ``resume_changes=allow`` resumes and records them; a
+    state of another shape is named in one line, not an orbax tree dump."""
+    kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
+    work = tmp_path / "run"
+    train.train(config(steps=2, **kw), work)
+    for change, line in [(dict(batch_size=4), "--config.batch_size: 8 in the checkpoint, 4 now"),
+                         (dict(stage="pretrain"), "--config.stage: 'finetune' in the checkpoint, 'pretrain' now"),
+                         (dict(seed=1), "--config.seed: 0 in the checkpoint, 1 now"),
+                         (dict(checkpoint=str(work / "export")), "--config.checkpoint: other contents (sha256 ")]:
+        with pytest.raises(SystemExit, match=re.escape(line)) as e:
+            train.train(config(steps=3, **{**kw, **change}), work)
+        assert "--config.resume_changes=allow" in str(e.value)
+    with pytest.raises(SystemExit, match=r"holds another train state than this run builds"):
+        train.train(config(steps=3, **{**kw, "stage": "pretrain", "resume_changes": "allow"}), work)
+    summary = train.train(config(steps=3, **{**kw, "batch_size": 4, "resume_changes": "allow"}), work)
+    assert summary["resumed_from"] == 2
+    assert summary["resume_changes"] == ["--config.batch_size: 8 in the checkpoint, 4 now"]
+    with pytest.raises(ValueError, match=r"embedded_default holds the embedded model of other settings "
+                       r"\(--config.embedded.text_hidden: 64 there, 32 now\)"):
+        train.train(config(**{"embedded.text_hidden": 32}), base)
 
 
 def test_optimizer_lr_per_group_and_per_projector_clipping():
@@ -521,3 +579,67 @@ def test_per_process_checkpoints_round_trip(tmp_path):
     same(back, jax.tree_util.tree_map(lambda x: x + 3, state))
     with pytest.raises(SystemExit, match="holds another train state"):
         ckpts.restore(3, {**state, "extra": jnp.zeros(2)})
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A 1 MiB filesystem: a tmpfs where the test may mount one (root), else a folder whose
+    free space ``shutil.disk_usage`` reports as 1 MiB less what is written into it."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode == 0:
+        yield disk
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+        return
+    real = shutil.disk_usage
+
+    def usage(path):
+        if not str(Path(path).absolute()).startswith(str(disk)):
+            return real(path)
+        used = sum(f.stat().st_size for f in disk.rglob("*") if f.is_file())
+        return real(path)._replace(free=max((1 << 20) - used, 0))
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    yield disk
+
+
+@pytest.mark.parametrize("storage", ["global", "per_process"])
+def test_a_full_disk_fails_the_save_by_name_and_keeps_the_saved_checkpoints(small_disk, storage, monkeypatch):
+    """A checkpoint larger than the free space is refused before writing (ENOSPC, the folder
+    named); a write that fails midway (orbax's disk-full error, numpy's OSError) removes its
+    temporary folder at once; the checkpoint saved before restores bitwise."""
+    import errno
+
+    import jax.numpy as jnp
+
+    from vitsink_jax import checkpoints
+
+    small = {"w": jnp.arange(1000, dtype=jnp.float32)}
+    ckpts = checkpoints.StateCheckpoints(small_disk / "ckpt", keep=2, storage=storage)
+    ckpts.save(1, small, {"data_step": 1})
+    with pytest.raises(checkpoints.CheckpointSaveError, match=r"saving checkpoint step 2 in .*ckpt "
+                       r"failed \(No space left on device: 7.6 MiB to write") as e:
+        ckpts.save(2, {"w": jnp.zeros(2_000_000, jnp.float32)}, {"data_step": 2})
+    assert e.value.errno == errno.ENOSPC
+
+    def fails_midway(*args, **kw):  # after the temporary folder is made (orbax's, or ours)
+        if storage == "global":
+            (ckpts.directory / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+        assert any("tmp" in p.name for p in ckpts.directory.iterdir())
+        raise {"global": ValueError("RESOURCE_EXHAUSTED: Failed to write 175 bytes: No space left "
+                                    "on device [os_error_code='28']"),
+               "per_process": OSError(errno.ENOSPC, "No space left on device")}[storage]
+
+    target = ckpts.manager if storage == "global" else checkpoints.np
+    monkeypatch.setattr(target, "save" if storage == "global" else "savez", fails_midway)
+    with pytest.raises(checkpoints.CheckpointSaveError, match="No space left on device") as e:
+        ckpts.save(2, small, {"data_step": 2})
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckpts.directory.iterdir() if "tmp" in p.name) == []
+    assert ckpts.latest_step() == 1
+    same(ckpts.restore(1, small), small)

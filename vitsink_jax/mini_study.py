@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import share
+
 ASSETS = Path(__file__).parent / "assets" / "mini_study"
 MODELS = ("single", "diysink")
 TOWER = "vision_tower."
@@ -65,7 +67,7 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 
 def _write_model_folder(out: Path, tensors: dict, src: Path, skip: tuple, extra: dict) -> None:
     """Writes ``out`` atomically: ``tensors`` as model.safetensors, the files of ``src`` except
-    the weights and ``skip``, and ``extra`` ({file name: text})."""
+    the weights and ``skip``, and ``extra`` ({file name: text}), with the umask's modes."""
     from safetensors.numpy import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -76,7 +78,7 @@ def _write_model_folder(out: Path, tensors: dict, src: Path, skip: tuple, extra:
                 shutil.copy2(f, tmp / f.name)
         for name, text in extra.items():
             (tmp / name).write_text(text)
-        _replace_folder(tmp, out)
+        _replace_folder(share(tmp), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

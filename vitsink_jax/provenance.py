@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .atomic import share, write_error
+
 PACKAGES = ("vitsink_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
             "transformers", "safetensors", "numpy", "torch")
 
@@ -45,13 +47,18 @@ def write_jsonl(path, rows) -> Path:
 
 
 def _write_atomic(path, text: str) -> Path:
+    """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, then renames it
+    over ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
+    an OSError naming ``path`` is raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(share(tmp), path)
+    except OSError as e:
+        raise write_error(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -183,6 +183,11 @@ def micro_batches(batch: dict, k: int) -> dict:
     return {name: split(x) for name, x in batch.items()}
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every element of every leaf of ``tree`` is finite (a bool scalar)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad_accum: int = 1):
     """``step(state, frozen, batch) -> (state, metrics)``: one optimizer update on ``batch``;
     metrics hold the loss, the gradient norm, the answer tokens and ``lr/<group>``, the learning
@@ -194,8 +199,9 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
     (:func:`micro_batches`) run one after the other (``lax.scan``); their gradients are summed,
     each micro-batch's NLL divided by the answer tokens of the whole batch, so the update equals
     one on the whole batch. With ``axis_name`` (pmap) each device holds part of the batch:
-    answer-token counts, losses and gradients are summed over that axis. When the loss or
-    gradient is not finite the returned state is the input state.
+    answer-token counts, losses and gradients are summed over that axis. When the loss, the
+    gradient or an updated param is not finite the returned state is the input state and
+    ``metrics["applied"]`` is False.
     """
     loss = loss_fn(model, stage)
     grad = jax.value_and_grad(loss)
@@ -219,10 +225,10 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
         grad_norm = optax.global_norm(grads)
         new = {"step": state["step"] + 1, "trainable": optax.apply_updates(trainable, updates),
                "opt_state": opt_state}
-        # a non-finite loss or gradient leaves the state as it was (the caller stops and saves it)
-        ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        # a non-finite loss, gradient or updated param leaves the state as it was
+        ok = jnp.isfinite(value) & jnp.isfinite(grad_norm) & all_finite(new["trainable"])
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
-        metrics = {"loss": value, "grad_norm": grad_norm, "answer_tokens": n_tokens,
+        metrics = {"loss": value, "grad_norm": grad_norm, "answer_tokens": n_tokens, "applied": ok,
                    **{f"lr/{g}": s(state["step"]) for g, s in schedules.items()}}
         return new, metrics
 

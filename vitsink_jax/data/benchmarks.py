@@ -1,10 +1,11 @@
 """Benchmark files as users have them on disk -> one record schema -> tfds builders.
 
 Layouts read:
-* VLMEvalKit TSV: ``index``, ``image`` (base64; a short value refers to another row's index, as
-  VLMEvalKit stores repeated images), ``question``, option columns ``A``.. ``J``, ``answer``,
-  ``category`` / ``l2-category``, optional ``hint``, ``image_path``, ``question_type``,
-  ``answer_type``, ``choices``.
+* VLMEvalKit TSV: ``index``, ``image`` (base64; a value of up to 64 characters that is another
+  row's index refers to that row's image, as VLMEvalKit stores repeated images: resolved against
+  every row of the file, before or after, kept or not), ``question``, option columns
+  ``A``.. ``J``, ``answer``, ``category`` / ``l2-category``, optional ``hint``, ``image_path``,
+  ``question_type``, ``answer_type``, ``choices``.
 * lmms-eval style JSON (a list) or JSONL exports: the same field names, plus ``choices`` /
   ``options`` as a list, an answer given as letter, ``(A)``, option text or option number, and
   ``image`` as base64 or as a path relative to the file.
@@ -22,8 +23,10 @@ Record schema (every benchmark, one dict per item)::
     values left out; written to tfds as JSON text)
 
 Bad input: a missing required column or an empty file raises :class:`BenchmarkError` naming
-the file and field; a row whose image does not decode or whose answer is not among its options
-is skipped with a message naming file, row and field, and counted in ``skipped``.
+the file and field; a row whose image does not decode in full (a truncated JPEG fails here, not
+at scoring), refers to no row or to a row whose image does not decode, or whose answer is not
+among its options is skipped with a message naming file, row and field, and counted in
+``skipped``.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from .preprocess import check_image
 from .prompts import LETTERS
 from .tfds_io import read_builder, write_builder
 
@@ -62,26 +65,58 @@ class SkipRow(ValueError):
     """One unusable row (the message names the field); the reader skips and counts it."""
 
 
-def _decode_image(value, base: Path, images: dict) -> bytes:
+REFERENCE_CHARS = 64  # VLMEvalKit: an ``image`` of up to 64 characters is another row's index
+
+
+def _image_bytes(value, base: Path) -> bytes:
+    """A row's own ``image`` (bytes, HF's ``{"bytes": ..}``, a file relative to ``base``, or
+    base64) -> its encoded bytes, decoded in full once as a check. Raises SkipRow (the reason)."""
     if isinstance(value, dict) and "bytes" in value:  # HF datasets' Image feature export
         value = value["bytes"]
     if isinstance(value, bytes):
         raw = value
-    elif isinstance(value, str) and value in images:  # VLMEvalKit: reference to another row
-        raw = images[value]
     elif isinstance(value, str) and len(value) < 256 and (base / value).is_file():
         raw = (base / value).read_bytes()
     else:
         try:
             raw = base64.b64decode(str(value), validate=True)
         except (binascii.Error, ValueError) as e:
-            raise SkipRow(f"field 'image': not base64, not an existing file, not a row index ({e})")
+            raise SkipRow(f"not an existing file and not base64 ({e})")
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im.verify()
-    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad data)
-        raise SkipRow(f"field 'image': does not decode as an image ({type(e).__name__}: {e})")
+        check_image(raw)
+    except ValueError as e:
+        raise SkipRow(f"does not decode as an image ({e})")
     return raw
+
+
+class RowImages:
+    """The images of a file's raw rows, decoded on demand, each once (cached by row). A row
+    whose ``image`` is another row's ``index`` (VLMEvalKit's repeated images) gets that row's
+    image, whether that row comes before or after it, and whether it is kept or skipped for
+    another field; the first row of an index is the one referred to. Any other value is the
+    row's own image (see :func:`_image_bytes`); a reference is not followed further."""
+
+    def __init__(self, rows: list, base: Path):
+        self.values, self.base, self.cache = [row.get("image") for row in rows], base, {}
+        self.by_index = {}  # row index -> row number (1-based)
+        for n, row in enumerate(rows, start=1):
+            if row.get("index") is not None:
+                self.by_index.setdefault(str(row["index"]), n)
+
+    def __call__(self, n: int) -> bytes:
+        """The encoded image of row ``n`` (1-based). Raises SkipRow naming the field and, for a
+        reference, the row referred to."""
+        value = self.values[n - 1]
+        short = isinstance(value, str) and len(value) <= REFERENCE_CHARS
+        ref = self.by_index.get(value, n) if short else n
+        try:
+            if ref not in self.cache:
+                self.cache[ref] = _image_bytes(self.values[ref - 1], self.base)
+            return self.cache[ref]
+        except SkipRow as e:
+            where = (f"refers to row {ref} (index {value}), whose image: " if ref != n else
+                     f"{value!r} (not another row's index): " if short else "")
+            raise SkipRow(f"field 'image': {where}{e}") from None
 
 
 def _options(row: dict) -> list:
@@ -138,10 +173,10 @@ def _meta(row: dict, nested: dict) -> dict:
     return out
 
 
-def normalize_row(row: dict, benchmark: str, base: Path, images: dict,
-                  decode_images: bool = True) -> dict:
-    """One raw row (TSV or JSON) -> a record of the schema above (``image`` b"" without
-    ``decode_images``: scoring predictions needs no pixels). Raises SkipRow."""
+def normalize_row(row: dict, benchmark: str, images: RowImages | None = None, n: int = 0) -> dict:
+    """One raw row (TSV or JSON), row ``n`` (1-based) of the file ``images`` holds, -> a record
+    of the schema above (``image`` b"" without ``images``: scoring predictions needs no pixels).
+    Raises SkipRow."""
     kind = BENCHMARKS[benchmark]
     options = _options(row)
     if kind == "auto":
@@ -165,7 +200,7 @@ def normalize_row(row: dict, benchmark: str, base: Path, images: dict,
         answer, options = str(answer).strip(), []
     category = row.get("category") or row.get("task") or meta.get("category") or ""
     return {"index": str(row.get("index", row.get("question_id", row.get("pid", "")))),
-            "image": _decode_image(row["image"], base, images) if decode_images else b"",
+            "image": images(n) if images else b"",
             "question": question,
             "options": options, "answer": answer, "kind": kind, "category": str(category),
             "tag": str(row.get("tag") or ""),
@@ -205,16 +240,16 @@ def read_benchmark(path, benchmark: str = "generic", verbose: bool = True,
     for field in ("question", "answer", "image"):
         if field not in rows[0]:
             raise BenchmarkError(f"{path}: missing column {field!r} (has {sorted(rows[0])})")
-    images, records, skipped = {}, [], []  # images: row index -> bytes, for VLMEvalKit references
+    images = RowImages(rows, path.parent) if decode_images else None
+    records, skipped = [], []
     for n, row in enumerate(rows, start=1):
         try:
-            rec = normalize_row(row, benchmark, path.parent, images, decode_images)
+            rec = normalize_row(row, benchmark, images, n)
         except SkipRow as e:
             skipped.append(f"{path}:row {n} (index {row.get('index', '?')}): {e}")
             if verbose:
                 print(f"skipping {skipped[-1]}")
             continue
-        images[str(row.get("index"))] = rec["image"]
         records.append(rec)
     if not records:
         raise BenchmarkError(f"{path}: all {len(rows)} rows were skipped")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .padding import bucket, right_pad
+from .preprocess import check_image
 from .prompts import ASSISTANT, TEMPLATES, USER, human_text
 from .tfds_io import Records, write_builder
 from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
@@ -33,8 +34,11 @@ class InstructError(ValueError):
 
 
 def read_llava_json(path, image_folder=None, verbose: bool = True) -> tuple[list, list]:
-    """(records, skipped): records in :data:`SCHEMA`; a conversation without turns, with an
-    unknown role or a missing image file is skipped with ``file:item N (id I): reason``."""
+    """(records, skipped): records in :data:`SCHEMA`; an item without turns, with an unknown
+    role, without an image, whose conversation does not hold exactly one ``<image>``
+    placeholder, or whose image file is missing or does not decode in full (every image is
+    decoded once here, so a bad one is not found at its training step) is skipped with
+    ``file:item N (id I): reason``."""
     path = Path(path)
     if not path.is_file():
         raise InstructError(f"{path}: instruction file not found")
@@ -54,11 +58,23 @@ def read_llava_json(path, image_folder=None, verbose: bool = True) -> tuple[list
             roles = [ROLES.get(t.get("from", "")) for t in turns]
             if None in roles:
                 raise ValueError(f"unknown role in {[t.get('from') for t in turns]}")
-            image = folder / str(item.get("image", ""))
-            if not item.get("image") or not image.is_file():
+            if not item.get("image"):
+                raise ValueError("no 'image' (conversations without an image are not supported)")
+            texts = [str(t.get("value", "")) for t in turns]
+            placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+            if placeholders != 1:
+                raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders in the "
+                                 "conversation; its one image needs exactly one")
+            image = folder / str(item["image"])
+            if not image.is_file():
                 raise ValueError(f"image {image} not found")
-            records.append({"id": str(item.get("id", n)), "image": image.read_bytes(),
-                            "roles": roles, "texts": [str(t.get("value", "")) for t in turns]})
+            raw = image.read_bytes()
+            try:
+                check_image(raw)  # decoded in full once, so a bad file is skipped here
+            except ValueError as e:
+                raise ValueError(f"image {image} does not decode as an image ({e})") from None
+            records.append({"id": str(item.get("id", n)), "image": raw, "roles": roles,
+                            "texts": texts})
         except (ValueError, AttributeError) as e:
             skipped.append(f"{path}:item {n} (id {item.get('id', '?') if isinstance(item, dict) else '?'}): {e}")
             if verbose:

@@ -4,6 +4,10 @@ CLIP (CLIPImageProcessor): resize the shortest edge (bicubic), center crop, resc
 normalise with OpenAI's CLIP mean/std. SigLIP (SiglipImageProcessor): resize to a square
 (bicubic), rescale, normalise with mean = std = 0.5. DINOv2 (BitImageProcessor): shortest edge to
 256/224 of the crop, center crop, ImageNet mean/std. Output is HF's channels-first float32.
+
+Encoded images are decoded in full when read (:func:`image_from_bytes`, :func:`load_image`),
+so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scaled to 8 bits
+(:func:`to_rgb`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..config import VisionConfig
 
@@ -26,24 +30,54 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageLike = Union[Image.Image, np.ndarray]
 
 
-def load_image(path) -> Image.Image:
-    """Opens an image file as RGB; raises ValueError naming the file if it cannot be decoded."""
-    path = Path(path)
+def image_from_bytes(raw: bytes) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image (:func:`to_rgb`), decoded in full, so that a
+    truncated or corrupt file fails here and not when its pixels are used; raises ValueError
+    with PIL's error as ``"OSError: image file is truncated (..)"``."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(raw)) as im:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad data)
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+
+
+def check_image(raw: bytes) -> None:
+    """Raises ValueError (as :func:`image_from_bytes`) unless ``raw`` decodes in full. JPEGs are
+    decoded at 1/8 scale (PIL's draft mode: every coded byte is still read, so truncation is
+    found, at about 1/6 of the time): what a reader checks every image of a dataset with."""
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except Exception as e:  # noqa: BLE001  (PIL raises many types for bad data)
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+
+
+def load_image(path) -> Image.Image:
+    """Opens an image file as RGB (:func:`image_from_bytes`); raises ValueError naming the file
+    if it cannot be read or decoded."""
+    path = Path(path)
+    try:
+        return image_from_bytes(path.read_bytes())
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from e
 
 
 def to_rgb(image: ImageLike) -> Image.Image:
-    """PIL image or uint8 array ([H, W], [H, W, 3] or [H, W, 4]) -> RGB PIL image."""
+    """PIL image or uint8 array ([H, W], [H, W, 3] or [H, W, 4]) -> RGB PIL image. Integer
+    grayscale ("I;16", "I;16B", .., and "I", which holds a 16-bit PNG in older Pillow) is taken
+    as 16-bit and scaled to 8 bits first (v x 255 / 65535, rounded, clipped to [0, 255]): PIL's
+    own conversion clips it, which turns a 16-bit image white. Float images ("F") are left to
+    PIL (their range is not known)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
             raise ValueError(f"image array has dtype {image.dtype} and shape {image.shape}; expected "
                              "uint8 [H, W], [H, W, 3] or [H, W, 4]")
         image = Image.fromarray(image)
+    if image.mode.startswith("I"):
+        eight_bit = np.rint(np.asarray(image, np.float64) * (255 / 65535))
+        image = Image.fromarray(np.clip(eight_bit, 0, 255).astype(np.uint8))
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
@@ -91,5 +125,4 @@ def preprocess(config: VisionConfig, images: Sequence[ImageLike], size: int = 0)
 def pixels_from_bytes(config, raw: bytes) -> np.ndarray:
     """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for a
     LLaVA config (S = its ``input_size``)."""
-    with Image.open(io.BytesIO(raw)) as im:
-        return preprocess(config.vision, [im.convert("RGB")], config.input_size)[0]
+    return preprocess(config.vision, [image_from_bytes(raw)], config.input_size)[0]
