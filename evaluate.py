@@ -48,7 +48,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import cli, eval_lib, mini_study, parallel, plots, scores, timing
+from vitsink_jax import cli, compile_cache, eval_lib, mini_study, parallel, plots, scores, timing
 from vitsink_jax.data import benchmarks, labels
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -774,6 +774,7 @@ MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmar
 
 def main(argv):
     del argv
+    compile_cache.enable(flags.FLAGS.config.compile_cache)
     cfg = flags.FLAGS.config
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:

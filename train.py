@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
-from vitsink_jax import cli, parallel, train_lib
+from vitsink_jax import cli, compile_cache, parallel, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct
@@ -261,14 +262,21 @@ def check_resume(manager, step: int, cfg, settings: dict) -> list:
         changes = ["the checkpoint records no run settings (written by an older vitsink_jax)"]
     else:
         changes = setting_changes(meta["settings"], settings)
-    if cfg.resume_changes not in ("refuse", "allow"):
-        raise SystemExit(f"error: resume_changes {cfg.resume_changes!r} not one of refuse, allow")
     if changes and cfg.resume_changes != "allow":
         raise SystemExit(f"error: {where} was saved by a run with other settings:\n  "
                          + "\n  ".join(changes) + "\nundo the change, use a new --workdir, or "
                          "resume anyway with --config.resume_changes=allow (recorded in "
                          "train_summary.json)")
     return changes
+
+
+def check_options(cfg) -> None:
+    """Refuses a misspelt fault option at the start, not at the first fault."""
+    for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow"))):
+        if cfg[key] not in allowed:
+            raise SystemExit(f"error: --config.{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    if cfg.max_skips < 0:
+        raise SystemExit(f"error: --config.max_skips={cfg.max_skips} is negative")
 
 
 def restore_checkpoint(manager, state, cfg, settings: dict):
@@ -291,21 +299,32 @@ def restore_checkpoint(manager, state, cfg, settings: dict):
                      "(set aside as <step>.nonfinite); start again in a new --workdir")
 
 
-def nonfinite_error(manager, first: int, step: int, metrics: dict, cfg) -> FloatingPointError:
-    """The error of a run stopped at ``step`` whose state gave non-finite values since data step
-    ``first``: the checkpoints from ``first`` on hold that state, so they are set aside; the
-    message names the checkpoint to resume from and the settings to change."""
-    aside = [manager.set_aside(s).name for s in manager.steps() if s >= first]
-    good = [s for s in manager.steps() if s < first]
-    where = (f"resume from step {good[-1]} (the newest checkpoint before it, in {manager.directory})"
-             if good else "no checkpoint precedes it: run again from step 0")
+def nonfinite_error(manager, first: int, step: int, metrics: dict, cfg, bad_state: bool,
+                    save_state) -> FloatingPointError:
+    """The error of a run stopped at ``step``, whose steps since data step ``first`` were not
+    applied (the state is still the one step ``first`` was given). ``bad_state`` (a loss was not
+    finite): that state is suspect, so the checkpoints from ``first`` on, which hold it, are set
+    aside and the message names the newest one before. Otherwise only an update was not finite:
+    the state is the good one before it, saved by ``save_state()`` as checkpoint ``first`` when
+    none is there yet."""
+    if bad_state:
+        aside = [manager.set_aside(s).name for s in manager.steps() if s >= first]
+        good = [s for s in manager.steps() if s < first]
+        what = "loss not finite"
+        fix = (f"checkpoints {', '.join(aside)} set aside; " if aside else "") + (
+            f"resume from step {good[-1]} (the newest checkpoint before it, in {manager.directory})"
+            if good else "no checkpoint precedes it: run again from step 0")
+    else:
+        if first not in manager.steps():
+            save_state()
+        what = f"update not finite (the loss {metrics['loss']:.4g} was)"
+        fix = f"the state before it is checkpoint {first}: resume from step {first}"
     return FloatingPointError(
-        f"loss or update not finite at step {step} (loss {metrics['loss']}, stage {cfg.stage}, "
-        f"{lr_text(metrics)}"
-        + (f"; {step - first + 1} steps in a row skipped" if step > first else "") + "); "
-        + (f"checkpoints {', '.join(aside)} set aside; " if aside else "") + where
-        + " with a lower learning rate (--config.optim.lr, --config.optim.lrs.<group>), or skip "
-        "such batches with --config.nonfinite=skip")
+        f"{what} at step {step} (loss {metrics['loss']}, stage {cfg.stage}, {lr_text(metrics)}"
+        + (f"; {step - first} step{'s' * (step - first > 1)} before it skipped" if step > first else "")
+        + "); "
+        + fix + " with a lower learning rate (--config.optim.lr, --config.optim.lrs.<group>), or "
+        "with --config.nonfinite=skip if the batch is bad")
 
 
 def lr_text(metrics: dict) -> str:
@@ -319,7 +338,8 @@ def devices_meta(cfg) -> dict:
 
 
 class MetricLog:
-    """metrics.jsonl (appended, one line per logged step) and TensorBoard scalars (process 0)."""
+    """metrics.jsonl (appended, one line per logged step, with the wall-clock ``time`` it was
+    written) and TensorBoard scalars (process 0)."""
 
     def __init__(self, workdir: Path):
         self.active = jax.process_index() == 0
@@ -331,7 +351,7 @@ class MetricLog:
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json.dumps({"step": step, **metrics, "time": time.time()}) + "\n")
         self.file.flush()
         for k, v in metrics.items():
             if v is not None:
@@ -345,6 +365,7 @@ class MetricLog:
 
 def train(cfg, workdir: Path) -> dict:
     """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
+    check_options(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.init_distributed(cfg.distributed)
     accum = cfg.optim.grad_accum
@@ -365,12 +386,15 @@ def train(cfg, workdir: Path) -> dict:
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
     runner = Runner(cfg, model, tx, schedules, frozen, mesh)
     state = runner.place(state)
-    start, changes = 0, []
+    start, changes, skipped = 0, [], []
     if manager.latest_step() is not None:
         one, saved, changes = restore_checkpoint(manager, runner.unplace(state), cfg, settings)
         state, start = runner.place(one), int(saved["data_step"])
         print(f"resumed from {manager.directory} at step {start}"
               + (f" with changed settings: {'; '.join(changes)}" if changes else ""))
+        # the run's history so far (every earlier session's) carries on in the checkpoints
+        changes = saved.get("resume_changes", []) + changes
+        skipped = [s for s in saved.get("skipped_steps", []) if s < start]
     n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     print(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M params "
           f"({', '.join(sorted(trainable))}), {cfg.steps} steps of {cfg.batch_size} rows"
@@ -383,8 +407,8 @@ def train(cfg, workdir: Path) -> dict:
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": settings["sha256:checkpoint"],
             "stage": cfg.stage, "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg),
-            "settings": settings}
-    losses, skipped, first_bad = [], [], None
+            "settings": settings, "resume_changes": changes}
+    losses, first_bad, due = [], None, False
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                disable=jax.process_index() != 0)
     for step in bar:
@@ -395,10 +419,14 @@ def train(cfg, workdir: Path) -> dict:
         if metrics.pop("applied"):
             first_bad = None
         else:  # the step kept the state it was given
-            first_bad = step if first_bad is None else first_bad
-            if cfg.nonfinite != "skip" or step - first_bad >= cfg.max_skips:
+            if first_bad is None:
+                first_bad, bad_state = step, False
+            bad_state |= not math.isfinite(metrics["loss"])
+            if cfg.nonfinite == "stop" or step - first_bad >= cfg.max_skips:
                 log.close()
-                raise nonfinite_error(manager, first_bad, step, metrics, cfg)
+                raise nonfinite_error(manager, first_bad, step, metrics, cfg, bad_state, lambda: manager.save(
+                    first_bad, runner.unplace(state), {**meta, "data_step": first_bad,
+                                                       "skipped_steps": skipped}))
             skipped.append(step)
             log.write(step, {"skipped": 1, "loss": None})
         if first_bad is None:
@@ -408,8 +436,13 @@ def train(cfg, workdir: Path) -> dict:
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 log.write(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step == cfg.steps - 1:
-            manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1})
+        # a checkpoint falling due in a run of skipped steps waits for the next applied one:
+        # it would hold the state that gave them and push a good one out of keep_checkpoints
+        due = due or (step + 1) % cfg.checkpoint_every == 0
+        if (due and first_bad is None) or step == cfg.steps - 1:
+            due = False
+            manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1,
+                                                           "skipped_steps": skipped})
     log.close()
     export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}
@@ -499,6 +532,7 @@ def run_recipe(cfg, workdir: Path) -> dict:
 
 def main(argv):
     del argv
+    compile_cache.enable(flags.FLAGS.config.compile_cache)
     cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
     if cfg.get("recipe"):
         run_recipe(cfg, workdir)

@@ -25,6 +25,7 @@ def get_config():
     c.checkpoint = ""      # a HF LLaVA folder, mini_study:<name>, or "" = the embedded default
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
     c.dtype = "float32"    # compute dtype: float32 | bfloat16
+    c.compile_cache = "auto"  # persistent XLA cache folder: auto (~/.cache/vitsink_jax/xla) | path | off
     c.top_k = 5            # demo: highest-norm tokens per image; analyze: logit-lens words (F4)
 
     # analyze mode: ViT-sink rule (see vitsink_jax.sinks.detect.SinkRule)

@@ -44,9 +44,11 @@ def get_config():
     c.keep_checkpoints = 2
     c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process
     c.log_every = 1
-    c.nonfinite = "stop"       # a non-finite loss / update: stop (checkpoints of the bad state set
-                               # aside) | skip: keep the state, drop the batch, go on
-    c.max_skips = 10           # skip: stop after this many non-finite steps in a row
+    c.compile_cache = "auto"   # persistent XLA cache folder: auto (~/.cache/vitsink_jax/xla) | path | off
+    c.nonfinite = "stop"       # a non-finite loss / update: stop (a loss: the checkpoints of that
+                               # state set aside; an update: the state before it saved) | skip:
+                               # keep the state, drop the batch, go on
+    c.max_skips = 10           # skip: at most this many non-finite steps in a row; the next stops
     c.resume_changes = "refuse"  # refuse | allow: resume a checkpoint whose run settings
                                  # (train.RUN_KEYS) differ from this config's
 

@@ -63,6 +63,20 @@ def test_image_references_resolve_against_all_rows(tmp_path):
             "not decode as an image (OSError: image file is truncated") in skipped[3]
 
 
+def test_image_placeholder_in_a_benchmark_text_skips_the_row(tmp_path):
+    """``<image>`` in a question, hint or option would expand to a second image's tokens in the
+    prompt: that row is skipped and named, its neighbours scored."""
+    rows = [{**mc_row(0, b64(0)), "hint": ""}, {**mc_row(1, b64(1)), "question": "what is <image>?"},
+            {**mc_row(2, b64(2)), "B": "an <image>"}, {**mc_row(3, b64(3)), "hint": "see <image>"},
+            mc_row(4, b64(4))]
+    recs, skipped = B.read_benchmark(write_tsv(tmp_path / "p.tsv", rows), "mmstar", verbose=False)
+    assert [r["index"] for r in recs] == ["0", "4"]
+    assert [s.split(": ", 1)[1] for s in skipped] == [
+        "field 'question' holds the image placeholder '<image>'",
+        "field 'option B' holds the image placeholder '<image>'",
+        "field 'question' holds the image placeholder '<image>'"]
+
+
 def test_bad_training_items_are_skipped_at_read_time(tmp_path):
     (tmp_path / "a.png").write_bytes(png(0))
     (tmp_path / "text.jpg").write_text("hello")

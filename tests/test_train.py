@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -119,7 +120,7 @@ def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finit
     step 1; resuming with lr 1e-3 finishes bitwise equal to a run with lr 1e-3 throughout."""
     kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=1,
               **{"optim.warmup_steps": 1})
-    with pytest.raises(FloatingPointError, match=r"at step 2 .* checkpoints 2.nonfinite set aside; "
+    with pytest.raises(FloatingPointError, match=r"loss not finite at step 2 .* checkpoints 2.nonfinite set aside; "
                        r"resume from step 1 .*--config.optim.lr"):
         train.train(config(**kw, **{"optim.lr": 1e30}), tmp_path / "run")
     assert kept_checkpoints(tmp_path / "run") == ["1", "2.nonfinite"]
@@ -129,23 +130,45 @@ def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finit
     same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
 
 
+def test_a_nonfinite_update_keeps_the_state_before_it(base, tmp_path, monkeypatch):
+    """An infinite learning rate at update 1 (fault injection) makes only the update non-finite
+    (the loss is finite): the state before it is saved as checkpoint 1 (none was due), nothing is
+    set aside, and resuming from it finishes bitwise equal to a straight run."""
+    plain = train.train_lib.make_schedule
+    monkeypatch.setattr(train.train_lib, "make_schedule", lambda cfg, lr, n: (
+        lambda c, s=plain(cfg, lr, n): jnp.where(c == 1, jnp.inf, s(c))))
+    kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=2)
+    with pytest.raises(FloatingPointError, match=r"update not finite \(the loss \S+ was\) at step 1 "
+                       r".*the state before it is checkpoint 1: resume from step 1 with a lower"):
+        train.train(config(**kw), tmp_path / "run")
+    assert kept_checkpoints(tmp_path / "run") == ["1"]
+    monkeypatch.undo()
+    assert train.train(config(**kw), tmp_path / "run")["resumed_from"] == 1
+    train.train(config(**kw), tmp_path / "straight")
+    same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
+
+
 def test_a_nonfinite_batch_is_skipped_or_stops_the_run(base, tmp_path, monkeypatch):
     """NaN pixels in global batch 2 (fault injection): ``nonfinite=skip`` keeps the state, counts
-    the step and goes on; the default stops before saving, naming the step to resume from."""
-    plain = train.Batches.__call__
+    the step and goes on; past ``max_skips`` in a row the run stops, setting aside the
+    checkpoints of the state that gave a non-finite loss and naming the step to resume from."""
+    plain, poisoned_steps = train.Batches.__call__, {2}
 
     def poisoned(self, step):
         batch = plain(self, step)
-        return {**batch, "pixels": batch["pixels"] * np.nan} if step == 2 else batch
+        return {**batch, "pixels": batch["pixels"] * np.nan} if step in poisoned_steps else batch
 
     monkeypatch.setattr(train.Batches, "__call__", poisoned)
-    kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=1)
-    summary = train.train(config(nonfinite="skip", **kw), tmp_path / "skip")
+    kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=1,
+              nonfinite="skip")
+    summary = train.train(config(**kw), tmp_path / "skip")
     assert summary["skipped_steps"] == [2] and np.isfinite(summary["last_loss"])
     lines = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [x.get("skipped", 0) for x in lines] == [0, 0, 1, 0]
-    with pytest.raises(FloatingPointError, match=r"at step 2 .*checkpoints 2.nonfinite set aside; resume from step 1"):
-        train.train(config(**kw), tmp_path / "stop")
+    poisoned_steps.add(3)
+    with pytest.raises(FloatingPointError, match=r"loss not finite at step 3 .*; 1 step before it "
+                       r"skipped\); checkpoints 2.nonfinite set aside; resume from step 1"):
+        train.train(config(**kw, max_skips=1), tmp_path / "stop")  # no checkpoint 3 (skipped)
     assert kept_checkpoints(tmp_path / "stop") == ["1", "2.nonfinite"]
 
 
@@ -153,6 +176,8 @@ def test_resume_refuses_changed_run_settings_by_name(base, tmp_path):
     """A resume whose run-defining settings differ is refused with one line per change naming
     its flag (before the model loads); ``resume_changes=allow`` resumes and records them; a
     state of another shape is named in one line, not an orbax tree dump."""
+    with pytest.raises(SystemExit, match="--config.nonfinite='stpo' is not one of stop, skip"):
+        train.train(config(nonfinite="stpo"), tmp_path / "typo")
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
     work = tmp_path / "run"
     train.train(config(steps=2, **kw), work)
@@ -168,7 +193,7 @@ def test_resume_refuses_changed_run_settings_by_name(base, tmp_path):
     summary = train.train(config(steps=3, **{**kw, "batch_size": 4, "resume_changes": "allow"}), work)
     assert summary["resumed_from"] == 2
     assert summary["resume_changes"] == ["--config.batch_size: 8 in the checkpoint, 4 now"]
-    with pytest.raises(ValueError, match=r"embedded_default holds the embedded model of other settings "
+    with pytest.raises(vj.CheckpointError, match=r"embedded_default holds the embedded model of other settings "
                        r"\(--config.embedded.text_hidden: 64 there, 32 now\)"):
         train.train(config(**{"embedded.text_hidden": 32}), base)
 

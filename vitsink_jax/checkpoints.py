@@ -175,29 +175,37 @@ class StateCheckpoints:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Writes ``state`` and ``meta`` as ``step``; on failure removes the partial step and
-        raises :class:`CheckpointSaveError`."""
+        raises :class:`CheckpointSaveError` on every process (a failure on one host, e.g. its
+        disk full, would otherwise leave the others waiting in the next collective)."""
+        local = local_shards(state) if self.storage == "per_process" else None
         try:
-            self._check_space(step, state)
-            if self.storage == "per_process":
-                return self.folder.save(step, local_shards(state), meta)
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001  (orbax / tensorstore / numpy raise many types)
+            self._check_space(state if local is None else local)
+            if local is not None:
+                self.folder.save(step, local, meta)
+            else:
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+                self.manager.wait_until_finished()
+            error = None
+        except (OSError, ValueError) as e:  # tensorstore reports IO errors as ValueError
             if self.storage != "per_process" and jax.process_index() == 0:
                 for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp, ignore_errors=True)
-            raise _save_error(self.directory, step, e) from e
+            error = _save_error(self.directory, step, e)
+            error.__cause__ = e
+        failed = [(i, str(x)) for i, x in enumerate(parallel.allgather_objects(
+            None if error is None else [error.errno, str(error)])) if x]
+        if error is not None:
+            raise error
+        if failed:  # another process's save failed: this one's step is incomplete as a whole
+            i, (code, text) = failed[0]
+            raise CheckpointSaveError(code, f"process {i}: {text}")
 
-    def _check_space(self, step: int, state) -> None:
-        """Raises ENOSPC before writing when the disk has less room than the state's bytes (this
-        process's shards, or the global arrays for the shared storage): a write that fails
-        midway leaves orbax's writer threads printing tracebacks."""
-        leaves = jax.tree_util.tree_leaves(state)
-        if self.storage == "per_process":
-            need = sum(sum(s.data.nbytes for s in x.addressable_shards) for x in leaves)
-        else:
-            need = sum(x.nbytes for x in leaves)
+    def _check_space(self, tree) -> None:
+        """Raises ENOSPC before writing when the disk has less room than ``tree``'s bytes (the
+        distinct local shards for per-process storage, or the global arrays for the shared
+        storage): a write that fails midway leaves orbax's writer threads printing tracebacks."""
+        need = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
         free = shutil.disk_usage(self.directory).free
         if free < need:
             raise OSError(errno.ENOSPC, f"{need / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free")
@@ -205,11 +213,12 @@ class StateCheckpoints:
     def set_aside(self, step: int) -> Path:
         """Renames checkpoint ``step`` to ``<step>.nonfinite`` (``.nonfinite-2``, ... if taken):
         kept for inspection, no longer resumed from. Returns the new path."""
-        new = self.directory / f"{step}.nonfinite"
+        def name(n: int) -> Path:
+            return self.directory / (f"{step}.nonfinite" + (f"-{n}" if n > 1 else ""))
         n = 1
-        while new.exists():
+        while name(n).exists():
             n += 1
-            new = self.directory / f"{step}.nonfinite-{n}"
+        new = name(max(parallel.allgather_objects(n)))  # one name on every process
         if self.storage == "per_process" or jax.process_index() == 0:
             os.replace(self.directory / str(step), new)
         if self.storage != "per_process":

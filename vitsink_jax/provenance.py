@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import compile_cache
 from .atomic import share, write_error
 
 PACKAGES = ("vitsink_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
@@ -30,9 +31,13 @@ def package_versions() -> dict:
 
 def record(config: Any, seed: int, checkpoint: str | None = None,
            checkpoint_sha256: str | None = None) -> dict:
+    """What produced a result: the config, seed, package versions, checkpoint and its hash,
+    and, in a CLI run, its compile time and cache use so far (:func:`compile_cache.stats`)."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {"config": cfg, "seed": seed, "versions": package_versions(),
-            "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256}
+    out = {"config": cfg, "seed": seed, "versions": package_versions(),
+           "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256}
+    compiled = compile_cache.stats()
+    return out if compiled is None else {**out, "compile": compiled}
 
 
 def write_json(path, obj) -> Path:

@@ -25,8 +25,9 @@ Record schema (every benchmark, one dict per item)::
 Bad input: a missing required column or an empty file raises :class:`BenchmarkError` naming
 the file and field; a row whose image does not decode in full (a truncated JPEG fails here, not
 at scoring), refers to no row or to a row whose image does not decode, or whose answer is not
-among its options is skipped with a message naming file, row and field, and counted in
-``skipped``.
+among its options, or whose question, hint or options hold the ``<image>`` placeholder (the
+prompt would get a second image's tokens) is skipped with a message naming file, row and field,
+and counted in ``skipped``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import numpy as np
 from .preprocess import check_image
 from .prompts import LETTERS
 from .tfds_io import read_builder, write_builder
+from .tokenizer import IMAGE_PLACEHOLDER
 
 KINDS = ("mc", "yesno", "open")
 # benchmark -> default kind of its items ("auto": mc when the row has options, else open)
@@ -198,6 +200,9 @@ def normalize_row(row: dict, benchmark: str, images: RowImages | None = None, n:
         options = []
     else:
         answer, options = str(answer).strip(), []
+    for field, text in [("question", question)] + [(f"option {o}", t) for o, t in zip(LETTERS, options)]:
+        if IMAGE_PLACEHOLDER in text:  # would expand to a second image's tokens in the prompt
+            raise SkipRow(f"field {field!r} holds the image placeholder {IMAGE_PLACEHOLDER!r}")
     category = row.get("category") or row.get("task") or meta.get("category") or ""
     return {"index": str(row.get("index", row.get("question_id", row.get("pid", "")))),
             "image": images(n) if images else b"",
