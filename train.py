@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from vitsink_jax import cli, compile_cache, parallel, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct
+from vitsink_jax.data.prefetch import Prefetch
 from vitsink_jax.data.preprocess import pixels_from_bytes
 from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import to_diysink
@@ -87,10 +89,17 @@ def load_data(cfg, workdir: Path):
     """The instruction records by index (``instruct.open_instruct``: read on access): every
     process reads the source itself and writes its own tfds builder of all records (in a folder
     of its own when there are several: hosts share no filesystem), so any host can read any
-    row of a global batch."""
+    row of a global batch. The builder records its source (``source.json``: the JSON file's
+    sha256 and image folder, or the embedded data's settings); a later run (a resume) of the same
+    source reuses it instead of decoding every image again."""
     d = cfg.data
     data_dir = parallel.process_local(Path(d.data_dir or workdir / "tfds"))
     name = Path(d.json).stem if d.json else "embedded"
+    source = ({"json_sha256": file_sha256(d.json), "image_folder": str(d.image_folder)} if d.json else
+              {"embedded": [cfg.seed + 1000, d.variants, d.image_size, d.mc_format]})
+    marker = data_dir / "local_records" / f"instruct_{name}" / "source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == source:
+        return instruct.open_instruct(name, data_dir)  # written by an earlier run of this source
     if d.json:
         records, skipped = instruct.read_llava_json(d.json, d.image_folder or None)
         if jax.process_index() == 0:
@@ -100,6 +109,7 @@ def load_data(cfg, workdir: Path):
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
     instruct.write_instruct(records, name, data_dir)
+    write_json(marker, source)
     return instruct.open_instruct(name, data_dir)
 
 
@@ -110,7 +120,9 @@ class Batches:
     supplies its contiguous slice of it (``parallel.process_rows``), padded to the longest row
     of the whole global batch, so every process passes arrays of one shape (and as a one-process
     run would). Rows are tokenized when needed; only each record's token count is kept (every
-    process counts the tokens of every row of a batch, its own and the others')."""
+    process counts the tokens of every row of a batch, its own and the others'). Safe to call
+    from several threads at once (``vitsink_jax.data.prefetch``); the tokenizer serves one at a
+    time (a Rust-backed fast tokenizer may refuse concurrent calls: "Already borrowed")."""
 
     def __init__(self, records, model, tokenizer, cfg, process_index=None, process_count=None):
         self.records, self.model, self.tok, self.cfg = records, model, tokenizer, cfg
@@ -119,13 +131,15 @@ class Batches:
                              f"{len(records)} training records")
         self.rows = parallel.process_rows(cfg.batch_size, process_index, process_count)
         self.lengths = np.full(len(records), -1, np.int64)  # tokens of record i, once counted
+        self.tokenizing = threading.Lock()
 
     def example(self, i: int, record=None) -> dict:
         """Record i tokenized (ids, loss_mask, question_mask); counts its tokens."""
         c = self.model.config
         record = self.records[i] if record is None else record
-        ids, loss_mask, question_mask = instruct.tokenize_conversation(
-            self.tok, record["roles"], record["texts"], c.num_image_tokens, c.image_token_index)
+        with self.tokenizing:
+            ids, loss_mask, question_mask = instruct.tokenize_conversation(
+                self.tok, record["roles"], record["texts"], c.num_image_tokens, c.image_token_index)
         self.lengths[i] = len(ids)
         return {"ids": ids, "loss_mask": loss_mask, "question_mask": question_mask}
 
@@ -181,6 +195,11 @@ class Runner:
             return state, jax.tree_util.tree_map(lambda x: x[0], metrics)
         return self.step(state, self.frozen, parallel.global_batch(local_batch, self.mesh))
 
+    @staticmethod
+    def host_metrics(metrics: dict) -> dict:
+        """A step's metrics as Python floats, read in one transfer (waits for the step)."""
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
     def unplace(self, state):
         """The state as one copy (pmap keeps one per device)."""
         return jax.tree_util.tree_map(lambda x: x[0], state) if self.strategy == "pmap" else state
@@ -199,8 +218,9 @@ RUN_KEYS = ("seed", "stage", "finetune_parts", "batch_size", "compute_dtype", "s
 def run_settings(cfg, ckpt: Path) -> dict:
     """{dotted config key: value} of :data:`RUN_KEYS` that apply to this run (the embedded
     model's shape only without ``checkpoint``, the embedded data's only without ``data.json``,
-    DIYSink's only when enabled), plus ``sha256:checkpoint`` (the base checkpoint's files) and
-    ``sha256:data.json`` (the instruction file's bytes): the config as stored in a checkpoint."""
+    DIYSink's only when enabled, the trained parts only for the finetune stage), plus
+    ``sha256:checkpoint`` (the base checkpoint's files) and ``sha256:data.json`` (the
+    instruction file's bytes): the config as stored in a checkpoint."""
     flat = {}
     for key in RUN_KEYS:
         top, _, sub = key.partition(".")
@@ -213,6 +233,8 @@ def run_settings(cfg, ckpt: Path) -> dict:
         ("data.variants", "data.image_size", "data.mc_format") if cfg.data.json else ("data.image_folder",))
     if not cfg.diysink.enabled:
         skip += tuple(k for k in flat if k.startswith("diysink.") and k != "diysink.enabled")
+    if cfg.stage != "finetune":  # the other stages train fixed parts
+        skip += ("finetune_parts",)
     flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
     flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
     if cfg.data.json:
@@ -277,6 +299,9 @@ def check_options(cfg) -> None:
             raise SystemExit(f"error: --config.{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
     if cfg.max_skips < 0:
         raise SystemExit(f"error: --config.max_skips={cfg.max_skips} is negative")
+    if cfg.data.prefetch < 0 or cfg.data.workers < 1:
+        raise SystemExit(f"error: --config.data.prefetch={cfg.data.prefetch} must be >= 0 (0: no "
+                         f"prefetch) and --config.data.workers={cfg.data.workers} >= 1")
 
 
 def restore_checkpoint(manager, state, cfg, settings: dict):
@@ -411,38 +436,43 @@ def train(cfg, workdir: Path) -> dict:
     losses, first_bad, due = [], None, False
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                disable=jax.process_index() != 0)
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = batches(step)
-        state, metrics = runner.run(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if metrics.pop("applied"):
-            first_bad = None
-        else:  # the step kept the state it was given
+    # the batches of the next steps are computed in threads while a step runs (the same batches
+    # in the same order); leaving the loop, by an exception too, stops them
+    with Prefetch(batches, range(start, cfg.steps), cfg.data.prefetch, cfg.data.workers) as feed:
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = feed.get(step)  # computed while the steps before it ran
+            state, metrics = runner.run(state, batch)
+            metrics = runner.host_metrics(metrics)
+            if metrics.pop("applied"):
+                first_bad = None
+            else:  # the step kept the state it was given
+                if first_bad is None:
+                    first_bad, bad_state = step, False
+                bad_state |= not math.isfinite(metrics["loss"])
+                if cfg.nonfinite == "stop" or step - first_bad >= cfg.max_skips:
+                    log.close()
+                    raise nonfinite_error(
+                        manager, first_bad, step, metrics, cfg, bad_state, lambda: manager.save(
+                            first_bad, runner.unplace(state), {**meta, "data_step": first_bad,
+                                                               "skipped_steps": skipped}))
+                skipped.append(step)
+                log.write(step, {"skipped": 1, "loss": None})
             if first_bad is None:
-                first_bad, bad_state = step, False
-            bad_state |= not math.isfinite(metrics["loss"])
-            if cfg.nonfinite == "stop" or step - first_bad >= cfg.max_skips:
-                log.close()
-                raise nonfinite_error(manager, first_bad, step, metrics, cfg, bad_state, lambda: manager.save(
-                    first_bad, runner.unplace(state), {**meta, "data_step": first_bad,
-                                                       "skipped_steps": skipped}))
-            skipped.append(step)
-            log.write(step, {"skipped": 1, "loss": None})
-        if first_bad is None:
-            metrics["tokens_per_s"] = float(batch["mask"].sum()) * jax.process_count() / (
-                time.perf_counter() - t0)
-            losses.append(metrics["loss"])
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                log.write(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        # a checkpoint falling due in a run of skipped steps waits for the next applied one:
-        # it would hold the state that gave them and push a good one out of keep_checkpoints
-        due = due or (step + 1) % cfg.checkpoint_every == 0
-        if (due and first_bad is None) or step == cfg.steps - 1:
-            due = False
-            manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1,
-                                                           "skipped_steps": skipped})
+                metrics["tokens_per_s"] = float(batch["mask"].sum()) * jax.process_count() / (
+                    time.perf_counter() - t0)
+                metrics["data_wait_s"] = feed.waited  # of this step's batch
+                losses.append(metrics["loss"])
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    log.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            # a checkpoint falling due in a run of skipped steps waits for the next applied one:
+            # it would hold the state that gave them and push a good one out of keep_checkpoints
+            due = due or (step + 1) % cfg.checkpoint_every == 0
+            if (due and first_bad is None) or step == cfg.steps - 1:
+                due = False
+                manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1,
+                                                               "skipped_steps": skipped})
     log.close()
     export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}
@@ -453,7 +483,8 @@ def train(cfg, workdir: Path) -> dict:
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
                "steps": cfg.steps, "resumed_from": start, "resume_changes": changes,
                "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "export": str(export)}
+               "last_loss": losses[-1] if losses else None, "export": str(export),
+               "data_wait_share": feed.wait_share()}
     if jax.process_index() == 0:
         write_json(workdir / "train_summary.json", summary)
         print(f"losses: first {summary['first_loss']}, last {summary['last_loss']}; "
@@ -532,6 +563,7 @@ def run_recipe(cfg, workdir: Path) -> dict:
 
 def main(argv):
     del argv
+    train_lib.keep_host_memory()  # first: before JAX starts a thread (see its doc)
     compile_cache.enable(flags.FLAGS.config.compile_cache)
     cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
     if cfg.get("recipe"):

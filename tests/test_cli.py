@@ -81,6 +81,41 @@ def test_forward_benchmark_quick(tmp_path):
     assert result["sink_to_front_jit_s"] > 0
 
 
+def test_eval_throughput_benchmark_quick(tmp_path):
+    """benchmarks/eval_throughput.py on a tiny shape: the three contenders run, ours chooses
+    HF log-likelihood's options (the script fails otherwise) and never compiles after its
+    first call."""
+    r = json.loads(run_benchmark_script("eval_throughput", tmp_path).read_text())
+    assert r["options_equal_hf_loglik"] and r["compiles_after_first_call"] == 0
+    assert 1 <= r["first_call_compiles"] and r["max_abs_score_diff_vs_hf"] < 1e-4
+    assert set(r["items_per_s"]) == {"ours", "hf_loglik", "hf_generate"}
+
+
+def test_input_pipeline_benchmark_quick(tmp_path):
+    """The loader's rate per thread count, and the data-wait share of two short train.py runs:
+    with the prefetch the step hardly waits (tiny steps: a generous bound), without it it does."""
+    results = (ROOT / "benchmarks" / "results.json").read_text()
+    result = json.loads(run_benchmark_script("input_pipeline", tmp_path).read_text())
+    assert [x["workers"] for x in result["loader"]] == [1, 2]
+    assert all(x["images_per_s"] > 0 and x["images"] == 4 * 8 for x in result["loader"])
+    on, off = result["train_runs"]["on"][0], result["train_runs"]["off"][0]
+    assert on["steps"] == off["steps"] == 3 and on["prefetch_wait_share"] is not None
+    assert result["data_wait_share"]["on"] < 0.5 * result["data_wait_share"]["off"]
+    assert (ROOT / "benchmarks" / "results.json").read_text() == results  # --quick writes none
+
+
+def test_train_step_benchmark_quick(tmp_path):
+    """benchmarks/train_step.py on the tiny config: our step (train.py's runner) and HF's run,
+    start from the same weights (same first loss), and report faults and CPU times per step."""
+    r = json.loads(run_benchmark_script("train_step", tmp_path).read_text())
+    assert r["speedup_vs_hf_sdpa"] > 0 and r["malloc"] == "kept"
+    first = r["first_loss"]
+    assert abs(first["ours_fp32"] - first["hf_sdpa"]) <= 1e-4 * first["hf_sdpa"]
+    assert set(r["step"]) == {"ours_fp32", "hf_sdpa", "hf_eager"}
+    for x in [*r["step"].values(), *r["profile_fp32"].values()]:
+        assert x["wall_s"] > 0 and x["minor_faults"] >= 0 and x["sys_s"] >= 0
+
+
 def test_analyze_end_to_end_report_and_plots(tmp_path):
     images = photo_folder(tmp_path, {"coffee.png": data.coffee, "rocket.jpg": data.rocket},
                           "empty.png", b"")

@@ -27,7 +27,7 @@ from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
 from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT, to_diysink
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.embedded import embedded_tokenizer
-from vitsink_jax.data.padding import left_pad
+from vitsink_jax.data.padding import bucket, left_pad
 from vitsink_jax.generate import filter_logits, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -376,3 +376,52 @@ def test_greedy_generation_matches_transformers_on_a_medium_checkpoint(tmp_path,
                           pixel_values=torch.tensor(pix), max_new_tokens=12, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:].numpy()
     np.testing.assert_array_equal(np.asarray(generate(model, params, ids, mask, pix, 12)), ref)
+
+
+# ------------------------------------------- one compiled scorer per shape, batches packed ---
+
+def _yes_no(rec: dict) -> dict:
+    return {**rec, "index": f"{rec['index']}-yn", "kind": "yesno", "options": [], "answer": "Yes",
+            "question": f"{rec['question']} Is it {rec['options'][0]}?"}
+
+
+def test_the_scorer_compiles_once_per_length_bucket_and_keeps_record_order(tiny):
+    """loglik_scores reuses one jitted scorer per (model, strategy, routing, mesh): a benchmark
+    whose rows fall in several length buckets (mc and yes/no, two candidate counts) compiles at
+    most once per bucket, the same benchmark again compiles nothing, and later calls (fewer
+    candidates, one record at a time) compile only buckets not met yet: once per bucket in all.
+    Rows are packed by length; the scores come back in record order and equal each record
+    scored alone."""
+    d = tiny
+    recs = [r for rec in d["records"] for r in (rec, _yes_no(rec))]
+    cfg = eval_cfg(length_bucket=4)
+    c = d["model"].config
+    buckets = {bucket(len(row[0]), 4) for rec in recs
+               for row in E.scoring_rows(d["tok"], rec, TEMPLATES, c.num_image_tokens, c.image_token_index)}
+    assert len(buckets) > 1
+    compiles = []
+
+    def listen(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    E._scorer.cache_clear()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        scores, sinks = E.loglik_scores(d["model"], d["params"], d["tok"], recs, cfg)
+        first = len(compiles)
+        again, _ = E.loglik_scores(d["model"], d["params"], d["tok"], recs, cfg)
+        second = len(compiles) - first
+        yes_no, _ = E.loglik_scores(d["model"], d["params"], d["tok"], recs[1::2], cfg)
+        alone = [E.loglik_scores(d["model"], d["params"], d["tok"], [rec], cfg) for rec in recs]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert 1 <= first <= len(buckets) and second == 0, (first, second, sorted(buckets))
+    assert len(compiles) <= len(buckets), (len(compiles), sorted(buckets))
+    assert E._scorer.cache_info().currsize == 1
+    assert again == scores
+    assert [len(s) for s in scores] == [4 if r["kind"] == "mc" else 2 for r in recs]
+    np.testing.assert_allclose(yes_no, scores[1::2], atol=1e-5)
+    for s, k, (s1, k1) in zip(scores, sinks, alone):
+        np.testing.assert_allclose(s, s1[0], atol=1e-5)
+        assert k == k1[0]

@@ -100,8 +100,11 @@ def test_resume_equals_straight_run(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
     train.train(config(steps=5, **kw), tmp_path / "straight")
     train.train(config(steps=2, **kw), tmp_path / "resumed")   # "killed" after 2 steps
+    data = tmp_path / "resumed" / "tfds" / "local_records" / "instruct_embedded"
+    written = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
     summary = train.train(config(steps=5, **kw), tmp_path / "resumed")
     assert summary["resumed_from"] == 2
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == written  # data reused, not rebuilt
     same(params_of(tmp_path / "resumed"), params_of(tmp_path / "straight"))
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     resumed = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()

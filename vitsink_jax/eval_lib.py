@@ -16,7 +16,12 @@
   benchmark owners compute them (:func:`vitsink_jax.scores.official`, under ``official``).
 
 Batches are padded to ``batch_size`` rows (a multiple of the device count) and to length buckets,
-then split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``).
+then split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``). Scoring rows are
+sorted by length first, so a batch's rows share a bucket, and the candidate axis is padded to a
+multiple of :data:`CANDIDATE_BUCKET`; the jitted scorer is built once per (model, strategy,
+routing, mesh) for the whole run (:func:`_scorer`), so it compiles once per length bucket, not
+once per call. A background thread prepares the next batches' inputs (image decoding,
+padding) while the device runs the current one.
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ from .data.prompts import LETTERS, USER, human_text
 from .data.tokenizer import encode_marked
 from .diysink import cot_route
 from .data.padding import bucket, left_pad, right_pad
+from .data.prefetch import Prefetch
 from .generate import generate
 from .scores import extract_choice, extract_yes_no, official, open_match
 
 MC_FORMATS = ("letter", "cloze")
+CANDIDATE_BUCKET = 4  # the candidate axis is padded to a multiple of this: yes/no and up to 4
+                      # options share one program
 
 
 # ------------------------------------------------------------------------------ prompts ---
@@ -163,6 +171,14 @@ def make_scorer(model, strategy: str = "mesh", routed: bool = False, mesh=None):
     return parallel.data_parallel(score, strategy, mesh)
 
 
+@functools.lru_cache(maxsize=32)
+def _scorer(model, strategy: str, routed: bool, mesh):
+    """:func:`make_scorer` built once per (model, strategy, routing, mesh): its jitted program
+    then compiles once per batch shape for the whole run (every call, every benchmark), where a
+    scorer built per call compiled again on every call."""
+    return make_scorer(model, strategy, routed, mesh)
+
+
 def placed(params, strategy: str = "mesh"):
     """(params ready for :func:`parallel.data_parallel`, their mesh or None): params sharded on a
     mesh (``load_pretrained(..., mesh=...)``, evaluate.py's eval.fsdp / eval.tensor) stay as they
@@ -190,17 +206,24 @@ def _batches(rows: list, batch_size: int):
 def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = "mesh",
                   routes=None):
     """(per record a list with one log-likelihood per candidate, per record its sink count).
-    ``routes``: per-record token selection codes (CoT routing) or None."""
+    ``routes``: per-record token selection codes (CoT routing) or None.
+
+    The rows are scored sorted by length (a batch holds rows of neighbouring lengths, padded to
+    the bucket of its longest; the results keep the record order), in batches of a fixed size
+    with the candidate axis padded to a multiple of :data:`CANDIDATE_BUCKET`, by the run's one
+    scorer for this model (:func:`_scorer`): the program compiles once per length bucket."""
     c = model.config
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
         rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, c.num_image_tokens,
                                               c.image_token_index, cfg.mc_format)]
+    rows.sort(key=lambda row: len(row[1][0]))  # stable: ties keep the record order
     params, mesh = placed(params, strategy)
-    scorer = make_scorer(model, strategy, routed=routes is not None, mesh=mesh)
+    scorer = _scorer(model, strategy, routes is not None, mesh)
     routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
     bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
-    kmax = parallel.max_over_processes(max(max(len(r[2]) for _, r in rows), 1))  # same shapes on every host
+    kmax = parallel.max_over_processes(  # the same shapes on every host, and from call to call
+        bucket(max(max(len(r[2]) for _, r in rows), 1), CANDIDATE_BUCKET))
     scores = [np.zeros(len(candidates(r, cfg.mc_format))) for r in records]
     sinks = np.zeros(len(records), np.int64)
     cache = {}
@@ -208,22 +231,31 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     batches = list(_batches(rows, bs))
     # every process runs as many global batches; spare ones repeat a batch and are dropped
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
-    for chunk, n in tqdm(batches, desc="scoring", unit="batch"):
-        length = parallel.max_over_processes(bucket(max(len(r[0]) for _, r in chunk), cfg.length_bucket))
+    # the collectives here, in this thread: the inputs' thread does host-local work only
+    lengths = [parallel.max_over_processes(bucket(max(len(r[0]) for _, r in chunk), cfg.length_bucket))
+               for chunk, _ in batches]
+
+    def inputs(k):
+        """Batch k's arrays, in the scorer's argument order (ids ... question)."""
+        chunk, length = batches[k][0], lengths[k]
         ids, mask = right_pad([r[0] for _, r in chunk], length, pad)
-        targets = right_pad([r[1] for _, r in chunk], length, -1)[0]
-        cand = right_pad([r[2] for _, r in chunk], kmax, -1)[0]
-        question = right_pad([r[4] for _, r in chunk], length, False)[0]
         pixels = np.stack([_pixels(model, records[i], cache) for i, _ in chunk])
-        route = np.asarray([routes[i] for i, _ in chunk], np.int32)
-        seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, ids, mask, pixels, targets, cand,
-                                                         route, question))
-        for b, (i, (_, _, row_c, which, _)) in enumerate(chunk[:n]):
-            sinks[i] = n_sinks[b]
-            if which < 0:
-                scores[i] = last_lp[b, :len(row_c)]
-            else:
-                scores[i][which] = seq_lp[b]
+        return (ids, mask, pixels, right_pad([r[1] for _, r in chunk], length, -1)[0],
+                right_pad([r[2] for _, r in chunk], kmax, -1)[0],
+                np.asarray([routes[i] for i, _ in chunk], np.int32),
+                right_pad([r[4] for _, r in chunk], length, False)[0])
+
+    # one thread prepares the next two batches (image decoding, padding) while one is scored
+    with Prefetch(inputs, range(len(batches)), ahead=2, workers=1) as prepared:
+        for (chunk, n), batch in tqdm(zip(batches, prepared), total=len(batches), desc="scoring",
+                                      unit="batch"):
+            seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, *batch))
+            for b, (i, (_, _, row_c, which, _)) in enumerate(chunk[:n]):
+                sinks[i] = n_sinks[b]
+                if which < 0:
+                    scores[i] = last_lp[b, :len(row_c)]
+                else:
+                    scores[i][which] = seq_lp[b]
     return [np.asarray(s, np.float64).tolist() for s in scores], sinks.tolist()
 
 

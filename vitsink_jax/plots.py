@@ -4,11 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+class _Pyplot:
+    """matplotlib.pyplot on the Agg backend, imported at the first figure: importing it costs
+    about a second of every CLI start, and most runs draw nothing."""
+
+    def __getattr__(self, name):
+        import matplotlib
+
+        if "pyplot" not in self.__dict__:
+            matplotlib.use("Agg")
+            import matplotlib.pyplot
+
+            self.__dict__["pyplot"] = matplotlib.pyplot
+        return getattr(self.__dict__["pyplot"], name)
+
+
+plt = _Pyplot()
 
 
 def _save(fig, path) -> Path:
