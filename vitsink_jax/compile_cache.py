@@ -4,7 +4,7 @@ seconds a run spent.
 train.py and evaluate.py call :func:`enable` with their ``compile_cache`` setting before
 compiling anything: ``"auto"`` (default) is ``$VITSINK_JAX_CACHE``, JAX's ``$JAX_COMPILATION_CACHE_DIR`` or
 ``<user cache dir>/vitsink_jax/xla`` (``$XDG_CACHE_HOME`` or ``~/.cache``), a path is that
-folder, ``""`` / ``"off"`` turns it off. Every compiled program is kept (no minimum compile
+folder, ``""`` / ``"off"`` (or ``$VITSINK_JAX_CACHE=off`` with ``"auto"``) turns it off. Every compiled program is kept (no minimum compile
 time), so a second run with the same shapes loads its executables instead of compiling them.
 Each host keeps its own cache (no shared filesystem needed). JAX keys entries by the program,
 the devices and the compiler flags, so a stale entry is never used.
@@ -63,6 +63,8 @@ def enable(setting: str = "auto") -> Path | None:
     """Turns the persistent cache on in the folder ``setting`` names (see the module docstring)
     and starts counting compile time; returns the folder, or None when off."""
     _listen()
+    if setting == "auto" and os.environ.get("VITSINK_JAX_CACHE") == "off":
+        setting = "off"
     if setting in ("", "off"):
         _state["folder"] = None
         jax.config.update("jax_enable_compilation_cache", False)
