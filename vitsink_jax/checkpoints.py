@@ -193,7 +193,7 @@ class StateCheckpoints:
                     shutil.rmtree(tmp, ignore_errors=True)
             error = _save_error(self.directory, step, e)
             error.__cause__ = e
-        failed = [(i, str(x)) for i, x in enumerate(parallel.allgather_objects(
+        failed = [(i, x) for i, x in enumerate(parallel.allgather_objects(
             None if error is None else [error.errno, str(error)])) if x]
         if error is not None:
             raise error
