@@ -85,18 +85,19 @@ def load_model(cfg, ckpt: Path, mesh=None):
     return model, params, tokenizer
 
 
-def load_data(cfg, workdir: Path):
+def load_data(cfg, workdir: Path, json_sha256: str | None = None):
     """The instruction records by index (``instruct.open_instruct``: read on access): every
     process reads the source itself and writes its own tfds builder of all records (in a folder
     of its own when there are several: hosts share no filesystem), so any host can read any
     row of a global batch. The builder records its source (``source.json``: the JSON file's
     sha256 and image folder, or the embedded data's settings); a later run (a resume) of the same
-    source reuses it instead of decoding every image again."""
+    source reuses it instead of decoding every image again. ``json_sha256``: the JSON file's
+    hash when the caller has it already (:func:`run_settings`), not read again."""
     d = cfg.data
     data_dir = parallel.process_local(Path(d.data_dir or workdir / "tfds"))
     name = Path(d.json).stem if d.json else "embedded"
-    source = ({"json_sha256": file_sha256(d.json), "image_folder": str(d.image_folder)} if d.json else
-              {"embedded": [cfg.seed + 1000, d.variants, d.image_size, d.mc_format]})
+    source = ({"json_sha256": json_sha256 or file_sha256(d.json), "image_folder": str(d.image_folder)}
+              if d.json else {"embedded": [cfg.seed + 1000, d.variants, d.image_size, d.mc_format]})
     marker = data_dir / "local_records" / f"instruct_{name}" / "source.json"
     if marker.is_file() and json.loads(marker.read_text()) == source:
         return instruct.open_instruct(name, data_dir)  # written by an earlier run of this source
@@ -428,7 +429,7 @@ def train(cfg, workdir: Path) -> dict:
           f"{jax.process_count()} process(es); peak lr "
           + ", ".join(f"{g} {lr:g}" for g, lr in train_lib.group_lrs(cfg.optim, cfg.stage, trainable).items())
           + f", warmup {train_lib.warmup_steps(cfg.optim, cfg.steps)} steps")
-    batches = Batches(load_data(cfg, workdir), model, tokenizer, cfg)
+    batches = Batches(load_data(cfg, workdir, settings.get("sha256:data.json")), model, tokenizer, cfg)
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": settings["sha256:checkpoint"],
             "stage": cfg.stage, "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg),
