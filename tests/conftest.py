@@ -57,6 +57,28 @@ def qwen2_config(**kw):
     return transformers.Qwen2Config(**{**base, **kw})
 
 
+def phi_config(**kw):
+    """Phi-2: partial rotary (0.5), q/k LayerNorm, GQA."""
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                partial_rotary_factor=0.5, qk_layernorm=True)
+    return transformers.PhiConfig(**{**base, **kw})
+
+
+def phi3_config(**kw):
+    """Phi-3: fused qkv / gate_up, longrope (long factors past 8 positions), partial rotary
+    (0.75), a sliding window shorter than the test sequences."""
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                partial_rotary_factor=0.75, sliding_window=5, pad_token_id=0,
+                original_max_position_embeddings=8)
+    base.update(kw)
+    n = int(base["hidden_size"] // base["num_attention_heads"] * base["partial_rotary_factor"]) // 2
+    base.setdefault("rope_scaling", dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(n)],
+                                         long_factor=[2.0 + 0.3 * i for i in range(n)]))
+    return transformers.Phi3Config(**base)
+
+
 def llava_config(vision=None, text=None, **kw):
     kw.setdefault("image_token_index", IMAGE_TOKEN)
     return transformers.LlavaConfig(vision_config=vision or clip_vision_config(),
@@ -117,6 +139,34 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", "parity vs transformers: worst max|diff| / max(1, max|ref|)")
     for f, err in sorted(by_file.items()):
         terminalreporter.write_line(f"{f}: {err:.2e}")
+
+
+def compare_causal_lm(hf, path, ids, mask=None, positions=None, full=True, **options):
+    """Loads the transformers causal LM ``hf`` saved to ``path`` and compares logits (and hidden
+    states / attentions when ``full``) on non-pad positions; ``options`` are module fields for
+    load_pretrained. Returns the logits' max |diff|."""
+    import jax.numpy as jnp
+
+    import vitsink_jax as vj
+
+    model, params = vj.load_pretrained(save(hf, path), **options)
+    m = None if mask is None else jnp.asarray(mask)
+    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=m,
+                      output_hidden_states=full, output_attentions=full)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+                 output_hidden_states=full, output_attentions=full)
+    keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+    err = assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
+    if full:
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+            assert_close(np.asarray(a)[keep], t2n(b)[keep], what=f"hidden_states[{i}]")
+        for i, (a, b) in enumerate(zip(out.attentions, ref.attentions)):
+            qk = keep[:, None, :, None] & keep[:, None, None, :]
+            a, b = np.asarray(a), t2n(b)
+            assert_close(np.where(qk, a, 0), np.where(qk, b, 0), what=f"attentions[{i}]")
+    return err
 
 
 def t2n(t):

@@ -7,30 +7,8 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import assert_close, build, llama_config, qwen2_config, random_ids, save, t2n
-
-
-def _compare(hf, path, ids, mask=None, positions=None, full=True, **options):
-    """Compares logits (and hidden states / attentions when ``full``) on non-pad positions;
-    ``options`` are module fields for load_pretrained."""
-    model, params = vj.load_pretrained(save(hf, path), **options)
-    m = None if mask is None else jnp.asarray(mask)
-    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=m,
-                      output_hidden_states=full, output_attentions=full)
-    with torch.no_grad():
-        ref = hf(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
-                 output_hidden_states=full, output_attentions=full)
-    keep = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-    err = assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
-    if full:
-        assert len(out.hidden_states) == len(ref.hidden_states)
-        for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
-            assert_close(np.asarray(a)[keep], t2n(b)[keep], what=f"hidden_states[{i}]")
-        for i, (a, b) in enumerate(zip(out.attentions, ref.attentions)):
-            qk = keep[:, None, :, None] & keep[:, None, None, :]
-            a, b = np.asarray(a), t2n(b)
-            assert_close(np.where(qk, a, 0), np.where(qk, b, 0), what=f"attentions[{i}]")
-    return err
+from conftest import (assert_close, build, compare_causal_lm as _compare, llama_config, qwen2_config,
+                      random_ids, save, t2n)
 
 
 def test_llama_gqa(tmp_path, rng):

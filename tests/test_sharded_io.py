@@ -16,7 +16,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (assert_close, build, clip_vision_config, llama_config, llava_config, save,
+from conftest import (assert_close, build, clip_vision_config, llava_config, phi3_config, save,
                       t2n)
 from test_lvlm import prompt_with_images
 
@@ -27,9 +27,12 @@ WORKER = Path(__file__).with_name("sharded_io_worker.py")
 @pytest.fixture(scope="module")
 def bf16_llava(tmp_path_factory):
     """(HF model in fp32 holding the bf16-rounded weights, its bf16 sharded-safetensors folder);
-    the LLM is large enough (128 wide) for fsdp to split its matrices."""
-    text = llama_config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        vocab_size=256)
+    the LLM is large enough (128 wide) for fsdp to split its matrices. It is a Phi-3: its fused
+    qkv_proj / gate_up_proj tensors are split into row ranges that each device reads, under
+    fsdp and tensor parallelism, and fused again by the sharded save (LLaMA's plain tensors
+    are the simpler case of the same reads)."""
+    text = phi3_config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       vocab_size=256, sliding_window=None)
     hf = build(transformers.LlavaForConditionalGeneration, llava_config(clip_vision_config(), text))
     path = save(hf.to(torch.bfloat16), tmp_path_factory.mktemp("ckpt") / "llava", max_shard_size="60KB")
     return hf.float(), path

@@ -17,7 +17,7 @@ from .sinks.detect import SinkRule
 VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
                 "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model",
                 "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers"}
-TEXT_TYPES = ("llama", "qwen2")
+TEXT_TYPES = ("llama", "qwen2", "phi", "phi3")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SELECT_STRATEGIES = ("default", "full")
 
@@ -143,7 +143,19 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Decoder LLM: LLaMA / Vicuna or Qwen2 (q/k/v bias, usually tied embeddings)."""
+    """Decoder LLM of one of :data:`TEXT_TYPES`:
+
+    * llama (LLaMA / Vicuna) and qwen2 (q/k/v bias, usually tied embeddings): pre-norm RMSNorm
+      blocks, gated SiLU MLP;
+    * phi (Phi-1 / Phi-2): one LayerNorm per block feeding attention and MLP in parallel, biases
+      everywhere (the LM head too), partial rotary embedding, fc1 / fc2 MLP (gelu_new), optional
+      q / k LayerNorm (``qk_layernorm``);
+    * phi3 (Phi-3 / Phi-3.5 / Phi-4-mini): LLaMA's block with fused ``qkv_proj`` / ``gate_up_proj``
+      in the checkpoint (split into q / k / v and gate / up on load, fused again on save:
+      :mod:`vitsink_jax.convert.hf`), longrope scaling, partial rotary, ``sliding_window``.
+
+    ``rope_scaling`` holds HF's rope dict (rope_type, factor, partial_rotary_factor < 1, ...).
+    """
 
     model_type: str
     vocab_size: int
@@ -154,13 +166,15 @@ class TextConfig:
     num_key_value_heads: int
     head_dim: int
     max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6  # the block norms' epsilon (phi: its layer_norm_eps)
     rope_theta: float = 10000.0
     rope_scaling: Optional[tuple] = None  # frozen items of HF's rope dict (rope_type, factor, ...)
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    qk_layernorm: bool = False  # phi only
+    sliding_window: Optional[int] = None  # phi3 only: keys at most this many slots back
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -169,21 +183,41 @@ class TextConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"text hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.hidden_act != "silu" and not self.is_phi:
+            raise ValueError(f"{self.model_type} hidden_act {self.hidden_act!r} is not supported "
+                             "(only 'silu')")
+        if self.qk_layernorm and self.model_type != "phi":
+            raise ValueError("qk_layernorm is a phi option")
+        if self.sliding_window is not None and self.model_type != "phi3":
+            raise ValueError(f"sliding_window is implemented for phi3, not {self.model_type}")
+
+    @property
+    def is_phi(self) -> bool:
+        """Phi-1 / Phi-2's parallel block (LayerNorm, fc1 / fc2, biases), not LLaMA's."""
+        return self.model_type == "phi"
 
     @property
     def qkv_bias(self) -> bool:
-        return self.model_type == "qwen2" or self.attention_bias
+        return self.model_type in ("qwen2", "phi") or self.attention_bias
 
     @property
     def o_bias(self) -> bool:
-        return self.model_type == "llama" and self.attention_bias
+        return self.is_phi or (self.model_type == "llama" and self.attention_bias)
+
+    @property
+    def lm_head_bias(self) -> bool:
+        """PhiForCausalLM's head has a bias (a LLaVA's own head never does: see LlavaConfig)."""
+        return self.is_phi
 
     @property
     def rope(self) -> dict:
         """HF's rope dict: ``rope_type`` plus its parameters (empty for plain RoPE)."""
         return _thaw_rope(self.rope_scaling)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates (head_dim x partial_rotary_factor)."""
+        return int(self.head_dim * self.rope.get("partial_rotary_factor", 1.0))
 
     @classmethod
     def from_hf(cls, d: dict) -> "TextConfig":
@@ -192,26 +226,31 @@ class TextConfig:
         c = _hf_config(d)
         if getattr(c, "use_sliding_window", False):
             raise ValueError("qwen2 config has use_sliding_window=true; sliding-window attention "
-                             "is not implemented")
+                             "is not implemented for qwen2")
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
         theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))
+        if rope.get("partial_rotary_factor", 1.0) == 1.0:
+            rope.pop("partial_rotary_factor", None)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        phi = c.model_type == "phi"
         return cls(model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
                    intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
                    num_attention_heads=c.num_attention_heads,
                    num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
                    head_dim=head_dim, max_position_embeddings=c.max_position_embeddings,
-                   rms_norm_eps=c.rms_norm_eps, rope_theta=float(theta),
+                   rms_norm_eps=c.layer_norm_eps if phi else c.rms_norm_eps, rope_theta=float(theta),
                    rope_scaling=None if rope == {"rope_type": "default"} else _freeze(rope),
                    attention_bias=bool(getattr(c, "attention_bias", False)),
                    mlp_bias=bool(getattr(c, "mlp_bias", False)),
                    tie_word_embeddings=bool(c.tie_word_embeddings), hidden_act=c.hidden_act,
+                   qk_layernorm=bool(getattr(c, "qk_layernorm", False)),
+                   sliding_window=getattr(c, "sliding_window", None) if c.model_type == "phi3" else None,
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
         d = json.loads(self.hf_json)
-        for k in ("rope_scaling", "rope_parameters", "rope_theta"):
+        for k in ("rope_scaling", "rope_parameters", "rope_theta", "partial_rotary_factor"):
             d.pop(k, None)
         d.update(model_type=self.model_type, vocab_size=self.vocab_size,
                  hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
@@ -219,12 +258,20 @@ class TextConfig:
                  num_attention_heads=self.num_attention_heads,
                  num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
                  max_position_embeddings=self.max_position_embeddings,
-                 rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings,
                  hidden_act=self.hidden_act, rope_theta=self.rope_theta)
-        if self.rope_scaling is not None:
-            d["rope_scaling"] = self.rope
+        d["layer_norm_eps" if self.is_phi else "rms_norm_eps"] = self.rms_norm_eps
+        rope = self.rope
+        if "partial_rotary_factor" in rope:  # a top-level key in every transformers version
+            d["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+        if rope and rope != {"rope_type": "default"}:
+            d["rope_scaling"] = rope
         if self.model_type == "llama":
             d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+        if self.is_phi:
+            d["qk_layernorm"] = self.qk_layernorm
+        if self.model_type == "phi3":
+            d["sliding_window"] = self.sliding_window
         return d
 
 
@@ -275,7 +322,9 @@ class LlavaConfig:
     ``vision_feature_layer`` indexes the vision tower's ``hidden_states`` tuple (HF order,
     embeddings first); a tuple of layers concatenates them on the feature axis.
     ``projector_type`` "linear" (LLaVA-1) is not representable in transformers' Llava class;
-    such checkpoints load back into vitsink_jax only.
+    such checkpoints load back into vitsink_jax only. Nor is ``lm_head_bias`` (the LM head of a
+    TinyLLaVA Phi-2 LLM has a bias; transformers' Llava head never has one): stored in
+    config.json as ``vitsink_lm_head_bias``.
     """
 
     vision: VisionConfig
@@ -288,6 +337,7 @@ class LlavaConfig:
     vision_feature_select_strategy: str = "default"
     diysink: Optional[DIYSinkConfig] = None
     image_size: int = 0  # input side in pixels; 0 = the tower's; others need a DINOv2 tower
+    lm_head_bias: bool = False
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -361,6 +411,7 @@ class LlavaConfig:
                    vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
                    diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
                    image_size=int(d.get("vitsink_image_size", 0)),
+                   lm_head_bias=bool(d.get("vitsink_lm_head_bias", False)),
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
@@ -378,6 +429,9 @@ class LlavaConfig:
             d["projector_type"] = self.projector_type
         d.pop("diysink", None)
         d.pop("vitsink_image_size", None)
+        d.pop("vitsink_lm_head_bias", None)
+        if self.lm_head_bias:
+            d["vitsink_lm_head_bias"] = True
         if self.image_size:
             d["vitsink_image_size"] = self.image_size
         if self.diysink is not None:

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
-from .hf import (abstract_params, build_model, canonical_key, hf_key_to_path, hf_shape,
-                 ignored_patterns, path_to_hf_key, to_hf_perm)
+from .hf import (abstract_params, build_model, canonical_key, fused_key, fused_tensors,
+                 hf_key_to_path, hf_shape, ignored_patterns, path_to_hf_key, split_key, to_hf_perm)
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, write_stream
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -176,8 +176,10 @@ def layer_split(path: tuple, decoders: set) -> tuple:
 
 
 class Planned:
-    """One param of the plan: its shape in our layout, the (reader, key) per source tensor (one,
-    or L for a scanned layer stack) and the transpose from HF's layout (None: as stored)."""
+    """One param of the plan: its shape in our layout, the (reader, key, first row) per source
+    tensor (one, or L for a scanned layer stack; the row is HF's first axis, 0 unless the tensor
+    is fused: :func:`~vitsink_jax.convert.hf.fused_tensors`) and the transpose from HF's layout
+    (None: as stored)."""
 
     __slots__ = ("shape", "sources", "stacked", "perm")
 
@@ -195,10 +197,18 @@ def load_plan(path: Path, config: ModelConfig, model, readers: list) -> dict:
     targets = abstract_params(loop)
     original_type = read_config(path).get("model_type", "")
     ignored = [re.compile(p) for p in ignored_patterns(config, original_type)]
+    fused = fused_tensors(config)
     found, unexpected = {}, []
     for reader in readers:
         for key in reader.keys():
             canon = canonical_key(config, key)
+            parts = split_key(canon, fused)
+            if parts is not None:
+                split = _split_sources(reader, key, parts, targets)
+                if split is None:
+                    unexpected.append(key)
+                found.update(split or {})
+                continue
             target = hf_key_to_path(canon, targets)
             if target is None:
                 if not any(p.search(canon) for p in ignored):
@@ -211,7 +221,7 @@ def load_plan(path: Path, config: ModelConfig, model, readers: list) -> dict:
                 raise CheckpointError(f"{reader.path}: tensor {key!r} has shape {tuple(info.shape)} "
                                       f"but the config needs {hf_shape(target, want)} (param "
                                       f"{'/'.join(target)})")
-            found[target] = (reader, key, perm)
+            found[target] = (reader, key, perm, 0)
     missing = ["/".join(p) + f" (HF {path_to_hf_key(p)})" for p in targets if p not in found]
     if missing or unexpected:
         msg = [f"{path}: checkpoint does not match the {config.__class__.__name__} built from config.json"]
@@ -223,18 +233,34 @@ def load_plan(path: Path, config: ModelConfig, model, readers: list) -> dict:
     decoders = decoder_prefixes(targets) if scanned else set()
     plan = {}
     for target in targets:  # model order; a scanned stack collects its layers in index order
-        reader, key, perm = found[target]
+        reader, key, perm, row = found[target]
         dest, layer = layer_split(target, decoders)
         if layer is None:
-            plan[dest] = Planned(tuple(targets[target].shape), [(reader, key)], False, perm)
+            plan[dest] = Planned(tuple(targets[target].shape), [(reader, key, row)], False, perm)
         else:
             entry = plan.setdefault(dest, Planned(None, [], True, perm))
-            entry.sources.append((layer, reader, key))
+            entry.sources.append((layer, reader, key, row))
             entry.shape = (len(entry.sources),) + tuple(targets[target].shape)
     for entry in plan.values():
         if entry.stacked:
-            entry.sources = [(r, k) for _, r, k in sorted(entry.sources, key=lambda s: s[0])]
+            entry.sources = [s[1:] for s in sorted(entry.sources, key=lambda s: s[0])]
     return plan
+
+
+def _split_sources(reader, key: str, parts: tuple, targets: dict) -> Optional[dict]:
+    """{param path: (reader, key, transpose, first row)} for the parts (canonical keys, in row
+    order) of the fused tensor ``key``, or None when the model has no such params. Raises
+    CheckpointError when the parts' shapes do not stack to the tensor's."""
+    paths = [hf_key_to_path(p, targets) for p in parts]
+    if None in paths:
+        return None
+    shape = tuple(reader.tensors[key].shape)
+    hf = [hf_shape(p, tuple(targets[p].shape)) for p in paths]
+    if sum(h[0] for h in hf) != shape[0] or any(h[1:] != shape[1:] for h in hf):
+        raise CheckpointError(f"{reader.path}: fused tensor {key!r} has shape {shape} but the config "
+                              f"needs {', '.join(parts)} of shapes {hf} stacked on its first axis")
+    rows = np.cumsum([0] + [h[0] for h in hf])
+    return {p: (reader, key, to_hf_perm(p, len(h)), int(r)) for p, h, r in zip(paths, hf, rows)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,11 +272,12 @@ def _bounds(index: tuple, shape: tuple) -> tuple:
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
 
 
-def _read_box(reader, key: str, perm, box: tuple) -> np.ndarray:
-    """The part ``box`` ((start, stop) per dim, our layout) of one source tensor, in our layout,
-    in the file's dtype: HF's first axis restricted while reading, the rest sliced after."""
+def _read_box(reader, key: str, row: int, perm, box: tuple) -> np.ndarray:
+    """The part ``box`` ((start, stop) per dim, our layout) of one source tensor whose rows
+    start at HF row ``row``, in our layout, in the file's dtype: HF's first axis restricted while
+    reading, the rest sliced after."""
     lead = perm[0] if perm else 0  # our dim that is HF's row axis
-    rows = slice(*box[lead]) if box else None
+    rows = slice(row + box[lead][0], row + box[lead][1]) if box else None
     hf = reader.read(key, rows)
     ours = hf.transpose(np.argsort(perm)) if perm else hf
     return ours[tuple(slice(None) if d == lead else slice(*b) for d, b in enumerate(box))]
@@ -260,7 +287,7 @@ def _read_block(entry: Planned, box: tuple) -> np.ndarray:
     """The part ``box`` ((start, stop) per dim) of a planned param, in the file's dtype."""
     if entry.stacked:
         layers = entry.sources[box[0][0]:box[0][1]]
-        return np.stack([_read_box(r, k, entry.perm, box[1:]) for r, k in layers])
+        return np.stack([_read_box(*source, entry.perm, box[1:]) for source in layers])
     return _read_box(*entry.sources[0], entry.perm, box)
 
 
@@ -360,7 +387,7 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
 
     ``path``: a folder or a repo id (see :func:`resolve_model_path`). Dispatch on config.json's
     model_type: llava -> LVLM; clip / clip_vision_model / siglip / siglip_vision_model / dinov2 ->
-    vision tower; llama / qwen2 -> LLM. Unknown types raise ValueError naming the type.
+    vision tower; llama / qwen2 / phi / phi3 -> LLM. Unknown types raise ValueError naming the type.
     """
     path = resolve_model_path(path)
     raw = read_config(path)
@@ -380,6 +407,7 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
 
 _ARCHITECTURES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
                   "llava": "LlavaForConditionalGeneration"}
 _WEIGHT_NAMES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
@@ -411,6 +439,18 @@ def hf_tensors(params: dict) -> list:
                 loop = d + (f"layers_{i}",) + p[len(d) + 1:]
                 out.append((path_to_hf_key(loop), x, i, loop))
     return sorted(out, key=lambda t: t[0])
+
+
+def fuse_groups(tensors: list, fused: tuple) -> list:
+    """:func:`hf_tensors`' entries -> [(HF key, [(param, layer, path) per part])] sorted by key:
+    the parts of a fused tensor (:func:`~vitsink_jax.convert.hf.fused_tensors`) under its key
+    in row order, every other tensor alone."""
+    groups = {}
+    for key, x, layer, p in tensors:
+        fuse = fused_key(key, fused)
+        name, i = fuse if fuse else (key, 0)
+        groups.setdefault(name, []).append((i, (x, layer, p)))
+    return [(k, [part for _, part in sorted(g, key=lambda e: e[0])]) for k, g in sorted(groups.items())]
 
 
 def _gather(x, layer: Optional[int]) -> np.ndarray:
@@ -479,11 +519,14 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
         refusal = parallel.allgather_objects(refusal)[0]
     if refusal:
         raise FileExistsError(refusal)
-    tensors = hf_tensors(params)
+    tensors = fuse_groups(hf_tensors(params), fused_tensors(model.config))
     entries = []  # (HF key, dtype written, HF shape, bytes)
-    for key, x, layer, p in tensors:
-        dt, shape = np.dtype(dtype or x.dtype), tuple(x.shape[1:] if layer is not None else x.shape)
-        entries.append((key, dt, hf_shape(p, shape), int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
+    for key, parts in tensors:
+        dt = np.dtype(dtype or parts[0][0].dtype)
+        shapes = [hf_shape(p, tuple(x.shape[1:] if layer is not None else x.shape))
+                  for x, layer, p in parts]
+        shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
+        entries.append((key, dt, shape, int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
     files = shard_layout(entries, parse_size(max_shard_size))
     names = [SAFE_SINGLE] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
@@ -505,10 +548,11 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
             for name, group in zip(names, files):
                 def arrays(n=len(group)):
                     for _ in range(n):
-                        _, x, layer, p = next(it)
-                        a = _hf_layout(p, _gather(x, layer).astype(dtype or x.dtype, copy=False))
+                        _, parts = next(it)
+                        a = [_hf_layout(p, _gather(x, layer).astype(dtype or x.dtype, copy=False))
+                             for x, layer, p in parts]
                         bar.update(1)
-                        yield a
+                        yield a[0] if len(a) == 1 else np.concatenate(a)
                 stream = arrays()
                 if writer and failure is None:
                     try:

@@ -65,6 +65,44 @@ def ignored_patterns(config: ModelConfig, original_model_type: str) -> list:
     return pats
 
 
+_LLM_LAYER = r"(?:language_model\.)?model\.layers\.\d+\."  # the LLM's layers, alone or in a LLaVA
+
+
+def fused_tensors(config: ModelConfig) -> tuple:
+    """((fused HF module name, its parts' names), ...) inside the LLM's layers: checkpoint
+    tensors holding several of our params stacked on HF's first axis (Phi-3's ``qkv_proj`` = q,
+    k, v rows; ``gate_up_proj`` = gate, up rows). Loading splits them (row ranges), saving
+    concatenates the parts again. A vision tower's own q / k / v are never fused."""
+    text = config.text if isinstance(config, LlavaConfig) else config
+    if isinstance(text, TextConfig) and text.model_type == "phi3":
+        return (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
+    return ()
+
+
+def _match(key: str, name: str):
+    return re.fullmatch(rf"({_LLM_LAYER}){re.escape(name)}\.(weight|bias)", key)
+
+
+def split_key(key: str, fused: tuple) -> Optional[tuple]:
+    """The canonical keys of the parts of a fused canonical ``key`` (in row order), or None."""
+    for name, parts in fused:
+        m = _match(key, name)
+        if m:
+            return tuple(f"{m[1]}{part}.{m[2]}" for part in parts)
+    return None
+
+
+def fused_key(key: str, fused: tuple) -> Optional[tuple]:
+    """(the fused canonical key, this part's index) for a part's canonical ``key``, or None."""
+    for name, parts in fused:
+        for i, part in enumerate(parts):
+            m = _match(key, part)
+            if m:
+                return f"{m[1]}{name}.{m[2]}", i
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Canonical HF key <-> our param path
 # ---------------------------------------------------------------------------------------------
@@ -166,4 +204,5 @@ def abstract_params(model) -> dict:
 
 
 __all__ = ["build_model", "init_params", "abstract_params", "canonical_key", "hf_key_to_path",
-           "path_to_hf_key", "to_hf_perm", "hf_shape", "ignored_patterns"]
+           "path_to_hf_key", "to_hf_perm", "hf_shape", "ignored_patterns", "fused_tensors",
+           "split_key", "fused_key"]

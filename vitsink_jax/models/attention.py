@@ -6,26 +6,31 @@ Scores, mask and softmax are computed in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .rope import apply_rotary
+
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
 def make_attention_mask(attention_mask: Optional[jnp.ndarray], q_len: int, kv_len: int,
-                        causal: bool) -> Optional[jnp.ndarray]:
+                        causal: bool, window: Optional[int] = None) -> Optional[jnp.ndarray]:
     """Boolean mask [B or 1, 1, T, S] (True = may attend) from a padding mask [B, S] of 1/0.
 
-    Causal masking aligns the last query with the last key (queries are the newest positions).
-    Returns None when nothing is masked.
+    Causal masking aligns the last query with the last key (queries are the newest positions);
+    ``window`` (sliding-window attention, causal only) also hides keys ``window`` or more slots
+    back. Returns None when nothing is masked.
     """
     mask = None
     if causal:
         q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
         mask = (q_pos >= jnp.arange(kv_len)[None, :])[None, None]
+        if window is not None:
+            mask = mask & (q_pos - jnp.arange(kv_len)[None, :] < window)[None, None]
     if attention_mask is not None:
         pad = attention_mask.astype(bool)[:, None, None, :]
         mask = pad if mask is None else jnp.logical_and(mask, pad)
@@ -76,6 +81,7 @@ class Attention(nn.Module):
     out_bias: bool = True
     out_name: str = "out_proj"  # CLIP/SigLIP: out_proj, LLaMA/Qwen2: o_proj
     fused: bool = False  # jax.nn.dot_product_attention when no weights are needed
+    qk_layernorm_eps: Optional[float] = None  # Phi's qk_layernorm: LayerNorm of each head's q, k
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -98,6 +104,10 @@ class Attention(nn.Module):
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_layernorm_eps is not None:
+            norm = lambda name: nn.LayerNorm(self.qk_layernorm_eps, dtype=self.dtype,  # noqa: E731
+                                             param_dtype=self.param_dtype, name=name)
+            q, k = norm("q_layernorm")(q), norm("k_layernorm")(k)
         if rope is not None:
             q, k = rope(q), rope(k)
         if kv_cache is not None:
@@ -111,3 +121,24 @@ class Attention(nn.Module):
         out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=self.out_name)(out)
         return out, (weights if output_attentions else None), kv_cache
+
+
+class DecoderBlock(nn.Module):
+    """Base of the LLM decoder layers (llm.DecoderLayer, phi.PhiDecoderLayer), all called as
+    (x [B, T, D], mask, cos, sin, output_attentions, kv_cache, cache_index, adjust) -> (x [B, T, D],
+    weights [B, H, T, S] or None, kv_cache); :meth:`attend` is their rotary self-attention."""
+
+    config: Any  # a TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    fused_attention: bool = False
+
+    def attend(self, h, mask, cos, sin, output_attentions, kv_cache, cache_index, adjust, **options):
+        """``self_attn`` on the normed input h [B, T, D] with RoPE from (cos, sin); ``options``
+        are the family's Attention fields (biases, output name, q/k norm)."""
+        c = self.config
+        return Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                         fused=self.fused_attention, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="self_attn", **options)(
+            h, mask, lambda t: apply_rotary(t, cos, sin), output_attentions, kv_cache, cache_index,
+            adjust)

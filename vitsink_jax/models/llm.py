@@ -1,7 +1,9 @@
-"""Decoder-only LM: LLaMA / Vicuna and Qwen2, numerically equal to transformers'
-LlamaForCausalLM / Qwen2ForCausalLM. Parameter tree mirrors HF: ``model.embed_tokens``,
-``model.layers_N.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
-mlp.{gate,up,down}_proj}``, ``model.norm``, ``lm_head`` (absent when embeddings are tied).
+"""Decoder-only LM: LLaMA / Vicuna, Qwen2, Phi-2 and Phi-3, numerically equal to transformers'
+LlamaForCausalLM / Qwen2ForCausalLM / PhiForCausalLM / Phi3ForCausalLM. Parameter tree mirrors
+HF: ``model.embed_tokens``, ``model.layers_N.{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``model.norm``, ``lm_head`` (absent when
+embeddings are tied). Phi-2's block (``self_attn.dense``, ``mlp.fc1/fc2``, ``final_layernorm``, a
+head bias) is :class:`vitsink_jax.models.phi.PhiDecoderLayer`; Phi-3 is this LLaMA block.
 
 Padding: ``attention_mask`` [B, T] (1 = token, 0 = pad) works for left and right padding.
 ``position_ids`` default to ``arange(T)`` exactly as a transformers forward call does; pass
@@ -18,6 +20,7 @@ scanned model in the loop layout).
 
 from __future__ import annotations
 
+import functools
 import re
 from functools import partial
 from typing import Mapping, NamedTuple, Optional
@@ -30,10 +33,11 @@ from ..config import TextConfig
 from ..interventions import Interventions, pruning
 from ..interventions.var import redistribute
 from ..sinks.detect import llm_sink_mask
-from .attention import Attention, make_attention_mask
+from .attention import DecoderBlock, make_attention_mask
 from .layers import RMSNorm, activation
 from .outputs import CausalLMOutput, KVCache
-from .rope import apply_rotary, rotary_embedding
+from .phi import PhiDecoderLayer
+from .rope import rotary_embedding
 
 
 class GatedMLP(nn.Module):
@@ -52,35 +56,38 @@ class GatedMLP(nn.Module):
         return dense(c.hidden_size, name="down_proj")(h)
 
 
-class DecoderLayer(nn.Module):
-    config: TextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    fused_attention: bool = False
+class DecoderLayer(DecoderBlock):
+    """LLaMA's pre-norm block (Qwen2, Phi-3 too): x + attn(norm(x)), then + mlp(norm(x))."""
 
     @nn.compact
     def __call__(self, x, mask, cos, sin, output_attentions=False, kv_cache=None, cache_index=None,
                  adjust=None):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        rope = lambda t: apply_rotary(t, cos, sin)  # noqa: E731
-        h, weights, kv_cache = Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                         qkv_bias=c.qkv_bias, out_bias=c.o_bias, out_name="o_proj",
-                                         fused=self.fused_attention, name="self_attn", **kw)(
-            RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), mask, rope, output_attentions,
-            kv_cache, cache_index, adjust)
+        h, weights, kv_cache = self.attend(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), mask, cos, sin,
+            output_attentions, kv_cache, cache_index, adjust, qkv_bias=c.qkv_bias,
+            out_bias=c.o_bias, out_name="o_proj")
         x = x + h
         x = x + GatedMLP(c, name="mlp", **kw)(
             RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
         return x, weights, kv_cache
 
 
-class ScannedDecoderLayer(DecoderLayer):
-    """The ``nn.scan`` body: (x, mask, cos, sin, need weights) -> (x, (x, attention weights))."""
-
+@functools.lru_cache(maxsize=None)
+def scan_body(layer: type) -> type:
+    """The ``nn.scan`` body of a decoder layer class: (x, mask, cos, sin, need weights) ->
+    (x, (x, attention weights))."""
     def __call__(self, x, mask, cos, sin, output_attentions=False):
-        x, weights, _ = super().__call__(x, mask, cos, sin, output_attentions)
+        x, weights, _ = layer.__call__(self, x, mask, cos, sin, output_attentions)
         return x, (x, weights)
+
+    return type(f"Scanned{layer.__name__}", (layer,), {"__call__": __call__})
+
+
+def layer_class(config: TextConfig) -> type:
+    """The decoder block of a family: Phi-2's parallel block, else LLaMA's."""
+    return PhiDecoderLayer if config.is_phi else DecoderLayer
 
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -119,7 +126,7 @@ class DecoderModel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, fused_attention=self.fused_attention)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                                      param_dtype=self.param_dtype)
-        layer = ScannedDecoderLayer if self.scan_layers else DecoderLayer
+        layer = scan_body(layer_class(c)) if self.scan_layers else layer_class(c)
         if self.remat:  # arg 5 (after self, x, mask, cos, sin): need attention weights, static
             layer = nn.remat(layer, static_argnums=(5,), policy=remat_policy(self.remat_policy),
                              prevent_cse=not self.scan_layers)
@@ -129,7 +136,11 @@ class DecoderModel(nn.Module):
                 c, name="layers", **kw)
         else:
             self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        if c.is_phi:
+            self.final_layernorm = nn.LayerNorm(c.rms_norm_eps, dtype=self.dtype,
+                                                param_dtype=self.param_dtype)
+        else:
+            self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
@@ -154,19 +165,20 @@ class DecoderModel(nn.Module):
         b, t, _ = inputs_embeds.shape
         prune = None if interventions is None else interventions.prune
         var = None if interventions is None else interventions.var
-        self._check(cache, prune, var, visual_mask is not None and sink_mask is not None, num_visual)
+        self._check(cache, prune, var, visual_mask is not None and sink_mask is not None, num_visual,
+                    t if cache is None else cache.mask.shape[1])
         tokens = _Tokens.of_call(attention_mask, position_ids, cache, visual_mask, sink_mask, b, t)
         x = inputs_embeds.astype(self.dtype)
         if self.scan_layers:
             states, kept = [x], None
-            x, (hidden, attns) = self.layers(x, tokens.mask()[1],
+            x, (hidden, attns) = self.layers(x, tokens.mask(window=self.config.sliding_window)[1],
                                              *rotary_embedding(self.config, tokens.position_ids),
                                              output_attentions)
             states += list(hidden)
         else:
             x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var,
                                                              num_visual, output_attentions)
-        x = self.norm(x)
+        x = self.final_layernorm(x) if self.config.is_phi else self.norm(x)
         states[-1] = x  # HF convention: the last hidden state is the normed one
         if kept is not None:  # FastV: back to T slots, zeros at the pruned tokens
             x = pruning.scatter_tokens(x, kept, t)
@@ -174,10 +186,15 @@ class DecoderModel(nn.Module):
         attns = tuple(attns) if output_attentions else (None,) * self.config.num_hidden_layers
         return x, tuple(states), attns, cache
 
-    def _check(self, cache, prune, var, masks_given: bool, num_visual: int):
+    def _check(self, cache, prune, var, masks_given: bool, num_visual: int, slots: int):
         """Raises on a combination of layout, cache and interventions that ``__call__`` does not
-        run (``masks_given``: both ``visual_mask`` and ``sink_mask`` were passed)."""
+        run (``masks_given``: both ``visual_mask`` and ``sink_mask`` were passed; ``slots``: the
+        keys' slots, the tokens or the cache's)."""
         n = self.config.num_hidden_layers
+        window = self.config.sliding_window
+        if prune is not None and window is not None and slots > window:
+            raise NotImplementedError(f"token pruning over {slots} slots with a sliding window of "
+                                      f"{window}: the window of the kept tokens is not defined")
         if (prune or var) and not masks_given:
             raise ValueError("token pruning and VAR need visual_mask and sink_mask")
         if self.scan_layers and (cache is not None or prune or var):
@@ -205,7 +222,8 @@ class DecoderModel(nn.Module):
         without a cache, else the cache's slots (S - dropped from its split on)."""
         n = self.config.num_hidden_layers
         index = None if cache is None else cache.index  # the slot the layers write to
-        slots, mask = tokens.mask(None if cache is None else cache.mask, index)
+        window = self.config.sliding_window
+        slots, mask = tokens.mask(None if cache is None else cache.mask, index, window)
         cos, sin = rotary_embedding(self.config, tokens.position_ids)
         key_visual, key_sinks, layer_sinks = _var_keys(var, cache, tokens)
         # from this layer on: the tokens FastV keeps (pruning) and / or the shorter late cache
@@ -221,7 +239,8 @@ class DecoderModel(nn.Module):
                 if cache is not None:  # the pruning prefill writes its kept tokens from the same
                     # slot; later steps come ``drop`` slots earlier than in layers < K
                     index = cache.index if kept is not None else cache.index - cache.drop
-                late_slots, mask = live.mask(None if cache is None else cache.late_mask, index)
+                late_slots, mask = live.mask(None if cache is None else cache.late_mask, index,
+                                             window)
             adjust = self._var_adjust(var, i, x, key_visual, key_sinks, layer_sinks,
                                       None if cache is None else cache.index)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
@@ -281,14 +300,15 @@ class _Tokens(NamedTuple):
         """The T' tokens at kept [B, T'] (every field that is set)."""
         return _Tokens(*(None if a is None else pruning.gather_tokens(a, kept) for a in self))
 
-    def mask(self, slot_mask=None, index=None):
+    def mask(self, slot_mask=None, index=None, window=None):
         """The layers' attention mask. Without a cache (``slot_mask`` None): (None, causal and
         padding mask [B or 1, 1, T, T]); with its slot mask [B, S]: :func:`cache_mask` (the slot
-        mask with these tokens written at slot ``index``, mask [B, 1, T, S])."""
+        mask with these tokens written at slot ``index``, mask [B, 1, T, S]). ``window``:
+        sliding-window attention over slots (None: off)."""
         if slot_mask is None:
             t = self.position_ids.shape[-1]
-            return None, make_attention_mask(self.attention_mask, t, t, causal=True)
-        return cache_mask(slot_mask, self.keep, index)
+            return None, make_attention_mask(self.attention_mask, t, t, causal=True, window=window)
+        return cache_mask(slot_mask, self.keep, index, window)
 
     def next_position(self):
         """[B]: each row's position after its last kept token (with a cache)."""
@@ -336,12 +356,16 @@ def _updated_cache(cache: KVCache, kvs, tokens: _Tokens, slots, late_slots, var_
                          layer_sinks=None if layer_sinks is None else tuple(layer_sinks))
 
 
-def cache_mask(slot_mask, keep, index):
+def cache_mask(slot_mask, keep, index, window=None):
     """(updated slot mask [B, S], attention mask [B, 1, T, S]) for T new tokens written at slot
-    ``index``: each attends to the kept slots up to its own."""
+    ``index``: each attends to the kept slots up to its own (and, with a sliding ``window``,
+    fewer than ``window`` slots back)."""
     t = keep.shape[1]
     slots = jax.lax.dynamic_update_slice(slot_mask, keep.astype(slot_mask.dtype), (0, index))
-    causal = jnp.arange(slots.shape[1])[None, :] <= (index + jnp.arange(t))[:, None]
+    own = (index + jnp.arange(t))[:, None]
+    causal = jnp.arange(slots.shape[1])[None, :] <= own
+    if window is not None:
+        causal = causal & (own - jnp.arange(slots.shape[1])[None, :] < window)
     return slots, causal[None, None] & slots.astype(bool)[:, None, None, :]
 
 
@@ -422,10 +446,24 @@ def unstack_layers(params):
 head_dot_general = partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
+class HeadBias(nn.Module):
+    """The bias of an LM head whose weight is the tied embedding (``lm_head.bias``)."""
+
+    vocab_size: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, logits):  # [..., V] float32 -> [..., V] float32
+        return logits + self.param("bias", nn.initializers.zeros, (self.vocab_size,),
+                                   self.param_dtype).astype(jnp.float32)
+
+
 class CausalLM(nn.Module):
     """``__call__(input_ids [B, T] | inputs_embeds [B, T, D], attention_mask, position_ids)``
     -> CausalLMOutput with float32 logits [B, T, V]: the head multiplies in the compute dtype
-    and outputs float32 (:data:`head_dot_general`), in bf16 compute too."""
+    and outputs float32 (:data:`head_dot_general`), in bf16 compute too. ``head_bias``: the LM
+    head adds a bias (``lm_head.bias``; also beside tied embeddings); None = the family's
+    (``config.lm_head_bias``: PhiForCausalLM's has one)."""
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
@@ -434,13 +472,18 @@ class CausalLM(nn.Module):
     fused_attention: bool = False
     scan_layers: bool = False
     remat_policy: str = "nothing_saveable"
+    head_bias: Optional[bool] = None
 
     def setup(self):
-        self.model = DecoderModel(self.config, self.dtype, self.param_dtype, self.remat,
+        c = self.config
+        self.model = DecoderModel(c, self.dtype, self.param_dtype, self.remat,
                                   self.fused_attention, self.scan_layers, self.remat_policy)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
+        bias = c.lm_head_bias if self.head_bias is None else self.head_bias
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=bias, dtype=self.dtype,
                                     param_dtype=self.param_dtype, dot_general=head_dot_general)
+        elif bias:
+            self.lm_head = HeadBias(c.vocab_size, self.param_dtype)
 
     def embed(self, input_ids):
         """input_ids [B, T] -> token embeddings [B, T, D]."""
@@ -465,6 +508,8 @@ class CausalLM(nn.Module):
             emb = self.model.embed_tokens.embedding
             logits = head_dot_general(x.astype(self.dtype), emb.astype(self.dtype),
                                       (((x.ndim - 1,), (1,)), ((), ())))
+            if hasattr(self, "lm_head"):
+                logits = self.lm_head(logits)
         else:
             logits = self.lm_head(x)
         return CausalLMOutput(logits=logits.astype(jnp.float32),

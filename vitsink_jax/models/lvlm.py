@@ -137,7 +137,7 @@ class LlavaForConditionalGeneration(nn.Module):
                 self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
         self.language_model = CausalLM(c.text, remat=self.remat, fused_attention=self.fused_attention,
                                        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                                       **kw)
+                                       head_bias=c.lm_head_bias, **kw)
 
     @property
     def policy(self) -> VisualTokenPolicy:

@@ -1,5 +1,6 @@
-"""Rotary position embeddings with the ``rope_type`` variants transformers uses for LLaMA/Qwen2:
-default, linear, dynamic (NTK), yarn, longrope and llama3. Rotate-half convention (HF).
+"""Rotary position embeddings with the ``rope_type`` variants transformers uses for LLaMA / Qwen2 /
+Phi: default, linear, dynamic (NTK), yarn, longrope and llama3. Rotate-half convention (HF); with
+``partial_rotary_factor`` < 1 (Phi) only each head's leading ``config.rotary_dim`` dims rotate.
 
 Frequencies follow ``transformers.modeling_rope_utils`` step by step in float32. The two
 sequence-length-dependent types (dynamic, longrope) read the length from ``position_ids`` inside
@@ -64,9 +65,7 @@ def inv_freq(config: TextConfig, position_ids):
     kind = rope.get("rope_type", "default")
     if kind not in ROPE_TYPES:
         raise ValueError(f"unsupported rope_type {kind!r}; supported: {ROPE_TYPES}")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported for llama/qwen2")
-    dim, base, mpe = config.head_dim, config.rope_theta, config.max_position_embeddings
+    dim, base, mpe = config.rotary_dim, config.rope_theta, config.max_position_embeddings
     expo = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
     plain = (1.0 / (base ** expo)).astype(np.float32)
     seq_len = jnp.max(position_ids) + 1
@@ -96,7 +95,8 @@ def inv_freq(config: TextConfig, position_ids):
 
 
 def rotary_embedding(config: TextConfig, position_ids):
-    """position_ids [B, T] -> (cos, sin) each [B, T, D] float32 (attention scaling folded in)."""
+    """position_ids [B, T] -> (cos, sin) each [B, T, R] float32 (attention scaling folded in;
+    R = ``config.rotary_dim``, the head dim unless the rotation is partial)."""
     inv, scaling = inv_freq(config, position_ids)
     freqs = position_ids.astype(jnp.float32)[..., None] * inv[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -104,8 +104,12 @@ def rotary_embedding(config: TextConfig, position_ids):
 
 
 def apply_rotary(x, cos, sin):
-    """x [B, T, H, D]; cos, sin [B, T, D] -> rotated x (rotate-half convention), x.dtype."""
-    half = x.shape[-1] // 2
+    """x [B, T, H, D]; cos, sin [B, T, R] -> x with its leading R dims rotated (rotate-half
+    convention; the other D - R pass unchanged), x.dtype."""
+    r = cos.shape[-1]
+    x, rest = x[..., :r], x[..., r:]
+    half = r // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    out = x * cos + rotated * sin
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
