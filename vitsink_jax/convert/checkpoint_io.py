@@ -352,10 +352,11 @@ def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
 
 def load_params(path: Path, config: ModelConfig, model, dtype=jnp.float32, mesh=None,
                 shardings=None, param_dtypes: Optional[Callable] = None,
-                progress: Optional[bool] = None) -> dict:
-    """The params of ``model`` (loop or scanned layout) read from the folder ``path``, each placed
-    as :func:`plan_shardings` says and cast to ``dtype`` (or ``param_dtypes(path tuple)``)."""
-    readers = open_weights(path)
+                progress: Optional[bool] = None, readers: Optional[list] = None) -> dict:
+    """The params of ``model`` (loop or scanned layout) read from the folder ``path`` (or from
+    ``readers``, e.g. a foreign layout's renamed ones), each placed as :func:`plan_shardings`
+    says and cast to ``dtype`` (or ``param_dtypes(path tuple)``)."""
+    readers = open_weights(path) if readers is None else readers
     plan = load_plan(path, config, model, readers)
     placement = plan_shardings(plan, mesh, shardings)
     n = sum(len(e.sources) for e in plan.values())
@@ -371,7 +372,8 @@ def load_params(path: Path, config: ModelConfig, model, dtype=jnp.float32, mesh=
 
 
 def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optional[bool] = None,
-                    mesh=None, shardings=None, param_dtypes: Optional[Callable] = None, **options):
+                    mesh=None, shardings=None, param_dtypes: Optional[Callable] = None,
+                    vision_tower=None, **options):
     """Loads a Hugging Face model folder or repo id. Returns (flax module, params).
 
     ``dtype`` is the compute dtype and, unless ``param_dtype`` is given, the dtype params are cast
@@ -388,16 +390,27 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
     ``path``: a folder or a repo id (see :func:`resolve_model_path`). Dispatch on config.json's
     model_type: llava -> LVLM; clip / clip_vision_model / siglip / siglip_vision_model / dinov2 ->
     vision tower; llama / qwen2 / phi / phi3 -> LLM. Unknown types raise ValueError naming the type.
+    Checkpoints of the original LLaVA codebase (``mm_vision_tower`` in config.json) load into
+    the same LLaVA (:mod:`vitsink_jax.convert.layouts`); ``vision_tower`` overrides the folder
+    their tower is read from.
     """
+    from . import layouts
+
     path = resolve_model_path(path)
     raw = read_config(path)
+    readers = None
+    if layouts.detect(raw) == "llava_codebase":
+        raw, readers = layouts.llava_codebase(path, raw, open_weights, vision_tower)
+    elif vision_tower is not None:
+        raise ValueError(f"{path}: vision_tower= is for checkpoints that keep their vision tower in "
+                         "another folder (the LLaVA codebase's mm_vision_tower)")
     try:
         config = config_from_hf(raw)
     except ValueError as e:
         raise type(e)(f"{path / 'config.json'}: {e}") from e
     model = build_model(config, dtype, param_dtype, **options)
     params = load_params(path, config, model, param_dtype or dtype, mesh, shardings, param_dtypes,
-                         progress)
+                         progress, readers)
     return model, params
 
 
@@ -531,6 +544,12 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     names = [SAFE_SINGLE] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     config = model.config
+    if getattr(config, "image_token_index", -1) >= getattr(getattr(config, "text", None), "vocab_size", 1 << 62):
+        warnings.warn(f"{out_dir}: image_token_index {config.image_token_index} is outside the "
+                      f"{config.text.vocab_size}-token vocabulary (a LLaVA-codebase model): "
+                      "vitsink_jax loads this folder, transformers' Llava cannot embed that id "
+                      "(its own conversion script adds an <image> row to the vocabulary)",
+                      stacklevel=2)
     hf_cfg = config.to_hf()
     hf_cfg.setdefault("architectures", [_ARCHITECTURES[hf_cfg["model_type"]]])
     hf_cfg["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(

@@ -267,7 +267,10 @@ class LlavaForConditionalGeneration(nn.Module):
         cache: a :class:`KVCache` to prefill (see :mod:`vitsink_jax.generate`); positions then
         default to generation positions (running count of kept tokens)."""
         c = self.config
-        embeds = self.language_model.embed(input_ids)
+        # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
+        text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
+            input_ids == c.image_token_index, 0, input_ids)
+        embeds = self.language_model.embed(text_ids)
         feats = selected = vout = arrangement = weights = None
         if pixel_values is not None:
             selected, vout = self.vision_features(pixel_values, output_attentions and output_vision)
