@@ -149,7 +149,7 @@ def run_demo(cfg, workdir: Path) -> dict:
         per_image[name] = {
             "norm_mean": float(norms.mean()), "norm_max": float(norms.max()),
             "top_tokens": [{"index": int(i), "norm": float(norms[i]),
-                            "row_col": None if i < offset else divmod(int(i) - offset, grid)}
+                            "row_col": None if i < offset else divmod(int(i) + c.patch_offset, grid)}
                            for i in top],
             "next_token_top5": [{"id": int(i), "p": float(probs[i])} for i in np.argsort(-probs)[:5]],
         }
@@ -235,7 +235,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
         res["decoded"], res["decoded_p"] = analysis.top_decoded(logits, cfg.top_k)
         return res
 
-    grid, offset = c.grid_size, c.visual_cls_offset
+    grid = c.grid_size
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
@@ -261,14 +261,15 @@ def run_analyze(cfg, workdir: Path) -> dict:
             hits[group].append(rate)
         rgb = np.asarray(to_rgb(image).resize((c.input_size,) * 2))
         plots.relevance_maps(rgb, {f"{'sink' if t['is_sink'] else 'token'} #{t['index']} "
-                                   f"(norm {t['norm']:.0f})": (m, t["index"] - offset)
+                                   f"(norm {t['norm']:.0f})": (m, t["index"] + c.patch_offset)
                                    for t, m in zip(f4["targets"], res["relevance"][0])},
                              workdir / "plots" / f"relevance_{Path(name).stem}.png")
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
         profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
         plots.sink_overlay(rgb,
-                           res["masks"][rule.rule][0][offset:], norms[offset:], grid, name,
+                           c.patch_values(res["masks"][rule.rule][0], False), c.patch_values(norms),
+                           grid, name,
                            workdir / "plots" / f"sinks_{Path(name).stem}.png")
         tqdm.write(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "

@@ -2,10 +2,12 @@
 on N fake CPU devices with fsdp sharding, and the inference forward with tensor parallelism, each
 with the LLM layers as a Python loop and as one nn.scan (scan_layers),
 nothing allocated (abstract params from jax.eval_shape), and compare XLA's per-device memory
-analysis with the one-device programs.
+analysis with the one-device programs. ``--plan`` instead gives the per-device memory plan of
+the paper's TinyLLaVA DIYSink recipes (SigLIP-so400m + Qwen2-0.5B / Phi-2) on pod slices.
 
     python benchmarks/memory.py                    # 7B and 13B shapes, 8 devices (minutes)
     python benchmarks/memory.py --quick            # a tiny shape, scanned layers (the test suite)
+    python benchmarks/memory.py --plan             # TinyLLaVA recipes on v5e-16 and v4-8
 
 Run it as its own process: it sets XLA_FLAGS for the fake devices before importing jax.
 """
@@ -18,14 +20,23 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # vision: CLIP-L/336; text: Vicuna (LLaMA) 7B / 13B
+SHAPES = {  # vision: CLIP-L/336 (or SigLIP-so400m/384); text: Vicuna (LLaMA) 7B / 13B, Qwen2, Phi-2
     "llava-1.5-7b": dict(vh=1024, vl=24, vheads=16, vi=4096, image=336, patch=14,
                          th=4096, tl=32, theads=32, ti=11008, vocab=32064),
     "llava-1.5-13b": dict(vh=1024, vl=24, vheads=16, vi=4096, image=336, patch=14,
                           th=5120, tl=40, theads=40, ti=13824, vocab=32064),
     "quick": dict(vh=64, vl=2, vheads=4, vi=128, image=56, patch=14,
                   th=128, tl=2, theads=4, ti=256, vocab=512),
+    # TinyLLaVA (configs/tinyllava_*.py): google/siglip-so400m-patch14-384 (all 729 patches, the
+    # second-to-last layer) + Qwen/Qwen2-0.5B (GQA 14/2, tied) or microsoft/phi-2
+    "tinyllava-0.5b": dict(vision="siglip_vision_model", vh=1152, vl=27, vheads=16, vi=4304,
+                           image=384, patch=14, text="qwen2", th=896, tl=24, theads=14, tkv=2,
+                           ti=4864, vocab=151936, tie=True),
+    "tinyllava-3.1b": dict(vision="siglip_vision_model", vh=1152, vl=27, vheads=16, vi=4304,
+                           image=384, patch=14, text="phi", th=2560, tl=32, theads=32, ti=10240,
+                           vocab=51200, partial_rotary=0.4, act="gelu_new"),
 }
+SLICES = {"v5e-16": (16, 16), "v4-8": (4, 32)}  # pod slice -> (chips, GiB of HBM per chip)
 
 
 def llava_config(s: dict, diysink: bool = True):
@@ -33,15 +44,22 @@ def llava_config(s: dict, diysink: bool = True):
     False)."""
     from vitsink_jax.config import DIYSinkConfig, LlavaConfig, TextConfig, VisionConfig
 
-    vision = VisionConfig(model_type="clip_vision_model", hidden_size=s["vh"],
+    vtype = s.get("vision", "clip_vision_model")
+    vision = VisionConfig(model_type=vtype, hidden_size=s["vh"],
                           intermediate_size=s["vi"], num_hidden_layers=s["vl"],
                           num_attention_heads=s["vheads"], image_size=s["image"],
-                          patch_size=s["patch"])
-    text = TextConfig(model_type="llama", vocab_size=s["vocab"], hidden_size=s["th"],
+                          patch_size=s["patch"], hidden_act="gelu_pytorch_tanh"
+                          if vtype.startswith("siglip") else "quick_gelu")
+    rope = (("partial_rotary_factor", s["partial_rotary"]), ("rope_type", "default")) \
+        if "partial_rotary" in s else None
+    text = TextConfig(model_type=s.get("text", "llama"), vocab_size=s["vocab"], hidden_size=s["th"],
                       intermediate_size=s["ti"], num_hidden_layers=s["tl"],
-                      num_attention_heads=s["theads"], num_key_value_heads=s["theads"],
-                      head_dim=s["th"] // s["theads"], max_position_embeddings=4096)
+                      num_attention_heads=s["theads"], num_key_value_heads=s.get("tkv", s["theads"]),
+                      head_dim=s["th"] // s["theads"], max_position_embeddings=4096,
+                      rope_scaling=rope, tie_word_embeddings=s.get("tie", False),
+                      hidden_act=s.get("act", "silu"))
     return LlavaConfig(vision=vision, text=text, image_token_index=s["vocab"] - 1,
+                       vision_feature_select_strategy="default" if vtype.startswith("clip") else "full",
                        diysink=DIYSinkConfig() if diysink else None)
 
 
@@ -142,16 +160,49 @@ def layout_memory(name: str, n: int, text_tokens: int, scan_layers: bool) -> dic
             "inference_ratio_to_ideal": inf_tp["per_device_bytes"] / (inf_one["per_device_bytes"] / n)}
 
 
+def memory_plan(recipes: dict, max_length: int) -> list:
+    """Per-device bytes of each TinyLLaVA recipe's fine-tuning step (bf16 compute, fp32 params
+    and AdamW, remat, scanned layers, fsdp over every chip) on each pod slice of
+    :data:`SLICES`, with ``micro`` rows per chip of ``max_length`` tokens ({recipe: micro})."""
+    rows = []
+    for name, micro in recipes.items():
+        config = llava_config(SHAPES[name])
+        text = max_length - config.num_image_tokens
+        for slice_name, (chips, hbm) in SLICES.items():
+            r = step_memory(name, chips, chips, chips * micro, text, scan_layers=True)
+            r.update(slice=slice_name, hbm_gib=hbm, micro_batch_per_chip=micro,
+                     fits=r["per_device_bytes"] <= hbm * 2 ** 30)
+            print(f"{name} on {slice_name} ({chips} chips x {hbm} GiB): {r['params'] / 1e9:.2f}B "
+                  f"params, {micro} rows x {r['tokens']} tokens per chip: "
+                  f"{r['per_device_bytes'] / 2 ** 30:.2f} GiB per chip "
+                  f"({'fits' if r['fits'] else 'does not fit'}; compile {r['compile_s']:.0f} s)",
+                  flush=True)
+            rows.append(r)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--plan", action="store_true", help="the TinyLLaVA recipes' pod-slice plan")
+    ap.add_argument("--max-length", type=int, default=2048, help="--plan: tokens per row")
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    devices = max(c for c, _ in SLICES.values()) if args.plan else args.devices
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
+                               f" --xla_force_host_platform_device_count={devices}")
     from vitsink_jax.provenance import package_versions, write_json
+
+    if args.plan:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from configs.tinyllava import RECIPES
+        result = {"memory_plan": memory_plan({n: r["micro_batch_per_chip"] for n, r in RECIPES.items()},
+                                             args.max_length), "versions": package_versions()}
+        if args.out:
+            write_json(args.out, result)
+        return result
 
     n = args.devices
     gib = lambda r, k: r[k]["per_device_bytes"] / 2 ** 30  # noqa: E731

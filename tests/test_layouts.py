@@ -1,6 +1,7 @@
 """Checkpoint layouts of the paper's community read into the same LLaVA: the original LLaVA
 codebase (config at the top level, ``model.mm_projector.*``, the CLIP tower in the folder its
-``mm_vision_tower`` names). Each is built offline from a tiny random transformers LLaVA by
+``mm_vision_tower`` names) and TinyLLaVA Factory (SigLIP + Phi-2 / Qwen2, ``connector._connector``,
+``vision_tower._vision_tower``, Phi-2's head bias). Each is built offline from a tiny random transformers LLaVA by
 renaming its tensors as the original code names them; logits are checked against that model."""
 
 import json
@@ -13,8 +14,27 @@ import transformers
 from safetensors.torch import save_file
 
 import vitsink_jax as vj
-from conftest import IMAGE_TOKEN, VOCAB, assert_close, build, llava_config, t2n
+from conftest import (IMAGE_TOKEN, VOCAB, assert_close, build, llava_config, phi_config,
+                      qwen2_config, siglip_vision_config, t2n)
 from test_lvlm import prompt_with_images
+
+
+def _renamed(hf, names: dict) -> dict:
+    """hf's tensors whose names start with a key of ``names``, that prefix replaced by its value."""
+    return {new + key[len(old):]: t.contiguous() for key, t in hf.state_dict().items()
+            for old, new in names.items() if key.startswith(old)}
+
+
+def _logits(model, params, hf, rng, n_img: int) -> tuple:
+    """(our logits, transformers' logits) of two one-image prompts; ours mark the image with
+    the out-of-vocabulary id these layouts get, transformers' with its image token."""
+    ids = np.concatenate([prompt_with_images(rng, 1, n_img) for _ in range(2)])
+    pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
+    ours = model.apply({"params": params}, jnp.asarray(np.where(ids == IMAGE_TOKEN, VOCAB, ids)),
+                       jnp.asarray(pixels)).logits
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits
+    return np.asarray(ours), t2n(ref)
 
 
 def _llava_codebase(hf, folder, tower_name="clip_tower", projector="mlp2x_gelu"):
@@ -25,12 +45,7 @@ def _llava_codebase(hf, folder, tower_name="clip_tower", projector="mlp2x_gelu")
     hf.model.vision_tower.save_pretrained(str(folder / tower_name))
     names = {"model.language_model.": "model.", "model.multi_modal_projector.linear_1.": "model.mm_projector.0.",
              "model.multi_modal_projector.linear_2.": "model.mm_projector.2.", "lm_head.": "lm_head."}
-    tensors = {}
-    for key, t in hf.state_dict().items():
-        for old, new in names.items():
-            if key.startswith(old):
-                tensors[new + key[len(old):]] = t.contiguous()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_renamed(hf, names), str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg = {**hf.config.text_config.to_dict(), "model_type": "llava",
            "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": tower_name,
            "mm_projector_type": projector, "mm_vision_select_layer": -2,
@@ -51,12 +66,7 @@ def test_llava_codebase_logits_equal_transformers(codebase, tmp_path, rng):
     model, params = vj.load_pretrained(folder)
     c = model.config
     assert c.image_token_index == VOCAB and c.vision_feature_select_strategy == "default"
-    ids = np.concatenate([prompt_with_images(rng, 1, 16) for _ in range(2)])
-    pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
-    ours = np.asarray(model.apply({"params": params}, jnp.asarray(np.where(ids == IMAGE_TOKEN, VOCAB, ids)),
-                                  jnp.asarray(pixels)).logits)
-    with torch.no_grad():
-        ref = t2n(hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits)
+    ours, ref = _logits(model, params, hf, rng, 16)
     assert_close(ours, ref, what="LLaVA-codebase logits")
     # the tower found through an explicit folder gives the same params
     moved = folder.parent / "elsewhere"
@@ -79,7 +89,7 @@ def test_llava_codebase_bad_folders_are_named(codebase, tmp_path):
     bad = shutil.copytree(folder, tmp_path / "bad")
     cfg = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**cfg, "mm_projector_type": "mlp3x_gelu"}))
-    with pytest.raises(vj.CheckpointError, match="mm_projector_type 'mlp3x_gelu' is not supported"):
+    with pytest.raises(vj.CheckpointError, match="mm_projector_type .mlp3x_gelu. is not supported"):
         vj.load_pretrained(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
     from safetensors.torch import load_file
@@ -88,3 +98,82 @@ def test_llava_codebase_bad_folders_are_named(codebase, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(vj.CheckpointError, match=r"missing tensors \(1\): multi_modal_projector/linear_2/kernel"):
         vj.load_pretrained(bad)
+
+
+def _tinyllava(hf, folder, head_bias=None):
+    """``hf`` (transformers LLaVA: SigLIP + an LLM, "default" = TinyLLaVA's "patch") written as
+    TinyLLaVA Factory writes it: partial text / vision config dicts, its tensor names, and for
+    a Phi-2 LLM the PhiForCausalLM head's bias ``head_bias``."""
+    folder.mkdir()
+    names = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+             "model.vision_tower.": "vision_tower._vision_tower.vision_model.",
+             "model.multi_modal_projector.linear_1.": "connector._connector.0.",
+             "model.multi_modal_projector.linear_2.": "connector._connector.2."}
+    tensors = _renamed(hf, names)
+    if hf.config.text_config.tie_word_embeddings:
+        tensors.pop("language_model.lm_head.weight")
+    if head_bias is not None:
+        tensors["language_model.lm_head.bias"] = head_bias
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    text, vision = hf.config.text_config.to_diff_dict(), hf.config.vision_config.to_diff_dict()
+    vision["model_name_or_path"] = "google/siglip-so400m-patch14-384"
+    cfg = {"model_type": "tinyllava", "architectures": ["TinyLlavaForConditionalGeneration"],
+           "llm_model_name_or_path": "microsoft/phi-2", "connector_type": "mlp2x_gelu",
+           "text_config": text, "vision_config": vision, "image_token_index": -200,
+           "vision_feature_layer": -2, "vision_feature_select_strategy": "patch",
+           "hidden_size": text.get("hidden_size", 64), "vocab_size": VOCAB}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("llm", ["phi", "qwen2"])
+def test_tinyllava_logits_equal_transformers(tmp_path, rng, llm):
+    """SigLIP (second-to-last layer, first patch dropped: 15 of 16) + Phi-2 (head bias) or Qwen2
+    (tied embeddings, no lm_head tensor in the file)."""
+    text = phi_config() if llm == "phi" else qwen2_config()
+    cfg = llava_config(vision=siglip_vision_config(), text=text, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default")
+    hf = build(transformers.LlavaForConditionalGeneration, cfg)
+    bias = torch.randn(VOCAB) * 0.5 if llm == "phi" else None
+    model, params = vj.load_pretrained(_tinyllava(hf, tmp_path / "tinyllava", bias))
+    c = model.config
+    assert c.num_image_tokens == 15 and c.image_token_index == VOCAB
+    assert c.lm_head_bias == (llm == "phi")
+    ours, ref = _logits(model, params, hf, rng, 15)
+    if bias is not None:
+        ref = ref + bias.numpy()
+    assert_close(ours, ref, what=f"TinyLLaVA {llm} logits")
+    # what TinyLLaVA's "patch" drops is the first patch: sinks map back to tower tokens 1..15
+    assert int(c.vit_token_index(np.int32(0))) == 1
+    assert c.patch_values(np.arange(15)).tolist() == [0] + list(range(15))
+    with pytest.warns(UserWarning, match="outside the 128-token vocabulary"):
+        back = vj.save_pretrained(model, params, tmp_path / "llava-hf")  # ours reads it back
+    again = vj.load_pretrained(back)[0].config
+    assert again.lm_head_bias == c.lm_head_bias and again.num_image_tokens == 15
+
+
+def test_tinyllava_unknown_connector_is_named(tmp_path):
+    hf = build(transformers.LlavaForConditionalGeneration,
+               llava_config(vision=siglip_vision_config(), text=qwen2_config()))
+    folder = _tinyllava(hf, tmp_path / "t")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "connector_type": "resampler"}))
+    with pytest.raises(vj.CheckpointError, match="connector_type 'resampler' is not supported"):
+        vj.load_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", ["tinyllava_0p5b_diysink", "tinyllava_3b_diysink"])
+def test_tinyllava_recipes_carry_the_published_hyper_parameters(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location(name, root / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    pre, ft = mod.get_config(), mod.get_config("finetune")
+    assert (pre.stage, pre.batch_size, pre.steps) == ("pretrain", 256, 2181)
+    assert (ft.stage, ft.batch_size, ft.steps) == ("finetune", 128, 5198)
+    assert pre.optim.warmup_ratio == 0.03 and pre.diysink.rule.rule == "adaptive"

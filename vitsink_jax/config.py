@@ -354,10 +354,6 @@ class LlavaConfig:
             raise ValueError(f"image_size {self.image_size} differs from the {self.vision.model_type} "
                              f"tower's {self.vision.image_size}: only DINOv2 towers interpolate, and "
                              f"only to multiples of the patch size {self.vision.patch_size}")
-        if (self.vision_feature_select_strategy == "default"
-                and not self.vision.has_class_token):
-            raise ValueError("vision_feature_select_strategy='default' drops the CLS token, but "
-                             f"{self.vision.model_type} has none; use 'full'")
 
     @property
     def feature_layers(self) -> tuple:
@@ -374,11 +370,32 @@ class LlavaConfig:
         token kept by ``vision_feature_select_strategy="full"`` unless ``rule.include_cls``."""
         return 0 if rule.include_cls else self.visual_cls_offset
 
+    @property
+    def dropped_patches(self) -> int:
+        """Patches that never reach the LLM: "default" drops the tower's first token, which is
+        a patch when the tower has no CLS token (SigLIP: 728 of 729 tokens reach the LLM in
+        TinyLLaVA's "patch" selection and in transformers' Llava alike)."""
+        return int(self.vision_feature_select_strategy == "default" and not self.vision.has_class_token)
+
+    @property
+    def patch_offset(self) -> int:
+        """Added to the visual-token index of a patch token gives its patch index (row-major)."""
+        return self.dropped_patches - self.visual_cls_offset
+
     def vit_token_index(self, visual_index):
         """Visual-token index (what the projector sees: CLS when kept, then the patches) ->
         index in the vision tower's token sequence (CLS, trained registers, patches)."""
         off = self.visual_cls_offset
-        return visual_index + (visual_index >= off) * (self.vision.prefix_tokens - off)
+        return visual_index + (visual_index >= off) * (self.vision.prefix_tokens - off) + \
+            self.dropped_patches
+
+    def patch_values(self, values, fill=0):
+        """Per-visual-token values [P] -> per-patch values [grid ** 2] (a kept CLS left out, a
+        dropped patch set to ``fill``), for maps over the patch grid."""
+        import numpy as np
+
+        values = np.asarray(values)[self.visual_cls_offset:]
+        return np.concatenate([np.full(self.dropped_patches, fill, values.dtype), values])
 
     @property
     def input_size(self) -> int:
@@ -393,7 +410,7 @@ class LlavaConfig:
     @property
     def num_image_tokens(self) -> int:
         """Visual tokens per image that reach the LLM (registers never do)."""
-        return self.grid_size ** 2 + self.visual_cls_offset
+        return self.grid_size ** 2 + self.visual_cls_offset - self.dropped_patches
 
     @classmethod
     def from_hf(cls, d: dict) -> "LlavaConfig":

@@ -390,17 +390,18 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
     ``path``: a folder or a repo id (see :func:`resolve_model_path`). Dispatch on config.json's
     model_type: llava -> LVLM; clip / clip_vision_model / siglip / siglip_vision_model / dinov2 ->
     vision tower; llama / qwen2 / phi / phi3 -> LLM. Unknown types raise ValueError naming the type.
-    Checkpoints of the original LLaVA codebase (``mm_vision_tower`` in config.json) load into
-    the same LLaVA (:mod:`vitsink_jax.convert.layouts`); ``vision_tower`` overrides the folder
-    their tower is read from.
+    Checkpoints of the original LLaVA codebase (``mm_vision_tower`` in config.json) and of
+    TinyLLaVA Factory (model_type tinyllava) load into the same LLaVA
+    (:mod:`vitsink_jax.convert.layouts`); ``vision_tower`` overrides the folder a LLaVA-codebase
+    tower is read from.
     """
     from . import layouts
 
     path = resolve_model_path(path)
     raw = read_config(path)
     readers = None
-    if layouts.detect(raw) == "llava_codebase":
-        raw, readers = layouts.llava_codebase(path, raw, open_weights, vision_tower)
+    if layouts.detect(raw) is not None:
+        raw, readers = layouts.open_layout(path, raw, open_weights, vision_tower)
     elif vision_tower is not None:
         raise ValueError(f"{path}: vision_tower= is for checkpoints that keep their vision tower in "
                          "another folder (the LLaVA codebase's mm_vision_tower)")

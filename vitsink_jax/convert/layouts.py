@@ -14,6 +14,13 @@ every check of :mod:`vitsink_jax.convert.checkpoint_io` then run unchanged, and
   tensors saved in the checkpoint itself, ``model.vision_tower.vision_tower.*``, win).
   ``mm_vision_select_layer`` is the feature layer, ``mm_vision_select_feature`` "patch" drops
   the CLS token ("default"), "cls_patch" keeps it ("full").
+* TinyLLaVA Factory (``model_type`` "tinyllava"): ``text_config`` / ``vision_config`` dicts in
+  config.json (partial: transformers fills each family's defaults), tensors
+  ``language_model.*`` (the LLM's own causal-LM names; Phi-2's head keeps its bias),
+  ``vision_tower._vision_tower.vision_model.*`` and ``connector._connector.{0,2}.*``
+  (mlp2x_gelu, exact GELU) or ``connector._connector.*`` (linear). Its "patch" selection drops
+  the tower's first token, a patch for SigLIP (728 of 729 tokens, as transformers' Llava does
+  with "default"); "cls_patch" keeps every token.
 
 The LLaVA codebase marks images in ``input_ids`` with -200, outside the vocabulary; such a model
 gets ``image_token_index = vocab_size`` (one past the vocabulary; the model never embeds that
@@ -56,10 +63,67 @@ class RenamedReader:
 
 
 def detect(raw: dict) -> Optional[str]:
-    """The foreign layout of a config.json dict ("llava_codebase"), or None for transformers'."""
+    """The foreign layout of a config.json dict ("llava_codebase", "tinyllava"), or None for
+    transformers'."""
+    if raw.get("model_type") == "tinyllava":
+        return "tinyllava"
     if "mm_vision_tower" in raw and "text_config" not in raw:
         return "llava_codebase"
     return None
+
+
+def open_layout(path: Path, raw: dict, open_weights: Callable, vision_tower=None) -> tuple:
+    """(llava-hf config dict, renamed readers) of a folder in a foreign layout."""
+    if detect(raw) == "tinyllava":
+        if vision_tower is not None:
+            raise ValueError(f"{path}: a TinyLLaVA checkpoint holds its vision tower; vision_tower= "
+                             "is for the LLaVA codebase's mm_vision_tower")
+        return tinyllava(path, raw, open_weights)
+    return llava_codebase(path, raw, open_weights, vision_tower)
+
+
+def _check_choice(path: Path, key: str, value, supported) -> None:
+    if value not in supported:
+        raise CheckpointError(f"{path / 'config.json'}: {key} {value!r} is not supported "
+                              f"(supported: {', '.join(sorted(supported))})")
+
+
+def tinyllava(path: Path, raw: dict, open_weights: Callable) -> tuple:
+    """(llava-hf config dict, renamed readers) of a TinyLLaVA Factory checkpoint."""
+    for key in ("text_config", "vision_config"):
+        if not isinstance(raw.get(key), dict) or "model_type" not in raw[key]:
+            raise CheckpointError(f"{path / 'config.json'}: TinyLLaVA config without a {key} "
+                                  "dict naming its model_type")
+    connector = raw.get("connector_type", "mlp2x_gelu")
+    _check_choice(path, "connector_type", connector, CODEBASE_PROJECTORS)
+    feature = raw.get("vision_feature_select_strategy", "patch")
+    _check_choice(path, "vision_feature_select_strategy", feature, CODEBASE_FEATURES)
+    text = dict(raw["text_config"])
+    vision = {k: v for k, v in raw["vision_config"].items() if not k.startswith("model_name_or_path")}
+    vocab = text.get("vocab_size") or raw.get("vocab_size")
+    if vocab is None:
+        from ..config import _hf_config
+        vocab = _hf_config(text).vocab_size
+    config = {"model_type": "llava", "vision_config": vision, "text_config": text,
+              "image_token_index": int(vocab), "projector_hidden_act": "gelu",
+              "vision_feature_layer": raw.get("vision_feature_layer", -2),
+              "vision_feature_select_strategy": CODEBASE_FEATURES[feature],
+              "vitsink_lm_head_bias": text["model_type"] == "phi"}
+    if connector != "mlp2x_gelu":
+        config["projector_type"] = connector
+    return config, [RenamedReader(r, _tinyllava_key) for r in open_weights(path)]
+
+
+def _tinyllava_key(key: str) -> Optional[str]:
+    """A TinyLLaVA Factory tensor name -> its canonical llava-hf name."""
+    for pattern, repl in ((r"^connector\._connector\.0\.", "multi_modal_projector.linear_1."),
+                          (r"^connector\._connector\.2\.", "multi_modal_projector.linear_2."),
+                          (r"^connector\._connector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
+                          (r"^vision_tower\._vision_tower\.vision_model\.", "vision_tower.")):
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
 
 
 def _read_json(path: Path) -> dict:
@@ -97,13 +161,9 @@ def llava_codebase(path: Path, raw: dict, open_weights: Callable, vision_tower=N
         raise CheckpointError(f"{path / 'config.json'}: LLaVA-codebase model_type {mt!r} not one of "
                               f"{sorted(CODEBASE_TEXT_TYPES)}")
     projector = raw.get("mm_projector_type", "linear")
-    if projector not in CODEBASE_PROJECTORS:
-        raise CheckpointError(f"{path / 'config.json'}: mm_projector_type {projector!r} is not "
-                              f"supported (supported: {', '.join(CODEBASE_PROJECTORS)})")
+    _check_choice(path, "mm_projector_type", projector, CODEBASE_PROJECTORS)
     feature = raw.get("mm_vision_select_feature", "patch")
-    if feature not in CODEBASE_FEATURES:
-        raise CheckpointError(f"{path / 'config.json'}: mm_vision_select_feature {feature!r} not "
-                              f"one of {sorted(CODEBASE_FEATURES)}")
+    _check_choice(path, "mm_vision_select_feature", feature, CODEBASE_FEATURES)
     tower = find_tower(path, raw["mm_vision_tower"], "mm_vision_tower", vision_tower)
     text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in (
         "architectures", "_name_or_path", "image_aspect_ratio", "tune_mm_mlp_adapter",

@@ -1,0 +1,48 @@
+"""The paper's TinyLLaVA DIYSink recipes (PAPER_NOTES s.7-8), shared by
+configs/tinyllava_0p5b_diysink.py and configs/tinyllava_3b_diysink.py (``--config.diysink.enabled=False``
+gives the single-MLP baseline with the identical recipe).
+
+TinyLLaVA Factory's published scripts (scripts/train/*.sh): pretrain the connector only (lr 1e-3,
+global batch 256), then fine-tune connector + LLM (lr 2e-5, global batch 128), the vision tower
+frozen; one epoch each, warmup ratio 0.03, cosine decay, weight decay 0, max length 2048, bf16,
+data LLaVA-558K (pretrain) / LLaVA-665K (finetune) in the LLaVA JSON layout
+(``--config.data.json=.../blip_laion_cc_sbu_558k.json --config.data.image_folder=...``).
+Steps = one epoch of the published data at the global batch. The checkpoint is a TinyLLaVA
+Factory folder (or its llava-hf export). SigLIP has no published sink threshold: the sink rule
+is the adaptive norm-drop rule (tau unknown for SigLIP, PAPER_NOTES s.3).
+
+    python train.py --config configs/tinyllava_0p5b_diysink.py --workdir runs/t05_pt \\
+        --config.checkpoint=TINYLLAVA_FOLDER --config.data.json=LLaVA-558K.json
+    python train.py --config configs/tinyllava_0p5b_diysink.py:finetune --workdir runs/t05_ft \\
+        --config.checkpoint=runs/t05_pt/export --config.data.json=LLaVA-665K.json
+
+``micro_batch_per_chip``: rows per chip of one gradient-accumulation step in the memory plan
+(``python benchmarks/memory.py --plan``); ``optim.grad_accum`` follows from it and the device
+count.
+"""
+
+from configs.diysink import get_config as diysink_config
+
+DATA = {"pretrain": 558_128, "finetune": 665_298}  # LLaVA-558K / LLaVA-665K items
+BATCH = {"pretrain": 256, "finetune": 128}
+RECIPES = {"tinyllava-0.5b": {"micro_batch_per_chip": 4},
+           "tinyllava-3.1b": {"micro_batch_per_chip": 2}}
+
+
+def recipe(stage: str = ""):
+    """The diysink config with TinyLLaVA's recipe for ``stage`` (pretrain, the default | finetune)."""
+    stage = stage or "pretrain"
+    c = diysink_config()
+    c.stage = stage
+    c.batch_size = BATCH[stage]
+    c.steps = -(-DATA[stage] // BATCH[stage])
+    c.finetune_parts = ("multi_modal_projector", "multi_modal_projector_sink", "language_model")
+    c.compute_dtype = "bfloat16"
+    c.remat = True
+    c.scan_layers = True
+    c.checkpoint_every = 500
+    c.optim.warmup_ratio = 0.03
+    c.optim.weight_decay = 0.0
+    c.diysink.rule = dict(rule="adaptive", tau=100.0, k=4, max_fraction=0.1, min_ratio=2.0)
+    c.data.image_size = 384
+    return c
