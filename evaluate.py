@@ -44,12 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+import ml_collections
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import vitsink_jax as vj
 from vitsink_jax import cli, compile_cache, eval_lib, mini_study, parallel, plots, scores, timing
-from vitsink_jax.data import benchmarks, labels
+from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import load_tokenizer
@@ -773,10 +774,25 @@ MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmar
          "vit": run_vit, "interventions": run_interventions, "score": run_score, "sweep": run_sweep}
 
 
+def apply_system(cfg) -> None:
+    """Puts ``eval.system`` (a system prompt by name or text: TinyLLaVA's templates) before every
+    prompt template of the run: benchmark templates, the CoT routing prompts and the analysis
+    prompt."""
+    system = cfg.eval.get("system", "")
+    if not system:
+        return
+    cfg.eval.templates = ml_collections.ConfigDict(prompts.with_system(cfg.eval.templates.to_dict(), system))
+    prefix = prompts.system_prefix(system)
+    cfg.eval.cot_image_prompt = prefix + cfg.eval.cot_image_prompt
+    cfg.eval.cot_question_prompt = prefix + cfg.eval.cot_question_prompt
+    cfg.analysis.template = prefix + cfg.analysis.template
+
+
 def main(argv):
     del argv
     compile_cache.enable(flags.FLAGS.config.compile_cache)
     cfg = flags.FLAGS.config
+    apply_system(cfg)
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:
         raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")

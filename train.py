@@ -140,7 +140,8 @@ class Batches:
         record = self.records[i] if record is None else record
         with self.tokenizing:
             ids, loss_mask, question_mask = instruct.tokenize_conversation(
-                self.tok, record["roles"], record["texts"], c.num_image_tokens, c.image_token_index)
+                self.tok, record["roles"], record["texts"], c.num_image_tokens, c.image_token_index,
+                self.cfg.data.get("system", ""))
         self.lengths[i] = len(ids)
         return {"ids": ids, "loss_mask": loss_mask, "question_mask": question_mask}
 
@@ -213,7 +214,7 @@ class Runner:
 # the same run.
 RUN_KEYS = ("seed", "stage", "finetune_parts", "batch_size", "compute_dtype", "scan_layers",
             "diysink", "data.image_folder", "embedded", "data.variants", "data.image_size",
-            "data.mc_format")
+            "data.mc_format", "data.system")
 
 
 def run_settings(cfg, ckpt: Path) -> dict:
@@ -236,6 +237,8 @@ def run_settings(cfg, ckpt: Path) -> dict:
         skip += tuple(k for k in flat if k.startswith("diysink.") and k != "diysink.enabled")
     if cfg.stage != "finetune":  # the other stages train fixed parts
         skip += ("finetune_parts",)
+    if not cfg.data.get("system", ""):  # no system prompt: as the checkpoints before the key
+        skip += ("data.system",)
     flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
     flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
     if cfg.data.json:

@@ -81,6 +81,7 @@ def get_config():
     c.eval.tensor = 1               #   replicated on each, the default for small models)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
+    c.eval.system = ""              # system prompt before every template: "" | "tinyllava" | text
     c.eval.routing = "none"         # none | cot (DIYSink CoT routing: per-item token selection)
     c.eval.cot_image_prompt = IMAGE_PROMPT
     c.eval.cot_question_prompt = QUESTION_PROMPT

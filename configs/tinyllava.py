@@ -45,4 +45,5 @@ def recipe(stage: str = ""):
     c.optim.weight_decay = 0.0
     c.diysink.rule = dict(rule="adaptive", tau=100.0, k=4, max_fraction=0.1, min_ratio=2.0)
     c.data.image_size = 384
+    c.data.system = "tinyllava"  # TinyLLaVA Factory's phi / qwen2_base / llama templates
     return c

@@ -177,3 +177,50 @@ def test_tinyllava_recipes_carry_the_published_hyper_parameters(name):
     assert (pre.stage, pre.batch_size, pre.steps) == ("pretrain", 256, 2181)
     assert (ft.stage, ft.batch_size, ft.steps) == ("finetune", 128, 5198)
     assert pre.optim.warmup_ratio == 0.03 and pre.diysink.rule.rule == "adaptive"
+
+
+def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
+    """configs/tinyllava_0p5b_diysink.py's finetune recipe, scaled down and nothing else changed
+    (bf16, remat, scanned layers, the adaptive sink rule, TinyLLaVA's system prompt) on a tiny
+    random TinyLLaVA folder of the same families (SigLIP + Qwen2, its own Qwen2-style
+    tokenizer): two updates on the embedded instruction set, then the export scores embedded
+    benchmark items with the same system prompt."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from conftest import hf_tokenizer
+    from vitsink_jax import eval_lib
+    from vitsink_jax.data import instruct, prompts
+    from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
+    from vitsink_jax.data.tokenizer import load_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import train
+    corpus = benchmark_corpus() + list(prompts.with_system(prompts.TEMPLATES, "tinyllava").values())
+    tok = hf_tokenizer("qwen2", tmp_path / "tok", corpus)
+    cfg = llava_config(vision=siglip_vision_config(), vision_feature_select_strategy="default",
+                       text=qwen2_config(vocab_size=len(tok) + 4), vision_feature_layer=-2)
+    folder = _tinyllava(transformers.LlavaForConditionalGeneration(cfg), tmp_path / "tinyllava")
+    tok.save_pretrained(str(folder))
+    spec = importlib.util.spec_from_file_location("recipe", root / "configs" / "tinyllava_0p5b_diysink.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("finetune")
+    c.update(dict(checkpoint=str(folder), steps=2, batch_size=4, checkpoint_every=2))
+    c.data.variants, c.data.image_size = 1, 28
+    ids, _, question = instruct.tokenize_conversation(tok, ["human", "gpt"], ["<image>\nWhat?", "A"],
+                                                      15, 573, "tinyllava")
+    assert tok.decode(ids[:12]).startswith("A chat between") and not question[:30].any()
+    with pytest.warns(UserWarning, match="outside the 573-token vocabulary"):
+        summary = train.train(c, tmp_path / "work")
+    assert np.isfinite(summary["last_loss"])
+    model, params = vj.load_pretrained(tmp_path / "work" / "export")
+    assert model.config.diysink.rule.rule == "adaptive" and model.config.num_image_tokens == 15
+    records = embedded_benchmark(0, 1, 28)[:4]
+    ecfg = type(c)(dict(templates=prompts.with_system(prompts.TEMPLATES, "tinyllava"), batch_size=4,
+                        length_bucket=32, mc_format="letter", scoring="loglik", routing="none",
+                        max_new_tokens=4))
+    preds = eval_lib.predict(model, params, load_tokenizer(tmp_path / "work" / "export"), records, ecfg)
+    assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)

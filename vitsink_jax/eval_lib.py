@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import parallel
 from .data.preprocess import pixels_from_bytes
-from .data.prompts import LETTERS, USER, human_text
+from .data.prompts import LETTERS, human_start, human_text
 from .data.tokenizer import encode_marked
 from .diysink import cot_route
 from .data.padding import bucket, left_pad, right_pad
@@ -92,7 +92,7 @@ def encode_question_prompt(tokenizer, prompt: str, n_img: int, image_id: int,
     an answer. A prompt outside the template is all question. DIYSink's ReW reads this mask.
     """
     try:
-        start = len(USER)
+        start = human_start(prompt)
         span = (start, start + len(human_text(prompt)))
     except ValueError:
         span = (0, len(prompt))

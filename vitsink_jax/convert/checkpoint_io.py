@@ -547,7 +547,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     config = model.config
     if getattr(config, "image_token_index", -1) >= getattr(getattr(config, "text", None), "vocab_size", 1 << 62):
         warnings.warn(f"{out_dir}: image_token_index {config.image_token_index} is outside the "
-                      f"{config.text.vocab_size}-token vocabulary (a LLaVA-codebase model): "
+                      f"{config.text.vocab_size}-token vocabulary (a LLaVA-codebase or TinyLLaVA import): "
                       "vitsink_jax loads this folder, transformers' Llava cannot embed that id "
                       "(its own conversion script adds an <image> row to the vocabulary)",
                       stacklevel=2)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .padding import bucket, right_pad
 from .preprocess import check_image
-from .prompts import ASSISTANT, TEMPLATES, USER, human_text
+from .prompts import ASSISTANT, TEMPLATES, USER, human_text, system_prefix
 from .tfds_io import Records, write_builder
 from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
 
@@ -109,7 +109,7 @@ def open_instruct(name: str, data_dir) -> Records:
 
 
 def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens: int,
-                          image_token_index: int):
+                          image_token_index: int, system: str = ""):
     """(ids [T] int32, loss_mask [T] bool, question_mask [T] bool) of one conversation.
 
     The ``<image>`` placeholder expands to ``num_image_tokens`` image tokens (neither loss nor
@@ -121,9 +121,10 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
     token of its own (byte-level BPE's ``Ġ`` before a digit or an unmerged letter, LLaMA's
     ``▁`` before a digit) has it supervised, and the supervised tokens of an answer are the ones
     :func:`vitsink_jax.eval_lib.scoring_rows` scores for the same answer after the same prompt.
+    ``system``: a system prompt before the first turn (:func:`~vitsink_jax.data.prompts.system_prefix`).
     """
     eos = tokenizer.eos_token or ""
-    text, answer_spans, question_spans = "", [], []
+    text, answer_spans, question_spans = system_prefix(system), [], []
     for role, value in zip(roles, texts):
         if role == "human":
             text += USER
