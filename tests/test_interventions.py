@@ -12,8 +12,8 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, llama_config, llava_config, random_ids,
-                      save, t2n)
+from conftest import (IMAGE_TOKEN, assert_close, build, llama_config, llava_config, phi3_config,
+                      phi_config, random_ids, save, t2n)
 from vitsink_jax.sinks.detect import sink_mask, token_norms
 from vitsink_jax.interventions import AttentionRedistribution, Interventions, TokenPruning
 from vitsink_jax.interventions.var import redistribute
@@ -21,16 +21,21 @@ from vitsink_jax.interventions.var import redistribute
 VIS = slice(3, 15)  # 12 visual slots in a 20-token row
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    hf = build(transformers.LlamaForCausalLM, llama_config(num_hidden_layers=4))
-    model, params = vj.load_pretrained(save(hf, tmp_path_factory.mktemp("llama")))
+def _visual_rows():
+    """(ids [2, 20], visual slots, ViT sinks) of the decoder-only intervention tests."""
     ids = random_ids(np.random.default_rng(1), 2, 20)
     visual = np.zeros(ids.shape, bool)
     visual[:, VIS] = True
     sinks = np.zeros(ids.shape, bool)
     sinks[0, [5, 9]] = sinks[1, 4] = True
-    return hf, model, params, ids, visual, sinks
+    return ids, visual, sinks
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    hf = build(transformers.LlamaForCausalLM, llama_config(num_hidden_layers=4))
+    model, params = vj.load_pretrained(save(hf, tmp_path_factory.mktemp("llama")))
+    return (hf, model, params, *_visual_rows())
 
 
 def run(model, params, ids, visual, sinks, **iv):
@@ -71,6 +76,17 @@ def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks):
     assert out.attentions[-1].shape[-1] == 20 - 6  # the later layers really ran on 14 tokens
     if keep_sinks:
         assert all(np.isin(np.flatnonzero(sinks[b]), kept[b]).all() for b in range(2))
+
+
+def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
+    """FastV on Phi-2's parallel block (partial rotary, q/k LayerNorm): the same reference."""
+    hf = build(transformers.PhiForCausalLM, phi_config(num_hidden_layers=4))
+    model, params = vj.load_pretrained(save(hf, tmp_path / "phi"))
+    ids, visual, sinks = _visual_rows()
+    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, True)
+    out = run(model, params, ids, visual, sinks, prune=TokenPruning(2, 0.5, True))
+    assert_close(np.take_along_axis(np.asarray(out.logits), kept[..., None], 1), ref,
+                 what="Phi-2 logits at the kept tokens")
 
 
 def test_pruning_ratio_zero_and_var_budget_zero_equal_stock(llama):
@@ -242,14 +258,15 @@ def test_comparison_specs():
             parse(bad)
 
 
-@pytest.mark.parametrize("sinks", ["vit", "dims"])
-def test_var_during_cached_generation_equals_the_forward(tmp_path, sinks):
+@pytest.mark.parametrize("sinks,text", [("vit", "llama"), ("dims", "llama"), ("vit", "phi3")])
+def test_var_during_cached_generation_equals_the_forward(tmp_path, sinks, text):
     """VAR with the KV cache, sinks from the ViT or from the LLM's sink dims (a per-layer mask of
     the cached slots): the cached prefill equals the forward, and a decode step equals the
-    forward over prompt + the new token."""
+    forward over prompt + the new token (a Phi-3 LLM too: its window slides within the prompt)."""
     from vitsink_jax.generate import generate, prefill
 
-    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    hf = build(transformers.LlavaForConditionalGeneration,
+               llava_config(text=phi3_config() if text == "phi3" else None))
     model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
     n = model.config.num_image_tokens
     ids = np.array([[1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8]] * 2)

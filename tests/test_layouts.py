@@ -224,3 +224,24 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
                         max_new_tokens=4))
     preds = eval_lib.predict(model, params, load_tokenizer(tmp_path / "work" / "export"), records, ecfg)
     assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
+    # evaluate.py's analysis (Findings 1-4) on the export, with TinyLLaVA's system prompt: sink
+    # maps over the 4 x 4 patch grid though only 15 patches reach the LLM
+    import evaluate
+    from PIL import Image
+    from skimage import data
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.coffee()).save(images / "coffee.png")
+    spec = importlib.util.spec_from_file_location("default_config", root / "configs" / "default.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    a = mod.get_config()
+    a.update(dict(checkpoint=str(tmp_path / "work" / "export"), images=str(images)))
+    a.analysis.max_new_tokens, a.eval.system = 4, "tinyllava"
+    a.sink.update(dict(rule="topk", k=2))
+    evaluate.apply_system(a)
+    report = evaluate.run_analyze(a, tmp_path / "analysis")
+    entry = report["per_image"]["coffee.png"]
+    assert len(entry["norms"]) == 15 and len(entry["sinks"]["topk"]) == 2
+    assert (tmp_path / "analysis" / "plots" / "sinks_coffee.png").stat().st_size > 1000
