@@ -210,7 +210,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files; the analysis prompts the model "
                          "with a question and needs its tokenizer")
-    rule = detect.SinkRule(**cfg.sink)
+    rule = sink_rule(cfg, c.vision)
     rules = all_rules(cfg)
     edges = jnp.asarray(cfg.bucket_edges, jnp.float32)
     dims = None if not cfg.llm_sink_dims else jnp.asarray(cfg.llm_sink_dims, jnp.int32)
@@ -373,8 +373,10 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
     for every distinct configured visual-token variant (``eval_lib.distinct_variants``: a
     DIYSink model detects sinks by its own rule and has no "front" / "end" row); writes
     ``predictions_[<label>_]<variant>.jsonl``. With CoT routing a summary also counts the items
-    per route and the unparsed routing answers (``cot_routing``)."""
+    per route and the unparsed routing answers (``cot_routing``). ``rule`` None: the configured
+    one (:func:`sink_rule`)."""
     ckpt, model, params = load_lvlm(cfg, workdir, ckpt)
+    rule = rule or sink_rule(cfg, model.config.vision)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
@@ -410,8 +412,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
 def run_benchmark(cfg, workdir: Path) -> dict:
     ckpt, how = resolve_checkpoint(cfg, workdir)
     records, skipped, order = benchmark_records(cfg, workdir)
-    results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order,
-                                               detect.SinkRule(**cfg.sink))
+    results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order, None)
     table = comparison_table(list(results.items()))
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
@@ -635,7 +636,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; vit mode needs a vision tower "
                          "(use mode=analyze for a llava checkpoint)")
     c = model.config
-    rules = all_rules(cfg)
+    rules, named = all_rules(cfg), sink_rule(cfg, c).rule
     layer, prefix, grid = cfg.vit_layer, c.prefix_tokens, c.grid_size
 
     @jax.jit
@@ -658,7 +659,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         norms_all[name] = norms
         rgb = np.asarray(to_rgb(image).resize((c.image_size,) * 2))
         stem = Path(name).stem
-        plots.sink_overlay(rgb, masks[cfg.sink.rule][0], norms, grid, name,
+        plots.sink_overlay(rgb, masks[named][0], norms, grid, name,
                            workdir / "plots" / f"sinks_{stem}.png")
         plots.relevance_maps(rgb, {f"token #{int(t)} (norm {norms[t]:.0f})": (m, int(t))
                                    for t, m in zip(targets[0], rel[0])},
@@ -680,6 +681,17 @@ def run_vit(cfg, workdir: Path) -> dict:
     print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
           + f"; wrote {out} and plots in {workdir / 'plots'}")
     return report
+
+
+def sink_rule(cfg, vision) -> detect.SinkRule:
+    """``cfg.sink`` as a SinkRule for a model with the tower ``vision`` (its VisionConfig). Rule
+    "family" (the default) is the paper's fixed threshold (tau = ``sink.tau``, 100) for CLIP
+    towers, the one encoder the paper gives a tau for (LLaVA-1.5's CLIP-ViT-L/336), and the
+    adaptive norm-drop rule for every other tower (SigLIP, DINOv2, ...), whose tau is unknown."""
+    name = cfg.sink.rule
+    if name == "family":
+        name = "threshold" if vision.model_type.startswith("clip") else "adaptive"
+    return detect.SinkRule(**{**cfg.sink, "rule": name})
 
 
 def all_rules(cfg) -> dict:

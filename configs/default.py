@@ -29,7 +29,9 @@ def get_config():
     c.top_k = 5            # demo: highest-norm tokens per image; analyze: logit-lens words (F4)
 
     # analyze mode: ViT-sink rule (see vitsink_jax.sinks.detect.SinkRule)
-    c.sink = ml_collections.ConfigDict(dict(rule="threshold", tau=100.0, k=4, max_fraction=0.1,
+    # sink rule: family (threshold at tau for CLIP towers, the paper's 100; adaptive for the
+    # others, whose tau is unpublished) | threshold | topk | adaptive
+    c.sink = ml_collections.ConfigDict(dict(rule="family", tau=100.0, k=4, max_fraction=0.1,
                                             min_ratio=2.0))
     c.vit_layer = -2       # vit mode: the hidden state analysed (LLaVA's feature-layer convention)
     c.llm_tau = 20.0       # VAR threshold on |h[d]| / RMS(h); note it is at most sqrt(hidden size)

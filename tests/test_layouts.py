@@ -239,7 +239,10 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     a = mod.get_config()
     a.update(dict(checkpoint=str(tmp_path / "work" / "export"), images=str(images)))
     a.analysis.max_new_tokens, a.eval.system = 4, "tinyllava"
-    a.sink.update(dict(rule="topk", k=2))
+    a.sink.k = 2
+    # the default rule per family: SigLIP has no published tau -> adaptive; CLIP -> tau = 100
+    assert evaluate.sink_rule(a, model.config.vision).rule == "adaptive"
+    assert evaluate.sink_rule(a, vj.config_from_hf(llava_config().to_dict()).vision).rule == "threshold"
     evaluate.apply_system(a)
     report = evaluate.run_analyze(a, tmp_path / "analysis")
     entry = report["per_image"]["coffee.png"]
