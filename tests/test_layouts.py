@@ -5,6 +5,7 @@ codebase (config at the top level, ``model.mm_projector.*``, the CLIP tower in t
 renaming its tensors as the original code names them; logits are checked against that model."""
 
 import json
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,15 +27,16 @@ def _renamed(hf, names: dict) -> dict:
 
 
 def _logits(model, params, hf, rng, n_img: int) -> tuple:
-    """(our logits, transformers' logits) of two one-image prompts; ours mark the image with
-    the out-of-vocabulary id these layouts get, transformers' with its image token."""
+    """(our logits, transformers' logits, ids, pixels) of two one-image prompts; ours mark the
+    image with the out-of-vocabulary id these layouts get, transformers' (ids) with its image
+    token."""
     ids = np.concatenate([prompt_with_images(rng, 1, n_img) for _ in range(2)])
     pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
     ours = model.apply({"params": params}, jnp.asarray(np.where(ids == IMAGE_TOKEN, VOCAB, ids)),
                        jnp.asarray(pixels)).logits
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits
-    return np.asarray(ours), t2n(ref)
+    return np.asarray(ours), t2n(ref), ids, pixels
 
 
 def _llava_codebase(hf, folder, tower_name="clip_tower", projector="mlp2x_gelu"):
@@ -66,7 +68,7 @@ def test_llava_codebase_logits_equal_transformers(codebase, tmp_path, rng):
     model, params = vj.load_pretrained(folder)
     c = model.config
     assert c.image_token_index == VOCAB and c.vision_feature_select_strategy == "default"
-    ours, ref = _logits(model, params, hf, rng, 16)
+    ours, ref, _, _ = _logits(model, params, hf, rng, 16)
     assert_close(ours, ref, what="LLaVA-codebase logits")
     # the tower found through an explicit folder gives the same params
     moved = folder.parent / "elsewhere"
@@ -139,17 +141,29 @@ def test_tinyllava_logits_equal_transformers(tmp_path, rng, llm):
     c = model.config
     assert c.num_image_tokens == 15 and c.image_token_index == VOCAB
     assert c.lm_head_bias == (llm == "phi")
-    ours, ref = _logits(model, params, hf, rng, 15)
+    ours, ref, ids, pixels = _logits(model, params, hf, rng, 15)
     if bias is not None:
         ref = ref + bias.numpy()
     assert_close(ours, ref, what=f"TinyLLaVA {llm} logits")
     # what TinyLLaVA's "patch" drops is the first patch: sinks map back to tower tokens 1..15
     assert int(c.vit_token_index(np.int32(0))) == 1
     assert c.patch_values(np.arange(15)).tolist() == [0] + list(range(15))
-    with pytest.warns(UserWarning, match="outside the 128-token vocabulary"):
-        back = vj.save_pretrained(model, params, tmp_path / "llava-hf")  # ours reads it back
+    # the llava-hf export: an <image> row at id 128, which transformers' Llava embeds; its
+    # logits over the original vocabulary are ours (Phi-2's head bias aside: Llava has none)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = vj.save_pretrained(model, params, tmp_path / "llava-hf")
+    assert [str(w.message) for w in caught if "LM head has a bias" in str(w.message)] == (
+        [] if bias is None else [str(caught[0].message)])
     again = vj.load_pretrained(back)[0].config
     assert again.lm_head_bias == c.lm_head_bias and again.num_image_tokens == 15
+    assert again.image_token_index == VOCAB and again.text.vocab_size == VOCAB + 1
+    exported = transformers.LlavaForConditionalGeneration.from_pretrained(str(back)).eval()
+    with torch.no_grad():
+        theirs = t2n(exported(input_ids=torch.tensor(np.where(ids == IMAGE_TOKEN, VOCAB, ids)),
+                              pixel_values=torch.tensor(pixels)).logits)
+    assert_close(theirs[..., :VOCAB] + (0 if bias is None else bias.numpy()), ours,
+                 what="transformers on the export")
 
 
 def test_tinyllava_unknown_connector_is_named(tmp_path):
@@ -213,11 +227,11 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     ids, _, question = instruct.tokenize_conversation(tok, ["human", "gpt"], ["<image>\nWhat?", "A"],
                                                       15, 573, "tinyllava")
     assert tok.decode(ids[:12]).startswith("A chat between") and not question[:30].any()
-    with pytest.warns(UserWarning, match="outside the 573-token vocabulary"):
-        summary = train.train(c, tmp_path / "work")
+    summary = train.train(c, tmp_path / "work")
     assert np.isfinite(summary["last_loss"])
     model, params = vj.load_pretrained(tmp_path / "work" / "export")
     assert model.config.diysink.rule.rule == "adaptive" and model.config.num_image_tokens == 15
+    assert model.config.image_token_index == 573 < model.config.text.vocab_size  # the <image> row
     records = embedded_benchmark(0, 1, 28)[:4]
     ecfg = type(c)(dict(templates=prompts.with_system(prompts.TEMPLATES, "tinyllava"), batch_size=4,
                         length_bucket=32, mc_format="letter", scoring="loglik", routing="none",

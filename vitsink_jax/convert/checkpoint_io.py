@@ -467,6 +467,19 @@ def fuse_groups(tensors: list, fused: tuple) -> list:
     return [(k, [part for _, part in sorted(g, key=lambda e: e[0])]) for k, g in sorted(groups.items())]
 
 
+def _image_row_keys(config) -> set:
+    """The HF keys that get one more vocabulary row on save: those of the embedding and the LM
+    head of a LLaVA whose image id is one past its vocabulary (a LLaVA-codebase or TinyLLaVA
+    import). transformers' Llava embeds every input id, so the export adds an ``<image>`` row
+    (the mean of the others, as transformers' own LLaVA conversion does) at that id; the logits
+    over the original vocabulary are unchanged and gain one column."""
+    text = getattr(config, "text", None)
+    if text is None or config.image_token_index != text.vocab_size:
+        return set()
+    return {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+            "language_model.lm_head.bias"}
+
+
 def _gather(x, layer: Optional[int]) -> np.ndarray:
     """One tensor (one layer of a stack) whole on this host; with several processes every
     process must call this in the same order (it is a collective)."""
@@ -534,24 +547,25 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     if refusal:
         raise FileExistsError(refusal)
     tensors = fuse_groups(hf_tensors(params), fused_tensors(model.config))
+    grow = _image_row_keys(model.config)
     entries = []  # (HF key, dtype written, HF shape, bytes)
     for key, parts in tensors:
         dt = np.dtype(dtype or parts[0][0].dtype)
         shapes = [hf_shape(p, tuple(x.shape[1:] if layer is not None else x.shape))
                   for x, layer, p in parts]
-        shape = (sum(s[0] for s in shapes),) + shapes[0][1:]
+        shape = (sum(s[0] for s in shapes) + (key in grow),) + shapes[0][1:]
         entries.append((key, dt, shape, int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
     files = shard_layout(entries, parse_size(max_shard_size))
     names = [SAFE_SINGLE] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     config = model.config
-    if getattr(config, "image_token_index", -1) >= getattr(getattr(config, "text", None), "vocab_size", 1 << 62):
-        warnings.warn(f"{out_dir}: image_token_index {config.image_token_index} is outside the "
-                      f"{config.text.vocab_size}-token vocabulary (a LLaVA-codebase or TinyLLaVA import): "
-                      "vitsink_jax loads this folder, transformers' Llava cannot embed that id "
-                      "(its own conversion script adds an <image> row to the vocabulary)",
-                      stacklevel=2)
+    if getattr(config, "lm_head_bias", False):
+        warnings.warn(f"{out_dir}: the LM head has a bias (a TinyLLaVA Phi-2): vitsink_jax loads it "
+                      "back, transformers' Llava has no LM-head bias and ignores "
+                      "language_model.lm_head.bias", stacklevel=2)
     hf_cfg = config.to_hf()
+    if grow:
+        hf_cfg["text_config"]["vocab_size"] += 1
     hf_cfg.setdefault("architectures", [_ARCHITECTURES[hf_cfg["model_type"]]])
     hf_cfg["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
         str(entries[0][1]), "float32")
@@ -568,9 +582,11 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
             for name, group in zip(names, files):
                 def arrays(n=len(group)):
                     for _ in range(n):
-                        _, parts = next(it)
+                        key, parts = next(it)
                         a = [_hf_layout(p, _gather(x, layer).astype(dtype or x.dtype, copy=False))
                              for x, layer, p in parts]
+                        if key in grow:  # the <image> row: the mean of the vocabulary's rows
+                            a.append(a[0].mean(0, keepdims=True, dtype=np.float32).astype(a[0].dtype))
                         bar.update(1)
                         yield a[0] if len(a) == 1 else np.concatenate(a)
                 stream = arrays()

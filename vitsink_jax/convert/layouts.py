@@ -25,6 +25,9 @@ every check of :mod:`vitsink_jax.convert.checkpoint_io` then run unchanged, and
 The LLaVA codebase marks images in ``input_ids`` with -200, outside the vocabulary; such a model
 gets ``image_token_index = vocab_size`` (one past the vocabulary; the model never embeds that
 id) and ``<image>`` in a prompt becomes that id (:func:`vitsink_jax.data.tokenizer.encode_marked`).
+``save_pretrained`` then adds that id to the vocabulary of the llava-hf export (an embedding and
+head row, the mean of the others, as transformers' own LLaVA conversion does), so transformers'
+Llava runs it with the same logits over the original vocabulary.
 """
 
 from __future__ import annotations
