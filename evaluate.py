@@ -481,6 +481,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
     tokenizer = load_tokenizer(ckpt)
     records, skipped, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": k.rule})
+    if model.config.diysink is not None:  # its projectors were trained on its own rule
+        rule = model.config.diysink.rule
     batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
     n_vis = model.config.num_image_tokens
     results = {}

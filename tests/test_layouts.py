@@ -198,7 +198,8 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     (bf16, remat, scanned layers, the adaptive sink rule, TinyLLaVA's system prompt) on a tiny
     random TinyLLaVA folder of the same families (SigLIP + Qwen2, its own Qwen2-style
     tokenizer): two updates on the embedded instruction set, then the export scores embedded
-    benchmark items with the same system prompt."""
+    benchmark items with the same system prompt and runs evaluate.py's analyze and interventions
+    modes. (~40 s: one training run shared by the evaluation checks of this family.)"""
     import importlib.util
     import sys
     from pathlib import Path
@@ -262,3 +263,9 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     entry = report["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 15 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "sinks_coffee.png").stat().st_size > 1000
+    # and its interventions mode (FastV keeping the DIYSink model's own sinks) on the export
+    a.benchmark.update(dict(limit=4, image_size=28))
+    a.compare.update(dict(specs=("stock", "fastv+sinks:0.5:1"), decode_steps=1))
+    res = evaluate.run_interventions(a, tmp_path / "interventions")["results"]
+    assert res["stock"]["visual_tokens_kept"] == 15 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 8
+    assert res["fastv+sinks:0.5:1"]["n"] == 4
