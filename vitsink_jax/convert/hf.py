@@ -47,12 +47,18 @@ def _family(config: ModelConfig) -> str:
     return {LlavaConfig: "llava", VisionConfig: "vision", TextConfig: "text"}[type(config)]
 
 
-def canonical_key(config: ModelConfig, key: str) -> str:
-    for pattern, repl in _ALIASES[_family(config)]:
-        new = re.sub(pattern, repl, key)
-        if new != key:
+def rename_first(key: str, rules) -> str:
+    """``key`` rewritten by the first of ``rules`` ((regex, replacement), ...) that matches it,
+    or unchanged."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
             return new
     return key
+
+
+def canonical_key(config: ModelConfig, key: str) -> str:
+    return rename_first(key, _ALIASES[_family(config)])
 
 
 def ignored_patterns(config: ModelConfig, original_model_type: str) -> list:
@@ -205,4 +211,4 @@ def abstract_params(model) -> dict:
 
 __all__ = ["build_model", "init_params", "abstract_params", "canonical_key", "hf_key_to_path",
            "path_to_hf_key", "to_hf_perm", "hf_shape", "ignored_patterns", "fused_tensors",
-           "split_key", "fused_key"]
+           "split_key", "fused_key", "rename_first"]

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+from .hf import rename_first
 from .safetensors_io import CheckpointError
 
 CODEBASE_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_qwen": "qwen2",
@@ -85,6 +87,15 @@ def open_layout(path: Path, raw: dict, open_weights: Callable, vision_tower=None
     return llava_codebase(path, raw, open_weights, vision_tower)
 
 
+def _past_vocabulary(text: dict) -> int:
+    """The image id of these layouts: one past the vocabulary of the text config ``text`` as
+    transformers resolves it (the vocab_size TextConfig reads; partial configs get the family's
+    default)."""
+    from ..config import _hf_config
+
+    return int(_hf_config(text).vocab_size)
+
+
 def _check_choice(path: Path, key: str, value, supported) -> None:
     if value not in supported:
         raise CheckpointError(f"{path / 'config.json'}: {key} {value!r} is not supported "
@@ -103,30 +114,22 @@ def tinyllava(path: Path, raw: dict, open_weights: Callable) -> tuple:
     _check_choice(path, "vision_feature_select_strategy", feature, CODEBASE_FEATURES)
     text = dict(raw["text_config"])
     vision = {k: v for k, v in raw["vision_config"].items() if not k.startswith("model_name_or_path")}
-    vocab = text.get("vocab_size") or raw.get("vocab_size")
-    if vocab is None:
-        from ..config import _hf_config
-        vocab = _hf_config(text).vocab_size
     config = {"model_type": "llava", "vision_config": vision, "text_config": text,
-              "image_token_index": int(vocab), "projector_hidden_act": "gelu",
+              "image_token_index": _past_vocabulary(text), "projector_hidden_act": "gelu",
               "vision_feature_layer": raw.get("vision_feature_layer", -2),
               "vision_feature_select_strategy": CODEBASE_FEATURES[feature],
               "vitsink_lm_head_bias": text["model_type"] == "phi"}
     if connector != "mlp2x_gelu":
         config["projector_type"] = connector
-    return config, [RenamedReader(r, _tinyllava_key) for r in open_weights(path)]
+    return config, [RenamedReader(r, partial(rename_first, rules=_TINYLLAVA_KEYS))
+                     for r in open_weights(path)]
 
 
-def _tinyllava_key(key: str) -> Optional[str]:
-    """A TinyLLaVA Factory tensor name -> its canonical llava-hf name."""
-    for pattern, repl in ((r"^connector\._connector\.0\.", "multi_modal_projector.linear_1."),
-                          (r"^connector\._connector\.2\.", "multi_modal_projector.linear_2."),
-                          (r"^connector\._connector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
-                          (r"^vision_tower\._vision_tower\.vision_model\.", "vision_tower.")):
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
+# TinyLLaVA Factory tensor names -> canonical llava-hf names (the first matching rule)
+_TINYLLAVA_KEYS = ((r"^connector\._connector\.0\.", "multi_modal_projector.linear_1."),
+                   (r"^connector\._connector\.2\.", "multi_modal_projector.linear_2."),
+                   (r"^connector\._connector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
+                   (r"^vision_tower\._vision_tower\.vision_model\.", "vision_tower."))
 
 
 def _read_json(path: Path) -> dict:
@@ -174,30 +177,25 @@ def llava_codebase(path: Path, raw: dict, open_weights: Callable, vision_tower=N
         "tokenizer_padding_side", "tokenizer_model_max_length", "transformers_version")}
     text["model_type"] = CODEBASE_TEXT_TYPES[mt]
     config = {"model_type": "llava", "vision_config": _read_json(tower / "config.json"),
-              "text_config": text, "image_token_index": int(raw["vocab_size"]),
+              "text_config": text, "image_token_index": _past_vocabulary(text),
               "projector_hidden_act": "gelu",
               "vision_feature_layer": raw.get("mm_vision_select_layer", -2),
               "vision_feature_select_strategy": CODEBASE_FEATURES[feature]}
     if projector != "mlp2x_gelu":
         config["projector_type"] = projector
-    readers = [RenamedReader(r, _codebase_key) for r in open_weights(path)]
+    readers = [RenamedReader(r, partial(rename_first, rules=_CODEBASE_KEYS)) for r in open_weights(path)]
     if not any(k.startswith("vision_tower.") for r in readers for k in r.keys()):
         readers += [RenamedReader(r, _tower_key) for r in open_weights(tower)]
     return config, readers
 
 
-def _codebase_key(key: str) -> Optional[str]:
-    """A LLaVA-codebase tensor name -> its canonical llava-hf name."""
-    for pattern, repl in ((r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
-                          (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
-                          (r"^model\.mm_projector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
-                          (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
-                          (r"^model\.", "language_model.model."),
-                          (r"^lm_head\.", "language_model.lm_head.")):
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
+# LLaVA-codebase tensor names -> canonical llava-hf names (the first matching rule)
+_CODEBASE_KEYS = ((r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
+                  (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
+                  (r"^model\.mm_projector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
+                  (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+                  (r"^model\.", "language_model.model."),
+                  (r"^lm_head\.", "language_model.lm_head."))
 
 
 def _tower_key(key: str) -> Optional[str]:
