@@ -79,6 +79,25 @@ def phi3_config(**kw):
     return transformers.Phi3Config(**base)
 
 
+def gemma3_text_config(**kw):
+    """Gemma 3 text: local / global layers alternating (pattern 2), a window of 5 slots, linear
+    RoPE scaling on the global layers, q/k norms, head_dim 16 with query_pre_attn_scalar 24."""
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
+                sliding_window=5, query_pre_attn_scalar=24, sliding_window_pattern=2,
+                rope_scaling={"rope_type": "linear", "factor": 4.0}, pad_token_id=0)
+    return transformers.Gemma3TextConfig(**{**base, **kw})
+
+
+def gemma3_config(text=None, **kw):
+    """Gemma 3 LVLM: a 4 x 4 SigLIP patch grid pooled 2 x 2 into 4 visual tokens."""
+    base = dict(mm_tokens_per_image=4, image_token_index=IMAGE_TOKEN, boi_token_index=IMAGE_TOKEN - 2,
+                eoi_token_index=IMAGE_TOKEN - 1)
+    return transformers.Gemma3Config(text_config=text or gemma3_text_config(sliding_window=7),
+                                     vision_config=siglip_vision_config(vision_use_head=False),
+                                     **{**base, **kw})
+
+
 def llava_config(vision=None, text=None, **kw):
     kw.setdefault("image_token_index", IMAGE_TOKEN)
     return transformers.LlavaConfig(vision_config=vision or clip_vision_config(),

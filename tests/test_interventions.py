@@ -54,13 +54,19 @@ def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks):
         n_drop = int(ratio * visual[0].sum())
         rest = copy.deepcopy(hf)
         rest.model.layers = rest.model.layers[layer:]
+        if getattr(rest.config, "layer_types", None):  # Gemma 3: the later layers' kinds
+            rest.config.layer_types = rest.config.layer_types[layer:]
+            rest.config.num_hidden_layers -= layer
         kept, logits = [], []
         for b in range(ids.shape[0]):
             order = [i for i in np.argsort(received[b], kind="stable")
                      if visual[b, i] and not (keep_sinks and sinks[b, i])]
             keep = np.setdiff1d(np.arange(ids.shape[1]), order[:n_drop])
             h = full.hidden_states[layer][b:b + 1, keep]
-            out = rest(inputs_embeds=h, position_ids=torch.tensor(keep)[None])
+            # no cache (the kept layers keep their indices); an explicit padding mask, else
+            # transformers reads the gaps in the positions as packed sequences
+            out = rest(inputs_embeds=h, position_ids=torch.tensor(keep)[None], use_cache=False,
+                       attention_mask=torch.ones((1, len(keep)), dtype=torch.long))
             kept.append(keep)
             logits.append(t2n(out.logits[0]))
     return np.stack(kept), np.stack(logits)

@@ -7,11 +7,12 @@ Public API::
     vj.save_pretrained(model, params, out_dir)
 """
 
-from .config import LlavaConfig, TextConfig, VisionConfig, config_from_hf  # noqa: F401
+from .config import Gemma3Config, LlavaConfig, TextConfig, VisionConfig, config_from_hf  # noqa: F401
 from .convert.checkpoint_io import (CheckpointError, checkpoint_hash, load_pretrained,  # noqa: F401
                                     resolve_model_path, save_pretrained)
 from .convert.hf import build_model, init_params  # noqa: F401
-from .models import CausalLM, LlavaForConditionalGeneration, MLPProjector, VisionTransformer  # noqa: F401
+from .models import (CausalLM, Gemma3ForConditionalGeneration, LlavaForConditionalGeneration,  # noqa: F401
+                     MLPProjector, VisionTransformer)
 from .models.llm import REMAT_POLICIES, stack_layers, unstack_layers  # noqa: F401
 from .models.lvlm import register_question_encoder  # noqa: F401
 from .sinks.detect import SinkRule  # noqa: F401

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Optional, Union
 
 from .sinks.detect import SinkRule
@@ -17,7 +18,8 @@ from .sinks.detect import SinkRule
 VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
                 "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model",
                 "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers"}
-TEXT_TYPES = ("llama", "qwen2", "phi", "phi3")
+TEXT_TYPES = ("llama", "qwen2", "phi", "phi3", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SELECT_STRATEGIES = ("default", "full")
 
@@ -152,9 +154,15 @@ class TextConfig:
       q / k LayerNorm (``qk_layernorm``);
     * phi3 (Phi-3 / Phi-3.5 / Phi-4-mini): LLaMA's block with fused ``qkv_proj`` / ``gate_up_proj``
       in the checkpoint (split into q / k / v and gate / up on load, fused again on save:
-      :mod:`vitsink_jax.convert.hf`), longrope scaling, partial rotary, ``sliding_window``.
+      :mod:`vitsink_jax.convert.hf`), longrope scaling, partial rotary, ``sliding_window``;
+    * gemma3_text (Gemma 3): four (1 + w) RMSNorms per block (before / after attention and the
+      MLP), RMSNorm of each head's q and k, scores scaled by ``query_pre_attn_scalar`` ** -0.5,
+      gated gelu_pytorch_tanh MLP, embeddings times sqrt(hidden_size), a tied head. Its
+      ``layer_types`` alternate local layers (``sliding_window``, RoPE base ``rope_local_theta``)
+      and global ones (RoPE base ``rope_theta`` with ``rope_scaling``).
 
     ``rope_scaling`` holds HF's rope dict (rope_type, factor, partial_rotary_factor < 1, ...).
+    ``attn_logit_softcapping`` is not read: transformers' Gemma 3 attention ignores it too.
     """
 
     model_type: str
@@ -174,7 +182,11 @@ class TextConfig:
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     qk_layernorm: bool = False  # phi only
-    sliding_window: Optional[int] = None  # phi3 only: keys at most this many slots back
+    sliding_window: Optional[int] = None  # phi3, gemma3_text: keys at most this many slots back
+    layer_types: Optional[tuple] = None  # gemma3_text: full_attention / sliding_attention per layer
+    query_pre_attn_scalar: Optional[float] = None  # gemma3_text: scores x this ** -0.5
+    rope_local_theta: Optional[float] = None  # gemma3_text: the RoPE base of sliding layers
+    final_logit_softcapping: Optional[float] = None  # gemma3_text: tanh cap of a CausalLM's logits
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -183,13 +195,43 @@ class TextConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.hidden_act != "silu" and not self.is_phi:
+        if self.hidden_act != "silu" and not (self.is_phi or self.is_gemma):
             raise ValueError(f"{self.model_type} hidden_act {self.hidden_act!r} is not supported "
                              "(only 'silu')")
         if self.qk_layernorm and self.model_type != "phi":
             raise ValueError("qk_layernorm is a phi option")
-        if self.sliding_window is not None and self.model_type != "phi3":
-            raise ValueError(f"sliding_window is implemented for phi3, not {self.model_type}")
+        if self.sliding_window is not None and self.model_type not in ("phi3", "gemma3_text"):
+            raise ValueError(f"sliding_window is implemented for phi3 and gemma3_text, not "
+                             f"{self.model_type}")
+        if self.is_gemma:
+            if self.layer_types is None or len(self.layer_types) != self.num_hidden_layers or \
+                    set(self.layer_types) - set(LAYER_TYPES):
+                raise ValueError(f"gemma3_text layer_types {self.layer_types} must give one of "
+                                 f"{LAYER_TYPES} for each of the {self.num_hidden_layers} layers")
+            if self.query_pre_attn_scalar is None or self.rope_local_theta is None:
+                raise ValueError("gemma3_text needs query_pre_attn_scalar and rope_local_theta")
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma 3's block (four (1 + w) RMSNorms, q / k norms, scaled embeddings)."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def layer_windows(self) -> tuple:
+        """Each layer's sliding window (None: it attends to every earlier key): Phi-3's window
+        in every layer, Gemma 3's in its sliding_attention layers."""
+        if self.is_gemma:
+            return tuple(self.sliding_window if t == "sliding_attention" else None
+                         for t in self.layer_types)
+        return (self.sliding_window,) * self.num_hidden_layers
+
+    @property
+    def local_rope(self) -> "TextConfig":
+        """The config whose RoPE a sliding layer reads: Gemma 3's local base, plain RoPE; the
+        config itself for other families."""
+        if not self.is_gemma:
+            return self
+        return dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_scaling=None)
 
     @property
     def is_phi(self) -> bool:
@@ -202,7 +244,7 @@ class TextConfig:
 
     @property
     def o_bias(self) -> bool:
-        return self.is_phi or (self.model_type == "llama" and self.attention_bias)
+        return self.is_phi or (self.model_type in ("llama", "gemma3_text") and self.attention_bias)
 
     @property
     def lm_head_bias(self) -> bool:
@@ -228,6 +270,15 @@ class TextConfig:
             raise ValueError("qwen2 config has use_sliding_window=true; sliding-window attention "
                              "is not implemented for qwen2")
         rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+        gemma, local = c.model_type == "gemma3_text", {}
+        if gemma:
+            if getattr(c, "use_bidirectional_attention", False):
+                raise ValueError("gemma3_text with use_bidirectional_attention=true (an embedding "
+                                 "model) is not supported")
+            local, rope = dict(rope["sliding_attention"]), dict(rope["full_attention"])
+            if local.get("rope_type", "default") != "default":
+                raise ValueError(f"gemma3_text sliding_attention rope_type {local['rope_type']!r}: "
+                                 "only plain RoPE is implemented for the local layers")
         theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))
         if rope.get("partial_rotary_factor", 1.0) == 1.0:
@@ -243,9 +294,15 @@ class TextConfig:
                    rope_scaling=None if rope == {"rope_type": "default"} else _freeze(rope),
                    attention_bias=bool(getattr(c, "attention_bias", False)),
                    mlp_bias=bool(getattr(c, "mlp_bias", False)),
-                   tie_word_embeddings=bool(c.tie_word_embeddings), hidden_act=c.hidden_act,
+                   tie_word_embeddings=bool(c.tie_word_embeddings),
+                   hidden_act=c.hidden_activation if gemma else c.hidden_act,
                    qk_layernorm=bool(getattr(c, "qk_layernorm", False)),
-                   sliding_window=getattr(c, "sliding_window", None) if c.model_type == "phi3" else None,
+                   sliding_window=getattr(c, "sliding_window", None)
+                   if c.model_type in ("phi3", "gemma3_text") else None,
+                   layer_types=tuple(c.layer_types) if gemma else None,
+                   query_pre_attn_scalar=c.query_pre_attn_scalar if gemma else None,
+                   rope_local_theta=float(local["rope_theta"]) if gemma else None,
+                   final_logit_softcapping=getattr(c, "final_logit_softcapping", None) if gemma else None,
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
@@ -272,6 +329,16 @@ class TextConfig:
             d["qk_layernorm"] = self.qk_layernorm
         if self.model_type == "phi3":
             d["sliding_window"] = self.sliding_window
+        if self.is_gemma:
+            full = {"rope_type": "default", **rope, "rope_theta": d.pop("rope_theta")}
+            d.pop("rope_scaling", None)
+            d["hidden_activation"] = d.pop("hidden_act")
+            d.update(rope_parameters={"full_attention": full, "sliding_attention": {
+                         "rope_type": "default", "rope_theta": self.rope_local_theta}},
+                     sliding_window=self.sliding_window, layer_types=list(self.layer_types),
+                     query_pre_attn_scalar=self.query_pre_attn_scalar,
+                     final_logit_softcapping=self.final_logit_softcapping,
+                     attention_bias=self.attention_bias)
         return d
 
 
@@ -456,17 +523,98 @@ class LlavaConfig:
         return d
 
 
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config(LlavaConfig):
+    """Gemma 3 (transformers' Gemma3ForConditionalGeneration): SigLIP tower -> its last state
+    after the post-LayerNorm -> k x k average pool down to ``mm_tokens_per_image`` tokens ->
+    (1 + w) RMSNorm -> one matrix -> Gemma 3 LLM. The processor wraps each image's tokens in
+    ``boi_token_index`` / ``eoi_token_index`` and they attend to each other bidirectionally.
+
+    Sinks (``vision_features``): the norms are read on the ViT tokens before the post-LayerNorm
+    (which rescales every token to about the same norm), and each of the
+    ``mm_tokens_per_image`` visual tokens carries the largest-norm ViT token of its k x k
+    pooling window, so a visual token is a sink under the threshold rule exactly when it holds a
+    ViT sink. The LLaVA fields for the projector and feature selection do not apply.
+    """
+
+    image_token_index: int = 262144
+    projector_type: str = "gemma3"
+    vision_feature_layer: FeatureLayer = -1
+    vision_feature_select_strategy: str = "full"
+    mm_tokens_per_image: int = 256
+    boi_token_index: int = 255999
+    eoi_token_index: int = 256000
+
+    def __post_init__(self):
+        side = math.isqrt(self.mm_tokens_per_image)
+        if self.vision.model_type != "siglip_vision_model":
+            raise ValueError(f"Gemma 3's tower is SigLIP, not {self.vision.model_type}")
+        if self.text.model_type != "gemma3_text":
+            raise ValueError(f"Gemma 3's LLM is gemma3_text, not {self.text.model_type}")
+        if side * side != self.mm_tokens_per_image or self.vision.grid_size % side:
+            raise ValueError(f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose "
+                             f"side divides the tower's {self.vision.grid_size} patches per side")
+        if self.image_size or self.projector_type != "gemma3" or self.vision_feature_layer != -1 or \
+                self.vision_feature_select_strategy != "full":
+            raise ValueError("Gemma 3 has its own projector, feature selection and input size")
+
+    @property
+    def grid_size(self) -> int:
+        """Visual tokens per side (after pooling)."""
+        return math.isqrt(self.mm_tokens_per_image)
+
+    @property
+    def pool(self) -> int:
+        """Side k of the k x k windows of ViT patches pooled into one visual token."""
+        return self.vision.grid_size // self.grid_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.mm_tokens_per_image
+
+    def vit_token_index(self, visual_index):
+        raise NotImplementedError("a Gemma 3 visual token pools a window of ViT tokens: take the "
+                                  "one it carries from the model output's vision_token_index")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Gemma3Config":
+        if d.get("model_type") != "gemma3":
+            raise ValueError(f"expected model_type 'gemma3', got {d.get('model_type')!r}")
+        vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "siglip_vision_model"})
+        text = TextConfig.from_hf({"model_type": "gemma3_text", **(d.get("text_config") or {})})
+        return cls(vision=vision, text=text,
+                   image_token_index=d.get("image_token_index", d.get("image_token_id", 262144)),
+                   mm_tokens_per_image=d.get("mm_tokens_per_image", 256),
+                   boi_token_index=d.get("boi_token_index", 255999),
+                   eoi_token_index=d.get("eoi_token_index", 256000),
+                   diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        d.update(model_type="gemma3", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
+                 image_token_index=self.image_token_index, mm_tokens_per_image=self.mm_tokens_per_image,
+                 boi_token_index=self.boi_token_index, eoi_token_index=self.eoi_token_index)
+        d.setdefault("architectures", ["Gemma3ForConditionalGeneration"])
+        d.pop("diysink", None)
+        if self.diysink is not None:
+            d["diysink"] = self.diysink.to_dict()
+        return d
+
+
+LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config}
 ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """Dispatches a config.json dict on ``model_type``; unknown types raise ValueError naming it."""
     mt = d.get("model_type")
-    if mt == "llava":
-        return LlavaConfig.from_hf(d)
+    if mt in LVLM_TYPES:
+        return LVLM_TYPES[mt].from_hf(d)
     if mt in VISION_TYPES:
         return VisionConfig.from_hf(d)
     if mt in TEXT_TYPES:
         return TextConfig.from_hf(d)
-    raise ValueError(f"unknown model_type {mt!r}; supported: llava, {', '.join(sorted(VISION_TYPES))}, "
+    raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(LVLM_TYPES)}, "
+                     f"{', '.join(sorted(VISION_TYPES))}, "
                      f"{', '.join(TEXT_TYPES)}")

@@ -388,8 +388,8 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
     Without, params land on the default device.
 
     ``path``: a folder or a repo id (see :func:`resolve_model_path`). Dispatch on config.json's
-    model_type: llava -> LVLM; clip / clip_vision_model / siglip / siglip_vision_model / dinov2 ->
-    vision tower; llama / qwen2 / phi / phi3 -> LLM. Unknown types raise ValueError naming the type.
+    model_type: llava, gemma3 -> LVLM; clip / clip_vision_model / siglip / siglip_vision_model /
+    dinov2 -> vision tower; llama / qwen2 / phi / phi3 / gemma3_text -> LLM. Unknown types raise ValueError naming the type.
     Checkpoints of the original LLaVA codebase (``mm_vision_tower`` in config.json) and of
     TinyLLaVA Factory (model_type tinyllava) load into the same LLaVA
     (:mod:`vitsink_jax.convert.layouts`); ``vision_tower`` overrides the folder a LLaVA-codebase
@@ -422,7 +422,8 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
 _ARCHITECTURES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
-                  "llava": "LlavaForConditionalGeneration"}
+                  "gemma3_text": "Gemma3ForCausalLM", "llava": "LlavaForConditionalGeneration",
+                  "gemma3": "Gemma3ForConditionalGeneration"}
 _WEIGHT_NAMES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
                "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}

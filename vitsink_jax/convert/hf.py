@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ..config import LlavaConfig, ModelConfig, TextConfig, VisionConfig
+from ..config import Gemma3Config, LlavaConfig, ModelConfig, TextConfig, VisionConfig
 from ..models.llm import CausalLM
+from ..models.gemma3 import Gemma3ForConditionalGeneration
 from ..models.lvlm import LlavaForConditionalGeneration
 from ..models.dinov2 import vision_tower_class
 
@@ -29,7 +30,7 @@ from ..models.dinov2 import vision_tower_class
 # ---------------------------------------------------------------------------------------------
 
 _ALIASES = {
-    "llava": [(r"^model\.vision_tower\.", "vision_tower."),
+    "llava": [(r"^model\.vision_tower\.(vision_model\.)?", "vision_tower."),
               (r"^vision_tower\.vision_model\.", "vision_tower."),
               (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
               (r"^model\.language_model\.", "language_model.model."),
@@ -44,7 +45,11 @@ _IGNORED_FULL_VISION = [r"^(text_model\.|logit_scale$|logit_bias$|visual_project
 
 
 def _family(config: ModelConfig) -> str:
-    return {LlavaConfig: "llava", VisionConfig: "vision", TextConfig: "text"}[type(config)]
+    """The key table of a config: "llava" for every LVLM (LLaVA and Gemma 3 checkpoints spell
+    their parts alike), "vision" or "text"."""
+    if isinstance(config, LlavaConfig):
+        return "llava"
+    return {VisionConfig: "vision", TextConfig: "text"}[type(config)]
 
 
 def rename_first(key: str, rules) -> str:
@@ -177,7 +182,8 @@ def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **opti
     if isinstance(config, VisionConfig):
         cls = vision_tower_class(config)
     else:
-        cls = {LlavaConfig: LlavaForConditionalGeneration, TextConfig: CausalLM}[type(config)]
+        cls = {LlavaConfig: LlavaForConditionalGeneration, Gemma3Config: Gemma3ForConditionalGeneration,
+               TextConfig: CausalLM}[type(config)]
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}")

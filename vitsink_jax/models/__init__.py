@@ -1,5 +1,7 @@
-"""Flax linen models: vision towers, projector, decoder LLM and the LLaVA composition."""
+"""Flax linen models: vision towers, projector, decoder LLMs and the LVLM compositions
+(LLaVA, Gemma 3)."""
 
+from .gemma3 import Gemma3ForConditionalGeneration  # noqa: F401
 from .llm import CausalLM  # noqa: F401
 from .lvlm import LlavaForConditionalGeneration  # noqa: F401
 from .projector import MLPProjector  # noqa: F401

@@ -12,25 +12,49 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from .layers import RMSNorm
 from .rope import apply_rotary
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+def same_block(q_blocks, k_blocks):
+    """[B, T, S] bool: query and key lie in the same image block (Gemma 3's bidirectional
+    image attention); q_blocks [B, T], k_blocks [B, S] hold the block id, -1 outside blocks."""
+    return (q_blocks[:, :, None] == k_blocks[:, None, :]) & (q_blocks[:, :, None] >= 0)
+
+
+def window_mask(keep, q_slots, s: int, window: int):
+    """[B or 1, T, S] bool: key slot k is fewer than ``window`` kept tokens behind the query at
+    slot q (slots ``q_slots`` [T]). keep [B, S] (1 = a token; None: every slot) counts tokens, so
+    tokens deleted from the middle of a row (a visual-token selection) or padding never take
+    room in the window, as they would not if they were really gone; for a row without holes the
+    distance is the slot distance."""
+    if keep is None:
+        return (q_slots[:, None] - jnp.arange(s)[None, :] < window)[None]
+    rank = jnp.cumsum(keep.astype(jnp.int32), axis=1)                          # [B, S]
+    return rank[:, q_slots][:, :, None] - rank[:, None, :] < window
+
+
 def make_attention_mask(attention_mask: Optional[jnp.ndarray], q_len: int, kv_len: int,
-                        causal: bool, window: Optional[int] = None) -> Optional[jnp.ndarray]:
+                        causal: bool, window: Optional[int] = None,
+                        blocks: Optional[jnp.ndarray] = None) -> Optional[jnp.ndarray]:
     """Boolean mask [B or 1, 1, T, S] (True = may attend) from a padding mask [B, S] of 1/0.
 
     Causal masking aligns the last query with the last key (queries are the newest positions);
-    ``window`` (sliding-window attention, causal only) also hides keys ``window`` or more slots
-    back. Returns None when nothing is masked.
+    ``blocks`` [B, T] (T = S; causal only) also opens each image block to itself
+    (:func:`same_block`); ``window`` (sliding-window attention, causal only) hides keys
+    ``window`` or more tokens back, counting only the tokens the padding mask keeps
+    (:func:`window_mask`). Returns None when nothing is masked.
     """
     mask = None
     if causal:
         q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
         mask = (q_pos >= jnp.arange(kv_len)[None, :])[None, None]
+        if blocks is not None:
+            mask = mask | same_block(blocks, blocks)[:, None]
         if window is not None:
-            mask = mask & (q_pos - jnp.arange(kv_len)[None, :] < window)[None, None]
+            mask = mask & window_mask(attention_mask, q_pos[:, 0], kv_len, window)[:, None]
     if attention_mask is not None:
         pad = attention_mask.astype(bool)[:, None, None, :]
         mask = pad if mask is None else jnp.logical_and(mask, pad)
@@ -81,7 +105,9 @@ class Attention(nn.Module):
     out_bias: bool = True
     out_name: str = "out_proj"  # CLIP/SigLIP: out_proj, LLaMA/Qwen2: o_proj
     fused: bool = False  # jax.nn.dot_product_attention when no weights are needed
-    qk_layernorm_eps: Optional[float] = None  # Phi's qk_layernorm: LayerNorm of each head's q, k
+    qk_norm: Optional[str] = None  # a norm of each head's q and k: one of QK_NORMS
+    qk_norm_eps: float = 1e-6
+    scale: Optional[float] = None  # of the scores; None: head_dim ** -0.5
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -104,10 +130,8 @@ class Attention(nn.Module):
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.qk_layernorm_eps is not None:
-            norm = lambda name: nn.LayerNorm(self.qk_layernorm_eps, dtype=self.dtype,  # noqa: E731
-                                             param_dtype=self.param_dtype, name=name)
-            q, k = norm("q_layernorm")(q), norm("k_layernorm")(k)
+        if self.qk_norm is not None:
+            q, k = self._qk_norm("q")(q), self._qk_norm("k")(k)
         if rope is not None:
             q, k = rope(q), rope(k)
         if kv_cache is not None:
@@ -116,11 +140,25 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
         fused = self.fused and not output_attentions and adjust is None
-        out, weights = dot_product_attention(q, k, v, mask, adjust=adjust, fused=fused)
+        out, weights = dot_product_attention(q, k, v, mask, self.scale, adjust, fused)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
         out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=self.out_name)(out)
         return out, (weights if output_attentions else None), kv_cache
+
+    def _qk_norm(self, which: str) -> nn.Module:
+        """The norm of ``which`` ("q" or "k") heads, named as in transformers."""
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm {self.qk_norm!r} not one of {sorted(QK_NORMS)}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=f"{which}_{QK_NORMS[self.qk_norm]}")
+        if self.qk_norm == "layernorm":
+            return nn.LayerNorm(self.qk_norm_eps, **kw)
+        return RMSNorm(self.qk_norm_eps, offset=True, **kw)
+
+
+# q / k norm kind -> the name of its modules after "q_" / "k_": Phi-2's qk_layernorm and Gemma 3's
+# (1 + w) RMSNorm
+QK_NORMS = {"layernorm": "layernorm", "gemma_rmsnorm": "norm"}
 
 
 class DecoderBlock(nn.Module):

@@ -1,6 +1,9 @@
-"""Small shared layers: activations (named as in transformers' ACT2FN) and RMSNorm."""
+"""Small shared layers: activations (named as in transformers' ACT2FN), RMSNorm and the LLMs'
+gated MLP."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +33,37 @@ def activation(name: str):
 
 
 class RMSNorm(nn.Module):
-    """LLaMA RMSNorm: statistics in float32, weight applied after casting back (as transformers)."""
+    """LLaMA RMSNorm: statistics in float32, weight applied after casting back (as transformers).
+    ``offset`` (Gemma's): the scale is 1 + weight (weight initialised to 0), applied in float32
+    before the cast."""
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x):  # [..., D] -> [..., D]
-        weight = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        weight = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + weight.astype(jnp.float32))).astype(self.dtype)
         return weight.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) of a TextConfig (LLaMA, Qwen2, Phi-3, Gemma 3)."""
+
+    config: object  # a TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        c = self.config
+        dense = partial(nn.Dense, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = activation(c.hidden_act)(dense(c.intermediate_size, name="gate_proj")(x))
+        h = h * dense(c.intermediate_size, name="up_proj")(x)
+        return dense(c.hidden_size, name="down_proj")(h)

@@ -33,27 +33,12 @@ from ..config import TextConfig
 from ..interventions import Interventions, pruning
 from ..interventions.var import redistribute
 from ..sinks.detect import llm_sink_mask
-from .attention import DecoderBlock, make_attention_mask
-from .layers import RMSNorm, activation
+from .attention import DecoderBlock, make_attention_mask, same_block, window_mask
+from .gemma import GemmaDecoderLayer
+from .layers import GatedMLP, RMSNorm
 from .outputs import CausalLMOutput, KVCache
 from .phi import PhiDecoderLayer
 from .rope import rotary_embedding
-
-
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x))."""
-
-    config: TextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        dense = partial(nn.Dense, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = activation(c.hidden_act)(dense(c.intermediate_size, name="gate_proj")(x))
-        h = h * dense(c.intermediate_size, name="up_proj")(x)
-        return dense(c.hidden_size, name="down_proj")(h)
 
 
 class DecoderLayer(DecoderBlock):
@@ -76,9 +61,15 @@ class DecoderLayer(DecoderBlock):
 
 @functools.lru_cache(maxsize=None)
 def scan_body(layer: type) -> type:
-    """The ``nn.scan`` body of a decoder layer class: (x, mask, cos, sin, need weights) ->
-    (x, (x, attention weights))."""
-    def __call__(self, x, mask, cos, sin, output_attentions=False):
+    """The ``nn.scan`` body of a decoder layer class: (x, masks, ropes, kind, need weights) ->
+    (x, (x, attention weights)). masks / ropes hold one mask / (cos, sin) per layer kind
+    (:func:`layer_kinds`), broadcast to every step; kind, scanned, is this layer's index into
+    them."""
+    def __call__(self, x, masks, ropes, kind, output_attentions=False):
+        mask, (cos, sin) = masks[0], ropes[0]
+        for j in range(1, len(masks)):  # Gemma 3: local or global, picked per layer
+            mask = jnp.where(kind == j, masks[j], mask)
+            cos, sin = (jnp.where(kind == j, new, old) for new, old in zip(ropes[j], (cos, sin)))
         x, weights, _ = layer.__call__(self, x, mask, cos, sin, output_attentions)
         return x, (x, weights)
 
@@ -86,8 +77,18 @@ def scan_body(layer: type) -> type:
 
 
 def layer_class(config: TextConfig) -> type:
-    """The decoder block of a family: Phi-2's parallel block, else LLaMA's."""
-    return PhiDecoderLayer if config.is_phi else DecoderLayer
+    """The decoder block of a family: Phi-2's parallel block, Gemma 3's sandwich-norm block,
+    else LLaMA's."""
+    if config.is_phi:
+        return PhiDecoderLayer
+    return GemmaDecoderLayer if config.is_gemma else DecoderLayer
+
+
+def layer_kinds(config: TextConfig) -> dict:
+    """{sliding window or None: the TextConfig its layers' RoPE reads}, one entry per kind of
+    layer (Gemma 3: global and local; other families: one kind), in ``config.layer_windows``
+    order of first use."""
+    return {w: config if w is None else config.local_rope for w in config.layer_windows}
 
 
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
@@ -127,12 +128,14 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                                      param_dtype=self.param_dtype)
         layer = scan_body(layer_class(c)) if self.scan_layers else layer_class(c)
-        if self.remat:  # arg 5 (after self, x, mask, cos, sin): need attention weights, static
+        if self.remat:  # arg 5 (after self, x, mask, cos, sin / masks, ropes, kind): need
+            # attention weights, static
             layer = nn.remat(layer, static_argnums=(5,), policy=remat_policy(self.remat_policy),
                              prevent_cse=not self.scan_layers)
         if self.scan_layers:
             self.layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast,) * 4, length=c.num_hidden_layers)(
+                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                                  length=c.num_hidden_layers)(
                 c, name="layers", **kw)
         else:
             self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
@@ -140,16 +143,26 @@ class DecoderModel(nn.Module):
             self.final_layernorm = nn.LayerNorm(c.rms_norm_eps, dtype=self.dtype,
                                                 param_dtype=self.param_dtype)
         else:
-            self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                offset=c.is_gemma)
 
     def embed(self, input_ids):
-        return self.embed_tokens(input_ids)
+        """input_ids [B, T] -> [B, T, D]; Gemma scales them by sqrt(D), a factor rounded to the
+        param dtype as transformers' is."""
+        x = self.embed_tokens(input_ids)
+        if self.config.is_gemma:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.param_dtype).astype(x.dtype)
+        return x
 
     def __call__(self, inputs_embeds, attention_mask=None, position_ids=None,
                  output_attentions=False, cache: Optional[KVCache] = None,
                  interventions: Optional[Interventions] = None, visual_mask=None, sink_mask=None,
-                 num_visual: int = 0):
+                 num_visual: int = 0, image_blocks=None):
         """inputs_embeds [B, T, D] -> (normed last [B, T, D], hidden states, attentions, cache).
+
+        ``image_blocks`` [B, T] int32 (Gemma 3's image attention): each image's id at its
+        tokens, -1 elsewhere; the tokens of one image also attend to each other's later tokens
+        (bidirectionally, within a layer's sliding window), the rest stays causal.
 
         With a ``cache`` the T tokens go to slots [index, index + T), attend to every earlier
         slot the cache mask keeps, and ``position_ids`` default to the row's next positions
@@ -167,13 +180,18 @@ class DecoderModel(nn.Module):
         var = None if interventions is None else interventions.var
         self._check(cache, prune, var, visual_mask is not None and sink_mask is not None, num_visual,
                     t if cache is None else cache.mask.shape[1])
-        tokens = _Tokens.of_call(attention_mask, position_ids, cache, visual_mask, sink_mask, b, t)
+        tokens = _Tokens.of_call(attention_mask, position_ids, cache, visual_mask, sink_mask,
+                                 image_blocks, b, t)
         x = inputs_embeds.astype(self.dtype)
         if self.scan_layers:
             states, kept = [x], None
-            x, (hidden, attns) = self.layers(x, tokens.mask(window=self.config.sliding_window)[1],
-                                             *rotary_embedding(self.config, tokens.position_ids),
-                                             output_attentions)
+            kinds = layer_kinds(self.config)
+            index = {w: j for j, w in enumerate(kinds)}
+            x, (hidden, attns) = self.layers(
+                x, tuple(tokens.mask(window=w)[1] for w in kinds),
+                tuple(rotary_embedding(rc, tokens.position_ids) for rc in kinds.values()),
+                jnp.asarray([index[w] for w in self.config.layer_windows], jnp.int32),
+                output_attentions)
             states += list(hidden)
         else:
             x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var,
@@ -191,7 +209,7 @@ class DecoderModel(nn.Module):
         run (``masks_given``: both ``visual_mask`` and ``sink_mask`` were passed; ``slots``: the
         keys' slots, the tokens or the cache's)."""
         n = self.config.num_hidden_layers
-        window = self.config.sliding_window
+        window = min((w for w in self.config.layer_windows if w is not None), default=None)
         if prune is not None and window is not None and slots > window:
             raise NotImplementedError(f"token pruning over {slots} slots with a sliding window of "
                                       f"{window}: the window of the kept tokens is not defined")
@@ -222,9 +240,9 @@ class DecoderModel(nn.Module):
         without a cache, else the cache's slots (S - dropped from its split on)."""
         n = self.config.num_hidden_layers
         index = None if cache is None else cache.index  # the slot the layers write to
-        window = self.config.sliding_window
-        slots, mask = tokens.mask(None if cache is None else cache.mask, index, window)
-        cos, sin = rotary_embedding(self.config, tokens.position_ids)
+        windows, kinds = self.config.layer_windows, layer_kinds(self.config)
+        slots, masks = _kind_masks(kinds, tokens, None if cache is None else cache.mask, index)
+        ropes = {w: rotary_embedding(rc, tokens.position_ids) for w, rc in kinds.items()}
         key_visual, key_sinks, layer_sinks = _var_keys(var, cache, tokens)
         # from this layer on: the tokens FastV keeps (pruning) and / or the shorter late cache
         split = prune.layer if prune is not None else (
@@ -234,18 +252,18 @@ class DecoderModel(nn.Module):
             if i == split:
                 if prune is not None:
                     kept, x, live = _prune(prune, attns[-1], x, live, cache, num_visual)
-                    cos, sin = rotary_embedding(self.config, live.position_ids)
+                    ropes = {w: rotary_embedding(rc, live.position_ids) for w, rc in kinds.items()}
                     key_visual, key_sinks = live.visual, live.sinks  # (VAR + pruning: no cache)
                 if cache is not None:  # the pruning prefill writes its kept tokens from the same
                     # slot; later steps come ``drop`` slots earlier than in layers < K
                     index = cache.index if kept is not None else cache.index - cache.drop
-                late_slots, mask = live.mask(None if cache is None else cache.late_mask, index,
-                                             window)
+                late_slots, masks = _kind_masks(kinds, live, None if cache is None else cache.late_mask,
+                                                index)
             adjust = self._var_adjust(var, i, x, key_visual, key_sinks, layer_sinks,
                                       None if cache is None else cache.index)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             need = output_attentions or (prune is not None and i == prune.layer - 1)
-            x, w, kv = layer(x, mask, cos, sin, need, kv, index, adjust)
+            x, w, kv = layer(x, masks[windows[i]], *ropes[windows[i]], need, kv, index, adjust)
             states.append(x)
             attns.append(w)
             kvs.append(kv)
@@ -276,16 +294,18 @@ class _Tokens(NamedTuple):
     of them FastV pruning keeps (:meth:`gather`). position_ids; attention_mask: 1 = token,
     0 = pad, as passed (None: no padding); keep: int32, the tokens a cache stores as attendable
     (attention_mask, default all; None without a cache); visual, sinks: the visual-token slots
-    and ViT sinks (interventions only, else None)."""
+    and ViT sinks (interventions only, else None); blocks: Gemma 3's image blocks (the image's
+    id, -1 at text; None: all causal)."""
 
     position_ids: jnp.ndarray
     attention_mask: Optional[jnp.ndarray]
     keep: Optional[jnp.ndarray]
     visual: Optional[jnp.ndarray]
     sinks: Optional[jnp.ndarray]
+    blocks: Optional[jnp.ndarray]
 
     @classmethod
-    def of_call(cls, attention_mask, position_ids, cache, visual, sinks, b: int, t: int):
+    def of_call(cls, attention_mask, position_ids, cache, visual, sinks, blocks, b: int, t: int):
         """The T tokens of a call; ``position_ids`` default to arange(T) without a cache and to
         :func:`generation_positions` from the rows' next positions with one."""
         keep = None
@@ -294,7 +314,7 @@ class _Tokens(NamedTuple):
         if position_ids is None:
             position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if cache is None
                             else generation_positions(keep, cache.position))
-        return cls(position_ids, attention_mask, keep, visual, sinks)
+        return cls(position_ids, attention_mask, keep, visual, sinks, blocks)
 
     def gather(self, kept):
         """The T' tokens at kept [B, T'] (every field that is set)."""
@@ -307,12 +327,20 @@ class _Tokens(NamedTuple):
         sliding-window attention over slots (None: off)."""
         if slot_mask is None:
             t = self.position_ids.shape[-1]
-            return None, make_attention_mask(self.attention_mask, t, t, causal=True, window=window)
-        return cache_mask(slot_mask, self.keep, index, window)
+            return None, make_attention_mask(self.attention_mask, t, t, causal=True, window=window,
+                                             blocks=self.blocks)
+        return cache_mask(slot_mask, self.keep, index, window, self.blocks)
 
     def next_position(self):
         """[B]: each row's position after its last kept token (with a cache)."""
         return jnp.max(jnp.where(self.keep > 0, self.position_ids, -1), axis=1) + 1
+
+
+def _kind_masks(kinds: dict, tokens: _Tokens, slot_mask, index):
+    """(slot mask or None, {window: attention mask}) of ``tokens`` for each layer kind
+    (:meth:`_Tokens.mask`)."""
+    out = {w: tokens.mask(slot_mask, index, w) for w in kinds}
+    return next(iter(out.values()))[0], {w: m for w, (_, m) in out.items()}
 
 
 def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int):
@@ -356,17 +384,23 @@ def _updated_cache(cache: KVCache, kvs, tokens: _Tokens, slots, late_slots, var_
                          layer_sinks=None if layer_sinks is None else tuple(layer_sinks))
 
 
-def cache_mask(slot_mask, keep, index, window=None):
+def cache_mask(slot_mask, keep, index, window=None, blocks=None):
     """(updated slot mask [B, S], attention mask [B, 1, T, S]) for T new tokens written at slot
     ``index``: each attends to the kept slots up to its own (and, with a sliding ``window``,
-    fewer than ``window`` slots back)."""
-    t = keep.shape[1]
+    fewer than ``window`` kept slots back: :func:`window_mask`); with ``blocks`` [B, T] (Gemma 3's image blocks, -1 at
+    text) also to the later new tokens of its own image."""
+    b, t = keep.shape
+    s = slot_mask.shape[1]
     slots = jax.lax.dynamic_update_slice(slot_mask, keep.astype(slot_mask.dtype), (0, index))
     own = (index + jnp.arange(t))[:, None]
-    causal = jnp.arange(slots.shape[1])[None, :] <= own
+    allowed = (jnp.arange(s)[None, :] <= own)[None]
+    if blocks is not None:
+        key_blocks = jax.lax.dynamic_update_slice(jnp.full((b, s), -1, jnp.int32),
+                                                  blocks.astype(jnp.int32), (0, index))
+        allowed = allowed | same_block(blocks, key_blocks)
     if window is not None:
-        causal = causal & (own - jnp.arange(slots.shape[1])[None, :] < window)
-    return slots, causal[None, None] & slots.astype(bool)[:, None, None, :]
+        allowed = allowed & window_mask(slots, own[:, 0], s, window)
+    return slots, allowed[:, None] & slots.astype(bool)[:, None, None, :]
 
 
 def generation_positions(mask, start):
@@ -473,6 +507,8 @@ class CausalLM(nn.Module):
     scan_layers: bool = False
     remat_policy: str = "nothing_saveable"
     head_bias: Optional[bool] = None
+    softcap_logits: bool = True  # apply config.final_logit_softcapping (Gemma3ForCausalLM does,
+    # Gemma3ForConditionalGeneration does not)
 
     def setup(self):
         c = self.config
@@ -512,6 +548,9 @@ class CausalLM(nn.Module):
                 logits = self.lm_head(logits)
         else:
             logits = self.lm_head(x)
+        cap = self.config.final_logit_softcapping
+        if cap and self.softcap_logits:
+            logits = jnp.tanh(logits.astype(jnp.float32) / cap) * cap
         return CausalLMOutput(logits=logits.astype(jnp.float32),
                               hidden_states=states if output_hidden_states else None,
                               attentions=attns if output_attentions else None, cache=cache)

@@ -128,16 +128,21 @@ class LlavaForConditionalGeneration(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.vision_tower = vision_tower_class(c.vision)(
             c.vision, test_time_registers=self.interventions.registers, **kw)
-        projector = lambda: MLPProjector(c.text.hidden_size, c.projector_type,  # noqa: E731
-                                         c.projector_hidden_act, c.projector_bias, **kw)
-        self.multi_modal_projector = projector()  # DIYSink: the non-sink path
+        self.multi_modal_projector = self.new_projector()  # DIYSink: the non-sink path
         if c.diysink is not None:
-            self.multi_modal_projector_sink = projector()
+            self.multi_modal_projector_sink = self.new_projector()
             if c.diysink.reweight:
                 self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
+        # an LVLM's head never caps its logits (nor does transformers' Gemma 3 LVLM)
         self.language_model = CausalLM(c.text, remat=self.remat, fused_attention=self.fused_attention,
                                        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
-                                       head_bias=c.lm_head_bias, **kw)
+                                       head_bias=c.lm_head_bias, softcap_logits=False, **kw)
+
+    def new_projector(self) -> nn.Module:
+        """A projector of the family (called in setup): LLaVA's linear / MLP."""
+        c = self.config
+        return MLPProjector(c.text.hidden_size, c.projector_type, c.projector_hidden_act,
+                            c.projector_bias, dtype=self.dtype, param_dtype=self.param_dtype)
 
     @property
     def policy(self) -> VisualTokenPolicy:
@@ -162,7 +167,8 @@ class LlavaForConditionalGeneration(nn.Module):
         return VisualTokenPolicy("front", d.select if v.select == "all" else v.select, v.positions, d.rule)
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
-        """pixel_values [N, C, H, W] -> (projector input [N, P, E'], VisionOutput)."""
+        """pixel_values [N, C, H, W] -> (the features whose norms the sink rule reads, one per
+        visual token [N, P, E'], VisionOutput). LLaVA: the projector input."""
         c = self.config
         vout = self.vision_tower(pixel_values, output_hidden_states=True,
                                  output_attentions=output_attentions)
@@ -171,6 +177,24 @@ class LlavaForConditionalGeneration(nn.Module):
         drop = lambda h: h if not r else jnp.concatenate([h[:, :1], h[:, 1 + r:]], 1)  # noqa: E731
         selected = jnp.concatenate([drop(vout.hidden_states[i])[:, start:] for i in c.feature_layers], -1)
         return selected, vout
+
+    def projector_input(self, selected, vout):
+        """The tokens the projector maps [N, P, E'] from :meth:`vision_features`' outputs
+        (LLaVA: ``selected`` itself)."""
+        del vout
+        return selected
+
+    def vision_token_index(self, selected, vout):
+        """[N, P] int32: the index in the tower's token sequence of the token each visual token's
+        feature in ``selected`` comes from (LLaVA: fixed by the config)."""
+        del vout
+        n, p = selected.shape[:2]
+        return jnp.broadcast_to(jnp.asarray(self.config.vit_token_index(np.arange(p)), jnp.int32), (n, p))
+
+    def llm_inputs(self, input_ids) -> dict:
+        """Extra LLM inputs of a call with images (LLaVA: none; Gemma 3: its image blocks)."""
+        del input_ids
+        return {}
 
     @property
     def sink_prefix(self) -> int:
@@ -275,10 +299,10 @@ class LlavaForConditionalGeneration(nn.Module):
         if pixel_values is not None:
             selected, vout = self.vision_features(pixel_values, output_attentions and output_vision)
             is_image = input_ids == c.image_token_index
-            to_project = selected
+            to_project = self.projector_input(selected, vout)
             if not self.policy.is_stock or route is not None:
                 arrangement = self.arrange(selected, route)
-                to_project = permute_tokens(selected, arrangement.permutation)
+                to_project = permute_tokens(to_project, arrangement.permutation)
             if c.diysink is not None and c.diysink.reweight:
                 if selected.shape[0] != input_ids.shape[0]:
                     raise ValueError(f"DIYSink reweighting needs one image per row; got "
@@ -314,8 +338,10 @@ class LlavaForConditionalGeneration(nn.Module):
                 keep = ~dropped if attention_mask is None else attention_mask.astype(bool) & ~dropped
                 attention_mask = keep.astype(jnp.int32)
         extra = {}
-        if pixel_values is not None and (self.interventions.prune or self.interventions.var):
-            extra = self.intervention_inputs(selected, arrangement, is_image)
+        if pixel_values is not None:
+            extra = self.llm_inputs(input_ids)
+            if self.interventions.prune or self.interventions.var:
+                extra.update(self.intervention_inputs(selected, arrangement, is_image))
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
@@ -326,5 +352,6 @@ class LlavaForConditionalGeneration(nn.Module):
                            image_features=feats if vision else None,
                            vision_features=selected if vision else None,
                            vision_outputs=vout if vision else None,
+                           vision_token_index=self.vision_token_index(selected, vout) if vision else None,
                            visual_arrangement=arrangement if vision else None,
                            visual_weights=weights if vision else None, cache=out.cache)

@@ -60,6 +60,8 @@ class LlavaOutput:
     vision_features: Optional[jnp.ndarray] = None   # [N_img, P, E*len(layers)] projector input,
                                                     # stock order
     vision_outputs: Optional[Any] = None            # VisionOutput of the tower (all hidden states)
+    vision_token_index: Optional[jnp.ndarray] = None  # [N_img, P] int32: the tower token each
+                                                      # vision feature is (CLS, registers first)
     visual_arrangement: Optional[VisualArrangement] = None  # set when the policy is not stock
     visual_weights: Optional[jnp.ndarray] = None    # [N_img, 2] DIYSink ReW (w_sink, w_nonsink)
     cache: Optional[KVCache] = None                 # the updated KV cache when one was passed

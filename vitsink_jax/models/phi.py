@@ -49,5 +49,5 @@ class PhiDecoderLayer(DecoderBlock):
         attn, weights, kv_cache = self.attend(
             h, mask, cos, sin, output_attentions, kv_cache, cache_index, adjust, qkv_bias=True,
             out_bias=True, out_name="dense",
-            qk_layernorm_eps=c.rms_norm_eps if c.qk_layernorm else None)
+            qk_norm="layernorm" if c.qk_layernorm else None, qk_norm_eps=c.rms_norm_eps)
         return attn + PhiMLP(c, name="mlp", **kw)(h) + x, weights, kv_cache

@@ -1,0 +1,98 @@
+"""Gemma 3 LVLM with the semantics of transformers' Gemma3ForConditionalGeneration: SigLIP ->
+average pool -> soft-embedding norm -> linear -> Gemma 3 LLM (:mod:`vitsink_jax.models.gemma`),
+with the tokens of each image attending to each other bidirectionally.
+
+Everything else (sink-to-the-front, DIYSink, the interventions, the KV cache) is the LLaVA
+composition's (:class:`~vitsink_jax.models.lvlm.LlavaForConditionalGeneration`); this module
+only supplies what differs: the projector, the tokens the sink rule reads and the image blocks.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ..config import Gemma3Config
+from .layers import RMSNorm
+from .lvlm import LlavaForConditionalGeneration
+
+
+def pool_windows(tokens, side: int, k: int):
+    """Patch tokens [N, (side k) ** 2, E] in row-major order -> [N, side ** 2, k * k, E]: for each
+    cell of the side x side grid of k x k windows, its k * k tokens (row-major inside)."""
+    n, _, e = tokens.shape
+    x = tokens.reshape(n, side, k, side, k, e).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, side * side, k * k, e)
+
+
+def window_token_index(local, side: int, k: int):
+    """[N, P] index inside each k x k window (row-major) -> the patch index over the full
+    (side k) ** 2 grid (row-major)."""
+    cell = jnp.arange(side * side)
+    row = (cell // side)[None] * k + local // k
+    col = (cell % side)[None] * k + local % k
+    return (row * side * k + col).astype(jnp.int32)
+
+
+class Gemma3Projector(nn.Module):
+    """Gemma3MultiModalProjector after the pooling: (1 + w) RMSNorm ``mm_soft_emb_norm`` then
+    ``x @ mm_input_projection_weight`` ([E, D], stored as transformers stores it)."""
+
+    out_features: int
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):  # pooled tokens [..., E] -> [..., D]
+        w = self.param("mm_input_projection_weight", nn.initializers.lecun_normal(),
+                       (x.shape[-1], self.out_features), self.param_dtype)
+        x = RMSNorm(self.eps, self.dtype, self.param_dtype, offset=True, name="mm_soft_emb_norm")(x)
+        return x @ w.astype(self.dtype)
+
+
+def image_blocks(input_ids, image_token_index: int):
+    """input_ids [B, T] -> [B, T] int32: each run of consecutive image tokens numbered from 0 per
+    row, -1 elsewhere (transformers' block ids from token_type_ids)."""
+    is_image = input_ids == image_token_index
+    start = is_image & ~jnp.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+    return jnp.where(is_image, jnp.cumsum(start, axis=1) - 1, -1).astype(jnp.int32)
+
+
+class Gemma3ForConditionalGeneration(LlavaForConditionalGeneration):
+    """Same call as :class:`LlavaForConditionalGeneration` (inputs, policy, interventions,
+    cache); ``config`` is a :class:`~vitsink_jax.config.Gemma3Config`. ``vision_features`` in
+    the output are, per visual token, the largest-norm ViT token of its pooling window before
+    the tower's post-LayerNorm (see Gemma3Config); ``vision_token_index`` says which."""
+
+    config: Gemma3Config
+
+    def new_projector(self) -> nn.Module:
+        c = self.config
+        return Gemma3Projector(c.text.hidden_size, c.vision.layer_norm_eps, self.dtype, self.param_dtype)
+
+    def _windows(self, tokens):
+        return pool_windows(tokens, self.config.grid_size, self.config.pool)
+
+    def _loudest(self, vout):
+        """Per visual token, the index inside its window of the largest-norm ViT token [N, P]."""
+        norms = jnp.sum(jnp.square(self._windows(vout.hidden_states[-1]).astype(jnp.float32)), -1)
+        return jnp.argmax(norms, axis=-1)
+
+    def vision_features(self, pixel_values, output_attentions: bool = False):
+        vout = self.vision_tower(pixel_values, output_hidden_states=True,
+                                 output_attentions=output_attentions)
+        windows = self._windows(vout.hidden_states[-1])                       # [N, P, k*k, E]
+        loud = self._loudest(vout)[..., None, None]
+        return jnp.take_along_axis(windows, loud, axis=2)[:, :, 0], vout
+
+    def projector_input(self, selected, vout):
+        del selected
+        return self._windows(vout.last_hidden_state).mean(axis=2)
+
+    def vision_token_index(self, selected, vout):
+        del selected
+        return window_token_index(self._loudest(vout), self.config.grid_size, self.config.pool)
+
+    def llm_inputs(self, input_ids) -> dict:
+        return {"image_blocks": image_blocks(input_ids, self.config.image_token_index)}
