@@ -140,7 +140,7 @@ def run_demo(cfg, workdir: Path) -> dict:
     grid = c.grid_size
     per_image, times = {}, []
     for name, image in tqdm(images.items(), desc="images", unit="img"):
-        pixels = jnp.asarray(preprocess(c.vision, [image], c.input_size))
+        pixels = jnp.asarray(preprocess(c, [image]))
         t0 = time.perf_counter()
         norms, probs = jax.block_until_ready(forward(params, ids, pixels))
         times.append(time.perf_counter() - t0)
@@ -174,7 +174,7 @@ def analysis_prompt(cfg, model, params, tokenizer, pixels) -> tuple[dict, str]:
     question tokens DIYSink's ReW reads), answer_ids}, the answer text)."""
     a, c = cfg.analysis, model.config
     prompt, question = eval_lib.encode_question_prompt(
-        tokenizer, a.template.format(question=a.question), c.num_image_tokens, c.image_token_index)
+        tokenizer, a.template.format(question=a.question), prompts.prompt_format(c))
     answer = np.zeros(0, np.int32)
     new = a.max_new_tokens if a.queries == "answer" else 0
     if new:
@@ -240,7 +240,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
-        pixels = jnp.asarray(preprocess(c.vision, [image], c.input_size))
+        pixels = jnp.asarray(preprocess(c, [image]))
         row, answer = analysis_prompt(cfg, model, params, tokenizer, pixels)
         res = jax.device_get(forward(params, row["ids"], row["mask"], row["query"], row["question"],
                                      pixels))

@@ -39,6 +39,7 @@ from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct
 from vitsink_jax.data.prefetch import Prefetch
 from vitsink_jax.data.preprocess import pixels_from_bytes
+from vitsink_jax.data.prompts import prompt_format
 from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import to_diysink
 from vitsink_jax.embedded import ensure_embedded_checkpoint
@@ -140,7 +141,7 @@ class Batches:
         record = self.records[i] if record is None else record
         with self.tokenizing:
             ids, loss_mask, question_mask = instruct.tokenize_conversation(
-                self.tok, record["roles"], record["texts"], c.num_image_tokens, c.image_token_index,
+                self.tok, record["roles"], record["texts"], prompt_format(c),
                 self.cfg.data.get("system", ""))
         self.lengths[i] = len(ids)
         return {"ids": ids, "loss_mask": loss_mask, "question_mask": question_mask}

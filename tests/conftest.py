@@ -203,14 +203,22 @@ def rng():
     return np.random.default_rng(0)
 
 
+GEMMA3_TOKENS = {"start_turn": "<start_of_turn>", "end_turn": "<end_of_turn>",
+                 "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                 "image_token": "<image_soft_token>"}
+
+
 def hf_tokenizer(family: str, path, corpus: list):
     """A small tokenizer of a checkpoint family, BPE-trained offline on ``corpus``, saved to
     ``path`` and read back as a checkpoint's is (``load_tokenizer``); ``<image>`` is added.
 
     ``llama``: LLaMA's layout (transformers' LlamaTokenizer: ``▁`` for spaces, Metaspace, the
     256 byte-fallback pieces, ``<unk> <s> </s>``); ``qwen2``: Qwen2's (byte-level BPE after
-    Qwen2's split regex, ``<|endoftext|>``, no BOS). Digits are trained as single pieces, as
-    both families split numbers, so `` 2`` is a space token then ``2``.
+    Qwen2's split regex, ``<|endoftext|>``, no BOS); ``gemma``: Gemma 3's (LLaMA's pieces with
+    ``<pad> <eos> <bos> <unk>``, no prefix space, the turn and image tokens, ``boi_token`` /
+    ``eoi_token`` / ``image_token`` named as Gemma3Processor reads them; no ``<image>``).
+    Digits are trained as single pieces, as the families split numbers, so `` 2`` is a space
+    token then ``2``.
     """
     import json
     import re
@@ -220,8 +228,9 @@ def hf_tokenizer(family: str, path, corpus: list):
 
     from vitsink_jax.data.tokenizer import load_tokenizer
 
-    if family == "llama":
-        pre, specials = pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"]
+    if family in ("llama", "gemma"):
+        pre = pre_tokenizers.Metaspace()
+        specials = ["<unk>", "<s>", "</s>"] if family == "llama" else ["<pad>", "<eos>", "<bos>", "<unk>"]
         specials += [f"<0x{b:02X}>" for b in range(256)]
         alphabet = []
     else:
@@ -229,7 +238,7 @@ def hf_tokenizer(family: str, path, corpus: list):
                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                 use_regex=False)])
         specials, alphabet = ["<|endoftext|>"], pre_tokenizers.ByteLevel.alphabet()
-    bpe = Tokenizer(models.BPE(unk_token="<unk>" if family == "llama" else None))
+    bpe = Tokenizer(models.BPE(unk_token=None if family == "qwen2" else "<unk>"))
     bpe.pre_tokenizer = pre
     bpe.train_from_iterator([re.sub(r"\d", " ", t) for t in corpus],  # digits: no merges
                             trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
@@ -237,8 +246,17 @@ def hf_tokenizer(family: str, path, corpus: list):
                                                 show_progress=False))
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    cls = transformers.LlamaTokenizerFast if family == "llama" else transformers.Qwen2TokenizerFast
-    cls(vocab=model["vocab"], merges=merges).save_pretrained(str(path))
+    cls = {"llama": transformers.LlamaTokenizerFast, "qwen2": transformers.Qwen2TokenizerFast,
+           "gemma": transformers.GemmaTokenizer}[family]
+    tok = cls(vocab=model["vocab"], merges=merges)
+    if family == "gemma":
+        tok.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS.values())})
+    tok.save_pretrained(str(path))
+    if family == "gemma":
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+        cfg["extra_special_tokens"] = {k: v for k, v in GEMMA3_TOKENS.items() if "turn" not in k}
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+        return load_tokenizer(path)
     tok = load_tokenizer(path)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tok

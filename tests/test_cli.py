@@ -16,6 +16,7 @@ from skimage import data
 import vitsink_jax as vj
 from vitsink_jax.data.preprocess import load_image, preprocess
 from vitsink_jax.data.prompts import ANALYSIS
+from vitsink_jax.data.prompts import ImageSlots
 from vitsink_jax.data.tokenizer import encode_prompt, load_tokenizer
 from vitsink_jax.embedded import demo_prompt
 from vitsink_jax.generate import generate
@@ -150,8 +151,8 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
     c = model.config
     n = c.num_image_tokens
     tok = load_tokenizer(work / "embedded_default")
-    prompt = encode_prompt(tok, ANALYSIS.format(question=report["config"]["analysis"]["question"]), n,
-                           c.image_token_index)
+    prompt = encode_prompt(tok, ANALYSIS.format(question=report["config"]["analysis"]["question"]),
+                           ImageSlots(n, c.image_token_index))
     pixels = jnp.asarray(preprocess(c.vision, [load_image(images / "coffee.png")]))
     gen = np.asarray(generate(model, params, jnp.asarray(prompt[None]), jnp.ones((1, len(prompt)), jnp.int32),
                               pixels, 16, (tok.eos_token_id,)))[0]

@@ -21,7 +21,7 @@ from vitsink_jax import eval_lib as E
 from vitsink_jax import scores as S
 from vitsink_jax import timing
 from vitsink_jax.data.instruct import tokenize_conversation
-from vitsink_jax.data.prompts import TEMPLATES, human_text
+from vitsink_jax.data.prompts import CHATS, TEMPLATES, ImageSlots, PromptFormat, human_text, prompt_format
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
 from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT, to_diysink
@@ -95,8 +95,7 @@ def tiny(tmp_path_factory):
 def _direct_logprobs(d, rec, text_suffix=""):
     """log_softmax at the last prompt position, from one plain forward."""
     c = d["model"].config
-    ids = encode_prompt(d["tok"], E.prompt_text(rec, TEMPLATES) + text_suffix, c.num_image_tokens,
-                        c.image_token_index)
+    ids = encode_prompt(d["tok"], E.prompt_text(rec, TEMPLATES) + text_suffix, prompt_format(c).image)
     pix = E._pixels(d["model"], rec, {})[None]
     logits = d["model"].apply({"params": d["params"]}, jnp.asarray(ids[None]), jnp.asarray(pix)).logits
     return ids, np.asarray(jax.nn.log_softmax(logits[0], -1))
@@ -116,7 +115,7 @@ def test_multi_token_candidates_sum_their_tokens(tiny):
     plain = train_embedded_tokenizer(["hello world"], VOCAB)  # no merges for " A": 2 tokens
     rec = d["records"][0]
     c = d["model"].config
-    rows = E.scoring_rows(plain, rec, TEMPLATES, c.num_image_tokens, c.image_token_index)
+    rows = E.scoring_rows(plain, rec, TEMPLATES, prompt_format(c))
     assert len(rows) == 4 and all(r[3] == k for k, r in enumerate(rows))
     scores, _ = E.loglik_scores(d["model"], d["params"], plain, [rec], eval_cfg())
     d2 = {**d, "tok": plain}
@@ -138,15 +137,15 @@ def test_training_supervises_exactly_the_tokens_evaluation_scores(family, tmp_pa
     corpus = list(TEMPLATES.values()) + ["What is on the table? A cat sits on 2 mats.", "Yes", "No"]
     tok = embedded_tokenizer(VOCAB) if family == "embedded" else \
         __import__("conftest").hf_tokenizer(family, tmp_path, corpus)
-    n_img, image = 3, tok.convert_tokens_to_ids("<image>")
+    fmt = PromptFormat(CHATS["llava"], ImageSlots(3, tok.convert_tokens_to_ids("<image>")))
     rec = {"kind": "mc", "question": "What is on the table?", "options": options, "answer": "A"}
     own_space = 0
     for mc_format in ("letter", "cloze"):
         prompt = E.prompt_text(rec, TEMPLATES, mc_format)
-        rows = E.scoring_rows(tok, rec, TEMPLATES, n_img, image, mc_format)
+        rows = E.scoring_rows(tok, rec, TEMPLATES, fmt, mc_format)
         for k, answer in enumerate(E.candidates(rec, mc_format)):
             ids, loss, question = tokenize_conversation(tok, ["human", "gpt"],
-                                                        [human_text(prompt), answer], n_img, image)
+                                                        [human_text(prompt), answer], fmt)
             if rows[0][3] == -1:  # one shared row: the candidate is the next token
                 full = np.append(rows[0][0], rows[0][2][k])
                 scored = [len(rows[0][0])]
@@ -333,10 +332,10 @@ def test_rew_reads_the_training_question_in_every_candidate_row(tiny):
         human = human_text(E.prompt_text(rec, TEMPLATES, mc_format))
         ids, _, question = tokenize_conversation(tok, ["human", "gpt"],
                                                  [human, E.answer_text(rec, mc_format)],
-                                                 c.num_image_tokens, c.image_token_index)
+                                                 prompt_format(c))
         want = np.asarray(forward(ids, question).visual_weights[0])
         assert not np.allclose(want, 1.0, atol=1e-3)
-        rows = E.scoring_rows(tok, rec, TEMPLATES, c.num_image_tokens, c.image_token_index, mc_format)
+        rows = E.scoring_rows(tok, rec, TEMPLATES, prompt_format(c), mc_format)
         assert len(rows) == (4 if mc_format == "cloze" else 1)
         for row_ids, _, _, _, row_q in rows:
             np.testing.assert_array_equal(row_ids[row_q], ids[question])      # the same tokens
@@ -397,7 +396,7 @@ def test_the_scorer_compiles_once_per_length_bucket_and_keeps_record_order(tiny)
     cfg = eval_cfg(length_bucket=4)
     c = d["model"].config
     buckets = {bucket(len(row[0]), 4) for rec in recs
-               for row in E.scoring_rows(d["tok"], rec, TEMPLATES, c.num_image_tokens, c.image_token_index)}
+               for row in E.scoring_rows(d["tok"], rec, TEMPLATES, prompt_format(c))}
     assert len(buckets) > 1
     compiles = []
 

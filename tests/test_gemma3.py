@@ -207,3 +207,62 @@ def test_fastv_on_gemma3_equals_transformers_on_the_kept_tokens(tmp_path):
     out = run(model, params, ids, visual, sinks, prune=TokenPruning(2, 0.5, True))
     assert_close(np.take_along_axis(np.asarray(out.logits), kept[..., None], 1), ref,
                  what="Gemma 3 logits at the kept tokens")
+
+
+# Gemma 3's chat template as its checkpoints ship it (the system turn folded into the first user
+# turn, images as <start_of_image>, text items trimmed)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
+    "messages[0]['content'][0]['text'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}{%- if message['role'] == 'assistant' -%}"
+    "{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- for item in message['content'] -%}{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}"
+    "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}"
+    "{%- endif -%}")
+
+
+def test_gemma3_prompts_equal_the_processor(tmp_path):
+    """A LLaVA-template evaluation prompt and a training conversation, rendered in Gemma 3's
+    chat markup with the image expanded as Gemma3Processor does (``\\n\\n<boi>`` 4 image tokens
+    ``<eoi>\\n\\n``, the newlines tokenized with their neighbours), give the processor's ids,
+    token types and pixels for a photo of another aspect ratio."""
+    from PIL import Image
+    from skimage import data
+
+    from conftest import hf_tokenizer
+    from vitsink_jax import eval_lib as E
+    from vitsink_jax.data.instruct import tokenize_conversation
+    from vitsink_jax.data.preprocess import preprocess
+    from vitsink_jax.data.prompts import TEMPLATES, human_text, prompt_format
+
+    question = "What is on the table?"
+    tok = hf_tokenizer("gemma", tmp_path, [question, "user\n\n\nmodel\n\n", TEMPLATES["open"], "A cat"])
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in
+           (("image", "<image_soft_token>"), ("boi", "<start_of_image>"), ("eoi", "<end_of_image>"))}
+    config = vj.config_from_hf(gemma3_config(gemma3_text_config(vocab_size=len(tok)),
+                                             image_token_index=ids["image"], boi_token_index=ids["boi"],
+                                             eoi_token_index=ids["eoi"]).to_dict())
+    processor = transformers.Gemma3Processor(
+        transformers.Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tok,
+        chat_template=CHAT_TEMPLATE, image_seq_length=4)
+    photo = Image.fromarray(data.coffee())
+    prompt = TEMPLATES["open"].format(question=question)
+    user = [{"type": "image", "image": photo}, {"type": "text", "text": human_text(prompt)[len("<image>\n"):]}]
+    ref = processor.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True, return_tensors="np")
+    fmt = prompt_format(config)
+    ours, question_mask = E.encode_question_prompt(tok, prompt, fmt)
+    np.testing.assert_array_equal(ours, ref["input_ids"][0])
+    np.testing.assert_array_equal(ours == ids["image"], ref["token_type_ids"][0] == 1)
+    assert tok.decode(ours[question_mask]).startswith(question)
+    np.testing.assert_allclose(preprocess(config, [photo]), ref["pixel_values"], atol=1e-5)
+    answer = [{"role": "assistant", "content": [{"type": "text", "text": "A cat"}]}]
+    full = processor.apply_chat_template([{"role": "user", "content": user}] + answer, tokenize=True,
+                                         return_dict=True, return_tensors="np")["input_ids"][0]
+    conv, loss, _ = tokenize_conversation(tok, ["human", "gpt"], [human_text(prompt), "A cat"], fmt)
+    np.testing.assert_array_equal(conv, full)
+    # the loss starts at the answer (this tiny BPE merged "\nA", so it starts a byte early)
+    assert tok.decode(conv[loss]).endswith("A cat<end_of_turn>\n") and loss[-1] and loss.sum() <= 5

@@ -225,8 +225,9 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     c = mod.get_config("finetune")
     c.update(dict(checkpoint=str(folder), steps=2, batch_size=4, checkpoint_every=2))
     c.data.variants, c.data.image_size = 1, 28
-    ids, _, question = instruct.tokenize_conversation(tok, ["human", "gpt"], ["<image>\nWhat?", "A"],
-                                                      15, 573, "tinyllava")
+    ids, _, question = instruct.tokenize_conversation(
+        tok, ["human", "gpt"], ["<image>\nWhat?", "A"],
+        prompts.PromptFormat(prompts.CHATS["llava"], prompts.ImageSlots(15, 573)), "tinyllava")
     assert tok.decode(ids[:12]).startswith("A chat between") and not question[:30].any()
     summary = train.train(c, tmp_path / "work")
     assert np.isfinite(summary["last_loss"])

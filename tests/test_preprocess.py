@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from transformers import BitImageProcessorPil, CLIPImageProcessorPil, SiglipImageProcessorPil
+from transformers import (BitImageProcessorPil, CLIPImageProcessorPil, Gemma3ImageProcessorPil,
+                          SiglipImageProcessorPil)
 
-from vitsink_jax.data.preprocess import load_image, preprocess_clip, preprocess_dinov2, preprocess_siglip
+from vitsink_jax.data.preprocess import (load_image, preprocess_clip, preprocess_dinov2,
+                                         preprocess_gemma3, preprocess_siglip)
 
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "camera": data.camera}
 
@@ -24,6 +26,15 @@ def test_siglip_matches_hf(name):
     img = PHOTOS[name]()
     ref = SiglipImageProcessorPil(size={"height": 48, "width": 48})(images=Image.fromarray(img), return_tensors="np")
     np.testing.assert_allclose(preprocess_siglip(img, 48), ref["pixel_values"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PHOTOS))
+def test_gemma3_matches_hf(name):
+    """Gemma3ImageProcessor's defaults (no pan-and-scan): a bilinear square resize of any
+    aspect ratio, never a crop."""
+    img = PHOTOS[name]()
+    ref = Gemma3ImageProcessorPil(size={"height": 48, "width": 48})(images=Image.fromarray(img), return_tensors="np")
+    np.testing.assert_allclose(preprocess_gemma3(img, 48), ref["pixel_values"][0], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(PHOTOS))

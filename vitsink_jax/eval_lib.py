@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import parallel
 from .data.preprocess import pixels_from_bytes
-from .data.prompts import LETTERS, human_start, human_text
+from .data.prompts import LETTERS, PromptFormat, human_start, human_text, prompt_format
 from .data.tokenizer import encode_marked
 from .diysink import cot_route
 from .data.padding import bucket, left_pad, right_pad
@@ -82,25 +82,28 @@ def answer_text(rec: dict, mc_format: str = "letter") -> str:
     return rec["answer"]
 
 
-def encode_question_prompt(tokenizer, prompt: str, n_img: int, image_id: int,
-                           answer: str = "") -> tuple:
-    """(ids [T] int32, question mask [T] bool) of ``prompt`` (followed by `` answer`` when given).
+def encode_question_prompt(tokenizer, prompt: str, fmt: PromptFormat, answer: str = "") -> tuple:
+    """(ids [T] int32, question mask [T] bool) of ``prompt`` (followed by `` answer`` when given),
+    rendered in the model's prompt format (``fmt``: :func:`~vitsink_jax.data.prompts.prompt_format`;
+    a prompt in LLaVA's template is rewritten in the family's chat markup, the answer follows its
+    ``answer_sep``).
 
-    The question is the prompt's human turn in LLaVA's template (between USER and ASSISTANT:
+    The question is the prompt's human turn (between USER and ASSISTANT in LLaVA's template:
     :func:`vitsink_jax.data.prompts.human_text`), exactly the tokens training marks for the
     same item (:func:`vitsink_jax.data.instruct.tokenize_conversation`); never the template or
     an answer. A prompt outside the template is all question. DIYSink's ReW reads this mask.
     """
+    prompt = fmt.chat.render(prompt)
     try:
         start = human_start(prompt)
         span = (start, start + len(human_text(prompt)))
     except ValueError:
         span = (0, len(prompt))
-    text = f"{prompt} {answer}" if answer else prompt
-    return encode_marked(tokenizer, text, n_img, image_id, [span])
+    text = prompt + fmt.chat.answer_sep + answer if answer else prompt
+    return encode_marked(tokenizer, text, fmt.image, [span])
 
 
-def scoring_rows(tokenizer, rec: dict, templates: dict, n_img: int, image_id: int,
+def scoring_rows(tokenizer, rec: dict, templates: dict, fmt: PromptFormat,
                  mc_format: str = "letter") -> list:
     """Token rows that score one record's candidates.
 
@@ -111,8 +114,8 @@ def scoring_rows(tokenizer, rec: dict, templates: dict, n_img: int, image_id: in
     tokens (:func:`encode_question_prompt`: the same in every row of the record).
     """
     text = prompt_text(rec, templates, mc_format)
-    base, base_q = encode_question_prompt(tokenizer, text, n_img, image_id)
-    fulls = [encode_question_prompt(tokenizer, text, n_img, image_id, c)
+    base, base_q = encode_question_prompt(tokenizer, text, fmt)
+    fulls = [encode_question_prompt(tokenizer, text, fmt, c)
              for c in candidates(rec, mc_format)]
     shared = all(len(f) == len(base) + 1 and np.array_equal(f[:-1], base) for f, _ in fulls)
     if shared:
@@ -215,8 +218,8 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     c = model.config
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
-        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, c.num_image_tokens,
-                                              c.image_token_index, cfg.mc_format)]
+        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, prompt_format(c),
+                                              cfg.mc_format)]
     rows.sort(key=lambda row: len(row[1][0]))  # stable: ties keep the record order
     params, mesh = placed(params, strategy)
     scorer = _scorer(model, strategy, routes is not None, mesh)
@@ -278,8 +281,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
     params, mesh = placed(params)
     run = _generator(model, cfg.max_new_tokens, stop, mesh)
     texts, cache = [], {}
-    encoded = [encode_question_prompt(tokenizer, p, c.num_image_tokens, c.image_token_index)
-               for p in prompts]
+    encoded = [encode_question_prompt(tokenizer, p, prompt_format(c)) for p in prompts]
     batches = list(_batches(list(range(len(prompts))), bucket(cfg.batch_size, parallel.batch_multiple())))
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
     for chunk, n in tqdm(batches, desc="generating", unit="batch"):
@@ -394,7 +396,7 @@ def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
     question: the question tokens (:func:`encode_question_prompt`)."""
     c = model.config
     encoded = [encode_question_prompt(tokenizer, prompt_text(r, cfg.templates, cfg.mc_format),
-                                      c.num_image_tokens, c.image_token_index) for r in records]
+                                      prompt_format(c)) for r in records]
     rows = [ids for ids, _ in encoded]
     length = bucket(max(len(i) for i in rows), cfg.length_bucket)
     pad = tokenizer.pad_token_id or 0

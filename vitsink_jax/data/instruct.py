@@ -21,7 +21,7 @@ import numpy as np
 
 from .padding import bucket, right_pad
 from .preprocess import check_image
-from .prompts import ASSISTANT, TEMPLATES, USER, human_text, system_prefix
+from .prompts import TEMPLATES, PromptFormat, human_text, system_prefix
 from .tfds_io import Records, write_builder
 from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
 
@@ -108,12 +108,13 @@ def open_instruct(name: str, data_dir) -> Records:
     return Records(f"instruct_{name}", data_dir, SCHEMA)
 
 
-def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens: int,
-                          image_token_index: int, system: str = ""):
-    """(ids [T] int32, loss_mask [T] bool, question_mask [T] bool) of one conversation.
+def tokenize_conversation(tokenizer, roles: list, texts: list, fmt: PromptFormat, system: str = ""):
+    """(ids [T] int32, loss_mask [T] bool, question_mask [T] bool) of one conversation in the
+    model's prompt format (:func:`~vitsink_jax.data.prompts.prompt_format`: its chat markup
+    and image expansion; LLaVA's template is described here).
 
-    The ``<image>`` placeholder expands to ``num_image_tokens`` image tokens (neither loss nor
-    question); a conversation must hold exactly one placeholder.
+    The ``<image>`` placeholder expands to the image's tokens (neither loss nor question); a
+    conversation must hold exactly one placeholder.
 
     The loss covers every token that overlaps an answer, its ``</s>`` or the space between
     ``ASSISTANT:`` and the answer: the tokens a model must produce after a prompt that ends at
@@ -123,21 +124,25 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, num_image_tokens:
     :func:`vitsink_jax.eval_lib.scoring_rows` scores for the same answer after the same prompt.
     ``system``: a system prompt before the first turn (:func:`~vitsink_jax.data.prompts.system_prefix`).
     """
-    eos = tokenizer.eos_token or ""
+    chat = fmt.chat
+    end = (tokenizer.eos_token or "") if chat.end is None else chat.end
+    if system and chat.name != "llava":
+        raise ValueError(f"a system prompt is a LLaVA-template prefix; the {chat.name} chat "
+                         "markup takes none here")
     text, answer_spans, question_spans = system_prefix(system), [], []
     for role, value in zip(roles, texts):
         if role == "human":
-            text += USER
+            value = chat.human(value)
+            text += chat.user
             question_spans.append((len(text), len(text) + len(value)))
-            text += value + ASSISTANT
+            text += value + chat.assistant
         else:  # the answer's span starts at the space after ASSISTANT: (see the docstring)
-            answer_spans.append((len(text), len(text) + 1 + len(value) + len(eos)))
-            text += " " + value + eos
+            answer_spans.append((len(text), len(text) + len(chat.answer_sep) + len(value) + len(end)))
+            text += chat.answer_sep + value + end
     if text.count(IMAGE_PLACEHOLDER) != 1:
         raise ValueError(f"a conversation needs exactly one {IMAGE_PLACEHOLDER}; found "
                          f"{text.count(IMAGE_PLACEHOLDER)}")
-    return encode_marked(tokenizer, text, num_image_tokens, image_token_index, answer_spans,
-                         question_spans)
+    return encode_marked(tokenizer, text, fmt.image, answer_spans, question_spans)
 
 
 def pad_batch(examples: list, length_bucket: int, pad_id: int = 0, longest: int = 0) -> dict:

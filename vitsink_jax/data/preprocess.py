@@ -3,7 +3,9 @@
 CLIP (CLIPImageProcessor): resize the shortest edge (bicubic), center crop, rescale 1/255,
 normalise with OpenAI's CLIP mean/std. SigLIP (SiglipImageProcessor): resize to a square
 (bicubic), rescale, normalise with mean = std = 0.5. DINOv2 (BitImageProcessor): shortest edge to
-256/224 of the crop, center crop, ImageNet mean/std. Output is HF's channels-first float32.
+256/224 of the crop, center crop, ImageNet mean/std. Gemma 3 (Gemma3ImageProcessor, its SigLIP
+tower): resize to a square (bilinear), mean = std = 0.5, no pan-and-scan crops (transformers'
+default; not implemented). Output is HF's channels-first float32.
 
 Encoded images are decoded in full when read (:func:`image_from_bytes`, :func:`load_image`),
 so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scaled to 8 bits
@@ -19,7 +21,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..config import VisionConfig
+from ..config import Gemma3Config, VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -103,10 +105,16 @@ def preprocess_clip(image: ImageLike, size: int, crop_size: int | None = None,
     return _normalise(image, mean, std)
 
 
-def preprocess_siglip(image: ImageLike, size: int, mean=SIGLIP_MEAN, std=SIGLIP_STD) -> np.ndarray:
+def preprocess_siglip(image: ImageLike, size: int, mean=SIGLIP_MEAN, std=SIGLIP_STD,
+                      resample=Image.BICUBIC) -> np.ndarray:
     """-> [3, size, size] float32: resize to a square (no crop)."""
-    image = to_rgb(image).resize((size, size), resample=Image.BICUBIC)
+    image = to_rgb(image).resize((size, size), resample=resample)
     return _normalise(image, mean, std)
+
+
+def preprocess_gemma3(image: ImageLike, size: int) -> np.ndarray:
+    """-> [3, size, size] float32: Gemma 3's square resize (bilinear), SigLIP's normalisation."""
+    return preprocess_siglip(image, size, resample=Image.BILINEAR)
 
 
 def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
@@ -114,9 +122,14 @@ def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
     return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess(config: VisionConfig, images: Sequence[ImageLike], size: int = 0) -> np.ndarray:
-    """Images -> pixel_values [N, 3, S, S] for the given vision tower (S = ``size`` or
-    config.image_size; pass a LLaVA config's ``input_size``)."""
+def preprocess(config, images: Sequence[ImageLike], size: int = 0) -> np.ndarray:
+    """Images -> pixel_values [N, 3, S, S] for a vision tower's VisionConfig (S = ``size`` or its
+    image_size) or an LVLM config (its family's processor; S = ``size`` or its input size)."""
+    if not isinstance(config, VisionConfig):  # an LVLM config
+        size = size or config.input_size
+        if isinstance(config, Gemma3Config):
+            return np.stack([preprocess_gemma3(im, size) for im in images])
+        config = config.vision
     fn = (preprocess_dinov2 if config.is_dinov2 else
           preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)
     return np.stack([fn(im, size or config.image_size) for im in images])
@@ -125,4 +138,4 @@ def preprocess(config: VisionConfig, images: Sequence[ImageLike], size: int = 0)
 def pixels_from_bytes(config, raw: bytes) -> np.ndarray:
     """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for a
     LLaVA config (S = its ``input_size``)."""
-    return preprocess(config.vision, [image_from_bytes(raw)], config.input_size)[0]
+    return preprocess(config, [image_from_bytes(raw)])[0]

@@ -14,9 +14,17 @@ A model family whose template adds a system prompt before the first ``USER:`` (T
 Factory's phi / qwen2_base / llama templates: :data:`SYSTEMS`) is trained and evaluated with
 that prefix (train.py ``data.system``, evaluate.py ``eval.system``); the rest of the string is
 the same (TinyLLaVA's end of turn is the tokenizer's EOS, as here).
+
+A family with a chat markup of its own (Gemma 3's ``<start_of_turn>user`` ...) keeps these
+templates as they are written and has them rendered in its markup when they are tokenized
+(:class:`Chat`, :data:`CHATS`, :func:`prompt_format`); how its processor expands an image is in
+its :class:`ImageSlots`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Optional
 
 USER = "USER: "
 ASSISTANT = " ASSISTANT:"
@@ -51,13 +59,94 @@ def with_system(templates: dict, system: str) -> dict:
     return {k: prefix + v for k, v in templates.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """A family's chat markup: a human turn is ``user`` + text + ``assistant``, an answer
+    ``answer_sep`` + text + ``end`` (None: the tokenizer's EOS). ``image`` is how the
+    templates' ``<image>\n`` is written (Gemma 3's chat template puts the text right after the
+    image). System prompts (:data:`SYSTEMS`) are LLaVA-template prefixes only."""
+
+    name: str
+    user: str
+    assistant: str
+    answer_sep: str = " "
+    end: Optional[str] = None
+    image: str = "<image>\n"
+
+    def human(self, text: str) -> str:
+        """A human turn's text in this markup (its image placeholders rewritten)."""
+        return text.replace("<image>\n", self.image)
+
+    def render(self, prompt: str) -> str:
+        """A single-turn prompt written in LLaVA's template (:data:`TEMPLATES`, a system prompt
+        before ``USER:`` allowed) -> the same prompt in this markup. Other text is returned as
+        it is."""
+        if self.name == "llava" or USER not in prompt or not prompt.endswith(ASSISTANT):
+            return prompt
+        if prompt.index(USER):
+            raise ValueError(f"a system prompt before {USER!r} is LLaVA's template; the {self.name} "
+                             f"chat markup takes none here: {prompt[:40]!r}...")
+        return self.user + self.human(human_text(prompt)) + self.assistant
+
+
+CHATS = {"llava": Chat("llava", USER, ASSISTANT),
+         "gemma3": Chat("gemma3", "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
+                        answer_sep="", end="<end_of_turn>\n", image="<image>")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSlots:
+    """What one ``<image>`` of a prompt becomes, as the family's processor expands it:
+    ``text_before`` (tokenized with the text before it), the ids ``before``, ``count`` copies of
+    ``token``, the ids ``after``, then ``text_after`` (tokenized with the text after it)."""
+
+    count: int
+    token: int
+    before: tuple = ()
+    after: tuple = ()
+    text_before: str = ""
+    text_after: str = ""
+
+    @property
+    def ids(self) -> list:
+        return [*self.before, *[self.token] * self.count, *self.after]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How prompts become ids for one model: its chat markup and its image expansion."""
+
+    chat: Chat
+    image: ImageSlots
+
+
+def prompt_format(config) -> PromptFormat:
+    """The prompt format of an LVLM config: LLaVA's template and ``num_image_tokens`` image ids,
+    or Gemma 3's chat markup and ``\n\n<boi> image ids <eoi>\n\n`` (Gemma3Processor's)."""
+    from ..config import Gemma3Config
+
+    if isinstance(config, Gemma3Config):
+        return PromptFormat(CHATS["gemma3"], ImageSlots(
+            config.num_image_tokens, config.image_token_index, (config.boi_token_index,),
+            (config.eoi_token_index,), "\n\n", "\n\n"))
+    return PromptFormat(CHATS["llava"], ImageSlots(config.num_image_tokens, config.image_token_index))
+
+
+def _chat_of(prompt: str) -> Chat:
+    for chat in CHATS.values():
+        if chat.user in prompt and prompt.endswith(chat.assistant):
+            return chat
+    raise ValueError(f"prompt {prompt[:40]!r}... is in no chat template ({', '.join(CHATS)})")
+
+
 def human_start(prompt: str) -> int:
-    """Where the human turn of a single-turn prompt starts (after a system prompt and USER)."""
-    if USER not in prompt or not prompt.endswith(ASSISTANT):
-        raise ValueError(f"prompt {prompt[:40]!r}... is not in the USER: ... ASSISTANT: template")
-    return prompt.index(USER) + len(USER)
+    """Where the human turn of a single-turn prompt starts (after a system prompt and the user
+    marker of its chat markup: LLaVA's ``USER:``, Gemma 3's ...)."""
+    chat = _chat_of(prompt)
+    return prompt.index(chat.user) + len(chat.user)
 
 
 def human_text(prompt: str) -> str:
-    """The human turn of a single-turn prompt (the template's text between USER and ASSISTANT)."""
-    return prompt[human_start(prompt):-len(ASSISTANT)]
+    """The human turn of a single-turn prompt (the template's text between the user marker and
+    the assistant marker)."""
+    return prompt[human_start(prompt):-len(_chat_of(prompt).assistant)]

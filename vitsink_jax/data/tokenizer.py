@@ -2,8 +2,9 @@
 a small byte-level BPE trained offline on the embedded benchmark's text (so real words come out
 of the logit lens and every prompt encodes without a download).
 
-Prompts are built from a template with an ``<image>`` placeholder that expands to the model's
-number of image tokens, as LLaVA's processor does.
+Prompts are built from a template with an ``<image>`` placeholder that expands as the model
+family's processor expands it (:class:`~vitsink_jax.data.prompts.ImageSlots`: LLaVA's image
+tokens, Gemma 3's ``\n\n<boi>`` image tokens ``<eoi>\n\n``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .prompts import ImageSlots
 
 IMAGE_PLACEHOLDER = "<image>"
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -57,41 +60,49 @@ def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):
     return tok
 
 
-def encode_prompt(tokenizer, text: str, num_image_tokens: int, image_token_index: int) -> np.ndarray:
-    """[T] int32 ids of ``text`` with BOS first and each ``<image>`` expanded to
-    ``num_image_tokens`` copies of ``image_token_index``."""
-    return encode_marked(tokenizer, text, num_image_tokens, image_token_index)[0]
+def encode_prompt(tokenizer, text: str, image: ImageSlots) -> np.ndarray:
+    """[T] int32 ids of ``text`` with BOS first and each ``<image>`` expanded as ``image`` says
+    (the family's processor: :func:`vitsink_jax.data.prompts.prompt_format`)."""
+    return encode_marked(tokenizer, text, image)[0]
 
 
-def encode_marked(tokenizer, text: str, num_image_tokens: int, image_token_index: int,
-                  *span_sets) -> tuple:
+def encode_marked(tokenizer, text: str, image: ImageSlots, *span_sets) -> tuple:
     """:func:`encode_prompt` plus one token mask per set of character spans of ``text``.
 
     Each span set is a list of (start, end) character offsets into ``text``; its mask [T] bool
     is True at the tokens that overlap one of them (read from the tokenizer's offsets, so the
     text is tokenized exactly once, as :func:`encode_prompt` does; needs a fast tokenizer when
-    spans are given). BOS and image tokens are in no span. Training marks answers and the
-    question this way (:func:`vitsink_jax.data.instruct.tokenize_conversation`), evaluation
-    the question of its prompts, so DIYSink's ReW reads the same tokens in both.
+    spans are given). BOS, the image's ids and the text an image adds around itself
+    (``image.text_before`` / ``text_after``, tokenized with their neighbours as the processor
+    tokenizes them) are in no span. Training marks answers and the question this way
+    (:func:`vitsink_jax.data.instruct.tokenize_conversation`), evaluation the question of its
+    prompts, so DIYSink's ReW reads the same tokens in both.
     Returns (ids [T] int32, mask [T] bool per span set).
     """
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     masks = [[False] * len(ids) for _ in span_sets]
+    pieces = text.split(IMAGE_PLACEHOLDER)
     start = 0
-    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    for i, piece in enumerate(pieces):
         if i:
-            ids += [image_token_index] * num_image_tokens
+            ids += image.ids
             for m in masks:
-                m += [False] * num_image_tokens
+                m += [False] * len(image.ids)
             start += len(IMAGE_PLACEHOLDER)
-        if piece and not span_sets:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-        elif piece:
-            enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        lead = image.text_after if i else ""
+        tail = image.text_before if i < len(pieces) - 1 else ""
+        full = lead + piece + tail
+        if full and not span_sets:
+            ids += tokenizer.encode(full, add_special_tokens=False)
+        elif full:
+            enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
             for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
-                a, b = a + start, max(b, a + 1) + start
+                a, b = a - len(lead), max(b, a + 1) - len(lead)  # offsets into the piece
+                if tail:
+                    b = min(b, len(piece))
+                a, b = max(a, 0) + start, b + start
                 ids.append(tok)
                 for m, spans in zip(masks, span_sets):
-                    m.append(any(a < e and s < b for s, e in spans))
+                    m.append(a < b and any(a < e and s < b for s, e in spans))
         start += len(piece)
     return (np.asarray(ids, np.int32), *(np.asarray(m, bool) for m in masks))
