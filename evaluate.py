@@ -137,7 +137,7 @@ def run_demo(cfg, workdir: Path) -> dict:
 
     ids = jnp.asarray(demo_prompt(c))
     images, skipped = read_images(cfg.images)
-    grid = c.grid_size
+    grid = c.token_grid
     per_image, times = {}, []
     for name, image in tqdm(images.items(), desc="images", unit="img"):
         pixels = jnp.asarray(preprocess(c, [image]))
@@ -173,16 +173,16 @@ def analysis_prompt(cfg, model, params, tokenizer, pixels) -> tuple[dict, str]:
     length prompt + ``max_new_tokens``. Returns ({ids, mask, query, question [1, T] (the
     question tokens DIYSink's ReW reads), answer_ids}, the answer text)."""
     a, c = cfg.analysis, model.config
-    prompt, question = eval_lib.encode_question_prompt(
-        tokenizer, a.template.format(question=a.question), prompts.prompt_format(c))
+    fmt = prompts.prompt_format(c)
+    prompt, question = eval_lib.encode_question_prompt(tokenizer, a.template.format(question=a.question), fmt)
     answer = np.zeros(0, np.int32)
     new = a.max_new_tokens if a.queries == "answer" else 0
     if new:
-        eos = tokenizer.eos_token_id
+        stop = fmt.stop_ids(tokenizer)
         toks = np.asarray(generate(model, params, jnp.asarray(prompt[None]),
-                                   jnp.ones((1, len(prompt)), jnp.int32), pixels, new,
-                                   () if eos is None else (eos,), question_mask=question[None]))[0]
-        answer = toks[:np.argmax(toks == eos)] if eos is not None and eos in toks else toks
+                                   jnp.ones((1, len(prompt)), jnp.int32), pixels, new, stop,
+                                   question_mask=question[None]))[0]
+        answer = fmt.cut(toks, stop)
     length = len(prompt) + new
     row = np.concatenate([prompt, answer])
     ids = np.full((1, length), tokenizer.pad_token_id or 0, np.int32)
@@ -229,14 +229,15 @@ def run_analyze(cfg, workdir: Path) -> dict:
         # logit-lens readout of every visual token processed alone (in stock token order)
         res["f4_targets"] = analysis.relevance_targets(res["norms"])
         vit_attn = out.vision_outputs.attentions[analysis.vit_attention_layer(c.feature_layers[-1])]
-        res["relevance"] = analysis.relevance_maps(vit_attn, c.vit_token_index(res["f4_targets"]),
-                                                   grid, prefix).mean(axis=1)     # [1, 3, g, g]
+        res["f4_tower"] = jnp.take_along_axis(out.vision_token_index, res["f4_targets"], axis=1)
+        res["relevance"] = analysis.relevance_maps(vit_attn, res["f4_tower"], c.grid_size,
+                                                   prefix).mean(axis=1)           # [1, 3, g, g]
         feats = analysis.stock_order(out.image_features, out.visual_arrangement)
         logits = model.apply({"params": params}, feats, method=model.decode_isolated)
         res["decoded"], res["decoded_p"] = analysis.top_decoded(logits, cfg.top_k)
         return res
 
-    grid = c.grid_size
+    grid = c.token_grid
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
     for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
@@ -262,8 +263,9 @@ def run_analyze(cfg, workdir: Path) -> dict:
             hits[group].append(rate)
         rgb = np.asarray(to_rgb(image).resize((c.input_size,) * 2))
         plots.relevance_maps(rgb, {f"{'sink' if t['is_sink'] else 'token'} #{t['index']} "
-                                   f"(norm {t['norm']:.0f})": (m, t["index"] + c.patch_offset)
-                                   for t, m in zip(f4["targets"], res["relevance"][0])},
+                                   f"(norm {t['norm']:.0f})": (m, int(tower) - prefix)
+                                   for t, m, tower in zip(f4["targets"], res["relevance"][0],
+                                                          res["f4_tower"][0])},
                              workdir / "plots" / f"relevance_{Path(name).stem}.png")
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads

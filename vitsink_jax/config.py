@@ -471,8 +471,13 @@ class LlavaConfig:
 
     @property
     def grid_size(self) -> int:
-        """Patches per side of the input images."""
+        """Patches per side of the input images (the tower's token grid)."""
         return self.input_size // self.vision.patch_size
+
+    @property
+    def token_grid(self) -> int:
+        """Visual tokens per side of the grid the LLM sees (the patch grid; Gemma 3: pooled)."""
+        return self.grid_size
 
     @property
     def num_image_tokens(self) -> int:
@@ -559,14 +564,14 @@ class Gemma3Config(LlavaConfig):
             raise ValueError("Gemma 3 has its own projector, feature selection and input size")
 
     @property
-    def grid_size(self) -> int:
+    def token_grid(self) -> int:
         """Visual tokens per side (after pooling)."""
         return math.isqrt(self.mm_tokens_per_image)
 
     @property
     def pool(self) -> int:
         """Side k of the k x k windows of ViT patches pooled into one visual token."""
-        return self.vision.grid_size // self.grid_size
+        return self.vision.grid_size // self.token_grid
 
     @property
     def num_image_tokens(self) -> int:

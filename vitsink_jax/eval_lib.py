@@ -276,12 +276,12 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
     texts (with ``<image>``), each with its record's image and question mask
     (:func:`encode_question_prompt`). Rows are split over the devices (params replicated or
     sharded, as for scoring); every process runs as many batches."""
-    c = model.config
-    stop = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    fmt = prompt_format(model.config)
+    stop = fmt.stop_ids(tokenizer)
     params, mesh = placed(params)
     run = _generator(model, cfg.max_new_tokens, stop, mesh)
     texts, cache = [], {}
-    encoded = [encode_question_prompt(tokenizer, p, prompt_format(c)) for p in prompts]
+    encoded = [encode_question_prompt(tokenizer, p, fmt) for p in prompts]
     batches = list(_batches(list(range(len(prompts))), bucket(cfg.batch_size, parallel.batch_multiple())))
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
     for chunk, n in tqdm(batches, desc="generating", unit="batch"):
@@ -292,10 +292,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
         pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
         out = np.asarray(run(params, ids, mask, pixels, question))
         for row in out[:n]:
-            row = row.tolist()
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(tokenizer.decode(fmt.cut(row.tolist(), stop), skip_special_tokens=True).strip())
     return texts
 
 

@@ -119,6 +119,22 @@ class PromptFormat:
     chat: Chat
     image: ImageSlots
 
+    def stop_ids(self, tokenizer) -> tuple:
+        """The ids that end an answer: the tokenizer's EOS and the chat's end-of-turn token
+        (Gemma 3's ``<end_of_turn>``, as its generation config stops on both)."""
+        ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        if self.chat.end is not None:
+            end = tokenizer.convert_tokens_to_ids(self.chat.end.strip())
+            if end is not None and end != tokenizer.unk_token_id and end not in ids:
+                ids.append(end)
+        return tuple(ids)
+
+    @staticmethod
+    def cut(ids, stops: tuple):
+        """ids [T] up to the first of ``stops`` (all of them when none occurs)."""
+        at = [i for i, t in enumerate(ids) if int(t) in stops]
+        return ids[:at[0]] if at else ids
+
 
 def prompt_format(config) -> PromptFormat:
     """The prompt format of an LVLM config: LLaVA's template and ``num_image_tokens`` image ids,

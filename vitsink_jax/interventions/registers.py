@@ -55,8 +55,9 @@ def register_neurons(model, params, pixels, rule, top: int) -> list:
     input (the feature layer)."""
     from flax import traverse_util
 
-    (selected, _), state = model.apply({"params": params}, jnp.asarray(pixels),
-                                       method=model.vision_features, mutable=["intermediates"])
+    (selected, vout), state = model.apply({"params": params}, jnp.asarray(pixels),
+                                          method=model.vision_features, mutable=["intermediates"])
+    index = np.asarray(model.apply({"params": params}, selected, vout, method=model.vision_token_index))
     layers = {}
     for path, value in traverse_util.flatten_dict(state["intermediates"]).items():
         hit = [int(m.group(1)) for k in path if (m := re.fullmatch(r"layers?_(\d+)", k))]
@@ -67,5 +68,5 @@ def register_neurons(model, params, pixels, rule, top: int) -> list:
     cls = c.sink_prefix(rule)  # a kept CLS is no outlier unless asked
     sinks = np.asarray(sink_mask(token_norms(selected), rule, cls))
     outliers = np.zeros((sinks.shape[0], c.vision.prefix_tokens + c.grid_size ** 2), bool)
-    outliers[:, c.vit_token_index(np.arange(sinks.shape[1]))] = sinks  # tower order, registers too
+    np.put_along_axis(outliers, index, sinks, axis=1)  # tower order, registers too
     return find_register_neurons(acts, outliers, top)

@@ -72,7 +72,7 @@ class Gemma3ForConditionalGeneration(LlavaForConditionalGeneration):
         return Gemma3Projector(c.text.hidden_size, c.vision.layer_norm_eps, self.dtype, self.param_dtype)
 
     def _windows(self, tokens):
-        return pool_windows(tokens, self.config.grid_size, self.config.pool)
+        return pool_windows(tokens, self.config.token_grid, self.config.pool)
 
     def _loudest(self, vout):
         """Per visual token, the index inside its window of the largest-norm ViT token [N, P]."""
@@ -92,7 +92,7 @@ class Gemma3ForConditionalGeneration(LlavaForConditionalGeneration):
 
     def vision_token_index(self, selected, vout):
         del selected
-        return window_token_index(self._loudest(vout), self.config.grid_size, self.config.pool)
+        return window_token_index(self._loudest(vout), self.config.token_grid, self.config.pool)
 
     def llm_inputs(self, input_ids) -> dict:
         return {"image_blocks": image_blocks(input_ids, self.config.image_token_index)}
