@@ -208,6 +208,27 @@ GEMMA3_TOKENS = {"start_turn": "<start_of_turn>", "end_turn": "<end_of_turn>",
                  "image_token": "<image_soft_token>"}
 
 
+def evaluate_config(tmp_path, checkpoint):
+    """configs/default.py's evaluate.py config for ``checkpoint``, with a folder of one photo
+    (skimage's coffee) as its images."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+    from skimage import data
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(data.coffee()).save(images / "coffee.png")
+    spec = importlib.util.spec_from_file_location(
+        "default_config", Path(__file__).resolve().parents[1] / "configs" / "default.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.update(dict(checkpoint=str(checkpoint), images=str(images)))
+    return cfg
+
+
 def hf_tokenizer(family: str, path, corpus: list):
     """A small tokenizer of a checkpoint family, BPE-trained offline on ``corpus``, saved to
     ``path`` and read back as a checkpoint's is (``load_tokenizer``); ``<image>`` is added.

@@ -276,14 +276,10 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     items in Gemma 3's chat markup (stock, sink-aware FastV); test-time register neurons found
     on the ViT tokens the sinks are read on. (~30 s: the evaluation modes of this family share
     one model; each mode compiles its own programs.)"""
-    import importlib.util
     import sys
     from pathlib import Path
 
-    from PIL import Image
-    from skimage import data
-
-    from conftest import hf_tokenizer
+    from conftest import evaluate_config, hf_tokenizer
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus
 
@@ -297,14 +293,7 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
                         image_token_index=ids[0], boi_token_index=ids[1], eoi_token_index=ids[2])
     folder = save(build(GEMMA3, cfg), tmp_path / "gemma3")
     tok.save_pretrained(str(folder))
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(data.coffee()).save(images / "coffee.png")
-    spec = importlib.util.spec_from_file_location("default_config", root / "configs" / "default.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    a = mod.get_config()
-    a.update(dict(checkpoint=str(folder), images=str(images)))
+    a = evaluate_config(tmp_path, folder)
     a.analysis.max_new_tokens, a.sink.k = 4, 2
     a.benchmark.update(dict(limit=4, image_size=28))
     a.eval.batch_size = 4

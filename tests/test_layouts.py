@@ -243,17 +243,9 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     # evaluate.py's analysis (Findings 1-4) on the export, with TinyLLaVA's system prompt: sink
     # maps over the 4 x 4 patch grid though only 15 patches reach the LLM
     import evaluate
-    from PIL import Image
-    from skimage import data
+    from conftest import evaluate_config
 
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(data.coffee()).save(images / "coffee.png")
-    spec = importlib.util.spec_from_file_location("default_config", root / "configs" / "default.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    a = mod.get_config()
-    a.update(dict(checkpoint=str(tmp_path / "work" / "export"), images=str(images)))
+    a = evaluate_config(tmp_path, tmp_path / "work" / "export")
     a.analysis.max_new_tokens, a.eval.system = 4, "tinyllava"
     a.sink.k = 2
     # the default rule per family: SigLIP has no published tau -> adaptive; CLIP -> tau = 100
