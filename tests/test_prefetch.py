@@ -78,6 +78,9 @@ def test_close_stops_the_threads_and_cancels_the_queued_steps():
         try:
             with Prefetch(fn, range(100), ahead=6, workers=2) as feed:
                 assert feed.get(0) == 0
+                deadline = time.perf_counter() + 10
+                while len(started) < 3 and time.perf_counter() < deadline:  # both workers busy
+                    time.sleep(0.01)  # (on a loaded machine the second may start late)
                 threading.Timer(0.3, release.set).start()
                 if interrupt:
                     raise KeyboardInterrupt
