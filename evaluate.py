@@ -173,7 +173,7 @@ def analysis_prompt(cfg, model, params, tokenizer, pixels) -> tuple[dict, str]:
     length prompt + ``max_new_tokens``. Returns ({ids, mask, query, question [1, T] (the
     question tokens DIYSink's ReW reads), answer_ids}, the answer text)."""
     a, c = cfg.analysis, model.config
-    fmt = prompts.prompt_format(c)
+    fmt = prompts.prompt_format(c, tokenizer)
     prompt, question = eval_lib.encode_question_prompt(tokenizer, a.template.format(question=a.question), fmt)
     answer = np.zeros(0, np.int32)
     new = a.max_new_tokens if a.queries == "answer" else 0

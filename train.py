@@ -141,7 +141,7 @@ class Batches:
         record = self.records[i] if record is None else record
         with self.tokenizing:
             ids, loss_mask, question_mask = instruct.tokenize_conversation(
-                self.tok, record["roles"], record["texts"], prompt_format(c),
+                self.tok, record["roles"], record["texts"], prompt_format(c, self.tok),
                 self.cfg.data.get("system", ""))
         self.lengths[i] = len(ids)
         return {"ids": ids, "loss_mask": loss_mask, "question_mask": question_mask}

@@ -50,7 +50,7 @@ def hf_generate_choices(hf, model, tok, records: list, cfg, new_tokens: int = 8)
     with torch.inference_mode():
         for rec in records:
             ids, _ = E.encode_question_prompt(tok, E.prompt_text(rec, cfg.templates, cfg.mc_format),
-                                              prompt_format(c))
+                                              prompt_format(c, tok))
             pixels = E._pixels(model, rec, {})[None]
             gen = hf.generate(input_ids=torch.from_numpy(ids[None]).long(),
                               attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -67,7 +67,7 @@ def hf_loglik_scores(hf, model, tok, records: list, cfg) -> list:
     longest; log-softmax only where a score is read (the last position, the target tokens)."""
     c = model.config
     rows = [(i, r) for i, rec in enumerate(records)
-            for r in E.scoring_rows(tok, rec, cfg.templates, prompt_format(c),
+            for r in E.scoring_rows(tok, rec, cfg.templates, prompt_format(c, tok),
                                     cfg.mc_format)]
     rows.sort(key=lambda row: len(row[1][0]))
     scores = [np.zeros(len(E.candidates(r, cfg.mc_format))) for r in records]
@@ -100,7 +100,7 @@ def host_seconds(model, tok, records: list, cfg) -> dict:
     c = model.config
     t0 = time.perf_counter()
     for rec in records:
-        E.scoring_rows(tok, rec, cfg.templates, prompt_format(c), cfg.mc_format)
+        E.scoring_rows(tok, rec, cfg.templates, prompt_format(c, tok), cfg.mc_format)
     t1 = time.perf_counter()
     cache = {}
     for rec in records:

@@ -98,6 +98,20 @@ def gemma3_config(text=None, **kw):
                                      **{**base, **kw})
 
 
+def internvl_vision_config(**kw):
+    """InternViT: 4 x 4 patches, q/k RMSNorm, LayerScale."""
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                image_size=28, patch_size=7, use_qk_norm=True, layer_scale_init_value=0.5)
+    return transformers.InternVLVisionConfig(**{**base, **kw})
+
+
+def internvl_config(text=None, **kw):
+    """InternVL: InternViT's 4 x 4 patches pixel-shuffled into 4 visual tokens per tile, Qwen2."""
+    base = dict(image_token_id=IMAGE_TOKEN, image_seq_length=4)
+    return transformers.InternVLConfig(vision_config=internvl_vision_config(),
+                                       text_config=text or qwen2_config(), **{**base, **kw})
+
+
 def llava_config(vision=None, text=None, **kw):
     kw.setdefault("image_token_index", IMAGE_TOKEN)
     return transformers.LlavaConfig(vision_config=vision or clip_vision_config(),
@@ -203,7 +217,10 @@ def rng():
     return np.random.default_rng(0)
 
 
-GEMMA3_TOKENS = {"start_turn": "<start_of_turn>", "end_turn": "<end_of_turn>",
+INTERNVL_TOKENS = {"chat_start": "<|im_start|>", "chat_end": "<|im_end|>", "start_image_token": "<img>",
+                   "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+GEMMA3_TOKENS = {"chat_start": "<start_of_turn>", "chat_end": "<end_of_turn>",
                  "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                  "image_token": "<image_soft_token>"}
 
@@ -237,7 +254,9 @@ def hf_tokenizer(family: str, path, corpus: list):
     256 byte-fallback pieces, ``<unk> <s> </s>``); ``qwen2``: Qwen2's (byte-level BPE after
     Qwen2's split regex, ``<|endoftext|>``, no BOS); ``gemma``: Gemma 3's (LLaMA's pieces with
     ``<pad> <eos> <bos> <unk>``, no prefix space, the turn and image tokens, ``boi_token`` /
-    ``eoi_token`` / ``image_token`` named as Gemma3Processor reads them; no ``<image>``).
+    ``eoi_token`` / ``image_token`` named as Gemma3Processor reads them; no ``<image>``);
+    ``internvl``: Qwen2's with InternVL's ``<img> </img> <IMG_CONTEXT> <video>`` named as
+    InternVLProcessor reads them and ChatML's ``<|im_start|> <|im_end|>``; no ``<image>``.
     Digits are trained as single pieces, as the families split numbers, so `` 2`` is a space
     token then ``2``.
     """
@@ -259,7 +278,7 @@ def hf_tokenizer(family: str, path, corpus: list):
                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                 use_regex=False)])
         specials, alphabet = ["<|endoftext|>"], pre_tokenizers.ByteLevel.alphabet()
-    bpe = Tokenizer(models.BPE(unk_token=None if family == "qwen2" else "<unk>"))
+    bpe = Tokenizer(models.BPE(unk_token=None if family in ("qwen2", "internvl") else "<unk>"))
     bpe.pre_tokenizer = pre
     bpe.train_from_iterator([re.sub(r"\d", " ", t) for t in corpus],  # digits: no merges
                             trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
@@ -268,14 +287,15 @@ def hf_tokenizer(family: str, path, corpus: list):
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     cls = {"llama": transformers.LlamaTokenizerFast, "qwen2": transformers.Qwen2TokenizerFast,
-           "gemma": transformers.GemmaTokenizer}[family]
+           "internvl": transformers.Qwen2TokenizerFast, "gemma": transformers.GemmaTokenizer}[family]
     tok = cls(vocab=model["vocab"], merges=merges)
-    if family == "gemma":
-        tok.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS.values())})
+    named = {"gemma": GEMMA3_TOKENS, "internvl": INTERNVL_TOKENS}.get(family)
+    if named:
+        tok.add_special_tokens({"additional_special_tokens": list(named.values())})
     tok.save_pretrained(str(path))
-    if family == "gemma":
+    if named:
         cfg = json.loads((path / "tokenizer_config.json").read_text())
-        cfg["extra_special_tokens"] = {k: v for k, v in GEMMA3_TOKENS.items() if "turn" not in k}
+        cfg["extra_special_tokens"] = {k: v for k, v in named.items() if not k.startswith("chat")}
         (path / "tokenizer_config.json").write_text(json.dumps(cfg))
         return load_tokenizer(path)
     tok = load_tokenizer(path)

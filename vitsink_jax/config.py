@@ -17,7 +17,8 @@ from .sinks.detect import SinkRule
 
 VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
                 "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model",
-                "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers"}
+                "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers",
+                "internvl_vision": "internvl_vision"}
 TEXT_TYPES = ("llama", "qwen2", "phi", "phi3", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
@@ -49,7 +50,9 @@ def _thaw_rope(rope: Optional[tuple]) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """ViT vision tower: CLIP (class token, pre-LN, quick_gelu) or SigLIP (no class token, head)."""
+    """ViT vision tower: CLIP (class token, pre-LN, quick_gelu), SigLIP (no class token, head),
+    DINOv2 (LayerScale, registers) or InternViT (``internvl_vision``: class token, LayerScale,
+    LayerNorm or RMSNorm blocks, optional RMSNorm of the whole q and k)."""
 
     model_type: str
     hidden_size: int
@@ -64,7 +67,10 @@ class VisionConfig:
     vision_use_head: bool = False
     layerscale_value: float = 1.0     # DINOv2
     num_register_tokens: int = 0      # DINOv2 with registers
-    qkv_bias: bool = True             # DINOv2
+    qkv_bias: bool = True             # DINOv2, InternViT (its attention_bias)
+    qk_norm: bool = False             # InternViT: RMSNorm of q and k over all heads
+    norm_type: str = "layer_norm"     # InternViT: "layer_norm" or "rms_norm" blocks
+    mean_pooling: bool = True         # InternViT: no final LayerNorm (pooled by the mean)
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -74,6 +80,8 @@ class VisionConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
+        if self.norm_type not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"InternViT norm_type {self.norm_type!r} not one of layer_norm, rms_norm")
 
     @property
     def has_class_token(self) -> bool:
@@ -82,6 +90,10 @@ class VisionConfig:
     @property
     def is_dinov2(self) -> bool:
         return self.model_type.startswith("dinov2")
+
+    @property
+    def is_internvit(self) -> bool:
+        return self.model_type == "internvl_vision"
 
     @property
     def prefix_tokens(self) -> int:
@@ -111,17 +123,26 @@ class VisionConfig:
         if getattr(c, "use_swiglu_ffn", False):
             raise ValueError(f"{c.model_type} with use_swiglu_ffn=True (the giant DINOv2) is not "
                              "supported")
-        dino = c.model_type.startswith("dinov2")
+        dino, intern = c.model_type.startswith("dinov2"), c.model_type == "internvl_vision"
+        side = lambda v: v if isinstance(v, int) else int(v[0])  # noqa: E731  (InternViT: [h, w])
+        if intern and (side(c.image_size) != c.image_size[-1] or side(c.patch_size) != c.patch_size[-1]):
+            raise ValueError(f"internvl_vision image_size {c.image_size} / patch_size {c.patch_size}: "
+                             "only square images and patches are supported")
+        if intern and not c.use_absolute_position_embeddings:
+            raise ValueError("internvl_vision without absolute position embeddings is not supported")
         return cls(model_type=c.model_type, hidden_size=c.hidden_size,
                    intermediate_size=int(c.hidden_size * c.mlp_ratio) if dino else c.intermediate_size,
                    num_hidden_layers=c.num_hidden_layers,
-                   num_attention_heads=c.num_attention_heads, image_size=c.image_size,
-                   patch_size=c.patch_size, num_channels=c.num_channels,
+                   num_attention_heads=c.num_attention_heads, image_size=side(c.image_size),
+                   patch_size=side(c.patch_size), num_channels=c.num_channels,
                    layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
                    vision_use_head=bool(getattr(c, "vision_use_head", False)),
-                   layerscale_value=float(getattr(c, "layerscale_value", 1.0)),
+                   layerscale_value=float(c.layer_scale_init_value if intern
+                                          else getattr(c, "layerscale_value", 1.0)),
                    num_register_tokens=int(getattr(c, "num_register_tokens", 0)),
-                   qkv_bias=bool(getattr(c, "qkv_bias", True)), hf_json=json.dumps(d))
+                   qkv_bias=bool(c.attention_bias if intern else getattr(c, "qkv_bias", True)),
+                   qk_norm=bool(intern and c.use_qk_norm), norm_type=c.norm_type if intern else "layer_norm",
+                   mean_pooling=bool(c.use_mean_pooling) if intern else True, hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
         d = json.loads(self.hf_json)
@@ -140,6 +161,10 @@ class VisionConfig:
                      layerscale_value=self.layerscale_value, qkv_bias=self.qkv_bias)
             if self.num_register_tokens:
                 d["num_register_tokens"] = self.num_register_tokens
+        if self.is_internvit:
+            d.update(layer_scale_init_value=self.layerscale_value, attention_bias=self.qkv_bias,
+                     use_qk_norm=self.qk_norm, norm_type=self.norm_type,
+                     use_mean_pooling=self.mean_pooling)
         return d
 
 
@@ -528,8 +553,23 @@ class LlavaConfig:
         return d
 
 
+class MergedTokensConfig(LlavaConfig):
+    """Base of the LVLM configs whose visual tokens each merge a ``pool`` x ``pool`` window of
+    ViT patches (:mod:`vitsink_jax.models.merge`); subclasses define ``token_grid`` and ``pool``.
+    Which tower token a visual token's sink feature is depends on the image: the model output's
+    ``vision_token_index`` says."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.token_grid ** 2
+
+    def vit_token_index(self, visual_index):
+        raise NotImplementedError(f"a {self.projector_type} visual token merges a window of ViT tokens: "
+                                  "take the one it carries from the model output's vision_token_index")
+
+
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config(LlavaConfig):
+class Gemma3Config(MergedTokensConfig):
     """Gemma 3 (transformers' Gemma3ForConditionalGeneration): SigLIP tower -> its last state
     after the post-LayerNorm -> k x k average pool down to ``mm_tokens_per_image`` tokens ->
     (1 + w) RMSNorm -> one matrix -> Gemma 3 LLM. The processor wraps each image's tokens in
@@ -573,14 +613,6 @@ class Gemma3Config(LlavaConfig):
         """Side k of the k x k windows of ViT patches pooled into one visual token."""
         return self.vision.grid_size // self.token_grid
 
-    @property
-    def num_image_tokens(self) -> int:
-        return self.mm_tokens_per_image
-
-    def vit_token_index(self, visual_index):
-        raise NotImplementedError("a Gemma 3 visual token pools a window of ViT tokens: take the "
-                                  "one it carries from the model output's vision_token_index")
-
     @classmethod
     def from_hf(cls, d: dict) -> "Gemma3Config":
         if d.get("model_type") != "gemma3":
@@ -607,7 +639,78 @@ class Gemma3Config(LlavaConfig):
         return d
 
 
-LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config}
+@dataclasses.dataclass(frozen=True)
+class InternVLConfig(MergedTokensConfig):
+    """InternVL (transformers' InternVLForConditionalGeneration): InternViT -> the
+    ``vision_feature_layer`` tokens without CLS -> pixel shuffle (each 1 / ``downsample_ratio``
+    square window of patches becomes one token with their channels side by side) -> LayerNorm +
+    two-layer MLP -> the LLM (Qwen2 or LLaMA). Each tile of an image (448 px crops and a
+    thumbnail, :mod:`vitsink_jax.data.tiles`) is one image to the model.
+
+    Sinks (``vision_features``): read on the ViT tokens of the feature layer, before the pixel
+    shuffle; each visual token carries the largest-norm ViT token of its window."""
+
+    image_token_index: int = 151667
+    projector_type: str = "internvl"
+    vision_feature_layer: FeatureLayer = -1
+    downsample_ratio: float = 0.5
+
+    def __post_init__(self):
+        if not self.vision.is_internvit:
+            raise ValueError(f"InternVL's tower is internvl_vision, not {self.vision.model_type}")
+        k = 1 / self.downsample_ratio
+        if k != round(k) or self.vision.grid_size % round(k):
+            raise ValueError(f"downsample_ratio {self.downsample_ratio}: 1 / ratio must be a whole "
+                             f"number dividing the tower's {self.vision.grid_size} patches per side")
+        if self.image_size or self.projector_type != "internvl" or \
+                self.vision_feature_select_strategy != "default" or not isinstance(self.vision_feature_layer, int):
+            raise ValueError("InternVL has its own projector and input size, drops the CLS token "
+                             "(vision_feature_select_strategy 'default') and reads one feature layer")
+
+    @property
+    def pool(self) -> int:
+        return round(1 / self.downsample_ratio)
+
+    @property
+    def token_grid(self) -> int:
+        return self.vision.grid_size // self.pool
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "InternVLConfig":
+        if d.get("model_type") != "internvl":
+            raise ValueError(f"expected model_type 'internvl', got {d.get('model_type')!r}")
+        vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "internvl_vision"})
+        text = TextConfig.from_hf(d.get("text_config") or {"model_type": "qwen2"})
+        config = cls(vision=vision, text=text,
+                     image_token_index=d.get("image_token_id", d.get("image_token_index", 151667)),
+                     projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+                     vision_feature_layer=d.get("vision_feature_layer", -1),
+                     vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+                     downsample_ratio=float(d.get("downsample_ratio", 0.5)),
+                     diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
+                     hf_json=json.dumps(d))
+        seq = d.get("image_seq_length", config.num_image_tokens)
+        if seq != config.num_image_tokens:
+            raise ValueError(f"image_seq_length {seq} is not the {config.num_image_tokens} tokens the "
+                             f"tower's {vision.grid_size}-patch grid gives at downsample_ratio "
+                             f"{config.downsample_ratio}")
+        return config
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        d.update(model_type="internvl", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
+                 image_token_id=self.image_token_index, image_seq_length=self.num_image_tokens,
+                 downsample_ratio=self.downsample_ratio, projector_hidden_act=self.projector_hidden_act,
+                 vision_feature_layer=self.vision_feature_layer,
+                 vision_feature_select_strategy=self.vision_feature_select_strategy)
+        d.setdefault("architectures", ["InternVLForConditionalGeneration"])
+        d.pop("diysink", None)
+        if self.diysink is not None:
+            d["diysink"] = self.diysink.to_dict()
+        return d
+
+
+LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config, "internvl": InternVLConfig}
 ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
 
 

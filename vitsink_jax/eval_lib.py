@@ -218,7 +218,7 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     c = model.config
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
-        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, prompt_format(c),
+        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, prompt_format(c, tokenizer),
                                               cfg.mc_format)]
     rows.sort(key=lambda row: len(row[1][0]))  # stable: ties keep the record order
     params, mesh = placed(params, strategy)
@@ -276,7 +276,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
     texts (with ``<image>``), each with its record's image and question mask
     (:func:`encode_question_prompt`). Rows are split over the devices (params replicated or
     sharded, as for scoring); every process runs as many batches."""
-    fmt = prompt_format(model.config)
+    fmt = prompt_format(model.config, tokenizer)
     stop = fmt.stop_ids(tokenizer)
     params, mesh = placed(params)
     run = _generator(model, cfg.max_new_tokens, stop, mesh)
@@ -393,7 +393,7 @@ def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
     question: the question tokens (:func:`encode_question_prompt`)."""
     c = model.config
     encoded = [encode_question_prompt(tokenizer, prompt_text(r, cfg.templates, cfg.mc_format),
-                                      prompt_format(c)) for r in records]
+                                      prompt_format(c, tokenizer)) for r in records]
     rows = [ids for ids, _ in encoded]
     length = bucket(max(len(i) for i in rows), cfg.length_bucket)
     pad = tokenizer.pad_token_id or 0

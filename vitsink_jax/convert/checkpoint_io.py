@@ -420,6 +420,7 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
 # ---------------------------------------------------------------------------------------------
 
 _ARCHITECTURES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
+                  "internvl_vision": "InternVLVisionModel", "internvl": "InternVLForConditionalGeneration",
                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "llava": "LlavaForConditionalGeneration",

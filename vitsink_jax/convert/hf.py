@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ..config import Gemma3Config, LlavaConfig, ModelConfig, TextConfig, VisionConfig
+from ..config import Gemma3Config, InternVLConfig, LlavaConfig, ModelConfig, TextConfig, VisionConfig
 from ..models.llm import CausalLM
 from ..models.gemma3 import Gemma3ForConditionalGeneration
+from ..models.internvl import InternVLForConditionalGeneration
 from ..models.lvlm import LlavaForConditionalGeneration
 from ..models.dinov2 import vision_tower_class
 
@@ -183,7 +184,7 @@ def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **opti
         cls = vision_tower_class(config)
     else:
         cls = {LlavaConfig: LlavaForConditionalGeneration, Gemma3Config: Gemma3ForConditionalGeneration,
-               TextConfig: CausalLM}[type(config)]
+               InternVLConfig: InternVLForConditionalGeneration, TextConfig: CausalLM}[type(config)]
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}")

@@ -5,7 +5,11 @@ normalise with OpenAI's CLIP mean/std. SigLIP (SiglipImageProcessor): resize to 
 (bicubic), rescale, normalise with mean = std = 0.5. DINOv2 (BitImageProcessor): shortest edge to
 256/224 of the crop, center crop, ImageNet mean/std. Gemma 3 (Gemma3ImageProcessor, its SigLIP
 tower): resize to a square (bilinear), mean = std = 0.5, no pan-and-scan crops (transformers'
-default; not implemented). Output is HF's channels-first float32.
+default; not implemented). InternVL (GotOcr2ImageProcessor as InternVL's checkpoints set it:
+bicubic, ImageNet mean / std): the image resized to the grid of square tiles whose aspect ratio
+is closest to its own (at most ``max_tiles``), cut into those tiles, plus a thumbnail of the whole
+image when there is more than one (:func:`preprocess_internvl`). Output is HF's channels-first
+float32.
 
 Encoded images are decoded in full when read (:func:`image_from_bytes`, :func:`load_image`),
 so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scaled to 8 bits
@@ -21,7 +25,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..config import Gemma3Config, VisionConfig
+from ..config import Gemma3Config, InternVLConfig, VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -117,6 +121,37 @@ def preprocess_gemma3(image: ImageLike, size: int) -> np.ndarray:
     return preprocess_siglip(image, size, resample=Image.BILINEAR)
 
 
+def tile_grid(height: int, width: int, tile: int, min_tiles: int = 1, max_tiles: int = 12) -> tuple:
+    """(columns, rows) of the tile grid for an image (GotOcr2ImageProcessor's canvas): the
+    arrangement of min_tiles..max_tiles tiles whose aspect ratio is closest to the image's; on a
+    tie the one with more tiles while the image's area exceeds half of the grid's."""
+    grids = sorted(((w, h) for w in range(1, max_tiles + 1) for h in range(1, max_tiles + 1)
+                    if min_tiles <= w * h <= max_tiles), key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for grid in grids:
+        diff = abs(width / height - grid[0] / grid[1])
+        if diff < best_diff:
+            best, best_diff = grid, diff
+        elif diff == best_diff and width * height > 0.5 * tile * tile * grid[0] * grid[1]:
+            best = grid
+    return best
+
+
+def preprocess_internvl(image: ImageLike, size: int, max_tiles: int = 12, min_tiles: int = 1,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """-> [T, 3, size, size] float32: the image's tiles row by row (:func:`tile_grid`), then a
+    thumbnail of the whole image when T > 1. Nothing is cropped away: every tile is part of the
+    resized image. ``max_tiles=1``: the whole image resized to one tile."""
+    image = to_rgb(image)
+    cols, rows = tile_grid(image.height, image.width, size, min_tiles, max_tiles) if max_tiles > 1 else (1, 1)
+    canvas = image.resize((size * cols, size * rows), resample=Image.BICUBIC)
+    tiles = [canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size))
+             for r in range(rows) for c in range(cols)]
+    if len(tiles) > 1:
+        tiles.append(image.resize((size, size), resample=Image.BICUBIC))
+    return np.stack([_normalise(t, mean, std) for t in tiles])
+
+
 def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
     """-> [3, size, size] float32: shortest edge to size * 256 / 224, center crop ``size``."""
     return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
@@ -124,11 +159,15 @@ def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
 
 def preprocess(config, images: Sequence[ImageLike], size: int = 0) -> np.ndarray:
     """Images -> pixel_values [N, 3, S, S] for a vision tower's VisionConfig (S = ``size`` or its
-    image_size) or an LVLM config (its family's processor; S = ``size`` or its input size)."""
+    image_size) or an LVLM config (its family's processor; S = ``size`` or its input size). An
+    InternVL image is one tile here (the whole image resized, its processor's
+    ``crop_to_patches=False``), so batches keep one shape: :func:`preprocess_internvl` tiles."""
     if not isinstance(config, VisionConfig):  # an LVLM config
         size = size or config.input_size
         if isinstance(config, Gemma3Config):
             return np.stack([preprocess_gemma3(im, size) for im in images])
+        if isinstance(config, InternVLConfig):
+            return np.concatenate([preprocess_internvl(im, size, max_tiles=1) for im in images])
         config = config.vision
     fn = (preprocess_dinov2 if config.is_dinov2 else
           preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)

@@ -90,6 +90,9 @@ class Chat:
 
 
 CHATS = {"llava": Chat("llava", USER, ASSISTANT),
+         # InternVL's ChatML turns (its Qwen2 LLM's), the image on a line of its own
+         "internvl": Chat("internvl", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n",
+                          answer_sep="", end="<|im_end|>\n"),
          "gemma3": Chat("gemma3", "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
                         answer_sep="", end="<end_of_turn>\n", image="<image>")}
 
@@ -98,7 +101,8 @@ CHATS = {"llava": Chat("llava", USER, ASSISTANT),
 class ImageSlots:
     """What one ``<image>`` of a prompt becomes, as the family's processor expands it:
     ``text_before`` (tokenized with the text before it), the ids ``before``, ``count`` copies of
-    ``token``, the ids ``after``, then ``text_after`` (tokenized with the text after it)."""
+    ``token`` per tile of the image (InternVL; one tile elsewhere), the ids ``after``, then
+    ``text_after`` (tokenized with the text after it)."""
 
     count: int
     token: int
@@ -107,9 +111,12 @@ class ImageSlots:
     text_before: str = ""
     text_after: str = ""
 
-    @property
-    def ids(self) -> list:
-        return [*self.before, *[self.token] * self.count, *self.after]
+    def ids(self, tiles: int = 1) -> list:
+        """The ids of an image of ``tiles`` tiles."""
+        return [*self.before, *[self.token] * (self.count * tiles), *self.after]
+
+
+INTERNVL_IMAGE = ("<img>", "</img>")  # InternVL's tokens around an image's tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +143,19 @@ class PromptFormat:
         return ids[:at[0]] if at else ids
 
 
-def prompt_format(config) -> PromptFormat:
+def prompt_format(config, tokenizer=None) -> PromptFormat:
     """The prompt format of an LVLM config: LLaVA's template and ``num_image_tokens`` image ids,
-    or Gemma 3's chat markup and ``\n\n<boi> image ids <eoi>\n\n`` (Gemma3Processor's)."""
-    from ..config import Gemma3Config
+    Gemma 3's chat markup and ``\n\n<boi> image ids <eoi>\n\n`` (Gemma3Processor's), or
+    InternVL's ChatML and ``<img>`` image ids per tile ``</img>`` (InternVLProcessor's; the ids
+    of ``<img>`` / ``</img>`` are the ``tokenizer``'s, required for InternVL)."""
+    from ..config import Gemma3Config, InternVLConfig
 
+    if isinstance(config, InternVLConfig):
+        marks = [None if tokenizer is None else tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_IMAGE]
+        if None in marks or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in marks):
+            raise ValueError(f"an InternVL prompt needs a tokenizer with {' and '.join(INTERNVL_IMAGE)}")
+        return PromptFormat(CHATS["internvl"], ImageSlots(
+            config.num_image_tokens, config.image_token_index, (marks[0],), (marks[1],)))
     if isinstance(config, Gemma3Config):
         return PromptFormat(CHATS["gemma3"], ImageSlots(
             config.num_image_tokens, config.image_token_index, (config.boi_token_index,),

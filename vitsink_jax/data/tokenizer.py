@@ -10,7 +10,7 @@ tokens, Gemma 3's ``\n\n<boi>`` image tokens ``<eoi>\n\n``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -60,13 +60,14 @@ def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):
     return tok
 
 
-def encode_prompt(tokenizer, text: str, image: ImageSlots) -> np.ndarray:
+def encode_prompt(tokenizer, text: str, image: ImageSlots, tiles: Sequence[int] = ()) -> np.ndarray:
     """[T] int32 ids of ``text`` with BOS first and each ``<image>`` expanded as ``image`` says
-    (the family's processor: :func:`vitsink_jax.data.prompts.prompt_format`)."""
-    return encode_marked(tokenizer, text, image)[0]
+    (the family's processor: :func:`vitsink_jax.data.prompts.prompt_format`); ``tiles``: the
+    tiles of each image in order (InternVL; default one each)."""
+    return encode_marked(tokenizer, text, image, tiles=tiles)[0]
 
 
-def encode_marked(tokenizer, text: str, image: ImageSlots, *span_sets) -> tuple:
+def encode_marked(tokenizer, text: str, image: ImageSlots, *span_sets, tiles: Sequence[int] = ()) -> tuple:
     """:func:`encode_prompt` plus one token mask per set of character spans of ``text``.
 
     Each span set is a list of (start, end) character offsets into ``text``; its mask [T] bool
@@ -82,12 +83,15 @@ def encode_marked(tokenizer, text: str, image: ImageSlots, *span_sets) -> tuple:
     ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     masks = [[False] * len(ids) for _ in span_sets]
     pieces = text.split(IMAGE_PLACEHOLDER)
+    if tiles and len(tiles) != len(pieces) - 1:
+        raise ValueError(f"{len(tiles)} tile counts for {len(pieces) - 1} {IMAGE_PLACEHOLDER} in the prompt")
     start = 0
     for i, piece in enumerate(pieces):
         if i:
-            ids += image.ids
+            slots = image.ids(tiles[i - 1] if tiles else 1)
+            ids += slots
             for m in masks:
-                m += [False] * len(image.ids)
+                m += [False] * len(slots)
             start += len(IMAGE_PLACEHOLDER)
         lead = image.text_after if i else ""
         tail = image.text_before if i < len(pieces) - 1 else ""

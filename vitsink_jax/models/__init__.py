@@ -2,6 +2,7 @@
 (LLaVA, Gemma 3)."""
 
 from .gemma3 import Gemma3ForConditionalGeneration  # noqa: F401
+from .internvl import InternVLForConditionalGeneration  # noqa: F401
 from .llm import CausalLM  # noqa: F401
 from .lvlm import LlavaForConditionalGeneration  # noqa: F401
 from .projector import MLPProjector  # noqa: F401

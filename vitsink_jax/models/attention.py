@@ -127,10 +127,12 @@ class Attention(nn.Module):
         q = dense(self.head_dim, self.num_heads, self.qkv_bias, "q_proj")(x)
         k = dense(self.head_dim, self.num_kv_heads, self.qkv_bias, "k_proj")(x)
         v = dense(self.head_dim, self.num_kv_heads, self.qkv_bias, "v_proj")(x)
+        if self.qk_norm == "rmsnorm":  # over all heads at once, before the split
+            q, k = self._qk_norm("q")(q), self._qk_norm("k")(k)
         q = q.reshape(b, t, self.num_heads, self.head_dim)
         k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm is not None:
+        if self.qk_norm is not None and self.qk_norm != "rmsnorm":  # each head's own
             q, k = self._qk_norm("q")(q), self._qk_norm("k")(k)
         if rope is not None:
             q, k = rope(q), rope(k)
@@ -153,12 +155,12 @@ class Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, name=f"{which}_{QK_NORMS[self.qk_norm]}")
         if self.qk_norm == "layernorm":
             return nn.LayerNorm(self.qk_norm_eps, **kw)
-        return RMSNorm(self.qk_norm_eps, offset=True, **kw)
+        return RMSNorm(self.qk_norm_eps, offset=self.qk_norm == "gemma_rmsnorm", **kw)
 
 
 # q / k norm kind -> the name of its modules after "q_" / "k_": Phi-2's qk_layernorm and Gemma 3's
-# (1 + w) RMSNorm
-QK_NORMS = {"layernorm": "layernorm", "gemma_rmsnorm": "norm"}
+# (1 + w) RMSNorm of each head; InternViT's RMSNorm of all heads' q (k) together
+QK_NORMS = {"layernorm": "layernorm", "gemma_rmsnorm": "norm", "rmsnorm": "norm"}
 
 
 class DecoderBlock(nn.Module):

@@ -223,5 +223,9 @@ class Dinov2Tower(nn.Module):
 
 def vision_tower_class(config: VisionConfig):
     """The tower module for a vision config: Dinov2Tower for DINOv2 (with or without registers),
-    VisionTransformer for CLIP / SigLIP."""
+    InternVisionTower for InternViT, VisionTransformer for CLIP / SigLIP."""
+    from .internvit import InternVisionTower
+
+    if config.is_internvit:
+        return InternVisionTower
     return Dinov2Tower if config.is_dinov2 else VisionTransformer

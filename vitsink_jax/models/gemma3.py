@@ -15,23 +15,7 @@ from flax import linen as nn
 from ..config import Gemma3Config
 from .layers import RMSNorm
 from .lvlm import LlavaForConditionalGeneration
-
-
-def pool_windows(tokens, side: int, k: int):
-    """Patch tokens [N, (side k) ** 2, E] in row-major order -> [N, side ** 2, k * k, E]: for each
-    cell of the side x side grid of k x k windows, its k * k tokens (row-major inside)."""
-    n, _, e = tokens.shape
-    x = tokens.reshape(n, side, k, side, k, e).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, side * side, k * k, e)
-
-
-def window_token_index(local, side: int, k: int):
-    """[N, P] index inside each k x k window (row-major) -> the patch index over the full
-    (side k) ** 2 grid (row-major)."""
-    cell = jnp.arange(side * side)
-    row = (cell // side)[None] * k + local // k
-    col = (cell % side)[None] * k + local % k
-    return (row * side * k + col).astype(jnp.int32)
+from .merge import MergedTokens
 
 
 class Gemma3Projector(nn.Module):
@@ -59,7 +43,7 @@ def image_blocks(input_ids, image_token_index: int):
     return jnp.where(is_image, jnp.cumsum(start, axis=1) - 1, -1).astype(jnp.int32)
 
 
-class Gemma3ForConditionalGeneration(LlavaForConditionalGeneration):
+class Gemma3ForConditionalGeneration(MergedTokens, LlavaForConditionalGeneration):
     """Same call as :class:`LlavaForConditionalGeneration` (inputs, policy, interventions,
     cache); ``config`` is a :class:`~vitsink_jax.config.Gemma3Config`. ``vision_features`` in
     the output are, per visual token, the largest-norm ViT token of its pooling window before
@@ -71,28 +55,13 @@ class Gemma3ForConditionalGeneration(LlavaForConditionalGeneration):
         c = self.config
         return Gemma3Projector(c.text.hidden_size, c.vision.layer_norm_eps, self.dtype, self.param_dtype)
 
-    def _windows(self, tokens):
-        return pool_windows(tokens, self.config.token_grid, self.config.pool)
-
-    def _loudest(self, vout):
-        """Per visual token, the index inside its window of the largest-norm ViT token [N, P]."""
-        norms = jnp.sum(jnp.square(self._windows(vout.hidden_states[-1]).astype(jnp.float32)), -1)
-        return jnp.argmax(norms, axis=-1)
-
-    def vision_features(self, pixel_values, output_attentions: bool = False):
-        vout = self.vision_tower(pixel_values, output_hidden_states=True,
-                                 output_attentions=output_attentions)
-        windows = self._windows(vout.hidden_states[-1])                       # [N, P, k*k, E]
-        loud = self._loudest(vout)[..., None, None]
-        return jnp.take_along_axis(windows, loud, axis=2)[:, :, 0], vout
+    def sink_tokens(self, vout):
+        """The last layer's tokens before the tower's post-LayerNorm."""
+        return vout.hidden_states[-1]
 
     def projector_input(self, selected, vout):
         del selected
         return self._windows(vout.last_hidden_state).mean(axis=2)
-
-    def vision_token_index(self, selected, vout):
-        del selected
-        return window_token_index(self._loudest(vout), self.config.token_grid, self.config.pool)
 
     def llm_inputs(self, input_ids) -> dict:
         return {"image_blocks": image_blocks(input_ids, self.config.image_token_index)}

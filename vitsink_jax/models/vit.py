@@ -22,6 +22,15 @@ from ..interventions import TestTimeRegisters
 from ..interventions.registers import move_to_registers
 
 
+def check_pixels(config: VisionConfig, pixel_values) -> None:
+    """Raises ValueError naming the shape unless pixel_values is [B, C, S, S] at the tower's
+    channels and image size."""
+    expected = (config.num_channels, config.image_size, config.image_size)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
+                         f"[B, {', '.join(map(str, expected))}] for this {config.model_type}")
+
+
 def active(ttr: Optional[TestTimeRegisters]) -> bool:
     """Test-time registers are on (a config with at least one neuron)."""
     return ttr is not None and len(ttr.neurons) > 0
@@ -163,17 +172,24 @@ class _TorchMultiheadAttention(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The tower's blocks as a loop: ``layer`` (called (x, output_attentions, MLP edit) ->
+    (x, weights)) named ``{layer_name}_{i}`` as HF's ``encoder.layers.i`` (CLIP / SigLIP) or
+    ``encoder.layer.i`` (InternViT)."""
+
     config: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     test_time_registers: Optional[TestTimeRegisters] = None
+    layer: type = None  # default: EncoderLayer
+    layer_name: str = "layers"
 
     @nn.compact
     def __call__(self, x, output_attentions=False):
         """Returns (last [B, N, E], hidden_states L+1 x [B, N, E], attentions L x [B, H, N, N])."""
         states, attns = [x], []
+        layer = self.layer or EncoderLayer
         for i in range(self.config.num_hidden_layers):
-            x, w = EncoderLayer(self.config, self.dtype, self.param_dtype, name=f"layers_{i}")(
+            x, w = layer(self.config, self.dtype, self.param_dtype, name=f"{self.layer_name}_{i}")(
                 x, output_attentions, register_edit(self.test_time_registers, i, self.config))
             states.append(x)
             attns.append(w)
@@ -197,10 +213,7 @@ class VisionTransformer(nn.Module):
     def __call__(self, pixel_values, output_hidden_states: bool = False,
                  output_attentions: bool = False) -> VisionOutput:
         c = self.config
-        expected = (c.num_channels, c.image_size, c.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
-                             f"[B, {', '.join(map(str, expected))}] for this {c.model_type}")
+        check_pixels(c, pixel_values)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
         x = VisionEmbeddings(c, name="embeddings", **kw)(pixel_values)

@@ -1,0 +1,61 @@
+"""The off-the-shelf LVLM families on a mesh: Gemma 3 and InternVL loaded over 8 fake devices
+(fsdp=2 x tensor=2, loop and scanned layers) give the one-device logits, with the attention
+projections split the Megatron way. One fresh process for both (the device count is fixed at
+jax import)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import transformers
+
+from conftest import IMAGE_TOKEN, build, gemma3_config, internvl_config, save
+
+MESH_CHECK = """
+import json, sys
+import jax, numpy as np
+import vitsink_jax as vj
+from vitsink_jax import parallel
+out = {}
+for ckpt, batch in zip(sys.argv[1::2], sys.argv[2::2]):
+    ids, pixels = (np.load(batch)[k] for k in ("ids", "pixels"))
+    model, ref = vj.load_pretrained(ckpt)
+    want = np.asarray(model.apply({"params": ref}, ids, pixels).logits)
+    for scan in (False, True):
+        mesh = parallel.make_mesh(2, tensor=2)  # every param split where it divides (min_size=1)
+        tree = vj.stack_layers(ref) if scan else ref
+        m, p = vj.load_pretrained(ckpt, scan_layers=scan,
+                                  shardings=parallel.param_shardings(tree, mesh, min_size=1))
+        got = jax.jit(lambda p, i, x: m.apply({"params": p}, i, x).logits)(p, ids, pixels)
+        layer = p["language_model"]["model"]["layers" if scan else "layers_0"]["self_attn"]
+        out[f"{type(m).__name__} scan={scan}"] = {
+            "diff": float(np.abs(np.asarray(got) - want).max()),
+            "q": str(layer["q_proj"]["kernel"].sharding.spec), "o": str(layer["o_proj"]["kernel"].sharding.spec)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_gemma3_and_internvl_run_sharded_on_8_devices(tmp_path):
+    """(~20 s: one fresh process loading both families four times.)"""
+    args = []
+    for name, cls, cfg, n_img in (("gemma3", transformers.Gemma3ForConditionalGeneration, gemma3_config(), 4),
+                                  ("internvl", transformers.InternVLForConditionalGeneration,
+                                   internvl_config(), 4)):
+        folder = save(build(cls, cfg), tmp_path / name)
+        rng = np.random.default_rng(0)
+        ids = np.concatenate([rng.integers(3, 90, (2, 3)), np.full((2, n_img), IMAGE_TOKEN),
+                              rng.integers(3, 90, (2, 4))], 1)
+        np.savez(tmp_path / f"{name}.npz", ids=ids, pixels=rng.standard_normal((2, 3, 28, 28)).astype(np.float32))
+        args += [str(folder), str(tmp_path / f"{name}.npz")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", MESH_CHECK, *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[7:])
+    assert len(out) == 4
+    for name, r in out.items():
+        assert r["diff"] < 1e-4, (name, r)
+        # q_proj [.., D, H*hd]: heads over "tensor" (column parallel); o_proj: its input rows
+        assert "tensor" in r["q"].split(",")[-1] and "tensor" in r["o"].split(",")[-2], (name, r)

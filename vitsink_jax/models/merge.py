@@ -1,0 +1,60 @@
+"""Visual tokens that each merge a k x k window of ViT patch tokens (Gemma 3's average pool,
+InternVL's pixel shuffle): the windows, and the sink features read on the ViT tokens.
+
+A merged visual token's sink feature is the largest-norm ViT token of its window, so under the
+threshold rule it is a sink exactly when it holds a ViT sink, every per-visual-token analysis
+(norms, sink masks, sink-to-the-front) runs unchanged on it, and ``vision_token_index`` says
+which tower token it is.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def pool_windows(tokens, side: int, k: int):
+    """Patch tokens [N, (side k) ** 2, E] in row-major order -> [N, side ** 2, k * k, E]: for each
+    cell of the side x side grid of k x k windows, its k * k tokens (row-major inside)."""
+    n, _, e = tokens.shape
+    x = tokens.reshape(n, side, k, side, k, e).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, side * side, k * k, e)
+
+
+def window_token_index(local, side: int, k: int):
+    """[N, P] index inside each k x k window (row-major) -> the patch index over the full
+    (side k) ** 2 grid (row-major)."""
+    cell = jnp.arange(side * side)
+    row = (cell // side)[None] * k + local // k
+    col = (cell % side)[None] * k + local % k
+    return (row * side * k + col).astype(jnp.int32)
+
+
+class MergedTokens:
+    """Mixin of an LVLM (before :class:`~vitsink_jax.models.lvlm.LlavaForConditionalGeneration`
+    in its bases) whose config has ``token_grid`` (visual tokens per side) and ``pool`` (k).
+    The subclass says which ViT patch tokens [N, (token_grid k) ** 2, E] the norms are read on
+    (:meth:`sink_tokens`) and what the projector reads (``projector_input``)."""
+
+    def sink_tokens(self, vout):
+        raise NotImplementedError
+
+    def _windows(self, tokens):
+        return pool_windows(tokens, self.config.token_grid, self.config.pool)
+
+    def _loudest(self, vout):
+        """Per visual token, the index inside its window of the largest-norm ViT token [N, P]."""
+        norms = jnp.sum(jnp.square(self._windows(self.sink_tokens(vout)).astype(jnp.float32)), -1)
+        return jnp.argmax(norms, axis=-1)
+
+    def vision_features(self, pixel_values, output_attentions: bool = False):
+        """pixel_values [N, C, H, W] -> (per visual token the largest-norm ViT token of its
+        window [N, P, E], VisionOutput)."""
+        vout = self.vision_tower(pixel_values, output_hidden_states=True,
+                                 output_attentions=output_attentions)
+        loud = self._loudest(vout)[..., None, None]
+        return jnp.take_along_axis(self._windows(self.sink_tokens(vout)), loud, axis=2)[:, :, 0], vout
+
+    def vision_token_index(self, selected, vout):
+        del selected
+        c = self.config
+        return window_token_index(self._loudest(vout), c.token_grid, c.pool) + c.vision.prefix_tokens
