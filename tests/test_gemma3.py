@@ -270,18 +270,20 @@ def test_gemma3_prompts_equal_the_processor(tmp_path):
 
 
 def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
-    """A tiny random Gemma 3 folder with its own Gemma-style tokenizer through evaluate.py: the
-    analysis (Findings 1-4: sinks read on the ViT tokens, maps over the 2 x 2 visual-token grid,
-    relevance over the 4 x 4 patch grid) and the interventions mode, which scores benchmark
-    items in Gemma 3's chat markup (stock, sink-aware FastV); test-time register neurons found
-    on the ViT tokens the sinks are read on. (~30 s: the evaluation modes of this family share
-    one model; each mode compiles its own programs.)"""
+    """A tiny random Gemma 3 folder with its own Gemma-style tokenizer: benchmark items scored
+    in Gemma 3's chat markup as the benchmark and interventions modes score them (stock and with
+    sink-aware FastV), evaluate.py's analysis (Findings 1-4: sinks read on the ViT tokens, maps
+    over the 2 x 2 visual-token grid, relevance over the 4 x 4 patch grid), and test-time
+    register neurons found on the ViT tokens the sinks are read on. (~25 s: the analysis
+    compiles its own programs.)"""
     import sys
     from pathlib import Path
 
     from conftest import evaluate_config, hf_tokenizer
+    from vitsink_jax import eval_lib
     from vitsink_jax.data import prompts
-    from vitsink_jax.data.synthetic import benchmark_corpus
+    from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
+    from vitsink_jax.interventions import Interventions
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
@@ -295,17 +297,19 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     tok.save_pretrained(str(folder))
     a = evaluate_config(tmp_path, folder)
     a.analysis.max_new_tokens, a.sink.k = 4, 2
-    a.benchmark.update(dict(limit=4, image_size=28))
     a.eval.batch_size = 4
     report = evaluate.run_analyze(a, tmp_path / "analysis")
     entry = report["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "relevance_coffee.png").stat().st_size > 1000
-    a.compare.update(dict(specs=("stock", "fastv+sinks:0.5:1"), decode_steps=1))
-    res = evaluate.run_interventions(a, tmp_path / "interventions")["results"]
-    assert res["stock"]["visual_tokens_kept"] == 4 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 2
-    assert all(r["n"] == 4 for r in res.values())
     model, params = vj.load_pretrained(folder)
+    records = embedded_benchmark(0, 1, 28)[:4]
+    a.eval.length_bucket = 32
+    pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5, True)),
+                         visual_tokens=VisualTokenPolicy(rule=vj.SinkRule("topk", k=1)))
+    for m in (model, pruned):
+        preds = eval_lib.predict(m, params, tok, records, a.eval)
+        assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
     assert len(register_neurons(model, params, pixels, vj.SinkRule("topk", k=1), 2)) == 2
 
