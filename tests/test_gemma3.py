@@ -34,6 +34,8 @@ def test_gemma3_text_parity_scan_and_round_trip(tmp_path, rng):
     compare_causal_lm(hf, tmp_path / "g", ids, mask)
     model, params = vj.load_pretrained(tmp_path / "g", scan_layers=True)
     assert model.config.layer_windows == (5, None, 5, None)
+    with pytest.raises(ValueError, match="sliding_window"):  # its local layers are told by it
+        vj.TextConfig.from_hf({**gemma3_text_config().to_dict(), "sliding_window": None})
     out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     with torch.no_grad():
         ref = t2n(hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits)

@@ -230,5 +230,8 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     front = model.clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
     np.testing.assert_allclose(diy.apply({"params": diy_params}, ids, pixels).logits,
                                front.apply({"params": params}, ids, pixels).logits, atol=1e-5)
+    scratch, scratch_params = to_diysink(model, params, DIYSinkConfig(rule), init="scratch")
+    assert scratch_params["multi_modal_projector_sink"]["linear_1"]["kernel"].shape == (128, 64)  # 4 x 32 wide
+    assert np.isfinite(scratch.apply({"params": scratch_params}, ids, pixels).logits).all()
     neurons = register_neurons(model, params, pixels, rule, 2)
     assert len(neurons) == 2 and all(0 <= layer < 3 for layer, _, _ in neurons)

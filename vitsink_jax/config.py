@@ -233,8 +233,10 @@ class TextConfig:
                     set(self.layer_types) - set(LAYER_TYPES):
                 raise ValueError(f"gemma3_text layer_types {self.layer_types} must give one of "
                                  f"{LAYER_TYPES} for each of the {self.num_hidden_layers} layers")
-            if self.query_pre_attn_scalar is None or self.rope_local_theta is None:
-                raise ValueError("gemma3_text needs query_pre_attn_scalar and rope_local_theta")
+            if self.query_pre_attn_scalar is None or self.rope_local_theta is None or \
+                    self.sliding_window is None:
+                raise ValueError("gemma3_text needs query_pre_attn_scalar, rope_local_theta and "
+                                 "sliding_window (its local layers' kind is told by the window)")
 
     @property
     def is_gemma(self) -> bool:
@@ -453,6 +455,11 @@ class LlavaConfig:
         return tuple(v) if isinstance(v, tuple) else (v,)
 
     @property
+    def projector_input_size(self) -> int:
+        """Width of the tokens the projector reads (the feature layers side by side)."""
+        return self.vision.hidden_size * len(self.feature_layers)
+
+    @property
     def visual_cls_offset(self) -> int:
         """Leading non-patch tokens in the visual features (1 when the CLS token is kept)."""
         return int(self.vision_feature_select_strategy == "full" and self.vision.has_class_token)
@@ -523,7 +530,7 @@ class LlavaConfig:
                    projector_bias=d.get("multimodal_projector_bias", True),
                    vision_feature_layer=tuple(layer) if isinstance(layer, list) else layer,
                    vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-                   diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
+                   diysink=diysink_of(d),
                    image_size=int(d.get("vitsink_image_size", 0)),
                    lm_head_bias=bool(d.get("vitsink_lm_head_bias", False)),
                    hf_json=json.dumps(d))
@@ -553,6 +560,11 @@ class LlavaConfig:
         return d
 
 
+def diysink_of(d: dict) -> Optional[DIYSinkConfig]:
+    """The DIYSink block of an LVLM's config.json (None for a stock model)."""
+    return DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None
+
+
 class MergedTokensConfig(LlavaConfig):
     """Base of the LVLM configs whose visual tokens each merge a ``pool`` x ``pool`` window of
     ViT patches (:mod:`vitsink_jax.models.merge`); subclasses define ``token_grid`` and ``pool``.
@@ -562,6 +574,14 @@ class MergedTokensConfig(LlavaConfig):
     @property
     def num_image_tokens(self) -> int:
         return self.token_grid ** 2
+
+    def _with_diysink(self, d: dict, architecture: str) -> dict:
+        """config.json ``d`` with the architecture (unless set) and the DIYSink block (or none)."""
+        d.setdefault("architectures", [architecture])
+        d.pop("diysink", None)
+        if self.diysink is not None:
+            d["diysink"] = self.diysink.to_dict()
+        return d
 
     def vit_token_index(self, visual_index):
         raise NotImplementedError(f"a {self.projector_type} visual token merges a window of ViT tokens: "
@@ -624,7 +644,7 @@ class Gemma3Config(MergedTokensConfig):
                    mm_tokens_per_image=d.get("mm_tokens_per_image", 256),
                    boi_token_index=d.get("boi_token_index", 255999),
                    eoi_token_index=d.get("eoi_token_index", 256000),
-                   diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
+                   diysink=diysink_of(d),
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
@@ -632,11 +652,7 @@ class Gemma3Config(MergedTokensConfig):
         d.update(model_type="gemma3", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
                  image_token_index=self.image_token_index, mm_tokens_per_image=self.mm_tokens_per_image,
                  boi_token_index=self.boi_token_index, eoi_token_index=self.eoi_token_index)
-        d.setdefault("architectures", ["Gemma3ForConditionalGeneration"])
-        d.pop("diysink", None)
-        if self.diysink is not None:
-            d["diysink"] = self.diysink.to_dict()
-        return d
+        return self._with_diysink(d, "Gemma3ForConditionalGeneration")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -645,7 +661,8 @@ class InternVLConfig(MergedTokensConfig):
     ``vision_feature_layer`` tokens without CLS -> pixel shuffle (each 1 / ``downsample_ratio``
     square window of patches becomes one token with their channels side by side) -> LayerNorm +
     two-layer MLP -> the LLM (Qwen2 or LLaMA). Each tile of an image (448 px crops and a
-    thumbnail, :mod:`vitsink_jax.data.tiles`) is one image to the model.
+    thumbnail, :func:`vitsink_jax.data.preprocess.preprocess_internvl`) is one image to the
+    model (so DIYSink's ReW and token pruning, which need one image per row, need one tile).
 
     Sinks (``vision_features``): read on the ViT tokens of the feature layer, before the pixel
     shuffle; each visual token carries the largest-norm ViT token of its window."""
@@ -672,6 +689,11 @@ class InternVLConfig(MergedTokensConfig):
         return round(1 / self.downsample_ratio)
 
     @property
+    def projector_input_size(self) -> int:
+        """The pixel shuffle puts a window's pool ** 2 tokens side by side."""
+        return self.vision.hidden_size * self.pool ** 2
+
+    @property
     def token_grid(self) -> int:
         return self.vision.grid_size // self.pool
 
@@ -687,7 +709,7 @@ class InternVLConfig(MergedTokensConfig):
                      vision_feature_layer=d.get("vision_feature_layer", -1),
                      vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
                      downsample_ratio=float(d.get("downsample_ratio", 0.5)),
-                     diysink=DIYSinkConfig(**d["diysink"]) if d.get("diysink") else None,
+                     diysink=diysink_of(d),
                      hf_json=json.dumps(d))
         seq = d.get("image_seq_length", config.num_image_tokens)
         if seq != config.num_image_tokens:
@@ -703,11 +725,7 @@ class InternVLConfig(MergedTokensConfig):
                  downsample_ratio=self.downsample_ratio, projector_hidden_act=self.projector_hidden_act,
                  vision_feature_layer=self.vision_feature_layer,
                  vision_feature_select_strategy=self.vision_feature_select_strategy)
-        d.setdefault("architectures", ["InternVLForConditionalGeneration"])
-        d.pop("diysink", None)
-        if self.diysink is not None:
-            d["diysink"] = self.diysink.to_dict()
-        return d
+        return self._with_diysink(d, "InternVLForConditionalGeneration")
 
 
 LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config, "internvl": InternVLConfig}

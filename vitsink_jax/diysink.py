@@ -53,7 +53,7 @@ def to_diysink(model, params, diysink: DIYSinkConfig, init: str = "copy", rng=No
             if n not in out and (n != "reweighting" or diysink.reweight)]
     if todo:
         c = model.config
-        tokens = jnp.zeros((1, 1, c.vision.hidden_size * len(c.feature_layers)))  # projector input
+        tokens = jnp.zeros((1, 1, c.projector_input_size))
         embeds, ids = jnp.zeros((1, 1, c.text.hidden_size)), jnp.zeros((1, 1), jnp.int32)
 
         def new_parts(m):

@@ -215,11 +215,10 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     the bucket of its longest; the results keep the record order), in batches of a fixed size
     with the candidate axis padded to a multiple of :data:`CANDIDATE_BUCKET`, by the run's one
     scorer for this model (:func:`_scorer`): the program compiles once per length bucket."""
-    c = model.config
+    fmt = prompt_format(model.config, tokenizer)
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
-        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, prompt_format(c, tokenizer),
-                                              cfg.mc_format)]
+        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, fmt, cfg.mc_format)]
     rows.sort(key=lambda row: len(row[1][0]))  # stable: ties keep the record order
     params, mesh = placed(params, strategy)
     scorer = _scorer(model, strategy, routes is not None, mesh)
@@ -392,8 +391,9 @@ def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
     and left_ids, left_mask, left_question left-padded (generation), pixels [B, C, H, W];
     question: the question tokens (:func:`encode_question_prompt`)."""
     c = model.config
-    encoded = [encode_question_prompt(tokenizer, prompt_text(r, cfg.templates, cfg.mc_format),
-                                      prompt_format(c, tokenizer)) for r in records]
+    fmt = prompt_format(c, tokenizer)
+    encoded = [encode_question_prompt(tokenizer, prompt_text(r, cfg.templates, cfg.mc_format), fmt)
+               for r in records]
     rows = [ids for ids, _ in encoded]
     length = bucket(max(len(i) for i in rows), cfg.length_bucket)
     pad = tokenizer.pad_token_id or 0

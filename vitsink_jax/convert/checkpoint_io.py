@@ -388,8 +388,9 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
     Without, params land on the default device.
 
     ``path``: a folder or a repo id (see :func:`resolve_model_path`). Dispatch on config.json's
-    model_type: llava, gemma3 -> LVLM; clip / clip_vision_model / siglip / siglip_vision_model /
-    dinov2 -> vision tower; llama / qwen2 / phi / phi3 / gemma3_text -> LLM. Unknown types raise ValueError naming the type.
+    model_type: llava, gemma3, internvl -> LVLM; clip / clip_vision_model / siglip /
+    siglip_vision_model / dinov2 / dinov2_with_registers / internvl_vision -> vision tower;
+    llama / qwen2 / phi / phi3 / gemma3_text -> LLM. Unknown types raise ValueError naming the type.
     Checkpoints of the original LLaVA codebase (``mm_vision_tower`` in config.json) and of
     TinyLLaVA Factory (model_type tinyllava) load into the same LLaVA
     (:mod:`vitsink_jax.convert.layouts`); ``vision_tower`` overrides the folder a LLaVA-codebase
@@ -420,11 +421,10 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
 # ---------------------------------------------------------------------------------------------
 
 _ARCHITECTURES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model": "SiglipVisionModel",
-                  "internvl_vision": "InternVLVisionModel", "internvl": "InternVLForConditionalGeneration",
+                  "internvl_vision": "InternVLVisionModel",
                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM", "llava": "LlavaForConditionalGeneration",
-                  "gemma3": "Gemma3ForConditionalGeneration"}
+                  "gemma3_text": "Gemma3ForCausalLM", "llava": "LlavaForConditionalGeneration"}
 _WEIGHT_NAMES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
                "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
@@ -568,7 +568,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     hf_cfg = config.to_hf()
     if grow:
         hf_cfg["text_config"]["vocab_size"] += 1
-    hf_cfg.setdefault("architectures", [_ARCHITECTURES[hf_cfg["model_type"]]])
+    if "architectures" not in hf_cfg:  # (an LVLM config writes its own)
+        hf_cfg["architectures"] = [_ARCHITECTURES[hf_cfg["model_type"]]]
     hf_cfg["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
         str(entries[0][1]), "float32")
     tmp = None

@@ -1,5 +1,5 @@
 """Flax linen models: vision towers, projector, decoder LLMs and the LVLM compositions
-(LLaVA, Gemma 3)."""
+(LLaVA, Gemma 3, InternVL)."""
 
 from .gemma3 import Gemma3ForConditionalGeneration  # noqa: F401
 from .internvl import InternVLForConditionalGeneration  # noqa: F401

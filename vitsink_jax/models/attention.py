@@ -105,7 +105,8 @@ class Attention(nn.Module):
     out_bias: bool = True
     out_name: str = "out_proj"  # CLIP/SigLIP: out_proj, LLaMA/Qwen2: o_proj
     fused: bool = False  # jax.nn.dot_product_attention when no weights are needed
-    qk_norm: Optional[str] = None  # a norm of each head's q and k: one of QK_NORMS
+    qk_norm: Optional[str] = None  # a norm of q and k: one of QK_NORMS ("rmsnorm": over all
+    # heads at once, before the split into heads; the others per head)
     qk_norm_eps: float = 1e-6
     scale: Optional[float] = None  # of the scores; None: head_dim ** -0.5
     dtype: jnp.dtype = jnp.float32
@@ -164,7 +165,8 @@ QK_NORMS = {"layernorm": "layernorm", "gemma_rmsnorm": "norm", "rmsnorm": "norm"
 
 
 class DecoderBlock(nn.Module):
-    """Base of the LLM decoder layers (llm.DecoderLayer, phi.PhiDecoderLayer), all called as
+    """Base of the LLM decoder layers (llm.DecoderLayer, phi.PhiDecoderLayer,
+    gemma.GemmaDecoderLayer), all called as
     (x [B, T, D], mask, cos, sin, output_attentions, kv_cache, cache_index, adjust) -> (x [B, T, D],
     weights [B, H, T, S] or None, kv_cache); :meth:`attend` is their rotary self-attention."""
 

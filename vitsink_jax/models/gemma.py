@@ -28,7 +28,7 @@ class GemmaDecoderLayer(DecoderBlock):
         norm = lambda name: RMSNorm(c.rms_norm_eps, offset=True, name=name, **kw)  # noqa: E731
         h, weights, kv_cache = self.attend(
             norm("input_layernorm")(x), mask, cos, sin, output_attentions, kv_cache, cache_index,
-            adjust, qkv_bias=c.attention_bias, out_bias=c.attention_bias, out_name="o_proj",
+            adjust, qkv_bias=c.qkv_bias, out_bias=c.o_bias, out_name="o_proj",
             qk_norm="gemma_rmsnorm", qk_norm_eps=c.rms_norm_eps,
             scale=c.query_pre_attn_scalar ** -0.5)
         x = x + norm("post_attention_layernorm")(h)

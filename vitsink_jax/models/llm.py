@@ -1,9 +1,12 @@
-"""Decoder-only LM: LLaMA / Vicuna, Qwen2, Phi-2 and Phi-3, numerically equal to transformers'
-LlamaForCausalLM / Qwen2ForCausalLM / PhiForCausalLM / Phi3ForCausalLM. Parameter tree mirrors
+"""Decoder-only LM: LLaMA / Vicuna, Qwen2, Phi-2, Phi-3 and Gemma 3, numerically equal to
+transformers' LlamaForCausalLM / Qwen2ForCausalLM / PhiForCausalLM / Phi3ForCausalLM /
+Gemma3ForCausalLM. Parameter tree mirrors
 HF: ``model.embed_tokens``, ``model.layers_N.{input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``model.norm``, ``lm_head`` (absent when
 embeddings are tied). Phi-2's block (``self_attn.dense``, ``mlp.fc1/fc2``, ``final_layernorm``, a
-head bias) is :class:`vitsink_jax.models.phi.PhiDecoderLayer`; Phi-3 is this LLaMA block.
+head bias) is :class:`vitsink_jax.models.phi.PhiDecoderLayer`; Phi-3 is this LLaMA block;
+Gemma 3's sandwich-norm block is :class:`vitsink_jax.models.gemma.GemmaDecoderLayer`, its local
+and global layers each read their kind's mask and RoPE (:func:`layer_kinds`).
 
 Padding: ``attention_mask`` [B, T] (1 = token, 0 = pad) works for left and right padding.
 ``position_ids`` default to ``arange(T)`` exactly as a transformers forward call does; pass

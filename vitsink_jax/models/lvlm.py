@@ -203,12 +203,13 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.config.sink_prefix(self.policy.rule)
 
     def visual_sinks(self, selected):
-        """ViT sinks of the projector input [N, P, E'] under the policy's rule -> [N, P] bool
+        """ViT sinks of the sink features [N, P, E'] (:meth:`vision_features`: LLaVA's projector
+        input, a merged token's loudest ViT token) under the policy's rule -> [N, P] bool
         (stock token order). Needs no params: callable on an unbound model."""
         return sink_mask(token_norms(selected), self.policy.rule, self.sink_prefix)
 
     def arrange(self, selected, route=None) -> VisualArrangement:
-        """Sinks of the projector input [N, P, E'] and the policy's permutation / keep-mask;
+        """Sinks of the sink features [N, P, E'] and the policy's permutation / keep-mask;
         ``route`` [N] int (0 all, 1 sinks, 2 nonsinks) overrides the policy's selection."""
         policy, sinks = self.policy, self.visual_sinks(selected)
         perm, kept = arrange_visual_tokens(sinks, policy.order,

@@ -42,19 +42,20 @@ class MergedTokens:
         return pool_windows(tokens, self.config.token_grid, self.config.pool)
 
     def _loudest(self, vout):
-        """Per visual token, the index inside its window of the largest-norm ViT token [N, P]."""
-        norms = jnp.sum(jnp.square(self._windows(self.sink_tokens(vout)).astype(jnp.float32)), -1)
-        return jnp.argmax(norms, axis=-1)
+        """(windows [N, P, k * k, E] of the sink tokens, per visual token the index inside its
+        window of the largest-norm one [N, P])."""
+        windows = self._windows(self.sink_tokens(vout))
+        return windows, jnp.argmax(jnp.sum(jnp.square(windows.astype(jnp.float32)), -1), axis=-1)
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (per visual token the largest-norm ViT token of its
         window [N, P, E], VisionOutput)."""
         vout = self.vision_tower(pixel_values, output_hidden_states=True,
                                  output_attentions=output_attentions)
-        loud = self._loudest(vout)[..., None, None]
-        return jnp.take_along_axis(self._windows(self.sink_tokens(vout)), loud, axis=2)[:, :, 0], vout
+        windows, loud = self._loudest(vout)
+        return jnp.take_along_axis(windows, loud[..., None, None], axis=2)[:, :, 0], vout
 
     def vision_token_index(self, selected, vout):
         del selected
         c = self.config
-        return window_token_index(self._loudest(vout), c.token_grid, c.pool) + c.vision.prefix_tokens
+        return window_token_index(self._loudest(vout)[1], c.token_grid, c.pool) + c.vision.prefix_tokens

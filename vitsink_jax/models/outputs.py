@@ -57,8 +57,8 @@ class LlavaOutput:
     hidden_states: Optional[tuple] = None     # LLM hidden states, as CausalLMOutput
     attentions: Optional[tuple] = None        # LLM attention weights, as CausalLMOutput
     image_features: Optional[jnp.ndarray] = None    # [N_img, P, D_llm] projector output, LLM order
-    vision_features: Optional[jnp.ndarray] = None   # [N_img, P, E*len(layers)] projector input,
-                                                    # stock order
+    vision_features: Optional[jnp.ndarray] = None   # [N_img, P, E'] the sink features, stock
+                                                    # order (LLaVA: the projector input)
     vision_outputs: Optional[Any] = None            # VisionOutput of the tower (all hidden states)
     vision_token_index: Optional[jnp.ndarray] = None  # [N_img, P] int32: the tower token each
                                                       # vision feature is (CLS, registers first)
