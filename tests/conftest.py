@@ -202,6 +202,31 @@ def compare_causal_lm(hf, path, ids, mask=None, positions=None, full=True, **opt
     return err
 
 
+def check_generation_and_scan(hf, model, params, batch: dict, ref_logits, new_tokens: int, **hf_inputs):
+    """An LVLM ``model`` against the transformers model ``hf`` on ``batch`` (ids, mask, pixels;
+    left-padded rows): greedy generation with the KV cache equals ``hf.generate`` token for token,
+    and the scanned layout gives ``ref_logits`` at the non-pad positions. ``hf_inputs``: extra
+    generate inputs (Gemma 3's token_type_ids)."""
+    import jax.numpy as jnp
+
+    import vitsink_jax as vj
+    from vitsink_jax.generate import generate
+
+    ids, mask, pixels = batch["ids"], batch["mask"], batch["pixels"]
+    with torch.no_grad():
+        gen = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          pixel_values=torch.tensor(pixels), max_new_tokens=new_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0,
+                          **{k: torch.tensor(v) for k, v in hf_inputs.items()})
+    np.testing.assert_array_equal(np.asarray(generate(model, params, ids, mask, pixels, new_tokens)),
+                                  gen[:, ids.shape[1]:].numpy())
+    scanned = model.clone(scan_layers=True).apply(
+        {"params": vj.stack_layers(params)}, jnp.asarray(ids), jnp.asarray(pixels),
+        attention_mask=jnp.asarray(mask))
+    keep = mask.astype(bool)
+    assert_close(np.asarray(scanned.logits)[keep], t2n(ref_logits)[keep], what="scanned logits")
+
+
 def t2n(t):
     return t.detach().float().numpy()
 

@@ -13,11 +13,10 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, compare_causal_lm, gemma3_config,
-                      gemma3_text_config, random_ids, save, save_bin, t2n)
+from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, compare_causal_lm,
+                      gemma3_config, gemma3_text_config, random_ids, save, save_bin, t2n)
 from test_interventions import fastv_reference, run
 from vitsink_jax.data.padding import left_pad
-from vitsink_jax.generate import generate
 from vitsink_jax.interventions import TokenPruning
 from vitsink_jax.interventions.registers import register_neurons
 from vitsink_jax.sinks.fuse import VisualTokenPolicy
@@ -98,17 +97,7 @@ def test_gemma3_lvlm_parity_generation_and_scan(gemma3):
         causal = d["hf"](input_ids=torch.tensor(d["ids"]), pixel_values=torch.tensor(d["pixels"]),
                          attention_mask=torch.tensor(d["mask"])).logits
     assert np.abs(t2n(causal) - t2n(ref.logits))[keep].max() > 1e-2  # the blocks matter here
-    with torch.no_grad():
-        gen = d["hf"].generate(input_ids=torch.tensor(d["ids"]), attention_mask=torch.tensor(d["mask"]),
-                               pixel_values=torch.tensor(d["pixels"]),
-                               token_type_ids=torch.tensor(d["types"]), max_new_tokens=6,
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(generate(model, params, d["ids"], d["mask"], d["pixels"], 6)),
-                                  gen[:, d["ids"].shape[1]:].numpy())
-    scanned = model.clone(scan_layers=True).apply(
-        {"params": vj.stack_layers(params)}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-        attention_mask=jnp.asarray(d["mask"]))
-    assert_close(np.asarray(scanned.logits)[keep], t2n(ref.logits)[keep], what="scanned logits")
+    check_generation_and_scan(d["hf"], model, params, d, ref.logits, 6, token_type_ids=d["types"])
 
 
 def test_gemma3_round_trips_and_state_dict_spelling(gemma3):

@@ -13,10 +13,9 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, internvl_config, internvl_vision_config,
-                      qwen2_config, random_ids, save, t2n)
+from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, internvl_config,
+                      internvl_vision_config, qwen2_config, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
-from vitsink_jax.generate import generate
 from vitsink_jax.interventions.registers import register_neurons
 from vitsink_jax.sinks.fuse import VisualTokenPolicy
 
@@ -84,16 +83,7 @@ def test_internvl_parity_generation_scan_and_round_trip(internvl):
     for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states, strict=True)):
         assert_close(np.asarray(a)[keep], t2n(b)[keep], what=f"hidden_states[{i}]")
     assert_close(out.image_features, t2n(ref.image_outputs.pooler_output), what="projector output")
-    with torch.no_grad():
-        gen = d["hf"].generate(input_ids=torch.tensor(d["ids"]), attention_mask=torch.tensor(d["mask"]),
-                               pixel_values=torch.tensor(d["pixels"]), max_new_tokens=5,
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    np.testing.assert_array_equal(np.asarray(generate(model, params, d["ids"], d["mask"], d["pixels"], 5)),
-                                  gen[:, d["ids"].shape[1]:].numpy())
-    scanned = model.clone(scan_layers=True).apply(
-        {"params": vj.stack_layers(params)}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-        attention_mask=jnp.asarray(d["mask"]))
-    assert_close(np.asarray(scanned.logits)[keep], t2n(ref.logits)[keep], what="scanned logits")
+    check_generation_and_scan(d["hf"], model, params, d, ref.logits, 5)
     back = vj.save_pretrained(model, params, d["path"] / "back")
     assert set(load_file(str(back / "model.safetensors"))) == set(load_file(str(d["path"] / "hf" / "model.safetensors")))
     assert_close(t2n(_hf_forward(d, INTERNVL.from_pretrained(str(back)).eval()).logits)[keep],
