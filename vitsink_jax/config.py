@@ -18,8 +18,8 @@ from .sinks.detect import SinkRule
 VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
                 "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model",
                 "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers",
-                "internvl_vision": "internvl_vision"}
-TEXT_TYPES = ("llama", "qwen2", "phi", "phi3", "gemma3_text")
+                "internvl_vision": "internvl_vision", "qwen2_5_vl_vision": "qwen2_5_vl_vision"}
+TEXT_TYPES = ("llama", "qwen2", "phi", "phi3", "gemma3_text", "qwen2_5_vl_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SELECT_STRATEGIES = ("default", "full")
@@ -85,7 +85,7 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        return self.model_type != "siglip_vision_model"
+        return self.model_type not in ("siglip_vision_model", "qwen2_5_vl_vision")
 
     @property
     def is_dinov2(self) -> bool:
@@ -114,6 +114,8 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "VisionConfig":
+        if d.get("model_type") == "qwen2_5_vl_vision" and cls is VisionConfig:
+            return Qwen2_5_VisionConfig.from_hf(d)
         if d.get("model_type") not in VISION_TYPES:
             raise ValueError(f"unknown vision model_type {d.get('model_type')!r}; supported: "
                              f"{sorted(VISION_TYPES)}")
@@ -169,6 +171,72 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Qwen2_5_VisionConfig(VisionConfig):
+    """Qwen2.5-VL's vision tower (transformers' Qwen2_5_VisionTransformerPretrainedModel): no CLS
+    token and no absolute positions; 2-D rotary embeddings (height and width halves of each
+    head's frequencies); RMSNorm blocks with a gated SiLU MLP; attention inside windows of
+    ``window_size`` pixels except in ``full_attention_layers``; patches of ``patch_size`` pixels
+    seen as ``temporal_patch_size`` identical frames (a still image). ``image_size`` is not in
+    transformers' config (the resolution is dynamic): here it is the square side used where one
+    fixed size is needed (batched evaluation), from the LVLM's ``vitsink_image_size``."""
+
+    hidden_act: str = "silu"
+    layer_norm_eps: float = 1e-6
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    full_attention_layers: tuple = ()
+    out_hidden_size: int = 0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit or self.image_size % unit:
+            raise ValueError(f"qwen2_5_vl_vision window_size {self.window_size} and image size "
+                             f"{self.image_size} must be multiples of patch_size x spatial_merge_size = {unit}")
+        if isinstance(self.full_attention_layers, list):
+            object.__setattr__(self, "full_attention_layers", tuple(self.full_attention_layers))
+
+    @property
+    def mlp_bias(self) -> bool:
+        """The gated MLP's projections have biases (read by layers.GatedMLP)."""
+        return True
+
+    @property
+    def merge_unit(self) -> int:
+        """Pixels per side of one merged visual token (patch_size x spatial_merge_size)."""
+        return self.patch_size * self.spatial_merge_size
+
+    @classmethod
+    def from_hf(cls, d: dict, image_size: int = 448) -> "Qwen2_5_VisionConfig":
+        from transformers import Qwen2_5_VLVisionConfig
+
+        c = Qwen2_5_VLVisionConfig(**{k: v for k, v in d.items() if k not in ("model_type", "transformers_version")})
+        rope = dict(c.rope_parameters or {})
+        if rope.get("rope_type", "axial") != "axial":
+            raise ValueError(f"qwen2_5_vl_vision rope_type {rope['rope_type']!r}: only the axial 2-D RoPE exists")
+        return cls(model_type="qwen2_5_vl_vision", hidden_size=c.hidden_size,
+                   intermediate_size=c.intermediate_size, num_hidden_layers=c.depth, num_attention_heads=c.num_heads, image_size=image_size,
+                   patch_size=c.patch_size, num_channels=c.in_channels, hidden_act=c.hidden_act,
+                   spatial_merge_size=c.spatial_merge_size, temporal_patch_size=c.temporal_patch_size,
+                   window_size=c.window_size, full_attention_layers=tuple(c.fullatt_block_indexes),
+                   out_hidden_size=c.out_hidden_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        d.update(model_type=self.model_type, depth=self.num_hidden_layers, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size, num_heads=self.num_attention_heads,
+                 in_channels=self.num_channels, patch_size=self.patch_size, hidden_act=self.hidden_act,
+                 spatial_merge_size=self.spatial_merge_size, temporal_patch_size=self.temporal_patch_size,
+                 window_size=self.window_size, fullatt_block_indexes=list(self.full_attention_layers),
+                 out_hidden_size=self.out_hidden_size,
+                 rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
 class TextConfig:
     """Decoder LLM of one of :data:`TEXT_TYPES`:
 
@@ -180,6 +248,9 @@ class TextConfig:
     * phi3 (Phi-3 / Phi-3.5 / Phi-4-mini): LLaMA's block with fused ``qkv_proj`` / ``gate_up_proj``
       in the checkpoint (split into q / k / v and gate / up on load, fused again on save:
       :mod:`vitsink_jax.convert.hf`), longrope scaling, partial rotary, ``sliding_window``;
+    * qwen2_5_vl_text (Qwen2.5-VL's LLM): Qwen2's block with multimodal RoPE: the rotary dims
+      split into ``mrope_section`` (temporal, height, width) sections, each rotated by its own
+      axis of [B, T, 3] position ids (1-D ids rotate like plain RoPE);
     * gemma3_text (Gemma 3): four (1 + w) RMSNorms per block (before / after attention and the
       MLP), RMSNorm of each head's q and k, scores scaled by ``query_pre_attn_scalar`` ** -0.5,
       gated gelu_pytorch_tanh MLP, embeddings times sqrt(hidden_size), a tied head. Its
@@ -267,7 +338,14 @@ class TextConfig:
 
     @property
     def qkv_bias(self) -> bool:
-        return self.model_type in ("qwen2", "phi") or self.attention_bias
+        return self.model_type in ("qwen2", "phi", "qwen2_5_vl_text") or self.attention_bias
+
+    @property
+    def mrope_section(self) -> Optional[tuple]:
+        """Qwen2.5-VL's multimodal RoPE: rotary frequencies per (temporal, height, width) axis
+        (they sum to head_dim / 2); None for plain RoPE."""
+        section = self.rope.get("mrope_section")
+        return None if section is None else tuple(section)
 
     @property
     def o_bias(self) -> bool:
@@ -321,7 +399,7 @@ class TextConfig:
                    rope_scaling=None if rope == {"rope_type": "default"} else _freeze(rope),
                    attention_bias=bool(getattr(c, "attention_bias", False)),
                    mlp_bias=bool(getattr(c, "mlp_bias", False)),
-                   tie_word_embeddings=bool(c.tie_word_embeddings),
+                   tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
                    hidden_act=c.hidden_activation if gemma else c.hidden_act,
                    qk_layernorm=bool(getattr(c, "qk_layernorm", False)),
                    sliding_window=getattr(c, "sliding_window", None)
@@ -356,6 +434,8 @@ class TextConfig:
             d["qk_layernorm"] = self.qk_layernorm
         if self.model_type == "phi3":
             d["sliding_window"] = self.sliding_window
+        if self.mrope_section is not None:
+            d["rope_parameters"] = {**d.pop("rope_scaling"), "rope_theta": d.pop("rope_theta")}
         if self.is_gemma:
             full = {"rope_type": "default", **rope, "rope_theta": d.pop("rope_theta")}
             d.pop("rope_scaling", None)
@@ -728,7 +808,84 @@ class InternVLConfig(MergedTokensConfig):
         return self._with_diysink(d, "InternVLForConditionalGeneration")
 
 
-LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config, "internvl": InternVLConfig}
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig(MergedTokensConfig):
+    """Qwen2.5-VL (transformers' Qwen2_5_VLForConditionalGeneration): the windowed ViT
+    (:class:`Qwen2_5_VisionConfig`) -> the patch merger (RMSNorm of each ViT token, each 2 x 2
+    window's four tokens side by side, two-layer MLP) -> a Qwen2 LLM with multimodal RoPE
+    (``qwen2_5_vl_text``). Dynamic resolution: an image of any size whose sides are multiples
+    of ``vision.merge_unit`` pixels gives (H / unit) x (W / unit) visual tokens; ``image_size``
+    (``vitsink_image_size`` in config.json, default 448) is the square side of the fixed-size
+    pipelines (batched evaluation, training).
+
+    Sinks (``vision_features``): read on the last ViT block's tokens before the merger's
+    RMSNorm; each visual token carries the largest-norm ViT token of its 2 x 2 window. Its
+    (temporal, height, width) position ids move with it (policy positions "original"), or the
+    kept tokens fill the image's raster of ids in their new order ("sequential")."""
+
+    image_token_index: int = 151655
+    projector_type: str = "qwen2_5_vl"
+    vision_feature_layer: FeatureLayer = -1
+    vision_feature_select_strategy: str = "full"
+    image_size: int = 448
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        if not isinstance(self.vision, Qwen2_5_VisionConfig):
+            raise ValueError(f"Qwen2.5-VL's tower is qwen2_5_vl_vision, not {self.vision.model_type}")
+        if self.text.mrope_section is None:
+            raise ValueError("Qwen2.5-VL's LLM needs rope_parameters.mrope_section (multimodal RoPE)")
+        if 2 * sum(self.text.mrope_section) != self.text.head_dim:
+            raise ValueError(f"mrope_section {self.text.mrope_section} must sum to head_dim / 2 = "
+                             f"{self.text.head_dim // 2}")
+        if self.image_size != self.vision.image_size or self.projector_type != "qwen2_5_vl" or \
+                self.vision_feature_layer != -1 or self.vision_feature_select_strategy != "full":
+            raise ValueError("Qwen2.5-VL has its own projector (the patch merger) and feature selection; "
+                             "its image_size is the tower's")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"the merger's out_hidden_size {self.vision.out_hidden_size} is not the LLM's "
+                             f"hidden_size {self.text.hidden_size}")
+
+    @property
+    def pool(self) -> int:
+        return self.vision.spatial_merge_size
+
+    @property
+    def projector_input_size(self) -> int:
+        """The merger puts a window's pool ** 2 ViT tokens side by side."""
+        return self.vision.hidden_size * self.pool ** 2
+
+    @property
+    def token_grid(self) -> int:
+        """Visual tokens per side of an ``image_size`` square."""
+        return self.image_size // self.vision.merge_unit
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Qwen2_5_VLConfig":
+        if d.get("model_type") != "qwen2_5_vl":
+            raise ValueError(f"expected model_type 'qwen2_5_vl', got {d.get('model_type')!r}")
+        c = _hf_config(d)
+        size = int(d.get("vitsink_image_size", 448))
+        vision = Qwen2_5_VisionConfig.from_hf(c.vision_config.to_dict(), image_size=size)
+        text = TextConfig.from_hf({**c.text_config.to_dict(), "model_type": "qwen2_5_vl_text"})
+        text = dataclasses.replace(text, tie_word_embeddings=bool(c.tie_word_embeddings))
+        return cls(vision=vision, text=text, image_token_index=c.image_token_id, image_size=size,
+                   vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
+                   diysink=diysink_of(d), hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        text = self.text.to_hf()
+        d.update(model_type="qwen2_5_vl", vision_config=self.vision.to_hf(), text_config=text,
+                 image_token_id=self.image_token_index, vision_start_token_id=self.vision_start_token_id,
+                 vision_end_token_id=self.vision_end_token_id,
+                 tie_word_embeddings=text.pop("tie_word_embeddings"), vitsink_image_size=self.image_size)
+        return self._with_diysink(d, "Qwen2_5_VLForConditionalGeneration")
+
+
+LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config, "internvl": InternVLConfig,
+              "qwen2_5_vl": Qwen2_5_VLConfig}
 ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
 
 

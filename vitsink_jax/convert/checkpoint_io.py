@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
-from .hf import (abstract_params, build_model, canonical_key, fused_key, fused_tensors,
+from .hf import (abstract_params, build_model, canonical_key, export_key, fused_key, fused_tensors,
                  hf_key_to_path, hf_shape, ignored_patterns, path_to_hf_key, split_key, to_hf_perm)
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, write_stream
 
@@ -556,7 +556,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
         shapes = [hf_shape(p, tuple(x.shape[1:] if layer is not None else x.shape))
                   for x, layer, p in parts]
         shape = (sum(s[0] for s in shapes) + (key in grow),) + shapes[0][1:]
-        entries.append((key, dt, shape, int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
+        entries.append((export_key(model.config, key), dt, shape,
+                        int(np.prod(shape, dtype=np.int64)) * dt.itemsize))
     files = shard_layout(entries, parse_size(max_shard_size))
     names = [SAFE_SINGLE] if len(files) == 1 else \
         [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ..config import Gemma3Config, InternVLConfig, LlavaConfig, ModelConfig, TextConfig, VisionConfig
+from ..config import (Gemma3Config, InternVLConfig, LlavaConfig, ModelConfig, Qwen2_5_VLConfig, TextConfig,
+                      VisionConfig)
 from ..models.llm import CausalLM
 from ..models.gemma3 import Gemma3ForConditionalGeneration
 from ..models.internvl import InternVLForConditionalGeneration
 from ..models.lvlm import LlavaForConditionalGeneration
+from ..models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from ..models.dinov2 import vision_tower_class
 
 
@@ -36,8 +38,22 @@ _ALIASES = {
               (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
               (r"^model\.language_model\.", "language_model.model."),
               (r"^lm_head\.", "language_model.lm_head.")],
+    # Qwen2.5-VL: transformers 5 writes model.visual / model.language_model / lm_head; older
+    # checkpoints visual / model; the merger is our projector
+    "qwen2_5_vl": [(r"^(model\.)?visual\.merger\.", "multi_modal_projector."),
+                   (r"^(model\.)?visual\.", "vision_tower."),
+                   (r"^model\.(language_model\.)?", "language_model.model."),
+                   (r"^lm_head\.", "language_model.lm_head.")],
     "vision": [(r"^vision_model\.", "")],
     "text": [],
+}
+
+# canonical key -> the key written on save, where transformers reads no other spelling
+_EXPORTS = {
+    "qwen2_5_vl": [(r"^multi_modal_projector\.", "model.visual.merger."),
+                   (r"^vision_tower\.", "model.visual."),
+                   (r"^language_model\.model\.", "model.language_model."),
+                   (r"^language_model\.lm_head\.", "lm_head.")],
 }
 
 # Tensors that checkpoints carry but the model does not need (buffers, the text half of CLIP).
@@ -48,6 +64,8 @@ _IGNORED_FULL_VISION = [r"^(text_model\.|logit_scale$|logit_bias$|visual_project
 def _family(config: ModelConfig) -> str:
     """The key table of a config: "llava" for every LVLM (LLaVA and Gemma 3 checkpoints spell
     their parts alike), "vision" or "text"."""
+    if isinstance(config, Qwen2_5_VLConfig):
+        return "qwen2_5_vl"
     if isinstance(config, LlavaConfig):
         return "llava"
     return {VisionConfig: "vision", TextConfig: "text"}[type(config)]
@@ -65,6 +83,12 @@ def rename_first(key: str, rules) -> str:
 
 def canonical_key(config: ModelConfig, key: str) -> str:
     return rename_first(key, _ALIASES[_family(config)])
+
+
+def export_key(config: ModelConfig, key: str) -> str:
+    """The checkpoint key ``save_pretrained`` writes for a canonical key (the canonical key
+    itself unless the family's transformers class reads only its own spelling)."""
+    return rename_first(key, _EXPORTS.get(_family(config), ()))
 
 
 def ignored_patterns(config: ModelConfig, original_model_type: str) -> list:
@@ -126,7 +150,7 @@ def _segments(key: str) -> list:
     out, parts = [], key.split(".")
     i = 0
     while i < len(parts):
-        if parts[i] in ("layers", "layer") and i + 1 < len(parts) and parts[i + 1].isdigit():
+        if parts[i] in ("layers", "layer", "blocks") and i + 1 < len(parts) and parts[i + 1].isdigit():
             out.append(f"{parts[i]}_{parts[i + 1]}")
             i += 2
         else:
@@ -151,7 +175,7 @@ def hf_key_to_path(key: str, targets: dict) -> Optional[tuple]:
 def path_to_hf_key(path: tuple) -> str:
     segs = []
     for s in path:
-        m = re.fullmatch(r"(layers?)_(\d+)", s)
+        m = re.fullmatch(r"(layers?|blocks)_(\d+)", s)
         segs.append(f"{m.group(1)}.{m.group(2)}" if m else s)
     if segs[-1] in _WEIGHT_LEAVES:
         segs[-1] = "weight"
@@ -160,11 +184,11 @@ def path_to_hf_key(path: tuple) -> str:
 
 def to_hf_perm(path: tuple, ndim: int) -> Optional[tuple]:
     """The axis permutation from our layout to HF's for the param at ``path`` (linear kernels
-    transposed, conv kernels HWIO -> OIHW), or None where both layouts agree. HF -> ours is its
-    inverse (``np.argsort``)."""
+    transposed, conv kernels HWIO -> OIHW, 3-D conv kernels DHWIO -> OIDHW), or None where both
+    layouts agree. HF -> ours is its inverse (``np.argsort``)."""
     if path[-1] != "kernel":
         return None
-    return (3, 2, 0, 1) if ndim == 4 else (1, 0)
+    return {5: (4, 3, 0, 1, 2), 4: (3, 2, 0, 1)}.get(ndim, (1, 0))
 
 
 def hf_shape(path: tuple, shape: tuple) -> tuple:
@@ -184,7 +208,8 @@ def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **opti
         cls = vision_tower_class(config)
     else:
         cls = {LlavaConfig: LlavaForConditionalGeneration, Gemma3Config: Gemma3ForConditionalGeneration,
-               InternVLConfig: InternVLForConditionalGeneration, TextConfig: CausalLM}[type(config)]
+               InternVLConfig: InternVLForConditionalGeneration,
+               Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration, TextConfig: CausalLM}[type(config)]
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}")
@@ -217,5 +242,5 @@ def abstract_params(model) -> dict:
 
 
 __all__ = ["build_model", "init_params", "abstract_params", "canonical_key", "hf_key_to_path",
-           "path_to_hf_key", "to_hf_perm", "hf_shape", "ignored_patterns", "fused_tensors",
+           "path_to_hf_key", "export_key", "to_hf_perm", "hf_shape", "ignored_patterns", "fused_tensors",
            "split_key", "fused_key", "rename_first"]

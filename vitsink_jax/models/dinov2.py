@@ -223,9 +223,13 @@ class Dinov2Tower(nn.Module):
 
 def vision_tower_class(config: VisionConfig):
     """The tower module for a vision config: Dinov2Tower for DINOv2 (with or without registers),
-    InternVisionTower for InternViT, VisionTransformer for CLIP / SigLIP."""
+    InternVisionTower for InternViT, Qwen2_5_VisionTower for Qwen2.5-VL, VisionTransformer for
+    CLIP / SigLIP."""
     from .internvit import InternVisionTower
+    from .qwen2_5_vl import Qwen2_5_VisionTower
 
     if config.is_internvit:
         return InternVisionTower
+    if config.model_type == "qwen2_5_vl_vision":
+        return Qwen2_5_VisionTower
     return Dinov2Tower if config.is_dinov2 else VisionTransformer

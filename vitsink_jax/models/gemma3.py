@@ -61,7 +61,7 @@ class Gemma3ForConditionalGeneration(MergedTokens, LlavaForConditionalGeneration
 
     def projector_input(self, selected, vout):
         del selected
-        return self._windows(vout.last_hidden_state).mean(axis=2)
+        return self._windows(vout.last_hidden_state, vout).mean(axis=2)
 
     def llm_inputs(self, input_ids) -> dict:
         return {"image_blocks": image_blocks(input_ids, self.config.image_token_index)}

@@ -9,6 +9,8 @@ Gemma 3's sandwich-norm block is :class:`vitsink_jax.models.gemma.GemmaDecoderLa
 and global layers each read their kind's mask and RoPE (:func:`layer_kinds`).
 
 Padding: ``attention_mask`` [B, T] (1 = token, 0 = pad) works for left and right padding.
+``position_ids`` are [B, T], or [B, T, 3] (temporal, height, width) for Qwen2.5-VL's multimodal
+RoPE (transformers' [3, B, T] with the axis last).
 ``position_ids`` default to ``arange(T)`` exactly as a transformers forward call does; pass
 ``cumsum(mask) - 1`` yourself for left-padded generation-style positions.
 Layers run as a Python loop by default (per-layer names stay HF's; at the depths tested
@@ -329,14 +331,16 @@ class _Tokens(NamedTuple):
         mask with these tokens written at slot ``index``, mask [B, 1, T, S]). ``window``:
         sliding-window attention over slots (None: off)."""
         if slot_mask is None:
-            t = self.position_ids.shape[-1]
+            t = self.position_ids.shape[1]
             return None, make_attention_mask(self.attention_mask, t, t, causal=True, window=window,
                                              blocks=self.blocks)
         return cache_mask(slot_mask, self.keep, index, window, self.blocks)
 
     def next_position(self):
-        """[B]: each row's position after its last kept token (with a cache)."""
-        return jnp.max(jnp.where(self.keep > 0, self.position_ids, -1), axis=1) + 1
+        """[B]: each row's position after its last kept token (with a cache); with multimodal
+        ids [B, T, 3], after the largest of any axis (transformers' rope deltas)."""
+        ids = self.position_ids if self.position_ids.ndim == 2 else self.position_ids.max(-1)
+        return jnp.max(jnp.where(self.keep > 0, ids, -1), axis=1) + 1
 
 
 def _kind_masks(kinds: dict, tokens: _Tokens, slot_mask, index):

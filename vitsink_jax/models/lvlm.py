@@ -43,25 +43,32 @@ def arranged_positions(position_ids, is_image, arrangement: VisualArrangement, m
     """LLM position ids after the visual tokens were rearranged.
 
     Args:
-      position_ids: [B, T] positions of the stock model.
+      position_ids: [B, T] positions of the stock model, or [B, T, 3] multimodal ids.
       is_image: [B, T] bool image-token slots (images in order, row-major over the batch).
       arrangement: the permutation and keep-mask of each image ([N_img, P]).
-      mode: "sequential" (positions follow the new order, dropped tokens deleted) or "original"
-        (each visual token takes the position its source token had in the stock model).
+      mode: "sequential" (positions follow the new order: 1-D ids close the gap of dropped tokens;
+        multimodal ids: the kept tokens take the image's ids in raster order, the text after keeps
+        its own) or "original" (each visual token takes the ids its source token had in the stock
+        model).
     Returns:
-      (position_ids [B, T] int32, dropped [B, T] bool: slots holding a dropped token).
+      (position_ids of the input's shape, int32; dropped [B, T] bool: slots holding a dropped token).
     """
     b, t = is_image.shape
     n, p = arrangement.permutation.shape
     flat = is_image.reshape(-1)
     m = jnp.clip(jnp.cumsum(flat) - 1, 0, n * p - 1)              # image-token index of each slot
     dropped = (flat & ~arrangement.kept.reshape(-1)[m]).reshape(b, t)
-    if mode == "sequential":
+    if mode == "sequential" and position_ids.ndim == 2:
         return shift_positions(position_ids, dropped), dropped
-    src = (arrangement.permutation + p * jnp.arange(n)[:, None]).reshape(-1)  # source token per index
+    if mode == "sequential":  # the r-th kept token of an image takes the image's r-th slot's ids
+        rank = jnp.cumsum(arrangement.kept, axis=1) - 1
+        src = (jnp.maximum(rank, 0) + p * jnp.arange(n)[:, None]).reshape(-1)
+    else:
+        src = (arrangement.permutation + p * jnp.arange(n)[:, None]).reshape(-1)  # source token per index
     slots = jnp.nonzero(flat, size=n * p, fill_value=0)[0]                     # slot of each index
-    base = position_ids.reshape(-1)
-    moved = jnp.where(flat, base[slots[src[m]]], base).reshape(b, t)
+    base = position_ids.reshape((b * t,) + position_ids.shape[2:])
+    pick = flat.reshape((-1,) + (1,) * (position_ids.ndim - 2))
+    moved = jnp.where(pick, base[slots[src[m]]], base).reshape(position_ids.shape)
     return moved.astype(jnp.int32), dropped
 
 
@@ -191,6 +198,12 @@ class LlavaForConditionalGeneration(nn.Module):
         n, p = selected.shape[:2]
         return jnp.broadcast_to(jnp.asarray(self.config.vit_token_index(np.arange(p)), jnp.int32), (n, p))
 
+    def llm_positions(self, input_ids, attention_mask, cache, vout):
+        """The LLM's position ids of a call with images when none are passed (LLaVA: None, the
+        LLM's own default; Qwen2.5-VL: its [B, T, 3] multimodal ids)."""
+        del input_ids, attention_mask, cache, vout
+        return None
+
     def llm_inputs(self, input_ids) -> dict:
         """Extra LLM inputs of a call with images (LLaVA: none; Gemma 3: its image blocks)."""
         del input_ids
@@ -300,6 +313,8 @@ class LlavaForConditionalGeneration(nn.Module):
         if pixel_values is not None:
             selected, vout = self.vision_features(pixel_values, output_attentions and output_vision)
             is_image = input_ids == c.image_token_index
+            if position_ids is None:
+                position_ids = self.llm_positions(input_ids, attention_mask, cache, vout)
             to_project = self.projector_input(selected, vout)
             if not self.policy.is_stock or route is not None:
                 arrangement = self.arrange(selected, route)

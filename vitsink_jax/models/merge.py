@@ -12,21 +12,22 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def pool_windows(tokens, side: int, k: int):
-    """Patch tokens [N, (side k) ** 2, E] in row-major order -> [N, side ** 2, k * k, E]: for each
-    cell of the side x side grid of k x k windows, its k * k tokens (row-major inside)."""
-    n, _, e = tokens.shape
-    x = tokens.reshape(n, side, k, side, k, e).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, side * side, k * k, e)
+def pool_windows(tokens, grid: tuple, k: int):
+    """Patch tokens [N, rows k * cols k, E] in row-major order -> [N, rows * cols, k * k, E]: for
+    each cell of the ``grid`` = (rows, cols) of k x k windows, its k * k tokens (row-major inside)."""
+    (rows, cols), (n, _, e) = grid, tokens.shape
+    x = tokens.reshape(n, rows, k, cols, k, e).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, rows * cols, k * k, e)
 
 
-def window_token_index(local, side: int, k: int):
+def window_token_index(local, grid: tuple, k: int):
     """[N, P] index inside each k x k window (row-major) -> the patch index over the full
-    (side k) ** 2 grid (row-major)."""
-    cell = jnp.arange(side * side)
-    row = (cell // side)[None] * k + local // k
-    col = (cell % side)[None] * k + local % k
-    return (row * side * k + col).astype(jnp.int32)
+    (rows k) x (cols k) patch grid (row-major); ``grid`` = (rows, cols) of windows."""
+    rows, cols = grid
+    cell = jnp.arange(rows * cols)
+    row = (cell // cols)[None] * k + local // k
+    col = (cell % cols)[None] * k + local % k
+    return (row * cols * k + col).astype(jnp.int32)
 
 
 class MergedTokens:
@@ -38,13 +39,18 @@ class MergedTokens:
     def sink_tokens(self, vout):
         raise NotImplementedError
 
-    def _windows(self, tokens):
-        return pool_windows(tokens, self.config.token_grid, self.config.pool)
+    def token_grid_of(self, vout) -> tuple:
+        """(rows, cols) of visual tokens of the images in ``vout`` (the config's square grid)."""
+        del vout
+        return (self.config.token_grid,) * 2
+
+    def _windows(self, tokens, vout):
+        return pool_windows(tokens, self.token_grid_of(vout), self.config.pool)
 
     def _loudest(self, vout):
         """(windows [N, P, k * k, E] of the sink tokens, per visual token the index inside its
         window of the largest-norm one [N, P])."""
-        windows = self._windows(self.sink_tokens(vout))
+        windows = self._windows(self.sink_tokens(vout), vout)
         return windows, jnp.argmax(jnp.sum(jnp.square(windows.astype(jnp.float32)), -1), axis=-1)
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
@@ -58,4 +64,5 @@ class MergedTokens:
     def vision_token_index(self, selected, vout):
         del selected
         c = self.config
-        return window_token_index(self._loudest(vout)[1], c.token_grid, c.pool) + c.vision.prefix_tokens
+        return window_token_index(self._loudest(vout)[1], self.token_grid_of(vout), c.pool) + \
+            c.vision.prefix_tokens

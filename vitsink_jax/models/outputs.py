@@ -14,6 +14,8 @@ class VisionOutput:
     pooler_output: Optional[jnp.ndarray]      # [B, E] (CLIP: post-LN CLS, SigLIP: head) or None
     hidden_states: Optional[tuple] = None     # L+1 x [B, N, E], embeddings first (HF order)
     attentions: Optional[tuple] = None        # L x [B, H, N, N] float32
+    # the patch grid (rows, columns) where the input size sets it (Qwen2.5-VL); None: the config's
+    grid: Optional[tuple] = struct.field(pytree_node=False, default=None)
 
 
 @struct.dataclass

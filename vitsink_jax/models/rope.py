@@ -94,11 +94,25 @@ def inv_freq(config: TextConfig, position_ids):
     return 1.0 / (ext * jnp.asarray(base ** expo)), attn
 
 
+def mrope_axes(section: tuple) -> np.ndarray:
+    """[sum(section)] int: the position axis (0 temporal, 1 height, 2 width) each rotary
+    frequency reads under multimodal RoPE (transformers' Qwen2.5-VL: section i -> axis i % 3)."""
+    return np.concatenate([np.full(n, i % 3, np.int32) for i, n in enumerate(section)])
+
+
 def rotary_embedding(config: TextConfig, position_ids):
-    """position_ids [B, T] -> (cos, sin) each [B, T, R] float32 (attention scaling folded in;
-    R = ``config.rotary_dim``, the head dim unless the rotation is partial)."""
+    """position_ids [B, T], or [B, T, 3] (temporal, height, width: multimodal RoPE, needs
+    ``config.mrope_section``) -> (cos, sin) each [B, T, R] float32 (attention scaling folded in;
+    R = ``config.rotary_dim``, the head dim unless the rotation is partial). Under multimodal
+    RoPE each frequency turns with its section's axis; 1-D ids equal three equal axes."""
     inv, scaling = inv_freq(config, position_ids)
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv[None, None, :]
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv
+    if position_ids.ndim == 3:  # [B, T, 3, R / 2] -> each frequency's own axis
+        if config.mrope_section is None:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} have 3 axes per token, but "
+                             f"this {config.model_type} has no mrope_section (multimodal RoPE)")
+        axes = jnp.asarray(mrope_axes(config.mrope_section))
+        freqs = jnp.take_along_axis(freqs, axes[None, None, None, :], axis=2)[:, :, 0]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
 
