@@ -112,6 +112,32 @@ def internvl_config(text=None, **kw):
                                        text_config=text or qwen2_config(), **{**base, **kw})
 
 
+def qwen2_5_vl_config(**kw):
+    """Qwen2.5-VL: 4 px patches merged 2 x 2 (8 px per visual token), windows of 16 px (2 x 2
+    visual tokens) with block 1 attending fully, a Qwen2 LLM whose multimodal RoPE sections
+    (2, 3, 3) turn head_dim 16; the fixed-size pipelines' images are 16 px squares (4 tokens)."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64,
+                  patch_size=4, window_size=16, fullatt_block_indexes=[1])
+    base = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=IMAGE_TOKEN - 2,
+                vision_end_token_id=IMAGE_TOKEN - 1)
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **{**base, **kw})
+    config.vitsink_image_size = 16
+    return config
+
+
+def qwen_hf_inputs(ids, pixels) -> dict:
+    """What transformers' Qwen2.5-VL takes for our inputs: the processor's flattened patches of
+    pixels [N, C, H, W], each image's (1, H / 4, W / 4) grid, and the image tokens' type ids."""
+    proc = transformers.Qwen2VLImageProcessorPil()
+    flat = np.concatenate([proc.patchify(p, 4, 2, 2)[0] for p in np.asarray(pixels)])
+    n, _, h, w = pixels.shape
+    return dict(pixel_values=flat, image_grid_thw=np.asarray([[1, h // 4, w // 4]] * n),
+                mm_token_type_ids=(np.asarray(ids) == IMAGE_TOKEN).astype(np.int32))
+
+
 def llava_config(vision=None, text=None, **kw):
     kw.setdefault("image_token_index", IMAGE_TOKEN)
     return transformers.LlavaConfig(vision_config=vision or clip_vision_config(),
@@ -206,17 +232,18 @@ def check_generation_and_scan(hf, model, params, batch: dict, ref_logits, new_to
     """An LVLM ``model`` against the transformers model ``hf`` on ``batch`` (ids, mask, pixels;
     left-padded rows): greedy generation with the KV cache equals ``hf.generate`` token for token,
     and the scanned layout gives ``ref_logits`` at the non-pad positions. ``hf_inputs``: extra
-    generate inputs (Gemma 3's token_type_ids)."""
+    generate inputs (Gemma 3's token_type_ids); they may replace ``pixel_values`` (Qwen2.5-VL's
+    flattened patches)."""
     import jax.numpy as jnp
 
     import vitsink_jax as vj
     from vitsink_jax.generate import generate
 
     ids, mask, pixels = batch["ids"], batch["mask"], batch["pixels"]
+    hf_inputs = {"pixel_values": pixels, **hf_inputs}
     with torch.no_grad():
         gen = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                          pixel_values=torch.tensor(pixels), max_new_tokens=new_tokens,
-                          do_sample=False, eos_token_id=None, pad_token_id=0,
+                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
                           **{k: torch.tensor(v) for k, v in hf_inputs.items()})
     np.testing.assert_array_equal(np.asarray(generate(model, params, ids, mask, pixels, new_tokens)),
                                   gen[:, ids.shape[1]:].numpy())

@@ -38,8 +38,8 @@ _ALIASES = {
               (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
               (r"^model\.language_model\.", "language_model.model."),
               (r"^lm_head\.", "language_model.lm_head.")],
-    # Qwen2.5-VL: transformers 5 writes model.visual / model.language_model / lm_head; older
-    # checkpoints visual / model; the merger is our projector
+    # Qwen2.5-VL: model.visual / model.language_model / lm_head in memory, visual / model /
+    # lm_head in the files transformers writes; the merger is our projector
     "qwen2_5_vl": [(r"^(model\.)?visual\.merger\.", "multi_modal_projector."),
                    (r"^(model\.)?visual\.", "vision_tower."),
                    (r"^model\.(language_model\.)?", "language_model.model."),
@@ -48,11 +48,12 @@ _ALIASES = {
     "text": [],
 }
 
-# canonical key -> the key written on save, where transformers reads no other spelling
+# canonical key -> the key written on save where it differs (Qwen2.5-VL: the spelling
+# transformers' own save_pretrained writes, which its loader renames)
 _EXPORTS = {
-    "qwen2_5_vl": [(r"^multi_modal_projector\.", "model.visual.merger."),
-                   (r"^vision_tower\.", "model.visual."),
-                   (r"^language_model\.model\.", "model.language_model."),
+    "qwen2_5_vl": [(r"^multi_modal_projector\.", "visual.merger."),
+                   (r"^vision_tower\.", "visual."),
+                   (r"^language_model\.model\.", "model."),
                    (r"^language_model\.lm_head\.", "lm_head.")],
 }
 

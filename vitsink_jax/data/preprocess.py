@@ -8,8 +8,9 @@ tower): resize to a square (bilinear), mean = std = 0.5, no pan-and-scan crops (
 default; not implemented). InternVL (GotOcr2ImageProcessor as InternVL's checkpoints set it:
 bicubic, ImageNet mean / std): the image resized to the grid of square tiles whose aspect ratio
 is closest to its own (at most ``max_tiles``), cut into those tiles, plus a thumbnail of the whole
-image when there is more than one (:func:`preprocess_internvl`). Output is HF's channels-first
-float32.
+image when there is more than one (:func:`preprocess_internvl`). Qwen2.5-VL
+(Qwen2VLImageProcessor): the image at its own aspect ratio, both sides multiples of 28 pixels
+(:func:`smart_resize`, bicubic, CLIP's mean / std). Output is HF's channels-first float32.
 
 Encoded images are decoded in full when read (:func:`image_from_bytes`, :func:`load_image`),
 so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scaled to 8 bits
@@ -19,13 +20,14 @@ so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scal
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from ..config import Gemma3Config, InternVLConfig, VisionConfig
+from ..config import Gemma3Config, InternVLConfig, Qwen2_5_VLConfig, VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -152,6 +154,33 @@ def preprocess_internvl(image: ImageLike, size: int, max_tiles: int = 12, min_ti
     return np.stack([_normalise(t, mean, std) for t in tiles])
 
 
+def smart_resize(height: int, width: int, unit: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple:
+    """(height, width) Qwen2.5-VL's processor resizes an image to: both multiples of ``unit``
+    (patch x merge pixels), the aspect ratio kept as closely as rounding allows, the area
+    brought inside [min_pixels, max_pixels] (transformers' smart_resize). Raises ValueError
+    naming the size for an aspect ratio over 200."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {height} x {width} pixels: Qwen2.5-VL takes aspect ratios up to 200")
+    h, w = round(height / unit) * unit, round(width / unit) * unit
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(unit, math.floor(height / beta / unit) * unit), max(unit, math.floor(width / beta / unit) * unit)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / unit) * unit, math.ceil(width * beta / unit) * unit
+    return h, w
+
+
+def preprocess_qwen2_5_vl(image: ImageLike, unit: int = 28, min_pixels: int = 56 * 56,
+                          max_pixels: int = 28 * 28 * 1280) -> np.ndarray:
+    """-> [3, H, W] float32 at the image's own resolution (:func:`smart_resize`; bicubic, CLIP's
+    mean / std), as Qwen2VLImageProcessor before it cuts patches (the model cuts them itself)."""
+    image = to_rgb(image)
+    h, w = smart_resize(image.height, image.width, unit, min_pixels, max_pixels)
+    return _normalise(image.resize((w, h), resample=Image.BICUBIC), CLIP_MEAN, CLIP_STD)
+
+
 def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
     """-> [3, size, size] float32: shortest edge to size * 256 / 224, center crop ``size``."""
     return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
@@ -161,13 +190,17 @@ def preprocess(config, images: Sequence[ImageLike], size: int = 0) -> np.ndarray
     """Images -> pixel_values [N, 3, S, S] for a vision tower's VisionConfig (S = ``size`` or its
     image_size) or an LVLM config (its family's processor; S = ``size`` or its input size). An
     InternVL image is one tile here (the whole image resized, its processor's
-    ``crop_to_patches=False``), so batches keep one shape: :func:`preprocess_internvl` tiles."""
+    ``crop_to_patches=False``), so batches keep one shape: :func:`preprocess_internvl` tiles; a
+    Qwen2.5-VL image is resized to the S x S square (:func:`preprocess_qwen2_5_vl` keeps its
+    aspect ratio)."""
     if not isinstance(config, VisionConfig):  # an LVLM config
         size = size or config.input_size
         if isinstance(config, Gemma3Config):
             return np.stack([preprocess_gemma3(im, size) for im in images])
         if isinstance(config, InternVLConfig):
             return np.concatenate([preprocess_internvl(im, size, max_tiles=1) for im in images])
+        if isinstance(config, Qwen2_5_VLConfig):
+            return np.stack([preprocess_siglip(im, size, CLIP_MEAN, CLIP_STD) for im in images])
         config = config.vision
     fn = (preprocess_dinov2 if config.is_dinov2 else
           preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)

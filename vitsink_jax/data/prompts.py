@@ -93,6 +93,10 @@ CHATS = {"llava": Chat("llava", USER, ASSISTANT),
          # InternVL's ChatML turns (its Qwen2 LLM's), the image on a line of its own
          "internvl": Chat("internvl", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n",
                           answer_sep="", end="<|im_end|>\n"),
+         # Qwen2.5-VL's ChatML turns, the text right after the image (its default system
+         # prompt left out, as InternVL's)
+         "qwen2_5_vl": Chat("qwen2_5_vl", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n",
+                            answer_sep="", end="<|im_end|>\n", image="<image>"),
          "gemma3": Chat("gemma3", "<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n",
                         answer_sep="", end="<end_of_turn>\n", image="<image>")}
 
@@ -147,8 +151,16 @@ def prompt_format(config, tokenizer=None) -> PromptFormat:
     """The prompt format of an LVLM config: LLaVA's template and ``num_image_tokens`` image ids,
     Gemma 3's chat markup and ``\n\n<boi> image ids <eoi>\n\n`` (Gemma3Processor's), or
     InternVL's ChatML and ``<img>`` image ids per tile ``</img>`` (InternVLProcessor's; the ids
-    of ``<img>`` / ``</img>`` are the ``tokenizer``'s, required for InternVL)."""
-    from ..config import Gemma3Config, InternVLConfig
+    of ``<img>`` / ``</img>`` are the ``tokenizer``'s, required for InternVL), or Qwen2.5-VL's
+    ChatML and ``<|vision_start|>`` image ids ``<|vision_end|>`` (Qwen2_5_VLProcessor's, for an
+    image of the config's ``image_size``; another size has (H / unit) x (W / unit) ids: replace
+    the slots' ``count``)."""
+    from ..config import Gemma3Config, InternVLConfig, Qwen2_5_VLConfig
+
+    if isinstance(config, Qwen2_5_VLConfig):
+        return PromptFormat(CHATS["qwen2_5_vl"], ImageSlots(
+            config.num_image_tokens, config.image_token_index, (config.vision_start_token_id,),
+            (config.vision_end_token_id,)))
 
     if isinstance(config, InternVLConfig):
         marks = [None if tokenizer is None else tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_IMAGE]
