@@ -487,12 +487,16 @@ def run_interventions(cfg, workdir: Path) -> dict:
         rule = model.config.diysink.rule
     batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
     n_vis = model.config.num_image_tokens
-    results = {}
+    results, not_run = {}, {}
     for spec in k.specs:
         try:
             iv, order_, top = parse(spec)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+        if top and not model.config.vision.takes_test_time_registers:
+            not_run[spec] = f"test-time registers do not fit the {model.config.vision.model_type} tower"
+            print(f"intervention {spec}: not run ({not_run[spec]})")
+            continue
         neurons = []
         if top:
             neurons = register_neurons(model, params, batch["pixels"], rule, top)
@@ -528,7 +532,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
     plot = plots.pruning_curves(curves, workdir / "plots" / "accuracy_vs_tokens_kept.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule),
-              "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "table": table}
+              "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "not_run": not_run,
+              "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "interventions.json", report)
         print(f"wrote {out} and {plot}")

@@ -272,6 +272,8 @@ def rng():
 INTERNVL_TOKENS = {"chat_start": "<|im_start|>", "chat_end": "<|im_end|>", "start_image_token": "<img>",
                    "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                    "video_token": "<video>"}
+QWEN_TOKENS = {"chat_start": "<|im_start|>", "chat_end": "<|im_end|>", "vision_start": "<|vision_start|>",
+               "vision_end": "<|vision_end|>", "image_token": "<|image_pad|>"}
 GEMMA3_TOKENS = {"chat_start": "<start_of_turn>", "chat_end": "<end_of_turn>",
                  "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                  "image_token": "<image_soft_token>"}
@@ -308,7 +310,8 @@ def hf_tokenizer(family: str, path, corpus: list):
     ``<pad> <eos> <bos> <unk>``, no prefix space, the turn and image tokens, ``boi_token`` /
     ``eoi_token`` / ``image_token`` named as Gemma3Processor reads them; no ``<image>``);
     ``internvl``: Qwen2's with InternVL's ``<img> </img> <IMG_CONTEXT> <video>`` named as
-    InternVLProcessor reads them and ChatML's ``<|im_start|> <|im_end|>``; no ``<image>``.
+    InternVLProcessor reads them and ChatML's ``<|im_start|> <|im_end|>``; no ``<image>``;
+    ``qwen2_5_vl``: Qwen2's with ChatML's and the vision tokens (:data:`QWEN_TOKENS`); no ``<image>``.
     Digits are trained as single pieces, as the families split numbers, so `` 2`` is a space
     token then ``2``.
     """
@@ -330,7 +333,7 @@ def hf_tokenizer(family: str, path, corpus: list):
                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                 use_regex=False)])
         specials, alphabet = ["<|endoftext|>"], pre_tokenizers.ByteLevel.alphabet()
-    bpe = Tokenizer(models.BPE(unk_token=None if family in ("qwen2", "internvl") else "<unk>"))
+    bpe = Tokenizer(models.BPE(unk_token=None if family in ("qwen2", "internvl", "qwen2_5_vl") else "<unk>"))
     bpe.pre_tokenizer = pre
     bpe.train_from_iterator([re.sub(r"\d", " ", t) for t in corpus],  # digits: no merges
                             trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
@@ -339,9 +342,10 @@ def hf_tokenizer(family: str, path, corpus: list):
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     cls = {"llama": transformers.LlamaTokenizerFast, "qwen2": transformers.Qwen2TokenizerFast,
-           "internvl": transformers.Qwen2TokenizerFast, "gemma": transformers.GemmaTokenizer}[family]
+           "internvl": transformers.Qwen2TokenizerFast, "qwen2_5_vl": transformers.Qwen2TokenizerFast,
+           "gemma": transformers.GemmaTokenizer}[family]
     tok = cls(vocab=model["vocab"], merges=merges)
-    named = {"gemma": GEMMA3_TOKENS, "internvl": INTERNVL_TOKENS}.get(family)
+    named = {"gemma": GEMMA3_TOKENS, "internvl": INTERNVL_TOKENS, "qwen2_5_vl": QWEN_TOKENS}.get(family)
     if named:
         tok.add_special_tokens({"additional_special_tokens": list(named.values())})
     tok.save_pretrained(str(path))

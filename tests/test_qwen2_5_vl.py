@@ -210,3 +210,41 @@ def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
         d["model"].apply({"params": d["params"]}, jnp.asarray(ids), jnp.zeros((1, 3, 20, 48)))
     with pytest.raises(ValueError, match="contain 48 image tokens .* 1 image"):
         d["model"].apply({"params": d["params"]}, jnp.asarray(np.r_[ids[0], ids[0]][None]), jnp.asarray(pixels))
+
+
+def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
+    """A tiny random Qwen2.5-VL folder with its own tokenizer (ChatML, the vision tokens):
+    evaluate.py's analysis (Findings 1-4, the sinks read before the merger, relevance over the
+    4 x 4 patch grid) and its interventions mode on 4 items: stock, sink-aware FastV and VAR
+    run with the 3-D ids; test-time registers are reported as not run (they do not fit its
+    windowed tower). (~25 s: both modes compile their own programs.)"""
+    import sys
+    from pathlib import Path
+
+    from conftest import evaluate_config, hf_tokenizer
+    from vitsink_jax.data import prompts
+    from vitsink_jax.data.synthetic import benchmark_corpus
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import evaluate
+
+    tok = hf_tokenizer("qwen2_5_vl", tmp_path / "tok", benchmark_corpus() + list(prompts.TEMPLATES.values()))
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
+    cfg = qwen2_5_vl_config(image_token_id=ids[0], vision_start_token_id=ids[1], vision_end_token_id=ids[2])
+    cfg.text_config.vocab_size = len(tok)
+    folder = save(build(QWEN, cfg), tmp_path / "qwen")
+    tok.save_pretrained(str(folder))
+    a = evaluate_config(tmp_path, folder)
+    a.analysis.max_new_tokens, a.sink.k = 4, 2
+    a.eval.batch_size = 4
+    report = evaluate.run_analyze(a, tmp_path / "analysis")
+    entry = report["per_image"]["coffee.png"]
+    assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
+    assert (tmp_path / "analysis" / "plots" / "relevance_coffee.png").stat().st_size > 1000
+    a.benchmark.limit, a.compare.decode_steps = 4, 2
+    a.compare.specs = ("stock", "fastv+sinks:0.5:1", "var:0.6:0", "registers:2")
+    out = evaluate.run_interventions(a, tmp_path / "interventions")
+    assert set(out["results"]) == {"stock", "fastv+sinks:0.5:1", "var:0.6:0"}
+    assert "registers:2" in out["not_run"]
+    assert all(0 <= r["accuracy"] <= 1 for r in out["results"].values())

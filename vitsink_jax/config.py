@@ -88,6 +88,12 @@ class VisionConfig:
         return self.model_type not in ("siglip_vision_model", "qwen2_5_vl_vision")
 
     @property
+    def takes_test_time_registers(self) -> bool:
+        """Test-time registers (extra tokens every patch attends to) fit this tower; not
+        Qwen2.5-VL's, whose windows would each need their own."""
+        return self.model_type != "qwen2_5_vl_vision"
+
+    @property
     def is_dinov2(self) -> bool:
         return self.model_type.startswith("dinov2")
 

@@ -5,8 +5,9 @@ and give the numbers of a one-device run.
 The mesh has three axes, ``data``, ``fsdp`` and ``tensor``. The batch is split over data x fsdp.
 Params (and the optimizer state, which mirrors their paths) are placed by :func:`param_shardings`:
 first the rules table (:data:`TENSOR_RULES`, path regex -> logical spec, Megatron-style: q/k/v/
-gate/up/fc1/linear_1 column-parallel, o/down/out_proj/fc2/linear_2/Phi's dense/InternViT's
-projection_layer row-parallel, embeddings and
+gate/up/fc1/linear_1 (and Qwen2.5-VL's fused qkv / merger mlp.0) column-parallel,
+o/down/out_proj/fc2/linear_2/Phi's dense/InternViT's projection_layer (Qwen2.5-VL's attn proj /
+merger mlp.2) row-parallel, embeddings and
 LM head over the vocabulary) puts
 ``tensor`` on one dimension, then arrays above a size threshold get ``fsdp`` on their largest
 remaining divisible dimension (ZeRO-3 style). XLA inserts the collectives. ``fsdp=1, tensor=1``
@@ -34,10 +35,10 @@ MIN_SPLIT_SIZE = 2 ** 14  # params with fewer elements stay whole on every devic
 
 TENSOR_RULES = (  # param path (regex on "a/b/c") -> which dimension carries "tensor"
     # column parallel: LLM attention / MLP in, ViT MLP in (fc1), projector in (linear_1)
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|linear_1)/kernel$", (None, "tensor")),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|linear_1)/bias$", ("tensor",)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|linear_1|attn/qkv|mlp/0)/kernel$", (None, "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|linear_1|attn/qkv|mlp/0)/bias$", ("tensor",)),
     # row parallel: the matching outputs (LLM o_proj / down_proj, ViT out_proj / fc2, linear_2)
-    (r"(o_proj|down_proj|out_proj|fc2|linear_2|self_attn/dense|projection_layer)/kernel$",
+    (r"(o_proj|down_proj|out_proj|fc2|linear_2|self_attn/dense|projection_layer|attn/proj|mlp/2)/kernel$",
      ("tensor", None)),
     (r"embed_tokens/embedding$", ("tensor", None)),                           # vocabulary
     (r"lm_head/kernel$", (None, "tensor")),

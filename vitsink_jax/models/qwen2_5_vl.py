@@ -160,7 +160,8 @@ class Qwen2_5_VisionTower(nn.Module):
         c = self.config
         if self.test_time_registers is not None and self.test_time_registers.neurons:
             raise NotImplementedError("test-time registers on Qwen2.5-VL's windowed tower: a register "
-                                      "token would have to sit in every attention window")
+                                      "token would have to sit in every attention window "
+                                      "(VisionConfig.takes_test_time_registers)")
         grid = check_qwen_pixels(c, pixel_values)
         n, ch = pixel_values.shape[:2]
         p, tp = c.patch_size, c.temporal_patch_size
