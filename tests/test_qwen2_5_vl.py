@@ -248,3 +248,30 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     assert set(out["results"]) == {"stock", "fastv+sinks:0.5:1", "var:0.6:0"}
     assert "registers:2" in out["not_run"]
     assert all(0 <= r["accuracy"] <= 1 for r in out["results"].values())
+
+
+@pytest.mark.parametrize("init", ["copy", "scratch"])
+def test_qwen_diysink_and_its_checkpoint(qwen, tmp_path, init):
+    """DIYSink on Qwen2.5-VL: with both mergers equal it is the stock model's sink-to-the-front;
+    a fresh sink merger (reading the 2 x 2 windows side by side) round-trips through
+    config.json, and transformers reads the checkpoint's non-sink path as its merger."""
+    from vitsink_jax.config import DIYSinkConfig
+    from vitsink_jax.diysink import to_diysink
+
+    d = qwen
+    rule = vj.SinkRule("topk", k=2)
+    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(rule), init=init)
+    batch = (jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]))
+    ours = model.apply({"params": params}, *batch, attention_mask=jnp.asarray(d["mask"])).logits
+    if init == "copy":
+        front = d["model"].clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
+        np.testing.assert_allclose(ours, front.apply({"params": d["params"]}, *batch,
+                                                     attention_mask=jnp.asarray(d["mask"])).logits, atol=1e-5)
+        return
+    out = vj.save_pretrained(model, params, tmp_path / "diy")
+    back, loaded = vj.load_pretrained(out)
+    assert isinstance(back, vj.Qwen2_5_VLForConditionalGeneration) and back.config.diysink == DIYSinkConfig(rule)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    keep = d["mask"].astype(bool)
+    assert_close(t2n(_hf_forward(d, QWEN.from_pretrained(str(out)).eval()).logits)[keep],
+                 t2n(_hf_forward(d).logits)[keep], what="transformers on the DIYSink checkpoint")

@@ -7,13 +7,14 @@ Public API::
     vj.save_pretrained(model, params, out_dir)
 """
 
-from .config import (Gemma3Config, InternVLConfig, LlavaConfig, TextConfig, VisionConfig,  # noqa: F401
-                     config_from_hf)
+from .config import (Gemma3Config, InternVLConfig, LlavaConfig, Qwen2_5_VLConfig, TextConfig,  # noqa: F401
+                     VisionConfig, config_from_hf)
 from .convert.checkpoint_io import (CheckpointError, checkpoint_hash, load_pretrained,  # noqa: F401
                                     resolve_model_path, save_pretrained)
 from .convert.hf import build_model, init_params  # noqa: F401
 from .models import (CausalLM, Gemma3ForConditionalGeneration, InternVLForConditionalGeneration,  # noqa: F401
-                     LlavaForConditionalGeneration, MLPProjector, VisionTransformer)
+                     LlavaForConditionalGeneration, MLPProjector, Qwen2_5_VLForConditionalGeneration,
+                     VisionTransformer)
 from .models.llm import REMAT_POLICIES, stack_layers, unstack_layers  # noqa: F401
 from .models.lvlm import register_question_encoder  # noqa: F401
 from .sinks.detect import SinkRule  # noqa: F401
