@@ -16,6 +16,8 @@ import vitsink_jax as vj
 from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, qwen2_5_vl_config,
                       qwen_hf_inputs, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
+from vitsink_jax.generate import generate
+from vitsink_jax.interventions import Interventions, TokenPruning
 from vitsink_jax.models.qwen2_5_vl import mrope_positions
 from vitsink_jax.sinks.fuse import VisualTokenPolicy
 
@@ -175,7 +177,7 @@ def test_qwen_sink_to_the_front_moves_the_3d_ids(qwen, select, positions):
 def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
     """Qwen2VLImageProcessor (PIL) on photos of three aspect ratios: our resize and the patches
     the model cuts equal its flattened patches and grid; the model runs on the processor's
-    size; a size off the 8 px unit and a prompt with more image tokens than the pixels give
+    size, generation with FastV's pruned cache too; a size off the 8 px unit and a prompt with more image tokens than the pixels give
     raise errors naming the shapes; the prompt format brackets the image ids."""
     from PIL import Image
     from skimage import data
@@ -206,6 +208,12 @@ def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
         ref = t2n(d["hf"](input_ids=torch.tensor(ids), **{k: torch.tensor(v) for k, v in hf_in.items()}).logits)
     out = d["model"].apply({"params": d["params"]}, jnp.asarray(ids), jnp.asarray(pixels))
     assert_close(out.logits, ref, what="a 32 x 48 photo")
+    # FastV's shorter cache is sized by the image's 24 tokens, not the config's 4
+    pruned = d["model"].clone(interventions=Interventions(prune=TokenPruning(1, 0.5, True)),
+                              visual_tokens=VisualTokenPolicy(rule=vj.SinkRule("topk", k=2)))
+    first = pruned.apply({"params": d["params"]}, jnp.asarray(ids), jnp.asarray(pixels)).logits[0, -1].argmax()
+    tokens = generate(pruned, d["params"], ids, np.ones_like(ids), pixels, 3)
+    assert tokens.shape == (1, 3) and int(tokens[0, 0]) == int(first)
     with pytest.raises(ValueError, match=r"pixel_values has shape \(1, 3, 20, 48\).*multiples of 8"):
         d["model"].apply({"params": d["params"]}, jnp.asarray(ids), jnp.zeros((1, 3, 20, 48)))
     with pytest.raises(ValueError, match="contain 48 image tokens .* 1 image"):

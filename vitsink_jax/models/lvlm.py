@@ -198,6 +198,12 @@ class LlavaForConditionalGeneration(nn.Module):
         n, p = selected.shape[:2]
         return jnp.broadcast_to(jnp.asarray(self.config.vit_token_index(np.arange(p)), jnp.int32), (n, p))
 
+    def tokens_per_image(self, pixel_shape: tuple) -> int:
+        """Visual tokens per image of pixel_values of ``pixel_shape`` [N, C, H, W] (LLaVA: the
+        config's; Qwen2.5-VL: the image size's)."""
+        del pixel_shape
+        return self.config.num_image_tokens
+
     def llm_positions(self, input_ids, attention_mask, cache, vout):
         """The LLM's position ids of a call with images when none are passed (LLaVA: None, the
         LLM's own default; Qwen2.5-VL: its [B, T, 3] multimodal ids)."""

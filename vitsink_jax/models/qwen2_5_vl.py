@@ -245,6 +245,10 @@ class Qwen2_5_VLForConditionalGeneration(MergedTokens, LlavaForConditionalGenera
         c = self.config
         return PatchMerger(c.text.hidden_size, 1e-6, self.dtype, self.param_dtype, c.vision.hidden_size)
 
+    def tokens_per_image(self, pixel_shape: tuple) -> int:
+        unit = self.config.vision.merge_unit
+        return (pixel_shape[2] // unit) * (pixel_shape[3] // unit)
+
     def token_grid_of(self, vout) -> tuple:
         return tuple(g // self.config.pool for g in vout.grid)
 
