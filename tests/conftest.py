@@ -300,6 +300,35 @@ def evaluate_config(tmp_path, checkpoint):
     return cfg
 
 
+def train_diysink_briefly(folder, workdir):
+    """train.py's DIYSink recipe (configs/diysink.py, stage 1: the two projectors) for two
+    steps of 4 rows from the checkpoint ``folder`` (with its tokenizer): the loss is finite and
+    the export loads back as the same family with its DIYSink block. Returns the summary."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import vitsink_jax as vj
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import train
+
+    spec = importlib.util.spec_from_file_location("diysink_recipe", root / "configs" / "diysink.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.update(dict(checkpoint=str(folder), steps=2, batch_size=4, checkpoint_every=2))
+    cfg.data.variants = 1
+    summary = train.train(cfg, Path(workdir))
+    assert np.isfinite(summary["last_loss"]), summary
+    before, _ = vj.load_pretrained(folder)
+    after, params = vj.load_pretrained(Path(workdir) / "export")
+    assert type(after) is type(before) and after.config.diysink is not None
+    assert "multi_modal_projector_sink" in params
+    return summary
+
+
 def hf_tokenizer(family: str, path, corpus: list):
     """A small tokenizer of a checkpoint family, BPE-trained offline on ``corpus``, saved to
     ``path`` and read back as a checkpoint's is (``load_tokenizer``); ``<image>`` is added.

@@ -265,12 +265,13 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     in Gemma 3's chat markup as the benchmark and interventions modes score them (stock and with
     sink-aware FastV), evaluate.py's analysis (Findings 1-4: sinks read on the ViT tokens, maps
     over the 2 x 2 visual-token grid, relevance over the 4 x 4 patch grid), and test-time
-    register neurons found on the ViT tokens the sinks are read on. (~25 s: the analysis
-    compiles its own programs.)"""
+    register neurons found on the ViT tokens the sinks are read on; train.py's DIYSink recipe
+    trains its two projectors for two steps. (~35 s: the analysis and the training step compile
+    their own programs.)"""
     import sys
     from pathlib import Path
 
-    from conftest import evaluate_config, hf_tokenizer
+    from conftest import evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax import eval_lib
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
@@ -303,6 +304,7 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
         assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
     assert len(register_neurons(model, params, pixels, vj.SinkRule("topk", k=1), 2)) == 2
+    train_diysink_briefly(folder, tmp_path / "train")
 
 
 @pytest.mark.parametrize("init", ["copy", "scratch"])

@@ -186,12 +186,13 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     """A tiny random InternVL folder with its own tokenizer (<img>, </img>, <IMG_CONTEXT>,
     ChatML): benchmark items scored in its ChatML, one tile per image, and evaluate.py's analysis
     (Findings 1-4, the sinks read before the pixel shuffle); test-time register neurons found on
-    InternViT; a DIYSink InternVL with equal projectors is the stock model's sink-to-the-front.
-    (~20 s: the analysis compiles its own programs.)"""
+    InternViT; a DIYSink InternVL with equal projectors is the stock model's sink-to-the-front;
+    train.py's DIYSink recipe trains its two projectors for two steps. (~30 s: the analysis and
+    the training step compile their own programs.)"""
     import sys
     from pathlib import Path
 
-    from conftest import evaluate_config, hf_tokenizer
+    from conftest import evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax import eval_lib
     from vitsink_jax.config import DIYSinkConfig
     from vitsink_jax.data import prompts
@@ -225,3 +226,4 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     assert np.isfinite(scratch.apply({"params": scratch_params}, ids, pixels).logits).all()
     neurons = register_neurons(model, params, pixels, rule, 2)
     assert len(neurons) == 2 and all(0 <= layer < 3 for layer, _, _ in neurons)
+    train_diysink_briefly(folder, tmp_path / "train")

@@ -223,13 +223,14 @@ def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
 def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     """A tiny random Qwen2.5-VL folder with its own tokenizer (ChatML, the vision tokens):
     evaluate.py's analysis (Findings 1-4, the sinks read before the merger, relevance over the
-    4 x 4 patch grid) and its interventions mode on 4 items: stock, sink-aware FastV and VAR
-    run with the 3-D ids; test-time registers are reported as not run (they do not fit its
-    windowed tower). (~25 s: both modes compile their own programs.)"""
+    4 x 4 patch grid) and its interventions mode on 4 items: sink-aware FastV and VAR run with
+    the 3-D ids; test-time registers are reported as not run (they do not fit its
+    windowed tower); train.py's DIYSink recipe trains its two mergers for two steps. (~35 s:
+    the modes and the training step compile their own programs.)"""
     import sys
     from pathlib import Path
 
-    from conftest import evaluate_config, hf_tokenizer
+    from conftest import evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus
 
@@ -251,11 +252,12 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "relevance_coffee.png").stat().st_size > 1000
     a.benchmark.limit, a.compare.decode_steps = 4, 2
-    a.compare.specs = ("stock", "fastv+sinks:0.5:1", "var:0.6:0", "registers:2")
+    a.compare.specs = ("fastv+sinks:0.5:1", "var:0.6:0", "registers:2")
     out = evaluate.run_interventions(a, tmp_path / "interventions")
-    assert set(out["results"]) == {"stock", "fastv+sinks:0.5:1", "var:0.6:0"}
+    assert set(out["results"]) == {"fastv+sinks:0.5:1", "var:0.6:0"}
     assert "registers:2" in out["not_run"]
     assert all(0 <= r["accuracy"] <= 1 for r in out["results"].values())
+    train_diysink_briefly(folder, tmp_path / "train")
 
 
 @pytest.mark.parametrize("init", ["copy", "scratch"])
