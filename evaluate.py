@@ -46,7 +46,6 @@ import numpy as np
 from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
 import vitsink_jax as vj
 from vitsink_jax import cli, compile_cache, eval_lib, mini_study, parallel, plots, scores, timing
@@ -57,6 +56,7 @@ from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import routing_counts
 from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
 from vitsink_jax.generate import generate
+from vitsink_jax.progress import progress, write as progress_line
 from vitsink_jax.provenance import record, write_json, write_jsonl
 from vitsink_jax.sinks import analysis, detect
 
@@ -139,7 +139,7 @@ def run_demo(cfg, workdir: Path) -> dict:
     images, skipped = read_images(cfg.images)
     grid = c.token_grid
     per_image, times = {}, []
-    for name, image in tqdm(images.items(), desc="images", unit="img"):
+    for name, image in progress(images.items(), desc="images", unit="img"):
         pixels = jnp.asarray(preprocess(c, [image]))
         t0 = time.perf_counter()
         norms, probs = jax.block_until_ready(forward(params, ids, pixels))
@@ -155,7 +155,7 @@ def run_demo(cfg, workdir: Path) -> dict:
             "next_token_top5": [{"id": int(i), "p": float(probs[i])} for i in np.argsort(-probs)[:5]],
         }
         desc = ", ".join(f"#{t['index']}@{t['row_col']}={t['norm']:.1f}" for t in per_image[name]["top_tokens"])
-        tqdm.write(f"{name:>12}: mean visual-token norm {norms.mean():.2f}; largest: {desc}")
+        progress_line(f"{name:>12}: mean visual-token norm {norms.mean():.2f}; largest: {desc}")
     steady = times[1:] or times
     result = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "images": per_image, "skipped": skipped,
@@ -240,7 +240,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     grid = c.token_grid
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
-    for name, image in tqdm(images.items(), desc="analyzing", unit="img"):
+    for name, image in progress(images.items(), desc="analyzing", unit="img"):
         pixels = jnp.asarray(preprocess(c, [image]))
         row, answer = analysis_prompt(cfg, model, params, tokenizer, pixels)
         res = jax.device_get(forward(params, row["ids"], row["mask"], row["query"], row["question"],
@@ -274,7 +274,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
                            c.patch_values(res["masks"][rule.rule][0], False), c.patch_values(norms),
                            grid, name,
                            workdir / "plots" / f"sinks_{Path(name).stem}.png")
-        tqdm.write(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
+        progress_line(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
     if not per_image:
@@ -659,7 +659,7 @@ def run_vit(cfg, workdir: Path) -> dict:
 
     images, skipped = read_images(cfg.images)
     per_image, norms_all = {}, {}
-    for name, image in tqdm(images.items(), desc="vit analysis", unit="img"):
+    for name, image in progress(images.items(), desc="vit analysis", unit="img"):
         norms, masks, targets, rel = jax.device_get(forward(params, jnp.asarray(preprocess(c, [image]))))
         norms = norms[0]
         sinks = {n: np.flatnonzero(m[0]).tolist() for n, m in masks.items()}
@@ -673,7 +673,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         plots.relevance_maps(rgb, {f"token #{int(t)} (norm {norms[t]:.0f})": (m, int(t))
                                    for t, m in zip(targets[0], rel[0])},
                              workdir / "plots" / f"relevance_{stem}.png")
-        tqdm.write(f"{name:>14}: max norm {norms.max():.1f}, median {np.median(norms):.1f}; sinks: "
+        progress_line(f"{name:>14}: max norm {norms.max():.1f}, median {np.median(norms):.1f}; sinks: "
                    + ", ".join(f"{n} {len(v)}" for n, v in sinks.items()))
     if not per_image:
         raise SystemExit("error: no readable images")

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
-from tqdm.auto import tqdm
 
 import vitsink_jax as vj
 from vitsink_jax import cli, compile_cache, parallel, train_lib
@@ -43,6 +42,7 @@ from vitsink_jax.data.prompts import prompt_format
 from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import to_diysink
 from vitsink_jax.embedded import ensure_embedded_checkpoint
+from vitsink_jax.progress import progress
 from vitsink_jax.provenance import record, write_json
 from vitsink_jax.scores import file_sha256
 
@@ -439,8 +439,8 @@ def train(cfg, workdir: Path) -> dict:
             "stage": cfg.stage, "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg),
             "settings": settings, "resume_changes": changes}
     losses, first_bad, due = [], None, False
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
-               disable=jax.process_index() != 0)
+    bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
+                   disable=jax.process_index() != 0)
     # the batches of the next steps are computed in threads while a step runs (the same batches
     # in the same order); leaving the loop, by an exception too, stops them
     with Prefetch(batches, range(start, cfg.steps), cfg.data.prefetch, cfg.data.workers) as feed:

@@ -52,6 +52,10 @@ def test_demo_end_to_end_on_real_photos(tmp_path):
     proc = run_evaluate(work, images, "--config.mode=demo")
     assert "2 image(s) processed, 1 skipped" in proc.stdout
     assert "broken.jpg: cannot read image" in proc.stdout
+    # not a terminal: progress as whole lines, everything also in workdir/log.txt
+    assert "\r" not in proc.stderr and "images: 100% 2/2 img" in proc.stderr
+    log = (work / "log.txt").read_text()
+    assert "2 image(s) processed, 1 skipped" in log and "images: 100% 2/2 img" in log
     report = json.loads((work / "demo.json").read_text())
     assert sorted(report["images"]) == ["astronaut.png", "chelsea.jpg"]
     assert report["seed"] == 0 and report["versions"]["jax"] and len(report["checkpoint_sha256"]) == 64

@@ -33,7 +33,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import parallel
 from .data.preprocess import pixels_from_bytes
@@ -42,6 +41,7 @@ from .data.tokenizer import encode_marked
 from .diysink import cot_route
 from .data.padding import bucket, left_pad, right_pad
 from .data.prefetch import Prefetch
+from .progress import progress
 from .generate import generate
 from .scores import extract_choice, extract_yes_no, official, open_match
 
@@ -249,8 +249,8 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
 
     # one thread prepares the next two batches (image decoding, padding) while one is scored
     with Prefetch(inputs, range(len(batches)), ahead=2, workers=1) as prepared:
-        for (chunk, n), batch in tqdm(zip(batches, prepared), total=len(batches), desc="scoring",
-                                      unit="batch"):
+        for (chunk, n), batch in progress(zip(batches, prepared), total=len(batches), desc="scoring",
+                                          unit="batch"):
             seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, *batch))
             for b, (i, (_, _, row_c, which, _)) in enumerate(chunk[:n]):
                 sinks[i] = n_sinks[b]
@@ -283,7 +283,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
     encoded = [encode_question_prompt(tokenizer, p, fmt) for p in prompts]
     batches = list(_batches(list(range(len(prompts))), bucket(cfg.batch_size, parallel.batch_multiple())))
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
-    for chunk, n in tqdm(batches, desc="generating", unit="batch"):
+    for chunk, n in progress(batches, desc="generating", unit="batch"):
         length = parallel.max_over_processes(bucket(max(len(encoded[i][0]) for i in chunk),
                                                     cfg.length_bucket))
         ids, mask = left_pad([encoded[i][0] for i in chunk], length, tokenizer.pad_token_id or 0)

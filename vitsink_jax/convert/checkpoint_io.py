@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from tqdm.auto import tqdm
 
 from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
+from ..progress import progress as progress_bar
 from .hf import (abstract_params, build_model, canonical_key, export_key, fused_key, fused_tensors,
                  hf_key_to_path, hf_shape, ignored_patterns, path_to_hf_key, split_key, to_hf_perm)
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, write_stream
@@ -362,7 +362,7 @@ def load_params(path: Path, config: ModelConfig, model, dtype=jnp.float32, mesh=
     n = sum(len(e.sources) for e in plan.values())
     show = progress if progress is not None else n >= PROGRESS_MIN_TENSORS
     flat = {}
-    with tqdm(total=n, desc=f"loading {path.name}", unit="tensor",
+    with progress_bar(total=n, desc=f"loading {path.name}", unit="tensor",
               disable=not show or jax.process_index() != 0) as bar:
         for p, entry in plan.items():
             _check_divisible(p, entry.shape, placement[p])
@@ -581,7 +581,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     failure = None  # a write error: the writer keeps taking part in the gathers, then raises
     try:
         it = iter(tensors)
-        with tqdm(total=len(entries), desc=f"saving {out_dir.name}", unit="tensor",
+        with progress_bar(total=len(entries), desc=f"saving {out_dir.name}", unit="tensor",
                   disable=not show or not writer) as bar:
             for name, group in zip(names, files):
                 def arrays(n=len(group)):

