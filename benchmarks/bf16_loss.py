@@ -21,7 +21,7 @@ import numpy as np
 
 import vitsink_jax as vj
 from forward import hf_llava, parse_args
-from vitsink_jax.provenance import package_versions, write_json
+from vitsink_jax.provenance import machine, package_versions, write_json
 from vitsink_jax.train_lib import answer_nll_sum
 
 ANSWER = 16  # answer tokens per row: the last ones
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
               f"(rounding alone: max per-token {row['max_abs_token_nll_rounding']:.2e}); "
               f"bf16 logits on the bf16 grid: {bf16['logits_on_bf16_grid']}")
     result = {"config": s, "answer_tokens_per_row": ANSWER, "results": rows,
-              "versions": package_versions(), "device": str(jax.devices()[0])}
+              "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     if args.out:
         write_json(args.out, result)
     return result

@@ -36,7 +36,7 @@ from vitsink_jax.data.padding import right_pad  # noqa: E402
 from vitsink_jax.data.prompts import LETTERS, prompt_format  # noqa: E402
 from vitsink_jax.data.synthetic import SUBJECTS, embedded_benchmark  # noqa: E402
 from vitsink_jax.embedded import embedded_tokenizer  # noqa: E402
-from vitsink_jax.provenance import package_versions, write_json  # noqa: E402
+from vitsink_jax.provenance import machine, package_versions, write_json  # noqa: E402
 from vitsink_jax.scores import extract_choice  # noqa: E402
 from vitsink_jax.timing import interleaved_seconds  # noqa: E402
 
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
               "min_top2_margin": margin,
               "generate_agreement": float(np.mean([a == b for a, b in zip(mine, gen)])),
               "targets": {"vs_hf_generate": 2.5, "vs_hf_loglik": 1.5},
-              "versions": package_versions(), "device": str(jax.devices()[0])}
+              "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     host, dev = result["host"], result["profile"]
     print(f"{n} multiple-choice items, batch {cfg.batch_size}, fp32: ours (evaluate.py's path) "
           f"{rate['ours']:.1f} items/s, HF batched log-likelihood {rate['hf_loglik']:.1f} items/s "

@@ -22,7 +22,7 @@ import transformers
 
 import vitsink_jax as vj
 from vitsink_jax.timing import interleaved_seconds, median_seconds
-from vitsink_jax.provenance import package_versions, write_json
+from vitsink_jax.provenance import machine, package_versions, write_json
 
 SIZES = {  # (image, patch, vision hidden/layers/heads, text hidden/layers/heads/kv, batch, text tokens)
     "medium": dict(image=224, patch=14, vh=384, vl=6, vheads=6, th=512, tl=6, theads=8, tkv=4,
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
               "forward_flops": flops, "achieved_flops_per_s": flops / t_jax,
               "matmul_peak_flops_per_s": peak, "fraction_of_matmul_peak": flops / t_jax / peak,
               "max_abs_logit_diff": err, "ref_logit_scale": float(np.max(np.abs(ref))),
-              "versions": package_versions(), "device": str(jax.devices()[0])}
+              "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     print(f"LLaVA forward, batch {s['batch']} x {ids.shape[1]} tokens ({n_img} visual): "
           f"HF eager {t_torch * 1e3:.1f} ms, vitsink_jax jit {t_jax * 1e3:.1f} ms -> "
           f"{t_torch / t_jax:.2f}x; max|logit diff| {err:.2e} (logit scale {result['ref_logit_scale']:.2f}); "

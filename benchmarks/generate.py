@@ -20,7 +20,7 @@ import torch
 from forward import llava_inputs, parse_args
 from vitsink_jax.timing import interleaved_seconds, median_seconds
 from vitsink_jax.generate import generate
-from vitsink_jax.provenance import package_versions, write_json
+from vitsink_jax.provenance import machine, package_versions, write_json
 
 
 def stream_bandwidth(n_bytes: int, repeats: int = 3) -> float:
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
               "fraction_of_bandwidth": (weight_bytes + cache_bytes) / decode_step / bandwidth,
               "matmul_floor_s": floor, "fraction_of_matmul_floor": floor / decode_step,
               "matmul_floor_fraction_of_bandwidth": weight_bytes / floor / bandwidth,
-              "versions": package_versions(), "device": str(jax.devices()[0])}
+              "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     print(f"greedy generation, batch {s['batch']}, prompt {ids.shape[1]} tokens ({n_img} visual), "
           f"{n_new} new: HF generate {t_torch * 1e3:.0f} ms ({new / t_torch:.1f} tok/s), "
           f"vitsink_jax {t_jax * 1e3:.0f} ms ({new / t_jax:.1f} tok/s) -> {t_torch / t_jax:.2f}x; "

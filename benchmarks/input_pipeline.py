@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     import train
     from vitsink_jax import compile_cache
     from vitsink_jax.embedded import ensure_embedded_checkpoint
-    from vitsink_jax.provenance import package_versions, write_json
+    from vitsink_jax.provenance import machine, package_versions, write_json
 
     args, _, repeats = parse_args(__doc__, argv, repeats=2,
                                   steps=dict(type=int, default=25, help="train steps per run"),
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
               "batch_size": cfg.batch_size, "input_pixels": loader[0]["input_pixels"],
               "host_cores": cores, "loader": loader, "train_runs": runs,
               "data_wait_share": share, "median_step_s": step_s, "target_share": 0.05,
-              "versions": package_versions(), "device": str(jax.devices()[0])}
+              "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     for x in loader:
         print(f"loader, {x['workers']} thread(s): {x['images_per_s']:.0f} images/s = "
               f"{x['images_per_s_per_core']:.0f} per core ({x['images_per_cpu_s']:.0f} per CPU-second)")

@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
         return result
 
     from vitsink_jax.convert.checkpoint_io import parse_size
-    from vitsink_jax.provenance import package_versions, write_json
+    from vitsink_jax.provenance import machine, package_versions, write_json
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
                 parse_size(SHARD[shape][1]) + largest),
             "parity_relative": parity["relative"],
         },
-        "versions": package_versions(),
+        "versions": package_versions(), "machine": machine(),
     }
     f = result["figures"]
     print(f"fsdp=8 load: largest device holds {f['max_device_bytes_vs_total_over_8']:.3f}x total/8; "

@@ -193,13 +193,13 @@ def main(argv=None) -> dict:
     devices = max(c for c, _ in SLICES.values()) if args.plan else args.devices
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={devices}")
-    from vitsink_jax.provenance import package_versions, write_json
+    from vitsink_jax.provenance import machine, package_versions, write_json
 
     if args.plan:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from configs.tinyllava import RECIPES
         result = {"memory_plan": memory_plan({n: r["micro_batch_per_chip"] for n, r in RECIPES.items()},
-                                             args.max_length), "versions": package_versions()}
+                                             args.max_length), "versions": package_versions(), "machine": machine()}
         if args.out:
             write_json(args.out, result)
         return result
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
                   f"{gib(r, 'inference_tensor'):.2f} GiB per device = "
                   f"{r['inference_ratio_to_ideal']:.2f}x total/{n}", flush=True)
         results.append(entry)
-    result = {"results": results, "versions": package_versions()}
+    result = {"results": results, "versions": package_versions(), "machine": machine()}
     if args.out:
         write_json(args.out, result)
     return result

@@ -27,7 +27,7 @@ from memory import SHAPES, llava_config
 from vitsink_jax import train_lib
 from vitsink_jax.convert.hf import build_model, init_params
 from vitsink_jax.timing import median_seconds
-from vitsink_jax.provenance import package_versions, write_json
+from vitsink_jax.provenance import machine, package_versions, write_json
 
 PEAK_BF16 = {  # dense bf16 FLOP/s by jax device_kind prefix (vendor data sheets)
     "NVIDIA H200": 989e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
               "peak_flops_per_s": peak, "peak_source": "vendor" if peak != measured else "measured",
               "measured_bf16_matmul_flops_per_s": measured,
               "prefill_mfu": fwd / t_prefill / peak, "train_step_mfu": train / t_train / peak,
-              "versions": package_versions()}
+              "versions": package_versions(), "machine": machine()}
     print(f"{shape} on {device.device_kind}, batch {batch} x {result['tokens']} tokens, bf16: prefill "
           f"{t_prefill * 1e3:.1f} ms = {fwd / t_prefill / 1e12:.1f} TFLOP/s, MFU "
           f"{100 * result['prefill_mfu']:.1f}%; training step {t_train * 1e3:.1f} ms = "

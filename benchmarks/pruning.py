@@ -18,7 +18,7 @@ from forward import llava_inputs, parse_args
 from vitsink_jax import timing
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.interventions import parse
-from vitsink_jax.provenance import package_versions, write_json
+from vitsink_jax.provenance import machine, package_versions, write_json
 
 SPECS = ("stock", "fastv:0.5:2", "fastv:0.75:2", "fastv+sinks:0.5:2", "fastv+sinks:0.75:2")
 
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
         print(f"{spec:>20}: {r['visual_tokens_kept']:4d} visual tokens, prefill "
               f"{r['prefill_s'] * 1e3:7.1f} ms ({r['prefill_speedup']:.2f}x), decode step "
               f"{r['decode_step_s'] * 1e3:6.2f} ms ({r['decode_speedup']:.2f}x)")
-    result = {"config": s, "repeats": repeats, "results": rows, "versions": package_versions()}
+    result = {"config": s, "repeats": repeats, "results": rows, "versions": package_versions(), "machine": machine()}
     if args.out:
         write_json(args.out, result)
     return result

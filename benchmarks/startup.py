@@ -72,7 +72,7 @@ def run(cmd: list) -> tuple[float, float, str]:
 
 def main(argv=None) -> dict:
     from forward import parse_args
-    from vitsink_jax.provenance import package_versions, write_json
+    from vitsink_jax.provenance import machine, package_versions, write_json
 
     args, s, repeats = parse_args(__doc__, argv, repeats=3)
     repeats = max(repeats, 1)
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     result = {"config": s, "repeats": repeats, "seconds": med, "runs": rows, "compile": compiles,
               "warm_vs_hf": {k: d["warm"] / d["hf"] for k, d in med.items()},
               "cold_vs_hf": {k: d["cold"] / d["hf"] for k, d in med.items()},
-              "versions": package_versions(), "device": _device()}
+              "versions": package_versions(), "machine": machine(), "device": _device()}
     for kind, label in (("train", "first train step"), ("eval", "first scored batch")):
         d = med[kind]
         print(f"process start -> {label}: ours cold {d['cold']:.1f} s, warm cache {d['warm']:.1f} s, "

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from forward import hf_llava, parse_args  # noqa: E402
-from vitsink_jax.provenance import package_versions, write_json  # noqa: E402
+from vitsink_jax.provenance import machine, package_versions, write_json  # noqa: E402
 
 PARTS = ("multi_modal_projector", "language_model", "vision_tower")  # a plain LLaVA: everything
 LR = 2e-5
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
               "step": t, "profile_fp32": profile,
               "first_loss": {**{f"ours_{k}": v.losses[0] for k, v in steps.items()},
                              **{k: v[0] for k, v in hf_losses.items()}},
-              "versions": package_versions(), "device": str(jax.devices()[0])}
+              "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     for name in t:
         result["step"][name]["sys_share"] = t[name]["sys_s"] / t[name]["wall_s"]
     for ref in ("hf_sdpa", "hf_eager"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -187,17 +188,48 @@ def assert_close(ours, ref, tol=1e-4, what=""):
 PARITY: dict = {}  # test id -> worst max|diff| / max(1, max|ref|) seen by assert_close
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attaches the test's worst parity error to its call report (so it reaches the xdist
+    controller)."""
+    outcome = yield
+    if call.when == "call" and item.nodeid in PARITY:
+        outcome.get_result().user_properties.append(("parity", PARITY[item.nodeid]))
+
+
+def pytest_sessionstart(session):
+    session.config._vitsink_start = time.time()
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Prints the worst relative parity error per test file, the figure the closing notes quote."""
-    if not PARITY:
-        return
+    """Prints the worst relative parity error per test file (the figure the closing notes and
+    the README's family table quote); with ``VITSINK_JAX_SUITE_JSON=FILE`` also writes the run's
+    summary there (tests passed / failed / skipped, seconds, parity per file, machine and date:
+    what benchmarks/readme.py puts in the README)."""
+    stats = terminalreporter.stats
     by_file: dict = {}
-    for test, err in PARITY.items():
-        f = test.split("::")[0]
-        by_file[f] = max(by_file.get(f, 0.0), err)
-    terminalreporter.write_sep("-", "parity vs transformers: worst max|diff| / max(1, max|ref|)")
-    for f, err in sorted(by_file.items()):
-        terminalreporter.write_line(f"{f}: {err:.2e}")
+    for report in stats.get("passed", []) + stats.get("failed", []):
+        for key, value in getattr(report, "user_properties", ()):
+            if key == "parity":
+                f = report.nodeid.split("::")[0]
+                by_file[f] = max(by_file.get(f, 0.0), value)
+    if by_file:
+        terminalreporter.write_sep("-", "parity vs transformers: worst max|diff| / max(1, max|ref|)")
+        for f, err in sorted(by_file.items()):
+            terminalreporter.write_line(f"{f}: {err:.2e}")
+    out = os.environ.get("VITSINK_JAX_SUITE_JSON")
+    if out and not hasattr(terminalreporter.config, "workerinput"):
+        import json
+
+        from vitsink_jax.provenance import machine
+
+        count = lambda k: len([r for r in stats.get(k, []) if getattr(r, "when", "call") == "call"])  # noqa: E731
+        summary = {"passed": count("passed"), "failed": count("failed"), "skipped": len(stats.get("skipped", [])),
+                   "seconds": round(time.time() - terminalreporter.config._vitsink_start, 1),
+                   "command": "python -m pytest -q -n 2 tests", "parity": dict(sorted(by_file.items())),
+                   "machine": machine()}
+        with open(out, "w") as f:
+            f.write(json.dumps(summary, indent=1, sort_keys=True) + "\n")
 
 
 def compare_causal_lm(hf, path, ids, mask=None, positions=None, full=True, **options):

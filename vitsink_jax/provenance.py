@@ -19,6 +19,30 @@ PACKAGES = ("vitsink_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
             "transformers", "safetensors", "numpy", "torch")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else the platform's word for it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Where and when a figure was measured: CPU model, cores this process may use, the JAX
+    device kind and count, and the date (UTC)."""
+    import datetime
+
+    import jax
+
+    devices = jax.devices()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_model(), "cores": cores, "device_kind": devices[0].device_kind,
+            "devices": len(devices), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
 def package_versions() -> dict:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -31,10 +55,11 @@ def package_versions() -> dict:
 
 def record(config: Any, seed: int, checkpoint: str | None = None,
            checkpoint_sha256: str | None = None) -> dict:
-    """What produced a result: the config, seed, package versions, checkpoint and its hash,
-    and, in a CLI run, its compile time and cache use so far (:func:`compile_cache.stats`)."""
+    """What produced a result: the config, seed, package versions, machine and date
+    (:func:`machine`), checkpoint and its hash, and, in a CLI run, its compile time and cache
+    use so far (:func:`compile_cache.stats`)."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    out = {"config": cfg, "seed": seed, "versions": package_versions(),
+    out = {"config": cfg, "seed": seed, "versions": package_versions(), "machine": machine(),
            "checkpoint": checkpoint, "checkpoint_sha256": checkpoint_sha256}
     compiled = compile_cache.stats()
     return out if compiled is None else {**out, "compile": compiled}
