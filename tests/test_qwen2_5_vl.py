@@ -285,3 +285,18 @@ def test_qwen_diysink_and_its_checkpoint(qwen, tmp_path, init):
     keep = d["mask"].astype(bool)
     assert_close(t2n(_hf_forward(d, QWEN.from_pretrained(str(out)).eval()).logits)[keep],
                  t2n(_hf_forward(d).logits)[keep], what="transformers on the DIYSink checkpoint")
+
+
+def test_bad_position_ids_and_configs_raise_by_name(qwen):
+    """transformers' [3, B, T] ids, a tower without its model and M-RoPE sections that do not
+    cover the head are refused with what to do."""
+    d = qwen
+    with pytest.raises(ValueError, match=r"position_ids have shape \(3, 1, 48\).*moveaxis"):
+        d["model"].apply({"params": d["params"]}, jnp.asarray(d["ids"][1:]), jnp.asarray(d["pixels"][-1:]),
+                         position_ids=jnp.zeros((3, 1, 48), jnp.int32))
+    with pytest.raises(ValueError, match="a Qwen2.5-VL tower alone is not loaded"):
+        vj.config_from_hf({"model_type": "qwen2_5_vl_vision"})
+    bad = qwen2_5_vl_config().to_dict()
+    bad["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
+    with pytest.raises(ValueError, match=r"mrope_section \(2, 2, 2\) must sum to the rotary dims / 2 = 8"):
+        vj.config_from_hf(bad)

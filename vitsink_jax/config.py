@@ -314,6 +314,9 @@ class TextConfig:
                     self.sliding_window is None:
                 raise ValueError("gemma3_text needs query_pre_attn_scalar, rope_local_theta and "
                                  "sliding_window (its local layers' kind is told by the window)")
+        if self.mrope_section is not None and 2 * sum(self.mrope_section) != self.rotary_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to the rotary dims / 2 = "
+                             f"{self.rotary_dim // 2}")
 
     @property
     def is_gemma(self) -> bool:
@@ -842,9 +845,6 @@ class Qwen2_5_VLConfig(MergedTokensConfig):
             raise ValueError(f"Qwen2.5-VL's tower is qwen2_5_vl_vision, not {self.vision.model_type}")
         if self.text.mrope_section is None:
             raise ValueError("Qwen2.5-VL's LLM needs rope_parameters.mrope_section (multimodal RoPE)")
-        if 2 * sum(self.text.mrope_section) != self.text.head_dim:
-            raise ValueError(f"mrope_section {self.text.mrope_section} must sum to head_dim / 2 = "
-                             f"{self.text.head_dim // 2}")
         if self.image_size != self.vision.image_size or self.projector_type != "qwen2_5_vl" or \
                 self.vision_feature_layer != -1 or self.vision_feature_select_strategy != "full":
             raise ValueError("Qwen2.5-VL has its own projector (the patch merger) and feature selection; "
@@ -898,6 +898,9 @@ ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """Dispatches a config.json dict on ``model_type``; unknown types raise ValueError naming it."""
     mt = d.get("model_type")
+    if mt == "qwen2_5_vl_vision":
+        raise ValueError("model_type 'qwen2_5_vl_vision': a Qwen2.5-VL tower alone is not loaded (its "
+                         "checkpoint holds the merger too); load the whole model (model_type 'qwen2_5_vl')")
     if mt in LVLM_TYPES:
         return LVLM_TYPES[mt].from_hf(d)
     if mt in VISION_TYPES:

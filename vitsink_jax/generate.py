@@ -51,7 +51,8 @@ def prefill(model, params, input_ids, attention_mask, pixel_values, max_new_toke
     ``route`` [N_img] and ``question_mask`` [B, T] (DIYSink ReW) as in the model's forward."""
     b, t = input_ids.shape
     prune = model.interventions.prune
-    pruning = () if prune is None else (prune.layer, prune.dropped(model.tokens_per_image(pixel_values.shape)))
+    per_image = model.config.num_image_tokens if pixel_values is None else model.tokens_per_image(pixel_values.shape)
+    pruning = () if prune is None else (prune.layer, prune.dropped(per_image))
     var = model.interventions.var
     cache = init_cache(model.config.text, b, t + max_new_tokens, model.dtype, pruning,
                        var=None if var is None else var.sinks)

@@ -69,7 +69,7 @@ def _family(config: ModelConfig) -> str:
         return "qwen2_5_vl"
     if isinstance(config, LlavaConfig):
         return "llava"
-    return {VisionConfig: "vision", TextConfig: "text"}[type(config)]
+    return "vision" if isinstance(config, VisionConfig) else "text"
 
 
 def rename_first(key: str, rules) -> str:

@@ -54,9 +54,10 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) of a TextConfig (LLaMA, Qwen2, Phi-3, Gemma 3)."""
+    """down(act(gate(x)) * up(x)) of a TextConfig (LLaMA, Qwen2, Phi-3, Gemma 3) or Qwen2.5-VL's
+    vision config (anything with hidden_size, intermediate_size, hidden_act, mlp_bias)."""
 
-    config: object  # a TextConfig
+    config: object  # a TextConfig or Qwen2_5_VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

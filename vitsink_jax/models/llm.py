@@ -296,7 +296,8 @@ class DecoderModel(nn.Module):
 
 class _Tokens(NamedTuple):
     """The per-token inputs of the decoder layers, each [B, T]: the call's T tokens, or the T'
-    of them FastV pruning keeps (:meth:`gather`). position_ids; attention_mask: 1 = token,
+    of them FastV pruning keeps (:meth:`gather`). position_ids ([B, T, 3] under multimodal
+    RoPE); attention_mask: 1 = token,
     0 = pad, as passed (None: no padding); keep: int32, the tokens a cache stores as attendable
     (attention_mask, default all; None without a cache); visual, sinks: the visual-token slots
     and ViT sinks (interventions only, else None); blocks: Gemma 3's image blocks (the image's
@@ -316,6 +317,10 @@ class _Tokens(NamedTuple):
         keep = None
         if cache is not None:
             keep = jnp.ones((b, t), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+        if position_ids is not None and tuple(position_ids.shape) not in ((b, t), (b, t, 3)):
+            raise ValueError(f"position_ids have shape {tuple(position_ids.shape)}; expected [B, T] = "
+                             f"{(b, t)} or, for multimodal RoPE, [B, T, 3] (transformers' [3, B, T] "
+                             "with the axis moved last: jnp.moveaxis(ids, 0, -1))")
         if position_ids is None:
             position_ids = (jnp.broadcast_to(jnp.arange(t), (b, t)) if cache is None
                             else generation_positions(keep, cache.position))

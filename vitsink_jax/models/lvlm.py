@@ -105,7 +105,8 @@ class LlavaForConditionalGeneration(nn.Module):
     """``__call__(input_ids [B, T], pixel_values [N_img, C, H, W], attention_mask [B, T])``
     -> LlavaOutput (float32 logits [B, T, V]).
 
-    The number of image tokens in ``input_ids`` must be ``N_img * config.num_image_tokens``.
+    The number of image tokens in ``input_ids`` must be ``N_img * tokens_per_image(pixel_values.shape)``
+    (``config.num_image_tokens``, but for Qwen2.5-VL's dynamic resolution).
     Outside jit a mismatch raises ValueError; under jit (values unknown at trace time) the
     logits are set to NaN so the mismatch can never pass silently.
 
@@ -309,7 +310,9 @@ class LlavaForConditionalGeneration(nn.Module):
         human turn's text, :func:`vitsink_jax.data.tokenizer.encode_marked` marks the same in
         evaluation prompts; one image per row). Ignored by other models.
         cache: a :class:`KVCache` to prefill (see :mod:`vitsink_jax.generate`); positions then
-        default to generation positions (running count of kept tokens)."""
+        default to generation positions (running count of kept tokens) or, for a family with
+        its own ids (:meth:`llm_positions`: Qwen2.5-VL's [B, T, 3]), to those counted from the
+        cache's next position."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(

@@ -33,8 +33,9 @@ def window_token_index(local, grid: tuple, k: int):
 class MergedTokens:
     """Mixin of an LVLM (before :class:`~vitsink_jax.models.lvlm.LlavaForConditionalGeneration`
     in its bases) whose config has ``token_grid`` (visual tokens per side) and ``pool`` (k).
-    The subclass says which ViT patch tokens [N, (token_grid k) ** 2, E] the norms are read on
-    (:meth:`sink_tokens`) and what the projector reads (``projector_input``)."""
+    The subclass says which ViT patch tokens [N, rows k * cols k, E] the norms are read on
+    (:meth:`sink_tokens`; rows x cols visual tokens, :meth:`token_grid_of`) and what the
+    projector reads (``projector_input``)."""
 
     def sink_tokens(self, vout):
         raise NotImplementedError

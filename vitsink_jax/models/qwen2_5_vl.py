@@ -10,8 +10,10 @@ windows and the position ids follow at trace time; another size is another compi
 
 Token order: the tower keeps its patch tokens row-major over the patch grid (transformers keeps
 them in its processor's 2 x 2-block order and, inside the blocks, in window order; attention
-does not depend on the order, so the hidden states are the same tokens permuted); a window's
-tokens attend to each other through a mask. The visual tokens are the merged 2 x 2 windows,
+does not depend on the order, so the hidden states are the same tokens permuted). A windowed
+block gathers each window's patches into a row and attends inside it (scores [N W, H, M, M],
+M the patches of a window), or, when the attention weights are asked for, runs one S x S
+attention masked to the windows. The visual tokens are the merged 2 x 2 windows,
 row-major, as transformers feeds them to the LLM.
 
 Everything else (sink-to-the-front, DIYSink, the interventions, the KV cache) is the LLaVA
@@ -64,6 +66,23 @@ def attention_windows(config: Qwen2_5_VisionConfig, grid: tuple) -> np.ndarray:
     return (rc[:, 0] * across + rc[:, 1]).astype(np.int32)
 
 
+def window_gather(window: np.ndarray) -> tuple:
+    """The layout of windowed attention for patch windows ``window`` [S] (:func:`attention_windows`):
+    (index [W, M] int32: the patches of each window, row-major, padded with patch 0; valid [W, M]
+    bool: not padding; inverse [S] int32: each patch's place in the flattened [W * M])."""
+    order = np.argsort(window, kind="stable")
+    counts = np.bincount(window)
+    rank = np.arange(len(window)) - np.repeat(np.cumsum(counts) - counts, counts)
+    m = int(counts.max())
+    index = np.zeros((len(counts), m), np.int32)
+    valid = np.zeros((len(counts), m), bool)
+    index[window[order], rank] = order
+    valid[window[order], rank] = True
+    inverse = np.empty(len(window), np.int32)
+    inverse[order] = window[order] * m + rank
+    return index, valid, inverse
+
+
 def vision_rope(config: Qwen2_5_VisionConfig, grid: tuple):
     """(cos, sin) each [1, gh * gw, head_dim] float32: the tower's 2-D RoPE, the first half of
     each head's frequencies turned by the patch row, the second by its column."""
@@ -76,23 +95,46 @@ def vision_rope(config: Qwen2_5_VisionConfig, grid: tuple):
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def windowed_attention(q, k, v, window: np.ndarray):
+    """Attention inside each window, one window at a time: q, k, v [N, S, H, D] and the
+    patches' windows [S] -> out [N, S, H, D]. Each window's patches are gathered into a row of
+    M (the largest window; the cut-short ones padded and masked as keys), so the scores are
+    [N W, H, M, M] instead of [N, H, S, S]."""
+    index, valid, inverse = window_gather(window)
+    n, _, h, d = q.shape
+    w, m = index.shape
+    rows = lambda t: t[:, index.reshape(-1)].reshape(n * w, m, h, d)  # noqa: E731
+    mask = jnp.broadcast_to(jnp.asarray(valid)[None, :, None, None, :], (n, w, 1, 1, m)).reshape(n * w, 1, 1, m)
+    out, _ = dot_product_attention(rows(q), rows(k), rows(v), mask)
+    return out.reshape(n, w * m, h, d)[:, inverse]
+
+
 class Qwen2_5_VisionAttention(nn.Module):
-    """One fused ``qkv`` projection, 2-D RoPE on q and k, ``proj`` out (HF's names)."""
+    """One fused ``qkv`` projection, 2-D RoPE on q and k (turned in float32, as transformers
+    does), ``proj`` out (HF's names)."""
 
     config: Qwen2_5_VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, output_attentions=False):
-        """x [N, S, E], mask [1, 1, S, S] bool or None -> ([N, S, E], weights [N, H, S, S])."""
+    def __call__(self, x, window, cos, sin, output_attentions=False):
+        """x [N, S, E]; window [S] int (each patch's attention window) or None (full attention)
+        -> ([N, S, E], weights [N, H, S, S] when ``output_attentions``: then a windowed block
+        runs as one masked S x S attention, else window by window)."""
         c = self.config
         n, s, e = x.shape
         h = c.num_attention_heads
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q, k, v = (t[:, :, 0] for t in jnp.split(
             nn.Dense(3 * e, name="qkv", **kw)(x).reshape(n, s, 3, h, e // h), 3, axis=2))
-        out, weights = dot_product_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
+        q, k = (apply_rotary(t.astype(jnp.float32), cos, sin).astype(t.dtype) for t in (q, k))
+        weights = None
+        if window is not None and not output_attentions:
+            out = windowed_attention(q, k, v, window)
+        else:
+            mask = None if window is None else jnp.asarray(window[:, None] == window[None, :])[None, None]
+            out, weights = dot_product_attention(q, k, v, mask)
         return nn.Dense(e, name="proj", **kw)(out.reshape(n, s, e)), (weights if output_attentions else None)
 
 
@@ -104,11 +146,11 @@ class Qwen2_5_VisionBlock(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, cos, sin, output_attentions=False):
+    def __call__(self, x, window, cos, sin, output_attentions=False):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h, weights = Qwen2_5_VisionAttention(c, name="attn", **kw)(
-            RMSNorm(c.layer_norm_eps, name="norm1", **kw)(x), mask, cos, sin, output_attentions)
+            RMSNorm(c.layer_norm_eps, name="norm1", **kw)(x), window, cos, sin, output_attentions)
         x = x + h
         return x + GatedMLP(c, name="mlp", **kw)(RMSNorm(c.layer_norm_eps, name="norm2", **kw)(x)), weights
 
@@ -170,8 +212,7 @@ class Qwen2_5_VisionTower(nn.Module):
         x = jnp.broadcast_to(x, (x.shape[0], tp, p, p, ch))  # a still image: tp equal frames
         x = PatchEmbed(c, self.dtype, self.param_dtype, name="patch_embed")(x)
         x = x.reshape(n, grid[0] * grid[1], c.hidden_size)
-        win = jnp.asarray(attention_windows(c, grid))
-        window = (win[:, None] == win[None, :])[None, None]
+        window = attention_windows(c, grid)
         cos, sin = vision_rope(c, grid)
         states, attns = [x], []
         for i in range(c.num_hidden_layers):
@@ -189,10 +230,10 @@ class PatchMerger(nn.Module):
     ``ln_q`` of each of the k * k tokens -> ``mlp`` (:class:`MergerMLP`) -> [..., D]."""
 
     out_features: int
+    width: int  # E, the tower's width
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    width: int = 0  # E, the tower's width
 
     @nn.compact
     def __call__(self, x):
@@ -243,7 +284,7 @@ class Qwen2_5_VLForConditionalGeneration(MergedTokens, LlavaForConditionalGenera
 
     def new_projector(self) -> nn.Module:
         c = self.config
-        return PatchMerger(c.text.hidden_size, 1e-6, self.dtype, self.param_dtype, c.vision.hidden_size)
+        return PatchMerger(c.text.hidden_size, c.vision.hidden_size, 1e-6, self.dtype, self.param_dtype)
 
     def tokens_per_image(self, pixel_shape: tuple) -> int:
         unit = self.config.vision.merge_unit

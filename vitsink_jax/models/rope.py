@@ -60,7 +60,8 @@ def _llama3(rope: dict, inv: np.ndarray):
 
 
 def inv_freq(config: TextConfig, position_ids):
-    """Returns (inv_freq [D/2] float32, attention scaling) for ``position_ids`` [B, T]."""
+    """Returns (inv_freq [D/2] float32, attention scaling) for ``position_ids`` [B, T] (or
+    [B, T, 3])."""
     rope = config.rope
     kind = rope.get("rope_type", "default")
     if kind not in ROPE_TYPES:
