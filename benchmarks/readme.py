@@ -7,8 +7,10 @@ A generated block sits between ``<!-- generated:NAME -->`` and ``<!-- /generated
 everything between the markers is this script's. Each block starts with the machine and date
 its figures were measured on (``machine`` in the result; older results did not record it, and
 the block says so). Sources: ``benchmarks/results.json`` (the benchmark scripts' ``--out``
-files, merged by name) and ``benchmarks/suite.json`` (the test run's summary, written by
-``VITSINK_JAX_SUITE_JSON=benchmarks/suite.json python -m pytest -q -n 2 tests``).
+files, merged by name), ``benchmarks/suite.json`` (the test run's summary, written by
+``VITSINK_JAX_SUITE_JSON=benchmarks/suite.json python -m pytest -q -n 2 tests``) and the
+main job's / interventions mode's reports (``study.json``, ``interventions.json``; see
+:data:`RUNS`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,33 @@ def speed(r: dict) -> list:
             f"{'identical' if g128['tokens_equal'] else 'DIFFERENT'}; decode step "
             f"{1000 * g128['decode_step_s']:.2f} vs {1000 * g128['hf_decode_step_s']:.2f} ms = "
             f"{_x(g128['decode_speedup_vs_hf'])} |"]
+
+
+def switches(r: dict) -> list:
+    """The speed / memory switches and what the benchmarks measured for each."""
+    f, g, p = r["forward"], r["generate"], r["pruning"]["results"]
+    seven = next(m for m in r["memory"]["results"] if m["loop"]["fsdp"]["shape"] == "llava-1.5-7b")
+    loop, scan = seven["loop"], seven["scan"]
+    return [measured_on(f, g, r["memory"], r["pruning"]), "",
+            "| switch | where | effect measured | why |", "|---|---|---|---|",
+            f"| `jax.jit` of the whole forward / decode loop | always | {_x(f['speedup_vs_hf'])} vs HF eager prefill, "
+            f"{_x(g['decode_speedup_vs_hf'])} per decode step | one XLA program, no Python per token |",
+            "| static shapes: length buckets, fixed sink counts | eval, generate, train | no recompiles across "
+            "prompts in a bucket (tested by counting compiles) | compile once |",
+            f"| `fused_attention=True` (LLM: `jax.nn.dot_product_attention`) | `model.clone(...)` | "
+            f"{_x(f['fused_attention_speedup'])} (medium forward) | XLA's CPU path is the same einsum-softmax-einsum; "
+            "on GPU / TPU it selects cuDNN flash / fused kernels (not measured: no device lent) |",
+            "| `remat=True` + `remat_policy` | train.py `--config.remat`, `--config.remat_policy` | same step, less "
+            "activation memory; `nothing_saveable` (default), `dots_saveable`, `dots_with_no_batch_dims_saveable` "
+            "trade memory for recompute | recompute in backward |",
+            f"| `scan_layers=True` | train.py `--config.scan_layers`, `load_pretrained(..., scan_layers=True)` | 7B fsdp "
+            f"step {scan['fsdp']['per_device_bytes'] / GIB:.1f} GiB per device vs "
+            f"{loop['fsdp']['per_device_bytes'] / GIB:.1f} GiB with the loop ({_x(scan['ratio_to_ideal'])} vs "
+            f"{_x(loop['ratio_to_ideal'])} of total/8); compile {scan['fsdp']['compile_s']:.0f} s vs "
+            f"{loop['fsdp']['compile_s']:.0f} s | the all-gathered weights of one layer live at a time, not all of them |",
+            f"| FastV pruning | `interventions` | prefill {_x(p['fastv:0.5:2']['prefill_speedup'])} / "
+            f"{_x(p['fastv:0.75:2']['prefill_speedup'])} at r = 0.5 / 0.75 | fewer tokens after layer K |",
+            "| donated train state | train.py (mesh) | no second copy of params + optimizer state | `donate_argnums` |"]
 
 
 def bf16_loss(r: dict) -> list:
@@ -259,25 +288,80 @@ def families(r: dict) -> list:
     return rows
 
 
+def _pct(acc: float) -> str:
+    return f"{100 * acc:.2f}"
+
+
+def study(r: dict) -> list:
+    """The main job's table (``python evaluate.py``'s study.json)."""
+    s = r["study"]
+    labels = {"single none": "single MLP, stock", "single front": "single MLP, sink-to-front",
+              "diysink none": "DIYSink (dual MLP + ReW), its own layout (sinks first)"}
+    rows = [measured_on(s), "",
+            "| model, visual-token order | overall | global | local | counting | corner | main subject |",
+            "|---|---|---|---|---|---|---|"]
+    for name in [*(k for k in labels if k in s["results"]), *(k for k in s["results"] if k not in labels)]:
+        e = s["results"][name]
+        tag, cat = e["per_tag"], e["per_category"]
+        rows.append(f"| {labels.get(name, name)} | {_pct(e['accuracy'])} | {_pct(tag['global']['acc'])} | "
+                    f"{_pct(tag['local']['acc'])} | {_pct(cat['counting']['acc'])} | {_pct(cat['position']['acc'])} | "
+                    f"{_pct(cat['scene']['acc'])} |")
+    return rows
+
+
+def interventions(r: dict) -> list:
+    """``python evaluate.py --config.mode=interventions``'s table (interventions.json)."""
+    iv = r["interventions"]
+
+    def label(spec: str) -> str:
+        name, *args = spec.split(":")
+        return {"stock": "stock", "front": "sink-to-front",
+                "fastv": f"FastV r = {args[0]}" if args else "FastV",
+                "fastv+sinks": f"sink-aware r = {args[0]}" if args else "sink-aware",
+                "var": f"VAR p = {args[0]}" if args else "VAR",
+                "registers": f"test-time registers ({args[0]} neurons)" if args else "test-time registers"}.get(name, spec)
+
+    rows = [measured_on(iv), "",
+            "| intervention | visual tokens | overall | global | local | prefill x | decode x |",
+            "|---|---|---|---|---|---|---|"]
+    specs = [x for x in iv["config"]["compare"]["specs"] if x in iv["results"]]  # the run's order
+    for spec in specs:
+        e = iv["results"][spec]
+        tag = e["per_tag"]
+        decode = "-" if e["decode_vs_first"] is None else f"{e['decode_vs_first']:.2f}"
+        rows.append(f"| {label(spec)} | {e['visual_tokens_kept']} | {_pct(e['accuracy'])} | "
+                    f"{_pct(tag['global']['acc'])} | {_pct(tag['local']['acc'])} | {e['prefill_vs_first']:.2f} | "
+                    f"{decode} |")
+    return rows
+
+
 def suite(r: dict) -> list:
     s = r["suite"]
     return [f"`-n 2` runs two pytest-xdist workers: {s['passed']} tests passed in {s['seconds'] / 60:.1f} minutes "
             f"({s['machine']['cpu']}, {s['machine']['cores']} cores, {s['machine']['date']})."]
 
 
-BLOCKS = {"families": families, "speed": speed, "bf16-loss": bf16_loss, "memory": memory, "io": io, "pruning": pruning,
+BLOCKS = {"families": families, "study": study, "interventions": interventions, "speed": speed,
+          "switches": switches, "bf16-loss": bf16_loss, "memory": memory, "io": io, "pruning": pruning,
           "memory-plan": memory_plan, "waits": waits, "suite": suite}
 
 
+# the other result files: name -> (file in benchmarks/, the command that writes it)
+RUNS = {"suite": ("suite.json", "VITSINK_JAX_SUITE_JSON=benchmarks/suite.json python -m pytest -q -n 2 tests"),
+        "study": ("study.json", "python evaluate.py --workdir=W, then copy W/study.json"),
+        "interventions": ("interventions.json",
+                          "python evaluate.py --config.mode=interventions --workdir=W, then copy W/interventions.json")}
+
+
 def sources(root: Path = ROOT) -> dict:
-    """The committed result files: results.json's entries by name, plus ``suite``
-    (benchmarks/suite.json). Raises FileNotFoundError naming a missing one."""
+    """The committed result files: results.json's entries by name, plus :data:`RUNS`. Raises
+    FileNotFoundError naming a missing one and the command that writes it."""
     out = json.loads((root / "benchmarks" / "results.json").read_text())
-    suite_file = root / "benchmarks" / "suite.json"
-    if not suite_file.exists():
-        raise FileNotFoundError(f"{suite_file}: no test-run summary; write it with "
-                                f"VITSINK_JAX_SUITE_JSON={suite_file} python -m pytest -q -n 2 tests")
-    out["suite"] = json.loads(suite_file.read_text())
+    for name, (file, command) in RUNS.items():
+        path = root / "benchmarks" / file
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; write it with {command}")
+        out[name] = json.loads(path.read_text())
     return out
 
 
