@@ -127,7 +127,8 @@ def main_of(main):
         verbose = flags.FLAGS.verbose
         if not flags.FLAGS["verbosity"].present and not verbose:
             logging.set_verbosity(logging.FATAL)  # orbax logs a failed save's traceback
-        with log_to(log_path(flags.FLAGS.workdir)):
+        workdir = getattr(flags.FLAGS, "workdir", None)  # (a main without the flag: no log)
+        with log_to(log_path(workdir)) if workdir else contextlib.nullcontext():
             try:
                 return main(argv)
             except USER_ERRORS as e:
