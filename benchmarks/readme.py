@@ -140,7 +140,12 @@ def memory(r: dict) -> list:
                         f"{e['fsdp']['compile_s']:.0f} s | {e['inference_one_device']['per_device_bytes'] / GIB:.1f} GiB "
                         f"| {e['inference_tensor']['per_device_bytes'] / GIB:.2f} GiB | "
                         f"{bold}{_x(e['inference_ratio_to_ideal'])}{bold} |")
-    return rows
+    seven = next(x for x in m["results"] if x["loop"]["fsdp"]["shape"] == "llava-1.5-7b")
+    temp = {k: (seven[k]["fsdp"]["temp_bytes"] / GIB, seven[k]["one_device"]["temp_bytes"] / 8 / GIB)
+            for k in ("loop", "scan")}
+    return rows + ["", f"The 7B step's temporaries per device: {temp['loop'][0]:.1f} GiB with the loop against "
+                       f"{temp['loop'][1]:.1f} GiB ideal (the one-device step's / 8); scanned: {temp['scan'][0]:.1f} "
+                       f"vs {temp['scan'][1]:.1f}."]
 
 
 def io(r: dict) -> list:
