@@ -286,6 +286,38 @@ def check_generation_and_scan(hf, model, params, batch: dict, ref_logits, new_to
     assert_close(np.asarray(scanned.logits)[keep], t2n(ref_logits)[keep], what="scanned logits")
 
 
+def check_diysink(d: dict, hf_forward, hf_class, tmp_path, init: str):
+    """DIYSink on an LVLM fixture ``d`` (model, params, ids, pixels, mask): with ``init="copy"``
+    (both projectors equal) it gives the stock model's sink-to-the-front logits; with a fresh
+    sink projector it round-trips through config.json bit for bit, and transformers' ``hf_class``
+    reads the checkpoint's non-sink path as its projector (``hf_forward(d, hf)``: the reference
+    forward on the fixture's batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    import vitsink_jax as vj
+    from vitsink_jax.config import DIYSinkConfig
+    from vitsink_jax.diysink import to_diysink
+    from vitsink_jax.sinks.fuse import VisualTokenPolicy
+
+    rule = vj.SinkRule("topk", k=2)
+    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(rule), init=init)
+    batch = (jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]))
+    ours = model.apply({"params": params}, *batch, attention_mask=jnp.asarray(d["mask"])).logits
+    if init == "copy":
+        front = d["model"].clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
+        np.testing.assert_allclose(ours, front.apply({"params": d["params"]}, *batch,
+                                                     attention_mask=jnp.asarray(d["mask"])).logits, atol=1e-5)
+        return
+    out = vj.save_pretrained(model, params, tmp_path / "diy")
+    back, loaded = vj.load_pretrained(out)
+    assert type(back) is type(d["model"]) and back.config.diysink == DIYSinkConfig(rule)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    keep = d["mask"].astype(bool)
+    assert_close(t2n(hf_forward(d, hf_class.from_pretrained(str(out)).eval()).logits)[keep],
+                 t2n(hf_forward(d).logits)[keep], what="transformers on the DIYSink checkpoint")
+
+
 def t2n(t):
     return t.detach().float().numpy()
 

@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, compare_causal_lm,
+from conftest import (IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, compare_causal_lm,
                       gemma3_config, gemma3_text_config, random_ids, save, save_bin, t2n)
 from test_interventions import fastv_reference, run
 from vitsink_jax.data.padding import left_pad
@@ -312,23 +312,4 @@ def test_gemma3_diysink_and_its_checkpoint(gemma3, tmp_path, init):
     """DIYSink on Gemma 3: with both projectors equal it is the stock model's sink-to-the-front
     (sinks first inside the image block); a fresh sink projector round-trips through
     config.json, and transformers reads the checkpoint's non-sink path as its projector."""
-    from vitsink_jax.config import DIYSinkConfig
-    from vitsink_jax.diysink import to_diysink
-
-    d = gemma3
-    rule = vj.SinkRule("topk", k=2)
-    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(rule), init=init)
-    batch = (jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]))
-    ours = model.apply({"params": params}, *batch, attention_mask=jnp.asarray(d["mask"])).logits
-    if init == "copy":
-        front = d["model"].clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
-        np.testing.assert_allclose(ours, front.apply({"params": d["params"]}, *batch,
-                                                     attention_mask=jnp.asarray(d["mask"])).logits, atol=1e-5)
-        return
-    out = vj.save_pretrained(model, params, tmp_path / "diy")
-    back, loaded = vj.load_pretrained(out)
-    assert isinstance(back, vj.Gemma3ForConditionalGeneration) and back.config.diysink == DIYSinkConfig(rule)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
-    keep = d["mask"].astype(bool)
-    assert_close(t2n(_hf_forward(d, GEMMA3.from_pretrained(str(out)).eval()).logits)[keep],
-                 t2n(_hf_forward(d).logits)[keep], what="transformers on the DIYSink checkpoint")
+    check_diysink(gemma3, _hf_forward, GEMMA3, tmp_path, init)

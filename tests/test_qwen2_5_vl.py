@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, qwen2_5_vl_config,
+from conftest import (IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, qwen2_5_vl_config,
                       qwen_hf_inputs, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.generate import generate
@@ -265,26 +265,7 @@ def test_qwen_diysink_and_its_checkpoint(qwen, tmp_path, init):
     """DIYSink on Qwen2.5-VL: with both mergers equal it is the stock model's sink-to-the-front;
     a fresh sink merger (reading the 2 x 2 windows side by side) round-trips through
     config.json, and transformers reads the checkpoint's non-sink path as its merger."""
-    from vitsink_jax.config import DIYSinkConfig
-    from vitsink_jax.diysink import to_diysink
-
-    d = qwen
-    rule = vj.SinkRule("topk", k=2)
-    model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(rule), init=init)
-    batch = (jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]))
-    ours = model.apply({"params": params}, *batch, attention_mask=jnp.asarray(d["mask"])).logits
-    if init == "copy":
-        front = d["model"].clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
-        np.testing.assert_allclose(ours, front.apply({"params": d["params"]}, *batch,
-                                                     attention_mask=jnp.asarray(d["mask"])).logits, atol=1e-5)
-        return
-    out = vj.save_pretrained(model, params, tmp_path / "diy")
-    back, loaded = vj.load_pretrained(out)
-    assert isinstance(back, vj.Qwen2_5_VLForConditionalGeneration) and back.config.diysink == DIYSinkConfig(rule)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
-    keep = d["mask"].astype(bool)
-    assert_close(t2n(_hf_forward(d, QWEN.from_pretrained(str(out)).eval()).logits)[keep],
-                 t2n(_hf_forward(d).logits)[keep], what="transformers on the DIYSink checkpoint")
+    check_diysink(qwen, _hf_forward, QWEN, tmp_path, init)
 
 
 def test_bad_position_ids_and_configs_raise_by_name(qwen):
