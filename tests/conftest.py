@@ -364,6 +364,30 @@ def evaluate_config(tmp_path, checkpoint):
     return cfg
 
 
+def check_shared_prefix_scoring(model, params, tok, records: list, cfg) -> list:
+    """Benchmark scoring of ``records`` (several items per photo) through the
+    shared-prefix scorer (each photo's prompt prefix prefilled once, the items continuing from
+    its KV cache) equals the full-row scorer: the same sink counts, scores within 1e-5.
+    Returns the shared scores."""
+    from unittest import mock
+
+    from vitsink_jax import eval_lib, prefix_sharing
+
+    fmt = eval_lib.prompt_format(model.config, tok)
+    rows = [(i, r) for i, rec in enumerate(records)
+            for r in eval_lib.scoring_rows(tok, rec, cfg.templates, fmt, cfg.mc_format)]
+    groups = prefix_sharing.prefix_groups(rows, [r["image"] for r in records],
+                                          model.config.image_token_index, cfg.batch_size)
+    assert prefix_sharing.shares_prefixes(model) and groups is not None
+    assert any(len(g.rows) > 1 for g in groups)
+    shared, shared_sinks = eval_lib.loglik_scores(model, params, tok, records, cfg)
+    with mock.patch.object(prefix_sharing, "shares_prefixes", lambda m: False):  # full rows
+        full, full_sinks = eval_lib.loglik_scores(model, params, tok, records, cfg)
+    assert shared_sinks == full_sinks
+    np.testing.assert_allclose(np.array(shared), np.array(full), atol=1e-5)
+    return shared
+
+
 def train_diysink_briefly(folder, workdir):
     """train.py's DIYSink recipe (configs/diysink.py, stage 1: the two projectors) for two
     steps of 4 rows from the checkpoint ``folder`` (with its tokenizer): the loss is finite and

@@ -377,6 +377,64 @@ def test_greedy_generation_matches_transformers_on_a_medium_checkpoint(tmp_path,
     np.testing.assert_array_equal(np.asarray(generate(model, params, ids, mask, pix, 12)), ref)
 
 
+# ------------------------------------------------------- shared-prefix scoring ---
+
+@pytest.mark.parametrize("variant", ["stock", "front", "sinks-original", "nonsinks", "diysink", "registers"])
+def test_items_sharing_a_photo_are_scored_from_its_prefix_cache(tiny, variant):
+    """Items that show the same photo (three of four here) are scored from one prefill of their
+    shared prompt prefix, image included: the scores equal the full rows' for the stock model,
+    sink-to-the-front (sequential and original positions, sink-only / non-sink-only inputs),
+    a DIYSink model without ReW and test-time registers."""
+    from conftest import check_shared_prefix_scoring
+    from vitsink_jax.interventions import Interventions, TestTimeRegisters
+
+    d, rule = tiny, vj.SinkRule("topk", k=2)
+    model, params = d["model"], d["params"]
+    if variant == "diysink":
+        model, params = to_diysink(model, params, DIYSinkConfig(rule), init="scratch")
+    elif variant == "registers":
+        model = model.clone(interventions=Interventions(registers=TestTimeRegisters(((0, 1),))))
+    elif variant != "stock":
+        select, positions = {"front": ("all", "sequential"), "sinks-original": ("sinks", "original"),
+                             "nonsinks": ("nonsinks", "sequential")}[variant]
+        model = model.clone(visual_tokens=vj.VisualTokenPolicy("front", select, positions, rule=rule))
+    check_shared_prefix_scoring(model, params, d["tok"], d["records"][:4], eval_cfg())
+
+
+def test_prefix_groups_and_units():
+    """Rows group by photo with the prefix they share (never past a scored position); a prefix
+    that would end inside an image gives no plan; units hold at most ``capacity`` rows and
+    whole groups; shapes are padded to powers of two groups and length buckets."""
+    from vitsink_jax import prefix_sharing as PS
+
+    img = 9
+
+    def row(ids, first_target=None):
+        ids = np.asarray(ids, np.int32)
+        targets = np.full(len(ids), -1, np.int32)
+        if first_target is not None:
+            targets[first_target:-1] = ids[first_target + 1:]
+        return ids, targets, np.full(1, -1, np.int32), -1, np.zeros(len(ids), bool)
+
+    rows = [(0, row([1, img, img, 2, 3, 4])), (1, row([1, img, img, 2, 5])),
+            (2, row([1, img, img, 2, 3, 4, 6], first_target=5)), (3, row([1, img, img, 7]))]
+    keys = ["a", "a", "a", "b"]
+    groups = PS.prefix_groups(rows, keys, img, capacity=4)
+    assert groups == [PS.Group(4, (0, 1, 2)), PS.Group(3, (3,))]
+    assert PS.prefix_groups(rows, keys, img, capacity=2) == [PS.Group(4, (0, 1)), PS.Group(5, (2,)),
+                                                           PS.Group(3, (3,))]
+    late = [(0, row([1, 2, img, 3])), (1, row([1, 4, img, 3]))]  # the image after the question
+    assert PS.prefix_groups(late, ["a", "a"], img, capacity=4) is None
+    units = PS.pack_units(groups, rows, capacity=3)
+    assert [u.groups for u in units] == [(groups[1],), (groups[0],)]  # shorter prefix first
+    assert units[1].rows == [0, 1, 2] and units[1].of_row == (0, 0, 0)
+    assert PS.batch_shapes(units, rows, 4, capacity=3) == {"groups": 1, "prefix": 4, "suffix": 4}
+    (both,) = PS.pack_units(groups, rows, capacity=4)
+    assert both.groups == (groups[1], groups[0]) and both.of_row == (0, 1, 1, 1)
+    assert PS.batch_shapes([both], rows, 4, capacity=4)["groups"] == 2
+    assert PS.batch_shapes([PS.Unit(tuple(groups) * 2, ())], rows, 4, capacity=8)["groups"] == 4
+
+
 # ------------------------------------------- one compiled scorer per shape, batches packed ---
 
 def _yes_no(rec: dict) -> dict:
@@ -384,27 +442,39 @@ def _yes_no(rec: dict) -> dict:
             "question": f"{rec['question']} Is it {rec['options'][0]}?"}
 
 
-def test_the_scorer_compiles_once_per_length_bucket_and_keeps_record_order(tiny):
-    """loglik_scores reuses one jitted scorer per (model, strategy, routing, mesh): a benchmark
-    whose rows fall in several length buckets (mc and yes/no, two candidate counts) compiles at
-    most once per bucket, the same benchmark again compiles nothing, and later calls (fewer
-    candidates, one record at a time) compile only buckets not met yet: once per bucket in all.
-    Rows are packed by length; the scores come back in record order and equal each record
-    scored alone."""
+def _planned_shapes(d, recs: list, cfg) -> set:
+    """The padded (groups, prefix, suffix) shapes loglik_scores runs ``recs`` in (one device)."""
+    from vitsink_jax import prefix_sharing as PS
+
+    c = d["model"].config
+    rows = sorted(((i, r) for i, rec in enumerate(recs)
+                   for r in E.scoring_rows(d["tok"], rec, TEMPLATES, prompt_format(c))),
+                  key=lambda row: len(row[1][0]))
+    groups = PS.prefix_groups(rows, [r["image"] for r in recs], c.image_token_index, cfg.batch_size)
+    return {tuple(PS.batch_shapes([u], rows, cfg.length_bucket, cfg.batch_size).values())
+            for u in PS.pack_units(groups, rows, cfg.batch_size)}
+
+
+def test_the_scorer_compiles_once_per_shape_and_keeps_record_order(tiny):
+    """loglik_scores reuses one jitted scorer per (model, strategy, mesh): a benchmark whose
+    units fall in several padded shapes (mc and yes/no items sharing photos, prefixes and
+    suffixes of several lengths) compiles at most once per shape, the same benchmark again
+    compiles nothing, and later calls (fewer items, one record at a time) compile only shapes
+    not met yet. The scores come back in record order and equal each record scored alone."""
     d = tiny
     recs = [r for rec in d["records"] for r in (rec, _yes_no(rec))]
     cfg = eval_cfg(length_bucket=4)
-    c = d["model"].config
-    buckets = {bucket(len(row[0]), 4) for rec in recs
-               for row in E.scoring_rows(d["tok"], rec, TEMPLATES, prompt_format(c))}
-    assert len(buckets) > 1
+    shapes = _planned_shapes(d, recs, cfg)
+    every = shapes.union(_planned_shapes(d, recs[1::2], cfg),
+                         *(_planned_shapes(d, [rec], cfg) for rec in recs))
+    assert len(shapes) > 1
     compiles = []
 
     def listen(event, seconds, **_):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(seconds)
 
-    E._scorer.cache_clear()
+    E._shared_scorer.cache_clear()
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         scores, sinks = E.loglik_scores(d["model"], d["params"], d["tok"], recs, cfg)
@@ -415,9 +485,9 @@ def test_the_scorer_compiles_once_per_length_bucket_and_keeps_record_order(tiny)
         alone = [E.loglik_scores(d["model"], d["params"], d["tok"], [rec], cfg) for rec in recs]
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
-    assert 1 <= first <= len(buckets) and second == 0, (first, second, sorted(buckets))
-    assert len(compiles) <= len(buckets), (len(compiles), sorted(buckets))
-    assert E._scorer.cache_info().currsize == 1
+    assert 1 <= first <= len(shapes) and second == 0, (first, second, sorted(shapes))
+    assert len(compiles) <= len(every), (len(compiles), sorted(every))
+    assert E._shared_scorer.cache_info().currsize == 1
     assert again == scores
     assert [len(s) for s in scores] == [4 if r["kind"] == "mc" else 2 for r in recs]
     np.testing.assert_allclose(yes_no, scores[1::2], atol=1e-5)

@@ -271,7 +271,7 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import evaluate_config, hf_tokenizer, train_diysink_briefly
+    from conftest import check_shared_prefix_scoring, evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax import eval_lib
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
@@ -299,9 +299,9 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     a.eval.length_bucket = 32
     pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5, True)),
                          visual_tokens=VisualTokenPolicy(rule=vj.SinkRule("topk", k=1)))
-    for m in (model, pruned):
-        preds = eval_lib.predict(m, params, tok, records, a.eval)
-        assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
+    check_shared_prefix_scoring(model, params, tok, records, a.eval)
+    preds = eval_lib.predict(pruned, params, tok, records, a.eval)
+    assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
     pixels = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
     assert len(register_neurons(model, params, pixels, vj.SinkRule("topk", k=1), 2)) == 2
     train_diysink_briefly(folder, tmp_path / "train")

@@ -192,8 +192,7 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import evaluate_config, hf_tokenizer, train_diysink_briefly
-    from vitsink_jax import eval_lib
+    from conftest import check_shared_prefix_scoring, evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax.config import DIYSinkConfig
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
@@ -209,8 +208,8 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     model, params = vj.load_pretrained(folder)
     ecfg = evaluate_config(tmp_path, folder)
     ecfg.eval.update(dict(batch_size=4, length_bucket=32))
-    preds = eval_lib.predict(model, params, tok, embedded_benchmark(0, 1, 28)[:4], ecfg.eval)
-    assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
+    scores = check_shared_prefix_scoring(model, params, tok, embedded_benchmark(0, 1, 28)[:4], ecfg.eval)
+    assert len(scores) == 4 and np.isfinite(scores).all()
     ecfg.analysis.max_new_tokens, ecfg.sink.k = 4, 2
     entry = evaluate.run_analyze(ecfg, tmp_path / "analysis")["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2

@@ -230,9 +230,9 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import evaluate_config, hf_tokenizer, train_diysink_briefly
+    from conftest import check_shared_prefix_scoring, evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax.data import prompts
-    from vitsink_jax.data.synthetic import benchmark_corpus
+    from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
@@ -251,6 +251,9 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     entry = report["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "relevance_coffee.png").stat().st_size > 1000
+    model, params = vj.load_pretrained(folder)
+    a.eval.length_bucket = 32
+    check_shared_prefix_scoring(model, params, tok, embedded_benchmark(0, 1, 28)[:4], a.eval)
     a.benchmark.limit, a.compare.decode_steps = 4, 2
     a.compare.specs = ("fastv+sinks:0.5:1", "var:0.6:0", "registers:2")
     out = evaluate.run_interventions(a, tmp_path / "interventions")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import parallel
+from . import parallel, prefix_sharing
 from .data.preprocess import pixels_from_bytes
 from .data.prompts import LETTERS, PromptFormat, human_start, human_text, prompt_format
 from .data.tokenizer import encode_marked
@@ -43,6 +43,7 @@ from .data.padding import bucket, left_pad, right_pad
 from .data.prefetch import Prefetch
 from .progress import progress
 from .generate import generate
+from .models.llm import init_cache
 from .scores import extract_choice, extract_yes_no, official, open_match
 
 MC_FORMATS = ("letter", "cloze")
@@ -195,9 +196,10 @@ def placed(params, strategy: str = "mesh"):
 
 
 def _pixels(model, rec: dict, cache: dict) -> np.ndarray:
-    if rec["index"] not in cache:
-        cache[rec["index"]] = pixels_from_bytes(model.config, rec["image"])
-    return cache[rec["index"]]
+    """The record's pixel_values, decoded once per distinct image (items share photos)."""
+    if rec["image"] not in cache:
+        cache[rec["image"]] = pixels_from_bytes(model.config, rec["image"])
+    return cache[rec["image"]]
 
 
 def _batches(rows: list, batch_size: int):
@@ -206,30 +208,52 @@ def _batches(rows: list, batch_size: int):
         yield chunk + [chunk[-1]] * (batch_size - len(chunk)), len(chunk)
 
 
-def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = "mesh",
-                  routes=None):
-    """(per record a list with one log-likelihood per candidate, per record its sink count).
-    ``routes``: per-record token selection codes (CoT routing) or None.
+def make_shared_scorer(model, strategy: str = "mesh", mesh=None):
+    """Jitted, data-parallel ``score(params, prefix, prefix_mask, pixels, group, suffix,
+    suffix_mask, targets, cand)`` of rows that share their image's prompt prefix
+    (:mod:`vitsink_jax.prefix_sharing`): each unit's U prefixes (with their images) are prefilled
+    into a KV cache once, each of its R rows continues from its group's cache with its own
+    tokens. The scores equal :func:`make_scorer`'s on the full rows.
 
-    The rows are scored sorted by length (a batch holds rows of neighbouring lengths, padded to
-    the bucket of its longest; the results keep the record order), in batches of a fixed size
-    with the candidate axis padded to a multiple of :data:`CANDIDATE_BUCKET`, by the run's one
-    scorer for this model (:func:`_scorer`): the program compiles once per length bucket."""
-    fmt = prompt_format(model.config, tokenizer)
-    rows = []  # (record index, row)
-    for i, rec in enumerate(records):
-        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, fmt, cfg.mc_format)]
-    rows.sort(key=lambda row: len(row[1][0]))  # stable: ties keep the record order
-    params, mesh = placed(params, strategy)
-    scorer = _scorer(model, strategy, routes is not None, mesh)
-    routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
-    bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
-    kmax = parallel.max_over_processes(  # the same shapes on every host, and from call to call
-        bucket(max(max(len(r[2]) for _, r in rows), 1), CANDIDATE_BUCKET))
-    scores = [np.zeros(len(candidates(r, cfg.mc_format))) for r in records]
-    sinks = np.zeros(len(records), np.int64)
-    cache = {}
-    pad = tokenizer.pad_token_id or 0
+    Args (N units, U prefixes and R rows per unit, prefix length P, suffix length S, K
+    candidates): prefix, prefix_mask [N, U, P] (left-padded); pixels [N, U, C, H, W]; group
+    [N, R] the unit's prefix each row continues; suffix, suffix_mask, targets [N, R, S] (right
+    padded; targets as in :func:`scoring_rows`, from the suffix's first token); cand [N, R, K].
+    Returns (seq_lp [N, R], last_lp [N, R, K], sinks [N, R]) as :func:`make_scorer`.
+    """
+    def score(params, prefix, prefix_mask, pixels, group, suffix, suffix_mask, targets, cand):
+        n, u, p = prefix.shape
+        r = group.shape[1]
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731  [N, X, ...] -> [N * X, ...]
+
+        def to_rows(x):  # [N * U, ...] -> [N * R, ...]: row j of a unit gets its group's entry
+            x = x.reshape((n, u) + x.shape[1:])
+            return flat(jax.vmap(lambda a, g: a[g])(x, group))
+
+        cache = init_cache(model.config.text, n * u, p + suffix.shape[2], model.dtype)
+        out = model.apply({"params": params}, flat(prefix), flat(pixels), attention_mask=flat(prefix_mask),
+                          cache=cache, output_vision=True)
+        sinks = jnp.sum(model.visual_sinks(out.vision_features), -1).reshape(n, u)
+        c = out.cache
+        c = c.replace(keys=tuple(map(to_rows, c.keys)), values=tuple(map(to_rows, c.values)),
+                      mask=to_rows(c.mask), position=to_rows(c.position))
+        step = model.apply({"params": params}, flat(suffix), c, method=type(model).decode)
+        seq_lp, last_lp = candidate_logprobs(step.logits, flat(suffix_mask), flat(targets), flat(cand))
+        return seq_lp.reshape(n, r), last_lp.reshape(n, r, -1), jnp.take_along_axis(sinks, group, 1)
+
+    return parallel.data_parallel(score, strategy, mesh)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_scorer(model, strategy: str, mesh):
+    """:func:`make_shared_scorer` built once per (model, strategy, mesh), as :func:`_scorer`."""
+    return make_shared_scorer(model, strategy, mesh)
+
+
+def _row_plan(records: list, rows: list, bs: int, kmax: int, cfg, pad: int, routes,
+              pixels) -> tuple:
+    """Full rows, sorted by length, ``bs`` per batch: (per batch its (slot, record, row) list,
+    batch k -> the scorer's arguments)."""
     batches = list(_batches(rows, bs))
     # every process runs as many global batches; spare ones repeat a batch and are dropped
     batches += [(batches[0][0], 0)] * (parallel.max_over_processes(len(batches)) - len(batches))
@@ -241,18 +265,108 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
         """Batch k's arrays, in the scorer's argument order (ids ... question)."""
         chunk, length = batches[k][0], lengths[k]
         ids, mask = right_pad([r[0] for _, r in chunk], length, pad)
-        pixels = np.stack([_pixels(model, records[i], cache) for i, _ in chunk])
-        return (ids, mask, pixels, right_pad([r[1] for _, r in chunk], length, -1)[0],
+        return (ids, mask, np.stack([pixels(records[i]) for i, _ in chunk]),
+                right_pad([r[1] for _, r in chunk], length, -1)[0],
                 right_pad([r[2] for _, r in chunk], kmax, -1)[0],
                 np.asarray([routes[i] for i, _ in chunk], np.int32),
                 right_pad([r[4] for _, r in chunk], length, False)[0])
 
+    return [[(b, *row) for b, row in enumerate(chunk[:n])] for chunk, n in batches], inputs
+
+
+def _shared_plan(records: list, rows: list, groups: list, capacity: int, kmax: int, cfg,
+                 pad: int, pixels) -> tuple:
+    """Units of rows sharing their image's prefix (:mod:`vitsink_jax.prefix_sharing`), one per
+    local device per batch: (per batch its (slot, record, row) list, batch k -> the shared
+    scorer's arguments)."""
+    units = prefix_sharing.pack_units(groups, rows, capacity)
+    per = parallel.batch_multiple()
+    batches = [units[i:i + per] for i in range(0, len(units), per)]
+    plans = [[(j * capacity + m, *rows[n]) for j, u in enumerate(b) for m, n in enumerate(u.rows)]
+             for b in batches]
+    # every process runs as many global batches; spare ones repeat a batch and are dropped
+    spare = parallel.max_over_processes(len(batches)) - len(batches)
+    batches, plans = batches + [batches[0]] * spare, plans + [[]] * spare
+    shapes = [{k: parallel.max_over_processes(v) for k, v in
+               prefix_sharing.batch_shapes(b, rows, cfg.length_bucket, capacity).items()} for b in batches]
+
+    def inputs(k):
+        """Batch k's arrays, in the shared scorer's argument order (prefix ... cand)."""
+        units, shape = batches[k] + [batches[k][0]] * (per - len(batches[k])), shapes[k]
+        prefix, pix, group, suffix, targets, cand = [], [], [], [], [], []
+        for u in units:
+            groups = u.groups + (u.groups[0],) * (shape["groups"] - len(u.groups))
+            prefix += [rows[g.rows[0]][1][0][:g.prefix] for g in groups]
+            pix += [pixels(records[rows[g.rows[0]][0]]) for g in groups]
+            take = list(zip(u.rows, u.of_row))
+            take += [take[-1]] * (capacity - len(take))
+            for n, k in take:
+                ids, tgt, row_c = rows[n][1][:3]
+                at = u.groups[k].prefix
+                group.append(k)
+                suffix.append(ids[at:])
+                targets.append(tgt[at:])
+                cand.append(row_c)
+        prefix, prefix_mask = left_pad(prefix, shape["prefix"], pad)
+        suffix, suffix_mask = right_pad(suffix, shape["suffix"], pad)
+        n, u, p = len(units), shape["groups"], shape["prefix"]
+        return (prefix.reshape(n, u, p), prefix_mask.reshape(n, u, p),
+                np.stack(pix).reshape((n, u) + pix[0].shape), np.asarray(group, np.int32).reshape(n, capacity),
+                suffix.reshape(n, capacity, -1), suffix_mask.reshape(n, capacity, -1),
+                right_pad(targets, shape["suffix"], -1)[0].reshape(n, capacity, -1),
+                right_pad(cand, kmax, -1)[0].reshape(n, capacity, -1))
+
+    return plans, inputs
+
+
+def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = "mesh",
+                  routes=None):
+    """(per record a list with one log-likelihood per candidate, per record its sink count).
+    ``routes``: per-record token selection codes (CoT routing) or None.
+
+    Items that show the same image share their prompt's start: when the model allows it
+    (:func:`vitsink_jax.prefix_sharing.shares_prefixes`, no routes) that prefix, image
+    included, is computed once per image and each item's own tokens continue from its KV cache
+    (:func:`make_shared_scorer`), in units of at most ``batch_size`` / devices rows. Otherwise
+    the full rows are scored sorted by length (a batch holds rows of neighbouring lengths,
+    padded to the bucket of its longest). Either way the results keep the record order, the
+    candidate axis is padded to a multiple of :data:`CANDIDATE_BUCKET` and the run's one scorer
+    for this model (:func:`_scorer`, :func:`_shared_scorer`) compiles once per padded shape."""
+    fmt = prompt_format(model.config, tokenizer)
+    rows = []  # (record index, row)
+    for i, rec in enumerate(records):
+        rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, fmt, cfg.mc_format)]
+    rows.sort(key=lambda row: len(row[1][0]))  # stable: ties keep the record order
+    params, mesh = placed(params, strategy)
+    bs = bucket(cfg.batch_size, parallel.batch_multiple(strategy))
+    kmax = parallel.max_over_processes(  # the same shapes on every host, and from call to call
+        bucket(max(max(len(r[2]) for _, r in rows), 1), CANDIDATE_BUCKET))
+    scores = [np.zeros(len(candidates(r, cfg.mc_format))) for r in records]
+    sinks = np.zeros(len(records), np.int64)
+    cache = {}
+    pad = tokenizer.pad_token_id or 0
+    pixels = functools.partial(_pixels, model, cache=cache)
+    capacity = bs // parallel.batch_multiple(strategy)
+    groups = None
+    if routes is None and prefix_sharing.shares_prefixes(model):
+        groups = prefix_sharing.prefix_groups(rows, [r["image"] for r in records],
+                                              model.config.image_token_index, capacity)
+    if parallel.max_over_processes(int(groups is None)):  # one way for every process
+        scorer = _scorer(model, strategy, routes is not None, mesh)
+        routes = np.zeros(len(records), np.int32) if routes is None else np.asarray(routes, np.int32)
+        plans, inputs = _row_plan(records, rows, bs, kmax, cfg, pad, routes, pixels)
+    else:
+        plans, inputs = _shared_plan(records, rows, groups, capacity, kmax, cfg, pad, pixels)
+        scorer = _shared_scorer(model, strategy, mesh)
+
     # one thread prepares the next two batches (image decoding, padding) while one is scored
-    with Prefetch(inputs, range(len(batches)), ahead=2, workers=1) as prepared:
-        for (chunk, n), batch in progress(zip(batches, prepared), total=len(batches), desc="scoring",
-                                          unit="batch"):
+    with Prefetch(inputs, range(len(plans)), ahead=2, workers=1) as prepared:
+        for plan, batch in progress(zip(plans, prepared), total=len(plans), desc="scoring",
+                                    unit="batch"):
             seq_lp, last_lp, n_sinks = jax.device_get(scorer(params, *batch))
-            for b, (i, (_, _, row_c, which, _)) in enumerate(chunk[:n]):
+            seq_lp, n_sinks = seq_lp.reshape(-1), n_sinks.reshape(-1)
+            last_lp = last_lp.reshape(seq_lp.shape[0], -1)
+            for b, i, (_, _, row_c, which, _) in plan:
                 sinks[i] = n_sinks[b]
                 if which < 0:
                     scores[i] = last_lp[b, :len(row_c)]
