@@ -15,13 +15,17 @@
   POPE, MME, CV-Bench, MMStar, ScienceQA and MathVista also the official numbers as the
   benchmark owners compute them (:func:`vitsink_jax.scores.official`, under ``official``).
 
-Batches are padded to ``batch_size`` rows (a multiple of the device count) and to length buckets,
-then split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``). Scoring rows are
-sorted by length first, so a batch's rows share a bucket, and the candidate axis is padded to a
-multiple of :data:`CANDIDATE_BUCKET`; the jitted scorer is built once per (model, strategy,
-routing, mesh) for the whole run (:func:`_scorer`), so it compiles once per length bucket, not
-once per call. A background thread prepares the next batches' inputs (image decoding,
-padding) while the device runs the current one.
+Items that show the same photo share their prompt's start (the template's opening and the
+image's tokens): unless the model's visual tokens depend on what follows (FastV, VAR, DIYSink
+ReW, CoT routes), that prefix runs once per photo and each item's own tokens continue from its
+KV cache (:mod:`vitsink_jax.prefix_sharing`, :func:`make_shared_scorer`); the scores are the
+full rows'. Otherwise the full rows are scored, sorted by length so a batch's rows share a
+bucket. Batches hold ``batch_size`` rows (a multiple of the device count), padded to length
+buckets and split over devices by :mod:`vitsink_jax.parallel` (``mesh`` or ``pmap``); the
+candidate axis is padded to a multiple of :data:`CANDIDATE_BUCKET`; each jitted scorer is built
+once per (model, strategy, mesh) for the whole run (:func:`_scorer`, :func:`_shared_scorer`),
+so it compiles once per padded shape, not once per call. A background thread prepares the
+next batches' inputs (image decoding, padding) while the device runs the current one.
 """
 
 from __future__ import annotations
