@@ -7,7 +7,9 @@ compiling anything: ``"auto"`` (default) is ``$VITSINK_JAX_CACHE``, JAX's ``$JAX
 folder, ``""`` / ``"off"`` (or ``$VITSINK_JAX_CACHE=off`` with ``"auto"``) turns it off. Every compiled program is kept (no minimum compile
 time), so a second run with the same shapes loads its executables instead of compiling them.
 Each host keeps its own cache (no shared filesystem needed). JAX keys entries by the program,
-the devices and the compiler flags, so a stale entry is never used.
+the devices and the compiler flags, so a stale entry is never used. The same switch keeps what
+checkpoints' config.json and tokenizer files resolve to in its ``vitsink_resolved`` subfolder
+(:mod:`vitsink_jax.resolved`), so a repeat run does not import torch to read them.
 
 :func:`stats` (written into every results JSON by :func:`vitsink_jax.provenance.record`) counts,
 since :func:`enable`, the seconds spent tracing, lowering and compiling (a cache hit's load
@@ -65,9 +67,12 @@ def enable(setting: str = "auto") -> Path | None:
     _listen()
     if setting == "auto" and os.environ.get("VITSINK_JAX_CACHE") == "off":
         setting = "off"
+    from . import resolved
+
     if setting in ("", "off"):
         _state["folder"] = None
         jax.config.update("jax_enable_compilation_cache", False)
+        resolved.enable(None)
         return None
     folder = default_folder() if setting == "auto" else Path(setting).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,7 @@ def enable(setting: str = "auto") -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _state["folder"] = folder
+    resolved.enable(folder / "vitsink_resolved")  # parsed configs, tokenizer classes
     return folder
 
 

@@ -67,16 +67,16 @@ def record(config: Any, seed: int, checkpoint: str | None = None,
 
 def write_json(path, obj) -> Path:
     """Writes JSON atomically (temporary file in the same folder, then os.replace)."""
-    return _write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_jsonl(path, rows) -> Path:
     """Writes one strict-JSON object per line, atomically."""
-    return _write_atomic(path, "".join(json.dumps(_clean(r), sort_keys=True, allow_nan=False) + "\n"
+    return write_text_atomic(path, "".join(json.dumps(_clean(r), sort_keys=True, allow_nan=False) + "\n"
                                        for r in rows))
 
 
-def _write_atomic(path, text: str) -> Path:
+def write_text_atomic(path, text: str) -> Path:
     """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, then renames it
     over ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
     an OSError naming ``path`` is raised."""

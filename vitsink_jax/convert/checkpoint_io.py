@@ -34,6 +34,7 @@ from flax import traverse_util
 
 from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
+from .. import resolved
 from ..progress import progress as progress_bar
 from .hf import (abstract_params, build_model, canonical_key, export_key, fused_key, fused_tensors,
                  hf_key_to_path, hf_shape, ignored_patterns, path_to_hf_key, split_key, to_hf_perm)
@@ -407,7 +408,7 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
         raise ValueError(f"{path}: vision_tower= is for checkpoints that keep their vision tower in "
                          "another folder (the LLaVA codebase's mm_vision_tower)")
     try:
-        config = config_from_hf(raw)
+        config = resolved.config(raw, config_from_hf)
     except ValueError as e:
         raise type(e)(f"{path / 'config.json'}: {e}") from e
     model = build_model(config, dtype, param_dtype, **options)

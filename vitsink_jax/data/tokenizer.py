@@ -22,14 +22,16 @@ SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 def load_tokenizer(path):
     """The tokenizer saved next to a checkpoint (tokenizer.json / tokenizer.model / vocab files),
-    loaded with ``local_files_only``; None when the folder has none."""
-    from transformers import AutoTokenizer
+    as ``AutoTokenizer.from_pretrained(path, local_files_only=True)`` loads it (its class
+    remembered per file content when :mod:`vitsink_jax.resolved` is on: the CLIs); None when
+    the folder has none."""
+    from .. import resolved
 
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
                                                "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return resolved.tokenizer(path)
 
 
 def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):

@@ -1,0 +1,143 @@
+"""What a checkpoint's files resolve to through transformers, remembered per exact content, so
+a repeat run starts without importing torch.
+
+Reading a config.json (:func:`vitsink_jax.config.config_from_hf`) goes through transformers'
+config classes and ``AutoTokenizer`` picks a checkpoint's tokenizer class; both import torch
+when it is installed (transformers' config module does), which is most of a warm CLI start on
+a small model. With a folder enabled (the CLIs enable ``<compile cache>/vitsink_resolved``
+with the compile cache, :func:`vitsink_jax.compile_cache.enable`), the parsed config and the
+tokenizer's class are written there on first use and read back afterwards:
+
+* a config entry is keyed by the config dict, transformers' version and the source of the
+  parser (``config.py``, ``sinks/detect.py``): a change to any of them parses again;
+* a tokenizer entry is keyed by the contents of the folder's ``config.json``,
+  ``tokenizer_config.json`` and ``tokenizer.json`` (what ``AutoTokenizer`` reads to choose) and
+  transformers' version; it names the class, which then loads the folder as ``AutoTokenizer``
+  would have (``cls.from_pretrained(folder, local_files_only=True)``).
+
+Entries are small JSON files written atomically; an unreadable one is resolved again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from .provenance import write_text_atomic
+
+_state = {"folder": None}
+TOKENIZER_DECIDERS = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def enable(folder) -> Optional[Path]:
+    """Remembers resolutions in ``folder`` (created), or nowhere with None. Returns the folder."""
+    _state["folder"] = None if folder is None else Path(folder)
+    if _state["folder"] is not None:
+        _state["folder"].mkdir(parents=True, exist_ok=True)
+    return _state["folder"]
+
+
+@lru_cache(maxsize=None)
+def _versions() -> bytes:
+    """transformers' version and the config parser's source: a change to either misses."""
+    here = Path(__file__).resolve().parent
+    code = b"".join((here / f).read_bytes() for f in ("config.py", "sinks/detect.py", "resolved.py"))
+    return metadata.version("transformers").encode() + b"\0" + code
+
+
+def _key(kind: str, *parts: bytes) -> str:
+    h = hashlib.sha256(kind.encode() + b"\0" + _versions())
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:32]
+
+
+def _remembered(kind: str, parts: tuple, resolve: Callable[[], object], encode, decode):
+    """``resolve()``, or its earlier result stored under (kind, parts) when a folder is set."""
+    folder = _state["folder"]
+    if folder is None:
+        return resolve()
+    path = folder / f"{kind}-{_key(kind, *parts)}.json"
+    if path.is_file():
+        try:
+            return decode(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError, ImportError):
+            pass  # unreadable or from other code: resolved again and rewritten
+    value = resolve()
+    write_text_atomic(path, json.dumps(encode(value)))
+    return value
+
+
+# ---------------------------------------------------------------------------------- configs ---
+
+def _encode(x):
+    """Frozen config dataclasses (nested, with tuples) -> JSON-able, tagged with their class."""
+    if dataclasses.is_dataclass(x):
+        return {"__class__": f"{type(x).__module__}:{type(x).__qualname__}",
+                **{f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_encode(v) for v in x]}
+    if isinstance(x, (dict, list)):
+        raise TypeError(f"config field value {x!r}: configs hold tuples, not {type(x).__name__}")
+    return x
+
+
+def _decode(x):
+    if isinstance(x, list):
+        raise TypeError("a config entry holds no lists")
+    if not isinstance(x, dict):
+        return x
+    if "__tuple__" in x:
+        return tuple(_decode(v) for v in x["__tuple__"])
+    module, name = x["__class__"].split(":")
+    if not module.startswith("vitsink_jax."):
+        raise ImportError(f"{module} is not a vitsink_jax module")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**{k: _decode(v) for k, v in x.items() if k != "__class__"})
+
+
+def config(raw: dict, parse: Callable[[dict], object]):
+    """``parse(raw)`` (:func:`vitsink_jax.config.config_from_hf`), remembered per content."""
+    return _remembered("config", (json.dumps(raw, sort_keys=True).encode(),), lambda: parse(raw),
+                       _encode, _decode)
+
+
+# ------------------------------------------------------------------------------- tokenizers ---
+
+def tokenizer(folder: Path):
+    """The folder's tokenizer as ``AutoTokenizer.from_pretrained(folder, local_files_only=True)``
+    gives it; its class remembered per content of :data:`TOKENIZER_DECIDERS`."""
+    parts = tuple((folder / f).read_bytes() if (folder / f).is_file() else b"" for f in TOKENIZER_DECIDERS)
+    loaded = {}
+
+    def resolve() -> str:
+        from transformers import AutoTokenizer
+
+        loaded["tok"] = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return _importable(type(loaded["tok"]))
+
+    cls = _remembered("tokenizer", parts, resolve, lambda name: name, _tokenizer_class)
+    if "tok" in loaded:  # resolved just now
+        return loaded["tok"]
+    return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def _importable(cls) -> str:
+    """The name transformers exports ``cls`` under ("" when it does not: never remembered)."""
+    import transformers
+
+    return cls.__name__ if getattr(transformers, cls.__name__, None) is cls else ""
+
+
+def _tokenizer_class(name: str):
+    if not name:
+        raise KeyError("no importable tokenizer class remembered")
+    import transformers
+
+    return getattr(transformers, name)
