@@ -38,6 +38,7 @@ from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct
 from vitsink_jax.data.prefetch import Prefetch
 from vitsink_jax.data.preprocess import pixels_from_bytes
+from vitsink_jax.tensorboard import ScalarWriter
 from vitsink_jax.data.prompts import prompt_format
 from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import to_diysink
@@ -374,9 +375,8 @@ class MetricLog:
     def __init__(self, workdir: Path):
         self.active = jax.process_index() == 0
         if self.active:
-            from tensorboardX import SummaryWriter
             self.file = open(workdir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.tb = ScalarWriter(workdir / "tb")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -386,6 +386,7 @@ class MetricLog:
         for k, v in metrics.items():
             if v is not None:
                 self.tb.add_scalar(k, v, step)
+        self.tb.flush()
 
     def close(self) -> None:
         if self.active:
