@@ -7,7 +7,8 @@ attention / one forward), on the same medium LLaVA checkpoint, in one run.
 Ours includes what the CLIs do before (reading the config, writing the instruction / benchmark
 tfds builder, the checkpoint hash, sharding the state) and, for evaluate.py, writing the results
 and exiting; the HF scripts feed random ids of the same shape. Each contender runs ``--repeats``
-times, taking turns; medians.
+times, taking turns; medians. One more warm train.py run under cProfile gives where its start
+goes (``profile_warm_train``: imports, loading, the first step).
 
     python benchmarks/startup.py            # medium config
     python benchmarks/startup.py --quick    # tiny config, one repeat (the test suite)
@@ -83,10 +84,10 @@ def main(argv=None) -> dict:
     common = [f"--config.checkpoint={ckpt}"]
     n = [0]
 
-    def ours_train():
+    def ours_train(python=(py,)):
         n[0] += 1
         w = work / f"train{n[0]}"
-        t0, _, _ = run([py, "train.py", "--config", "configs/diysink.py", f"--workdir={w}", *common,
+        t0, _, _ = run([*python, "train.py", "--config", "configs/diysink.py", f"--workdir={w}", *common,
                         f"--config.compile_cache={work / 'xla_train'}",
                         "--config.stage=finetune", "--config.steps=1", f"--config.batch_size={s['batch']}",
                         "--config.diysink.enabled=False", "--config.data.variants=1",
@@ -119,7 +120,10 @@ def main(argv=None) -> dict:
             rows[kind]["warm"].append(seconds)
             rows[kind]["hf"].append(hf(kind))
     med = {k: {c: float(sorted(v)[len(v) // 2]) for c, v in d.items()} for k, d in rows.items()}
+    stats = work / "warm_train.prof"  # one more warm train.py run, under cProfile
+    ours_train((py, "-m", "cProfile", "-o", str(stats)))
     result = {"config": s, "repeats": repeats, "seconds": med, "runs": rows, "compile": compiles,
+              "profile_warm_train": warm_profile(stats),
               "warm_vs_hf": {k: d["warm"] / d["hf"] for k, d in med.items()},
               "cold_vs_hf": {k: d["cold"] / d["hf"] for k, d in med.items()},
               "versions": package_versions(), "machine": machine(), "device": _device()}
@@ -132,6 +136,30 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     return result
+
+
+PROFILED = {  # name -> (file the function is in, function): cumulative seconds in a warm run
+    "jax_import": ("jax/__init__.py", "<module>"),
+    "torch_import": ("torch/__init__.py", "<module>"),
+    "transformers_import": ("transformers/__init__.py", "<module>"),
+    "load_checkpoint": ("vitsink_jax/convert/checkpoint_io.py", "load_pretrained"),
+    "abstract_init": ("vitsink_jax/convert/hf.py", "abstract_params"),
+    "load_tokenizer": ("vitsink_jax/data/tokenizer.py", "load_tokenizer"),
+    "load_data": ("train.py", "load_data"),
+    "first_step": ("train.py", "run"),
+}
+
+
+def warm_profile(stats: Path) -> dict:
+    """Cumulative seconds of :data:`PROFILED`'s functions in a cProfile of a warm train.py run
+    (0 where not called: torch is not imported when nothing needs it); profiler overhead
+    included. The step's tracing and compile-cache load are in the run's ``compile`` entry."""
+    import pstats
+
+    table = pstats.Stats(str(stats)).stats  # (file, line, function) -> (.., .., .., cumulative, ..)
+    return {name: round(sum(v[3] for (f, _, fn), v in table.items()
+                            if f.replace("\\", "/").endswith(path) and fn == func), 3)
+            for name, (path, func) in PROFILED.items()}
 
 
 def _device() -> str:

@@ -5,7 +5,8 @@ the metrics read back as the training loop reads them) vs Hugging Face PyTorch
 (``LlavaForConditionalGeneration``, SDPA attention, ``torch.optim.AdamW(fused=True)``, and
 eager attention for reference), same weights and batch, the steps taking turns. Beside it our
 step in bf16 compute and with remat. Per contender: the median wall time of a step and, from
-``getrusage``, its minor page faults, system and user CPU seconds.
+``getrusage``, its minor page faults, system and user CPU seconds. The roofline: our step's FLOPs
+(XLA's count) per second, ours and HF's, as a share of a large matmul's FLOP/s measured here.
 
 The profile of our step (same process): the jitted step alone on a batch already on the
 device, with the batch from numpy, without state donation, and with the metrics pulled every
@@ -45,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from forward import hf_llava, parse_args  # noqa: E402
+from forward import compiled_flops, hf_llava, matmul_peak, parse_args  # noqa: E402
 from vitsink_jax.provenance import machine, package_versions, write_json  # noqa: E402
 
 PARTS = ("multi_modal_projector", "language_model", "vision_tower")  # a plain LLaVA: everything
@@ -178,6 +179,16 @@ def profile_ours(fp32: OurStep, mesh, repeats: int, donation: bool) -> dict:
     return per_step(fns, repeats)
 
 
+def roofline(fp32: OurStep, mesh, t: dict, n: int, repeats: int) -> dict:
+    """Our fp32 step's FLOPs (XLA's count of the compiled step) against an n x n matmul's FLOP/s
+    measured here: the share of that peak our step and HF's (the same FLOPs, SDPA) run at."""
+    flops = compiled_flops(fp32.runner.step, fp32.state, fp32.runner.frozen,
+                           parallel.global_batch(fp32.batch, mesh))
+    peak = matmul_peak(n, repeats)
+    return {"step_flops": flops, "matmul_peak_flops_per_s": peak,
+            **{f"{k}_fraction_of_peak": flops / t[k]["wall_s"] / peak for k in ("ours_fp32", "hf_sdpa")}}
+
+
 def default_malloc_run(argv) -> dict:
     """This benchmark's fp32 and HF SDPA figures in a child process with glibc's default malloc."""
     with tempfile.TemporaryDirectory() as d:
@@ -223,6 +234,7 @@ def main(argv=None) -> dict:
               "versions": package_versions(), "machine": machine(), "device": str(jax.devices()[0])}
     for name in t:
         result["step"][name]["sys_share"] = t[name]["sys_s"] / t[name]["wall_s"]
+    result["roofline"] = roofline(steps["fp32"], mesh, t, 256 if args.quick else 2048, repeats)
     for ref in ("hf_sdpa", "hf_eager"):
         if ref in t:
             result[f"speedup_vs_{ref}"] = t[ref]["wall_s"] / t["ours_fp32"]["wall_s"]
@@ -244,6 +256,10 @@ def report(r: dict) -> None:
         print(f"  {name:36s} {x['wall_s'] * 1e3:8.1f} ms  {x['minor_faults']:8.0f} faults  "
               f"sys {x['sys_s'] * 1e3:6.1f} ms  user {x['user_s'] * 1e3:7.1f} ms")
     print("  " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs")))
+    roof = r["roofline"]
+    print(f"  {roof['step_flops'] / 1e9:.1f} GFLOP per step (XLA's count): ours at "
+          f"{100 * roof['ours_fp32_fraction_of_peak']:.0f}%, HF SDPA at {100 * roof['hf_sdpa_fraction_of_peak']:.0f}% "
+          f"of the {roof['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak measured here")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,23 @@ def test_forward_benchmark_quick(tmp_path):
     assert result["sink_to_front_jit_s"] > 0
 
 
+def test_the_prepared_accelerator_run_fits_its_lease_and_gathers_results(tmp_path):
+    """benchmarks/accelerator.py: the plan's budgets add up to at most 9 minutes; a quick run of
+    one script records its result, status and the device kind in one JSON."""
+    spec = importlib.util.spec_from_file_location("benchmark_accelerator", ROOT / "benchmarks" / "accelerator.py")
+    accelerator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accelerator)
+    assert sum(budget for _, _, budget in accelerator.PLAN) <= 540
+    assert all((ROOT / "benchmarks" / f"{name}.py").is_file() for name, _, _ in accelerator.PLAN)
+    out = tmp_path / "acc.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--quick", "--only",
+                    "forward", f"--out={out}"], check=True, cwd=ROOT)
+    result = json.loads(out.read_text())
+    assert result["device_kind"] and list(result["runs"]) == ["forward"]
+    assert result["runs"]["forward"]["status"] == "ok"
+    assert result["runs"]["forward"]["result"]["speedup_vs_hf"] > 0
+
+
 def test_eval_throughput_benchmark_quick(tmp_path):
     """benchmarks/eval_throughput.py on a tiny shape: the three contenders run, ours chooses
     HF log-likelihood's options (the script fails otherwise) and never compiles after its
