@@ -6,7 +6,8 @@ the metrics read back as the training loop reads them) vs Hugging Face PyTorch
 eager attention for reference), same weights and batch, the steps taking turns. Beside it our
 step in bf16 compute and with remat. Per contender: the median wall time of a step and, from
 ``getrusage``, its minor page faults, system and user CPU seconds. The roofline: our step's FLOPs
-(XLA's count) per second, ours and HF's, as a share of a large matmul's FLOP/s measured here.
+(XLA's count) per second, ours and HF's, as a share of a large matmul's FLOP/s measured here;
+and from a JAX profiler trace of our step, the milliseconds per step of each kind of operation.
 
 The profile of our step (same process): the jitted step alone on a batch already on the
 device, with the batch from numpy, without state donation, and with the metrics pulled every
@@ -189,6 +190,36 @@ def roofline(fp32: OurStep, mesh, t: dict, n: int, repeats: int) -> dict:
             **{f"{k}_fraction_of_peak": flops / t[k]["wall_s"] / peak for k in ("ours_fp32", "hf_sdpa")}}
 
 
+OP_KINDS = (("matmul fusions (YNNPACK)", r"^ynn_fusion"), ("Eigen dots", r"^dot(\.|$)"),
+            ("transposes and copies", r"transpose|copy"),
+            ("elementwise and reductions", r"fusion|^wrapped_|reduce|select|convert"))
+
+
+def op_breakdown(fp32: OurStep, mesh, steps: int = 3) -> dict:
+    """Milliseconds per step of each kind of XLA:CPU operation (:data:`OP_KINDS`, by op name),
+    summed over the threads that run them, from a JAX profiler trace of ``steps`` device steps."""
+    import gzip
+    import re
+
+    call = fp32.device_only(parallel.global_batch(fp32.batch, mesh), pull=False)
+    call()
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        for _ in range(steps):
+            call()
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(next(Path(d).rglob("*.trace.json.gz"))))
+    out = {kind: 0.0 for kind, _ in OP_KINDS}
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith(("$", "end:", "ThunkExecutor")):
+            continue
+        kind = next((k for k, pattern in OP_KINDS if re.search(pattern, name)), None)
+        if kind:
+            out[kind] += e.get("dur", 0) / 1e3 / steps
+    return out
+
+
 def default_malloc_run(argv) -> dict:
     """This benchmark's fp32 and HF SDPA figures in a child process with glibc's default malloc."""
     with tempfile.TemporaryDirectory() as d:
@@ -235,6 +266,7 @@ def main(argv=None) -> dict:
     for name in t:
         result["step"][name]["sys_share"] = t[name]["sys_s"] / t[name]["wall_s"]
     result["roofline"] = roofline(steps["fp32"], mesh, t, 256 if args.quick else 2048, repeats)
+    result["op_ms_per_step"] = op_breakdown(steps["fp32"], mesh)
     for ref in ("hf_sdpa", "hf_eager"):
         if ref in t:
             result[f"speedup_vs_{ref}"] = t[ref]["wall_s"] / t["ours_fp32"]["wall_s"]
@@ -260,6 +292,8 @@ def report(r: dict) -> None:
     print(f"  {roof['step_flops'] / 1e9:.1f} GFLOP per step (XLA's count): ours at "
           f"{100 * roof['ours_fp32_fraction_of_peak']:.0f}%, HF SDPA at {100 * roof['hf_sdpa_fraction_of_peak']:.0f}% "
           f"of the {roof['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s matmul peak measured here")
+    print("  op time per step (summed over threads): " + ", ".join(
+        f"{k} {v:.0f} ms" for k, v in r["op_ms_per_step"].items()))
 
 
 if __name__ == "__main__":
