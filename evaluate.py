@@ -338,7 +338,7 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
     if b.file:
         records, skipped = benchmarks.read_benchmark(b.file, b.name)
     elif b.name == "embedded":
-        records, skipped = embedded_benchmark(cfg.seed, b.variants, b.image_size), []
+        records, skipped = embedded_benchmark(cfg.seed, b.variants, b.image_size, limit=b.limit), []
     else:
         raise SystemExit(f"error: benchmark {b.name!r} needs --config.benchmark.file")
     if b.limit:

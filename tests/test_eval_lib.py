@@ -60,6 +60,20 @@ def test_answer_extraction():
     assert not S.open_match("13", "12", "integer") and not S.open_match("none", "12")
 
 
+def test_embedded_benchmark_limit_gives_its_first_records():
+    """evaluate.py's benchmark.limit on the embedded benchmark: the same first records, without
+    loading the photos after them."""
+    from unittest import mock
+
+    from vitsink_jax.data import synthetic
+
+    full = embedded_benchmark(seed=0, variants=2, size=28, photos=["chelsea", "coffee", "rocket"])
+    with mock.patch.object(synthetic, "load_photo", wraps=synthetic.load_photo) as load:
+        assert embedded_benchmark(seed=0, variants=2, size=28, photos=["chelsea", "coffee", "rocket"],
+                                  limit=7) == full[:7]
+    assert load.call_count == 2  # 6 records per photo
+
+
 def _pred(correct, category="c", group="", prediction="", answer="", tag=""):
     return dict(correct=correct, category=category, group=group, prediction=prediction,
                 answer=answer, tag=tag, index=str(id(object())))

@@ -89,12 +89,16 @@ def _mc(rng, correct: str, distractors) -> tuple[list, str]:
     return options, LETTERS[options.index(correct)]
 
 
-def embedded_benchmark(seed: int = 0, variants: int = 2, size: int = 224, photos=None) -> list:
-    """The embedded benchmark's records (see :mod:`vitsink_jax.data.benchmarks` for the schema)."""
+def embedded_benchmark(seed: int = 0, variants: int = 2, size: int = 224, photos=None,
+                       limit: int = 0) -> list:
+    """The embedded benchmark's records (see :mod:`vitsink_jax.data.benchmarks` for the schema);
+    ``limit`` > 0: its first ``limit`` records only (the photos after them are not loaded)."""
     rng = np.random.default_rng(seed)
     names = list(photos or SUBJECTS)
     records = []
     for name in names:
+        if limit and len(records) >= limit:
+            break
         photo = load_photo(name, size)
         for v in range(variants):
             img, count, corner = overlay(photo, rng)
@@ -110,7 +114,7 @@ def embedded_benchmark(seed: int = 0, variants: int = 2, size: int = 224, photos
                                 "question": QUESTIONS[category], "options": options, "answer": answer,
                                 "kind": "mc", "category": category, "tag": tag, "group": name,
                                 "answer_type": "text", "meta": {}})
-    return records
+    return records[:limit] if limit else records
 
 
 def benchmark_corpus() -> list:
