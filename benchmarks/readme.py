@@ -317,21 +317,28 @@ def misses(r: dict) -> list:
             f"evaluation); {per_item:.0f} ms per item remain, of which host work (tokenizing, decoding, padding; "
             f"prepared in a thread while the device scores) is {host:.1f} ms. FastV, VAR, DIYSink ReW and CoT "
             "routes change the image's tokens with the question, so they score full rows. **Process start**: "
-            f"the compile cache removes compiling ({cold:.1f} s -> {warm:.1f} s); a warm train.py start no longer "
-            f"imports torch (torch: {boot['torch_import']:.1f} s; the parsed config.json and the tokenizer's class "
-            "come from `vitsink_jax.resolved`, TensorBoard files are written without tensorboardX) and, in a "
-            "cProfile of one warm run (overhead included), spends "
+            f"the compile cache removes compiling ({cold:.1f} s -> {warm:.1f} s); a warm train.py start "
+            + ("no longer imports torch (the parsed config.json and the tokenizer's class come from "
+               "`vitsink_jax.resolved`, TensorBoard files are written without tensorboardX)" if not boot["torch_import"]
+               else f"still imports torch ({boot['torch_import']:.1f} s)")
+            + " and, in a cProfile of one warm run (overhead included), spends "
             f"~{boot['jax_import']:.1f} s importing JAX, ~{boot['load_checkpoint']:.1f} s loading the checkpoint "
             f"(~{boot['abstract_init']:.1f} s of it the abstract init that plans the params), "
             f"~{boot['load_tokenizer']:.1f} s loading the tokenizer (~{boot['transformers_import']:.1f} s of it "
             f"importing transformers), ~{boot['load_data']:.1f} s preparing the data and ~{boot['first_step']:.1f} s "
             "in the first step (tracing it, since the cache keys on the traced program, loading the compiled "
-            "program, running it). **The training step** is at the compute roof on both sides: "
+            "program, running it). **The training step** is compute-bound on both sides: "
             f"{roof['step_flops'] / 1e9:.0f} GFLOP per step (XLA's count), ours at "
             f"{100 * roof['ours_fp32_fraction_of_peak']:.0f}% and HF at {100 * roof['hf_sdpa_fraction_of_peak']:.0f}% "
             "of the matmul peak measured in the same run, so 1.4x over HF would need "
-            f"~{140 * roof['hf_sdpa_fraction_of_peak']:.0f}% of that peak; the work that could go is small (the LM head "
-            f"is {100 * head:.0f}% of the step and most of its tokens have no loss) - not done."]
+            f"~{140 * roof['hf_sdpa_fraction_of_peak']:.0f}% of that peak"
+            f"{', more than the peak' if roof['hf_sdpa_fraction_of_peak'] >= 1 / 1.4 else ''} (matmuls of this "
+            "step's shapes reach the peak when timed alone). A JAX profiler trace of our step (op time summed "
+            "over the two threads): " + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(
+                ts["op_ms_per_step"].items(), key=lambda kv: -kv[1]))
+            + "; the non-matmul part (layer norms, softmax, GELU, the AdamW update, the layouts the weight "
+            "gradients need) is what a faster step would have to shrink, on both sides. The work that could go "
+            f"is small: the LM head is {100 * head:.0f}% of the step and most of its tokens carry no loss - not done."]
 
 
 def _pct(acc: float) -> str:
