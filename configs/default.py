@@ -77,6 +77,8 @@ def get_config():
     c.eval.scoring = "loglik"       # loglik | generate (open questions always generate)
     c.eval.batch_size = 8           # rows per forward (rounded up to a multiple of the devices)
     c.eval.length_bucket = 32       # sequences padded to a multiple of this (bounds recompiles)
+    c.eval.share_prefixes = True    # items showing one photo: its prompt prefix computed once
+                                    # (False: full rows, less memory per row; same scores)
     c.eval.max_new_tokens = 8       # generation
     c.eval.parallel = "mesh"        # mesh | pmap
     c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices (1 x 1 =

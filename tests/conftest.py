@@ -369,7 +369,7 @@ def check_shared_prefix_scoring(model, params, tok, records: list, cfg) -> list:
     shared-prefix scorer (each photo's prompt prefix prefilled once, the items continuing from
     its KV cache) equals the full-row scorer: the same sink counts, scores within 1e-5.
     Returns the shared scores."""
-    from unittest import mock
+    import ml_collections
 
     from vitsink_jax import eval_lib, prefix_sharing
 
@@ -381,8 +381,8 @@ def check_shared_prefix_scoring(model, params, tok, records: list, cfg) -> list:
     assert prefix_sharing.shares_prefixes(model) and groups is not None
     assert any(len(g.rows) > 1 for g in groups)
     shared, shared_sinks = eval_lib.loglik_scores(model, params, tok, records, cfg)
-    with mock.patch.object(prefix_sharing, "shares_prefixes", lambda m: False):  # full rows
-        full, full_sinks = eval_lib.loglik_scores(model, params, tok, records, cfg)
+    full_rows = ml_collections.ConfigDict({**cfg.to_dict(), "share_prefixes": False})
+    full, full_sinks = eval_lib.loglik_scores(model, params, tok, records, full_rows)
     assert shared_sinks == full_sinks
     np.testing.assert_allclose(np.array(shared), np.array(full), atol=1e-5)
     return shared

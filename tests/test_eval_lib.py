@@ -417,8 +417,9 @@ def test_items_sharing_a_photo_are_scored_from_its_prefix_cache(tiny, variant):
 
 def test_prefix_groups_and_units():
     """Rows group by photo with the prefix they share (never past a scored position); a prefix
-    that would end inside an image gives no plan; units hold at most ``capacity`` rows and
-    whole groups; shapes are padded to powers of two groups and length buckets."""
+    that would not reach a text token past the image gives no plan; units hold at most
+    ``capacity`` rows and whole groups; shapes are padded to powers of two groups and length
+    buckets."""
     from vitsink_jax import prefix_sharing as PS
 
     img = 9
@@ -431,14 +432,16 @@ def test_prefix_groups_and_units():
         return ids, targets, np.full(1, -1, np.int32), -1, np.zeros(len(ids), bool)
 
     rows = [(0, row([1, img, img, 2, 3, 4])), (1, row([1, img, img, 2, 5])),
-            (2, row([1, img, img, 2, 3, 4, 6], first_target=5)), (3, row([1, img, img, 7]))]
+            (2, row([1, img, img, 2, 3, 4, 6], first_target=5)), (3, row([1, img, img, 7, 8]))]
     keys = ["a", "a", "a", "b"]
     groups = PS.prefix_groups(rows, keys, img, capacity=4)
-    assert groups == [PS.Group(4, (0, 1, 2)), PS.Group(3, (3,))]
+    assert groups == [PS.Group(4, (0, 1, 2)), PS.Group(4, (3,))]
     assert PS.prefix_groups(rows, keys, img, capacity=2) == [PS.Group(4, (0, 1)), PS.Group(5, (2,)),
-                                                           PS.Group(3, (3,))]
+                                                           PS.Group(4, (3,))]
     late = [(0, row([1, 2, img, 3])), (1, row([1, 4, img, 3]))]  # the image after the question
     assert PS.prefix_groups(late, ["a", "a"], img, capacity=4) is None
+    right_after = [(0, row([1, img, img, 5, 6])), (1, row([1, img, img, 7, 8]))]  # no text between
+    assert PS.prefix_groups(right_after, ["a", "a"], img, capacity=4) is None
     units = PS.pack_units(groups, rows, capacity=3)
     assert [u.groups for u in units] == [(groups[1],), (groups[0],)]  # shorter prefix first
     assert units[1].rows == [0, 1, 2] and units[1].of_row == (0, 0, 0)

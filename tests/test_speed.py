@@ -51,7 +51,10 @@ def _family_configs() -> dict:
 def test_remembered_configs_equal_the_parsed_ones_and_bad_entries_are_parsed_again(tmp_path):
     """With a folder set, a config.json is parsed through transformers once: the entry read back
     is the same config (every field, the kept HF dict) for every family; an unreadable or
-    foreign entry is parsed again; a config that does not parse raises and stores nothing."""
+    foreign entry is parsed again; a config that does not parse raises and stores nothing; a
+    folder that cannot be written costs a warning, not the load."""
+    from unittest import mock
+
     import pytest
     from vitsink_jax import resolved
     from vitsink_jax.config import config_from_hf
@@ -81,6 +84,11 @@ def test_remembered_configs_equal_the_parsed_ones_and_bad_entries_are_parsed_aga
         with pytest.raises(ValueError, match="unknown model_type"):
             resolved.config({"model_type": "bert"}, parse)
         assert len(list((tmp_path / "r").glob("config-*.json"))) == len(entries)
+        for e in entries:
+            e.unlink()
+        with mock.patch.object(resolved, "write_text_atomic", side_effect=OSError(28, "No space left")):
+            with pytest.warns(UserWarning, match="not remembering the config"):
+                assert resolved.config(raw, parse) == config_from_hf(raw)  # a full disk costs a warning
     finally:
         resolved.enable(None)
 

@@ -329,9 +329,12 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     ``routes``: per-record token selection codes (CoT routing) or None.
 
     Items that show the same image share their prompt's start: when the model allows it
-    (:func:`vitsink_jax.prefix_sharing.shares_prefixes`, no routes) that prefix, image
-    included, is computed once per image and each item's own tokens continue from its KV cache
-    (:func:`make_shared_scorer`), in units of at most ``batch_size`` / devices rows. Otherwise
+    (:func:`vitsink_jax.prefix_sharing.shares_prefixes`, no routes) and ``cfg.share_prefixes``
+    (default True) that prefix, image included, is computed once per image and each item's own
+    tokens continue from its KV cache (:func:`make_shared_scorer`), in units of at most
+    ``batch_size`` / devices rows. Each row then holds its own copy of its prefix's cache (every
+    layer's keys and values: more memory than a full row's forward, which keeps one layer's at a
+    time), so a batch size that just fits full rows may not fit shared ones. Otherwise
     the full rows are scored sorted by length (a batch holds rows of neighbouring lengths,
     padded to the bucket of its longest). Either way the results keep the record order, the
     candidate axis is padded to a multiple of :data:`CANDIDATE_BUCKET` and the run's one scorer
@@ -352,7 +355,7 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     pixels = functools.partial(_pixels, model, cache=cache)
     capacity = bs // parallel.batch_multiple(strategy)
     groups = None
-    if routes is None and prefix_sharing.shares_prefixes(model):
+    if routes is None and cfg.get("share_prefixes", True) and prefix_sharing.shares_prefixes(model):
         groups = prefix_sharing.prefix_groups(rows, [r["image"] for r in records],
                                               model.config.image_token_index, capacity)
     if parallel.max_over_processes(int(groups is None)):  # one way for every process

@@ -61,8 +61,9 @@ def prefix_groups(rows: list, image_keys: list, image_token: int, capacity: int)
 
     rows: (record index, (ids [L], targets [L], ...)) as ``loglik_scores`` lists them;
     image_keys: per record its image (equal keys: the same image). Returns [:class:`Group`], or
-    None when some group's shared prefix ends before its last image token (its image would not
-    be computed once)."""
+    None when some group's shared prefix does not reach past its last image token by a text
+    token (its image would not be computed once, or, with tokens moved or dropped, the cache's
+    next position could differ from the full row's)."""
     by_image = defaultdict(list)
     for n, (i, _) in enumerate(rows):
         by_image[image_keys[i]].append(n)
@@ -76,7 +77,9 @@ def prefix_groups(rows: list, image_keys: list, image_token: int, capacity: int)
                 same = other[:prefix] == ids[0][:prefix]
                 prefix = min(prefix, int(np.argmin(np.append(same, False))))
             images = [np.flatnonzero(x == image_token) for x in ids]
-            if prefix < 1 or any(len(at) and at[-1] >= prefix for at in images):
+            # a text token after the last image token, inside the prefix: the cache's next
+            # position is then the full row's, whatever the image's tokens were moved or dropped
+            if prefix < 1 or any(len(at) and at[-1] >= prefix - 1 for at in images):
                 return None
             groups.append(Group(prefix, tuple(part)))
     return groups

@@ -11,11 +11,13 @@ tokenizer's class are written there on first use and read back afterwards:
 * a config entry is keyed by the config dict, transformers' version and the source of the
   parser (``config.py``, ``sinks/detect.py``): a change to any of them parses again;
 * a tokenizer entry is keyed by the contents of the folder's ``config.json``,
-  ``tokenizer_config.json`` and ``tokenizer.json`` (what ``AutoTokenizer`` reads to choose) and
-  transformers' version; it names the class, which then loads the folder as ``AutoTokenizer``
-  would have (``cls.from_pretrained(folder, local_files_only=True)``).
+  ``tokenizer_config.json``, ``tokenizer.json`` and ``tekken.json`` (what ``AutoTokenizer``
+  reads to choose), the folder's path, and the versions of transformers, tokenizers,
+  sentencepiece and mistral-common; it names the class, which then loads the folder as
+  ``AutoTokenizer`` would have (``cls.from_pretrained(folder, local_files_only=True)``).
 
-Entries are small JSON files written atomically; an unreadable one is resolved again.
+Entries are small JSON files written atomically; an unreadable one is resolved again, and a
+folder that cannot be written costs only a warning.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import warnings
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +35,9 @@ from typing import Callable, Optional
 from .provenance import write_text_atomic
 
 _state = {"folder": None}
-TOKENIZER_DECIDERS = ("config.json", "tokenizer_config.json", "tokenizer.json")
+TOKENIZER_DECIDERS = ("config.json", "tokenizer_config.json", "tokenizer.json", "tekken.json")
+# packages whose presence or version can change the class AutoTokenizer picks or how it loads
+TOKENIZER_PACKAGES = ("tokenizers", "sentencepiece", "mistral-common")
 
 
 def enable(folder) -> Optional[Path]:
@@ -59,7 +64,8 @@ def _key(kind: str, *parts: bytes) -> str:
 
 
 def _remembered(kind: str, parts: tuple, resolve: Callable[[], object], encode, decode):
-    """``resolve()``, or its earlier result stored under (kind, parts) when a folder is set."""
+    """``resolve()``, or its earlier result stored under (kind, parts) when a folder is set. A
+    folder that cannot be read or written only costs the resolution (a warning), never the load."""
     folder = _state["folder"]
     if folder is None:
         return resolve()
@@ -67,10 +73,13 @@ def _remembered(kind: str, parts: tuple, resolve: Callable[[], object], encode, 
     if path.is_file():
         try:
             return decode(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError, AttributeError, ImportError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
             pass  # unreadable or from other code: resolved again and rewritten
     value = resolve()
-    write_text_atomic(path, json.dumps(encode(value)))
+    try:
+        write_text_atomic(path, json.dumps(encode(value)))
+    except (OSError, TypeError, ValueError) as e:
+        warnings.warn(f"not remembering the {kind} resolution in {folder}: {e}", stacklevel=3)
     return value
 
 
@@ -114,6 +123,8 @@ def tokenizer(folder: Path):
     """The folder's tokenizer as ``AutoTokenizer.from_pretrained(folder, local_files_only=True)``
     gives it; its class remembered per content of :data:`TOKENIZER_DECIDERS`."""
     parts = tuple((folder / f).read_bytes() if (folder / f).is_file() else b"" for f in TOKENIZER_DECIDERS)
+    parts += (str(folder.resolve()).encode(),  # AutoTokenizer matches some model paths by name
+              "\0".join(_version(p) for p in TOKENIZER_PACKAGES).encode())
     loaded = {}
 
     def resolve() -> str:
@@ -126,6 +137,13 @@ def tokenizer(folder: Path):
     if "tok" in loaded:  # resolved just now
         return loaded["tok"]
     return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
 
 
 def _importable(cls) -> str:

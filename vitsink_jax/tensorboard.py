@@ -98,7 +98,7 @@ class ScalarWriter:
         self._file.flush()
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._file.write(tfrecord(event(time.time(), step, scalar=(tag, float(value)))))
+        self._file.write(tfrecord(event(time.time(), int(step), scalar=(tag, float(value)))))
 
     def flush(self) -> None:
         self._file.flush()
