@@ -296,24 +296,24 @@ def _shared_plan(records: list, rows: list, groups: list, capacity: int, kmax: i
 
     def inputs(k):
         """Batch k's arrays, in the shared scorer's argument order (prefix ... cand)."""
-        units, shape = batches[k] + [batches[k][0]] * (per - len(batches[k])), shapes[k]
+        filled, shape = batches[k] + [batches[k][0]] * (per - len(batches[k])), shapes[k]
         prefix, pix, group, suffix, targets, cand = [], [], [], [], [], []
-        for u in units:
-            groups = u.groups + (u.groups[0],) * (shape["groups"] - len(u.groups))
-            prefix += [rows[g.rows[0]][1][0][:g.prefix] for g in groups]
-            pix += [pixels(records[rows[g.rows[0]][0]]) for g in groups]
+        for u in filled:
+            padded = u.groups + (u.groups[0],) * (shape["groups"] - len(u.groups))
+            prefix += [rows[g.rows[0]][1][0][:g.prefix] for g in padded]
+            pix += [pixels(records[rows[g.rows[0]][0]]) for g in padded]
             take = list(zip(u.rows, u.of_row))
             take += [take[-1]] * (capacity - len(take))
-            for n, k in take:
+            for n, of in take:
                 ids, tgt, row_c = rows[n][1][:3]
-                at = u.groups[k].prefix
-                group.append(k)
+                at = u.groups[of].prefix
+                group.append(of)
                 suffix.append(ids[at:])
                 targets.append(tgt[at:])
                 cand.append(row_c)
         prefix, prefix_mask = left_pad(prefix, shape["prefix"], pad)
         suffix, suffix_mask = right_pad(suffix, shape["suffix"], pad)
-        n, u, p = len(units), shape["groups"], shape["prefix"]
+        n, u, p = len(filled), shape["groups"], shape["prefix"]
         return (prefix.reshape(n, u, p), prefix_mask.reshape(n, u, p),
                 np.stack(pix).reshape((n, u) + pix[0].shape), np.asarray(group, np.int32).reshape(n, capacity),
                 suffix.reshape(n, capacity, -1), suffix_mask.reshape(n, capacity, -1),
