@@ -35,7 +35,7 @@ import vitsink_jax as vj
 from vitsink_jax import cli, compile_cache, parallel, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
-from vitsink_jax.data import instruct
+from vitsink_jax.data import instruct, instruct_build
 from vitsink_jax.data.prefetch import Prefetch
 from vitsink_jax.data.preprocess import pixels_from_bytes
 from vitsink_jax.tensorboard import ScalarWriter
@@ -87,33 +87,47 @@ def load_model(cfg, ckpt: Path, mesh=None):
     return model, params, tokenizer
 
 
-def load_data(cfg, workdir: Path, json_sha256: str | None = None):
-    """The instruction records by index (``instruct.open_instruct``: read on access): every
-    process reads the source itself and writes its own tfds builder of all records (in a folder
-    of its own when there are several: hosts share no filesystem), so any host can read any
-    row of a global batch. The builder records its source (``source.json``: the JSON file's
-    sha256 and image folder, or the embedded data's settings); a later run (a resume) of the same
-    source reuses it instead of decoding every image again. ``json_sha256``: the JSON file's
-    hash when the caller has it already (:func:`run_settings`), not read again."""
+def token_spec(cfg, model, tokenizer) -> instruct_build.TokenSpec:
+    """How training rows are tokenized: the model's prompt format, ``data.system`` and the
+    length limit (``data.max_length``, 0: the LLM's positions) with ``data.too_long``."""
     d = cfg.data
-    data_dir = parallel.process_local(Path(d.data_dir or workdir / "tfds"))
+    limit = d.max_length or model.config.text.max_position_embeddings
+    return instruct_build.TokenSpec(tokenizer, prompt_format(model.config, tokenizer),
+                                    d.get("system", ""), limit, d.too_long)
+
+
+def load_data(cfg, workdir: Path, spec: instruct_build.TokenSpec, json_sha256: str | None = None):
+    """The instruction rows by index with their token lengths (``instruct_build.InstructData``:
+    read on access), built once per source and tokenization (:mod:`vitsink_jax.data.instruct_build`:
+    streamed, by ``data.build_workers`` processes, resumable). With several processes: when
+    ``data.shared_fs`` says the data_dir is seen by every host, process 0 builds and the others
+    read its build; otherwise every process builds its own copy of all rows in a folder of its
+    own (hosts share no filesystem), so any host can read any row of a global batch.
+    ``json_sha256``: the JSON file's hash when the caller has it already (:func:`run_settings`)."""
+    d = cfg.data
+    data_dir = Path(d.data_dir or workdir / "tfds")
+    shared = jax.process_count() > 1 and d.shared_fs
+    if not shared:
+        data_dir = parallel.process_local(data_dir)
     name = Path(d.json).stem if d.json else "embedded"
     source = ({"json_sha256": json_sha256 or file_sha256(d.json), "image_folder": str(d.image_folder)}
               if d.json else {"embedded": [cfg.seed + 1000, d.variants, d.image_size, d.mc_format]})
-    marker = data_dir / "local_records" / f"instruct_{name}" / "source.json"
-    if marker.is_file() and json.loads(marker.read_text()) == source:
-        return instruct.open_instruct(name, data_dir)  # written by an earlier run of this source
-    if d.json:
-        records, skipped = instruct.read_llava_json(d.json, d.image_folder or None)
-        if jax.process_index() == 0:
-            print(f"{d.json}: {len(records)} conversations, {len(skipped)} skipped")
-    else:
-        records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size, d.mc_format)
-    import tensorflow_datasets as tfds
-    tfds.disable_progress_bar()
-    instruct.write_instruct(records, name, data_dir)
-    write_json(marker, source)
-    return instruct.open_instruct(name, data_dir)
+    folder = instruct_build.instruct_folder(data_dir, name, source, spec)
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        print(f"data: process 0 builds {folder} for every host (data.shared_fs)" if shared else
+              "data: every process builds its own copy of the rows (data.shared_fs=False)")
+    builds = not shared or jax.process_index() == 0
+    if builds and not instruct_build.built(folder, source):
+        verbose = jax.process_index() == 0 or not shared
+        if d.json:
+            instruct_build.build_json(d.json, d.image_folder or None, folder, source, spec,
+                                      d.build_workers, d.shard_rows, verbose)
+        else:
+            records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size, d.mc_format)
+            instruct_build.build_records(records, folder, source, spec, verbose=False)
+    if shared:
+        parallel.sync("instruction data built")
+    return instruct_build.InstructData(folder)
 
 
 class Batches:
@@ -121,31 +135,39 @@ class Batches:
     ``instruct.batch_indices`` picks for k out of all of them, a function of (seed, k) alone,
     so a run resumed on another number of hosts continues with the same rows; process p
     supplies its contiguous slice of it (``parallel.process_rows``), padded to the longest row
-    of the whole global batch, so every process passes arrays of one shape (and as a one-process
-    run would). Rows are tokenized when needed; only each record's token count is kept (every
-    process counts the tokens of every row of a batch, its own and the others'). Safe to call
-    from several threads at once (``vitsink_jax.data.prefetch``); the tokenizer serves one at a
-    time (a Rust-backed fast tokenizer may refuse concurrent calls: "Already borrowed")."""
+    of the whole global batch (read from the build's manifest: no process tokenizes another's
+    rows), so every process passes arrays of one shape (and as a one-process run would). A row
+    longer than the limit (``data.too_long=truncate``) keeps its first ``max_length`` tokens, as
+    LLaVA truncates to ``model_max_length``. A text-only row gets blank pixels and
+    ``has_image`` False. Safe to call from several threads at once
+    (``vitsink_jax.data.prefetch``); the tokenizer serves one at a time (a Rust-backed fast
+    tokenizer may refuse concurrent calls: "Already borrowed")."""
 
-    def __init__(self, records, model, tokenizer, cfg, process_index=None, process_count=None):
+    def __init__(self, records, model, tokenizer, cfg, process_index=None, process_count=None,
+                 spec=None):
         self.records, self.model, self.tok, self.cfg = records, model, tokenizer, cfg
+        self.spec = spec or token_spec(cfg, model, tokenizer)
         if cfg.batch_size > len(records):
             raise SystemExit(f"error: batch_size {cfg.batch_size} is larger than the "
                              f"{len(records)} training records")
         self.rows = parallel.process_rows(cfg.batch_size, process_index, process_count)
-        self.lengths = np.full(len(records), -1, np.int64)  # tokens of record i, once counted
         self.tokenizing = threading.Lock()
+        self.blank = None  # pixels of a text-only row (zeros, as LLaVA's), made once
 
-    def example(self, i: int, record=None) -> dict:
-        """Record i tokenized (ids, loss_mask, question_mask); counts its tokens."""
-        c = self.model.config
-        record = self.records[i] if record is None else record
+    def example(self, record) -> dict:
+        """A record tokenized (ids, loss_mask, question_mask), cut to the length limit."""
         with self.tokenizing:
             ids, loss_mask, question_mask = instruct.tokenize_conversation(
-                self.tok, record["roles"], record["texts"], prompt_format(c, self.tok),
-                self.cfg.data.get("system", ""))
-        self.lengths[i] = len(ids)
-        return {"ids": ids, "loss_mask": loss_mask, "question_mask": question_mask}
+                self.tok, record["roles"], record["texts"], self.spec.fmt, self.spec.system)
+        keep = slice(0, self.spec.max_length or None)
+        return {"ids": ids[keep], "loss_mask": loss_mask[keep], "question_mask": question_mask[keep]}
+
+    def pixels(self, record) -> np.ndarray:
+        if record["image"]:
+            return pixels_from_bytes(self.model.config, record["image"])
+        if self.blank is None:
+            self.blank = np.zeros_like(pixels_from_bytes(self.model.config, blank_png()))
+        return self.blank
 
     def indices(self, step: int) -> np.ndarray:
         """Record indices of global batch ``step`` (every process's rows, in order)."""
@@ -160,13 +182,21 @@ class Batches:
         rows = []
         for i in every[self.rows]:
             record = self.records[i]
-            rows.append({**self.example(i, record),
-                         "pixels": pixels_from_bytes(self.model.config, record["image"])})
-        for i in every:
-            if self.lengths[i] < 0:
-                self.example(i)
+            rows.append({**self.example(record), "pixels": self.pixels(record),
+                         "has_image": bool(record["image"])})
         return instruct.pad_batch(rows, self.cfg.length_bucket, self.tok.pad_token_id or 0,
-                                  longest=int(self.lengths[every].max()))
+                                  longest=int(self.records.lengths[every].max()))
+
+
+def blank_png() -> bytes:
+    """A 1 x 1 PNG (its preprocessed shape is the model's pixel shape)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Runner:
@@ -300,14 +330,22 @@ def check_resume(manager, step: int, cfg, settings: dict) -> list:
 
 def check_options(cfg) -> None:
     """Refuses a misspelt fault option at the start, not at the first fault."""
-    for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow"))):
-        if cfg[key] not in allowed:
-            raise SystemExit(f"error: --config.{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow")),
+                         ("data.too_long", instruct_build.TOO_LONG)):
+        top, _, sub = key.partition(".")
+        value = cfg[top][sub] if sub else cfg[key]
+        if value not in allowed:
+            raise SystemExit(f"error: --config.{key}={value!r} is not one of {', '.join(allowed)}")
     if cfg.max_skips < 0:
         raise SystemExit(f"error: --config.max_skips={cfg.max_skips} is negative")
     if cfg.data.prefetch < 0 or cfg.data.workers < 1:
         raise SystemExit(f"error: --config.data.prefetch={cfg.data.prefetch} must be >= 0 (0: no "
                          f"prefetch) and --config.data.workers={cfg.data.workers} >= 1")
+    for key in ("max_length", "build_workers"):
+        if cfg.data[key] < 0:
+            raise SystemExit(f"error: --config.data.{key}={cfg.data[key]} is negative")
+    if cfg.data.shard_rows < 1:
+        raise SystemExit(f"error: --config.data.shard_rows={cfg.data.shard_rows} must be >= 1")
 
 
 def restore_checkpoint(manager, state, cfg, settings: dict):
@@ -434,7 +472,9 @@ def train(cfg, workdir: Path) -> dict:
           f"{jax.process_count()} process(es); peak lr "
           + ", ".join(f"{g} {lr:g}" for g, lr in train_lib.group_lrs(cfg.optim, cfg.stage, trainable).items())
           + f", warmup {train_lib.warmup_steps(cfg.optim, cfg.steps)} steps")
-    batches = Batches(load_data(cfg, workdir, settings.get("sha256:data.json")), model, tokenizer, cfg)
+    spec = token_spec(cfg, model, tokenizer)
+    batches = Batches(load_data(cfg, workdir, spec, settings.get("sha256:data.json")), model,
+                      tokenizer, cfg, spec=spec)
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": settings["sha256:checkpoint"],
             "stage": cfg.stage, "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg),

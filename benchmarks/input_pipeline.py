@@ -48,16 +48,23 @@ def recipe_config(quick: bool, steps: int):
     return cfg
 
 
+def stand_in(cfg) -> tuple:
+    """(a stand-in model holding the checkpoint's config: all the loader reads, its tokenizer)."""
+    from vitsink_jax.config import config_from_hf
+    from vitsink_jax.convert.checkpoint_io import read_config
+    from vitsink_jax.data.tokenizer import load_tokenizer
+
+    return (SimpleNamespace(config=config_from_hf(read_config(cfg.checkpoint))),
+            load_tokenizer(cfg.checkpoint))
+
+
 def loader_rate(cfg, records, n: int, workers: int) -> dict:
     """Images / s (and per process-CPU second) of ``n`` batches made by ``workers`` threads."""
     import train
-    from vitsink_jax.config import config_from_hf
-    from vitsink_jax.convert.checkpoint_io import read_config
     from vitsink_jax.data.prefetch import Prefetch
-    from vitsink_jax.data.tokenizer import load_tokenizer
 
-    model = SimpleNamespace(config=config_from_hf(read_config(cfg.checkpoint)))  # all it reads
-    batches = train.Batches(records, model, load_tokenizer(cfg.checkpoint), cfg)
+    model, tok = stand_in(cfg)
+    batches = train.Batches(records, model, tok, cfg)
     for _ in Prefetch(batches, range(n, n + 2), 0):      # warm-up: file reads, lazy imports
         pass
     wall, cpu = time.perf_counter(), time.process_time()
@@ -122,7 +129,7 @@ def main(argv=None) -> dict:
     cfg.checkpoint = str(quick_checkpoint(work / "ckpt") if args.quick else
                          ensure_embedded_checkpoint(work, cfg.embedded, cfg.seed))
 
-    records = train.load_data(cfg, work)
+    records = train.load_data(cfg, work, train.token_spec(cfg, *stand_in(cfg)))
     cores = len(os.sched_getaffinity(0))
     loader = [loader_rate(cfg, records, n, w) for w in (1, 2)]
     runs = {"on": [], "off": []}

@@ -86,6 +86,12 @@ def get_config():
     c.data.prefetch = 2        # batches computed ahead while a step runs (0 = each when needed);
                                # same batches, same order, same resume position either way
     c.data.workers = 2         # threads computing them (image decode / resize release the GIL)
+    c.data.max_length = 0      # longest row in tokens, image expanded (0 = the LLM's positions)
+    c.data.too_long = "skip"   # a longer row: "skip" (named in the build's manifest) | "truncate"
+    c.data.build_workers = 2   # processes checking images and tokenizing while the data is built
+    c.data.shard_rows = 1000   # source items per array_record shard (the unit a killed build resumes)
+    c.data.shared_fs = False   # several hosts: data_dir is seen by all (NFS, a mounted bucket), so
+                               # process 0 builds and the others read; False: each builds its own
 
     c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                    local_device_count=0))

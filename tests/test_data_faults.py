@@ -11,7 +11,7 @@ from PIL import Image
 from test_benchmarks import b64, png, write_tsv
 from vitsink_jax.config import LlavaConfig, TextConfig, VisionConfig
 from vitsink_jax.data import benchmarks as B
-from vitsink_jax.data.instruct import read_llava_json
+from vitsink_jax.data.instruct_build import InstructData, build_json
 from vitsink_jax.data.preprocess import pixels_from_bytes, preprocess, to_rgb
 
 CONFIG = LlavaConfig(vision=VisionConfig("clip_vision_model", 32, 64, 2, 4, image_size=28,
@@ -77,7 +77,9 @@ def test_image_placeholder_in_a_benchmark_text_skips_the_row(tmp_path):
         "field 'question' holds the image placeholder '<image>'"]
 
 
-def test_bad_training_items_are_skipped_at_read_time(tmp_path):
+def test_bad_training_items_are_skipped_at_build_time(tmp_path):
+    """Each bad item of an instruction file is skipped and named by file:item and id while the
+    data is built; a text-only conversation is kept (LLaVA-1.5 trains on them)."""
     (tmp_path / "a.png").write_bytes(png(0))
     (tmp_path / "text.jpg").write_text("hello")
     (tmp_path / "cut.jpg").write_bytes(jpeg(4)[:-10])
@@ -91,16 +93,19 @@ def test_bad_training_items_are_skipped_at_read_time(tmp_path):
              item("none", "a.png", "What is it?"), item("text", "text.jpg"),
              item("cut", "cut.jpg"), item("textonly", None, "Hi?")]
     (tmp_path / "llava.json").write_text(json.dumps(items))
-    recs, skipped = read_llava_json(tmp_path / "llava.json", verbose=False)
-    assert [r["id"] for r in recs] == ["good"] and recs[0]["image"] == png(0)
-    assert len(skipped) == 5
+    manifest = build_json(tmp_path / "llava.json", None, tmp_path / "built", {}, None, workers=0,
+                          verbose=False)
+    data = InstructData(tmp_path / "built")
+    assert [data[i]["id"] for i in range(len(data))] == ["good", "textonly"]
+    assert data[0]["image"] == png(0) and data[1]["image"] == b""
+    skipped = manifest["skipped"]
+    assert len(skipped) == 4
     assert all(s.startswith(f"{tmp_path / 'llava.json'}:item ") for s in skipped)
     assert "item 2 (id two): 2 <image> placeholders in the conversation" in skipped[0]
     assert "item 3 (id none): 0 <image> placeholders" in skipped[1]
     assert (f"item 4 (id text): image {tmp_path / 'text.jpg'} does not decode as an image "
             "(UnidentifiedImageError") in skipped[2]
     assert "item 5 (id cut): image" in skipped[3] and "image file is truncated" in skipped[3]
-    assert "item 6 (id textonly): no 'image'" in skipped[4]
 
 
 def test_16_bit_grayscale_is_scaled_to_8_bits():

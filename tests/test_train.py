@@ -141,8 +141,9 @@ def test_resume_equals_straight_run(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
     train.train(config(steps=5, **kw), tmp_path / "straight")
     train.train(config(steps=2, **kw), tmp_path / "resumed")   # "killed" after 2 steps
-    data = tmp_path / "resumed" / "tfds" / "local_records" / "instruct_embedded"
+    [data] = (tmp_path / "resumed" / "tfds" / "local_records").glob("instruct_embedded_*")
     written = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    assert (data / "manifest.json").is_file()
     summary = train.train(config(steps=5, **kw), tmp_path / "resumed")
     assert summary["resumed_from"] == 2
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == written  # data reused, not rebuilt
@@ -517,7 +518,8 @@ def _batch_setup(tmp_path, **kw):
 
     cfg = config(**kw)
     model = SimpleNamespace(config=embedded_config(cfg.embedded))
-    return train.load_data(cfg, tmp_path), model, embedded_tokenizer(cfg.embedded.vocab_size), cfg
+    tok = embedded_tokenizer(cfg.embedded.vocab_size)
+    return train.load_data(cfg, tmp_path, train.token_spec(cfg, model, tok)), model, tok, cfg
 
 
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):

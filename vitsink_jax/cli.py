@@ -27,7 +27,7 @@ from .checkpoints import CheckpointSaveError
 from .convert.onnx_dinov2 import OnnxImportError
 from .convert.safetensors_io import CheckpointError
 from .data.benchmarks import BenchmarkError
-from .data.instruct import InstructError
+from .data.instruct_build import InstructError
 from .data.labels import LabelsError
 from .mini_study import StudyError
 from .scores import PredictionError

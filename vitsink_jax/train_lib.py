@@ -149,7 +149,8 @@ def answer_nll_sum(logits, ids, loss_mask):
 
 def loss_fn(model, stage: str):
     """``loss(trainable, frozen, batch, n_tokens) -> loss`` for ``stage``; ``batch`` holds
-    ids, mask, loss_mask, question_mask [B, T] and pixels [B, C, H, W]; ``n_tokens`` is the
+    ids, mask, loss_mask, question_mask [B, T], pixels [B, C, H, W] and optionally has_image [B]
+    (False: a text-only row, :meth:`LlavaForConditionalGeneration.__call__`); ``n_tokens`` is the
     number of answer tokens of the whole batch of the optimizer update (every micro-batch,
     device and host) the summed NLL is divided by, so the losses (and gradients) of the pieces
     of a batch add up to those of the batch."""
@@ -158,7 +159,7 @@ def loss_fn(model, stage: str):
     def nll(params, batch, route):
         out = model.apply({"params": params}, batch["ids"], batch["pixels"],
                           attention_mask=batch["mask"], question_mask=batch["question_mask"],
-                          route=route)
+                          route=route, **{k: batch[k] for k in ("has_image",) if k in batch})
         return answer_nll_sum(out.logits, batch["ids"], batch["loss_mask"])
 
     def loss(trainable, frozen, batch, n_tokens):

@@ -1,8 +1,10 @@
-"""LLaVA-format instruction data -> tfds builder -> tokenized, bucketed training batches.
+"""LLaVA-format instruction data -> tokenized, bucketed training batches (the files are built by
+:mod:`vitsink_jax.data.instruct_build`).
 
 LLaVA format: a JSON list of ``{"id", "image": path relative to the image folder,
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."},
-...]}``. Conversations are rendered in LLaVA-1.5's template (the one the benchmark prompts use)::
+...]}`` (no ``image`` and no ``<image>``: a text-only conversation). Conversations are rendered in
+LLaVA-1.5's template (the one the benchmark prompts use)::
 
     <s>USER: <image>\\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT: {answer}</s>
 
@@ -14,75 +16,11 @@ come from the tokenizer's character offsets, so the text is tokenized exactly on
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from .padding import bucket, right_pad
-from .preprocess import check_image
 from .prompts import TEMPLATES, PromptFormat, human_text, system_prefix
-from .tfds_io import Records, write_builder
 from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
-
-SCHEMA = {"id": "text", "image": "bytes", "roles": "text_list", "texts": "text_list"}
-ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-
-
-class InstructError(ValueError):
-    """An instruction file that cannot be used (the message names the file)."""
-
-
-def read_llava_json(path, image_folder=None, verbose: bool = True) -> tuple[list, list]:
-    """(records, skipped): records in :data:`SCHEMA`; an item without turns, with an unknown
-    role, without an image, whose conversation does not hold exactly one ``<image>``
-    placeholder, or whose image file is missing or does not decode in full (every image is
-    decoded once here, so a bad one is not found at its training step) is skipped with
-    ``file:item N (id I): reason``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InstructError(f"{path}: instruction file not found")
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InstructError(f"{path}: not valid JSON ({e})")
-    if not isinstance(items, list) or not items:
-        raise InstructError(f"{path}: expected a non-empty JSON list of conversations")
-    folder = Path(image_folder) if image_folder else path.parent
-    records, skipped = [], []
-    for n, item in enumerate(items, start=1):
-        try:
-            turns = item.get("conversations") or []
-            if not turns:
-                raise ValueError("no 'conversations'")
-            roles = [ROLES.get(t.get("from", "")) for t in turns]
-            if None in roles:
-                raise ValueError(f"unknown role in {[t.get('from') for t in turns]}")
-            if not item.get("image"):
-                raise ValueError("no 'image' (conversations without an image are not supported)")
-            texts = [str(t.get("value", "")) for t in turns]
-            placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
-            if placeholders != 1:
-                raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders in the "
-                                 "conversation; its one image needs exactly one")
-            image = folder / str(item["image"])
-            if not image.is_file():
-                raise ValueError(f"image {image} not found")
-            raw = image.read_bytes()
-            try:
-                check_image(raw)  # decoded in full once, so a bad file is skipped here
-            except ValueError as e:
-                raise ValueError(f"image {image} does not decode as an image ({e})") from None
-            records.append({"id": str(item.get("id", n)), "image": raw, "roles": roles,
-                            "texts": texts})
-        except (ValueError, AttributeError) as e:
-            skipped.append(f"{path}:item {n} (id {item.get('id', '?') if isinstance(item, dict) else '?'}): {e}")
-            if verbose:
-                print(f"skipping {skipped[-1]}")
-    if not records:
-        raise InstructError(f"{path}: all {len(items)} items were skipped")
-    return records, skipped
-
 
 def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "letter") -> list:
     """A small real training set without downloads: the embedded benchmark's generator (other
@@ -99,22 +37,14 @@ def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "let
     return records
 
 
-def write_instruct(records: list, name: str, data_dir) -> Path:
-    return write_builder(records, f"instruct_{name}", data_dir, SCHEMA, ordered=True)
-
-
-def open_instruct(name: str, data_dir) -> Records:
-    """The written records by index (record i of the source is ``[i]``), read on access."""
-    return Records(f"instruct_{name}", data_dir, SCHEMA)
-
-
 def tokenize_conversation(tokenizer, roles: list, texts: list, fmt: PromptFormat, system: str = ""):
     """(ids [T] int32, loss_mask [T] bool, question_mask [T] bool) of one conversation in the
     model's prompt format (:func:`~vitsink_jax.data.prompts.prompt_format`: its chat markup
     and image expansion; LLaVA's template is described here).
 
     The ``<image>`` placeholder expands to the image's tokens (neither loss nor question); a
-    conversation must hold exactly one placeholder.
+    conversation holds one placeholder, or none (a text-only conversation, which LLaVA-1.5
+    trains on with no image tokens).
 
     The loss covers every token that overlaps an answer, its ``</s>`` or the space between
     ``ASSISTANT:`` and the answer: the tokens a model must produce after a prompt that ends at
@@ -139,23 +69,25 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, fmt: PromptFormat
         else:  # the answer's span starts at the space after ASSISTANT: (see the docstring)
             answer_spans.append((len(text), len(text) + len(chat.answer_sep) + len(value) + len(end)))
             text += chat.answer_sep + value + end
-    if text.count(IMAGE_PLACEHOLDER) != 1:
-        raise ValueError(f"a conversation needs exactly one {IMAGE_PLACEHOLDER}; found "
+    if text.count(IMAGE_PLACEHOLDER) > 1:
+        raise ValueError(f"a conversation holds at most one {IMAGE_PLACEHOLDER}; found "
                          f"{text.count(IMAGE_PLACEHOLDER)}")
     return encode_marked(tokenizer, text, fmt.image, answer_spans, question_spans)
 
 
 def pad_batch(examples: list, length_bucket: int, pad_id: int = 0, longest: int = 0) -> dict:
-    """Tokenized examples (dicts with ids, loss_mask, question_mask, pixels) -> right-padded
-    batch arrays; the length (the longest row, or ``longest`` when given: the longest row of
-    the global batch, so that every host pads its rows alike) is rounded up to a multiple of
-    ``length_bucket``."""
+    """Tokenized examples (dicts with ids, loss_mask, question_mask, pixels and has_image) ->
+    right-padded batch arrays; the length (the longest row, or ``longest`` when given: the
+    longest row of the global batch, so that every host pads its rows alike) is rounded up to a
+    multiple of ``length_bucket``. ``has_image`` [B] bool: False for a text-only row, whose
+    ``pixels`` are a blank stand-in the model runs but never writes into the row."""
     length = bucket(longest or max(len(e["ids"]) for e in examples), length_bucket)
     out = {}
     out["ids"], out["mask"] = right_pad([e["ids"] for e in examples], length, pad_id)
     for key in ("loss_mask", "question_mask"):
         out[key] = right_pad([np.asarray(e[key], bool) for e in examples], length, False)[0]
     out["pixels"] = np.stack([e["pixels"] for e in examples])
+    out["has_image"] = np.asarray([e["has_image"] for e in examples], bool)
     return out
 
 

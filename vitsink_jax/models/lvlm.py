@@ -21,22 +21,32 @@ from .dinov2 import vision_tower_class
 from ..interventions import Interventions
 
 
-def merge_image_features(inputs_embeds, is_image, image_features):
+def merge_image_features(inputs_embeds, is_image, image_features, expected=None):
     """Writes image features into the image-token positions, in order (HF's masked_scatter).
 
     Args:
       inputs_embeds: [B, T, D] token embeddings.
       is_image: [B, T] bool, True at image-token positions.
       image_features: [M, D] features, M = total image tokens expected.
+      expected: int scalar, the image tokens to write when fewer than M (the first ``expected``
+        features; the rest belong to the blank images of text-only rows); default M.
     Returns:
-      ([B, T, D] merged embeddings, count_ok: bool scalar, is_image.sum() == M).
+      ([B, T, D] merged embeddings, count_ok: bool scalar, is_image.sum() == expected).
     """
     b, t, d = inputs_embeds.shape
     flat = is_image.reshape(-1)
     idx = jnp.clip(jnp.cumsum(flat) - 1, 0, image_features.shape[0] - 1)
     gathered = image_features.astype(inputs_embeds.dtype)[idx]
     merged = jnp.where(flat[:, None], gathered, inputs_embeds.reshape(b * t, d)).reshape(b, t, d)
-    return merged, jnp.sum(flat) == image_features.shape[0]
+    return merged, jnp.sum(flat) == (image_features.shape[0] if expected is None else expected)
+
+
+def images_first(has_image, *trees):
+    """``trees`` (arrays or pytrees with a leading [N_img] axis) with the images of
+    ``has_image`` [N_img] bool moved to the front in order (the others after them), so the
+    first ``sum(has_image)`` images are the ones whose tokens the rows hold. jit-able."""
+    order = jnp.argsort(~has_image, stable=True)
+    return tuple(jax.tree_util.tree_map(lambda x: x[order], t) for t in trees)
 
 
 def arranged_positions(position_ids, is_image, arrangement: VisualArrangement, mode: str):
@@ -302,7 +312,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False, route=None, question_mask=None,
-                 cache=None) -> LlavaOutput:
+                 cache=None, has_image=None) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
         question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
@@ -312,7 +322,11 @@ class LlavaForConditionalGeneration(nn.Module):
         cache: a :class:`KVCache` to prefill (see :mod:`vitsink_jax.generate`); positions then
         default to generation positions (running count of kept tokens) or, for a family with
         its own ids (:meth:`llm_positions`: Qwen2.5-VL's [B, T, 3]), to those counted from the
-        cache's next position."""
+        cache's next position.
+        has_image: [N_img] bool, one image per row: False for a text-only row, whose image (a
+        blank stand-in that keeps the batch's shapes static) runs through the tower but is
+        written nowhere, as LLaVA-1.5 trains its text-only conversations; its ids hold no image
+        token."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
@@ -342,13 +356,17 @@ class LlavaForConditionalGeneration(nn.Module):
                 weights = self.question_weights(embeds, input_ids, question_mask)
             feats = self.project(to_project, arrangement, weights)
             expected = feats.shape[0] * feats.shape[1]
-            if not isinstance(input_ids, jax.core.Tracer):
+            writes = expected
+            if has_image is not None:
+                feats, arrangement = images_first(has_image, feats, arrangement)
+                writes = jnp.sum(has_image) * feats.shape[1]
+            if not isinstance(input_ids, jax.core.Tracer) and not isinstance(writes, jax.core.Tracer):
                 found = int(np.sum(np.asarray(input_ids) == c.image_token_index))
-                if found != expected:
+                if found != int(writes):
                     raise ValueError(f"input_ids contain {found} image tokens (id "
-                                     f"{c.image_token_index}) but pixel_values give {feats.shape[0]} "
-                                     f"image(s) x {feats.shape[1]} tokens = {expected}")
-            embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1))
+                                     f"{c.image_token_index}) but pixel_values give {int(writes) // feats.shape[1]} "
+                                     f"image(s) x {feats.shape[1]} tokens = {int(writes)}")
+            embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1), writes)
             if route is not None:  # a bad code raises here when concrete, else NaN logits
                 count_ok = count_ok & route_codes_ok(route)
             if arrangement is not None:
