@@ -140,6 +140,19 @@ def test_input_pipeline_benchmark_quick(tmp_path):
     assert (ROOT / "benchmarks" / "results.json").read_text() == results  # --quick writes none
 
 
+def test_data_build_benchmark_quick(tmp_path):
+    """benchmarks/data_build.py on 100 and 200 rows: four builds (1 and 2 workers each), every
+    row kept (text-only ones too), peak memory measured over the build's process tree. ~25 s:
+    four fresh processes, each spawning its workers."""
+    results = (ROOT / "benchmarks" / "results.json").read_text()
+    r = json.loads(run_benchmark_script("data_build", tmp_path).read_text())
+    assert [(x["source_rows"], x["workers"]) for x in r["runs"]] == [(100, 1), (100, 2), (200, 1), (200, 2)]
+    assert all(x["rows"] == x["source_rows"] and x["skipped"] == 0 and x["peak_rss_bytes"] > 0
+               for x in r["runs"])
+    assert r["peak_rss_ratio"] > 0 and r["rate_two_workers_vs_one"] > 0
+    assert (ROOT / "benchmarks" / "results.json").read_text() == results  # --quick writes none
+
+
 def test_train_step_benchmark_quick(tmp_path):
     """benchmarks/train_step.py on the tiny config: our step (train.py's runner) and HF's run,
     start from the same weights (same first loss), and report faults and CPU times per step."""
