@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +131,7 @@ def run_build(json_path: Path, out: Path, workers: int, shard_rows: int) -> dict
 
 
 def main(argv=None) -> dict:
-    from vitsink_jax.provenance import machine, package_versions, write_json
+    from vitsink_jax.provenance import machine, merge_json, package_versions, write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -169,8 +168,7 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     if not args.quick:
-        results = ROOT / "benchmarks" / "results.json"
-        write_json(results, {**json.loads(results.read_text()), "data_build": result})
+        merge_json(ROOT / "benchmarks" / "results.json", "data_build", result)
     return result
 
 

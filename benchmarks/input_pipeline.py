@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     import train
     from vitsink_jax import compile_cache
     from vitsink_jax.embedded import ensure_embedded_checkpoint
-    from vitsink_jax.provenance import machine, package_versions, write_json
+    from vitsink_jax.provenance import machine, merge_json, package_versions, write_json
 
     args, _, repeats = parse_args(__doc__, argv, repeats=2,
                                   steps=dict(type=int, default=25, help="train steps per run"),
@@ -152,8 +152,7 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     if not args.quick:
-        results = ROOT / "benchmarks" / "results.json"
-        write_json(results, {**json.loads(results.read_text()), "input_pipeline": result})
+        merge_json(ROOT / "benchmarks" / "results.json", "input_pipeline", result)
     shutil.rmtree(work, ignore_errors=True)
     return result
 

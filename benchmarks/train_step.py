@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from forward import compiled_flops, hf_llava, matmul_peak, parse_args  # noqa: E402
-from vitsink_jax.provenance import machine, package_versions, write_json  # noqa: E402
+from vitsink_jax.provenance import machine, merge_json, package_versions, write_json  # noqa: E402
 
 PARTS = ("multi_modal_projector", "language_model", "vision_tower")  # a plain LLaVA: everything
 LR = 2e-5
@@ -276,8 +276,7 @@ def main(argv=None) -> dict:
     if args.out:
         write_json(args.out, result)
     if not args.quick and args.malloc == "kept":
-        results = ROOT / "benchmarks" / "results.json"
-        write_json(results, {**json.loads(results.read_text()), "train_step": result})
+        merge_json(ROOT / "benchmarks" / "results.json", "train_step", result)
     return result
 
 

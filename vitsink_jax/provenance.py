@@ -70,6 +70,12 @@ def write_json(path, obj) -> Path:
     return write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def merge_json(path, key: str, value) -> Path:
+    """Sets ``key`` of the JSON object in ``path`` to ``value`` (the other keys kept), atomically
+    (e.g. one benchmark's entry of benchmarks/results.json)."""
+    return write_json(path, {**json.loads(Path(path).read_text()), key: value})
+
+
 def write_jsonl(path, rows) -> Path:
     """Writes one strict-JSON object per line, atomically."""
     return write_text_atomic(path, "".join(json.dumps(_clean(r), sort_keys=True, allow_nan=False) + "\n"

@@ -34,14 +34,13 @@ import codecs
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
-
-import multiprocessing
 
 from .preprocess import check_image
 from .tfds_io import _decode, _features
