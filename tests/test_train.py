@@ -402,7 +402,7 @@ cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ck
                         "distributed.process_id": int(sys.argv[5]),
                         "distributed.local_device_count": int(sys.argv[6]),
                         "length_bucket": int(sys.argv[11]), "checkpoint_storage": sys.argv[12],
-                        "optim.grad_accum": int(sys.argv[13]),
+                        "optim.grad_accum": int(sys.argv[13]), "data.shared_fs": sys.argv[14] == "1",
                         "optim.warmup_steps": 5}})  # all inside the warmup: a run extended on
                                                      # resume has the straight run's lr
 work = Path(sys.argv[7])
@@ -414,13 +414,13 @@ if jax.process_index() == 0:
 
 
 def _launch(base, work, strategy="mesh", fsdp=1, devices=1, coordinator="", nproc=1, pid=0, local=0,
-            steps=3, tensor=1, layers="loop", bucket=32, storage="auto", accum=1):
+            steps=3, tensor=1, layers="loop", bucket=32, storage="auto", accum=1, shared_fs=False):
     code = RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), ckpt=str(base / "export"))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.Popen([sys.executable, "-c", code, strategy, str(fsdp), coordinator,
                              str(nproc), str(pid), str(local), str(work), str(steps), str(tensor),
-                             layers, str(bucket), storage, str(accum)],
+                             layers, str(bucket), storage, str(accum), str(int(shared_fs))],
                             env=env,
                             cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -465,10 +465,12 @@ def _free_port() -> int:
 
 def _two_processes(base, work, steps, shared=False, **kw):
     """Two processes, each with a workdir of its own (``work`` for process 0, ``work``.p1), or
-    both in ``work`` (``shared``, as on hosts sharing a filesystem)."""
+    both in ``work`` (``shared``, as on hosts sharing a filesystem: process 0 builds the data
+    for both, ``data.shared_fs``)."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [_launch(base, work if i == 0 or shared else work.with_name(work.name + ".p1"),
-                     coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps, **kw)
+                     coordinator=coordinator, nproc=2, pid=i, local=2, steps=steps,
+                     shared_fs=shared, **kw)
              for i in range(2)]
     out = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in reversed(list(zip(procs, out))):
@@ -485,9 +487,10 @@ def test_two_processes_with_jax_distributed_then_resume_on_another_count(base, t
     against one straight one-device run of 5 steps:
     (a) each with a workdir of its own (no shared files, per-process orbax checkpoints), 3 steps,
         then resumed together to step 4: the 4 losses equal the straight run's;
-    (b) one shared workdir with global checkpoints, 3 steps, then one process with 4 devices
-        resumes the run to step 5 (the data order is a function of seed and step only): losses
-        and params equal the straight run's.
+    (b) one shared workdir with global checkpoints and one data build (process 0 builds, the
+        other reads it), 3 steps, then one process with 4 devices resumes the run to step 5 (the
+        data order is a function of seed and step only): losses and params equal the straight
+        run's.
     (~2 min: 7 train.py processes; one test so that they share the reference run.)"""
     single = _launch(base, tmp_path / "single", steps=5, bucket=1)   # alongside: 2 cores busy
     work = tmp_path / "own"
@@ -502,6 +505,8 @@ def test_two_processes_with_jax_distributed_then_resume_on_another_count(base, t
     work = tmp_path / "shared"
     n, losses = _two_processes(base, work, steps=3, shared=True, bucket=1, storage="global")
     assert n == 4 and len(losses) == 3
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith("tfds")) == ["tfds"]
+    assert len(list((work / "tfds" / "local_records").glob("instruct_*/manifest.json"))) == 1
     n, resumed = _result(_launch(base, work, devices=4, steps=5, bucket=1, storage="global"))
     assert n == 4 and resumed[:3] == losses              # metrics.jsonl: 3 logged, 2 appended
     np.testing.assert_allclose(resumed, ref, rtol=1e-5)
