@@ -88,12 +88,16 @@ def load_model(cfg, ckpt: Path, mesh=None):
 
 
 def token_spec(cfg, model, tokenizer) -> instruct_build.TokenSpec:
-    """How training rows are tokenized: the model's prompt format, ``data.system`` and the
-    length limit (``data.max_length``, 0: the LLM's positions) with ``data.too_long``."""
+    """How training rows are tokenized: the model's prompt format, ``data.system``, the length
+    limit (``data.max_length``, 0: the LLM's positions) with ``data.too_long``, the template
+    (``data.template``: "chat", "plain", or "auto": LLaVA's plain format in the pretrain stage,
+    as LLaVA-1.5 and TinyLLaVA pre-train, the chat markup otherwise) and ``data.image_first``."""
     d = cfg.data
     limit = d.max_length or model.config.text.max_position_embeddings
+    template = d.template if d.template != "auto" else (
+        "plain" if cfg.stage == "pretrain" else "chat")
     return instruct_build.TokenSpec(tokenizer, prompt_format(model.config, tokenizer),
-                                    d.get("system", ""), limit, d.too_long)
+                                    d.get("system", ""), limit, d.too_long, template, d.image_first)
 
 
 def load_data(cfg, workdir: Path, spec: instruct_build.TokenSpec, json_sha256: str | None = None):
@@ -157,8 +161,7 @@ class Batches:
     def example(self, record) -> dict:
         """A record tokenized (ids, loss_mask, question_mask), cut to the length limit."""
         with self.tokenizing:
-            ids, loss_mask, question_mask = instruct.tokenize_conversation(
-                self.tok, record["roles"], record["texts"], self.spec.fmt, self.spec.system)
+            ids, loss_mask, question_mask = self.spec.tokenize(record["roles"], record["texts"])
         keep = slice(0, self.spec.max_length or None)
         return {"ids": ids[keep], "loss_mask": loss_mask[keep], "question_mask": question_mask[keep]}
 
@@ -331,7 +334,8 @@ def check_resume(manager, step: int, cfg, settings: dict) -> list:
 def check_options(cfg) -> None:
     """Refuses a misspelt fault option at the start, not at the first fault."""
     for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow")),
-                         ("data.too_long", instruct_build.TOO_LONG)):
+                         ("data.too_long", instruct_build.TOO_LONG),
+                         ("data.template", instruct.TEMPLATES_OF_TRAINING + ("auto",))):
         top, _, sub = key.partition(".")
         value = cfg[top][sub] if sub else cfg[key]
         if value not in allowed:

@@ -86,6 +86,9 @@ def get_config():
     c.data.prefetch = 2        # batches computed ahead while a step runs (0 = each when needed);
                                # same batches, same order, same resume position either way
     c.data.workers = 2         # threads computing them (image decode / resize release the GIL)
+    c.data.template = "chat"   # "chat": the model's chat markup | "plain": LLaVA's pre-training
+                               # format (<image> caption \n) | "auto": plain in stage pretrain
+    c.data.image_first = True  # each turn's <image> moved to its start, as LLaVA / TinyLLaVA train
     c.data.max_length = 0      # longest row in tokens, image expanded (0 = the LLM's positions)
     c.data.too_long = "skip"   # a longer row: "skip" (named in the build's manifest) | "truncate"
     c.data.build_workers = 2   # processes checking images and tokenizing while the data is built

@@ -4,7 +4,9 @@ gives the single-MLP baseline with the identical recipe).
 
 TinyLLaVA Factory's published scripts (scripts/train/*.sh): pretrain the connector only (lr 1e-3,
 global batch 256), then fine-tune connector + LLM (lr 2e-5, global batch 128), the vision tower
-frozen; one epoch each, warmup ratio 0.03, cosine decay, weight decay 0, max length 2048, bf16,
+frozen; one epoch each, warmup ratio 0.03, cosine decay, weight decay 0, max length 2048 (rows
+cut there, as their trainer truncates to model_max_length), stage 1 in the plain pretrain
+template (the image, then the caption and a newline), bf16,
 data LLaVA-558K (pretrain) / LLaVA-665K (finetune) in the LLaVA JSON layout
 (``--config.data.json=.../blip_laion_cc_sbu_558k.json --config.data.image_folder=...``).
 Steps = one epoch of the published data at the global batch. The checkpoint is a TinyLLaVA
@@ -46,4 +48,7 @@ def recipe(stage: str = ""):
     c.diysink.rule = dict(rule="adaptive", tau=100.0, k=4, max_fraction=0.1, min_ratio=2.0)
     c.data.image_size = 384
     c.data.system = "tinyllava"  # TinyLLaVA Factory's phi / qwen2_base / llama templates
+    c.data.template = "auto"     # stage 1 in the pretrain template (<image> caption \n), as theirs
+    c.data.max_length = 2048     # model_max_length: each row cut there after the image is expanded
+    c.data.too_long = "truncate"
     return c

@@ -37,10 +37,38 @@ def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "let
     return records
 
 
-def tokenize_conversation(tokenizer, roles: list, texts: list, fmt: PromptFormat, system: str = ""):
+TEMPLATES_OF_TRAINING = ("chat", "plain")
+
+
+def image_first(text: str) -> str:
+    """A turn's ``<image>`` moved to its start, on a line of its own, as LLaVA's
+    ``preprocess_multimodal`` (and TinyLLaVA's templates) write every training turn:
+    ``"<image>\\n" + rest.strip()``, the whole stripped. Text without ``<image>`` is returned as is."""
+    if IMAGE_PLACEHOLDER not in text:
+        return text
+    return (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
+
+
+def plain_text(roles: list, texts: list) -> tuple[str, list]:
+    """(text, answer spans) of a caption pair in LLaVA's "plain" pre-training format
+    (``preprocess_plain``, TinyLLaVA's pretrain template): the human turn becomes the image
+    alone, followed by the caption and ``"\\n"``; the loss covers the caption and the newline."""
+    if roles != ["human", "gpt"] or IMAGE_PLACEHOLDER not in texts[0]:
+        raise ValueError("the plain pre-training format takes one human turn holding the image "
+                         f"and one answer (the caption); this conversation has turns {roles}"
+                         + ("" if IMAGE_PLACEHOLDER in texts[0] else " and no image in the first"))
+    text = IMAGE_PLACEHOLDER + texts[1] + "\n"
+    return text, [(len(IMAGE_PLACEHOLDER), len(text))]
+
+
+def tokenize_conversation(tokenizer, roles: list, texts: list, fmt: PromptFormat, system: str = "",
+                          template: str = "chat", move_image_first: bool = False):
     """(ids [T] int32, loss_mask [T] bool, question_mask [T] bool) of one conversation in the
     model's prompt format (:func:`~vitsink_jax.data.prompts.prompt_format`: its chat markup
-    and image expansion; LLaVA's template is described here).
+    and image expansion; LLaVA's template is described here), or (``template="plain"``) in
+    LLaVA's plain pre-training format (:func:`plain_text`; no question tokens).
+    ``move_image_first``: each turn's ``<image>`` first (:func:`image_first`), as LLaVA and
+    TinyLLaVA train; else where the text has it.
 
     The ``<image>`` placeholder expands to the image's tokens (neither loss nor question); a
     conversation holds one placeholder, or none (a text-only conversation, which LLaVA-1.5
@@ -54,6 +82,13 @@ def tokenize_conversation(tokenizer, roles: list, texts: list, fmt: PromptFormat
     :func:`vitsink_jax.eval_lib.scoring_rows` scores for the same answer after the same prompt.
     ``system``: a system prompt before the first turn (:func:`~vitsink_jax.data.prompts.system_prefix`).
     """
+    if template not in TEMPLATES_OF_TRAINING:
+        raise ValueError(f"unknown training template {template!r}; choose one of {TEMPLATES_OF_TRAINING}")
+    if move_image_first:
+        texts = [image_first(t) for t in texts]
+    if template == "plain":
+        text, answer_spans = plain_text(roles, texts)
+        return encode_marked(tokenizer, text, fmt.image, answer_spans, [])
     chat = fmt.chat
     end = (tokenizer.eos_token or "") if chat.end is None else chat.end
     if system and chat.name != "llava":

@@ -120,20 +120,30 @@ def iter_json_list(path, chunk_bytes: int = 1 << 20, opened=None) -> Iterator[tu
             raise InstructError(f"{path}: not UTF-8 ({e})") from None
 
 
-def parse_item(item, folder: Path) -> tuple[dict, Optional[Path]]:
-    """(record fields id / roles / texts, the image's path or None for a text-only
-    conversation) of one JSON item; raises ValueError with the reason when the item cannot be
-    used: not a dict, no turns, an unknown role, not exactly one ``<image>`` with an image (or
-    any without one), a missing image file."""
-    if not isinstance(item, dict):
-        raise ValueError(f"not a JSON object but {type(item).__name__}")
-    turns = item.get("conversations") or []
+def conversation_turns(turns) -> tuple[list, list]:
+    """(roles, texts) of a JSON conversation's turns; ValueError when it has none or an unknown
+    role. A first turn from "gpt" is dropped, as LLaVA's ``preprocess_v1`` and TinyLLaVA drop
+    it (a conversation starts at its first human turn)."""
     if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
         raise ValueError("no 'conversations' list of turns")
     roles = [ROLES.get(t.get("from", "")) for t in turns]
     if None in roles:
         raise ValueError(f"unknown role in {[t.get('from') for t in turns]}")
-    texts = [str(t.get("value", "")) for t in turns]
+    if roles[0] == "gpt":
+        turns, roles = turns[1:], roles[1:]
+        if not turns:
+            raise ValueError("only one turn, from 'gpt'")
+    return roles, [str(t.get("value", "")) for t in turns]
+
+
+def parse_item(item, folder: Path) -> tuple[dict, Optional[Path]]:
+    """(record fields id / roles / texts (:func:`conversation_turns`), the image's path or None
+    for a text-only conversation) of one JSON item; raises ValueError with the reason when the
+    item cannot be used: not a dict, no turns, an unknown role, not exactly one ``<image>`` with
+    an image (or any without one), a missing image file."""
+    if not isinstance(item, dict):
+        raise ValueError(f"not a JSON object but {type(item).__name__}")
+    roles, texts = conversation_turns(item.get("conversations"))
     placeholders = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
     image = item.get("image")
     if image and placeholders != 1:
@@ -164,22 +174,31 @@ def read_image(path: Path) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class TokenSpec:
-    """How rows are tokenized for their length: the tokenizer, the model's prompt format
-    (:func:`~vitsink_jax.data.prompts.prompt_format`), the system prompt, the longest row
-    allowed (tokens, image expanded) and what happens to a longer one (:data:`TOO_LONG`)."""
+    """How rows are tokenized: the tokenizer, the model's prompt format
+    (:func:`~vitsink_jax.data.prompts.prompt_format`), the system prompt, the training
+    template ("chat" or LLaVA's "plain" pre-training format) and whether each turn's image goes
+    first (:func:`~vitsink_jax.data.instruct.tokenize_conversation`), the longest row allowed
+    (tokens, image expanded) and what happens to a longer one (:data:`TOO_LONG`)."""
 
     tokenizer: object
     fmt: object
     system: str = ""
     max_length: int = 0
     too_long: str = "skip"
+    template: str = "chat"
+    image_first: bool = False
 
-    def length(self, roles: list, texts: list) -> int:
-        """Tokens of the conversation in the model's prompt format; ValueError when it is
-        longer than ``max_length`` and ``too_long`` is "skip"."""
+    def tokenize(self, roles: list, texts: list) -> tuple:
+        """(ids [T], loss_mask [T], question_mask [T]) of a conversation, not cut to the limit."""
         from .instruct import tokenize_conversation
 
-        n = len(tokenize_conversation(self.tokenizer, roles, texts, self.fmt, self.system)[0])
+        return tokenize_conversation(self.tokenizer, roles, texts, self.fmt, self.system,
+                                     self.template, self.image_first)
+
+    def length(self, roles: list, texts: list) -> int:
+        """Tokens of the conversation (at most ``max_length``); ValueError when it is longer
+        than ``max_length`` and ``too_long`` is "skip"."""
+        n = len(self.tokenize(roles, texts)[0])
         if self.max_length and n > self.max_length:
             if self.too_long == "skip":
                 raise ValueError(f"{n} tokens, longer than the limit of {self.max_length} "
@@ -200,7 +219,7 @@ def build_key(source: dict, spec: Optional[TokenSpec]) -> str:
         h.update((backend.to_str() if backend is not None
                   else json.dumps(sorted(tok.get_vocab().items()))).encode())
         h.update(repr((type(tok).__name__, tok.bos_token_id, tok.eos_token_id, tok.eos_token,
-                       spec.fmt, spec.system, spec.max_length, spec.too_long)).encode())
+                       dataclasses.replace(spec, tokenizer=None))).encode())
     return h.hexdigest()[:16]
 
 
