@@ -105,7 +105,10 @@ def get_config():
                "fastv+sinks:0.5:1", "fastv+sinks:0.75:1", "var:0.6:0", "registers:10"),
         checkpoint="mini_study:single", mc_format="cloze", rule="topk", decode_steps=16))
 
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
-                                                   local_device_count=0))  # multi-host runs
+    # multi-host runs (vitsink_jax.parallel.distributed_plan): mode "auto" starts jax.distributed
+    # from the launcher's environment (TPU VM / pod, SLURM, mpirun) unless coordinator ("host:port",
+    # with num_processes / process_id) is given; "off": one process whatever the environment says
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=1,
+                                                   process_id=0, local_device_count=0))
     c.embedded = embedded_shape()  # shape of the embedded default model
     return c

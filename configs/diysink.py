@@ -87,7 +87,10 @@ def get_config():
                                # same batches, same order, same resume position either way
     c.data.workers = 2         # threads computing them (image decode / resize release the GIL)
 
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
-                                                   local_device_count=0))
+    # multi-host runs (vitsink_jax.parallel.distributed_plan): mode "auto" starts jax.distributed
+    # from the launcher's environment (TPU VM / pod, SLURM, mpirun) unless coordinator ("host:port",
+    # with num_processes / process_id) is given; "off": one process whatever the environment says
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=1,
+                                                   process_id=0, local_device_count=0))
     c.embedded = embedded_shape()  # shape of the embedded default model
     return c

@@ -114,15 +114,90 @@ def batch_multiple(strategy: str = "mesh") -> int:
     return jax.local_device_count()
 
 
+DISTRIBUTED_MODES = ("auto", "off")
+
+# The launchers whose environment jax.distributed.initialize() reads its arguments from
+# (jax._src.clusters), in the order it tries them before Cloud TPU VMs: (name, the variables it
+# needs, the variable holding the process count, the one holding this process's id). Left out:
+# mpi4py (opt-in, it needs cluster_detection_method) and Kubernetes (JAX asks the cluster's API,
+# which a one-pod run may not be allowed to read).
+LAUNCHERS = (
+    ("Open MPI (mpirun)", ("OMPI_MCA_orte_hnp_uri",), "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("SLURM", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID"), "SLURM_NTASKS", "SLURM_PROCID"),
+)
+
+
+def launcher(environ, tpu_vm: bool = False) -> str | None:
+    """The name of the launcher that started this process as one of several, read from
+    ``environ`` (a mapping like ``os.environ``) as JAX's cluster detection reads it, or None.
+
+    A Cloud TPU VM (``tpu_vm``: JAX found TPU chips and libtpu at import) counts whether one host
+    or a pod: JAX asks the VM's metadata server (GCE) or ``TPU_WORKER_HOSTNAMES`` (GKE) for the
+    hosts, and one host makes a one-process run. A launcher's job of one process (``srun -n 1``,
+    ``mpirun -n 1``) counts as none: JAX would limit the process to one local device."""
+    for name, needs, count, _ in LAUNCHERS:
+        if all(v in environ for v in needs) and int(environ[count]) > 1:
+            return name
+    if tpu_vm:
+        gke = "TPU_WORKER_HOSTNAMES" in environ or "TPU_PROCESS_ADDRESSES" in environ
+        return "Cloud TPU VM (GKE)" if gke else "Cloud TPU VM"
+    return None
+
+
+def distributed_plan(d, environ, tpu_vm: bool = False) -> tuple[dict | None, str]:
+    """(the keyword arguments of ``jax.distributed.initialize``, or None for a one-process run;
+    one line saying which) for the config's ``distributed`` block ``d``:
+
+    * ``d.coordinator`` set ("host:port"): that coordinator with ``d.num_processes`` and
+      ``d.process_id`` (every process is started by hand);
+    * otherwise, with ``d.mode == "auto"`` and a :func:`launcher` environment: no arguments
+      (JAX reads coordinator, count and id from it);
+    * otherwise (or ``d.mode == "off"``): None, so a plain run never waits for a coordinator.
+    """
+    if d.mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"distributed.mode={d.mode!r} not one of {DISTRIBUTED_MODES}")
+    if d.coordinator:
+        if d.mode == "off":
+            raise ValueError(f"distributed.coordinator={d.coordinator!r} with distributed.mode='off'")
+        return (dict(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                     process_id=d.process_id),
+                f"jax.distributed: coordinator {d.coordinator} from the config, process "
+                f"{d.process_id} of {d.num_processes}")
+    found = launcher(environ, tpu_vm) if d.mode == "auto" else None
+    if found:
+        return {}, f"jax.distributed: coordinator, process count and id from the {found} environment"
+    why = "distributed.mode='off'" if d.mode == "off" else "no coordinator and no launcher environment"
+    return None, f"one process ({why})"
+
+
+def planned_process_id(d, environ) -> int | None:
+    """This process's id among several, known before ``jax.distributed`` starts (for file names
+    such as the CLI's log): ``d.process_id`` with a coordinator and ``d.num_processes > 1``, the
+    launcher's variable under SLURM / mpirun (mode "auto"); None for one process, or where only
+    JAX learns it (a TPU pod's metadata: its hosts share no filesystem anyway)."""
+    if d.coordinator:
+        return d.process_id if d.num_processes > 1 else None
+    found = launcher(environ) if d.mode == "auto" else None
+    return next((int(environ[rank]) for name, _, _, rank in LAUNCHERS if name == found), None)
+
+
 def init_distributed(d) -> None:
-    """jax.distributed when ``d.coordinator`` is set (one process per host; on CPU with gloo
-    collectives and ``d.local_device_count`` devices per process when given)."""
-    if not d.coordinator:
+    """Starts ``jax.distributed`` as :func:`distributed_plan` says for this process's
+    environment and prints its line; several processes on CPU use gloo collectives, with
+    ``d.local_device_count`` devices each when given (the tests' two-process runs)."""
+    import os
+
+    from jax._src import cloud_tpu_init  # JAX's own "TPU chips and libtpu here" flag
+
+    kwargs, line = distributed_plan(d, os.environ, cloud_tpu_init.running_in_cloud_tpu_vm)
+    print(line)
+    if kwargs is None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if d.local_device_count:
         jax.config.update("jax_num_cpu_devices", d.local_device_count)
-    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+    jax.distributed.initialize(**kwargs)
 
 
 def sync(what: str) -> None:
