@@ -83,6 +83,7 @@ def get_config():
     c.eval.parallel = "mesh"        # mesh | pmap
     c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices (1 x 1 =
     c.eval.tensor = 1               #   replicated on each, the default for small models)
+    c.eval.dcn_data = 1             # mesh: slices the data axis spans (multi-slice TPU: the count)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
     c.eval.system = ""              # system prompt before every template: "" | "tinyllava" | text

@@ -40,6 +40,8 @@ def get_config():
     c.parallel = "mesh"        # mesh | pmap
     c.fsdp = 1                 # mesh: devices per fsdp group (1 = no param sharding)
     c.tensor = 1               # mesh: tensor-parallel degree (vitsink_jax.parallel.TENSOR_RULES)
+    c.dcn_data = 1             # mesh: slices the data axis spans over the data-centre network
+                               #   (multi-slice TPU: the slice count; fsdp / tensor stay in a slice)
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
     c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process

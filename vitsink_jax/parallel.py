@@ -11,10 +11,15 @@ merger mlp.2) row-parallel, embeddings and
 LM head over the vocabulary) puts
 ``tensor`` on one dimension, then arrays above a size threshold get ``fsdp`` on their largest
 remaining divisible dimension (ZeRO-3 style). XLA inserts the collectives. ``fsdp=1, tensor=1``
-is pure data parallelism. The same code runs on 1 CPU, on 8 fake CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on an accelerator host and on several
-hosts (``jax.distributed``; batches are built from each host's own rows with
-:func:`global_batch`).
+is pure data parallelism. :func:`make_mesh` lays the devices out topology-aware
+(``jax.experimental.mesh_utils``): tensor, then fsdp, on neighbouring chips of one slice, and
+with ``dcn_data`` slices (multi-slice TPU) the data axis across them over the data-centre
+network; CPU devices keep their enumeration order. The same code runs on 1 CPU, on 8 fake CPU
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on an accelerator host and on
+several hosts: :func:`init_distributed` starts ``jax.distributed`` from a configured
+coordinator or, with none, from the launcher's environment (TPU VM / pod, SLURM, mpirun;
+:func:`distributed_plan`), and batches are built from each host's own rows with
+:func:`global_batch`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 STRATEGIES = ("mesh", "pmap")
@@ -46,15 +52,45 @@ TENSOR_RULES = (  # param path (regex on "a/b/c") -> which dimension carries "te
 )
 
 
-def make_mesh(fsdp: int = 1, devices=None, tensor: int = 1) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all); fsdp x tensor must divide
-    their count."""
+def device_grid(fsdp: int = 1, devices=None, tensor: int = 1, dcn_data: int = 1) -> np.ndarray:
+    """``devices`` (default: all) as an array [data, fsdp, tensor] of devices for :func:`make_mesh`.
+
+    One slice (``dcn_data=1``): ``jax.experimental.mesh_utils.create_device_mesh``, which on TPU
+    puts the tensor axis, then fsdp, on chips that are neighbours on the interconnect (ICI) and
+    on CPU keeps the enumeration order (GPUs: sorted by id). ``dcn_data`` slices: the data axis
+    spans them over the data-centre network (``create_hybrid_device_mesh``): each slice holds
+    data / dcn_data rows of the grid laid out as one slice's, so fsdp and tensor never leave a
+    slice. Slices are the devices' ``slice_index`` (multi-slice TPU), or their processes where
+    devices have none (several GPU hosts). ``fsdp x tensor`` must divide the devices of a slice."""
     devices = jax.devices() if devices is None else list(devices)
-    n = len(devices)
-    if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
-        raise ValueError(f"fsdp={fsdp} x tensor={tensor} does not divide the {n} devices")
-    return Mesh(np.asarray(devices).reshape(n // (fsdp * tensor), fsdp, tensor),
-                ("data", "fsdp", "tensor"))
+    for name, value in (("fsdp", fsdp), ("tensor", tensor), ("dcn_data", dcn_data)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    slices = len({getattr(d, granule) for d in devices})
+    what = "slices" if granule == "slice_index" else "processes"
+    if dcn_data > 1 and slices != dcn_data:
+        raise ValueError(f"dcn_data={dcn_data} must equal the number of {what} the devices come "
+                         f"from ({slices}): only the data axis crosses them")
+    if dcn_data == 1 and slices > 1 and devices[0].platform == "tpu":
+        raise ValueError(f"the devices come from {slices} slices: set dcn_data={slices} (the data "
+                         "axis over the data-centre network; fsdp and tensor stay in a slice)")
+    per_slice = len(devices) // dcn_data
+    if per_slice % (fsdp * tensor):
+        raise ValueError(f"fsdp={fsdp} x tensor={tensor} does not divide the {per_slice} devices"
+                         + (f" of each of the dcn_data={dcn_data} {what}" if dcn_data > 1 else ""))
+    inner = (per_slice // (fsdp * tensor), fsdp, tensor)
+    if dcn_data == 1:  # (a physical axis is split only where no product of whole ones fits)
+        return mesh_utils.create_device_mesh(inner, devices, allow_split_physical_axes=True)
+    return mesh_utils.create_hybrid_device_mesh(inner, (dcn_data, 1, 1), devices,
+                                                process_is_granule=granule == "process_index",
+                                                allow_split_physical_axes=True)
+
+
+def make_mesh(fsdp: int = 1, devices=None, tensor: int = 1, dcn_data: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) Mesh over ``devices`` (default: all), laid out by
+    :func:`device_grid` (errors there name the setting)."""
+    return Mesh(device_grid(fsdp, devices, tensor, dcn_data), ("data", "fsdp", "tensor"))
 
 
 def _path(keys) -> str:
@@ -96,10 +132,21 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
             for k, v in local.items()}
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """[local rows] global row indices of the batch array ``x`` (from :func:`global_batch`) that
+    this process's local rows became, in their local order: its devices' blocks of the batch
+    axis, ascending (as ``make_array_from_process_local_data`` fills them). One contiguous run
+    when the mesh takes the devices in process order; on a TPU pod the topology-aware mesh may
+    interleave the hosts' blocks."""
+    blocks = {idx[0].indices(x.shape[0])[:2]
+              for idx in x.sharding.addressable_devices_indices_map(x.shape).values()}
+    return np.concatenate([np.arange(a, b) for a, b in sorted(blocks)])
+
+
 def process_rows(batch_size: int, index: int = None, count: int = None) -> slice:
     """The rows of a global batch that process ``index`` of ``count`` (default: this one of
-    all) passes to :func:`global_batch`: the index-th of ``count`` equal contiguous slices,
-    where the batch axis puts them (the mesh takes the devices in process order)."""
+    all) passes to :func:`global_batch`: the index-th of ``count`` equal contiguous slices (the
+    mesh decides where they land in the global batch: :func:`local_rows`)."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
     if batch_size % count:
@@ -311,9 +358,10 @@ def data_parallel(fn: Callable, strategy: str = "mesh", mesh: Mesh = None) -> Ca
 
         def run_mesh(params, *batch):
             check_batch(dict(enumerate(batch)))
-            out = to_host(jitted(params, *global_batch(dict(enumerate(batch)), mesh).values()))
-            rows, i = batch[0].shape[0], jax.process_index()  # this process's rows of the result
-            return jax.tree_util.tree_map(lambda y: y[i * rows:(i + 1) * rows], out)
+            arrays = list(global_batch(dict(enumerate(batch)), mesh).values())
+            out = to_host(jitted(params, *arrays))
+            mine = local_rows(arrays[0])  # this process's rows of the result
+            return jax.tree_util.tree_map(lambda y: y[mine], out)
 
         return run_mesh
 
