@@ -109,7 +109,8 @@ def load_lvlm(cfg, workdir: Path, ckpt: Path | None = None, how: str = ""):
         ckpt, how = resolve_checkpoint(cfg, workdir)
     print(f"checkpoint: {ckpt}" + (f"  ({how})" if how else ""))
     e = cfg.eval
-    mesh = parallel.make_mesh(e.fsdp, tensor=e.tensor) if e.fsdp * e.tensor > 1 else None
+    mesh = (parallel.make_mesh(e.fsdp, tensor=e.tensor, dcn_data=e.dcn_data)
+            if e.fsdp * e.tensor * e.dcn_data > 1 else None)  # else replicated on every device
     model, params = vj.load_pretrained(ckpt, dtype=jnp.dtype(cfg.dtype), progress=True, mesh=mesh)
     if not isinstance(model, vj.LlavaForConditionalGeneration):
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; this mode needs a llava checkpoint")

@@ -406,8 +406,11 @@ def lr_text(metrics: dict) -> str:
 
 
 def devices_meta(cfg) -> dict:
+    """The device layout a per-process checkpoint's shards belong to (dcn_data only when above 1,
+    so checkpoints of one slice, older ones included, compare as before)."""
     return {"processes": jax.process_count(), "devices": jax.device_count(),
-            "parallel": cfg.parallel, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
+            "parallel": cfg.parallel, "fsdp": cfg.fsdp, "tensor": cfg.tensor,
+            **({"dcn_data": cfg.dcn_data} if cfg.dcn_data > 1 else {})}
 
 
 class MetricLog:
@@ -446,7 +449,8 @@ def train(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
                          f"{jax.device_count()} devices x optim.grad_accum {accum} (each "
                          "device's rows split into grad_accum micro-batches)")
-    mesh = parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor) if cfg.parallel == "mesh" else None
+    mesh = (parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor, dcn_data=cfg.dcn_data)
+            if cfg.parallel == "mesh" else None)
     ckpt = base_checkpoint(cfg, workdir)
     settings = run_settings(cfg, ckpt)
     manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)

@@ -83,6 +83,7 @@ def get_config():
     c.eval.parallel = "mesh"        # mesh | pmap
     c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices (1 x 1 =
     c.eval.tensor = 1               #   replicated on each, the default for small models)
+    c.eval.dcn_data = 1             # mesh: slices the data axis spans (multi-slice TPU: the count)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
     c.eval.system = ""              # system prompt before every template: "" | "tinyllava" | text
@@ -105,7 +106,10 @@ def get_config():
                "fastv+sinks:0.5:1", "fastv+sinks:0.75:1", "var:0.6:0", "registers:10"),
         checkpoint="mini_study:single", mc_format="cloze", rule="topk", decode_steps=16))
 
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
-                                                   local_device_count=0))  # multi-host runs
+    # multi-host runs (vitsink_jax.parallel.distributed_plan): mode "auto" starts jax.distributed
+    # from the launcher's environment (TPU VM / pod, SLURM, mpirun) unless coordinator ("host:port",
+    # with num_processes / process_id) is given; "off": one process whatever the environment says
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=1,
+                                                   process_id=0, local_device_count=0))
     c.embedded = embedded_shape()  # shape of the embedded default model
     return c

@@ -40,6 +40,8 @@ def get_config():
     c.parallel = "mesh"        # mesh | pmap
     c.fsdp = 1                 # mesh: devices per fsdp group (1 = no param sharding)
     c.tensor = 1               # mesh: tensor-parallel degree (vitsink_jax.parallel.TENSOR_RULES)
+    c.dcn_data = 1             # mesh: slices the data axis spans over the data-centre network
+                               #   (multi-slice TPU: the slice count; fsdp / tensor stay in a slice)
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
     c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process
@@ -96,7 +98,10 @@ def get_config():
     c.data.shared_fs = False   # several hosts: data_dir is seen by all (NFS, a mounted bucket), so
                                # process 0 builds and the others read; False: each builds its own
 
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
-                                                   local_device_count=0))
+    # multi-host runs (vitsink_jax.parallel.distributed_plan): mode "auto" starts jax.distributed
+    # from the launcher's environment (TPU VM / pod, SLURM, mpirun) unless coordinator ("host:port",
+    # with num_processes / process_id) is given; "off": one process whatever the environment says
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator="", num_processes=1,
+                                                   process_id=0, local_device_count=0))
     c.embedded = embedded_shape()  # shape of the embedded default model
     return c

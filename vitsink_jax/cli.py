@@ -107,10 +107,16 @@ def log_to(path: Path):
 
 def log_path(workdir) -> Path:
     """``workdir/log.txt``, or ``log.<process>.txt`` in a run of several processes (from the
-    config's ``distributed`` block: hosts need not share a filesystem, nor a file)."""
+    config's ``distributed`` block or the launcher's environment, before jax.distributed
+    starts: :func:`vitsink_jax.parallel.planned_process_id`; hosts need not share a
+    filesystem, nor a file)."""
+    import os
+
+    from .parallel import planned_process_id
+
     dist = getattr(getattr(flags.FLAGS, "config", None), "distributed", None)
-    many = dist is not None and dist.num_processes > 1
-    return Path(workdir) / (f"log.{dist.process_id}.txt" if many else "log.txt")
+    process = None if dist is None else planned_process_id(dist, os.environ)
+    return Path(workdir) / ("log.txt" if process is None else f"log.{process}.txt")
 
 
 def define_verbose() -> None:

@@ -11,10 +11,15 @@ merger mlp.2) row-parallel, embeddings and
 LM head over the vocabulary) puts
 ``tensor`` on one dimension, then arrays above a size threshold get ``fsdp`` on their largest
 remaining divisible dimension (ZeRO-3 style). XLA inserts the collectives. ``fsdp=1, tensor=1``
-is pure data parallelism. The same code runs on 1 CPU, on 8 fake CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on an accelerator host and on several
-hosts (``jax.distributed``; batches are built from each host's own rows with
-:func:`global_batch`).
+is pure data parallelism. :func:`make_mesh` lays the devices out topology-aware
+(``jax.experimental.mesh_utils``): tensor, then fsdp, on neighbouring chips of one slice, and
+with ``dcn_data`` slices (multi-slice TPU) the data axis across them over the data-centre
+network; CPU devices keep their enumeration order. The same code runs on 1 CPU, on 8 fake CPU
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on an accelerator host and on
+several hosts: :func:`init_distributed` starts ``jax.distributed`` from a configured
+coordinator or, with none, from the launcher's environment (TPU VM / pod, SLURM, mpirun;
+:func:`distributed_plan`), and batches are built from each host's own rows with
+:func:`global_batch`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 STRATEGIES = ("mesh", "pmap")
@@ -46,15 +52,45 @@ TENSOR_RULES = (  # param path (regex on "a/b/c") -> which dimension carries "te
 )
 
 
-def make_mesh(fsdp: int = 1, devices=None, tensor: int = 1) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: all); fsdp x tensor must divide
-    their count."""
+def device_grid(fsdp: int = 1, devices=None, tensor: int = 1, dcn_data: int = 1) -> np.ndarray:
+    """``devices`` (default: all) as an array [data, fsdp, tensor] of devices for :func:`make_mesh`.
+
+    One slice (``dcn_data=1``): ``jax.experimental.mesh_utils.create_device_mesh``, which on TPU
+    puts the tensor axis, then fsdp, on chips that are neighbours on the interconnect (ICI) and
+    on CPU keeps the enumeration order (GPUs: sorted by id). ``dcn_data`` slices: the data axis
+    spans them over the data-centre network (``create_hybrid_device_mesh``): each slice holds
+    data / dcn_data rows of the grid laid out as one slice's, so fsdp and tensor never leave a
+    slice. Slices are the devices' ``slice_index`` (multi-slice TPU), or their processes where
+    devices have none (several GPU hosts). ``fsdp x tensor`` must divide the devices of a slice."""
     devices = jax.devices() if devices is None else list(devices)
-    n = len(devices)
-    if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
-        raise ValueError(f"fsdp={fsdp} x tensor={tensor} does not divide the {n} devices")
-    return Mesh(np.asarray(devices).reshape(n // (fsdp * tensor), fsdp, tensor),
-                ("data", "fsdp", "tensor"))
+    for name, value in (("fsdp", fsdp), ("tensor", tensor), ("dcn_data", dcn_data)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    slices = len({getattr(d, granule) for d in devices})
+    what = "slices" if granule == "slice_index" else "processes"
+    if dcn_data > 1 and slices != dcn_data:
+        raise ValueError(f"dcn_data={dcn_data} must equal the number of {what} the devices come "
+                         f"from ({slices}): only the data axis crosses them")
+    if dcn_data == 1 and slices > 1 and devices[0].platform == "tpu":
+        raise ValueError(f"the devices come from {slices} slices: set dcn_data={slices} (the data "
+                         "axis over the data-centre network; fsdp and tensor stay in a slice)")
+    per_slice = len(devices) // dcn_data
+    if per_slice % (fsdp * tensor):
+        raise ValueError(f"fsdp={fsdp} x tensor={tensor} does not divide the {per_slice} devices"
+                         + (f" of each of the dcn_data={dcn_data} {what}" if dcn_data > 1 else ""))
+    inner = (per_slice // (fsdp * tensor), fsdp, tensor)
+    if dcn_data == 1:  # (a physical axis is split only where no product of whole ones fits)
+        return mesh_utils.create_device_mesh(inner, devices, allow_split_physical_axes=True)
+    return mesh_utils.create_hybrid_device_mesh(inner, (dcn_data, 1, 1), devices,
+                                                process_is_granule=granule == "process_index",
+                                                allow_split_physical_axes=True)
+
+
+def make_mesh(fsdp: int = 1, devices=None, tensor: int = 1, dcn_data: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) Mesh over ``devices`` (default: all), laid out by
+    :func:`device_grid` (errors there name the setting)."""
+    return Mesh(device_grid(fsdp, devices, tensor, dcn_data), ("data", "fsdp", "tensor"))
 
 
 def _path(keys) -> str:
@@ -96,10 +132,21 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
             for k, v in local.items()}
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """[local rows] global row indices of the batch array ``x`` (from :func:`global_batch`) that
+    this process's local rows became, in their local order: its devices' blocks of the batch
+    axis, ascending (as ``make_array_from_process_local_data`` fills them). One contiguous run
+    when the mesh takes the devices in process order; on a TPU pod the topology-aware mesh may
+    interleave the hosts' blocks."""
+    blocks = {idx[0].indices(x.shape[0])[:2]
+              for idx in x.sharding.addressable_devices_indices_map(x.shape).values()}
+    return np.concatenate([np.arange(a, b) for a, b in sorted(blocks)])
+
+
 def process_rows(batch_size: int, index: int = None, count: int = None) -> slice:
     """The rows of a global batch that process ``index`` of ``count`` (default: this one of
-    all) passes to :func:`global_batch`: the index-th of ``count`` equal contiguous slices,
-    where the batch axis puts them (the mesh takes the devices in process order)."""
+    all) passes to :func:`global_batch`: the index-th of ``count`` equal contiguous slices (the
+    mesh decides where they land in the global batch: :func:`local_rows`)."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
     if batch_size % count:
@@ -114,15 +161,90 @@ def batch_multiple(strategy: str = "mesh") -> int:
     return jax.local_device_count()
 
 
+DISTRIBUTED_MODES = ("auto", "off")
+
+# The launchers whose environment jax.distributed.initialize() reads its arguments from
+# (jax._src.clusters), in the order it tries them before Cloud TPU VMs: (name, the variables it
+# needs, the variable holding the process count, the one holding this process's id). Left out:
+# mpi4py (opt-in, it needs cluster_detection_method) and Kubernetes (JAX asks the cluster's API,
+# which a one-pod run may not be allowed to read).
+LAUNCHERS = (
+    ("Open MPI (mpirun)", ("OMPI_MCA_orte_hnp_uri",), "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("SLURM", ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID"), "SLURM_NTASKS", "SLURM_PROCID"),
+)
+
+
+def launcher(environ, tpu_vm: bool = False) -> str | None:
+    """The name of the launcher that started this process as one of several, read from
+    ``environ`` (a mapping like ``os.environ``) as JAX's cluster detection reads it, or None.
+
+    A Cloud TPU VM (``tpu_vm``: JAX found TPU chips and libtpu at import) counts whether one host
+    or a pod: JAX asks the VM's metadata server (GCE) or ``TPU_WORKER_HOSTNAMES`` (GKE) for the
+    hosts, and one host makes a one-process run. A launcher's job of one process (``srun -n 1``,
+    ``mpirun -n 1``) counts as none: JAX would limit the process to one local device."""
+    for name, needs, count, _ in LAUNCHERS:
+        if all(v in environ for v in needs) and int(environ[count]) > 1:
+            return name
+    if tpu_vm:
+        gke = "TPU_WORKER_HOSTNAMES" in environ or "TPU_PROCESS_ADDRESSES" in environ
+        return "Cloud TPU VM (GKE)" if gke else "Cloud TPU VM"
+    return None
+
+
+def distributed_plan(d, environ, tpu_vm: bool = False) -> tuple[dict | None, str]:
+    """(the keyword arguments of ``jax.distributed.initialize``, or None for a one-process run;
+    one line saying which) for the config's ``distributed`` block ``d``:
+
+    * ``d.coordinator`` set ("host:port"): that coordinator with ``d.num_processes`` and
+      ``d.process_id`` (every process is started by hand);
+    * otherwise, with ``d.mode == "auto"`` and a :func:`launcher` environment: no arguments
+      (JAX reads coordinator, count and id from it);
+    * otherwise (or ``d.mode == "off"``): None, so a plain run never waits for a coordinator.
+    """
+    if d.mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"distributed.mode={d.mode!r} not one of {DISTRIBUTED_MODES}")
+    if d.coordinator:
+        if d.mode == "off":
+            raise ValueError(f"distributed.coordinator={d.coordinator!r} with distributed.mode='off'")
+        return (dict(coordinator_address=d.coordinator, num_processes=d.num_processes,
+                     process_id=d.process_id),
+                f"jax.distributed: coordinator {d.coordinator} from the config, process "
+                f"{d.process_id} of {d.num_processes}")
+    found = launcher(environ, tpu_vm) if d.mode == "auto" else None
+    if found:
+        return {}, f"jax.distributed: coordinator, process count and id from the {found} environment"
+    why = "distributed.mode='off'" if d.mode == "off" else "no coordinator and no launcher environment"
+    return None, f"one process ({why})"
+
+
+def planned_process_id(d, environ) -> int | None:
+    """This process's id among several, known before ``jax.distributed`` starts (for file names
+    such as the CLI's log): ``d.process_id`` with a coordinator and ``d.num_processes > 1``, the
+    launcher's variable under SLURM / mpirun (mode "auto"); None for one process, or where only
+    JAX learns it (a TPU pod's metadata: its hosts share no filesystem anyway)."""
+    if d.coordinator:
+        return d.process_id if d.num_processes > 1 else None
+    found = launcher(environ) if d.mode == "auto" else None
+    return next((int(environ[rank]) for name, _, _, rank in LAUNCHERS if name == found), None)
+
+
 def init_distributed(d) -> None:
-    """jax.distributed when ``d.coordinator`` is set (one process per host; on CPU with gloo
-    collectives and ``d.local_device_count`` devices per process when given)."""
-    if not d.coordinator:
+    """Starts ``jax.distributed`` as :func:`distributed_plan` says for this process's
+    environment and prints its line; several processes on CPU use gloo collectives, with
+    ``d.local_device_count`` devices each when given (the tests' two-process runs)."""
+    import os
+
+    from jax._src import cloud_tpu_init  # JAX's own "TPU chips and libtpu here" flag
+
+    kwargs, line = distributed_plan(d, os.environ, cloud_tpu_init.running_in_cloud_tpu_vm)
+    print(line)
+    if kwargs is None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if d.local_device_count:
         jax.config.update("jax_num_cpu_devices", d.local_device_count)
-    jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+    jax.distributed.initialize(**kwargs)
 
 
 def sync(what: str) -> None:
@@ -236,9 +358,10 @@ def data_parallel(fn: Callable, strategy: str = "mesh", mesh: Mesh = None) -> Ca
 
         def run_mesh(params, *batch):
             check_batch(dict(enumerate(batch)))
-            out = to_host(jitted(params, *global_batch(dict(enumerate(batch)), mesh).values()))
-            rows, i = batch[0].shape[0], jax.process_index()  # this process's rows of the result
-            return jax.tree_util.tree_map(lambda y: y[i * rows:(i + 1) * rows], out)
+            arrays = list(global_batch(dict(enumerate(batch)), mesh).values())
+            out = to_host(jitted(params, *arrays))
+            mine = local_rows(arrays[0])  # this process's rows of the result
+            return jax.tree_util.tree_map(lambda y: y[mine], out)
 
         return run_mesh
 
