@@ -49,8 +49,19 @@ from vitsink_jax.scores import file_sha256
 
 
 def base_checkpoint(cfg, workdir: Path) -> Path:
-    """The checkpoint a run starts from: ``cfg.checkpoint``, or the embedded default (written
-    into ``workdir`` once)."""
+    """The checkpoint a run starts from: ``cfg.checkpoint``; or a base LLM (``cfg.llm``) and a
+    vision tower (``cfg.vision_tower``) with a new projector, as the authors' trainers start
+    (:func:`vitsink_jax.convert.layouts.write_fresh_llava`, in ``workdir/base``); or the
+    embedded default (written into ``workdir`` once)."""
+    from vitsink_jax.convert.checkpoint_io import resolve_model_path
+    from vitsink_jax.convert.layouts import write_fresh_llava
+
+    if cfg.get("llm") or cfg.get("vision_tower"):
+        if cfg.checkpoint or not (cfg.llm and cfg.vision_tower):
+            raise SystemExit("error: --config.llm and --config.vision_tower go together, instead of "
+                             "--config.checkpoint (a base LLM and a vision tower with a new projector)")
+        return write_fresh_llava(resolve_model_path(cfg.llm), resolve_model_path(cfg.vision_tower),
+                                 parallel.process_local(workdir / "base"), cfg.seed)
     return Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
 

@@ -27,6 +27,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.checkpoint = ""          # Hugging Face LLaVA folder (or a DIYSink export); "" = embedded
+    c.llm = ""                 # with vision_tower instead of checkpoint: a base LLM folder / hub id
+    c.vision_tower = ""        #   and a vision tower, joined by a new projector (as LLaVA-1.5 and
+                               #   TinyLLaVA start stage 1; seeded by seed)
     c.stage = "pretrain"       # pretrain | finetune | rew (vitsink_jax.train_lib)
     c.finetune_parts = ("multi_modal_projector", "multi_modal_projector_sink", "language_model")
     c.steps = 40               # optimizer updates

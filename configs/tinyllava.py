@@ -9,12 +9,16 @@ cut there, as their trainer truncates to model_max_length), stage 1 in the plain
 template (the image, then the caption and a newline), bf16,
 data LLaVA-558K (pretrain) / LLaVA-665K (finetune) in the LLaVA JSON layout
 (``--config.data.json=.../blip_laion_cc_sbu_558k.json --config.data.image_folder=...``).
-Steps = one epoch of the published data at the global batch. The checkpoint is a TinyLLaVA
-Factory folder (or its llava-hf export). SigLIP has no published sink threshold: the sink rule
+Steps = one epoch of the published data at the global batch. Stage 1 starts as TinyLLaVA's
+scripts do, from the base LLM and the base vision tower with a new connector
+(``--config.llm`` / ``--config.vision_tower``: folders or hub ids in the local cache);
+``--config.checkpoint`` instead continues from a released TinyLLaVA Factory folder (or its
+llava-hf export), whose connector and instruction-tuned LLM it keeps. SigLIP has no published sink threshold: the sink rule
 is the adaptive norm-drop rule (tau unknown for SigLIP, PAPER_NOTES s.3).
 
     python train.py --config configs/tinyllava_0p5b_diysink.py --workdir runs/t05_pt \\
-        --config.checkpoint=TINYLLAVA_FOLDER --config.data.json=LLaVA-558K.json
+        --config.llm=Qwen/Qwen2-0.5B --config.vision_tower=google/siglip-so400m-patch14-384 \\
+        --config.data.json=LLaVA-558K.json
     python train.py --config configs/tinyllava_0p5b_diysink.py:finetune --workdir runs/t05_ft \\
         --config.checkpoint=runs/t05_pt/export --config.data.json=LLaVA-665K.json
 

@@ -13,7 +13,10 @@ every check of :mod:`vitsink_jax.convert.checkpoint_io` then run unchanged, and
   ``mm_vision_tower`` names (``load_pretrained(..., vision_tower=FOLDER)`` overrides it; tower
   tensors saved in the checkpoint itself, ``model.vision_tower.vision_tower.*``, win).
   ``mm_vision_select_layer`` is the feature layer, ``mm_vision_select_feature`` "patch" drops
-  the CLS token ("default"), "cls_patch" keeps it ("full").
+  the CLS token ("default"), "cls_patch" keeps it ("full"). A folder that
+  :func:`write_fresh_llava` made from a base LLM and a vision tower is such a checkpoint
+  without a projector: ``vitsink_fresh_projector`` (a seed) has a new one made
+  (:class:`FreshProjector`), as the LLaVA-1.5 and TinyLLaVA trainers start stage 1.
 * TinyLLaVA Factory (``model_type`` "tinyllava"): ``text_config`` / ``vision_config`` dicts in
   config.json (partial: transformers fills each family's defaults), tensors
   ``language_model.*`` (the LLM's own causal-LM names; Phi-2's head keeps its bias),
@@ -38,8 +41,10 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from .hf import rename_first
-from .safetensors_io import CheckpointError
+from .safetensors_io import CheckpointError, TensorInfo
 
 CODEBASE_TEXT_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_qwen": "qwen2",
                        "llava_qwen2": "qwen2", "llava_phi": "phi", "llava_phi3": "phi3"}
@@ -174,7 +179,8 @@ def llava_codebase(path: Path, raw: dict, open_weights: Callable, vision_tower=N
     text = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in (
         "architectures", "_name_or_path", "image_aspect_ratio", "tune_mm_mlp_adapter",
         "freeze_mm_mlp_adapter", "use_mm_proj", "image_grid_pinpoints", "unfreeze_mm_vision_tower",
-        "tokenizer_padding_side", "tokenizer_model_max_length", "transformers_version")}
+        "tokenizer_padding_side", "tokenizer_model_max_length", "transformers_version",
+        "vitsink_fresh_projector")}
     text["model_type"] = CODEBASE_TEXT_TYPES[mt]
     config = {"model_type": "llava", "vision_config": _read_json(tower / "config.json"),
               "text_config": text, "image_token_index": _past_vocabulary(text),
@@ -186,7 +192,72 @@ def llava_codebase(path: Path, raw: dict, open_weights: Callable, vision_tower=N
     readers = [RenamedReader(r, partial(rename_first, rules=_CODEBASE_KEYS)) for r in open_weights(path)]
     if not any(k.startswith("vision_tower.") for r in readers for k in r.keys()):
         readers += [RenamedReader(r, _tower_key) for r in open_weights(tower)]
+    if "vitsink_fresh_projector" in raw:
+        readers.append(FreshProjector(path / "config.json", config, projector,
+                                      int(raw["vitsink_fresh_projector"])))
     return config, readers
+
+
+class FreshProjector:
+    """A weight reader holding a new projector (canonical llava-hf names): each Linear's weight
+    [out, in] and bias [out] drawn from U(-1/sqrt(in), 1/sqrt(in)), as ``torch.nn.Linear``
+    initialises them in LLaVA's ``build_vision_projector`` and TinyLLaVA's connectors (numpy's
+    generator seeded with ``seed``, not torch's stream). ``config``: the llava-hf config dict."""
+
+    def __init__(self, path, config: dict, projector: str, seed: int):
+        from ..config import config_from_hf
+
+        c = config_from_hf(config)
+        layers = c.vision_feature_layer
+        fan_in = c.vision.hidden_size * (len(layers) if isinstance(layers, tuple) else 1)
+        shapes = [("linear_1", fan_in, c.text.hidden_size)]
+        if projector == "mlp2x_gelu":
+            shapes.append(("linear_2", c.text.hidden_size, c.text.hidden_size))
+        rng, self.path, self._arrays = np.random.default_rng(seed), path, {}
+        for name, n_in, n_out in shapes:
+            bound = 1.0 / np.sqrt(n_in)
+            for part, shape in (("weight", (n_out, n_in)), ("bias", (n_out,))):
+                self._arrays[f"multi_modal_projector.{name}.{part}"] = rng.uniform(
+                    -bound, bound, shape).astype(np.float32)
+        self.tensors = {k: TensorInfo("F32", a.shape, 0, a.nbytes) for k, a in self._arrays.items()}
+
+    def keys(self) -> list:
+        return list(self._arrays)
+
+    def read(self, key: str, rows=None) -> np.ndarray:
+        a = self._arrays[key]
+        return a if rows is None else a[rows]
+
+
+def write_fresh_llava(llm, tower, out, seed: int, projector: str = "mlp2x_gelu",
+                      feature_layer: int = -2, feature: str = "patch") -> Path:
+    """A LLaVA to train from a base LLM folder and a vision tower folder, as the LLaVA-1.5 and
+    TinyLLaVA trainers start (the LLM and tower as released, a new connector): ``out`` gets a
+    LLaVA-codebase config.json (the LLM's config, ``mm_vision_tower`` naming ``tower``, the
+    projector type, feature layer and selection, ``vitsink_fresh_projector`` = ``seed``) and
+    links to the LLM's weight and tokenizer files; loading it reads the LLM and the tower and
+    makes the projector (:class:`FreshProjector`). Returns ``out``."""
+    llm, tower, out = Path(llm), Path(tower), Path(out)
+    raw = _read_json(llm / "config.json")
+    kind = {v: k for k, v in CODEBASE_TEXT_TYPES.items() if k != "llava"}.get(raw.get("model_type"))
+    if kind is None:
+        raise CheckpointError(f"{llm / 'config.json'}: model_type {raw.get('model_type')!r} is not a "
+                              f"base LLM this can start from ({', '.join(sorted(set(CODEBASE_TEXT_TYPES.values())))})")
+    if not (tower / "config.json").is_file():
+        raise CheckpointError(f"{tower}: no config.json (the vision tower folder)")
+    _check_choice(out, "projector", projector, CODEBASE_PROJECTORS)
+    _check_choice(out, "feature", feature, CODEBASE_FEATURES)
+    config = {**raw, "model_type": kind, "mm_vision_tower": str(tower.resolve()),
+              "mm_projector_type": projector, "mm_vision_select_layer": feature_layer,
+              "mm_vision_select_feature": feature, "vitsink_fresh_projector": seed}
+    out.mkdir(parents=True, exist_ok=True)
+    for f in llm.iterdir():
+        if f.name != "config.json" and f.is_file() and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    from ..provenance import write_json
+
+    write_json(out / "config.json", config)
+    return out
 
 
 # LLaVA-codebase tensor names -> canonical llava-hf names (the first matching rule)
