@@ -13,8 +13,9 @@ Steps = one epoch of the published data at the global batch. Stage 1 starts as T
 scripts do, from the base LLM and the base vision tower with a new connector
 (``--config.llm`` / ``--config.vision_tower``: folders or hub ids in the local cache);
 ``--config.checkpoint`` instead continues from a released TinyLLaVA Factory folder (or its
-llava-hf export), whose connector and instruction-tuned LLM it keeps. SigLIP has no published sink threshold: the sink rule
-is the adaptive norm-drop rule (tau unknown for SigLIP, PAPER_NOTES s.3).
+llava-hf export), whose connector and instruction-tuned LLM it keeps. SigLIP has no published
+sink threshold: the sink rule is the adaptive norm-drop rule (tau unknown for SigLIP,
+PAPER_NOTES s.3).
 
     python train.py --config configs/tinyllava_0p5b_diysink.py --workdir runs/t05_pt \\
         --config.llm=Qwen/Qwen2-0.5B --config.vision_tower=google/siglip-so400m-patch14-384 \\
