@@ -422,9 +422,9 @@ def hf_tokenizer(family: str, path, corpus: list):
     ``path`` and read back as a checkpoint's is (``load_tokenizer``); ``<image>`` is added.
 
     ``llama``: LLaMA's layout (transformers' LlamaTokenizer: ``▁`` for spaces, Metaspace, the
-    256 byte-fallback pieces, ``<unk> <s> </s>``); ``qwen2``: Qwen2's (byte-level BPE after
+    256 byte-fallback pieces, ``<unk> <s> </s>``, BOS added by the tokenizer); ``qwen2``: Qwen2's (byte-level BPE after
     Qwen2's split regex, ``<|endoftext|>``, no BOS); ``gemma``: Gemma 3's (LLaMA's pieces with
-    ``<pad> <eos> <bos> <unk>``, no prefix space, the turn and image tokens, ``boi_token`` /
+    ``<pad> <eos> <bos> <unk>``, BOS added, no prefix space, the turn and image tokens, ``boi_token`` /
     ``eoi_token`` / ``image_token`` named as Gemma3Processor reads them; no ``<image>``);
     ``internvl``: Qwen2's with InternVL's ``<img> </img> <IMG_CONTEXT> <video>`` named as
     InternVLProcessor reads them and ChatML's ``<|im_start|> <|im_end|>``; no ``<image>``;
@@ -462,6 +462,7 @@ def hf_tokenizer(family: str, path, corpus: list):
            "internvl": transformers.Qwen2TokenizerFast, "qwen2_5_vl": transformers.Qwen2TokenizerFast,
            "gemma": transformers.GemmaTokenizer}[family]
     tok = cls(vocab=model["vocab"], merges=merges)
+    tok.add_bos_token = family in ("llama", "gemma")  # as LLaMA's and Gemma's tokenizers do
     named = {"gemma": GEMMA3_TOKENS, "internvl": INTERNVL_TOKENS, "qwen2_5_vl": QWEN_TOKENS}.get(family)
     if named:
         tok.add_special_tokens({"additional_special_tokens": list(named.values())})

@@ -60,11 +60,8 @@ def llama(tmp_path_factory):
     """(tokenizer, prompt format with 3 image tokens) of a tiny LLaMA-layout checkpoint whose
     tokenizer adds BOS itself, as Vicuna's does."""
     from conftest import hf_tokenizer
-    from tokenizers.processors import TemplateProcessing
 
     tok = hf_tokenizer("llama", tmp_path_factory.mktemp("tok"), CORPUS)
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
     assert tok("A cat").input_ids[0] == tok.bos_token_id
     fmt = PromptFormat(CHATS["llava"], ImageSlots(3, tok.convert_tokens_to_ids("<image>")))
     return tok, fmt, fmt.image.ids(1)
@@ -142,3 +139,28 @@ def test_a_row_past_model_max_length_is_cut_there(tmp_path, llama):
     batch = train.Batches(B.InstructData(tmp_path / "b"), model, tok, cfg, spec=spec)(0)
     np.testing.assert_array_equal(batch["ids"][0], full[0][:2048])
     np.testing.assert_array_equal(batch["loss_mask"][0], full[1][:2048])
+
+
+def test_a_bos_only_when_the_tokenizer_adds_one(tmp_path, llama):
+    """Phi-2's tokenizer names ``<|endoftext|>`` its BOS but never adds it: its rows start with
+    the text (as TinyLLaVA's ``tokenizer_image_token`` gives them), a LLaMA tokenizer's with
+    its BOS."""
+    import transformers
+    from conftest import hf_tokenizer
+
+    from vitsink_jax.data.tokenizer import adds_bos
+
+    qwen = hf_tokenizer("qwen2", tmp_path / "q", CORPUS)
+    model = json.loads(qwen.backend_tokenizer.to_str())["model"]
+    phi = transformers.CodeGenTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+    phi.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert phi.bos_token == "<|endoftext|>" and phi.bos_token_id is not None
+    fmt = PromptFormat(CHATS["llava"], ImageSlots(3, phi.convert_tokens_to_ids("<image>")))
+    turns = [{"from": "human", "value": "<image>\nWhat is in the photo?"},
+             {"from": "gpt", "value": "A brown dog."}]
+    ids, _ = ours(phi, fmt, turns)
+    assert not adds_bos(phi) and ids[0] != phi.bos_token_id
+    assert ids == llava_image_tokens("USER: <image>\nWhat is in the photo? ASSISTANT: A brown dog."
+                                     + phi.eos_token, phi)
+    tok, fmt, _ = llama
+    assert adds_bos(tok) and ours(tok, fmt, turns)[0][0] == tok.bos_token_id

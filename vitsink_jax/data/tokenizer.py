@@ -9,6 +9,7 @@ tokens, Gemma 3's ``\n\n<boi>`` image tokens ``<eoi>\n\n``).
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -58,12 +59,36 @@ def train_embedded_tokenizer(corpus: Iterable[str], vocab_size: int):
                                   eos_token="</s>", pad_token="<pad>")
     tok.add_special_tokens({"additional_special_tokens":
                             [f"<extra_{i}>" for i in range(vocab_size - 1 - n)] + [IMAGE_PLACEHOLDER]})
+    tok.add_bos_token = True  # it starts every text with <s> itself, as LLaMA's does
     assert tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER) == vocab_size - 1 == len(tok) - 1
     return tok
 
 
+_ADDS_BOS = weakref.WeakKeyDictionary()  # tokenizer -> adds_bos(tokenizer)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding starts a text with its BOS: LLaMA's and Gemma's do,
+    Qwen2's has no BOS, Phi-2's names ``<|endoftext|>`` its BOS but never adds it. Prompts get a
+    BOS exactly then, as LLaVA's and TinyLLaVA's ``tokenizer_image_token`` keep only a BOS the
+    tokenizer added."""
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a").input_ids if bos is not None else []
+    out = bool(ids) and ids[0] == bos
+    try:
+        _ADDS_BOS[tokenizer] = out
+    except TypeError:  # not weakly referable: asked again next time
+        pass
+    return out
+
+
 def encode_prompt(tokenizer, text: str, image: ImageSlots, tiles: Sequence[int] = ()) -> np.ndarray:
-    """[T] int32 ids of ``text`` with BOS first and each ``<image>`` expanded as ``image`` says
+    """[T] int32 ids of ``text`` with BOS first (when the tokenizer adds one: :func:`adds_bos`)
+    and each ``<image>`` expanded as ``image`` says
     (the family's processor: :func:`vitsink_jax.data.prompts.prompt_format`); ``tiles``: the
     tiles of each image in order (InternVL; default one each)."""
     return encode_marked(tokenizer, text, image, tiles=tiles)[0]
@@ -82,7 +107,7 @@ def encode_marked(tokenizer, text: str, image: ImageSlots, *span_sets, tiles: Se
     prompts, so DIYSink's ReW reads the same tokens in both.
     Returns (ids [T] int32, mask [T] bool per span set).
     """
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     masks = [[False] * len(ids) for _ in span_sets]
     pieces = text.split(IMAGE_PLACEHOLDER)
     if tiles and len(tiles) != len(pieces) - 1:
