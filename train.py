@@ -12,7 +12,8 @@ A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a
 ``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained
 model is exported with vj.save_pretrained (plus the tokenizer) to ``workdir/export``:
 evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. Metrics
-go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``.
+go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``. The workdir, the
+checkpoint and the publish folder may be ``gs://`` URIs (see :mod:`vitsink_jax.paths`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, parallel, train_lib
+from vitsink_jax import cli, compile_cache, parallel, paths, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct, instruct_build
@@ -49,9 +50,9 @@ from vitsink_jax.scores import file_sha256
 
 
 def base_checkpoint(cfg, workdir: Path) -> Path:
-    """The checkpoint a run starts from: ``cfg.checkpoint``, or the embedded default (written
-    into ``workdir`` once)."""
-    return Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
+    """The checkpoint a run starts from: ``cfg.checkpoint`` (a ``gs://`` one copied to a local
+    cache), or the embedded default (written into ``workdir`` once)."""
+    return paths.on_disk(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
 
 
@@ -105,7 +106,7 @@ def load_data(cfg, workdir: Path, spec: instruct_build.TokenSpec, json_sha256: s
     own (hosts share no filesystem), so any host can read any row of a global batch.
     ``json_sha256``: the JSON file's hash when the caller has it already (:func:`run_settings`)."""
     d = cfg.data
-    data_dir = Path(d.data_dir or workdir / "tfds")
+    data_dir = paths.data_dir(d.data_dir, workdir, "data.data_dir")
     shared = jax.process_count() > 1 and d.shared_fs
     if not shared:
         data_dir = parallel.process_local(data_dir)
@@ -413,7 +414,7 @@ class MetricLog:
     def __init__(self, workdir: Path):
         self.active = jax.process_index() == 0
         if self.active:
-            self.file = open(workdir / "metrics.jsonl", "a")
+            self.file = paths.append(workdir / "metrics.jsonl", "a")
             self.tb = ScalarWriter(workdir / "tb")
 
     def write(self, step: int, metrics: dict) -> None:
@@ -525,7 +526,7 @@ def train(cfg, workdir: Path) -> dict:
     if parallel.is_global(final) or jax.process_index() == 0:  # a collective for global arrays
         vj.save_pretrained(model, final, export, overwrite=True, dtype=jnp.float32)
     if jax.process_index() == 0:
-        tokenizer.save_pretrained(str(export))
+        paths.write_files(export, tokenizer.save_pretrained)
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
                "steps": cfg.steps, "resumed_from": start, "resume_changes": changes,
                "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
@@ -598,7 +599,7 @@ def run_recipe(cfg, workdir: Path) -> dict:
         print(f"== recipe run {name}: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
         summaries[name] = {**train(run_cfg, workdir / name), "loss_curve": loss_curve(workdir / name)}
     if cfg.publish:
-        out = Path(cfg.publish_dir or workdir / "published")
+        out = paths.path(cfg.publish_dir or workdir / "published")
         if jax.process_index() == 0:
             mini_study.publish({k: workdir / run / "export" for k, run in cfg.publish.items()},
                                {"command": " ".join(["python"] + sys.argv), "recipe": list(cfg.recipe),
@@ -611,7 +612,7 @@ def main(argv):
     del argv
     train_lib.keep_host_memory()  # first: before JAX starts a thread (see its doc)
     compile_cache.enable(flags.FLAGS.config.compile_cache)
-    cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
+    cfg, workdir = flags.FLAGS.config, paths.path(flags.FLAGS.workdir)
     if cfg.get("recipe"):
         run_recipe(cfg, workdir)
     else:

@@ -1,0 +1,122 @@
+"""``gs://`` workdirs (issue 32 part 3), offline: train.py (two checkpoints, a killed run resumed,
+its export) and evaluate.py with ``--workdir gs://bucket/...`` write what the same runs write in
+a local workdir.
+
+The bucket is a local folder: :func:`install` registers a fake fsspec ``gs`` / ``gcs``
+filesystem (gcsfs's protocol, which etils.epath uses without TensorFlow) mapping
+``gs://bucket/x`` to ``<root>/bucket/x``, and maps orbax's tensorstore kvstore spec of a
+``gs://`` path (``gcs_utils.get_kvstore_for_gcs``) to tensorstore's ``file`` driver on that
+folder; orbax's question to the bucket's API (hierarchical namespace?) answers no. So
+tensorstore's GCS driver itself is untested; everything above it (orbax's GCS code path with its
+commit files, epath, this package) is. The CLIs run as scripts in a subprocess that installs the
+fake first, from an empty working folder: a ``pathlib.Path(workdir)`` anywhere turns
+``gs://bucket/run`` into a local ``gs:/bucket/run`` there, which the test refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
+         "--config.embedded.vision_layers=2", "--config.embedded.text_hidden=64",
+         "--config.embedded.text_layers=2", "--config.embedded.vocab_size=512",
+         "--config.data.variants=1", "--config.data.image_size=56", "--config.batch_size=8",
+         "--config.checkpoint_every=2", "--config.log_every=1"]
+
+
+def install(root: str) -> None:
+    """``gs://bucket/x`` -> ``<root>/bucket/x`` for etils.epath (fsspec) and orbax (tensorstore)."""
+    import fsspec
+    from etils.epath import backend
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+    from orbax.checkpoint._src.path import gcs_utils
+
+    class FakeGCS(DirFileSystem):
+        protocol, cachable = ("gs", "gcs"), False
+
+        def __init__(self, *args, **kwargs):  # (epath passes gcsfs's finalize_on_close)
+            super().__init__(path=root, fs=LocalFileSystem())
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return path.split("://", 1)[-1]
+
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+    def kvstore(path):
+        bucket, key = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
+        return {"driver": "file", "path": f"{root}/{bucket}/{key}"}
+
+    gcs_utils.get_kvstore_for_gcs = kvstore
+    gcs_utils.is_hierarchical_namespace_enabled = lambda path: False
+
+
+def run(script: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``python <script> *flags`` from an empty folder, with the fake bucket ``tmp_path/bucket``
+    installed first; fails the test on a non-zero exit or anything written into that folder."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    code = (f"import runpy, sys; sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]; "
+            f"import test_gcs_paths; test_gcs_paths.install({str(tmp_path / 'gcs')!r}); "
+            f"sys.argv = {[script, *flags]!r}; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
+    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(cwd.iterdir()), f"{script} wrote into the working folder: {list(cwd.iterdir())}"
+    return proc
+
+
+def losses(workdir: Path) -> list:
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
+    """(~60 s: four train.py and two evaluate.py runs, each a process of its own, as the fake
+    bucket must be installed before the CLI starts.)"""
+    bucket, local = tmp_path / "gcs" / "bucket", tmp_path / "local"
+    cfg = f"--config={ROOT / 'configs' / 'diysink.py'}"
+    for steps in (2, 4):  # killed after 2 steps, resumed to 4
+        run("train.py", tmp_path, cfg, f"--workdir={local}", f"--config.steps={steps}", *TRAIN)
+        run("train.py", tmp_path, cfg, "--workdir=gs://bucket/run", f"--config.steps={steps}", *TRAIN)
+    gs = bucket / "run"
+    summary = json.loads((gs / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["export"] == "gs://bucket/run/export"
+    assert losses(gs) == losses(local) and len(losses(gs)) == 4
+    assert sorted(p.name for p in (gs / "checkpoints").iterdir()) == ["2", "4"]
+    assert (gs / "checkpoints" / "4" / "commit_success.txt").is_file()  # orbax's GCS atomicity
+    assert sorted(p.name for p in (gs / "export").iterdir()) == sorted(p.name for p in (local / "export").iterdir())
+    for name, value in weights(local / "export").items():
+        np.testing.assert_array_equal(weights(gs / "export")[name], value, err_msg=name)
+    assert "losses: first" in (gs / "log.txt").read_text()
+    assert list((gs / "tb").glob("events.out.tfevents.*"))
+    assert not (gs / "tfds").exists()  # the data build stays local: VITSINK_CACHE/remote/gs/...
+    assert (tmp_path / "cache" / "remote" / "gs" / "bucket" / "run" / "tfds").is_dir()
+
+    evaluate = [f"--config={ROOT / 'configs' / 'default.py'}", "--config.mode=benchmark",
+                "--config.benchmark.limit=6", '--config.variants=("none",)',
+                "--config.benchmark.image_size=56"]
+    run("evaluate.py", tmp_path, *evaluate, f"--workdir={tmp_path / 'eval'}",
+        f"--config.checkpoint={local / 'export'}")
+    run("evaluate.py", tmp_path, *evaluate, "--workdir=gs://bucket/eval",
+        "--config.checkpoint=gs://bucket/run/export")
+    ours, theirs = (json.loads((w / "results.json").read_text()) for w in (bucket / "eval", tmp_path / "eval"))
+    assert ours["results"] == theirs["results"] and ours["checkpoint_sha256"] == theirs["checkpoint_sha256"]
+    assert (bucket / "eval" / "predictions_none.jsonl").read_text() == \
+        (tmp_path / "eval" / "predictions_none.jsonl").read_text()
