@@ -1,6 +1,6 @@
 """``gs://`` workdirs (issue 32 part 3), offline: train.py (two checkpoints, a killed run resumed,
-its export) and evaluate.py with ``--workdir gs://bucket/...`` write what the same runs write in
-a local workdir.
+its export) and evaluate.py (reading that export from the bucket) with ``--workdir
+gs://bucket/...`` write what the same runs write in a local workdir.
 
 The bucket is a local folder: :func:`install` registers a fake fsspec ``gs`` / ``gcs``
 filesystem (gcsfs's protocol, which etils.epath uses without TensorFlow) mapping
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
@@ -88,12 +89,13 @@ def weights(folder: Path) -> dict:
 
 
 def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
-    """(~60 s: four train.py and two evaluate.py runs, each a process of its own, as the fake
-    bucket must be installed before the CLI starts.)"""
+    """(~80 s: three train.py and two evaluate.py runs, each a process of its own, as the fake
+    bucket must be installed before the CLI starts. The local reference trains 4 steps straight:
+    tests/test_train.py shows a resumed run equal to a straight one.)"""
     bucket, local = tmp_path / "gcs" / "bucket", tmp_path / "local"
     cfg = f"--config={ROOT / 'configs' / 'diysink.py'}"
+    run("train.py", tmp_path, cfg, f"--workdir={local}", "--config.steps=4", *TRAIN)
     for steps in (2, 4):  # killed after 2 steps, resumed to 4
-        run("train.py", tmp_path, cfg, f"--workdir={local}", f"--config.steps={steps}", *TRAIN)
         run("train.py", tmp_path, cfg, "--workdir=gs://bucket/run", f"--config.steps={steps}", *TRAIN)
     gs = bucket / "run"
     summary = json.loads((gs / "train_summary.json").read_text())
@@ -104,7 +106,7 @@ def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
     assert sorted(p.name for p in (gs / "export").iterdir()) == sorted(p.name for p in (local / "export").iterdir())
     for name, value in weights(local / "export").items():
         np.testing.assert_array_equal(weights(gs / "export")[name], value, err_msg=name)
-    assert "losses: first" in (gs / "log.txt").read_text()
+    assert (gs / "log.txt").read_text().count("losses: first") == 2  # both runs, appended
     assert list((gs / "tb").glob("events.out.tfevents.*"))
     assert not (gs / "tfds").exists()  # the data build stays local: VITSINK_CACHE/remote/gs/...
     assert (tmp_path / "cache" / "remote" / "gs" / "bucket" / "run" / "tfds").is_dir()
@@ -120,3 +122,14 @@ def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
     assert ours["results"] == theirs["results"] and ours["checkpoint_sha256"] == theirs["checkpoint_sha256"]
     assert (bucket / "eval" / "predictions_none.jsonl").read_text() == \
         (tmp_path / "eval" / "predictions_none.jsonl").read_text()
+
+
+def test_a_gs_data_dir_and_per_process_checkpoints_in_a_bucket_are_refused():
+    from vitsink_jax import paths
+    from vitsink_jax.checkpoints import StateCheckpoints
+
+    with pytest.raises(SystemExit, match=r"--config.data.data_dir=gs://bucket/tfds: data builds need a local"):
+        paths.data_dir("gs://bucket/tfds", "runs/x", "data.data_dir")
+    assert paths.data_dir("", "runs/x", "data.data_dir") == Path("runs/x/tfds")
+    with pytest.raises(ValueError, match="per_process writes local files, not gs://bucket/run"):
+        StateCheckpoints("gs://bucket/run", 2, "per_process")
