@@ -32,9 +32,10 @@ TRAIN = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48"
          "--config.checkpoint_every=2", "--config.log_every=1"]
 
 
-def install(root: str) -> None:
-    """``gs://bucket/x`` -> ``<root>/bucket/x`` for etils.epath (fsspec) and orbax (tensorstore)."""
-    import fsspec
+def install(root: str, mp=None) -> None:
+    """``gs://bucket/x`` -> ``<root>/bucket/x`` for etils.epath (fsspec) and orbax (tensorstore);
+    ``mp``: a pytest monkeypatch that undoes it (else it stays, as in a CLI's process)."""
+    from fsspec.registry import _registry  # (fsspec.registry is its read-only view)
     from etils.epath import backend
     from fsspec.implementations.dirfs import DirFileSystem
     from fsspec.implementations.local import LocalFileSystem
@@ -50,16 +51,27 @@ def install(root: str) -> None:
         def _strip_protocol(cls, path):
             return path.split("://", 1)[-1]
 
+    mp = mp or pytest.MonkeyPatch()
     for name in FakeGCS.protocol:
-        fsspec.register_implementation(name, FakeGCS, clobber=True)
+        mp.setitem(_registry, name, FakeGCS)
     backend.fsspec_backend._get_filesystem.cache_clear()
 
     def kvstore(path):
         bucket, key = gcs_utils.parse_gcs_path(path, add_trailing_slash=False)
         return {"driver": "file", "path": f"{root}/{bucket}/{key}"}
 
-    gcs_utils.get_kvstore_for_gcs = kvstore
-    gcs_utils.is_hierarchical_namespace_enabled = lambda path: False
+    mp.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
+    mp.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """The fake bucket ``gs://bucket`` (this process), as its local folder."""
+    from etils.epath import backend
+
+    install(str(tmp_path / "gcs"), monkeypatch)
+    yield tmp_path / "gcs" / "bucket"
+    backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def run(script: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -89,9 +101,10 @@ def weights(folder: Path) -> dict:
 
 
 def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
-    """(~80 s: three train.py and two evaluate.py runs, each a process of its own, as the fake
-    bucket must be installed before the CLI starts. The local reference trains 4 steps straight:
-    tests/test_train.py shows a resumed run equal to a straight one.)"""
+    """(~75 s of CPU, more on a busy machine: three train.py and two evaluate.py runs, each a
+    process of its own, as the fake bucket must be installed before the CLI starts. The local
+    reference trains 4 steps straight: tests/test_train.py shows a resumed run equal to a
+    straight one.)"""
     bucket, local = tmp_path / "gcs" / "bucket", tmp_path / "local"
     cfg = f"--config={ROOT / 'configs' / 'diysink.py'}"
     run("train.py", tmp_path, cfg, f"--workdir={local}", "--config.steps=4", *TRAIN)
@@ -133,3 +146,29 @@ def test_a_gs_data_dir_and_per_process_checkpoints_in_a_bucket_are_refused():
     assert paths.data_dir("", "runs/x", "data.data_dir") == Path("runs/x/tfds")
     with pytest.raises(ValueError, match="per_process writes local files, not gs://bucket/run"):
         StateCheckpoints("gs://bucket/run", 2, "per_process")
+
+
+def test_score_mode_reads_benchmark_and_predictions_from_a_bucket(bucket, tmp_path):
+    """evaluate.py's score mode with the benchmark, the predictions and the workdir on gs://
+    writes what it writes from local files (in this process: score mode loads no model)."""
+    from test_scores import default_config, evaluate, pope_items, write_table
+
+    from vitsink_jax import paths
+
+    bench = [dict(index=it["index"], question=f"Is there a thing {it['index']}?",
+                  answer=it["answer"].capitalize(), category=it["category"], image="x")
+             for it in pope_items()]
+    preds = [dict(index=it["index"], question="q", prediction=it["response"]) for it in pope_items()]
+    reports = {}
+    for where, root in (("local", tmp_path / "local"), ("gs", bucket)):
+        root.mkdir(parents=True)
+        write_table(root / "pope.tsv", bench)
+        write_table(root / "preds.tsv", preds)
+        uri = "gs://bucket" if where == "gs" else str(root)
+        cfg = default_config(**{"benchmark.name": "pope", "benchmark.file": f"{uri}/pope.tsv",
+                                "score.predictions": f"{uri}/preds.tsv"})
+        evaluate.run_score(cfg, paths.path(f"{uri}/work"))
+        reports[where] = json.loads((root / "work" / "results.json").read_text())
+        assert (root / "work" / "scored_predictions.jsonl").is_file()
+    for key in ("official", "counts", "unparsed", "file_sha256", "predictions_sha256"):
+        assert reports["gs"][key] == reports["local"][key], key
