@@ -16,14 +16,15 @@ the old object or the new one, never a part, and a failed upload leaves the old 
   each file then appears whole, but a folder of several files is not replaced as one (a reader
   during the upload can see some new files beside old ones);
 * a log appended to while a run goes (log.txt, metrics.jsonl, TensorBoard events) is kept in a
-  local file whose whole content replaces the object at most every :data:`UPLOAD_EVERY_S`
-  seconds and when it is closed (:func:`append`): a killed run loses at most that much of it.
+  local file whose whole content replaces the object at the first flush :data:`UPLOAD_EVERY_S`
+  seconds after the last upload and when it is closed (:func:`append`): a killed run loses
+  what it logged since the last upload.
 
 Models given as a URI are read from a local copy (:func:`local_copy`, in
 ``$VITSINK_CACHE/remote``). What a run with a URI workdir derives and reads back with local
 file calls (the embedded default model, the instruction and benchmark data builds, whose
-array_record files are read with local file calls, and assembled mini-study models) is kept
-in a local folder of that cache instead (:func:`local_workdir`).
+array_record files array_record opens itself, and assembled mini-study models) is kept in a
+local folder of that cache instead (:func:`local_workdir`).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def put_files(local: Path, folder) -> None:
 def local_copy(uri) -> Path:
     """The folder ``uri`` copied into :func:`local_folder` (with its subfolders); files whose
     size and modification time are those of the last copy (``.remote.json``) are not fetched
-    again."""
+    again (a store that reports no time: always fetched)."""
     src, local = path(uri), local_folder(uri)
     if not src.is_dir():
         raise FileNotFoundError(f"{uri}: no such folder")
@@ -139,7 +140,7 @@ def local_copy(uri) -> Path:
         rel = os.path.relpath(os.fspath(f), os.fspath(src))
         stat = f.stat()
         now[rel] = [stat.length, stat.mtime]
-        if had.get(rel) != now[rel] or not (local / rel).is_file():
+        if had.get(rel) != now[rel] or not stat.mtime or not (local / rel).is_file():
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{f.name}.", dir=(local / rel).parent)
             with os.fdopen(fd, "wb") as out, f.open("rb") as inp:
