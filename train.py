@@ -12,7 +12,8 @@ A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a
 ``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained
 model is exported with vj.save_pretrained (plus the tokenizer) to ``workdir/export``:
 evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. Metrics
-go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``.
+go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``. The workdir, the
+checkpoint and the publish folder may be ``gs://`` URIs (see :mod:`vitsink_jax.paths`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, parallel, train_lib
+from vitsink_jax import cli, compile_cache, parallel, paths, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct, instruct_build
@@ -51,8 +52,9 @@ from vitsink_jax.scores import file_sha256
 def base_checkpoint(cfg, workdir: Path) -> Path:
     """The checkpoint a run starts from: ``cfg.checkpoint``; or a base LLM (``cfg.llm``) and a
     vision tower (``cfg.vision_tower``) with a new projector, as the authors' trainers start
-    (:func:`vitsink_jax.convert.layouts.write_fresh_llava`, in ``workdir/base``); or the
-    embedded default (written into ``workdir`` once)."""
+    (:func:`vitsink_jax.convert.layouts.write_fresh_llava`, in ``workdir/base`` on a local
+    disk); or the embedded default (written into ``workdir`` once). A ``gs://`` checkpoint is
+    copied to a local cache."""
     from vitsink_jax.convert.checkpoint_io import resolve_model_path
     from vitsink_jax.convert.layouts import write_fresh_llava
 
@@ -61,8 +63,8 @@ def base_checkpoint(cfg, workdir: Path) -> Path:
             raise SystemExit("error: --config.llm and --config.vision_tower go together, instead of "
                              "--config.checkpoint (a base LLM and a vision tower with a new projector)")
         return write_fresh_llava(resolve_model_path(cfg.llm), resolve_model_path(cfg.vision_tower),
-                                 parallel.process_local(workdir / "base"), cfg.seed)
-    return Path(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
+                                 parallel.process_local(paths.local_workdir(workdir) / "base"), cfg.seed)
+    return paths.on_disk(cfg.checkpoint) if cfg.checkpoint else ensure_embedded_checkpoint(
         workdir, cfg.embedded, cfg.seed)
 
 
@@ -120,7 +122,7 @@ def load_data(cfg, workdir: Path, spec: instruct_build.TokenSpec, json_sha256: s
     own (hosts share no filesystem), so any host can read any row of a global batch.
     ``json_sha256``: the JSON file's hash when the caller has it already (:func:`run_settings`)."""
     d = cfg.data
-    data_dir = Path(d.data_dir or workdir / "tfds")
+    data_dir = paths.data_dir(d.data_dir, workdir, "data.data_dir")
     shared = jax.process_count() > 1 and d.shared_fs
     if not shared:
         data_dir = parallel.process_local(data_dir)
@@ -431,7 +433,7 @@ class MetricLog:
     def __init__(self, workdir: Path):
         self.active = jax.process_index() == 0
         if self.active:
-            self.file = open(workdir / "metrics.jsonl", "a")
+            self.file = paths.append(workdir / "metrics.jsonl", "a")
             self.tb = ScalarWriter(workdir / "tb")
 
     def write(self, step: int, metrics: dict) -> None:
@@ -544,7 +546,7 @@ def train(cfg, workdir: Path) -> dict:
     if parallel.is_global(final) or jax.process_index() == 0:  # a collective for global arrays
         vj.save_pretrained(model, final, export, overwrite=True, dtype=jnp.float32)
     if jax.process_index() == 0:
-        tokenizer.save_pretrained(str(export))
+        paths.write_files(export, tokenizer.save_pretrained)
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
                "steps": cfg.steps, "resumed_from": start, "resume_changes": changes,
                "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
@@ -617,7 +619,7 @@ def run_recipe(cfg, workdir: Path) -> dict:
         print(f"== recipe run {name}: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
         summaries[name] = {**train(run_cfg, workdir / name), "loss_curve": loss_curve(workdir / name)}
     if cfg.publish:
-        out = Path(cfg.publish_dir or workdir / "published")
+        out = paths.path(cfg.publish_dir or workdir / "published")
         if jax.process_index() == 0:
             mini_study.publish({k: workdir / run / "export" for k, run in cfg.publish.items()},
                                {"command": " ".join(["python"] + sys.argv), "recipe": list(cfg.recipe),
@@ -630,7 +632,7 @@ def main(argv):
     del argv
     train_lib.keep_host_memory()  # first: before JAX starts a thread (see its doc)
     compile_cache.enable(flags.FLAGS.config.compile_cache)
-    cfg, workdir = flags.FLAGS.config, Path(flags.FLAGS.workdir)
+    cfg, workdir = flags.FLAGS.config, paths.path(flags.FLAGS.workdir)
     if cfg.get("recipe"):
         run_recipe(cfg, workdir)
     else:

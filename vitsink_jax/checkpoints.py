@@ -10,7 +10,9 @@
   needs the same mesh and process count (checked against the saved shard layout). Shards that
   several local devices hold identically (replicated params, the step, the RNG) are kept once.
 
-``auto`` is ``per_process`` with several processes and ``global`` with one.
+``auto`` is ``per_process`` with several processes and ``global`` with one or an object-store
+directory (``gs://``, which every host sees; ``per_process`` writes local files and refuses one).
+On an object store orbax marks a finished step with a commit file instead of renaming it in.
 
 A failed save (disk full, quota, permissions) removes its temporary folder at once and raises
 :class:`CheckpointSaveError` naming the folder; the checkpoints saved before stay usable. A
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from . import parallel
+from . import parallel, paths
 from .atomic import share
 
 STORAGES = ("auto", "global", "per_process")
@@ -149,10 +151,14 @@ class StateCheckpoints:
     def __init__(self, directory, keep: int, storage: str = "auto"):
         if storage not in STORAGES:
             raise ValueError(f"checkpoint storage {storage!r} not one of {STORAGES}")
+        remote = paths.is_remote(directory)
         if storage == "auto":
-            storage = "per_process" if jax.process_count() > 1 else "global"
+            storage = "per_process" if jax.process_count() > 1 and not remote else "global"
+        if storage == "per_process" and remote:
+            raise ValueError(f"checkpoint storage per_process writes local files, not {directory}; "
+                             "use checkpoint_storage=global (or auto) with an object store")
         self.storage = storage
-        directory = Path(directory).absolute()
+        directory = paths.path(directory) if remote else Path(directory).absolute()
         if storage == "per_process":
             self.directory = parallel.process_local(directory)
             self.folder = _ProcessFolder(self.directory, keep)
@@ -178,8 +184,10 @@ class StateCheckpoints:
         raises :class:`CheckpointSaveError` on every process (a failure on one host, e.g. its
         disk full, would otherwise leave the others waiting in the next collective)."""
         local = local_shards(state) if self.storage == "per_process" else None
+        remote = paths.is_remote(self.directory)  # no disk to fill, no temporary folder to remove
         try:
-            self._check_space(state if local is None else local)
+            if not remote:
+                self._check_space(state if local is None else local)
             if local is not None:
                 self.folder.save(step, local, meta)
             else:
@@ -188,7 +196,7 @@ class StateCheckpoints:
                 self.manager.wait_until_finished()
             error = None
         except (OSError, ValueError) as e:  # tensorstore reports IO errors as ValueError
-            if self.storage != "per_process" and jax.process_index() == 0:
+            if self.storage != "per_process" and jax.process_index() == 0 and not remote:
                 for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp, ignore_errors=True)
             error = _save_error(self.directory, step, e)
@@ -210,17 +218,17 @@ class StateCheckpoints:
         if free < need:
             raise OSError(errno.ENOSPC, f"{need / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free")
 
-    def set_aside(self, step: int) -> Path:
+    def set_aside(self, step: int):
         """Renames checkpoint ``step`` to ``<step>.nonfinite`` (``.nonfinite-2``, ... if taken):
         kept for inspection, no longer resumed from. Returns the new path."""
-        def name(n: int) -> Path:
+        def name(n: int):
             return self.directory / (f"{step}.nonfinite" + (f"-{n}" if n > 1 else ""))
         n = 1
         while name(n).exists():
             n += 1
         new = name(max(parallel.allgather_objects(n)))  # one name on every process
         if self.storage == "per_process" or jax.process_index() == 0:
-            os.replace(self.directory / str(step), new)
+            (self.directory / str(step)).rename(new)  # an object store copies and deletes
         if self.storage != "per_process":
             parallel.allgather_objects(None)  # every process sees the rename before reloading
             self.manager.reload()

@@ -3,7 +3,8 @@ where their output goes.
 
 Everything a run prints (stdout and stderr) also goes to ``workdir/log.txt`` (``log.<process>.txt``
 for each process of a multi-process run), one time-stamped line per printed line: a terminal
-bar's carriage-return refreshes are collapsed to the state each line ends in.
+bar's carriage-return refreshes are collapsed to the state each line ends in. In a ``gs://``
+workdir the log is uploaded every few seconds and at the end (:func:`vitsink_jax.paths.append`).
 
 The project's own errors (a bad checkpoint, benchmark, labels, predictions or instruction file,
 a non-finite loss, a failed save) and OS errors (a missing file, a full disk, a permission)
@@ -19,10 +20,9 @@ import errno
 import sys
 import time
 import traceback
-from pathlib import Path
-
 from absl import flags, logging
 
+from . import paths
 from .checkpoints import CheckpointSaveError
 from .convert.onnx_dinov2 import OnnxImportError
 from .convert.safetensors_io import CheckpointError
@@ -82,11 +82,10 @@ class _Tee:
 
 
 @contextlib.contextmanager
-def log_to(path: Path):
+def log_to(path):
     """Copies stdout and stderr into ``path`` (appended) while the block runs, and what ends it
     early: a ``SystemExit`` message, another exception's traceback."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    with paths.append(path, "a", encoding="utf-8") as f:
         logs = (_LineLog(f), _LineLog(f))
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(saved[0], logs[0]), _Tee(saved[1], logs[1])
@@ -105,7 +104,7 @@ def log_to(path: Path):
                 log.close()
 
 
-def log_path(workdir) -> Path:
+def log_path(workdir):
     """``workdir/log.txt``, or ``log.<process>.txt`` in a run of several processes (from the
     config's ``distributed`` block or the launcher's environment, before jax.distributed
     starts: :func:`vitsink_jax.parallel.planned_process_id`; hosts need not share a
@@ -116,7 +115,7 @@ def log_path(workdir) -> Path:
 
     dist = getattr(getattr(flags.FLAGS, "config", None), "distributed", None)
     process = None if dist is None else planned_process_id(dist, os.environ)
-    return Path(workdir) / ("log.txt" if process is None else f"log.{process}.txt")
+    return paths.path(workdir) / ("log.txt" if process is None else f"log.{process}.txt")
 
 
 def define_verbose() -> None:

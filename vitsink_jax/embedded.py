@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from . import paths
 from .config import LlavaConfig, TextConfig, VisionConfig
 from .convert.checkpoint_io import save_pretrained
 from .convert.hf import build_model, init_params
@@ -58,10 +59,11 @@ def ensure_embedded_checkpoint(workdir, e, seed: int) -> Path:
     from (``embedded.json``): a folder made from others is refused (ValueError naming each
     differing ``--config.embedded`` key, a :class:`CheckpointError`), never silently used; a folder
 without that record (an older vitsink_jax) is made again. With several processes each
-    writes its own copy (:func:`~vitsink_jax.parallel.process_local`): hosts share no filesystem."""
+    writes its own copy (:func:`~vitsink_jax.parallel.process_local`): hosts share no filesystem.
+    For a ``gs://`` workdir the folder is local (:func:`vitsink_jax.paths.local_workdir`)."""
     from .parallel import process_local
 
-    path = process_local(Path(workdir) / ("embedded_default" if e.vision == "random_clip"
+    path = process_local(paths.local_workdir(workdir) / ("embedded_default" if e.vision == "random_clip"
                                           else f"embedded_{e.vision}"))
     made = {"embedded": e.to_dict(), "seed": seed}
     if (path / "embedded.json").is_file():

