@@ -303,7 +303,7 @@ def test_scores_equal_on_one_and_eight_devices(tiny, tmp_path):
                                    atol=1e-5, err_msg=str(key))
 
 
-def test_cot_routing_feeds_each_item_its_route(tiny):
+def test_cot_routing_feeds_each_item_its_route(tiny, monkeypatch):
     d = tiny
     model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3)))
     recs = d["records"][:3]
@@ -318,6 +318,19 @@ def test_cot_routing_feeds_each_item_its_route(tiny):
         fixed, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3), select))
         scores, _ = E.loglik_scores(fixed, params, d["tok"], [rec], eval_cfg())
         np.testing.assert_allclose(p["scores"], scores[0], atol=1e-5)
+    # generated answers (scoring=generate) go through each item's route too (routes forced to
+    # 1, 2, 0: the tiny model's own routing answers parse to 0): the texts of the fixed selections
+    forced_routes = [{**r, "route": k} for r, k in zip(routes, (1, 2, 0))]
+    monkeypatch.setattr(E, "cot_routes", lambda *a: forced_routes)
+    gen = E.predict(model, params, d["tok"], recs, eval_cfg(routing="cot", scoring="generate"))
+    prompts = [E.prompt_text(r, TEMPLATES) for r in recs]
+    by_route = {}
+    for route in (0, 1, 2):
+        fixed, _ = to_diysink(d["model"], d["params"],
+                              DIYSinkConfig(vj.SinkRule("topk", k=3), ("all", "sinks", "nonsinks")[route]))
+        by_route[route] = E.generate_texts(fixed, params, d["tok"], prompts, recs, eval_cfg())
+    assert [p["response"] for p in gen] == [by_route[k][i] for i, k in enumerate((1, 2, 0))]
+    assert by_route[1][:2] != by_route[0][:2]  # the routes change the texts
     forced = E.loglik_scores(model, params, d["tok"], recs, eval_cfg(), routes=[1, 2, 1])[0]
     sinks_only, _ = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3), "sinks"))
     np.testing.assert_allclose(forced[0], E.loglik_scores(sinks_only, params, d["tok"], recs[:1],

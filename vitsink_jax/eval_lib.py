@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from typing import Optional
 
 import chex
 import jax
@@ -383,23 +384,26 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
 
 
 @functools.lru_cache(maxsize=16)
-def _generator(model, max_new_tokens: int, stop: tuple, mesh):
-    """Data-parallel greedy generation, compiled once per (model, length, stops, mesh)."""
-    return parallel.data_parallel(
-        lambda p, ids, mask, pixels, question: generate(model, p, ids, mask, pixels, max_new_tokens,
-                                                        stop, question_mask=question),
-        "mesh", mesh)
+def _generator(model, max_new_tokens: int, stop: tuple, mesh, routed: bool = False):
+    """Data-parallel greedy generation, compiled once per (model, length, stops, mesh); with
+    ``routed`` it takes each row's image route [B] too (DIYSink CoT routing)."""
+    def run(p, ids, mask, pixels, question, *route):
+        return generate(model, p, ids, mask, pixels, max_new_tokens, stop, question_mask=question,
+                        route=route[0] if routed else None)
+    return parallel.data_parallel(run, "mesh", mesh)
 
 
-def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) -> list:
+def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg,
+                   routes: Optional[list] = None) -> list:
     """Greedy continuations (decoded text, ``cfg.max_new_tokens`` tokens at most) of prompt
     texts (with ``<image>``), each with its record's image and question mask
-    (:func:`encode_question_prompt`). Rows are split over the devices (params replicated or
-    sharded, as for scoring); every process runs as many batches."""
+    (:func:`encode_question_prompt`) and, when given, its image's route (0 all tokens, 1
+    sink-only, 2 non-sink-only: DIYSink CoT routing). Rows are split over the devices (params
+    replicated or sharded, as for scoring); every process runs as many batches."""
     fmt = prompt_format(model.config, tokenizer)
     stop = fmt.stop_ids(tokenizer)
     params, mesh = placed(params)
-    run = _generator(model, cfg.max_new_tokens, stop, mesh)
+    run = _generator(model, cfg.max_new_tokens, stop, mesh, routes is not None)
     texts, cache = [], {}
     encoded = [encode_question_prompt(tokenizer, p, fmt) for p in prompts]
     batches = list(_batches(list(range(len(prompts))), bucket(cfg.batch_size, parallel.batch_multiple())))
@@ -410,7 +414,8 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg) 
         ids, mask = left_pad([encoded[i][0] for i in chunk], length, tokenizer.pad_token_id or 0)
         question = left_pad([encoded[i][1] for i in chunk], length)[0].astype(bool)
         pixels = np.stack([_pixels(model, records[i], cache) for i in chunk])
-        out = np.asarray(run(params, ids, mask, pixels, question))
+        route = () if routes is None else (np.asarray([routes[i] for i in chunk], np.int32),)
+        out = np.asarray(run(params, ids, mask, pixels, question, *route))
         for row in out[:n]:
             texts.append(tokenizer.decode(fmt.cut(row.tolist(), stop), skip_special_tokens=True).strip())
     return texts
@@ -450,11 +455,10 @@ def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"
             preds[i] = {"prediction": LETTERS[best] if records[i]["kind"] == "mc"
                         else candidates(records[i])[best], "scores": s, "sinks": k}
     if by_gen:
-        if routing is not None:
-            raise ValueError("CoT routing is implemented for log-likelihood scoring only")
         sub = [records[i] for i in by_gen]
         texts = generate_texts(model, params, tokenizer,
-                               [prompt_text(r, cfg.templates, cfg.mc_format) for r in sub], sub, cfg)
+                               [prompt_text(r, cfg.templates, cfg.mc_format) for r in sub], sub, cfg,
+                               None if routing is None else [routing[i]["route"] for i in by_gen])
         for i, text in zip(by_gen, texts):
             preds[i] = {"prediction": text, "generated": text}
     if routing is not None:
