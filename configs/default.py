@@ -86,7 +86,8 @@ def get_config():
     c.eval.dcn_data = 1             # mesh: slices the data axis spans (multi-slice TPU: the count)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
-    c.eval.system = ""              # system prompt before every template: "" | "tinyllava" | text
+    c.eval.system = ""              # system prompt before every template: "" | "vicuna_v1" (LLaVA-1.5's,
+                                    #   = "tinyllava") | text
     c.eval.routing = "none"         # none | cot (DIYSink CoT routing: per-item token selection)
     c.eval.cot_image_prompt = IMAGE_PROMPT
     c.eval.cot_question_prompt = QUESTION_PROMPT

@@ -87,7 +87,8 @@ def get_config():
     c.data.variants = 2        # embedded set: overlays per photo (3 conversations each)
     c.data.image_size = 224
     c.data.mc_format = "letter"  # embedded set: answer with the option letter | "cloze": its text
-    c.data.system = ""         # system prompt before the first turn: "" | "tinyllava" | the text
+    c.data.system = ""         # system prompt before the first turn: "" | "vicuna_v1" (LLaVA-1.5's,
+                               #   = "tinyllava") | the text
     c.data.prefetch = 2        # batches computed ahead while a step runs (0 = each when needed);
                                # same batches, same order, same resume position either way
     c.data.workers = 2         # threads computing them (image decode / resize release the GIL)

@@ -6,7 +6,9 @@ TinyLLaVA Factory's published scripts (scripts/train/*.sh): pretrain the connect
 global batch 256), then fine-tune connector + LLM (lr 2e-5, global batch 128), the vision tower
 frozen; one epoch each, warmup ratio 0.03, cosine decay, weight decay 0, max length 2048 (rows
 cut there, as their trainer truncates to model_max_length), stage 1 in the plain pretrain
-template (the image, then the caption and a newline), bf16,
+template (the image, then the caption and a newline), bf16 (TinyLLaVA's Phi-2 scripts train in
+fp16, its Qwen2 ones in bf16: bf16 here for both, the half precision TPUs compute in, with no
+loss scaling; a deliberate difference),
 data LLaVA-558K (pretrain) / LLaVA-665K (finetune) in the LLaVA JSON layout
 (``--config.data.json=.../blip_laion_cc_sbu_558k.json --config.data.image_folder=...``).
 Steps = one epoch of the published data at the global batch. Stage 1 starts as TinyLLaVA's

@@ -10,10 +10,12 @@ LLaVA-1.5's evaluation prompts); :func:`human_text` is the human turn of a templ
 instruction data renders with :data:`USER` / :data:`ASSISTANT` around it, so a model is trained
 on exactly the text it is evaluated with.
 
-A model family whose template adds a system prompt before the first ``USER:`` (TinyLLaVA
-Factory's phi / qwen2_base / llama templates: :data:`SYSTEMS`) is trained and evaluated with
-that prefix (train.py ``data.system``, evaluate.py ``eval.system``); the rest of the string is
-the same (TinyLLaVA's end of turn is the tokenizer's EOS, as here).
+LLaVA-1.5 itself trains and evaluates every row after the vicuna_v1 system prompt ("A chat
+between a curious user ...", conv_vicuna_v1), and TinyLLaVA Factory's phi / qwen2_base / llama
+templates put the same text first (:data:`SYSTEMS`: "vicuna_v1", or its other name
+"tinyllava"); such a model is trained and evaluated with that prefix (train.py ``data.system``,
+evaluate.py ``eval.system``); the rest of the string is the same (TinyLLaVA's end of turn is the
+tokenizer's EOS, as here). The embedded and mini-study models are trained without one.
 
 A family with a chat markup of its own (Gemma 3's ``<start_of_turn>user`` ...) keeps these
 templates as they are written and has them rendered in its markup when they are tokenized
@@ -41,9 +43,9 @@ TEMPLATES = {
 # the analysis (Findings 1-3): a free answer to a question about the image
 ANALYSIS = f"{USER}<image>\n{{question}}{ASSISTANT}"
 # system prompts by name (a name not here is taken as the text itself; "" = none)
-SYSTEMS = {"": "", "tinyllava": "A chat between a curious user and an artificial intelligence "
-           "assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-           "questions."}
+VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The "
+             "assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEMS = {"": "", "vicuna_v1": VICUNA_V1, "tinyllava": VICUNA_V1}
 
 
 def system_prefix(system: str) -> str:
