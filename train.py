@@ -38,7 +38,7 @@ from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.data import instruct, instruct_build
 from vitsink_jax.data.prefetch import Prefetch
-from vitsink_jax.data.preprocess import pixels_from_bytes
+from vitsink_jax.data.preprocess import ASPECTS, pixels_from_bytes
 from vitsink_jax.tensorboard import ScalarWriter
 from vitsink_jax.data.prompts import prompt_format
 from vitsink_jax.data.tokenizer import load_tokenizer
@@ -180,7 +180,8 @@ class Batches:
 
     def pixels(self, record) -> np.ndarray:
         if record["image"]:
-            return pixels_from_bytes(self.model.config, record["image"])
+            aspect = getattr(getattr(self.cfg, "data", None), "image_aspect_ratio", "crop")
+            return pixels_from_bytes(self.model.config, record["image"], aspect)
         if self.blank is None:
             self.blank = np.zeros_like(pixels_from_bytes(self.model.config, blank_png()))
         return self.blank
@@ -262,7 +263,11 @@ class Runner:
 # the same run.
 RUN_KEYS = ("seed", "stage", "finetune_parts", "batch_size", "compute_dtype", "scan_layers",
             "diysink", "data.image_folder", "embedded", "data.variants", "data.image_size",
-            "data.mc_format", "data.system")
+            "data.mc_format", "data.system", "data.template", "data.image_first", "data.max_length",
+            "data.too_long", "data.image_aspect_ratio")
+# data settings stored only when not at these defaults (the checkpoints written before them resume)
+DATA_DEFAULTS = {"data.system": "", "data.template": "chat", "data.image_first": True,
+                 "data.max_length": 0, "data.too_long": "skip", "data.image_aspect_ratio": "crop"}
 
 
 def run_settings(cfg, ckpt: Path) -> dict:
@@ -285,8 +290,7 @@ def run_settings(cfg, ckpt: Path) -> dict:
         skip += tuple(k for k in flat if k.startswith("diysink.") and k != "diysink.enabled")
     if cfg.stage != "finetune":  # the other stages train fixed parts
         skip += ("finetune_parts",)
-    if not cfg.data.get("system", ""):  # no system prompt: as the checkpoints before the key
-        skip += ("data.system",)
+    skip += tuple(k for k, v in DATA_DEFAULTS.items() if cfg.data.get(k.partition(".")[2], v) == v)
     flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
     flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
     if cfg.data.json:
@@ -348,7 +352,8 @@ def check_options(cfg) -> None:
     """Refuses a misspelt fault option at the start, not at the first fault."""
     for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow")),
                          ("data.too_long", instruct_build.TOO_LONG),
-                         ("data.template", instruct.TEMPLATES_OF_TRAINING + ("auto",))):
+                         ("data.template", instruct.TEMPLATES_OF_TRAINING + ("auto",)),
+                         ("data.image_aspect_ratio", ASPECTS)):
         top, _, sub = key.partition(".")
         value = cfg[top][sub] if sub else cfg[key]
         if value not in allowed:

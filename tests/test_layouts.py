@@ -176,8 +176,8 @@ def test_tinyllava_unknown_connector_is_named(tmp_path):
         vj.load_pretrained(folder)
 
 
-@pytest.mark.parametrize("name", ["tinyllava_0p5b_diysink", "tinyllava_3b_diysink"])
-def test_tinyllava_recipes_carry_the_published_hyper_parameters(name):
+@pytest.mark.parametrize("name", ["tinyllava_0p5b_diysink", "tinyllava_3b_diysink", "llava15_diysink"])
+def test_recipes_carry_the_published_hyper_parameters(name):
     import importlib.util
     import sys
     from pathlib import Path
@@ -190,7 +190,14 @@ def test_tinyllava_recipes_carry_the_published_hyper_parameters(name):
     pre, ft = mod.get_config(), mod.get_config("finetune")
     assert (pre.stage, pre.batch_size, pre.steps) == ("pretrain", 256, 2181)
     assert (ft.stage, ft.batch_size, ft.steps) == ("finetune", 128, 5198)
-    assert pre.optim.warmup_ratio == 0.03 and pre.diysink.rule.rule == "adaptive"
+    assert pre.optim.warmup_ratio == 0.03
+    assert (pre.data.template, pre.data.max_length, pre.data.too_long) == ("auto", 2048, "truncate")
+    if name.startswith("llava15"):   # LLaVA-1.5: CLIP-L/336, vicuna_v1, padded images in stage 2
+        assert (pre.diysink.rule.rule, pre.diysink.rule.tau, ft.data.image_size) == ("threshold", 100.0, 336)
+        assert (ft.data.system, ft.data.image_aspect_ratio, pre.data.image_aspect_ratio) == (
+            "vicuna_v1", "pad", "crop")
+    else:
+        assert pre.diysink.rule.rule == "adaptive" and ft.data.system == "tinyllava"
 
 
 def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):

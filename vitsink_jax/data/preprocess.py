@@ -207,7 +207,42 @@ def preprocess(config, images: Sequence[ImageLike], size: int = 0) -> np.ndarray
     return np.stack([fn(im, size or config.image_size) for im in images])
 
 
-def pixels_from_bytes(config, raw: bytes) -> np.ndarray:
+ASPECTS = ("crop", "pad")
+
+
+def processor_mean(config) -> tuple:
+    """The normalisation mean (RGB, 0-1) of an LVLM config's image processor."""
+    if isinstance(config, (Gemma3Config,)):
+        return SIGLIP_MEAN
+    if isinstance(config, InternVLConfig):
+        return IMAGENET_MEAN
+    if isinstance(config, Qwen2_5_VLConfig):
+        return CLIP_MEAN
+    vision = config.vision
+    return (IMAGENET_MEAN if vision.is_dinov2 else
+            CLIP_MEAN if vision.model_type == "clip_vision_model" else SIGLIP_MEAN)
+
+
+def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
+    """The image centred on a square canvas of its longer side filled with ``fill`` (RGB
+    0-255), as LLaVA's ``expand2square`` pads before the processor (``image_aspect_ratio
+    pad``): nothing of the image is cropped away."""
+    w, h = image.size
+    if w == h:
+        return image
+    canvas = Image.new(image.mode, (max(w, h),) * 2, fill)
+    canvas.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return canvas
+
+
+def pixels_from_bytes(config, raw: bytes, aspect: str = "crop") -> np.ndarray:
     """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for a
-    LLaVA config (S = its ``input_size``)."""
-    return preprocess(config, [image_from_bytes(raw)])[0]
+    LLaVA config (S = its ``input_size``). ``aspect`` "pad" first pads the image to a square
+    with its processor's mean colour (:func:`expand_to_square`, LLaVA-1.5's stage 2); "crop"
+    leaves it to the processor (CLIP's and DINOv2's crop the centre)."""
+    if aspect not in ASPECTS:
+        raise ValueError(f"image aspect {aspect!r} not one of {ASPECTS}")
+    image = image_from_bytes(raw)
+    if aspect == "pad":
+        image = expand_to_square(image, tuple(int(m * 255) for m in processor_mean(config)))
+    return preprocess(config, [image])[0]
