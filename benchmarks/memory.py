@@ -103,7 +103,7 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
     state_sh = parallel.param_shardings(state, mesh)
     frozen_sh = parallel.param_shardings(frozen, mesh)
     batch_sh = {k: NamedSharding(mesh, parallel.BATCH) for k in batch_abs}
-    step = train_lib.make_train_step(model, tx, schedule, "finetune")
+    step = train_lib.make_train_step(model, tx, schedule, "finetune", mesh=mesh)
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, None), donate_argnums=(0,)).lower(

@@ -89,6 +89,21 @@ def param_shardings(tree, mesh: Mesh, rules=TENSOR_RULES, min_size: int = MIN_SP
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def constrain_rows(x):
+    """``x`` [B, ...] split over the batch axes (data x fsdp) of the mesh in context
+    (``jax.set_mesh``), so that XLA gathers fsdp-sharded weights (ZeRO-3) rather than the rows of
+    the whole batch; ``x`` unchanged without a mesh in context, inside ``shard_map`` over those
+    axes, or when B does not split evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = BATCH[0]
+    if mesh.empty or not set(axes) <= set(mesh.axis_names) or set(axes) & set(mesh.manual_axes):
+        return x
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def global_batch(local: dict, mesh: Mesh) -> dict:
     """Host-local batch arrays (this host's rows) -> global jax Arrays split over the mesh."""
     sharding = NamedSharding(mesh, BATCH)

@@ -276,6 +276,11 @@ class LlavaForConditionalGeneration(nn.Module):
         return {"interventions": self.interventions, "visual_mask": is_image,
                 "sink_mask": seq[..., 0] > 0, "num_visual": selected.shape[1]}
 
+    def head(self, hidden):
+        """The LLM's head: hidden states [..., D] (``last_hidden_state``) -> float32 logits
+        [..., V]."""
+        return self.language_model.head(hidden)
+
     def decode(self, input_ids, cache):
         """One decoding step on the LLM with a prefilled cache: input_ids [B, T] -> CausalLMOutput
         (logits [B, T, V], the updated cache). VAR stays on (new tokens are text: no visual, no
@@ -302,7 +307,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False, route=None, question_mask=None,
-                 cache=None) -> LlavaOutput:
+                 cache=None, head: bool = True) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
         question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
@@ -312,7 +317,9 @@ class LlavaForConditionalGeneration(nn.Module):
         cache: a :class:`KVCache` to prefill (see :mod:`vitsink_jax.generate`); positions then
         default to generation positions (running count of kept tokens) or, for a family with
         its own ids (:meth:`llm_positions`: Qwen2.5-VL's [B, T, 3]), to those counted from the
-        cache's next position."""
+        cache's next position.
+        head: False skips the LM head (``logits`` None; ``last_hidden_state`` [B, T, D], NaN
+        where the logits would be, for a loss applying :meth:`head` chunk by chunk)."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
@@ -370,10 +377,14 @@ class LlavaForConditionalGeneration(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, cache=cache, **extra)
-        logits = out.logits if pixel_values is None else jnp.where(count_ok, out.logits, jnp.nan)
+                                  output_attentions=output_attentions, cache=cache, head=head,
+                                  **extra)
+        top = out.logits if head else out.last_hidden_state
+        if pixel_values is not None:
+            top = jnp.where(count_ok, top, jnp.nan)
         vision = output_vision and pixel_values is not None
-        return LlavaOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+        return LlavaOutput(logits=top if head else None, last_hidden_state=None if head else top,
+                           hidden_states=out.hidden_states, attentions=out.attentions,
                            image_features=feats if vision else None,
                            vision_features=selected if vision else None,
                            vision_outputs=vout if vision else None,
