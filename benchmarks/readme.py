@@ -192,7 +192,8 @@ def pruning(r: dict) -> list:
 def memory_plan(r: dict) -> list:
     p = r["memory_plan"]
     names = {"tinyllava-0.5b": "TinyLLaVA-0.5B (SigLIP-so400m + Qwen2-0.5B)",
-             "tinyllava-3.1b": "TinyLLaVA-3.1B (SigLIP-so400m + Phi-2)"}
+             "tinyllava-3.1b": "TinyLLaVA-3.1B (SigLIP-so400m + Phi-2)",
+             "llava-1.5-7b": "LLaVA-1.5-7B stage 2 (CLIP-L/336 + Vicuna-7B)"}
     rows = [measured_on(p), "",
             "| recipe | params | slice | rows per chip | GiB per chip | fits |", "|---|---|---|---|---|---|"]
     for e in p["memory_plan"]:

@@ -297,7 +297,7 @@ class ToyModel:
     config = type("Config", (), {"diysink": None})()
 
     def apply(self, variables, ids, pixels=None, attention_mask=None, question_mask=None, route=None,
-              head=True, method=None):
+              head=True, one_image_per_row=False, method=None):
         if method == "head":
             return ids  # the hidden states, here the logits already
         p = variables["params"]
@@ -365,7 +365,8 @@ def test_accumulated_step_weights_every_answer_token_alike():
 def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
     """The training loss applies the LM head to chunks of tokens (5 here, not dividing the 19
     predicting positions): its NLL and gradients equal those of the whole [B, T, V] logits, and
-    the model's headless output through its head gives those logits."""
+    the model's headless output through its head gives those logits, with the image features
+    merged row by row (one_image_per_row, as the loss runs) or over the flat batch."""
     import dataclasses
 
     from vitsink_jax import train_lib
@@ -392,7 +393,7 @@ def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
         return train_lib.chunked_answer_nll_sum(
             hidden, lambda h: model.apply({"params": p}, h, method="head"), ids, mask, chunk=5)
 
-    out = model.apply({"params": params}, ids, pixels, head=False)
+    out = model.apply({"params": params}, ids, pixels, head=False, one_image_per_row=True)
     assert out.logits is None
     np.testing.assert_allclose(model.apply({"params": params}, out.last_hidden_state, method="head"),
                                model.apply({"params": params}, ids, pixels).logits, rtol=1e-6)

@@ -199,13 +199,14 @@ def loss_fn(model, stage: str, chunk: int = LOSS_CHUNK):
     device and host) the summed NLL is divided by, so the losses (and gradients) of the pieces
     of a batch add up to those of the batch. The model runs without its LM head
     (``head=False``); the NLL applies the head ``chunk`` tokens at a time
-    (:func:`chunked_answer_nll_sum`)."""
+    (:func:`chunked_answer_nll_sum`). Each row holds one image (the training data's rows), so
+    its features merge row by row (``one_image_per_row``: no gather across the batch)."""
     dual = model.config.diysink is not None
 
     def nll(params, batch, route):
         out = model.apply({"params": params}, batch["ids"], batch["pixels"],
                           attention_mask=batch["mask"], question_mask=batch["question_mask"],
-                          route=route, head=False)
+                          route=route, head=False, one_image_per_row=True)
         head = lambda h: model.apply({"params": params}, h, method="head")  # noqa: E731
         return chunked_answer_nll_sum(parallel.constrain_rows(out.last_hidden_state), head,
                                       batch["ids"], batch["loss_mask"], chunk)

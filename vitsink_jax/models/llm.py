@@ -38,7 +38,7 @@ from ..config import TextConfig
 from ..interventions import Interventions, pruning
 from ..interventions.var import redistribute
 from ..sinks.detect import llm_sink_mask
-from ..parallel import constrain_rows
+from ..parallel import constrain_rows, whole
 from .attention import DecoderBlock, make_attention_mask, same_block, window_mask
 from .gemma import GemmaDecoderLayer
 from .layers import GatedMLP, RMSNorm
@@ -156,7 +156,10 @@ class DecoderModel(nn.Module):
     def embed(self, input_ids):
         """input_ids [B, T] -> [B, T, D]; Gemma scales them by sqrt(D), a factor rounded to the
         param dtype as transformers' is."""
-        x = self.embed_tokens(input_ids)
+        # Embed's lookup on the table gathered whole in the training mesh (ZeRO-3; else XLA may
+        # look up the rows of the whole batch in the vocabulary-sharded table)
+        table = whole(self.embed_tokens.embedding.astype(self.dtype))
+        x = constrain_rows(jnp.take(table, input_ids, axis=0))
         if self.config.is_gemma:
             x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.param_dtype).astype(x.dtype)
         return x

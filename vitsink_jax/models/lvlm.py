@@ -21,16 +21,26 @@ from .dinov2 import vision_tower_class
 from ..interventions import Interventions
 
 
-def merge_image_features(inputs_embeds, is_image, image_features):
+def merge_image_features(inputs_embeds, is_image, image_features, per_row: bool = False):
     """Writes image features into the image-token positions, in order (HF's masked_scatter).
 
     Args:
       inputs_embeds: [B, T, D] token embeddings.
       is_image: [B, T] bool, True at image-token positions.
-      image_features: [M, D] features, M = total image tokens expected.
+      image_features: [M, D] features, M = total image tokens expected; with ``per_row``
+        [B, P, D], row b's own image (one image per row): each row gathers from its own
+        features only, so rows split over devices need no other device's features (the flat
+        gather makes XLA gather every row's features of the whole batch on every device).
     Returns:
-      ([B, T, D] merged embeddings, count_ok: bool scalar, is_image.sum() == M).
+      ([B, T, D] merged embeddings, count_ok: bool scalar, is_image.sum() == M; with
+      ``per_row``, every row holds P image tokens).
     """
+    if per_row:
+        p = image_features.shape[1]
+        idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, p - 1)
+        gathered = jnp.take_along_axis(image_features.astype(inputs_embeds.dtype), idx[..., None], axis=1)
+        return (jnp.where(is_image[..., None], gathered, inputs_embeds),
+                jnp.all(jnp.sum(is_image, axis=1) == p))
     b, t, d = inputs_embeds.shape
     flat = is_image.reshape(-1)
     idx = jnp.clip(jnp.cumsum(flat) - 1, 0, image_features.shape[0] - 1)
@@ -307,7 +317,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False, route=None, question_mask=None,
-                 cache=None, head: bool = True) -> LlavaOutput:
+                 cache=None, head: bool = True, one_image_per_row: bool = False) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
         question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
@@ -319,7 +329,10 @@ class LlavaForConditionalGeneration(nn.Module):
         its own ids (:meth:`llm_positions`: Qwen2.5-VL's [B, T, 3]), to those counted from the
         cache's next position.
         head: False skips the LM head (``logits`` None; ``last_hidden_state`` [B, T, D], NaN
-        where the logits would be, for a loss applying :meth:`head` chunk by chunk)."""
+        where the logits would be, for a loss applying :meth:`head` chunk by chunk).
+        one_image_per_row: row b holds the tokens of image b and only those (training's rows):
+        the features merge row by row (:func:`merge_image_features` ``per_row``); a row with
+        another count of image tokens gives NaN logits."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
@@ -355,7 +368,12 @@ class LlavaForConditionalGeneration(nn.Module):
                     raise ValueError(f"input_ids contain {found} image tokens (id "
                                      f"{c.image_token_index}) but pixel_values give {feats.shape[0]} "
                                      f"image(s) x {feats.shape[1]} tokens = {expected}")
-            embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1))
+            if one_image_per_row and feats.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"one_image_per_row: {feats.shape[0]} images for "
+                                 f"{input_ids.shape[0]} rows")
+            embeds, count_ok = merge_image_features(
+                embeds, is_image, feats if one_image_per_row else feats.reshape(expected, -1),
+                per_row=one_image_per_row)
             if route is not None:  # a bad code raises here when concrete, else NaN logits
                 count_ok = count_ok & route_codes_ok(route)
             if arrangement is not None:
