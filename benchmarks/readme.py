@@ -200,6 +200,15 @@ def memory_plan(r: dict) -> list:
         rows.append(f"| {names.get(e['shape'], e['shape'])} | {e['params'] / 1e9:.2f}B | {e['slice']} "
                     f"({e['devices']} chips x {e['hbm_gib']} GiB) | {e['micro_batch_per_chip']} | "
                     f"{e['per_device_bytes'] / GIB:.1f} | {'yes' if e['fits'] else 'no'} |")
+    before = p.get("before")
+    if before:  # the same recipe on the same chip counts, compiled at an earlier commit
+        now = {str(e["devices"]): e["per_device_bytes"] for e in p["memory_plan"]
+               if e["shape"] == before["shape"] and e["micro_batch_per_chip"] == before["micro_batch_per_chip"]}
+        chips = sorted(set(now) & set(before["per_device_bytes"]), key=int)
+        gib = lambda d: " / ".join(f"{d[c] / GIB:.1f}" for c in chips)  # noqa: E731
+        rows += ["", f"{names.get(before['shape'], before['shape'])}, {before['micro_batch_per_chip']} rows "
+                 f"per chip on {' / '.join(chips)} chips: {gib(now)} GiB per chip; at commit {before['commit']}: "
+                 f"{gib(before['per_device_bytes'])} GiB ({before['note']})."]
     return rows
 
 
