@@ -230,7 +230,7 @@ class Runner:
             self.mesh = mesh
             self.frozen = frozen  # already on its shards (load_model)
             self._step = train_lib.make_train_step(model, tx, schedules, cfg.stage,
-                                                   grad_accum=cfg.optim.grad_accum)
+                                                   grad_accum=cfg.optim.grad_accum, mesh=mesh)
             self.step = None
 
     def place(self, state):

@@ -3,11 +3,12 @@ on N fake CPU devices with fsdp sharding, and the inference forward with tensor 
 with the LLM layers as a Python loop and as one nn.scan (scan_layers),
 nothing allocated (abstract params from jax.eval_shape), and compare XLA's per-device memory
 analysis with the one-device programs. ``--plan`` instead gives the per-device memory plan of
-the paper's TinyLLaVA DIYSink recipes (SigLIP-so400m + Qwen2-0.5B / Phi-2) on pod slices.
+the paper's DIYSink recipes at their real size (TinyLLaVA: SigLIP-so400m + Qwen2-0.5B / Phi-2;
+LLaVA-1.5-7B stage 2) on pod slices (:data:`PLAN`).
 
     python benchmarks/memory.py                    # 7B and 13B shapes, 8 devices (minutes)
     python benchmarks/memory.py --quick            # a tiny shape, scanned layers (the test suite)
-    python benchmarks/memory.py --plan             # TinyLLaVA recipes on v5e-16 and v4-8
+    python benchmarks/memory.py --plan             # the recipes on 4 to 32 chips (minutes)
 
 Run it as its own process: it sets XLA_FLAGS for the fake devices before importing jax.
 """
@@ -36,7 +37,13 @@ SHAPES = {  # vision: CLIP-L/336 (or SigLIP-so400m/384); text: Vicuna (LLaMA) 7B
                            image=384, patch=14, text="phi", th=2560, tl=32, theads=32, ti=10240,
                            vocab=51200, partial_rotary=0.4, act="gelu_new"),
 }
-SLICES = {"v5e-16": (16, 16), "v4-8": (4, 32)}  # pod slice -> (chips, GiB of HBM per chip)
+SLICES = {"v4-8": (4, 32), "v5e-8": (8, 16), "v5e-16": (16, 16), "v5e-32": (32, 16),  # pod slice
+          "v5p-16": (8, 95), "v4-32": (16, 32)}                         # -> (chips, GiB of HBM per chip)
+# --plan: recipe -> the slices it is planned on. TinyLLaVA-0.5B on 4, 8, 16 and 32 chips at the
+# same rows per chip shows how the memory per chip scales with the chips (it must not grow)
+PLAN = {"tinyllava-0.5b": ("v4-8", "v5e-8", "v5e-16", "v5e-32"), "tinyllava-3.1b": ("v4-8", "v5e-16"),
+        "llava-1.5-7b": ("v5p-16", "v4-32", "v5e-32")}
+LLAVA_7B_ROWS_PER_CHIP = 2  # LLaVA-1.5-7B stage 2 (global batch 128 by gradient accumulation)
 
 
 def llava_config(s: dict, diysink: bool = True):
@@ -103,7 +110,7 @@ def step_memory(name: str, devices: int, fsdp: int, batch: int, text_tokens: int
     state_sh = parallel.param_shardings(state, mesh)
     frozen_sh = parallel.param_shardings(frozen, mesh)
     batch_sh = {k: NamedSharding(mesh, parallel.BATCH) for k in batch_abs}
-    step = train_lib.make_train_step(model, tx, schedule, "finetune")
+    step = train_lib.make_train_step(model, tx, schedule, "finetune", mesh=mesh)
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, None), donate_argnums=(0,)).lower(
@@ -161,14 +168,15 @@ def layout_memory(name: str, n: int, text_tokens: int, scan_layers: bool) -> dic
 
 
 def memory_plan(recipes: dict, max_length: int) -> list:
-    """Per-device bytes of each TinyLLaVA recipe's fine-tuning step (bf16 compute, fp32 params
-    and AdamW, remat, scanned layers, fsdp over every chip) on each pod slice of
-    :data:`SLICES`, with ``micro`` rows per chip of ``max_length`` tokens ({recipe: micro})."""
+    """Per-device bytes of each recipe's fine-tuning step (bf16 compute, fp32 params and AdamW,
+    remat, scanned layers, fsdp over every chip) on each of its pod slices (:data:`PLAN`, sizes
+    in :data:`SLICES`), with ``micro`` rows per chip of ``max_length`` tokens ({recipe: micro})."""
     rows = []
     for name, micro in recipes.items():
         config = llava_config(SHAPES[name])
         text = max_length - config.num_image_tokens
-        for slice_name, (chips, hbm) in SLICES.items():
+        for slice_name in PLAN[name]:
+            chips, hbm = SLICES[slice_name]
             r = step_memory(name, chips, chips, chips * micro, text, scan_layers=True)
             r.update(slice=slice_name, hbm_gib=hbm, micro_batch_per_chip=micro,
                      fits=r["per_device_bytes"] <= hbm * 2 ** 30)
@@ -198,8 +206,10 @@ def main(argv=None) -> dict:
     if args.plan:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from configs.tinyllava import RECIPES
-        result = {"memory_plan": memory_plan({n: r["micro_batch_per_chip"] for n, r in RECIPES.items()},
-                                             args.max_length), "versions": package_versions(), "machine": machine()}
+        recipes = {**{n: r["micro_batch_per_chip"] for n, r in RECIPES.items()},
+                   "llava-1.5-7b": LLAVA_7B_ROWS_PER_CHIP}
+        result = {"memory_plan": memory_plan(recipes, args.max_length), "versions": package_versions(),
+                  "machine": machine()}
         if args.out:
             write_json(args.out, result)
         return result

@@ -192,13 +192,23 @@ def pruning(r: dict) -> list:
 def memory_plan(r: dict) -> list:
     p = r["memory_plan"]
     names = {"tinyllava-0.5b": "TinyLLaVA-0.5B (SigLIP-so400m + Qwen2-0.5B)",
-             "tinyllava-3.1b": "TinyLLaVA-3.1B (SigLIP-so400m + Phi-2)"}
+             "tinyllava-3.1b": "TinyLLaVA-3.1B (SigLIP-so400m + Phi-2)",
+             "llava-1.5-7b": "LLaVA-1.5-7B stage 2 (CLIP-L/336 + Vicuna-7B)"}
     rows = [measured_on(p), "",
             "| recipe | params | slice | rows per chip | GiB per chip | fits |", "|---|---|---|---|---|---|"]
     for e in p["memory_plan"]:
         rows.append(f"| {names.get(e['shape'], e['shape'])} | {e['params'] / 1e9:.2f}B | {e['slice']} "
                     f"({e['devices']} chips x {e['hbm_gib']} GiB) | {e['micro_batch_per_chip']} | "
                     f"{e['per_device_bytes'] / GIB:.1f} | {'yes' if e['fits'] else 'no'} |")
+    before = p.get("before")
+    if before:  # the same recipe on the same chip counts, compiled at an earlier commit
+        now = {str(e["devices"]): e["per_device_bytes"] for e in p["memory_plan"]
+               if e["shape"] == before["shape"] and e["micro_batch_per_chip"] == before["micro_batch_per_chip"]}
+        chips = sorted(set(now) & set(before["per_device_bytes"]), key=int)
+        gib = lambda d: " / ".join(f"{d[c] / GIB:.1f}" for c in chips)  # noqa: E731
+        rows += ["", f"{names.get(before['shape'], before['shape'])}, {before['micro_batch_per_chip']} rows "
+                 f"per chip on {' / '.join(chips)} chips: {gib(now)} GiB per chip; at commit {before['commit']}: "
+                 f"{gib(before['per_device_bytes'])} GiB ({before['note']})."]
     return rows
 
 

@@ -293,13 +293,19 @@ def test_optimizer_lr_per_group_and_per_projector_clipping():
 
 
 class ToyModel:
-    """A stand-in for the LVLM in make_train_step: logits = emb[ids] + mean(pixels) x w."""
+    """A stand-in for the LVLM in make_train_step: logits = emb[ids] + mean(pixels) x w, the
+    head the identity (``method="head"``; ``head=False`` gives them as ``last_hidden_state``)."""
     config = type("Config", (), {"diysink": None})()
 
-    def apply(self, variables, ids, pixels, attention_mask=None, question_mask=None, route=None):
+    def apply(self, variables, ids, pixels=None, attention_mask=None, question_mask=None, route=None,
+              head=True, one_image_per_row=False, method=None):
+        if method == "head":
+            return ids  # the hidden states, here the logits already
         p = variables["params"]
         bias = pixels.mean(axis=(1, 2, 3))[:, None, None] * p["multi_modal_projector"]["w"]
-        return type("Out", (), {"logits": p["language_model"]["emb"][ids] + bias})()
+        logits = p["language_model"]["emb"][ids] + bias
+        return type("Out", (), {"logits": logits if head else None,
+                                "last_hidden_state": None if head else logits})()
 
 
 def toy_batch(answer_lengths, t=12, vocab=16, seed=0):
@@ -354,6 +360,94 @@ def test_accumulated_step_weights_every_answer_token_alike():
             new_p, p - g, rtol=1e-5, atol=1e-7, err_msg=str(k)), new["trainable"], params, ref_grad)
     with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
         jax.jit(train_lib.make_train_step(model, tx, {}, "finetune", grad_accum=3))(state, {}, batch)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
+    """The training loss applies the LM head to chunks of tokens (5 here, not dividing the 19
+    predicting positions): its NLL and gradients equal those of the whole [B, T, V] logits, and
+    the model's headless output through its head gives those logits, with the image features
+    merged row by row (one_image_per_row, as the loss runs) or over the flat batch."""
+    import dataclasses
+
+    from vitsink_jax import train_lib
+    from vitsink_jax.convert.hf import build_model, init_params
+    from vitsink_jax.embedded import embedded_config
+
+    e = config().embedded
+    c = embedded_config(e)
+    c = dataclasses.replace(c, text=dataclasses.replace(c.text, tie_word_embeddings=tied))
+    model = build_model(c)
+    params = init_params(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, c.text.vocab_size - 1, (2, c.num_image_tokens + 20)).astype(np.int32)
+    ids[:, 1:1 + c.num_image_tokens] = c.image_token_index
+    pixels = rng.standard_normal((2, 3, e.image_size, e.image_size)).astype(np.float32)
+    mask = np.zeros(ids.shape, bool)
+    mask[:, -12:] = True
+
+    def full(p):
+        return train_lib.answer_nll_sum(model.apply({"params": p}, ids, pixels).logits, ids, mask)
+
+    def chunked(p):
+        hidden = model.apply({"params": p}, ids, pixels, head=False).last_hidden_state
+        return train_lib.chunked_answer_nll_sum(
+            hidden, lambda h: model.apply({"params": p}, h, method="head"), ids, mask, chunk=5)
+
+    out = model.apply({"params": params}, ids, pixels, head=False, one_image_per_row=True)
+    assert out.logits is None
+    np.testing.assert_allclose(model.apply({"params": params}, out.last_hidden_state, method="head"),
+                               model.apply({"params": params}, ids, pixels).logits, rtol=1e-6)
+    (want, want_grad), (got, got_grad) = (jax.jit(jax.value_and_grad(f))(params) for f in (full, chunked))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                           got_grad, want_grad)
+
+
+REDUCTIONS = """
+import json, re, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax, jax.numpy as jnp, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from vitsink_jax import parallel, train_lib
+from test_train import ToyModel, toy_batch, toy_params
+
+mesh = parallel.make_mesh()  # 8 devices, all on "data"
+params, tx = toy_params(), optax.adam(1e-3)
+state = {{"step": jnp.asarray(0, jnp.int32), "trainable": params, "opt_state": tx.init(params)}}
+batch = jax.device_put(toy_batch([3] * 32), NamedSharding(mesh, parallel.BATCH))
+state = jax.device_put(state, NamedSharding(mesh, P()))
+found = {{}}
+for k in (1, 4):
+    step = jax.jit(train_lib.make_train_step(ToyModel(), tx, {{}}, "finetune", grad_accum=k, mesh=mesh))
+    hlo = step.lower(state, {{}}, batch).compile().as_text()
+    # the computations run as a while loop's body (the micro-batch scan), and the collectives
+    # in them
+    bodies = set(re.findall(r"body=%?([\\w.-]+)", hlo))
+    blocks = re.split(r"\\n(?=\\S)", hlo)
+    in_loops = sum(len(re.findall(r"= [^=]*\\b(all-reduce|reduce-scatter|all-gather)\\(", b))
+                   for b in blocks if re.match(r"%?([\\w.-]+)", b.split(" ")[0]) and
+                   b.split(" ")[0].lstrip("%") in bodies)
+    found[k] = {{"all_reduce": len(re.findall(r"= [^=]*\\ball-reduce\\(", hlo)), "in_loops": in_loops,
+                "loops": len(bodies), "loss": float(step(state, {{}}, batch)[1]["loss"])}}
+print("RESULT", json.dumps(found))
+"""
+
+
+def test_one_gradient_reduction_per_update_under_accumulation():
+    """Pure data parallelism over 8 devices: the compiled step of grad_accum 4 holds as many
+    all-reduces as that of grad_accum 1, none of them in the micro-batch loop (each device sums
+    its micro-batches' gradients, then one reduction), and computes the same loss."""
+    code = REDUCTIONS.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).split(" ", 1)[1])
+    one, four = found["1"], found["4"]
+    assert four["loops"] >= 1 and four["in_loops"] == 0, found
+    assert 1 <= four["all_reduce"] == one["all_reduce"], found
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 def test_learning_rate_schedule_counts_optimizer_updates():
@@ -436,14 +530,16 @@ def _result(proc):
 
 def test_one_device_mesh_and_pmap_agree(base, tmp_path):
     """One device, fsdp x tensor over 8 devices and, with each update's batch run as 2
-    micro-batches, fsdp x tensor over 4 devices with scanned LLM layers and pmap over 4 train
+    micro-batches, fsdp x tensor over 4 devices with scanned LLM layers, pmap over 4 and a pure
+    data-parallel mesh over 4 (its gradients reduced once per update, under shard_map) train
     to the same losses and params (the loss is divided by the answer tokens of every
     micro-batch and device)."""
     runs = {}
     for name, kw in {"single": dict(), "fsdp_tensor": dict(devices=8, fsdp=2, tensor=2),
                      "fsdp_tensor_scan_accum2": dict(devices=4, fsdp=2, tensor=2, layers="scan",
                                                      accum=2),
-                     "pmap4_accum2": dict(devices=4, strategy="pmap", accum=2)}.items():
+                     "pmap4_accum2": dict(devices=4, strategy="pmap", accum=2),
+                     "data4_accum2": dict(devices=4, accum=2)}.items():
         runs[name] = (_launch(base, tmp_path / name, **kw), kw.get("devices", 1))
     ref = None
     for name, (proc, devices) in runs.items():

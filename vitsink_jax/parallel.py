@@ -10,7 +10,9 @@ o/down/out_proj/fc2/linear_2/Phi's dense/InternViT's projection_layer (Qwen2.5-V
 merger mlp.2) row-parallel, embeddings and
 LM head over the vocabulary) puts
 ``tensor`` on one dimension, then arrays above a size threshold get ``fsdp`` on their largest
-remaining divisible dimension (ZeRO-3 style). XLA inserts the collectives. ``fsdp=1, tensor=1``
+remaining divisible dimension (ZeRO-3 style). XLA inserts the collectives; the models keep their
+activations split over the batch axes (:func:`constrain_rows`) so that those are weight
+all-gathers, not gathers of the whole batch's rows. ``fsdp=1, tensor=1``
 is pure data parallelism. :func:`make_mesh` lays the devices out topology-aware
 (``jax.experimental.mesh_utils``): tensor, then fsdp, on neighbouring chips of one slice, and
 with ``dcn_data`` slices (multi-slice TPU) the data axis across them over the data-centre
@@ -123,6 +125,37 @@ def param_shardings(tree, mesh: Mesh, rules=TENSOR_RULES, min_size: int = MIN_SP
         return NamedSharding(mesh, P(*spec))
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _training_mesh():
+    """The mesh in context (``jax.set_mesh`` or ``jax.sharding.use_abstract_mesh``, as the
+    training step of ``train_lib.make_train_step(mesh=...)`` sets it) when it has the batch axes
+    and none of them is manual (inside ``shard_map`` each device already holds its own rows);
+    else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = BATCH[0]
+    if mesh.empty or not set(axes) <= set(mesh.axis_names) or set(axes) & set(mesh.manual_axes):
+        return None
+    return mesh
+
+
+def constrain_rows(x):
+    """``x`` [B, ...] split over the batch axes (data x fsdp) of the training mesh in context
+    (:func:`_training_mesh`), so that XLA gathers fsdp-sharded weights (ZeRO-3) rather than the
+    rows of the whole batch; ``x`` unchanged without one, or when B does not split evenly."""
+    mesh, axes = _training_mesh(), BATCH[0]
+    n = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
+    if n == 1 or x.shape[0] % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))
+
+
+def whole(w):
+    """``w`` whole on every device of the training mesh in context (:func:`_training_mesh`): an
+    all-gather of one sharded weight where it is used (ZeRO-3), for ops such as an embedding
+    lookup where XLA would otherwise gather the rows of the whole batch (memory growing with
+    the global batch); ``w`` unchanged without one."""
+    return w if _training_mesh() is None else jax.lax.with_sharding_constraint(w, P())
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

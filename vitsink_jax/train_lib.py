@@ -18,9 +18,13 @@ projector in ``pretrain``.
 The loss is next-token cross-entropy over answer tokens only, summed over every row of the
 update's batch and divided by the number of answer tokens of that whole batch (all gradient
 accumulation micro-batches, devices and hosts), so one device, a mesh, pmap and any
-``grad_accum`` compute the same number. Gradient accumulation happens inside the step: the
+``grad_accum`` compute the same number. The model runs without its LM head and the loss
+applies the head a chunk of tokens at a time (:func:`chunked_answer_nll_sum`): no [B, T, V]
+logits are ever held. Gradient accumulation happens inside the step: the
 batch of one update is split into ``grad_accum`` micro-batches (a ``lax.scan``: activations
-for one micro-batch at a time), their gradients are summed, then one optimizer update is made.
+for one micro-batch at a time), their gradients are summed, then one optimizer update is made;
+with pmap or pure data parallelism on a mesh the gradients are reduced over the devices once
+per update, after the micro-batches (:func:`make_train_step`).
 Only the trainable params get gradients and optimizer state; the frozen ones are never touched,
 so they stay bitwise equal. The models are deterministic (no dropout), so the step takes no RNG
 key; a stochastic layer would need one folded with the device / process index.
@@ -35,6 +39,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
+
+from . import parallel
 
 STAGES = ("pretrain", "finetune", "rew")
 PROJECTORS = ("multi_modal_projector", "multi_modal_projector_sink")
@@ -135,6 +142,14 @@ def make_optimizer(cfg, total_steps: int, stage: str, parts):
                        optax.multi_transform(adam, part_labels)), schedules
 
 
+def label_nll_sum(logits, labels, mask):
+    """Summed NLL of ``labels`` [B, C] under float32 ``logits`` [B, C, V] where ``mask`` [B, C]
+    is True. Returns a float32 scalar."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask, nll, 0.0))
+
+
 def answer_nll_sum(logits, ids, loss_mask):
     """Summed next-token NLL over answer tokens: logits [B, T, V] (position t predicts t + 1),
     ids [B, T], loss_mask [B, T] (True at answer tokens). Returns a float32 scalar.
@@ -142,25 +157,61 @@ def answer_nll_sum(logits, ids, loss_mask):
     The log-softmax runs in float32 on the model's logits, which are float32 in every compute
     dtype (the LM head accumulates and outputs float32: models.llm.head_dot_general), so a bf16
     run's loss reads logits that were never rounded to bf16."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(loss_mask[:, 1:], nll, 0.0))
+    return label_nll_sum(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:])
 
 
-def loss_fn(model, stage: str):
+LOSS_CHUNK = 256  # tokens per row whose logits the training loss holds at once
+
+
+def chunked_answer_nll_sum(hidden, head, ids, loss_mask, chunk: int = LOSS_CHUNK):
+    """:func:`answer_nll_sum` from the hidden states, never holding the logits of every token:
+    hidden [B, T, D] (after the final norm; position t predicts t + 1), ``head`` [B, C, D] ->
+    float32 logits [B, C, V] (the model's LM head), ids and loss_mask [B, T]. The T - 1
+    predicting positions run ``chunk`` at a time (a ``lax.scan``, the last chunk padded with
+    unsupervised positions), each chunk under ``jax.checkpoint``: forward and backward hold one
+    chunk's [B, chunk, V] logits, not [B, T, V] (the TinyLLaVA recipe's 4 rows x 2048 tokens x
+    151936 vocabulary are 4.6 GiB of float32 per copy). Each chunk's rows stay split over the
+    mesh's batch axes (:func:`parallel.constrain_rows`), so XLA gathers the vocabulary-sharded
+    head rather than the rows of the whole batch. Returns a float32 scalar."""
+    h, labels, mask = hidden[:, :-1], ids[:, 1:], loss_mask[:, 1:]
+    n = h.shape[1]
+    c = min(chunk, n)
+    pad = -n % c
+
+    def chunks(x):  # [B, n, ...] -> [n / c, B, c, ...], zero padded
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape((x.shape[0], -1, c) + x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one(total, piece):
+        h_c, y_c, m_c = piece
+        logits = parallel.constrain_rows(head(parallel.constrain_rows(h_c)))
+        return total + label_nll_sum(logits, y_c, m_c), None
+
+    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (chunks(h), chunks(labels), chunks(mask)))
+    return total
+
+
+def loss_fn(model, stage: str, chunk: int = LOSS_CHUNK):
     """``loss(trainable, frozen, batch, n_tokens) -> loss`` for ``stage``; ``batch`` holds
     ids, mask, loss_mask, question_mask [B, T], pixels [B, C, H, W] and optionally has_image [B]
     (False: a text-only row, :meth:`LlavaForConditionalGeneration.__call__`); ``n_tokens`` is the
     number of answer tokens of the whole batch of the optimizer update (every micro-batch,
     device and host) the summed NLL is divided by, so the losses (and gradients) of the pieces
-    of a batch add up to those of the batch."""
+    of a batch add up to those of the batch. The model runs without its LM head
+    (``head=False``); the NLL applies the head ``chunk`` tokens at a time
+    (:func:`chunked_answer_nll_sum`). Each row holds one image (the training data's rows), so
+    its features merge row by row (``one_image_per_row``: no gather across the batch)."""
     dual = model.config.diysink is not None
 
     def nll(params, batch, route):
         out = model.apply({"params": params}, batch["ids"], batch["pixels"],
                           attention_mask=batch["mask"], question_mask=batch["question_mask"],
-                          route=route, **{k: batch[k] for k in ("has_image",) if k in batch})
-        return answer_nll_sum(out.logits, batch["ids"], batch["loss_mask"])
+                          route=route, head=False, one_image_per_row=True,
+                          **{k: batch[k] for k in ("has_image",) if k in batch})
+        head = lambda h: model.apply({"params": params}, h, method="head")  # noqa: E731
+        return chunked_answer_nll_sum(parallel.constrain_rows(out.last_hidden_state), head,
+                                      batch["ids"], batch["loss_mask"], chunk)
 
     def loss(trainable, frozen, batch, n_tokens):
         params = {**frozen, **trainable}
@@ -219,7 +270,14 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad_accum: int = 1):
+def data_parallel_mesh(mesh) -> bool:
+    """Whether ``mesh`` is pure data parallelism over several devices (fsdp = tensor = 1): every
+    device holds every param whole."""
+    return mesh is not None and mesh.size > 1 and mesh.shape["fsdp"] == mesh.shape["tensor"] == 1
+
+
+def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad_accum: int = 1,
+                    mesh=None, loss_chunk: int = LOSS_CHUNK):
     """``step(state, frozen, batch) -> (state, metrics)``: one optimizer update on ``batch``;
     metrics hold the loss, the gradient norm, the answer tokens and ``lr/<group>``, the learning
     rate of each of ``schedules`` ({lr group: schedule}) that this update applies.
@@ -229,19 +287,38 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
     rate applied. With ``grad_accum`` = k > 1 the batch is split into k micro-batches
     (:func:`micro_batches`) run one after the other (``lax.scan``); their gradients are summed,
     each micro-batch's NLL divided by the answer tokens of the whole batch, so the update equals
-    one on the whole batch. With ``axis_name`` (pmap) each device holds part of the batch:
-    answer-token counts, losses and gradients are summed over that axis. When the loss, the
-    gradient or an updated param is not finite the returned state is the input state and
-    ``metrics["applied"]`` is False.
+    one on the whole batch. When the loss, the gradient or an updated param is not finite the
+    returned state is the input state and ``metrics["applied"]`` is False. ``loss_chunk``: the
+    tokens per row whose logits the loss holds at once (:func:`chunked_answer_nll_sum`).
+
+    One gradient reduction per update: each device sums the gradients of its own rows over the
+    k micro-batches, then the sums are reduced once.
+    * ``axis_name`` (pmap): each device holds part of the batch; answer-token counts, losses and
+      accumulated gradients are ``psum``-ed over that axis after the micro-batch scan.
+    * ``mesh`` (the mesh the step is jitted on; train.py's Runner passes it): its axes are in
+      context while tracing, so the model's activations stay split over the batch axes
+      (:func:`parallel.constrain_rows`: XLA gathers fsdp-sharded weights, not the whole batch's
+      rows). With pure data parallelism (:func:`data_parallel_mesh`) the gradient part runs
+      under ``shard_map`` over the batch axes, as pmap does: one all-reduce per update, however
+      many micro-batches (left to XLA's partitioner, the all-reduce sat inside the scan: one per
+      micro-batch).
+    * fsdp > 1 (or tensor > 1) is left to XLA: each micro-batch's gradients are reduce-scattered
+      onto their param shards and accumulated there, k reductions per update. On purpose:
+      reducing once would need each device to hold an unreduced full-size gradient of every
+      trainable param across the micro-batches, fsdp x the sharded accumulator, which is the
+      memory ZeRO-3 exists to save; and each micro-batch already all-gathers the params
+      (forward and backward), so its reduce-scatter adds at most a third of the traffic fsdp
+      moves anyway.
     """
-    loss = loss_fn(model, stage)
+    loss = loss_fn(model, stage, loss_chunk)
     grad = jax.value_and_grad(loss)
 
-    def step(state, frozen, batch):
+    def gradients(trainable, frozen, batch, axis):
+        """(answer tokens, loss, gradients) of the update, each device's sums over its rows and
+        micro-batches reduced once over ``axis`` (None: one device, or XLA's partitioner)."""
         n_tokens = jnp.sum(batch["loss_mask"][:, 1:])
-        if axis_name is not None:
-            n_tokens = jax.lax.psum(n_tokens, axis_name)
-        trainable = state["trainable"]
+        if axis is not None:
+            n_tokens = jax.lax.psum(n_tokens, axis)
         if grad_accum == 1:
             value, grads = grad(trainable, frozen, batch, n_tokens)
         else:
@@ -250,8 +327,22 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
                 return added, None
             zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
             (value, grads), _ = jax.lax.scan(accumulate, zero, micro_batches(batch, grad_accum))
-        if axis_name is not None:
-            value, grads = jax.lax.psum((value, grads), axis_name)
+        if axis is not None:
+            value, grads = jax.lax.psum((value, grads), axis)
+        return n_tokens, value, grads
+
+    if data_parallel_mesh(mesh):
+        rows = parallel.BATCH[0]
+        # check_vma=False: pmap's semantics, the params' gradients stay each device's own (with
+        # the check, the transpose of the replicated params would psum them in every micro-batch)
+        reduced = jax.shard_map(lambda t, f, b: gradients(t, f, b, rows), mesh=mesh,
+                                in_specs=(P(), P(), P(rows)), out_specs=P(), check_vma=False)
+    else:
+        reduced = lambda t, f, b: gradients(t, f, b, axis_name)  # noqa: E731
+
+    def update(state, frozen, batch):
+        trainable = state["trainable"]
+        n_tokens, value, grads = reduced(trainable, frozen, batch)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         grad_norm = optax.global_norm(grads)
         new = {"step": state["step"] + 1, "trainable": optax.apply_updates(trainable, updates),
@@ -262,5 +353,12 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
         metrics = {"loss": value, "grad_norm": grad_norm, "answer_tokens": n_tokens, "applied": ok,
                    **{f"lr/{g}": s(state["step"]) for g, s in schedules.items()}}
         return new, metrics
+
+    if mesh is None:
+        return update
+
+    def step(state, frozen, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return update(state, frozen, batch)
 
     return step

@@ -38,6 +38,7 @@ from ..config import TextConfig
 from ..interventions import Interventions, pruning
 from ..interventions.var import redistribute
 from ..sinks.detect import llm_sink_mask
+from ..parallel import constrain_rows, whole
 from .attention import DecoderBlock, make_attention_mask, same_block, window_mask
 from .gemma import GemmaDecoderLayer
 from .layers import GatedMLP, RMSNorm
@@ -76,6 +77,7 @@ def scan_body(layer: type) -> type:
             mask = jnp.where(kind == j, masks[j], mask)
             cos, sin = (jnp.where(kind == j, new, old) for new, old in zip(ropes[j], (cos, sin)))
         x, weights, _ = layer.__call__(self, x, mask, cos, sin, output_attentions)
+        x = constrain_rows(x)
         return x, (x, weights)
 
     return type(f"Scanned{layer.__name__}", (layer,), {"__call__": __call__})
@@ -154,7 +156,10 @@ class DecoderModel(nn.Module):
     def embed(self, input_ids):
         """input_ids [B, T] -> [B, T, D]; Gemma scales them by sqrt(D), a factor rounded to the
         param dtype as transformers' is."""
-        x = self.embed_tokens(input_ids)
+        # Embed's lookup on the table gathered whole in the training mesh (ZeRO-3; else XLA may
+        # look up the rows of the whole batch in the vocabulary-sharded table)
+        table = whole(self.embed_tokens.embedding.astype(self.dtype))
+        x = constrain_rows(jnp.take(table, input_ids, axis=0))
         if self.config.is_gemma:
             x = x * jnp.asarray(self.config.hidden_size ** 0.5, self.param_dtype).astype(x.dtype)
         return x
@@ -187,7 +192,8 @@ class DecoderModel(nn.Module):
                     t if cache is None else cache.mask.shape[1])
         tokens = _Tokens.of_call(attention_mask, position_ids, cache, visual_mask, sink_mask,
                                  image_blocks, b, t)
-        x = inputs_embeds.astype(self.dtype)
+        # the residual stream stays split over a mesh's batch axes (parallel.constrain_rows)
+        x = constrain_rows(inputs_embeds.astype(self.dtype))
         if self.scan_layers:
             states, kept = [x], None
             kinds = layer_kinds(self.config)
@@ -269,6 +275,7 @@ class DecoderModel(nn.Module):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             need = output_attentions or (prune is not None and i == prune.layer - 1)
             x, w, kv = layer(x, masks[windows[i]], *ropes[windows[i]], need, kv, index, adjust)
+            x = constrain_rows(x)
             states.append(x)
             attns.append(w)
             kvs.append(kv)
@@ -537,21 +544,9 @@ class CausalLM(nn.Module):
         """input_ids [B, T] -> token embeddings [B, T, D]."""
         return self.model.embed(input_ids)
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None,
-                 inputs_embeds: Optional[jnp.ndarray] = None, output_hidden_states: bool = False,
-                 output_attentions: bool = False, cache: Optional[KVCache] = None,
-                 **interventions) -> CausalLMOutput:
-        """``interventions``: ``interventions``, ``visual_mask``, ``sink_mask``, ``num_visual``
-        as in :class:`DecoderModel` (the LVLM passes them)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        if attention_mask is not None and attention_mask.shape != inputs_embeds.shape[:2]:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                             f"{tuple(inputs_embeds.shape[:2])} (batch, sequence)")
-        x, states, attns, cache = self.model(inputs_embeds, attention_mask, position_ids,
-                                             output_attentions, cache, **interventions)
+    def head(self, x):
+        """The LM head: hidden states [..., D] (after the final norm) -> float32 logits [..., V]
+        (softcapped where the family and ``softcap_logits`` say so)."""
         if self.config.tie_word_embeddings:  # Embed.attend's x @ embedding.T, float32 out
             emb = self.model.embed_tokens.embedding
             logits = head_dot_general(x.astype(self.dtype), emb.astype(self.dtype),
@@ -563,6 +558,26 @@ class CausalLM(nn.Module):
         cap = self.config.final_logit_softcapping
         if cap and self.softcap_logits:
             logits = jnp.tanh(logits.astype(jnp.float32) / cap) * cap
-        return CausalLMOutput(logits=logits.astype(jnp.float32),
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None,
+                 inputs_embeds: Optional[jnp.ndarray] = None, output_hidden_states: bool = False,
+                 output_attentions: bool = False, cache: Optional[KVCache] = None,
+                 head: bool = True, **interventions) -> CausalLMOutput:
+        """``interventions``: ``interventions``, ``visual_mask``, ``sink_mask``, ``num_visual``
+        as in :class:`DecoderModel` (the LVLM passes them). ``head=False`` skips the LM head:
+        ``logits`` None, ``last_hidden_state`` [B, T, D] instead (for a loss that applies
+        :meth:`head` a chunk of tokens at a time, never holding [B, T, V] logits)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        if attention_mask is not None and attention_mask.shape != inputs_embeds.shape[:2]:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"{tuple(inputs_embeds.shape[:2])} (batch, sequence)")
+        x, states, attns, cache = self.model(inputs_embeds, attention_mask, position_ids,
+                                             output_attentions, cache, **interventions)
+        return CausalLMOutput(logits=self.head(x) if head else None,
                               hidden_states=states if output_hidden_states else None,
-                              attentions=attns if output_attentions else None, cache=cache)
+                              attentions=attns if output_attentions else None, cache=cache,
+                              last_hidden_state=None if head else x)

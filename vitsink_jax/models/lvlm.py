@@ -21,18 +21,31 @@ from .dinov2 import vision_tower_class
 from ..interventions import Interventions
 
 
-def merge_image_features(inputs_embeds, is_image, image_features, expected=None):
+def merge_image_features(inputs_embeds, is_image, image_features, expected=None,
+                         per_row: bool = False, has_image=None):
     """Writes image features into the image-token positions, in order (HF's masked_scatter).
 
     Args:
       inputs_embeds: [B, T, D] token embeddings.
       is_image: [B, T] bool, True at image-token positions.
-      image_features: [M, D] features, M = total image tokens expected.
+      image_features: [M, D] features, M = total image tokens expected; with ``per_row``
+        [B, P, D], row b's own image (one image per row): each row gathers from its own
+        features only, so rows split over devices need no other device's features (the flat
+        gather makes XLA gather every row's features of the whole batch on every device).
       expected: int scalar, the image tokens to write when fewer than M (the first ``expected``
         features; the rest belong to the blank images of text-only rows); default M.
+      has_image: with ``per_row``, [B] bool: False for a text-only row (no image tokens).
     Returns:
-      ([B, T, D] merged embeddings, count_ok: bool scalar, is_image.sum() == expected).
+      ([B, T, D] merged embeddings, count_ok: bool scalar, is_image.sum() == expected; with
+      ``per_row``, every row holds P image tokens, or none where ``has_image`` is False).
     """
+    if per_row:
+        p = image_features.shape[1]
+        idx = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, p - 1)
+        gathered = jnp.take_along_axis(image_features.astype(inputs_embeds.dtype), idx[..., None], axis=1)
+        want = p if has_image is None else p * has_image.astype(jnp.int32)
+        return (jnp.where(is_image[..., None], gathered, inputs_embeds),
+                jnp.all(jnp.sum(is_image, axis=1) == want))
     b, t, d = inputs_embeds.shape
     flat = is_image.reshape(-1)
     idx = jnp.clip(jnp.cumsum(flat) - 1, 0, image_features.shape[0] - 1)
@@ -286,6 +299,11 @@ class LlavaForConditionalGeneration(nn.Module):
         return {"interventions": self.interventions, "visual_mask": is_image,
                 "sink_mask": seq[..., 0] > 0, "num_visual": selected.shape[1]}
 
+    def head(self, hidden):
+        """The LLM's head: hidden states [..., D] (``last_hidden_state``) -> float32 logits
+        [..., V]."""
+        return self.language_model.head(hidden)
+
     def decode(self, input_ids, cache):
         """One decoding step on the LLM with a prefilled cache: input_ids [B, T] -> CausalLMOutput
         (logits [B, T, V], the updated cache). VAR stays on (new tokens are text: no visual, no
@@ -312,7 +330,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False, route=None, question_mask=None,
-                 cache=None, has_image=None) -> LlavaOutput:
+                 cache=None, has_image=None, head: bool = True,
+                 one_image_per_row: bool = False) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
         question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
@@ -326,7 +345,12 @@ class LlavaForConditionalGeneration(nn.Module):
         has_image: [N_img] bool, one image per row: False for a text-only row, whose image (a
         blank stand-in that keeps the batch's shapes static) runs through the tower but is
         written nowhere, as LLaVA-1.5 trains its text-only conversations; its ids hold no image
-        token."""
+        token.
+        head: False skips the LM head (``logits`` None; ``last_hidden_state`` [B, T, D], NaN
+        where the logits would be, for a loss applying :meth:`head` chunk by chunk).
+        one_image_per_row: row b holds the tokens of image b and only those (training's rows):
+        the features merge row by row (:func:`merge_image_features` ``per_row``); a row with
+        another count of image tokens gives NaN logits."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
@@ -357,16 +381,27 @@ class LlavaForConditionalGeneration(nn.Module):
             feats = self.project(to_project, arrangement, weights)
             expected = feats.shape[0] * feats.shape[1]
             writes = expected
-            if has_image is not None:
-                feats, arrangement = images_first(has_image, feats, arrangement)
+            if has_image is not None:  # the image-token slots hold the present images, in order
                 writes = jnp.sum(has_image) * feats.shape[1]
+                if arrangement is not None:
+                    (arrangement,) = images_first(has_image, arrangement)
             if not isinstance(input_ids, jax.core.Tracer) and not isinstance(writes, jax.core.Tracer):
                 found = int(np.sum(np.asarray(input_ids) == c.image_token_index))
                 if found != int(writes):
                     raise ValueError(f"input_ids contain {found} image tokens (id "
-                                     f"{c.image_token_index}) but pixel_values give {int(writes) // feats.shape[1]} "
-                                     f"image(s) x {feats.shape[1]} tokens = {int(writes)}")
-            embeds, count_ok = merge_image_features(embeds, is_image, feats.reshape(expected, -1), writes)
+                                     f"{c.image_token_index}) but pixel_values give "
+                                     f"{int(writes) // feats.shape[1]} image(s) x {feats.shape[1]} "
+                                     f"tokens = {int(writes)}")
+            if one_image_per_row and feats.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"one_image_per_row: {feats.shape[0]} images for "
+                                 f"{input_ids.shape[0]} rows")
+            if one_image_per_row:
+                embeds, count_ok = merge_image_features(embeds, is_image, feats, per_row=True,
+                                                        has_image=has_image)
+            else:
+                flat = feats if has_image is None else images_first(has_image, feats)[0]
+                embeds, count_ok = merge_image_features(embeds, is_image, flat.reshape(expected, -1),
+                                                        writes)
             if route is not None:  # a bad code raises here when concrete, else NaN logits
                 count_ok = count_ok & route_codes_ok(route)
             if arrangement is not None:
@@ -388,10 +423,14 @@ class LlavaForConditionalGeneration(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
-                                  output_attentions=output_attentions, cache=cache, **extra)
-        logits = out.logits if pixel_values is None else jnp.where(count_ok, out.logits, jnp.nan)
+                                  output_attentions=output_attentions, cache=cache, head=head,
+                                  **extra)
+        top = out.logits if head else out.last_hidden_state
+        if pixel_values is not None:
+            top = jnp.where(count_ok, top, jnp.nan)
         vision = output_vision and pixel_values is not None
-        return LlavaOutput(logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+        return LlavaOutput(logits=top if head else None, last_hidden_state=None if head else top,
+                           hidden_states=out.hidden_states, attentions=out.attentions,
                            image_features=feats if vision else None,
                            vision_features=selected if vision else None,
                            vision_outputs=vout if vision else None,

@@ -40,10 +40,12 @@ class KVCache:
 
 @struct.dataclass
 class CausalLMOutput:
-    logits: jnp.ndarray                       # [B, T, V] float32
+    logits: Optional[jnp.ndarray]             # [B, T, V] float32 (None with head=False)
     hidden_states: Optional[tuple] = None     # L+1 x [B, T, D]; last one after the final norm
     attentions: Optional[tuple] = None        # L x [B, H, T, T] float32
     cache: Optional[KVCache] = None           # the updated cache when one was passed
+    last_hidden_state: Optional[jnp.ndarray] = None  # [B, T, D] after the final norm, in place
+                                              # of the logits (head=False)
 
 
 @struct.dataclass
@@ -55,7 +57,7 @@ class VisualArrangement:
 
 @struct.dataclass
 class LlavaOutput:
-    logits: jnp.ndarray                       # [B, T, V] float32
+    logits: Optional[jnp.ndarray]             # [B, T, V] float32 (None with head=False)
     hidden_states: Optional[tuple] = None     # LLM hidden states, as CausalLMOutput
     attentions: Optional[tuple] = None        # LLM attention weights, as CausalLMOutput
     image_features: Optional[jnp.ndarray] = None    # [N_img, P, D_llm] projector output, LLM order
@@ -67,3 +69,5 @@ class LlavaOutput:
     visual_arrangement: Optional[VisualArrangement] = None  # set when the policy is not stock
     visual_weights: Optional[jnp.ndarray] = None    # [N_img, 2] DIYSink ReW (w_sink, w_nonsink)
     cache: Optional[KVCache] = None                 # the updated KV cache when one was passed
+    last_hidden_state: Optional[jnp.ndarray] = None  # [B, T, D] LLM output after the final norm,
+                                                     # in place of the logits (head=False)

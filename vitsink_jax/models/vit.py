@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ..config import VisionConfig
+from ..parallel import constrain_rows
 from .attention import Attention, dot_product_attention
 from .layers import activation
 from .outputs import VisionOutput
@@ -191,6 +192,7 @@ class Encoder(nn.Module):
         for i in range(self.config.num_hidden_layers):
             x, w = layer(self.config, self.dtype, self.param_dtype, name=f"{self.layer_name}_{i}")(
                 x, output_attentions, register_edit(self.test_time_registers, i, self.config))
+            x = constrain_rows(x)
             states.append(x)
             attns.append(w)
         return x, tuple(states), tuple(attns)
