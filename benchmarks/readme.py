@@ -212,6 +212,22 @@ def memory_plan(r: dict) -> list:
     return rows
 
 
+def data_build(r: dict) -> list:
+    d = r["data_build"]
+    t = d["targets"]
+    rows = [measured_on(d), "",
+            "| rows | worker processes | seconds | rows / s | peak memory (process tree) |",
+            "|---|---|---|---|---|"]
+    for e in d["runs"]:
+        rows.append(f"| {e['source_rows']} | {e['workers']} | {e['seconds']:.1f} | {e['rows_per_s']:.0f} | "
+                    f"{e['peak_rss_bytes'] / 2 ** 20:.0f} MiB |")
+    return rows + ["", f"Peak memory at the larger size over the smaller: {_x(d['peak_rss_ratio'])} "
+                   f"(target <= {t['peak_rss_ratio']}x: {_verdict(d['peak_rss_ratio'] <= t['peak_rss_ratio'])}); "
+                   f"two workers over one: {_x(d['rate_two_workers_vs_one'])} (target >= "
+                   f"{t['rate_two_workers_vs_one']}x on {d['host_cores']} cores: "
+                   f"{_verdict(d['rate_two_workers_vs_one'] >= t['rate_two_workers_vs_one'])})."]
+
+
 def _verdict(met: bool) -> str:
     return "met" if met else "missed"
 
@@ -406,7 +422,7 @@ def suite(r: dict) -> list:
 
 BLOCKS = {"families": families, "study": study, "interventions": interventions, "speed": speed,
           "switches": switches, "misses": misses, "bf16-loss": bf16_loss, "memory": memory, "io": io, "pruning": pruning,
-          "memory-plan": memory_plan, "waits": waits, "suite": suite}
+          "memory-plan": memory_plan, "waits": waits, "suite": suite, "data-build": data_build}
 
 
 # the other result files: name -> (file in benchmarks/, the command that writes it)
