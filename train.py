@@ -221,16 +221,19 @@ class Runner:
 
     def __init__(self, cfg, model, tx, schedules, frozen, mesh=None):
         self.strategy = cfg.parallel
+        o = cfg.optim
+        averaging = dict(grad_accum=o.grad_accum, loss_average=o.loss_average,
+                         group_rows=o.loss_group_rows or cfg.batch_size // (jax.device_count() * o.grad_accum))
         if self.strategy == "pmap":
             step = train_lib.make_train_step(model, tx, schedules, cfg.stage, axis_name="batch",
-                                             grad_accum=cfg.optim.grad_accum)
+                                             **averaging)
             self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
             self.frozen = frozen
         else:
             self.mesh = mesh
             self.frozen = frozen  # already on its shards (load_model)
-            self._step = train_lib.make_train_step(model, tx, schedules, cfg.stage,
-                                                   grad_accum=cfg.optim.grad_accum, mesh=mesh)
+            self._step = train_lib.make_train_step(model, tx, schedules, cfg.stage, mesh=mesh,
+                                                   **averaging)
             self.step = None
 
     def place(self, state):
@@ -262,12 +265,14 @@ class Runner:
 # The base checkpoint and data file count by content (sha256), not path: a copy elsewhere is
 # the same run.
 RUN_KEYS = ("seed", "stage", "finetune_parts", "batch_size", "compute_dtype", "scan_layers",
+            "optim.loss_average", "optim.loss_group_rows",
             "diysink", "data.image_folder", "embedded", "data.variants", "data.image_size",
             "data.mc_format", "data.system", "data.template", "data.image_first", "data.max_length",
             "data.too_long", "data.image_aspect_ratio")
-# data settings stored only when not at these defaults (the checkpoints written before them resume)
-DATA_DEFAULTS = {"data.system": "", "data.template": "chat", "data.image_first": True,
-                 "data.max_length": 0, "data.too_long": "skip", "data.image_aspect_ratio": "crop"}
+# settings stored only when not at these defaults (the checkpoints written before them resume)
+RUN_DEFAULTS = {"data.system": "", "data.template": "chat", "data.image_first": True,
+                 "data.max_length": 0, "data.too_long": "skip", "data.image_aspect_ratio": "crop",
+                 "optim.loss_average": "tokens", "optim.loss_group_rows": 0}
 
 
 def run_settings(cfg, ckpt: Path) -> dict:
@@ -290,7 +295,8 @@ def run_settings(cfg, ckpt: Path) -> dict:
         skip += tuple(k for k in flat if k.startswith("diysink.") and k != "diysink.enabled")
     if cfg.stage != "finetune":  # the other stages train fixed parts
         skip += ("finetune_parts",)
-    skip += tuple(k for k, v in DATA_DEFAULTS.items() if cfg.data.get(k.partition(".")[2], v) == v)
+    skip += tuple(k for k, v in RUN_DEFAULTS.items()
+                  if cfg[k.partition(".")[0]].get(k.partition(".")[2], v) == v)
     flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
     flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
     if cfg.data.json:
@@ -353,7 +359,8 @@ def check_options(cfg) -> None:
     for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow")),
                          ("data.too_long", instruct_build.TOO_LONG),
                          ("data.template", instruct.TEMPLATES_OF_TRAINING + ("auto",)),
-                         ("data.image_aspect_ratio", ASPECTS)):
+                         ("data.image_aspect_ratio", ASPECTS),
+                         ("optim.loss_average", train_lib.LOSS_AVERAGES)):
         top, _, sub = key.partition(".")
         value = cfg[top][sub] if sub else cfg[key]
         if value not in allowed:
@@ -366,6 +373,11 @@ def check_options(cfg) -> None:
     for key in ("max_length", "build_workers"):
         if cfg.data[key] < 0:
             raise SystemExit(f"error: --config.data.{key}={cfg.data[key]} is negative")
+    o = cfg.optim
+    if o.loss_average == "per_device_batch" and o.loss_group_rows and cfg.batch_size % o.loss_group_rows:
+        raise SystemExit(f"error: --config.optim.loss_group_rows={o.loss_group_rows} does not divide "
+                         f"--config.batch_size={cfg.batch_size} (loss groups are consecutive rows "
+                         "of the update's batch)")
     if cfg.data.shard_rows < 1:
         raise SystemExit(f"error: --config.data.shard_rows={cfg.data.shard_rows} must be >= 1")
 

@@ -69,6 +69,9 @@ def get_config():
                                              b2=0.999, grad_clip=1.0, grad_accum=1))
     c.optim.lrs = ml_collections.ConfigDict(dict(projectors=0.0, language_model=0.0,
                                                  vision_tower=0.0, reweighting=0.0))
+    c.optim.loss_average = "tokens"  # every answer token of an update alike | "per_device_batch":
+    c.optim.loss_group_rows = 0      #   the token mean per group of rows (the authors' per-device
+                                     #   batch; 0 = this run's), averaged (transformers' Trainer)
 
     c.diysink = ml_collections.ConfigDict()
     c.diysink.enabled = True   # turn a stock LLaVA checkpoint into a DIYSink model first

@@ -25,4 +25,5 @@ def get_config(stage: str = ""):
     c.data.system = "vicuna_v1"
     c.data.image_aspect_ratio = "pad" if c.stage == "finetune" else "crop"
     c.diysink.rule = dict(rule="threshold", tau=100.0, k=4, max_fraction=0.1, min_ratio=2.0)
+    c.optim.loss_group_rows = {"pretrain": 32, "finetune": 16}[c.stage]  # scripts/v1_5's per-device batch
     return c

@@ -6,10 +6,10 @@ TinyLLaVA Factory's published scripts (scripts/train/*.sh): pretrain the connect
 global batch 256), then fine-tune connector + LLM (lr 2e-5, global batch 128), the vision tower
 frozen; one epoch each, warmup ratio 0.03, cosine decay, weight decay 0, max length 2048 (rows
 cut there, as their trainer truncates to model_max_length), stage 1 in the plain pretrain
-template (the image, then the caption and a newline), bf16 (TinyLLaVA's Phi-2 scripts train in
-fp16, its Qwen2 ones in bf16: bf16 here for both, the half precision TPUs compute in, with no
-loss scaling; a deliberate difference),
-data LLaVA-558K (pretrain) / LLaVA-665K (finetune) in the LLaVA JSON layout
+template (the image, then the caption and a newline), the loss averaged as their Trainer averages
+it (the token mean of each device's micro-batch of 32 / 8 rows, then the mean of those), bf16
+(TinyLLaVA's Phi-2 scripts train in fp16, its Qwen2 ones in bf16: bf16 here for both, the half
+precision TPUs compute in, with no loss scaling; a deliberate difference), data LLaVA-558K (pretrain) / LLaVA-665K (finetune) in the LLaVA JSON layout
 (``--config.data.json=.../blip_laion_cc_sbu_558k.json --config.data.image_folder=...``).
 Steps = one epoch of the published data at the global batch. Stage 1 starts as TinyLLaVA's
 scripts do, from the base LLM and the base vision tower with a new connector
@@ -34,6 +34,9 @@ from configs.diysink import get_config as diysink_config
 
 DATA = {"pretrain": 558_128, "finetune": 665_298}  # LLaVA-558K / LLaVA-665K items
 BATCH = {"pretrain": 256, "finetune": 128}
+# per_device_train_batch_size of the authors' scripts: the rows whose token mean their Trainer
+# averages (TinyLLaVA Factory's scripts/train/{pretrain,finetune}.sh)
+DEVICE_ROWS = {"pretrain": 32, "finetune": 8}
 RECIPES = {"tinyllava-0.5b": {"micro_batch_per_chip": 4},
            "tinyllava-3.1b": {"micro_batch_per_chip": 2}}
 
@@ -58,4 +61,6 @@ def recipe(stage: str = ""):
     c.data.template = "auto"     # stage 1 in the pretrain template (<image> caption \n), as theirs
     c.data.max_length = 2048     # model_max_length: each row cut there after the image is expanded
     c.data.too_long = "truncate"
+    c.optim.loss_average = "per_device_batch"  # the token mean per device micro-batch, averaged,
+    c.optim.loss_group_rows = DEVICE_ROWS[stage]  # as transformers' Trainer under their scripts
     return c

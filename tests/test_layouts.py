@@ -232,6 +232,7 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     c = mod.get_config("finetune")
     c.update(dict(checkpoint=str(folder), steps=2, batch_size=4, checkpoint_every=2))
     c.data.variants, c.data.image_size = 1, 28
+    c.optim.loss_group_rows = 2  # the per-device batch scaled down with the batch
     ids, _, question = instruct.tokenize_conversation(
         tok, ["human", "gpt"], ["<image>\nWhat?", "A"],
         prompts.PromptFormat(prompts.CHATS["llava"], prompts.ImageSlots(15, 573)), "tinyllava")

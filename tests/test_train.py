@@ -450,6 +450,43 @@ def test_one_gradient_reduction_per_update_under_accumulation():
     assert four["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
+def test_loss_averaged_per_device_batch_as_the_authors_trainer():
+    """optim.loss_average=per_device_batch: rows with 48, 48, 2, 2 answer tokens in groups of 2
+    rows (the authors' per-device batch) weigh as transformers' Trainer weighs them, the mean
+    of each group's token mean, with 1 or 2 micro-batches; the default token average is another
+    update (gradient cosine 0.37 here)."""
+    import optax
+
+    from vitsink_jax import train_lib
+
+    model, params = ToyModel(), toy_params()
+    batch = toy_batch([48, 48, 2, 2], t=64)
+    sums = [float(train_lib.answer_nll_sum(
+        model.apply({"params": params}, batch["ids"][i:i + 1], batch["pixels"][i:i + 1]).logits,
+        batch["ids"][i:i + 1], batch["loss_mask"][i:i + 1])) for i in range(4)]
+    want = ((sums[0] + sums[1]) / 96 + (sums[2] + sums[3]) / 4) / 2      # by hand
+    tx = optax.sgd(1.0)
+    state = {"step": jnp.asarray(0, jnp.int32), "trainable": params, "opt_state": tx.init(params)}
+    grads = {}
+    for mode, k in (("per_device_batch", 1), ("per_device_batch", 2), ("tokens", 1)):
+        step = jax.jit(train_lib.make_train_step(model, tx, {}, "finetune", grad_accum=k,
+                                                 loss_average=mode, group_rows=2))
+        new, metrics = step(state, {}, batch)
+        if mode == "tokens":
+            assert float(metrics["loss"]) == pytest.approx(sum(sums) / 100, rel=1e-5)
+        else:
+            assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5), k
+        grads[mode, k] = jax.tree_util.tree_map(lambda p, n: p - n, params, new["trainable"])
+    flat = {key: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)]) for key, g in grads.items()}
+    np.testing.assert_allclose(flat["per_device_batch", 2], flat["per_device_batch", 1], rtol=1e-4, atol=1e-6)
+    a, b = flat["per_device_batch", 1], flat["tokens", 1]
+    cosine = np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)
+    assert cosine < 0.9
+    with pytest.raises(ValueError, match="do not divide the 4 rows"):
+        jax.jit(train_lib.make_train_step(model, tx, {}, "finetune", loss_average="per_device_batch",
+                                          group_rows=3))(state, {}, batch)
+
+
 def test_learning_rate_schedule_counts_optimizer_updates():
     """The issue's case: 40 updates, warmup 5, lr 1e-3, grad_accum 4. The schedule counts
     optimizer updates (warmup over after 5, the last update at schedule(39), near 0) and the logged

@@ -144,10 +144,27 @@ def make_optimizer(cfg, total_steps: int, stage: str, parts):
 
 def label_nll_sum(logits, labels, mask):
     """Summed NLL of ``labels`` [B, C] under float32 ``logits`` [B, C, V] where ``mask`` [B, C]
-    is True. Returns a float32 scalar."""
+    is True (or weighted by it, when float). Returns a float32 scalar."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask, nll, 0.0))
+    if mask.dtype == jnp.bool_:
+        return jnp.sum(jnp.where(mask, nll, 0.0))
+    return jnp.sum(jnp.where(mask != 0, nll * mask, 0.0))
+
+
+LOSS_AVERAGES = ("tokens", "per_device_batch")
+
+
+def group_weights(loss_mask, group_rows: int, groups: int):
+    """[B] float32 weight of each row's summed NLL when the loss averages per group of rows, as
+    the LLaVA-1.5 / TinyLLaVA trainers (transformers' Trainer with DDP) average: the token mean
+    of each device's micro-batch, then the mean of those over devices and accumulation steps.
+    ``loss_mask`` [B, T]: B rows in consecutive groups of ``group_rows`` (the authors'
+    per-device batch); a row of group g gets 1 / (answer tokens of g x ``groups``), ``groups``
+    the groups of the whole update. A group without answer tokens adds nothing."""
+    tokens = jnp.sum(loss_mask[:, 1:], axis=1).reshape(-1, group_rows).sum(axis=1)
+    per_group = 1.0 / (jnp.maximum(tokens, 1).astype(jnp.float32) * groups)
+    return jnp.repeat(per_group, group_rows)
 
 
 def answer_nll_sum(logits, ids, loss_mask):
@@ -195,9 +212,10 @@ def chunked_answer_nll_sum(hidden, head, ids, loss_mask, chunk: int = LOSS_CHUNK
 def loss_fn(model, stage: str, chunk: int = LOSS_CHUNK):
     """``loss(trainable, frozen, batch, n_tokens) -> loss`` for ``stage``; ``batch`` holds
     ids, mask, loss_mask, question_mask [B, T], pixels [B, C, H, W] and optionally has_image [B]
-    (False: a text-only row, :meth:`LlavaForConditionalGeneration.__call__`); ``n_tokens`` is the
-    number of answer tokens of the whole batch of the optimizer update (every micro-batch,
-    device and host) the summed NLL is divided by, so the losses (and gradients) of the pieces
+    (False: a text-only row, :meth:`LlavaForConditionalGeneration.__call__`) and loss_weight [B]
+    (each row's NLL scaled by it: :func:`group_weights`); ``n_tokens`` is the number of answer
+    tokens of the whole batch of the optimizer update (every micro-batch, device and host) the
+    summed NLL is divided by (1 with loss_weight), so the losses (and gradients) of the pieces
     of a batch add up to those of the batch. The model runs without its LM head
     (``head=False``); the NLL applies the head ``chunk`` tokens at a time
     (:func:`chunked_answer_nll_sum`). Each row holds one image (the training data's rows), so
@@ -210,8 +228,10 @@ def loss_fn(model, stage: str, chunk: int = LOSS_CHUNK):
                           route=route, head=False, one_image_per_row=True,
                           **{k: batch[k] for k in ("has_image",) if k in batch})
         head = lambda h: model.apply({"params": params}, h, method="head")  # noqa: E731
+        weights = batch["loss_mask"] if "loss_weight" not in batch else (
+            batch["loss_mask"] * batch["loss_weight"][:, None])
         return chunked_answer_nll_sum(parallel.constrain_rows(out.last_hidden_state), head,
-                                      batch["ids"], batch["loss_mask"], chunk)
+                                      batch["ids"], weights, chunk)
 
     def loss(trainable, frozen, batch, n_tokens):
         params = {**frozen, **trainable}
@@ -277,7 +297,8 @@ def data_parallel_mesh(mesh) -> bool:
 
 
 def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad_accum: int = 1,
-                    mesh=None, loss_chunk: int = LOSS_CHUNK):
+                    mesh=None, loss_chunk: int = LOSS_CHUNK, loss_average: str = "tokens",
+                    group_rows: int = 0):
     """``step(state, frozen, batch) -> (state, metrics)``: one optimizer update on ``batch``;
     metrics hold the loss, the gradient norm, the answer tokens and ``lr/<group>``, the learning
     rate of each of ``schedules`` ({lr group: schedule}) that this update applies.
@@ -290,6 +311,11 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
     one on the whole batch. When the loss, the gradient or an updated param is not finite the
     returned state is the input state and ``metrics["applied"]`` is False. ``loss_chunk``: the
     tokens per row whose logits the loss holds at once (:func:`chunked_answer_nll_sum`).
+
+    ``loss_average`` "tokens" (above: every answer token of the update weighs alike) or
+    "per_device_batch" (the authors' trainers: the token mean of each group of ``group_rows``
+    consecutive rows of the update's batch, averaged over its groups: :func:`group_weights`;
+    under pmap the groups are formed in each device's rows, so ``group_rows`` must divide them).
 
     One gradient reduction per update: each device sums the gradients of its own rows over the
     k micro-batches, then the sums are reduced once.
@@ -310,8 +336,22 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
       (forward and backward), so its reduce-scatter adds at most a third of the traffic fsdp
       moves anyway.
     """
+    if loss_average not in LOSS_AVERAGES:
+        raise ValueError(f"loss_average {loss_average!r} is not one of {LOSS_AVERAGES}")
+    if loss_average == "per_device_batch" and group_rows < 1:
+        raise ValueError(f"loss_average per_device_batch needs group_rows >= 1 (got {group_rows})")
     loss = loss_fn(model, stage, loss_chunk)
     grad = jax.value_and_grad(loss)
+
+    def weighed(batch, axis=None):
+        """``batch`` with its rows' loss_weight (:func:`group_weights`), the groups formed in its
+        rows and counted over ``axis`` (pmap) or in them."""
+        rows = batch["loss_mask"].shape[0]
+        if rows % group_rows:
+            raise ValueError(f"loss groups of {group_rows} rows do not divide the {rows} rows "
+                             f"{'of a device (pmap)' if axis else 'of the batch'} (optim.loss_group_rows)")
+        groups = rows // group_rows if axis is None else jax.lax.psum(rows // group_rows, axis)
+        return {**batch, "loss_weight": group_weights(batch["loss_mask"], group_rows, groups)}
 
     def gradients(trainable, frozen, batch, axis):
         """(answer tokens, loss, gradients) of the update, each device's sums over its rows and
@@ -319,11 +359,14 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
         n_tokens = jnp.sum(batch["loss_mask"][:, 1:])
         if axis is not None:
             n_tokens = jax.lax.psum(n_tokens, axis)
+        if loss_average == "per_device_batch" and "loss_weight" not in batch:  # pmap
+            batch = weighed(batch, axis)
+        divide = 1 if "loss_weight" in batch else n_tokens
         if grad_accum == 1:
-            value, grads = grad(trainable, frozen, batch, n_tokens)
+            value, grads = grad(trainable, frozen, batch, divide)
         else:
             def accumulate(carry, micro):
-                added = jax.tree_util.tree_map(jnp.add, carry, grad(trainable, frozen, micro, n_tokens))
+                added = jax.tree_util.tree_map(jnp.add, carry, grad(trainable, frozen, micro, divide))
                 return added, None
             zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
             (value, grads), _ = jax.lax.scan(accumulate, zero, micro_batches(batch, grad_accum))
@@ -342,6 +385,8 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
 
     def update(state, frozen, batch):
         trainable = state["trainable"]
+        if loss_average == "per_device_batch" and axis_name is None:  # the whole batch's groups
+            batch = weighed(batch)
         n_tokens, value, grads = reduced(trainable, frozen, batch)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         grad_norm = optax.global_norm(grads)
