@@ -109,8 +109,13 @@ def token_spec(cfg, model, tokenizer) -> instruct_build.TokenSpec:
     limit = d.max_length or model.config.text.max_position_embeddings
     template = d.template if d.template != "auto" else (
         "plain" if cfg.stage == "pretrain" else "chat")
-    return instruct_build.TokenSpec(tokenizer, prompt_format(model.config, tokenizer),
-                                    d.get("system", ""), limit, d.too_long, template, d.image_first)
+    fmt = prompt_format(model.config, tokenizer)
+    image = len(fmt.image.ids(1))
+    if limit <= image:  # a cut inside the image's tokens would leave the row unusable
+        raise SystemExit(f"error: --config.data.max_length={limit} leaves no room after the image's "
+                         f"{image} tokens")
+    return instruct_build.TokenSpec(tokenizer, fmt, d.get("system", ""), limit, d.too_long,
+                                    template, d.image_first)
 
 
 def load_data(cfg, workdir: Path, spec: instruct_build.TokenSpec, json_sha256: str | None = None):
@@ -142,9 +147,18 @@ def load_data(cfg, workdir: Path, spec: instruct_build.TokenSpec, json_sha256: s
         else:
             records = instruct.embedded_instruct(cfg.seed + 1000, d.variants, d.image_size, d.mc_format)
             instruct_build.build_records(records, folder, source, spec, verbose=False)
-    if shared:
+    if shared:  # the others wait for the build by polling the shared folder, not in a collective
+        while not instruct_build.built(folder, source):
+            time.sleep(10)
         parallel.sync("instruction data built")
-    return instruct_build.InstructData(folder)
+    data = instruct_build.InstructData(folder)
+    if not shared:  # every copy must hold the same rows: the batches index them alike
+        digests = parallel.allgather_objects(data.digest)
+        if len(set(digests)) > 1:
+            raise SystemExit(f"error: the hosts built different instruction data (rows / lengths "
+                             f"digests {digests}): some host reads other files; see each host's "
+                             f"{folder}/manifest.json for its skipped rows")
+    return data
 
 
 class Batches:
@@ -279,8 +293,9 @@ def run_settings(cfg, ckpt: Path) -> dict:
     """{dotted config key: value} of :data:`RUN_KEYS` that apply to this run (the embedded
     model's shape only without ``checkpoint``, the embedded data's only without ``data.json``,
     DIYSink's only when enabled, the trained parts only for the finetune stage), plus
-    ``sha256:checkpoint`` (the base checkpoint's files) and ``sha256:data.json`` (the
-    instruction file's bytes): the config as stored in a checkpoint."""
+    ``sha256:checkpoint`` (the base checkpoint's files), ``sha256:vision_tower`` (the tower of a
+    base LLM + tower start) and ``sha256:data.json`` (the instruction file's bytes): the config
+    as stored in a checkpoint."""
     flat = {}
     for key in RUN_KEYS:
         top, _, sub = key.partition(".")
@@ -299,6 +314,9 @@ def run_settings(cfg, ckpt: Path) -> dict:
                   if cfg[k.partition(".")[0]].get(k.partition(".")[2], v) == v)
     flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
     flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
+    if cfg.get("vision_tower"):  # a fresh LLaVA's base folder names its tower by path only
+        from vitsink_jax.convert.checkpoint_io import resolve_model_path
+        flat["sha256:vision_tower"] = vj.checkpoint_hash(resolve_model_path(cfg.vision_tower))
     if cfg.data.json:
         flat["sha256:data.json"] = file_sha256(cfg.data.json)
     return json.loads(json.dumps(flat))  # tuples as lists, as read back from a checkpoint
@@ -479,6 +497,12 @@ def train(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
                          f"{jax.device_count()} devices x optim.grad_accum {accum} (each "
                          "device's rows split into grad_accum micro-batches)")
+    rows = cfg.batch_size // jax.device_count()
+    if (cfg.parallel == "pmap" and cfg.optim.loss_average == "per_device_batch"
+            and rows % (cfg.optim.loss_group_rows or rows // accum)):
+        raise SystemExit(f"error: --config.optim.loss_group_rows={cfg.optim.loss_group_rows} does not "
+                         f"divide the {rows} rows of a device: pmap forms the loss groups in each "
+                         "device's rows (the mesh forms them in the whole batch)")
     mesh = (parallel.make_mesh(cfg.fsdp, tensor=cfg.tensor, dcn_data=cfg.dcn_data)
             if cfg.parallel == "mesh" else None)
     ckpt = base_checkpoint(cfg, workdir)
@@ -493,7 +517,7 @@ def train(cfg, workdir: Path) -> dict:
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
     runner = Runner(cfg, model, tx, schedules, frozen, mesh)
     state = runner.place(state)
-    start, changes, skipped = 0, [], []
+    start, changes, skipped, saved = 0, [], [], {}
     if manager.latest_step() is not None:
         one, saved, changes = restore_checkpoint(manager, runner.unplace(state), cfg, settings)
         state, start = runner.place(one), int(saved["data_step"])
@@ -513,10 +537,18 @@ def train(cfg, workdir: Path) -> dict:
     spec = token_spec(cfg, model, tokenizer)
     batches = Batches(load_data(cfg, workdir, spec, settings.get("sha256:data.json")), model,
                       tokenizer, cfg, spec=spec)
+    digest = batches.records.digest
+    if saved.get("data_digest", digest) != digest:  # the build kept other rows: another stream
+        change = (f"the instruction data's kept rows / lengths (digest {saved['data_digest']} in the "
+                  f"checkpoint, {digest} now)")
+        if cfg.resume_changes != "allow":
+            raise SystemExit(f"error: {manager.directory} was trained on other rows: {change}; use the "
+                             "data it was built from, or --config.resume_changes=allow")
+        changes.append(change)
     log = MetricLog(workdir)
     meta = {"base_checkpoint": str(ckpt), "base_sha256": settings["sha256:checkpoint"],
             "stage": cfg.stage, "scan_layers": cfg.scan_layers, "devices": devices_meta(cfg),
-            "settings": settings, "resume_changes": changes}
+            "settings": settings, "resume_changes": changes, "data_digest": digest}
     losses, first_bad, due = [], None, False
     bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                    disable=jax.process_index() != 0)

@@ -62,6 +62,15 @@ def test_a_fresh_llava_reads_the_llm_and_tower_as_released(parts, tmp_path):
     other = vj.load_pretrained(write_fresh_llava(llm, tower, tmp_path / "b4", seed=4))[1]
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, proj)
     assert not np.allclose(other["multi_modal_projector"]["linear_1"]["kernel"], proj["linear_1"]["kernel"])
+    # written again (a re-run, another LLM): the folder is replaced whole, no stale link stays
+    import shutil
+    other_llm = tmp_path / "llm2"
+    shutil.copytree(llm, other_llm)
+    (other_llm / "extra.txt").write_text("x")
+    write_fresh_llava(other_llm, tower, tmp_path / "base", seed=3)
+    assert (base / "extra.txt").is_symlink()
+    write_fresh_llava(llm, tower, tmp_path / "base", seed=3)
+    assert not (base / "extra.txt").exists() and (base / "model.safetensors").resolve().parent == llm.resolve()
     with pytest.raises(CheckpointError, match="no config.json"):
         write_fresh_llava(llm, tmp_path, tmp_path / "bad", seed=0)
     with pytest.raises(CheckpointError, match="not a base LLM"):
@@ -91,3 +100,5 @@ def test_train_starts_from_a_base_llm_and_tower(parts, tmp_path):
     assert transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "run" / "export"))
     with pytest.raises(SystemExit, match="go together"):
         train.train(config(llm=str(llm)), tmp_path / "x")
+    with pytest.raises(SystemExit, match="leaves no room after the image"):  # a cut in the image
+        train.train(config(llm=str(llm), vision_tower=str(tower), **{"data.max_length": 4}), tmp_path / "y")

@@ -64,6 +64,10 @@ def test_the_json_list_is_read_item_by_item(tmp_path):
         with pytest.raises(B.InstructError, match=match) as e:
             list(B.iter_json_list(path, chunk_bytes=4))
         assert str(path) in str(e.value)
+    # a syntax error inside an item early in a long file is found there, not after reading the rest
+    path.write_text('[{"a": 1}, {"b" 2}, ' + ", ".join(['{"c": "' + "x" * 50 + '"}'] * 5000) + "]")
+    with pytest.raises(B.InstructError, match="in item 2"):
+        list(B.iter_json_list(path, chunk_bytes=64, max_item=1000))
 
 
 def test_the_build_names_bad_rows_keeps_text_only_ones_and_records_lengths(tmp_path, small):
@@ -82,13 +86,14 @@ def test_the_build_names_bad_rows_keeps_text_only_ones_and_records_lengths(tmp_p
              ["not", "a", "dict"],
              {"id": "long", "image": "b.jpg", "conversations": turns("<image>\n" + "word " * 400)},
              {"id": "loose", "conversations": turns("What is <image>?")},
-             {"id": "good2", "image": "b.jpg", "conversations": turns("What is it?\n<image>", "A dog.")}]
+             {"id": "good2", "image": "b.jpg", "conversations": turns("What is it?\n<image>", "A dog.")},
+             {"id": "rec", "record": 1, "conversations": turns("Hi?", "Hello.")}]  # a plain item
     path = tmp_path / "llava.json"
     path.write_text(json.dumps(items))
     source = {"json": str(path)}
     folder = B.instruct_folder(tmp_path / "tfds", "llava", source, spec)
     manifest = B.build_json(path, None, folder, source, spec, workers=2, shard_rows=3, verbose=False)
-    assert manifest["rows"] == 3 and manifest["items"] == [1, 2, 9]
+    assert manifest["rows"] == 4 and manifest["items"] == [1, 2, 9, 10]
     reasons = {line.split(" (id ")[1].split(")")[0]: line for line in manifest["skipped"]}
     assert sorted(reasons) == ["?", "gone", "long", "loose", "text", "two"]
     assert all(line.startswith(f"{path}:item ") for line in manifest["skipped"])
@@ -99,7 +104,7 @@ def test_the_build_names_bad_rows_keeps_text_only_ones_and_records_lengths(tmp_p
     assert "tokens, longer than the limit of 200" in reasons["long"]
     assert "1 <image> placeholders but no 'image'" in reasons["loose"]
     data = B.InstructData(folder)
-    assert len(data) == 3 and [data[i]["id"] for i in range(3)] == ["good", "chat", "good2"]
+    assert len(data) == 4 and [data[i]["id"] for i in range(4)] == ["good", "chat", "good2", "rec"]
     assert data[0]["image"] == jpeg(0) and data[1]["image"] == b"" and data[2]["order"] == 9
     for i in range(3):
         ids = tokenize_conversation(tok, data[i]["roles"], data[i]["texts"], spec.fmt)[0]
@@ -113,7 +118,7 @@ def test_the_build_names_bad_rows_keeps_text_only_ones_and_records_lengths(tmp_p
     other = B.instruct_folder(tmp_path / "tfds", "llava", source, cut)
     assert other != folder
     kept = B.build_json(path, None, other, source, cut, workers=0, shard_rows=3, verbose=False)
-    assert kept["items"] == [1, 2, 7, 9] and kept["lengths"][2] == 200
+    assert kept["items"] == [1, 2, 7, 9, 10] and kept["lengths"][2] == 200
 
 
 def test_a_killed_build_continues_from_its_last_finished_shard(tmp_path, small, capsys):
@@ -216,3 +221,31 @@ def test_training_rows_of_the_build_read_their_lengths_from_the_manifest(tmp_pat
     assert batch["ids"].shape == (4, int(data.lengths[every].max()))
     assert batch["has_image"].tolist() == [bool(data[i]["image"]) for i in every[4:]]
     assert not batch["pixels"][~batch["has_image"]].any()
+
+
+def test_a_resume_on_rows_built_otherwise_is_refused(tmp_path):
+    """A run resumed after its data was built again with other rows kept (an image that no longer
+    decodes, same file, same settings) is refused naming the data, instead of training on
+    another batch stream; --config.resume_changes=allow goes on and records it."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train
+    from test_train import config
+
+    for i in range(6):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
+    items = [{"id": f"r{i}", "image": f"{i}.jpg", "conversations": turns("<image>\nWhat?", f"A{i}.")}
+             for i in range(6)]
+    (tmp_path / "d.json").write_text(json.dumps(items))
+    kw = {"data.json": str(tmp_path / "d.json"), "batch_size": 2, "steps": 2, "checkpoint_every": 1,
+          "data.build_workers": 0}
+    train.train(config(**kw), tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "tfds")
+    (tmp_path / "3.jpg").write_text("not an image any more")
+    with pytest.raises(SystemExit, match="trained on other rows"):
+        train.train(config(**{**kw, "steps": 3}), tmp_path / "run")
+    summary = train.train(config(**{**kw, "steps": 3, "resume_changes": "allow"}), tmp_path / "run")
+    assert any("kept rows" in c for c in summary["resume_changes"])

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
@@ -236,7 +238,8 @@ def write_fresh_llava(llm, tower, out, seed: int, projector: str = "mlp2x_gelu",
     LLaVA-codebase config.json (the LLM's config, ``mm_vision_tower`` naming ``tower``, the
     projector type, feature layer and selection, ``vitsink_fresh_projector`` = ``seed``) and
     links to the LLM's weight and tokenizer files; loading it reads the LLM and the tower and
-    makes the projector (:class:`FreshProjector`). Returns ``out``."""
+    makes the projector (:class:`FreshProjector`). The folder is made aside and moved in whole,
+    replacing what ``out`` held (links of another LLM never stay). Returns ``out``."""
     llm, tower, out = Path(llm), Path(tower), Path(out)
     raw = _read_json(llm / "config.json")
     kind = {v: k for k, v in CODEBASE_TEXT_TYPES.items() if k != "llava"}.get(raw.get("model_type"))
@@ -250,13 +253,19 @@ def write_fresh_llava(llm, tower, out, seed: int, projector: str = "mlp2x_gelu",
     config = {**raw, "model_type": kind, "mm_vision_tower": str(tower.resolve()),
               "mm_projector_type": projector, "mm_vision_select_layer": feature_layer,
               "mm_vision_select_feature": feature, "vitsink_fresh_projector": seed}
-    out.mkdir(parents=True, exist_ok=True)
-    for f in llm.iterdir():
-        if f.name != "config.json" and f.is_file() and not (out / f.name).exists():
-            (out / f.name).symlink_to(f.resolve())
     from ..provenance import write_json
 
-    write_json(out / "config.json", config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for f in llm.iterdir():
+        if f.name != "config.json" and f.is_file():
+            (aside / f.name).symlink_to(f.resolve())
+    write_json(aside / "config.json", config)
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)
+    aside.rename(out)
     return out
 
 

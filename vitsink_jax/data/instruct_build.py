@@ -59,11 +59,17 @@ class InstructError(ValueError):
 
 # ------------------------------------------------------------------------------ reading ---
 
-def iter_json_list(path, chunk_bytes: int = 1 << 20, opened=None) -> Iterator[tuple[int, object]]:
+MAX_ITEM_CHARS = 64 << 20  # an item that does not parse within this much text is refused
+
+
+def iter_json_list(path, chunk_bytes: int = 1 << 20, opened=None,
+                   max_item: int = MAX_ITEM_CHARS) -> Iterator[tuple[int, object]]:
     """(n, item) for the items of the JSON list in ``path``, n counting from 1, parsed one at a
     time from a buffer of about ``chunk_bytes`` (plus the item being read): the file is never
     held whole. ``opened``: the file already open in binary mode. Raises
-    :class:`InstructError` naming the file (and the item) when it is not a JSON list."""
+    :class:`InstructError` naming the file (and the item) when it is not a JSON list, or when an
+    item does not parse within ``max_item`` characters (a syntax error inside an item is thus
+    found without reading the rest of the file)."""
     decoder, text, pos, n, eof = json.JSONDecoder(), "", 0, 0, False
     reader = codecs.getincrementaldecoder("utf-8-sig")()
 
@@ -99,7 +105,7 @@ def iter_json_list(path, chunk_bytes: int = 1 << 20, opened=None) -> Iterator[tu
                         if end < len(text) or eof:
                             break
                     except json.JSONDecodeError:
-                        if eof:
+                        if eof or len(text) - pos > max_item:
                             raise
                     more()
                 n += 1
@@ -226,6 +232,11 @@ def build_key(source: dict, spec: Optional[TokenSpec]) -> str:
 _SPEC: Optional[TokenSpec] = None  # a build worker's tokenization (set by _init_worker)
 
 
+class Record(dict):
+    """A record made in memory (fields of :data:`SCHEMA`), built as it is; a JSON item is a
+    plain dict and is checked (:func:`parse_item`)."""
+
+
 def _init_worker(spec) -> None:
     global _SPEC
     _SPEC = spec
@@ -238,8 +249,8 @@ def _shard_file(folder, shard: int) -> Path:
 
 def write_shard(task: tuple) -> dict:
     """Builds one shard: ``task`` = (shard index, [(n, item or record)], image folder, source
-    name, output folder). An item is a JSON item (checked and its image read here); a record
-    (``{"record": {...}}``) is written as it is (the embedded set). Returns the shard's result:
+    name, output folder). An item is a JSON item (checked and its image read here); a
+    :class:`Record` is written as it is (the embedded set). Returns the shard's result:
     ``rows`` kept, their source ``items`` and token ``lengths``, and ``skipped`` lines."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -253,19 +264,20 @@ def write_shard(task: tuple) -> dict:
     try:
         for n, item in items:
             try:
-                if isinstance(item, dict) and "record" in item:
-                    rec = item["record"]
+                if isinstance(item, Record):
+                    rec = item
                 else:
                     rec, image = parse_item(item, Path(folder))
                     rec["id"] = rec["id"] or str(n)
                     rec["image"] = read_image(image) if image else b""
                 length = _SPEC.length(rec["roles"], rec["texts"]) if _SPEC is not None else -1
+                example = features.serialize_example({**{k: rec[k] for k in SCHEMA}, "order": n})
             except Exception as e:  # noqa: BLE001  (one bad row never stops the build)
                 ident = item.get("id", "?") if isinstance(item, dict) else "?"
                 reason = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
                 result["skipped"].append(f"{source}:item {n} (id {ident}): {reason}")
                 continue
-            writer.write(features.serialize_example({**{k: rec[k] for k in SCHEMA}, "order": n}))
+            writer.write(example)
             result["rows"] += 1
             result["items"].append(n)
             result["lengths"].append(length)
@@ -278,7 +290,7 @@ def write_shard(task: tuple) -> dict:
 def build(items: Iterator, folder: Path, source: dict, source_name: str, image_folder,
           spec: Optional[TokenSpec], workers: int = 0, shard_rows: int = 1000,
           total_bytes: Optional[int] = None, verbose: bool = True) -> dict:
-    """Writes the rows of ``items`` ((n, JSON item) pairs, or (n, {"record": ...}) for records
+    """Writes the rows of ``items`` ((n, JSON item) pairs, or (n, :class:`Record`) for records
     made in memory) into ``folder`` as described in the module docstring and returns the
     manifest. ``workers`` processes build the shards (0: in this process); a build of the same
     ``source`` and ``shard_rows`` killed earlier in ``folder`` continues from its finished
@@ -392,7 +404,8 @@ class InstructData:
     """A finished build as a read-only sequence: ``data[i]`` is the i-th kept row (``id``,
     ``image`` bytes (empty for text-only rows), ``roles``, ``texts`` and its source item
     ``order``), read from the array_record files on access; ``lengths`` [N] its rows' token
-    counts and ``skipped`` the lines of the rows left out."""
+    counts, ``skipped`` the lines of the rows left out and ``digest`` a key of which source items
+    were kept with which lengths (equal builds, equal digests)."""
 
     def __init__(self, folder):
         import numpy as np
@@ -402,6 +415,8 @@ class InstructData:
         manifest = json.loads((self.folder / "manifest.json").read_text())
         self.lengths = np.asarray(manifest["lengths"], np.int64)
         self.skipped = manifest["skipped"]
+        self.digest = hashlib.sha256(json.dumps([manifest["items"], manifest["lengths"]]).encode()
+                                     ).hexdigest()[:16]
         self.source = tfds.builder_from_directory(str(self.folder)).as_data_source(split="train")
         if len(self.source) != len(self.lengths):
             raise InstructError(f"{self.folder}: {len(self.source)} rows but the manifest has "
@@ -447,6 +462,6 @@ def build_records(records: list, folder, source: dict, spec: Optional[TokenSpec]
                   verbose: bool = True) -> dict:
     """:func:`build` of records made in memory (the embedded set: dicts in :data:`SCHEMA`), in
     this process; returns the manifest."""
-    items = [(n, {"record": rec}) for n, rec in enumerate(records, start=1)]
+    items = [(n, Record(rec)) for n, rec in enumerate(records, start=1)]
     return build(iter(items), folder, source, "embedded", "", spec, 0, max(len(items), 1),
                  verbose=verbose)

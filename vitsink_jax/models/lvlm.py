@@ -382,6 +382,9 @@ class LlavaForConditionalGeneration(nn.Module):
             expected = feats.shape[0] * feats.shape[1]
             writes = expected
             if has_image is not None:  # the image-token slots hold the present images, in order
+                if self.interventions.prune or self.interventions.var:
+                    raise ValueError("has_image (text-only rows) is for training; token pruning "
+                                     "and VAR read every row's image")
                 writes = jnp.sum(has_image) * feats.shape[1]
                 if arrangement is not None:
                     (arrangement,) = images_first(has_image, arrangement)
