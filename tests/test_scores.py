@@ -345,3 +345,40 @@ def test_benchmark_meta_fields_survive_tfds(tmp_path):
     assert recs[0]["meta"] == {"l2-category": "l2", "skills": ["a", "b"], "task": "t"}
     B.build_tfds(recs, "meta", tmp_path)
     assert B.load_tfds("meta", tmp_path)[0]["meta"] == recs[0]["meta"]
+
+
+# ------------------------------------------- issue 34: VLMEvalKit's files as it reads them ---
+
+def test_cvbench_option_columns_typed_as_pandas_types_them(tmp_path):
+    # C / D are empty on the 2-option row, so pandas reads them as floats: "5" -> "5.0"; A / B
+    # hold text ("left"), so "2" and "3" stay. Row 2: "5.0" is not in "5" (a miss in
+    # VLMEvalKit, a hit on the cell text); rows 3-4: 14 characters fit 2 x (1+1+3+3) = 16 but not
+    # 2 x 4 = 8. VLMEvalKit: hit, miss, hit, hit = 75.00 (was 50.00 here).
+    count = dict(A="2", B="3", C="5", D="7", category="Count")
+    bench = [dict(index=1, question="Where?", A="left", B="right", C="", D="", answer="A",
+                  category="Relation"),
+             dict(index=2, question="How many?", **count | {"answer": "C"}),
+             dict(index=3, question="How many?", **count | {"answer": "A"}),
+             dict(index=4, question="How many?", **count | {"answer": "B"})]
+    bench = [{**r, "source": "COCO", "split": "2D", "image": "x"} for r in bench]
+    preds = write_table(tmp_path / "p.tsv", [dict(index=i, prediction=p) for i, p in
+                                             [(1, "left"), (2, "5"), (3, "I count 2 cows"),
+                                              (4, "I count 3 cows")]])
+    off = score(tmp_path, "cvbench", bench, preds)["official"]
+    assert off["2D"] == pytest.approx(75.0)
+    recs, _ = B.read_benchmark(tmp_path / "cvbench.tsv", "cvbench", decode_images=False)
+    assert recs[1]["options"] == ["2", "3", "5", "7"]          # our prompt keeps the cell text
+    assert recs[1]["meta"]["vlmevalkit_choices"] == {"A": "2", "B": "3", "C": "5.0", "D": "7.0"}
+    assert B.pandas_column(["1", "2"]) == ["1", "2"] and B.pandas_column(["2.50", "x"]) == ["2.50", "x"]
+    assert B.pandas_column(["2.50", "NA"]) == ["2.5", None]
+
+
+def test_mmstar_option_cells_pandas_reads_as_missing_are_no_choice(tmp_path):
+    # option A "None" is NaN to pandas: VLMEvalKit's choices are B-D, so row 1 reads no letter
+    # (miss) where the cell text matched option A: 50.00 (was 100.00)
+    bench = [dict(index=1, question="Which?", A="None", B="red", C="blue", D="green", answer="A"),
+             dict(index=2, question="Which?", A="cat", B="dog", C="N/A", D="cow", answer="B")]
+    bench = [{**r, "category": "math", "l2-category": "geometry", "image": "x"} for r in bench]
+    preds = write_table(tmp_path / "p.tsv", [dict(index=1, prediction="It is None of them"),
+                                             dict(index=2, prediction="B")])
+    assert score(tmp_path, "mmstar", bench, preds)["official"]["Overall"] == pytest.approx(50.0)

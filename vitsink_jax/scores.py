@@ -47,9 +47,11 @@ multiple-choice tables hold fractions 0-1; they are x 100 here):
   ``hit``, ``prefetch_rate``, ``acc``. Rows the judge would have read count as wrong, so ``acc``
   is a lower bound of VLMEvalKit's judged accuracy.
 
-Not emulated: pandas' typing of whole columns when VLMEvalKit loads a file (an option column
-holding only numbers and empty cells is read as floats, so "3" becomes "3.0" before matching);
-predictions are taken as the cell text. pandas' NA strings ("", "NA", "None", "null", ...) do
+pandas' typing of whole option columns when VLMEvalKit loads a TSV (a column of integers with
+an empty cell is read as floats, so "3" becomes "3.0" before matching; an NA cell such as "None"
+is no choice) is applied: the record's ``meta["vlmevalkit_choices"]``
+(:func:`vitsink_jax.data.benchmarks.vlmevalkit_choices`). Predictions are taken as the cell
+text; pandas' NA strings ("", "NA", "None", "null", ...) do
 become the string "nan" (:func:`read_predictions`), as VLMEvalKit's ``str(prediction)`` sees them.
 """
 
@@ -68,6 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from . import paths
+from .data.benchmarks import PANDAS_NA
 from .data.prompts import LETTERS
 
 OFFICIAL = ("pope", "mme", "cvbench", "mmstar", "scienceqa", "mathvista")
@@ -85,10 +88,6 @@ MME_CATEGORIES = {
     "reasoning": ("code_reasoning", "commonsense_reasoning", "numerical_calculation",
                   "text_translation"),
 }
-# pandas.read_csv / read_excel default NA strings: VLMEvalKit's str(prediction) sees "nan"
-PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
-                       "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
-                       "nan", "null"})
 
 
 class PredictionError(ValueError):
@@ -238,10 +237,10 @@ def judge(benchmark: str, item: dict) -> dict:
     response = str(item["response"])
     if benchmark == "mathvista":
         return _mathvista_prefetch(item, response)
-    if item["kind"] == "mc":
-        letters = LETTERS[:len(item["options"])]
-        letter = can_infer(response, dict(zip(letters, item["options"]))) or "Z"
-        return {"extracted": letter, "hit": letter == item["answer"], "parsed": letter in letters}
+    if item["kind"] == "mc":  # the choices as VLMEvalKit's pandas reading typed them, if it did
+        choices = item["meta"].get("vlmevalkit_choices") or dict(zip(LETTERS, item["options"]))
+        letter = can_infer(response, choices) or "Z"
+        return {"extracted": letter, "hit": letter == item["answer"], "parsed": letter in choices}
     if item["kind"] == "yesno":
         yn = yes_or_no(response)
         return {"extracted": yn, "hit": yn.lower() == item["answer"].lower(), "parsed": yn != "Unknown"}

@@ -20,7 +20,9 @@ Record schema (every benchmark, one dict per item)::
     :data:`META_FIELDS` that the official scores break down by, e.g. MMStar ``l2-category``,
     CV-Bench ``source`` / ``split`` (2D / 3D), MathVista ``task`` / ``skills`` (a list) /
     ``question_type``; read from the row, then from an lmms-eval ``metadata`` dict; empty
-    values left out; written to tfds as JSON text)
+    values left out; written to tfds as JSON text; a TSV row whose option cells VLMEvalKit's
+    pandas reading changes, "3" -> "3.0" or an NA cell such as "None" dropped, also has
+    ``vlmevalkit_choices`` {letter: text}, the choices VLMEvalKit's scorer matches against)
 
 Bad input: a missing required column or an empty file raises :class:`BenchmarkError` naming
 the file and field; a row whose image does not decode in full (a truncated JPEG fails here, not
@@ -38,6 +40,7 @@ import binascii
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,6 +61,41 @@ FIELDS = ("index", "image", "question", "options", "answer", "kind", "category",
 # row fields kept in a record's meta (see vitsink_jax.scores for the breakdowns that use them)
 META_FIELDS = ("split", "type", "source", "task", "l2-category", "skills", "question_type",
                "answer_option", "precision", "subject", "topic", "grade", "unit")
+
+
+# pandas.read_csv's default NA strings (VLMEvalKit reads its TSVs with pandas): such a cell is NaN
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                       "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                       "nan", "null"})
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:inf|Inf|INF)(?:inity)?")
+
+
+def pandas_column(cells: list) -> list:
+    """One TSV column's cells as VLMEvalKit sees them after ``pd.read_csv`` and ``str()``:
+    None for a pandas NA string; a column whose other cells are all integers stays as written
+    when it has no NA cell and becomes floats ("3" -> "3.0") when it has one; a column of numbers
+    with a decimal point or exponent is floats ("2.50" -> "2.5"); any other column is text."""
+    vals = [None if c is None or c in PANDAS_NA else c for c in cells]
+    present = [v.strip() for v in vals if v is not None]
+    if present and all(_INT.fullmatch(v) for v in present):
+        if len(present) == len(vals):
+            return [str(int(v)) for v in present]
+        return [None if v is None else str(float(v)) for v in vals]
+    if present and all(_FLOAT.fullmatch(v) for v in present):
+        return [None if v is None else str(float(v)) for v in vals]
+    return vals
+
+
+def vlmevalkit_choices(rows: list) -> list:
+    """Per TSV row, {letter: option text} as VLMEvalKit's ``can_infer`` gets it: the option
+    columns (``A``.. present in the file) typed per column by :func:`pandas_column`, NA cells
+    left out; None per row for a file without option columns."""
+    letters = [c for c in LETTERS if rows and c in rows[0]]
+    if not letters:
+        return [None] * len(rows)
+    columns = {c: pandas_column([row.get(c) for row in rows]) for c in letters}
+    return [{c: columns[c][n] for c in letters if columns[c][n] is not None} for n in range(len(rows))]
 
 
 class BenchmarkError(ValueError):
@@ -247,10 +285,13 @@ def read_benchmark(path, benchmark: str = "generic", verbose: bool = True,
         if field not in rows[0]:
             raise BenchmarkError(f"{path}: missing column {field!r} (has {sorted(rows[0])})")
     images = RowImages(rows, path.parent) if decode_images else None
+    choices = vlmevalkit_choices(rows) if path.suffix == ".tsv" else [None] * len(rows)
     records, skipped = [], []
-    for n, row in enumerate(rows, start=1):
+    for n, (row, typed) in enumerate(zip(rows, choices), start=1):
         try:
             rec = normalize_row(row, benchmark, images, n)
+            if rec["kind"] == "mc" and typed is not None and typed != dict(zip(LETTERS, rec["options"])):
+                rec["meta"]["vlmevalkit_choices"] = typed
         except SkipRow as e:
             skipped.append(f"{path}:row {n} (index {row.get('index', '?')}): {e}")
             if verbose:
