@@ -382,3 +382,27 @@ def test_mmstar_option_cells_pandas_reads_as_missing_are_no_choice(tmp_path):
     preds = write_table(tmp_path / "p.tsv", [dict(index=1, prediction="It is None of them"),
                                              dict(index=2, prediction="B")])
     assert score(tmp_path, "mmstar", bench, preds)["official"]["Overall"] == pytest.approx(50.0)
+
+
+def test_mme_acc_plus_multiplies_an_images_first_two_questions():
+    # existence/3.jpg has three questions, right, right, wrong: VLMEvalKit's val[0] * val[1]
+    # counts the image, so acc+ = 2 of 3 images = 66.67 (was 1 of 3 = 33.33 when all had to be right)
+    items = mme_items() + [item("e3a", "yesno", "yes", "Yes", "existence", "existence/3.jpg"),
+                           item("e3b", "yesno", "no", "No", "existence", "existence/3.jpg"),
+                           item("e3c", "yesno", "no", "Yes", "existence", "existence/3.jpg")]
+    ex = S.official("mme", items)["categories"]["existence"]
+    assert_close(ex, {"acc": 500 / 7, "acc_plus": 200 / 3, "images": 3})
+    one = S.official("mme", mme_items() + [item("e4", "yesno", "no", "No", "existence", "existence/4.jpg")])
+    assert one["categories"]["existence"]["acc_plus"] is None and "one question" in one["note"]
+
+
+def test_mathvista_gold_is_answer_option(tmp_path):
+    # row 5's choices repeat "1": its answer_option C is the gold (VLMEvalKit's post_check),
+    # not A, the first option with the answer text. Hits: rows 1, 3 and 5 = 60.00 (was 40.00).
+    rows = [(["1", "2"], "1", "A", "A"), (["1", "2"], "2", "B", "A"), (["3", "4"], "4", "B", "B"),
+            (["5", "6"], "5", "A", "B"), (["1", "2", "1"], "1", "C", "C")]
+    bench = [dict(index=i, question=f"Q{i}?", answer=ans, question_type="multi_choice",
+                  answer_type="text", choices=str(ch), answer_option=opt, task="t", skills="['s']",
+                  image="x") for i, (ch, ans, opt, _) in enumerate(rows, start=1)]
+    preds = write_table(tmp_path / "p.tsv", [dict(index=i, prediction=r[3]) for i, r in enumerate(rows, start=1)])
+    assert score(tmp_path, "mathvista", bench, preds)["official"]["Overall"]["acc"] == pytest.approx(60.0)

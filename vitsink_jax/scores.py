@@ -25,8 +25,9 @@ multiple-choice tables hold fractions 0-1; they are x 100 here):
   positive class and an unread answer a "No"; ``yes_ratio`` (share of "Yes" answers) is the
   original POPE paper's (Li et al., 2023), which VLMEvalKit does not report.
 * ``mme`` - VLMEvalKit ``MME_rating``: per category ``acc`` (over questions) and ``acc_plus``
-  (over images, an image counts when all its questions are right; images are the rows'
-  ``image_path``), ``score = acc + acc_plus`` (at most 200); ``perception`` = the sum over
+  (over images, an image counts when its first two questions are right, as VLMEvalKit's
+  ``val[0] * val[1]``; images are the rows' ``image_path``; None when an image has one question,
+  where VLMEvalKit raises IndexError), ``score = acc + acc_plus`` (at most 200); ``perception`` = the sum over
   OCR, artwork, celebrity, color, count, existence, landmark, position, posters, scene (at most
   2000) and ``reasoning`` = the sum over code_reasoning, commonsense_reasoning,
   numerical_calculation, text_translation (at most 800); a total is None, with the missing
@@ -304,7 +305,9 @@ def _mme(items, judged, hits) -> dict:
         for i in ix:
             images[items[i]["group"]].append(bool(hits[i]))
         acc = _pct(hits[ix])
-        plus = None if "" in images else _pct([all(v) for v in images.values()])
+        # VLMEvalKit: an image counts when its first two questions are right (val[0] * val[1])
+        short = "" in images or any(len(v) < 2 for v in images.values())
+        plus = None if short else _pct([v[0] and v[1] for v in images.values()])
         cats[cat] = {"acc": acc, "acc_plus": plus, "score": None if plus is None else acc + plus,
                      "n": len(ix), "images": len(images)}
     res = {"categories": cats}
@@ -315,7 +318,8 @@ def _mme(items, judged, hits) -> dict:
         if missing:
             res[f"{total}_missing_categories"] = missing
     if any(c["acc_plus"] is None for c in cats.values()):
-        res["note"] = "acc+ needs each row's image_path (the record's group); some rows have none"
+        res["note"] = ("acc+ needs each row's image_path (the record's group) and two questions "
+                       "per image; some rows have none, or an image has one question")
     return res
 
 

@@ -231,7 +231,9 @@ def normalize_row(row: dict, benchmark: str, images: RowImages | None = None, n:
     if kind == "mc":
         if not options:
             raise SkipRow("field 'options': a multiple-choice row without options")
-        answer = _mc_answer(answer, options)
+        # MathVista: VLMEvalKit's gold is the answer_option letter, not the letter of the answer text
+        option = str(row.get("answer_option") or "").strip()
+        answer = option if option in LETTERS[:len(options)] and option else _mc_answer(answer, options)
     elif kind == "yesno":
         answer = str(answer).strip().lower()
         if answer not in ("yes", "no"):
