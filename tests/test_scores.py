@@ -252,7 +252,8 @@ def test_score_mode_pope_tsv_predictions(tmp_path):
                   answer=it["answer"].capitalize(), category=it["category"], image="x")
              for it in pope_items()]
     preds = write_table(tmp_path / "model_POPE.tsv",    # VLMEvalKit's PRED_FORMAT=tsv: QUOTE_ALL
-                        [dict(index=it["index"], question="q", prediction=it["response"])
+                        [dict(index=it["index"], question=f"Is there a thing {it['index']}?",
+                              prediction=it["response"])
                          for it in pope_items()], quoting=csv.QUOTE_ALL)
     report = score(tmp_path, "pope", bench, preds)
     saved = json.loads((tmp_path / "work" / "results.json").read_text())
@@ -406,3 +407,21 @@ def test_mathvista_gold_is_answer_option(tmp_path):
                   image="x") for i, (ch, ans, opt, _) in enumerate(rows, start=1)]
     preds = write_table(tmp_path / "p.tsv", [dict(index=i, prediction=r[3]) for i, r in enumerate(rows, start=1)])
     assert score(tmp_path, "mathvista", bench, preds)["official"]["Overall"]["acc"] == pytest.approx(60.0)
+
+
+def test_predictions_of_another_benchmark_are_refused(tmp_path):
+    # a VLMEvalKit MME prediction table (indices 0-2) given for a POPE file with indices 0-2:
+    # was scored (exit 0), now refused at the first index whose question differs
+    bench = [dict(index=i, question=f"Is there a dog {i}?", answer="Yes", category="random", image="x")
+             for i in range(3)]
+    other = [dict(index=i, question=f"Is there a dog {i}?" if i == 0 else "Is this a poster?",
+                  answer="Yes", prediction="Yes") for i in range(3)]
+    with pytest.raises(SystemExit, match=r"p.tsv: index '1' asks 'Is this a poster\?' but .*pope.tsv "
+                                         r"\(index 1\) asks 'Is there a dog 1\?'"):
+        score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", other))
+    same_q = [{**r, "question": f"Is there a dog {r['index']}?", "answer": "No" if r["index"] == 2 else "Yes"}
+              for r in other]
+    with pytest.raises(SystemExit, match=r"p.tsv: index '2' has answer 'No' but .* has 'yes'"):
+        score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))
+    same_q[2]["answer"] = "Yes"
+    assert score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))["official"]["Overall"]["acc"] == 100.0

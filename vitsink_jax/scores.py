@@ -480,16 +480,22 @@ def _first_text(v):
     return v if isinstance(v, str) else None
 
 
+def _given(v) -> str | None:
+    """A prediction file's own question / answer cell as text, None when absent or NA."""
+    return None if v is None or _cell(v) == "nan" else str(v).strip()
+
+
 def read_predictions(path) -> list:
     """A predictions file -> [{"index": str | None, "position": int | None, "prediction": str,
-    "question": str | None}].
+    "question": str | None, "answer": str | None}].
 
     * VLMEvalKit prediction tables (.xlsx, .tsv, .csv): columns ``index`` and ``prediction``
-      (any case); other columns are ignored.
-    * .jsonl: rows with ``index`` and ``prediction``, or lmms-eval ``--log_samples`` rows
-      (``doc_id``: the row's 0-based position in the dataset; the answer is the first text of
-      ``filtered_resps``, else of ``resps``; ``doc.question``, when logged, is checked against
-      the benchmark row).
+      (any case); ``question`` and ``answer``, when present, are checked against the benchmark
+      row (:func:`join_predictions`); other columns are ignored.
+    * .jsonl: rows with ``index`` and ``prediction`` (and optional ``question`` / ``answer``),
+      or lmms-eval ``--log_samples`` rows (``doc_id``: the row's 0-based position in the
+      dataset; the answer is the first text of ``filtered_resps``, else of ``resps``;
+      ``doc.question`` / ``doc.answer``, when logged, are checked against the benchmark row).
     Raises PredictionError naming the file and the missing column or line.
     """
     path = paths.path(path)
@@ -508,7 +514,8 @@ def read_predictions(path) -> list:
             if isinstance(index, float) and index.is_integer():  # a spreadsheet number
                 index = int(index)
             out.append({"index": str(index).strip(), "position": None,
-                        "prediction": _cell(row["prediction"]), "question": None})
+                        "prediction": _cell(row["prediction"]),
+                        **{k: _given(row.get(k)) for k in ("question", "answer")}})
     elif path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
@@ -519,7 +526,8 @@ def read_predictions(path) -> list:
                 raise PredictionError(f"{path}: line {n} is not JSON ({e})") from None
             if "index" in row and "prediction" in row:
                 out.append({"index": str(row["index"]), "position": None,
-                            "prediction": str(row["prediction"]), "question": None})
+                            "prediction": str(row["prediction"]),
+                            **{k: _given(row.get(k)) for k in ("question", "answer")}})
             elif "doc_id" in row and ("filtered_resps" in row or "resps" in row):
                 text = _first_text(row.get("filtered_resps"))
                 text = _first_text(row.get("resps")) if text is None else text
@@ -528,7 +536,7 @@ def read_predictions(path) -> list:
                                           "in filtered_resps / resps")
                 doc = row.get("doc") if isinstance(row.get("doc"), dict) else {}
                 out.append({"index": None, "position": int(row["doc_id"]), "prediction": text,
-                            "question": None if doc.get("question") is None else str(doc["question"])})
+                            **{k: _given(doc.get(k)) for k in ("question", "answer")}})
             else:
                 raise PredictionError(f"{path}: line {n} has neither index + prediction nor "
                                       f"lmms-eval's doc_id + filtered_resps (keys {sorted(row)})")
@@ -555,11 +563,38 @@ def _position(p: dict, records: list, pred_file, bench_file, skipped: list) -> i
     if not 0 <= pos < len(records):
         raise PredictionError(f"{pred_file}: doc_id {pos} is not a row of {bench_file} "
                               f"({len(records)} rows)")
-    rec = records[pos]
-    if p["question"] is not None and not rec["question"].endswith(p["question"].strip()):
-        raise PredictionError(f"{pred_file}: doc_id {pos} asks {p['question']!r} but row {pos} of "
-                              f"{bench_file} (index {rec['index']}) asks {rec['question']!r}")
+    _check_same_row(p, records[pos], f"{pred_file}: doc_id {pos}", f"row {pos} of {bench_file}")
     return pos
+
+
+def _same_answer(given: str, rec: dict) -> bool:
+    """Whether a prediction file's answer cell names the record's gold answer: the same text
+    (any case; numbers compared as numbers) or, for multiple choice, the gold option's text."""
+    gold = [rec["answer"]]
+    if rec["kind"] == "mc" and rec["answer"] in LETTERS[:len(rec["options"])]:
+        gold.append(rec["options"][LETTERS.index(rec["answer"])])
+    for g in gold:
+        if given.lower() == g.lower():
+            return True
+        try:
+            if float(given) == float(g):
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def _check_same_row(p: dict, rec: dict, pred_where: str, bench_where: str):
+    """PredictionError when a prediction's own question / answer (if given) is not the benchmark
+    row's: the predictions were made on another benchmark file."""
+    if p["question"] is not None and not rec["question"].endswith(p["question"]):
+        raise PredictionError(f"{pred_where} asks {p['question']!r} but {bench_where} (index "
+                              f"{rec['index']}) asks {rec['question']!r}: the predictions are for "
+                              "another benchmark file")
+    if p["answer"] is not None and not _same_answer(p["answer"], rec):
+        raise PredictionError(f"{pred_where} has answer {p['answer']!r} but {bench_where} (index "
+                              f"{rec['index']}) has {rec['answer']!r}: the predictions are for "
+                              "another benchmark file")
 
 
 def join_predictions(records: list, preds: list, pred_file, bench_file, skipped: list = (),
@@ -570,7 +605,8 @@ def join_predictions(records: list, preds: list, pred_file, bench_file, skipped:
     Returns (items: the matched records, without ``image``, each with ``response``, in the
     benchmark's order; counts {"benchmark_rows", "predictions", "matched",
     "benchmark_rows_without_prediction"}). Raises PredictionError naming the file and index for
-    a duplicate index (on either side, when joining by index), a prediction whose index is not
+    a prediction whose own question or answer is not its benchmark row's (another benchmark's
+    predictions), a duplicate index (on either side, when joining by index), a prediction whose index is not
     in the benchmark, or (unless ``allow_subset``) a benchmark row without a prediction.
     """
     by_index = {}
@@ -586,6 +622,7 @@ def join_predictions(records: list, preds: list, pred_file, bench_file, skipped:
             pos = _position(p, records, pred_file, bench_file, skipped)
         elif p["index"] in by_index:
             pos = by_index[p["index"]]
+            _check_same_row(p, records[pos], f"{pred_file}: index {p['index']!r}", str(bench_file))
         else:
             extra.append(p["index"])
             continue
