@@ -2,6 +2,7 @@
 Cambrian-1's CV-Bench overall) against hand-computed values, and evaluate.py's score-only mode
 on hand-made benchmark and prediction files (no model)."""
 
+import codecs
 import csv
 import importlib.util
 import json
@@ -425,3 +426,20 @@ def test_predictions_of_another_benchmark_are_refused(tmp_path):
         score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))
     same_q[2]["answer"] = "Yes"
     assert score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))["official"]["Overall"]["acc"] == 100.0
+
+
+def test_prediction_file_encodings(tmp_path):
+    # Excel's "CSV UTF-8" (BOM; was refused as "missing column 'index'") and UTF-16 are read,
+    # Latin-1 is refused naming the file, as is a 0-byte .xlsx (was a BadZipFile traceback)
+    bench = [dict(index=i, question="Is it a café?", answer="Yes", category="random", image="x")
+             for i in range(2)]
+    text = "index,question,prediction\n0,Is it a café?,Yes\n1,Is it a café?,No\n"
+    for name, data in [("bom.csv", codecs.BOM_UTF8 + text.encode()), ("u16.csv", text.encode("utf-16"))]:
+        (tmp_path / name).write_bytes(data)
+        assert score(tmp_path, "pope", bench, tmp_path / name)["official"]["Overall"]["acc"] == 50.0
+    (tmp_path / "l1.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"l1.csv: not utf-8 text \(byte 39: b'\\xe9'\)"):
+        score(tmp_path, "pope", bench, tmp_path / "l1.csv")
+    (tmp_path / "p.xlsx").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"p.xlsx: the file is empty \(0 bytes\)|p.xlsx: reading .xlsx needs"):
+        score(tmp_path, "pope", bench, tmp_path / "p.xlsx")

@@ -58,6 +58,7 @@ become the string "nan" (:func:`read_predictions`), as VLMEvalKit's ``str(predic
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -65,6 +66,7 @@ import json
 import re
 import string
 import sys
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -450,6 +452,20 @@ def _cell(v) -> str:
     return "nan" if v in PANDAS_NA else v
 
 
+def _read_text(path: Path) -> str:
+    """A text predictions file: UTF-8, its byte-order mark dropped (Excel's "CSV UTF-8"), or
+    UTF-16 with a byte-order mark; PredictionError naming the file for anything else (e.g.
+    Latin-1, which VLMEvalKit's pandas, reading UTF-8, refuses too)."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise PredictionError(f"{path}: not {encoding.replace('-sig', '')} text (byte {e.start}: "
+                              f"{data[e.start:e.start + 1]!r}); save it as UTF-8, e.g. as Excel's "
+                              "'CSV UTF-8'") from None
+
+
 def _table_rows(path: Path) -> list:
     """Rows ({column lower-cased: cell}) of a .tsv / .csv / .xlsx predictions table."""
     if path.suffix == ".xlsx":
@@ -460,12 +476,17 @@ def _table_rows(path: Path) -> list:
                 f"{path}: reading .xlsx needs the openpyxl package, which is not installed "
                 "(pip install openpyxl); or give the predictions as .tsv / .csv (VLMEvalKit "
                 "writes TSV with PRED_FORMAT=tsv)") from None
-        book = io.BytesIO(path.read_bytes()) if paths.is_remote(path) else path
-        sheet = openpyxl.load_workbook(book, read_only=True, data_only=True).worksheets[0]
+        data = path.read_bytes()
+        if not data:
+            raise PredictionError(f"{path}: the file is empty (0 bytes), not an .xlsx workbook")
+        try:
+            sheet = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True).worksheets[0]
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+            raise PredictionError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from None
         table = [list(r) for r in sheet.iter_rows(values_only=True)]
     else:
         csv.field_size_limit(sys.maxsize)
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         table = list(csv.reader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv" else ","))
     if not table:
         raise PredictionError(f"{path}: the file is empty")
@@ -517,7 +538,7 @@ def read_predictions(path) -> list:
                         "prediction": _cell(row["prediction"]),
                         **{k: _given(row.get(k)) for k in ("question", "answer")}})
     elif path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
