@@ -581,8 +581,10 @@ def comparison_table(rows: list) -> str:
 def run_score(cfg, workdir: Path) -> dict:
     """Score-only mode: another system's predictions (``cfg.score.predictions``: a VLMEvalKit
     .xlsx / .tsv / .csv with ``index`` and ``prediction``, or lmms-eval .jsonl samples) on the
-    benchmark file, joined by index, answers extracted by VLMEvalKit's judge-free rules; writes
-    ``results.json`` (provenance, both files' sha256, join counts, unparsed answers, the
+    benchmark file, joined by index, answers extracted and scored by the rule set of the file's
+    format (``cfg.score.rules``, :func:`vitsink_jax.scores.rules_for`: VLMEvalKit's judge-free
+    rules for its .tsv files, lmms-eval's for its .json / .jsonl exports); writes
+    ``results.json`` (provenance, the rule set, both files' sha256, join counts, unparsed answers, the
     ``official`` numbers) and ``scored_predictions.jsonl`` (per item the extracted answer and
     hit). No model is loaded."""
     b, s = cfg.benchmark, cfg.score
@@ -593,11 +595,12 @@ def run_score(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: benchmark {b.name!r} has no official rule here; score mode "
                          f"takes one of {', '.join(scores.OFFICIAL)}")
     try:
+        rules = scores.rules_for(b.name, b.file, s.rules)
         records, skipped = benchmarks.read_benchmark(b.file, b.name, decode_images=False)
         items, counts = scores.join_predictions(records, scores.read_predictions(s.predictions),
                                                 s.predictions, b.file, skipped, s.allow_subset)
-        judged = scores.judge_all(b.name, items)
-        official = scores.official(b.name, items, judged)
+        judged = scores.judge_all(b.name, items, rules)
+        official = scores.official(b.name, items, judged, rules)
     except ValueError as e:  # BenchmarkError, PredictionError, an item without a rule
         raise SystemExit(f"error: {e}")
     table = "\n".join([f"official {b.name} ({official['rule']}; percent), {s.predictions}:",
@@ -606,6 +609,7 @@ def run_score(cfg, workdir: Path) -> dict:
     report = {**record(cfg, cfg.seed), "benchmark": b.name, "file": b.file,
               "file_sha256": scores.file_sha256(b.file), "predictions": s.predictions,
               "predictions_sha256": scores.file_sha256(s.predictions), "skipped_rows": skipped,
+              "rules": rules,
               "counts": counts, "unparsed": official["unparsed"], "official": official, "table": table}
     out = write_json(workdir / "results.json", report)
     write_jsonl(workdir / "scored_predictions.jsonl",

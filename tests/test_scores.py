@@ -443,3 +443,75 @@ def test_prediction_file_encodings(tmp_path):
     (tmp_path / "p.xlsx").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"p.xlsx: the file is empty \(0 bytes\)|p.xlsx: reading .xlsx needs"):
         score(tmp_path, "pope", bench, tmp_path / "p.xlsx")
+
+
+# ------------------------------------------------------------ issue 34: lmms-eval's rules ---
+
+def lmms_files(tmp_path, rows, responses):
+    """An lmms-eval benchmark export (.jsonl) and its --log_samples predictions (doc_id)."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps({**r, "image": "x"}) for r in rows))
+    preds = tmp_path / "samples.jsonl"
+    preds.write_text("\n".join(json.dumps({"doc_id": i, "doc": {"question": r["question"]},
+                                           "filtered_resps": [p]})
+                               for i, (r, p) in enumerate(zip(rows, responses))))
+    return bench, preds
+
+
+def score_lmms(tmp_path, name, rows, responses, **kw):
+    bench, preds = lmms_files(tmp_path, rows, responses)
+    cfg = default_config(**{"benchmark.name": name, "benchmark.file": str(bench),
+                            "score.predictions": str(preds), **kw})
+    evaluate.run_score(cfg, tmp_path / "work")
+    return json.loads((tmp_path / "work" / "results.json").read_text())
+
+
+def test_lmms_eval_pope_counts_only_a_whole_yes_or_no(tmp_path):
+    # "Yes, there is a dog." is wrong for lmms-eval (not exactly "yes") but not a false negative:
+    # acc 2/4 = 50.00 (VLMEvalKit's rules, used before: 75.00), precision 1/2, recall 1/1,
+    # F1 66.67, yes_ratio (lmms-eval's: the gold answers') 50.00
+    rows = [dict(question_id=i, question=f"Is there a dog {i}?", answer=a, category="random")
+            for i, a in enumerate(["yes", "yes", "no", "no"])]
+    saved = score_lmms(tmp_path, "pope", rows, ["Yes", "Yes, there is a dog.", "No", "yes"])
+    assert saved["rules"] == "lmms_eval" and saved["official"]["rules"] == "lmms_eval"
+    assert_close(saved["official"]["Overall"], {"acc": 50.0, "precision": 50.0, "recall": 100.0,
+                                                "f1": 200 / 3, "yes_ratio": 50.0})
+    forced = score_lmms(tmp_path, "pope", rows, ["Yes", "Yes, there is a dog.", "No", "yes"],
+                        **{"score.rules": "vlmevalkit"})
+    assert forced["rules"] == "vlmevalkit" and forced["official"]["Overall"]["acc"] == 75.0
+
+
+def test_lmms_eval_mme_reads_four_characters_and_pairs_by_question_id(tmp_path):
+    # existence: e1 both right (200), e2 "There is no dog" is "other" (lmms-eval reads the first
+    # four characters): acc 50 + acc+ 0 = 50 -> (200 + 50) / 2 = 125; code_reasoning: 200.
+    # Totals over the categories present: perception 125, reasoning 200 (were None: every row
+    # of a category in one image, and VLMEvalKit's totals need all 14 categories)
+    rows = [dict(question_id=q, question=f"{q} {n}? Please answer yes or no.", answer=a, category=c)
+            for q, c in [("existence/1.png", "existence"), ("existence/2.png", "existence"),
+                         ("code_reasoning/1.png", "code_reasoning")]
+            for n, a in enumerate(["Yes", "No"])]
+    responses = ["Yes, there is", "No", "yes", "There is no dog", "Yes", "no."]
+    off = score_lmms(tmp_path, "mme", rows, responses)["official"]
+    assert_close(off, {"perception": 125.0, "reasoning": 200.0,
+                       "categories": {"existence": {"acc": 75.0, "acc_plus": 50.0, "score": 125.0, "images": 2}}})
+    forced = score_lmms(tmp_path, "mme", rows, responses, **{"score.rules": "vlmevalkit"})["official"]
+    assert forced["categories"]["existence"]["score"] == 200.0 and forced["perception"] is None
+
+
+def test_lmms_eval_mmstar_export_is_read_and_scored_by_exact_match(tmp_path):
+    # options inside the question, l2_category: was refused (no options). lmms-eval: "I think D"
+    # misses (its first character is "i"); per-l2 means 100, 100, 0 -> average 66.67,
+    # math 100, science & technology 0 (VLMEvalKit's can_infer reads all four: 100)
+    q = "What is it?\nOptions: A: cat, B: dog, C: cow, D: pig"
+    rows = [dict(index=i, question=q, answer=a, category=c, l2_category=l2) for i, (a, c, l2) in enumerate(
+        [("B", "math", "geometry"), ("A", "math", "geometry"), ("C", "math", "statistical reasoning"),
+         ("D", "science & technology", "biology & chemistry & physics")])]
+    responses = ["B", "(A) cat", "The answer is C", "I think D"]
+    off = score_lmms(tmp_path, "mmstar", rows, responses)["official"]
+    assert_close(off, {"average": 200 / 3, "category": {"math": 100.0, "science & technology": 0.0}})
+    recs, _ = B.read_benchmark(tmp_path / "bench.jsonl", "mmstar", decode_images=False)
+    assert recs[0]["options"] == ["cat", "dog", "cow", "pig"] and recs[0]["meta"]["l2-category"] == "geometry"
+    forced = score_lmms(tmp_path, "mmstar", rows, responses, **{"score.rules": "vlmevalkit"})
+    assert forced["official"]["Overall"] == 100.0
+    with pytest.raises(SystemExit, match="score.rules=lmms_eval: no lmms-eval rule here for 'cvbench'"):
+        score_lmms(tmp_path, "cvbench", rows, responses, **{"score.rules": "lmms_eval"})

@@ -374,12 +374,138 @@ _AGGREGATE = {"pope": _pope, "mme": _mme, "cvbench": _cvbench, "mmstar": _report
               "scienceqa": _report_acc, "mathvista": _mathvista}
 
 
-def judge_all(benchmark: str, items: list) -> list:
-    """[:func:`judge` of each item]."""
+# ------------------------------------------------------------------ lmms-eval's rules ---
+
+def _lmms_pope_judge(item: dict, response: str) -> dict:
+    """lmms-eval ``pope_process_results``: the whole answer, lower-cased and stripped, must be
+    the gold "yes" / "no"."""
+    pred = response.lower().strip()
+    return {"extracted": pred, "hit": pred == item["answer"].lower(), "parsed": pred in ("yes", "no")}
+
+
+def _lmms_mme_judge(item: dict, response: str) -> dict:
+    """lmms-eval ``parse_pred_ans`` (from Otter): lower-cased, stripped, periods removed; "yes"
+    / "no" as is, a lone "y" / "n", else "yes" or "no" within the first four characters (yes
+    first), else "other"."""
+    pred = response.lower().strip().replace(".", "")
+    if pred in ("yes", "no"):
+        label = pred
+    elif len(pred) == 1:
+        label = {"y": "yes", "n": "no"}.get(pred, "other")
+    else:
+        label = "yes" if "yes" in pred[:4] else "no" if "no" in pred[:4] else "other"
+    return {"extracted": label, "hit": label == item["answer"].lower(), "parsed": label != "other"}
+
+
+def _lmms_mmstar_judge(item: dict, response: str) -> dict:
+    """lmms-eval MMStar ``exact_match``: the gold letter is the answer's first character, or
+    the one after "(", "option " or "the answer is " at its start (all lower-cased)."""
+    pred = response.lower().strip().replace("\n", " ")
+    read = [pred[:1]] + [pred[len(p):len(p) + 1] for p in ("(", "option ", "the answer is ")
+                         if pred.startswith(p)]
+    gold = item["answer"].lower()
+    letter = gold if gold in read else read[0]
+    return {"extracted": letter.upper(), "hit": gold in read,
+            "parsed": letter.upper() in LETTERS[:len(item["options"])]}
+
+
+def _lmms_pope(items, judged, hits) -> dict:
+    """lmms-eval POPE: accuracy, precision (TP / (TP + FP)), recall (TP / (TP + FN), FN only
+    for a gold yes answered exactly "no"), F1 and its ``yes_ratio`` (the share of *gold* yes
+    answers, as lmms-eval computes it), over all rows and per ``category`` (lmms-eval's
+    pope_adv / pope_pop / pope_random tasks)."""
+    def metrics(ix) -> dict:
+        gold = [items[i]["answer"].lower() for i in ix]
+        pred = [judged[i]["extracted"] for i in ix]
+        tp = sum(g == p == "yes" for g, p in zip(gold, pred))
+        fp = sum(g == "no" and p == "yes" for g, p in zip(gold, pred))
+        fn = sum(g == "yes" and p == "no" for g, p in zip(gold, pred))
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"f1": 100 * f1, "acc": _pct(hits[ix]), "precision": 100 * precision,
+                "recall": 100 * recall, "yes_ratio": _pct([g == "yes" for g in gold]), "n": len(ix)}
+
+    return {"Overall": metrics(list(range(len(items)))),
+            "splits": {k: metrics(ix) for k, ix in _groups(items, lambda it: [it["category"]]).items()}}
+
+
+def _lmms_mme(items, judged, hits) -> dict:
+    """lmms-eval ``mme_aggregate_results``: per category, the mean over question_ids (the
+    record's ``group``) of acc (the pair's mean) + acc+ (both right), each in percent; a
+    question_id without exactly two questions leaves its category's score None (lmms-eval
+    asserts two); ``perception`` / ``reasoning`` (lmms-eval's cognition) = the sum over the
+    categories present."""
+    cats, notes = {}, []
+    for cat, ix in _groups(items, lambda it: [it["category"]]).items():
+        pairs = defaultdict(list)
+        for i in ix:
+            pairs[items[i]["group"]].append(bool(hits[i]))
+        bad = [g for g, v in pairs.items() if len(v) != 2 or not g]
+        if bad:
+            notes.append(f"{cat}: question_id {bad[0]!r} has {len(pairs[bad[0]])} question(s), not 2")
+        acc = _pct([np.mean(v) for v in pairs.values()])
+        plus = _pct([all(v) for v in pairs.values()])
+        cats[cat] = {"acc": acc, "acc_plus": plus, "score": None if bad else acc + plus,
+                     "n": len(ix), "images": len(pairs)}
+    res = {"categories": cats}
+    for total, names in MME_CATEGORIES.items():
+        scores_ = [cats[c]["score"] for c in names if c in cats]
+        res[total] = None if not scores_ or None in scores_ else float(sum(scores_))
+    if notes:
+        res["note"] = "; ".join(notes)
+    return res
+
+
+def _lmms_mmstar(items, judged, hits) -> dict:
+    """lmms-eval ``mmstar_aggregate_results``: per ``category`` and for ``average`` (all rows),
+    the unweighted mean over ``l2-category`` values of each one's accuracy; also each
+    ``l2-category``'s accuracy."""
+    l2 = _acc_by(items, hits, lambda it: [it["meta"].get("l2-category", "")])
+
+    def mean_l2(ix) -> float:
+        return float(np.mean(list(_acc_by([items[i] for i in ix], hits[ix],
+                                          lambda it: [it["meta"].get("l2-category", "")]).values())))
+
+    return {"average": mean_l2(np.arange(len(items))),
+            "category": {k: mean_l2(np.array(ix)) for k, ix in _groups(items, lambda it: [it["category"]]).items()},
+            "l2-category": l2}
+
+
+LMMS_EVAL = {  # benchmark -> (source, judge of one item, aggregation)
+    "pope": ("lmms-eval pope (lmms_eval/tasks/pope/utils.py)", _lmms_pope_judge, _lmms_pope),
+    "mme": ("lmms-eval mme (lmms_eval/tasks/mme/utils.py)", _lmms_mme_judge, _lmms_mme),
+    "mmstar": ("lmms-eval mmstar (lmms_eval/tasks/mmstar/utils.py)", _lmms_mmstar_judge, _lmms_mmstar),
+}
+RULE_SETS = ("vlmevalkit", "lmms_eval")
+
+
+def rules_for(benchmark: str, bench_file, requested: str = "auto") -> str:
+    """The rule set a benchmark file is scored by: ``requested`` when it is one of
+    :data:`RULE_SETS`; for "auto" (or ""), lmms-eval's for an lmms-eval export (.json /
+    .jsonl) of a benchmark lmms-eval rules exist for here (:data:`LMMS_EVAL`), VLMEvalKit's
+    otherwise (its .tsv files). ValueError for an unknown name or lmms-eval's rules asked for a
+    benchmark without them."""
+    if requested in ("", "auto"):
+        lmms = paths.path(bench_file).suffix in (".json", ".jsonl") and benchmark in LMMS_EVAL
+        return "lmms_eval" if lmms else "vlmevalkit"
+    if requested not in RULE_SETS:
+        raise ValueError(f"score.rules {requested!r} is not auto or one of {RULE_SETS}")
+    if requested == "lmms_eval" and benchmark not in LMMS_EVAL:
+        raise ValueError(f"score.rules=lmms_eval: no lmms-eval rule here for {benchmark!r} "
+                         f"(only {', '.join(LMMS_EVAL)})")
+    return requested
+
+
+def judge_all(benchmark: str, items: list, rules: str = "vlmevalkit") -> list:
+    """[:func:`judge` of each item], or lmms-eval's per-item rule (``rules="lmms_eval"``)."""
+    if rules == "lmms_eval":
+        return [LMMS_EVAL[benchmark][1](it, str(it["response"])) for it in items]
     return [judge(benchmark, it) for it in items]
 
 
-def official(benchmark: str, items: list, judged: list | None = None) -> dict | None:
+def official(benchmark: str, items: list, judged: list | None = None,
+             rules: str = "vlmevalkit") -> dict | None:
     """The benchmark's official numbers (module docstring), None for a benchmark without one.
 
     Args:
@@ -388,19 +514,23 @@ def official(benchmark: str, items: list, judged: list | None = None) -> dict | 
         ``category``, ``group``, ``meta``) each with ``response`` (str, the raw answer); may be
         predictions of ``eval_lib.predict``, which carry these fields.
       judged: :func:`judge_all` of the items, computed when None.
+      rules: "vlmevalkit" or "lmms_eval" (:func:`rules_for`; :data:`LMMS_EVAL` has POPE, MME
+        and MMStar).
     Returns:
-      {"rule": source, "unit": "percent", "n": items, "unparsed": answers the rule could not
-      read, ...the benchmark's numbers} (floats in percent, counts as ints).
+      {"rule": source, "rules": the rule set, "unit": "percent", "n": items, "unparsed":
+      answers the rule could not read, ...the benchmark's numbers} (floats in percent, counts
+      as ints).
     """
     if benchmark not in _AGGREGATE:
         return None
     if not items:
         raise ValueError(f"{benchmark}: no items to score")
-    judged = judge_all(benchmark, items) if judged is None else judged
+    judged = judge_all(benchmark, items, rules) if judged is None else judged
     hits = np.array([j["hit"] for j in judged], bool)
-    return {"rule": RULES[benchmark], "unit": "percent", "n": len(items),
-            "unparsed": sum(not j["parsed"] for j in judged),
-            **_AGGREGATE[benchmark](items, judged, hits)}
+    source, aggregate = ((LMMS_EVAL[benchmark][0], LMMS_EVAL[benchmark][2]) if rules == "lmms_eval"
+                         else (RULES[benchmark], _AGGREGATE[benchmark]))
+    return {"rule": source, "rules": rules, "unit": "percent", "n": len(items),
+            "unparsed": sum(not j["parsed"] for j in judged), **aggregate(items, judged, hits)}
 
 
 def official_lines(off: dict) -> list:
@@ -420,7 +550,7 @@ def official_lines(off: dict) -> list:
 
     def walk(d: dict, path: str):
         leaves = [f"{k} {fmt(v)}" for k, v in d.items()
-                  if not isinstance(v, dict) and k not in ("rule", "unit", "judge", "note")]
+                  if not isinstance(v, dict) and k not in ("rule", "rules", "unit", "judge", "note")]
         if leaves:
             lines.append(f"{path or 'total'}: " + "  ".join(leaves))
         if d.get("note"):

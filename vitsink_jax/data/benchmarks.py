@@ -7,8 +7,10 @@ Layouts read:
   ``A``.. ``J``, ``answer``, ``category`` / ``l2-category``, optional ``hint``, ``image_path``,
   ``question_type``, ``answer_type``, ``choices``.
 * lmms-eval style JSON (a list) or JSONL exports: the same field names, plus ``choices`` /
-  ``options`` as a list, an answer given as letter, ``(A)``, option text or option number, and
-  ``image`` as base64 or as a path relative to the file.
+  ``options`` as a list (MMStar: the options written in the question, "Options: A: x, B: y"),
+  ``l2_category`` for ``l2-category``, MME's ``question_id`` naming the image a question pair
+  shares, an answer given as letter, ``(A)``, option text or option number, and ``image`` as
+  base64 or as a path relative to the file.
 
 Record schema (every benchmark, one dict per item)::
 
@@ -160,7 +162,20 @@ class RowImages:
             raise SkipRow(f"field 'image': {where}{e}") from None
 
 
+_INLINE_OPTIONS = re.compile(r"\nOptions:\s*A:\s*(.*)$", re.DOTALL)
+_NEXT_OPTION = re.compile(r",\s*[B-J]:\s")
+
+
+def _question_options(question: str) -> list:
+    """The options an lmms-eval MMStar question carries in its text ("...\nOptions: A: x,
+    B: y, C: z, D: w"), [] when it has none."""
+    m = _INLINE_OPTIONS.search(question)
+    return [o.strip() for o in _NEXT_OPTION.split(m.group(1).strip())] if m else []
+
+
 def _options(row: dict) -> list:
+    """A row's option texts: a ``choices`` / ``options`` list, the option columns ``A``.. up to
+    the first empty one, or else the options written in the question (lmms-eval's MMStar)."""
     for key in ("choices", "options"):
         v = row.get(key)
         if isinstance(v, str) and v.strip().startswith("["):
@@ -173,7 +188,7 @@ def _options(row: dict) -> list:
         if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in ("", "nan"):
             break
         opts.append(str(v))
-    return opts
+    return opts or _question_options(str(row.get("question", "")))
 
 
 def _mc_answer(answer, options: list) -> str:
@@ -207,6 +222,7 @@ def _meta(row: dict, nested: dict) -> dict:
     out = {}
     for key in META_FIELDS:
         v = row.get(key)
+        v = row.get(key.replace("-", "_")) if v is None else v  # lmms-eval's l2_category
         v = nested.get(key) if v is None or str(v).strip() == "" else v
         if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in ("", "nan", "None"):
             continue
@@ -250,7 +266,9 @@ def normalize_row(row: dict, benchmark: str, images: RowImages | None = None, n:
             "question": question,
             "options": options, "answer": answer, "kind": kind, "category": str(category),
             "tag": str(row.get("tag") or ""),
-            "group": str(row.get("image_path") or row.get("image_id") or row.get("imageId") or ""),
+            # MME: the image a question pair shares; lmms-eval's MME names it by question_id
+            "group": str(row.get("image_path") or row.get("image_id") or row.get("imageId")
+                         or (row.get("question_id") if benchmark == "mme" else "") or ""),
             "answer_type": str(row.get("answer_type") or meta.get("answer_type") or "text"),
             "meta": _meta(row, meta)}
 
