@@ -14,6 +14,13 @@ Two kinds of answer extraction live here:
   stays unread (multiple choice ``Z``, yes/no ``Unknown``, MathVista not prefetched) and counts
   as wrong, which is what VLMEvalKit does under ``--judge exact_matching``.
 
+lmms-eval's rules (EvolvingLMMs-Lab/lmms-eval, ``lmms_eval/tasks/{pope,mme,mmstar}/utils.py``)
+score lmms-eval's own files (:func:`rules_for`; :data:`LMMS_EVAL`): POPE counts an answer only
+when it is exactly "yes" / "no" after lower-casing; MME reads yes / no from the first four
+characters and pairs questions by ``question_id``, totals over the categories present; MMStar's
+``exact_match`` reads the letter at the answer's start and averages per-``l2_category``
+accuracies.
+
 :func:`official` gives the official numbers of one benchmark, all in percent (VLMEvalKit's
 multiple-choice tables hold fractions 0-1; they are x 100 here):
 
