@@ -426,6 +426,9 @@ def test_predictions_of_another_benchmark_are_refused(tmp_path):
         score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))
     same_q[2]["answer"] = "Yes"
     assert score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))["official"]["Overall"]["acc"] == 100.0
+    mc = {"answer": "B", "kind": "mc", "options": ["5", "7"]}   # a letter, "(B)", the text, 7.0
+    assert all(S._same_answer(a, mc) for a in ("B", "(B)", "7", "7.0"))
+    assert not any(S._same_answer(a, mc) for a in ("A", "5", "(C)"))
 
 
 def test_prediction_file_encodings(tmp_path):
@@ -515,3 +518,19 @@ def test_lmms_eval_mmstar_export_is_read_and_scored_by_exact_match(tmp_path):
     assert forced["official"]["Overall"] == 100.0
     with pytest.raises(SystemExit, match="score.rules=lmms_eval: no lmms-eval rule here for 'cvbench'"):
         score_lmms(tmp_path, "cvbench", rows, responses, **{"score.rules": "lmms_eval"})
+
+
+def test_unmatched_labels_reach_results_json_block(tmp_path, capsys):
+    # benchmark_records' second value is spread into every benchmark-mode results.json
+    from vitsink_jax.data.synthetic import embedded_benchmark
+
+    index = [r["index"] for r in embedded_benchmark(0, 2, 56)[:3]]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"index,tag\n{index[0]},global\n{index[1]},local\nnot-a-row,mixed\n")
+    cfg = default_config(**{"benchmark.name": "embedded", "benchmark.limit": 3,
+                            "benchmark.image_size": 56, "benchmark.labels": str(labels)})
+    _, source, _ = evaluate.benchmark_records(cfg, tmp_path / "work")
+    info = source["labels"]
+    assert info["labels_not_in_benchmark"] == 1 and info["labels_not_in_benchmark_first"] == ["not-a-row"]
+    assert "1 label(s) match no benchmark index, e.g. not-a-row" in capsys.readouterr().out
+    assert source["skipped_rows"] == []

@@ -727,7 +727,9 @@ def _position(p: dict, records: list, pred_file, bench_file, skipped: list) -> i
 
 def _same_answer(given: str, rec: dict) -> bool:
     """Whether a prediction file's answer cell names the record's gold answer: the same text
-    (any case; numbers compared as numbers) or, for multiple choice, the gold option's text."""
+    (any case, a letter also as "(A)"; numbers compared as numbers) or, for multiple choice,
+    the gold option's text."""
+    given = given.strip("()").strip() if len(given) == 3 else given
     gold = [rec["answer"]]
     if rec["kind"] == "mc" and rec["answer"] in LETTERS[:len(rec["options"])]:
         gold.append(rec["options"][LETTERS.index(rec["answer"])])
