@@ -331,8 +331,9 @@ def parse_variant(spec: str, rule) -> vj.VisualTokenPolicy:
         raise SystemExit(f"error: variant {spec!r}: {e}")
 
 
-def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
-    """(this host's records, skipped rows, {index: position in the file}): the benchmark file or
+def benchmark_records(cfg, workdir: Path) -> tuple[list, dict, dict]:
+    """(this host's records, {"skipped_rows": [...], "labels": the labels summary or None} for
+    results.json, {index: position in the file}): the benchmark file or
     the embedded benchmark, written as a tfds builder and read back through it, sharded over
     hosts (tfds shards follow its storage order, not the file's). Every process reads the file
     and writes its builder itself."""
@@ -350,8 +351,9 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
             records, info = labels.apply_labels(records, b.labels)
         except labels.LabelsError as e:
             raise SystemExit(f"error: {e}")
-        print(f"labels {b.labels}: {info['labelled']} items tagged {info['per_tag']}, "
-              f"{info['unlabelled']} unlabelled (left out of the per-tag scores)")
+        print(labels.summary_line(info))
+    else:
+        info = None
     data_dir = paths.data_dir(b.data_dir, workdir, "benchmark.data_dir")
     data_dir = parallel.process_local(data_dir)  # hosts share no disk
     import tensorflow_datasets as tfds
@@ -362,7 +364,7 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, list, dict]:
         raise SystemExit(f"error: process {jax.process_index()} got no items of {len(records)}")
     print(f"benchmark {b.name}: {len(records)} items ({len(skipped)} rows skipped), "
           f"{len(local)} on this host; tfds builder in {data_dir}")
-    return local, skipped, {r["index"]: i for i, r in enumerate(records)}
+    return local, {"skipped_rows": skipped, "labels": info}, {r["index"]: i for i, r in enumerate(records)}
 
 
 def gather_predictions(preds: list, order: dict) -> list:
@@ -416,12 +418,12 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
 
 def run_benchmark(cfg, workdir: Path) -> dict:
     ckpt, how = resolve_checkpoint(cfg, workdir)
-    records, skipped, order = benchmark_records(cfg, workdir)
+    records, source, order = benchmark_records(cfg, workdir)
     results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order, None)
     table = comparison_table(list(results.items()))
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
-              "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, "skipped_rows": skipped,
+              "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, **source,
               "processes": jax.process_count(), "results": results,
               "skipped_variants": skipped_variants, "table": table}
     if jax.process_index() == 0:
@@ -443,7 +445,7 @@ def run_study(cfg, workdir: Path) -> dict:
     print("DINOv2-with-registers: no trained weights ship offline, so the registers tower is only "
           "checked against transformers on tiny random configs (tests/test_dinov2.py)")
     print("== (b) embedded benchmark on the mini LVLMs (train.py --config configs/mini_study.py)")
-    records, skipped, order = benchmark_records(cfg, workdir)
+    records, source, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": cfg.study.rule})
     results, checkpoints, skipped_variants = {}, {}, {}
     for name in cfg.study.models:
@@ -459,7 +461,7 @@ def run_study(cfg, workdir: Path) -> dict:
     record_file = mini_study.ASSETS / "training_record.json"
     report = {**record(cfg, cfg.seed, None, None), "checkpoints": checkpoints,
               "vit_summary": vit["summary"], "benchmark": cfg.benchmark.name,
-              "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule), "results": results,
+              **source, "sink_rule": dataclasses.asdict(rule), "results": results,
               "skipped_variants": skipped_variants, "table": table,
               "training_record": str(record_file) if record_file.is_file() else None}
     if jax.process_index() == 0:
@@ -484,7 +486,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         cfg.checkpoint, cfg.eval.mc_format = k.checkpoint, k.mc_format
     ckpt, model, params = load_lvlm(cfg, workdir)
     tokenizer = load_tokenizer(ckpt)
-    records, skipped, order = benchmark_records(cfg, workdir)
+    records, source, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": k.rule})
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
@@ -534,7 +536,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
                 curves.setdefault(line, []).append((r["visual_tokens_kept"], 100 * r["accuracy"]))
     plot = plots.pruning_curves(curves, workdir / "plots" / "accuracy_vs_tokens_kept.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
-              "benchmark": cfg.benchmark.name, "skipped_rows": skipped, "sink_rule": dataclasses.asdict(rule),
+              "benchmark": cfg.benchmark.name, **source, "sink_rule": dataclasses.asdict(rule),
               "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "not_run": not_run,
               "table": table}
     if jax.process_index() == 0:
@@ -579,8 +581,10 @@ def comparison_table(rows: list) -> str:
 def run_score(cfg, workdir: Path) -> dict:
     """Score-only mode: another system's predictions (``cfg.score.predictions``: a VLMEvalKit
     .xlsx / .tsv / .csv with ``index`` and ``prediction``, or lmms-eval .jsonl samples) on the
-    benchmark file, joined by index, answers extracted by VLMEvalKit's judge-free rules; writes
-    ``results.json`` (provenance, both files' sha256, join counts, unparsed answers, the
+    benchmark file, joined by index, answers extracted and scored by the rule set of the file's
+    format (``cfg.score.rules``, :func:`vitsink_jax.scores.rules_for`: VLMEvalKit's judge-free
+    rules for its .tsv files, lmms-eval's for its .json / .jsonl exports); writes
+    ``results.json`` (provenance, the rule set, both files' sha256, join counts, unparsed answers, the
     ``official`` numbers) and ``scored_predictions.jsonl`` (per item the extracted answer and
     hit). No model is loaded."""
     b, s = cfg.benchmark, cfg.score
@@ -591,11 +595,12 @@ def run_score(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: benchmark {b.name!r} has no official rule here; score mode "
                          f"takes one of {', '.join(scores.OFFICIAL)}")
     try:
+        rules = scores.rules_for(b.name, b.file, s.rules)
         records, skipped = benchmarks.read_benchmark(b.file, b.name, decode_images=False)
         items, counts = scores.join_predictions(records, scores.read_predictions(s.predictions),
                                                 s.predictions, b.file, skipped, s.allow_subset)
-        judged = scores.judge_all(b.name, items)
-        official = scores.official(b.name, items, judged)
+        judged = scores.judge_all(b.name, items, rules)
+        official = scores.official(b.name, items, judged, rules)
     except ValueError as e:  # BenchmarkError, PredictionError, an item without a rule
         raise SystemExit(f"error: {e}")
     table = "\n".join([f"official {b.name} ({official['rule']}; percent), {s.predictions}:",
@@ -604,6 +609,7 @@ def run_score(cfg, workdir: Path) -> dict:
     report = {**record(cfg, cfg.seed), "benchmark": b.name, "file": b.file,
               "file_sha256": scores.file_sha256(b.file), "predictions": s.predictions,
               "predictions_sha256": scores.file_sha256(s.predictions), "skipped_rows": skipped,
+              "rules": rules,
               "counts": counts, "unparsed": official["unparsed"], "official": official, "table": table}
     out = write_json(workdir / "results.json", report)
     write_jsonl(workdir / "scored_predictions.jsonl",
@@ -754,7 +760,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files; sweep mode needs the checkpoint's tokenizer")
-    records, skipped, order = benchmark_records(cfg, workdir)
+    records, source, order = benchmark_records(cfg, workdir)
     rules = sweep_rules(cfg)
     what = "its DIYSink routing" if model.config.diysink else f"variant {cfg.sweep.variant!r}"
     print(f"sweep: {len(rules)} rule(s), {what}, against the reference model")
@@ -786,7 +792,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
                            None if adaptive is None else (100 * adaptive["accuracy"], adaptive["sinks_per_image"]),
                            workdir / "plots" / "tau_sweep.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "benchmark": cfg.benchmark.name,
-              "skipped_rows": skipped, "variant": None if model.config.diysink else cfg.sweep.variant,
+              **source, "variant": None if model.config.diysink else cfg.sweep.variant,
               "reference": reference, "results": rows, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "sweep.json", report)

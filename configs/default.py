@@ -60,12 +60,15 @@ def get_config():
     c.benchmark.variants = 2        # embedded benchmark: overlays per photo (3 questions each)
     c.benchmark.image_size = 224    # embedded benchmark: stored image side in pixels
     # score mode (vitsink_jax.scores): another system's predictions on benchmark.file, scored
-    # by VLMEvalKit's judge-free rules; no model
+    # by the owners' judge-free rules (VLMEvalKit's or lmms-eval's); no model
     c.score = ml_collections.ConfigDict()
     c.score.predictions = ""        # VLMEvalKit .xlsx / .tsv / .csv (index, prediction) or
                                     # lmms-eval --log_samples .jsonl
     c.score.allow_subset = False    # True: benchmark rows without a prediction are left out
                                     # (counted) instead of an error
+    c.score.rules = "auto"          # auto (the benchmark file's format: VLMEvalKit .tsv ->
+                                    # vlmevalkit, lmms-eval .json/.jsonl -> lmms_eval for
+                                    # pope / mme / mmstar) | vlmevalkit | lmms_eval
     # visual-token variants compared side by side: "order[+select[+positions]]", e.g. "front",
     # "end", "none+sinks" (sink-only input), "none+nonsinks", "front+all+original"
     c.variants = ("none", "front")

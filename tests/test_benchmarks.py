@@ -167,3 +167,22 @@ def test_finding5_labels_file_joins_by_index(tmp_path):
     bad.write_text("index\ttag\n77\tglobal\n")
     with pytest.raises(LabelsError, match="none of its 1 indices"):
         apply_labels(records, bad)
+
+
+def test_finding5_unmatched_labels_are_counted_named_and_a_shift_is_spotted(tmp_path):
+    from vitsink_jax.data.labels import LabelsError, apply_labels, summary_line
+
+    records = [{"index": str(i), "tag": "", "question": "q"} for i in range(5)]
+    tags = tmp_path / "labels.csv"   # counted from 1: 5 matches no row; all match shifted by -1
+    tags.write_text("index,tag\n1,global\n2,local\n5,mixed\n")
+    _, info = apply_labels(records, tags)
+    assert info["labels_not_in_benchmark"] == 1 and info["labels_not_in_benchmark_first"] == ["5"]
+    assert info["shift_hint"].startswith("every label index - 1 is a benchmark index")
+    line = summary_line(info)
+    assert "1 label(s) match no benchmark index, e.g. 5; every label index - 1" in line
+    tags.write_text("index,tag\n0,global\n9,local\n")   # no shift explains 9
+    _, info = apply_labels(records, tags)
+    assert info["labels_not_in_benchmark_first"] == ["9"] and info["shift_hint"] == ""
+    tags.write_text("index,tag\n2,global\n")   # rows 0-1: no direct match, 2 - 1 is one
+    with pytest.raises(LabelsError, match=r"none of its 1 indices .*; every label index - 1"):
+        apply_labels(records[:2], tags)

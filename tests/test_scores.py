@@ -2,6 +2,7 @@
 Cambrian-1's CV-Bench overall) against hand-computed values, and evaluate.py's score-only mode
 on hand-made benchmark and prediction files (no model)."""
 
+import codecs
 import csv
 import importlib.util
 import json
@@ -252,7 +253,8 @@ def test_score_mode_pope_tsv_predictions(tmp_path):
                   answer=it["answer"].capitalize(), category=it["category"], image="x")
              for it in pope_items()]
     preds = write_table(tmp_path / "model_POPE.tsv",    # VLMEvalKit's PRED_FORMAT=tsv: QUOTE_ALL
-                        [dict(index=it["index"], question="q", prediction=it["response"])
+                        [dict(index=it["index"], question=f"Is there a thing {it['index']}?",
+                              prediction=it["response"])
                          for it in pope_items()], quoting=csv.QUOTE_ALL)
     report = score(tmp_path, "pope", bench, preds)
     saved = json.loads((tmp_path / "work" / "results.json").read_text())
@@ -345,3 +347,190 @@ def test_benchmark_meta_fields_survive_tfds(tmp_path):
     assert recs[0]["meta"] == {"l2-category": "l2", "skills": ["a", "b"], "task": "t"}
     B.build_tfds(recs, "meta", tmp_path)
     assert B.load_tfds("meta", tmp_path)[0]["meta"] == recs[0]["meta"]
+
+
+# ------------------------------------------- issue 34: VLMEvalKit's files as it reads them ---
+
+def test_cvbench_option_columns_typed_as_pandas_types_them(tmp_path):
+    # C / D are empty on the 2-option row, so pandas reads them as floats: "5" -> "5.0"; A / B
+    # hold text ("left"), so "2" and "3" stay. Row 2: "5.0" is not in "5" (a miss in
+    # VLMEvalKit, a hit on the cell text); rows 3-4: 14 characters fit 2 x (1+1+3+3) = 16 but not
+    # 2 x 4 = 8. VLMEvalKit: hit, miss, hit, hit = 75.00 (was 50.00 here).
+    count = dict(A="2", B="3", C="5", D="7", category="Count")
+    bench = [dict(index=1, question="Where?", A="left", B="right", C="", D="", answer="A",
+                  category="Relation"),
+             dict(index=2, question="How many?", **count | {"answer": "C"}),
+             dict(index=3, question="How many?", **count | {"answer": "A"}),
+             dict(index=4, question="How many?", **count | {"answer": "B"})]
+    bench = [{**r, "source": "COCO", "split": "2D", "image": "x"} for r in bench]
+    preds = write_table(tmp_path / "p.tsv", [dict(index=i, prediction=p) for i, p in
+                                             [(1, "left"), (2, "5"), (3, "I count 2 cows"),
+                                              (4, "I count 3 cows")]])
+    off = score(tmp_path, "cvbench", bench, preds)["official"]
+    assert off["2D"] == pytest.approx(75.0)
+    recs, _ = B.read_benchmark(tmp_path / "cvbench.tsv", "cvbench", decode_images=False)
+    assert recs[1]["options"] == ["2", "3", "5", "7"]          # our prompt keeps the cell text
+    assert recs[1]["meta"]["vlmevalkit_choices"] == {"A": "2", "B": "3", "C": "5.0", "D": "7.0"}
+    assert B.pandas_column(["1", "2"]) == ["1", "2"] and B.pandas_column(["2.50", "x"]) == ["2.50", "x"]
+    assert B.pandas_column(["2.50", "NA"]) == ["2.5", None]
+
+
+def test_mmstar_option_cells_pandas_reads_as_missing_are_no_choice(tmp_path):
+    # option A "None" is NaN to pandas: VLMEvalKit's choices are B-D, so row 1 reads no letter
+    # (miss) where the cell text matched option A: 50.00 (was 100.00)
+    bench = [dict(index=1, question="Which?", A="None", B="red", C="blue", D="green", answer="A"),
+             dict(index=2, question="Which?", A="cat", B="dog", C="N/A", D="cow", answer="B")]
+    bench = [{**r, "category": "math", "l2-category": "geometry", "image": "x"} for r in bench]
+    preds = write_table(tmp_path / "p.tsv", [dict(index=1, prediction="It is None of them"),
+                                             dict(index=2, prediction="B")])
+    assert score(tmp_path, "mmstar", bench, preds)["official"]["Overall"] == pytest.approx(50.0)
+
+
+def test_mme_acc_plus_multiplies_an_images_first_two_questions():
+    # existence/3.jpg has three questions, right, right, wrong: VLMEvalKit's val[0] * val[1]
+    # counts the image, so acc+ = 2 of 3 images = 66.67 (was 1 of 3 = 33.33 when all had to be right)
+    items = mme_items() + [item("e3a", "yesno", "yes", "Yes", "existence", "existence/3.jpg"),
+                           item("e3b", "yesno", "no", "No", "existence", "existence/3.jpg"),
+                           item("e3c", "yesno", "no", "Yes", "existence", "existence/3.jpg")]
+    ex = S.official("mme", items)["categories"]["existence"]
+    assert_close(ex, {"acc": 500 / 7, "acc_plus": 200 / 3, "images": 3})
+    one = S.official("mme", mme_items() + [item("e4", "yesno", "no", "No", "existence", "existence/4.jpg")])
+    assert one["categories"]["existence"]["acc_plus"] is None and "one question" in one["note"]
+
+
+def test_mathvista_gold_is_answer_option(tmp_path):
+    # row 5's choices repeat "1": its answer_option C is the gold (VLMEvalKit's post_check),
+    # not A, the first option with the answer text. Hits: rows 1, 3 and 5 = 60.00 (was 40.00).
+    rows = [(["1", "2"], "1", "A", "A"), (["1", "2"], "2", "B", "A"), (["3", "4"], "4", "B", "B"),
+            (["5", "6"], "5", "A", "B"), (["1", "2", "1"], "1", "C", "C")]
+    bench = [dict(index=i, question=f"Q{i}?", answer=ans, question_type="multi_choice",
+                  answer_type="text", choices=str(ch), answer_option=opt, task="t", skills="['s']",
+                  image="x") for i, (ch, ans, opt, _) in enumerate(rows, start=1)]
+    preds = write_table(tmp_path / "p.tsv", [dict(index=i, prediction=r[3]) for i, r in enumerate(rows, start=1)])
+    assert score(tmp_path, "mathvista", bench, preds)["official"]["Overall"]["acc"] == pytest.approx(60.0)
+
+
+def test_predictions_of_another_benchmark_are_refused(tmp_path):
+    # a VLMEvalKit MME prediction table (indices 0-2) given for a POPE file with indices 0-2:
+    # was scored (exit 0), now refused at the first index whose question differs
+    bench = [dict(index=i, question=f"Is there a dog {i}?", answer="Yes", category="random", image="x")
+             for i in range(3)]
+    other = [dict(index=i, question=f"Is there a dog {i}?" if i == 0 else "Is this a poster?",
+                  answer="Yes", prediction="Yes") for i in range(3)]
+    with pytest.raises(SystemExit, match=r"p.tsv: index '1' asks 'Is this a poster\?' but .*pope.tsv "
+                                         r"\(index 1\) asks 'Is there a dog 1\?'"):
+        score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", other))
+    same_q = [{**r, "question": f"Is there a dog {r['index']}?", "answer": "No" if r["index"] == 2 else "Yes"}
+              for r in other]
+    with pytest.raises(SystemExit, match=r"p.tsv: index '2' has answer 'No' but .* has 'yes'"):
+        score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))
+    same_q[2]["answer"] = "Yes"
+    assert score(tmp_path, "pope", bench, write_table(tmp_path / "p.tsv", same_q))["official"]["Overall"]["acc"] == 100.0
+    mc = {"answer": "B", "kind": "mc", "options": ["5", "7"]}   # a letter, "(B)", the text, 7.0
+    assert all(S._same_answer(a, mc) for a in ("B", "(B)", "7", "7.0"))
+    assert not any(S._same_answer(a, mc) for a in ("A", "5", "(C)"))
+
+
+def test_prediction_file_encodings(tmp_path):
+    # Excel's "CSV UTF-8" (BOM; was refused as "missing column 'index'") and UTF-16 are read,
+    # Latin-1 is refused naming the file, as is a 0-byte .xlsx (was a BadZipFile traceback)
+    bench = [dict(index=i, question="Is it a café?", answer="Yes", category="random", image="x")
+             for i in range(2)]
+    text = "index,question,prediction\n0,Is it a café?,Yes\n1,Is it a café?,No\n"
+    for name, data in [("bom.csv", codecs.BOM_UTF8 + text.encode()), ("u16.csv", text.encode("utf-16"))]:
+        (tmp_path / name).write_bytes(data)
+        assert score(tmp_path, "pope", bench, tmp_path / name)["official"]["Overall"]["acc"] == 50.0
+    (tmp_path / "l1.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(SystemExit, match=r"l1.csv: not utf-8 text \(byte 39: b'\\xe9'\)"):
+        score(tmp_path, "pope", bench, tmp_path / "l1.csv")
+    (tmp_path / "p.xlsx").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"p.xlsx: the file is empty \(0 bytes\)|p.xlsx: reading .xlsx needs"):
+        score(tmp_path, "pope", bench, tmp_path / "p.xlsx")
+
+
+# ------------------------------------------------------------ issue 34: lmms-eval's rules ---
+
+def lmms_files(tmp_path, rows, responses):
+    """An lmms-eval benchmark export (.jsonl) and its --log_samples predictions (doc_id)."""
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps({**r, "image": "x"}) for r in rows))
+    preds = tmp_path / "samples.jsonl"
+    preds.write_text("\n".join(json.dumps({"doc_id": i, "doc": {"question": r["question"]},
+                                           "filtered_resps": [p]})
+                               for i, (r, p) in enumerate(zip(rows, responses))))
+    return bench, preds
+
+
+def score_lmms(tmp_path, name, rows, responses, **kw):
+    bench, preds = lmms_files(tmp_path, rows, responses)
+    cfg = default_config(**{"benchmark.name": name, "benchmark.file": str(bench),
+                            "score.predictions": str(preds), **kw})
+    evaluate.run_score(cfg, tmp_path / "work")
+    return json.loads((tmp_path / "work" / "results.json").read_text())
+
+
+def test_lmms_eval_pope_counts_only_a_whole_yes_or_no(tmp_path):
+    # "Yes, there is a dog." is wrong for lmms-eval (not exactly "yes") but not a false negative:
+    # acc 2/4 = 50.00 (VLMEvalKit's rules, used before: 75.00), precision 1/2, recall 1/1,
+    # F1 66.67, yes_ratio (lmms-eval's: the gold answers') 50.00
+    rows = [dict(question_id=i, question=f"Is there a dog {i}?", answer=a, category="random")
+            for i, a in enumerate(["yes", "yes", "no", "no"])]
+    saved = score_lmms(tmp_path, "pope", rows, ["Yes", "Yes, there is a dog.", "No", "yes"])
+    assert saved["rules"] == "lmms_eval" and saved["official"]["rules"] == "lmms_eval"
+    assert_close(saved["official"]["Overall"], {"acc": 50.0, "precision": 50.0, "recall": 100.0,
+                                                "f1": 200 / 3, "yes_ratio": 50.0})
+    forced = score_lmms(tmp_path, "pope", rows, ["Yes", "Yes, there is a dog.", "No", "yes"],
+                        **{"score.rules": "vlmevalkit"})
+    assert forced["rules"] == "vlmevalkit" and forced["official"]["Overall"]["acc"] == 75.0
+
+
+def test_lmms_eval_mme_reads_four_characters_and_pairs_by_question_id(tmp_path):
+    # existence: e1 both right (200), e2 "There is no dog" is "other" (lmms-eval reads the first
+    # four characters): acc 50 + acc+ 0 = 50 -> (200 + 50) / 2 = 125; code_reasoning: 200.
+    # Totals over the categories present: perception 125, reasoning 200 (were None: every row
+    # of a category in one image, and VLMEvalKit's totals need all 14 categories)
+    rows = [dict(question_id=q, question=f"{q} {n}? Please answer yes or no.", answer=a, category=c)
+            for q, c in [("existence/1.png", "existence"), ("existence/2.png", "existence"),
+                         ("code_reasoning/1.png", "code_reasoning")]
+            for n, a in enumerate(["Yes", "No"])]
+    responses = ["Yes, there is", "No", "yes", "There is no dog", "Yes", "no."]
+    off = score_lmms(tmp_path, "mme", rows, responses)["official"]
+    assert_close(off, {"perception": 125.0, "reasoning": 200.0,
+                       "categories": {"existence": {"acc": 75.0, "acc_plus": 50.0, "score": 125.0, "images": 2}}})
+    forced = score_lmms(tmp_path, "mme", rows, responses, **{"score.rules": "vlmevalkit"})["official"]
+    assert forced["categories"]["existence"]["score"] == 200.0 and forced["perception"] is None
+
+
+def test_lmms_eval_mmstar_export_is_read_and_scored_by_exact_match(tmp_path):
+    # options inside the question, l2_category: was refused (no options). lmms-eval: "I think D"
+    # misses (its first character is "i"); per-l2 means 100, 100, 0 -> average 66.67,
+    # math 100, science & technology 0 (VLMEvalKit's can_infer reads all four: 100)
+    q = "What is it?\nOptions: A: cat, B: dog, C: cow, D: pig"
+    rows = [dict(index=i, question=q, answer=a, category=c, l2_category=l2) for i, (a, c, l2) in enumerate(
+        [("B", "math", "geometry"), ("A", "math", "geometry"), ("C", "math", "statistical reasoning"),
+         ("D", "science & technology", "biology & chemistry & physics")])]
+    responses = ["B", "(A) cat", "The answer is C", "I think D"]
+    off = score_lmms(tmp_path, "mmstar", rows, responses)["official"]
+    assert_close(off, {"average": 200 / 3, "category": {"math": 100.0, "science & technology": 0.0}})
+    recs, _ = B.read_benchmark(tmp_path / "bench.jsonl", "mmstar", decode_images=False)
+    assert recs[0]["options"] == ["cat", "dog", "cow", "pig"] and recs[0]["meta"]["l2-category"] == "geometry"
+    forced = score_lmms(tmp_path, "mmstar", rows, responses, **{"score.rules": "vlmevalkit"})
+    assert forced["official"]["Overall"] == 100.0
+    with pytest.raises(SystemExit, match="score.rules=lmms_eval: no lmms-eval rule here for 'cvbench'"):
+        score_lmms(tmp_path, "cvbench", rows, responses, **{"score.rules": "lmms_eval"})
+
+
+def test_unmatched_labels_reach_results_json_block(tmp_path, capsys):
+    # benchmark_records' second value is spread into every benchmark-mode results.json
+    from vitsink_jax.data.synthetic import embedded_benchmark
+
+    index = [r["index"] for r in embedded_benchmark(0, 2, 56)[:3]]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"index,tag\n{index[0]},global\n{index[1]},local\nnot-a-row,mixed\n")
+    cfg = default_config(**{"benchmark.name": "embedded", "benchmark.limit": 3,
+                            "benchmark.image_size": 56, "benchmark.labels": str(labels)})
+    _, source, _ = evaluate.benchmark_records(cfg, tmp_path / "work")
+    info = source["labels"]
+    assert info["labels_not_in_benchmark"] == 1 and info["labels_not_in_benchmark_first"] == ["not-a-row"]
+    assert "1 label(s) match no benchmark index, e.g. not-a-row" in capsys.readouterr().out
+    assert source["skipped_rows"] == []

@@ -14,6 +14,13 @@ Two kinds of answer extraction live here:
   stays unread (multiple choice ``Z``, yes/no ``Unknown``, MathVista not prefetched) and counts
   as wrong, which is what VLMEvalKit does under ``--judge exact_matching``.
 
+lmms-eval's rules (EvolvingLMMs-Lab/lmms-eval, ``lmms_eval/tasks/{pope,mme,mmstar}/utils.py``)
+score lmms-eval's own files (:func:`rules_for`; :data:`LMMS_EVAL`): POPE counts an answer only
+when it is exactly "yes" / "no" after lower-casing; MME reads yes / no from the first four
+characters and pairs questions by ``question_id``, totals over the categories present; MMStar's
+``exact_match`` reads the letter at the answer's start and averages per-``l2_category``
+accuracies.
+
 :func:`official` gives the official numbers of one benchmark, all in percent (VLMEvalKit's
 multiple-choice tables hold fractions 0-1; they are x 100 here):
 
@@ -25,8 +32,9 @@ multiple-choice tables hold fractions 0-1; they are x 100 here):
   positive class and an unread answer a "No"; ``yes_ratio`` (share of "Yes" answers) is the
   original POPE paper's (Li et al., 2023), which VLMEvalKit does not report.
 * ``mme`` - VLMEvalKit ``MME_rating``: per category ``acc`` (over questions) and ``acc_plus``
-  (over images, an image counts when all its questions are right; images are the rows'
-  ``image_path``), ``score = acc + acc_plus`` (at most 200); ``perception`` = the sum over
+  (over images, an image counts when its first two questions are right, as VLMEvalKit's
+  ``val[0] * val[1]``; images are the rows' ``image_path``; None when an image has one question,
+  where VLMEvalKit raises IndexError), ``score = acc + acc_plus`` (at most 200); ``perception`` = the sum over
   OCR, artwork, celebrity, color, count, existence, landmark, position, posters, scene (at most
   2000) and ``reasoning`` = the sum over code_reasoning, commonsense_reasoning,
   numerical_calculation, text_translation (at most 800); a total is None, with the missing
@@ -47,14 +55,17 @@ multiple-choice tables hold fractions 0-1; they are x 100 here):
   ``hit``, ``prefetch_rate``, ``acc``. Rows the judge would have read count as wrong, so ``acc``
   is a lower bound of VLMEvalKit's judged accuracy.
 
-Not emulated: pandas' typing of whole columns when VLMEvalKit loads a file (an option column
-holding only numbers and empty cells is read as floats, so "3" becomes "3.0" before matching);
-predictions are taken as the cell text. pandas' NA strings ("", "NA", "None", "null", ...) do
+pandas' typing of whole option columns when VLMEvalKit loads a TSV (a column of integers with
+an empty cell is read as floats, so "3" becomes "3.0" before matching; an NA cell such as "None"
+is no choice) is applied: the record's ``meta["vlmevalkit_choices"]``
+(:func:`vitsink_jax.data.benchmarks.vlmevalkit_choices`). Predictions are taken as the cell
+text; pandas' NA strings ("", "NA", "None", "null", ...) do
 become the string "nan" (:func:`read_predictions`), as VLMEvalKit's ``str(prediction)`` sees them.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -62,12 +73,14 @@ import json
 import re
 import string
 import sys
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from . import paths
+from .data.benchmarks import PANDAS_NA
 from .data.prompts import LETTERS
 
 OFFICIAL = ("pope", "mme", "cvbench", "mmstar", "scienceqa", "mathvista")
@@ -85,10 +98,6 @@ MME_CATEGORIES = {
     "reasoning": ("code_reasoning", "commonsense_reasoning", "numerical_calculation",
                   "text_translation"),
 }
-# pandas.read_csv / read_excel default NA strings: VLMEvalKit's str(prediction) sees "nan"
-PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
-                       "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
-                       "nan", "null"})
 
 
 class PredictionError(ValueError):
@@ -238,10 +247,10 @@ def judge(benchmark: str, item: dict) -> dict:
     response = str(item["response"])
     if benchmark == "mathvista":
         return _mathvista_prefetch(item, response)
-    if item["kind"] == "mc":
-        letters = LETTERS[:len(item["options"])]
-        letter = can_infer(response, dict(zip(letters, item["options"]))) or "Z"
-        return {"extracted": letter, "hit": letter == item["answer"], "parsed": letter in letters}
+    if item["kind"] == "mc":  # the choices as VLMEvalKit's pandas reading typed them, if it did
+        choices = item["meta"].get("vlmevalkit_choices") or dict(zip(LETTERS, item["options"]))
+        letter = can_infer(response, choices) or "Z"
+        return {"extracted": letter, "hit": letter == item["answer"], "parsed": letter in choices}
     if item["kind"] == "yesno":
         yn = yes_or_no(response)
         return {"extracted": yn, "hit": yn.lower() == item["answer"].lower(), "parsed": yn != "Unknown"}
@@ -305,7 +314,9 @@ def _mme(items, judged, hits) -> dict:
         for i in ix:
             images[items[i]["group"]].append(bool(hits[i]))
         acc = _pct(hits[ix])
-        plus = None if "" in images else _pct([all(v) for v in images.values()])
+        # VLMEvalKit: an image counts when its first two questions are right (val[0] * val[1])
+        short = "" in images or any(len(v) < 2 for v in images.values())
+        plus = None if short else _pct([v[0] and v[1] for v in images.values()])
         cats[cat] = {"acc": acc, "acc_plus": plus, "score": None if plus is None else acc + plus,
                      "n": len(ix), "images": len(images)}
     res = {"categories": cats}
@@ -316,7 +327,8 @@ def _mme(items, judged, hits) -> dict:
         if missing:
             res[f"{total}_missing_categories"] = missing
     if any(c["acc_plus"] is None for c in cats.values()):
-        res["note"] = "acc+ needs each row's image_path (the record's group); some rows have none"
+        res["note"] = ("acc+ needs each row's image_path (the record's group) and two questions "
+                       "per image; some rows have none, or an image has one question")
     return res
 
 
@@ -369,12 +381,138 @@ _AGGREGATE = {"pope": _pope, "mme": _mme, "cvbench": _cvbench, "mmstar": _report
               "scienceqa": _report_acc, "mathvista": _mathvista}
 
 
-def judge_all(benchmark: str, items: list) -> list:
-    """[:func:`judge` of each item]."""
+# ------------------------------------------------------------------ lmms-eval's rules ---
+
+def _lmms_pope_judge(item: dict, response: str) -> dict:
+    """lmms-eval ``pope_process_results``: the whole answer, lower-cased and stripped, must be
+    the gold "yes" / "no"."""
+    pred = response.lower().strip()
+    return {"extracted": pred, "hit": pred == item["answer"].lower(), "parsed": pred in ("yes", "no")}
+
+
+def _lmms_mme_judge(item: dict, response: str) -> dict:
+    """lmms-eval ``parse_pred_ans`` (from Otter): lower-cased, stripped, periods removed; "yes"
+    / "no" as is, a lone "y" / "n", else "yes" or "no" within the first four characters (yes
+    first), else "other"."""
+    pred = response.lower().strip().replace(".", "")
+    if pred in ("yes", "no"):
+        label = pred
+    elif len(pred) == 1:
+        label = {"y": "yes", "n": "no"}.get(pred, "other")
+    else:
+        label = "yes" if "yes" in pred[:4] else "no" if "no" in pred[:4] else "other"
+    return {"extracted": label, "hit": label == item["answer"].lower(), "parsed": label != "other"}
+
+
+def _lmms_mmstar_judge(item: dict, response: str) -> dict:
+    """lmms-eval MMStar ``exact_match``: the gold letter is the answer's first character, or
+    the one after "(", "option " or "the answer is " at its start (all lower-cased)."""
+    pred = response.lower().strip().replace("\n", " ")
+    read = [pred[:1]] + [pred[len(p):len(p) + 1] for p in ("(", "option ", "the answer is ")
+                         if pred.startswith(p)]
+    gold = item["answer"].lower()
+    letter = gold if gold in read else read[0]
+    return {"extracted": letter.upper(), "hit": gold in read,
+            "parsed": letter.upper() in LETTERS[:len(item["options"])]}
+
+
+def _lmms_pope(items, judged, hits) -> dict:
+    """lmms-eval POPE: accuracy, precision (TP / (TP + FP)), recall (TP / (TP + FN), FN only
+    for a gold yes answered exactly "no"), F1 and its ``yes_ratio`` (the share of *gold* yes
+    answers, as lmms-eval computes it), over all rows and per ``category`` (lmms-eval's
+    pope_adv / pope_pop / pope_random tasks)."""
+    def metrics(ix) -> dict:
+        gold = [items[i]["answer"].lower() for i in ix]
+        pred = [judged[i]["extracted"] for i in ix]
+        tp = sum(g == p == "yes" for g, p in zip(gold, pred))
+        fp = sum(g == "no" and p == "yes" for g, p in zip(gold, pred))
+        fn = sum(g == "yes" and p == "no" for g, p in zip(gold, pred))
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"f1": 100 * f1, "acc": _pct(hits[ix]), "precision": 100 * precision,
+                "recall": 100 * recall, "yes_ratio": _pct([g == "yes" for g in gold]), "n": len(ix)}
+
+    return {"Overall": metrics(list(range(len(items)))),
+            "splits": {k: metrics(ix) for k, ix in _groups(items, lambda it: [it["category"]]).items()}}
+
+
+def _lmms_mme(items, judged, hits) -> dict:
+    """lmms-eval ``mme_aggregate_results``: per category, the mean over question_ids (the
+    record's ``group``) of acc (the pair's mean) + acc+ (both right), each in percent; a
+    question_id without exactly two questions leaves its category's score None (lmms-eval
+    asserts two); ``perception`` / ``reasoning`` (lmms-eval's cognition) = the sum over the
+    categories present."""
+    cats, notes = {}, []
+    for cat, ix in _groups(items, lambda it: [it["category"]]).items():
+        pairs = defaultdict(list)
+        for i in ix:
+            pairs[items[i]["group"]].append(bool(hits[i]))
+        bad = [g for g, v in pairs.items() if len(v) != 2 or not g]
+        if bad:
+            notes.append(f"{cat}: question_id {bad[0]!r} has {len(pairs[bad[0]])} question(s), not 2")
+        acc = _pct([np.mean(v) for v in pairs.values()])
+        plus = _pct([all(v) for v in pairs.values()])
+        cats[cat] = {"acc": acc, "acc_plus": plus, "score": None if bad else acc + plus,
+                     "n": len(ix), "images": len(pairs)}
+    res = {"categories": cats}
+    for total, names in MME_CATEGORIES.items():
+        scores_ = [cats[c]["score"] for c in names if c in cats]
+        res[total] = None if not scores_ or None in scores_ else float(sum(scores_))
+    if notes:
+        res["note"] = "; ".join(notes)
+    return res
+
+
+def _lmms_mmstar(items, judged, hits) -> dict:
+    """lmms-eval ``mmstar_aggregate_results``: per ``category`` and for ``average`` (all rows),
+    the unweighted mean over ``l2-category`` values of each one's accuracy; also each
+    ``l2-category``'s accuracy."""
+    l2 = _acc_by(items, hits, lambda it: [it["meta"].get("l2-category", "")])
+
+    def mean_l2(ix) -> float:
+        return float(np.mean(list(_acc_by([items[i] for i in ix], hits[ix],
+                                          lambda it: [it["meta"].get("l2-category", "")]).values())))
+
+    return {"average": mean_l2(np.arange(len(items))),
+            "category": {k: mean_l2(np.array(ix)) for k, ix in _groups(items, lambda it: [it["category"]]).items()},
+            "l2-category": l2}
+
+
+LMMS_EVAL = {  # benchmark -> (source, judge of one item, aggregation)
+    "pope": ("lmms-eval pope (lmms_eval/tasks/pope/utils.py)", _lmms_pope_judge, _lmms_pope),
+    "mme": ("lmms-eval mme (lmms_eval/tasks/mme/utils.py)", _lmms_mme_judge, _lmms_mme),
+    "mmstar": ("lmms-eval mmstar (lmms_eval/tasks/mmstar/utils.py)", _lmms_mmstar_judge, _lmms_mmstar),
+}
+RULE_SETS = ("vlmevalkit", "lmms_eval")
+
+
+def rules_for(benchmark: str, bench_file, requested: str = "auto") -> str:
+    """The rule set a benchmark file is scored by: ``requested`` when it is one of
+    :data:`RULE_SETS`; for "auto" (or ""), lmms-eval's for an lmms-eval export (.json /
+    .jsonl) of a benchmark lmms-eval rules exist for here (:data:`LMMS_EVAL`), VLMEvalKit's
+    otherwise (its .tsv files). ValueError for an unknown name or lmms-eval's rules asked for a
+    benchmark without them."""
+    if requested in ("", "auto"):
+        lmms = paths.path(bench_file).suffix in (".json", ".jsonl") and benchmark in LMMS_EVAL
+        return "lmms_eval" if lmms else "vlmevalkit"
+    if requested not in RULE_SETS:
+        raise ValueError(f"score.rules {requested!r} is not auto or one of {RULE_SETS}")
+    if requested == "lmms_eval" and benchmark not in LMMS_EVAL:
+        raise ValueError(f"score.rules=lmms_eval: no lmms-eval rule here for {benchmark!r} "
+                         f"(only {', '.join(LMMS_EVAL)})")
+    return requested
+
+
+def judge_all(benchmark: str, items: list, rules: str = "vlmevalkit") -> list:
+    """[:func:`judge` of each item], or lmms-eval's per-item rule (``rules="lmms_eval"``)."""
+    if rules == "lmms_eval":
+        return [LMMS_EVAL[benchmark][1](it, str(it["response"])) for it in items]
     return [judge(benchmark, it) for it in items]
 
 
-def official(benchmark: str, items: list, judged: list | None = None) -> dict | None:
+def official(benchmark: str, items: list, judged: list | None = None,
+             rules: str = "vlmevalkit") -> dict | None:
     """The benchmark's official numbers (module docstring), None for a benchmark without one.
 
     Args:
@@ -383,19 +521,23 @@ def official(benchmark: str, items: list, judged: list | None = None) -> dict | 
         ``category``, ``group``, ``meta``) each with ``response`` (str, the raw answer); may be
         predictions of ``eval_lib.predict``, which carry these fields.
       judged: :func:`judge_all` of the items, computed when None.
+      rules: "vlmevalkit" or "lmms_eval" (:func:`rules_for`; :data:`LMMS_EVAL` has POPE, MME
+        and MMStar).
     Returns:
-      {"rule": source, "unit": "percent", "n": items, "unparsed": answers the rule could not
-      read, ...the benchmark's numbers} (floats in percent, counts as ints).
+      {"rule": source, "rules": the rule set, "unit": "percent", "n": items, "unparsed":
+      answers the rule could not read, ...the benchmark's numbers} (floats in percent, counts
+      as ints).
     """
     if benchmark not in _AGGREGATE:
         return None
     if not items:
         raise ValueError(f"{benchmark}: no items to score")
-    judged = judge_all(benchmark, items) if judged is None else judged
+    judged = judge_all(benchmark, items, rules) if judged is None else judged
     hits = np.array([j["hit"] for j in judged], bool)
-    return {"rule": RULES[benchmark], "unit": "percent", "n": len(items),
-            "unparsed": sum(not j["parsed"] for j in judged),
-            **_AGGREGATE[benchmark](items, judged, hits)}
+    source, aggregate = ((LMMS_EVAL[benchmark][0], LMMS_EVAL[benchmark][2]) if rules == "lmms_eval"
+                         else (RULES[benchmark], _AGGREGATE[benchmark]))
+    return {"rule": source, "rules": rules, "unit": "percent", "n": len(items),
+            "unparsed": sum(not j["parsed"] for j in judged), **aggregate(items, judged, hits)}
 
 
 def official_lines(off: dict) -> list:
@@ -415,7 +557,7 @@ def official_lines(off: dict) -> list:
 
     def walk(d: dict, path: str):
         leaves = [f"{k} {fmt(v)}" for k, v in d.items()
-                  if not isinstance(v, dict) and k not in ("rule", "unit", "judge", "note")]
+                  if not isinstance(v, dict) and k not in ("rule", "rules", "unit", "judge", "note")]
         if leaves:
             lines.append(f"{path or 'total'}: " + "  ".join(leaves))
         if d.get("note"):
@@ -447,6 +589,20 @@ def _cell(v) -> str:
     return "nan" if v in PANDAS_NA else v
 
 
+def _read_text(path: Path) -> str:
+    """A text predictions file: UTF-8, its byte-order mark dropped (Excel's "CSV UTF-8"), or
+    UTF-16 with a byte-order mark; PredictionError naming the file for anything else (e.g.
+    Latin-1, which VLMEvalKit's pandas, reading UTF-8, refuses too)."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise PredictionError(f"{path}: not {encoding.replace('-sig', '')} text (byte {e.start}: "
+                              f"{data[e.start:e.start + 1]!r}); save it as UTF-8, e.g. as Excel's "
+                              "'CSV UTF-8'") from None
+
+
 def _table_rows(path: Path) -> list:
     """Rows ({column lower-cased: cell}) of a .tsv / .csv / .xlsx predictions table."""
     if path.suffix == ".xlsx":
@@ -457,12 +613,17 @@ def _table_rows(path: Path) -> list:
                 f"{path}: reading .xlsx needs the openpyxl package, which is not installed "
                 "(pip install openpyxl); or give the predictions as .tsv / .csv (VLMEvalKit "
                 "writes TSV with PRED_FORMAT=tsv)") from None
-        book = io.BytesIO(path.read_bytes()) if paths.is_remote(path) else path
-        sheet = openpyxl.load_workbook(book, read_only=True, data_only=True).worksheets[0]
+        data = path.read_bytes()
+        if not data:
+            raise PredictionError(f"{path}: the file is empty (0 bytes), not an .xlsx workbook")
+        try:
+            sheet = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True).worksheets[0]
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+            raise PredictionError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from None
         table = [list(r) for r in sheet.iter_rows(values_only=True)]
     else:
         csv.field_size_limit(sys.maxsize)
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path)
         table = list(csv.reader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv" else ","))
     if not table:
         raise PredictionError(f"{path}: the file is empty")
@@ -477,16 +638,22 @@ def _first_text(v):
     return v if isinstance(v, str) else None
 
 
+def _given(v) -> str | None:
+    """A prediction file's own question / answer cell as text, None when absent or NA."""
+    return None if v is None or _cell(v) == "nan" else str(v).strip()
+
+
 def read_predictions(path) -> list:
     """A predictions file -> [{"index": str | None, "position": int | None, "prediction": str,
-    "question": str | None}].
+    "question": str | None, "answer": str | None}].
 
     * VLMEvalKit prediction tables (.xlsx, .tsv, .csv): columns ``index`` and ``prediction``
-      (any case); other columns are ignored.
-    * .jsonl: rows with ``index`` and ``prediction``, or lmms-eval ``--log_samples`` rows
-      (``doc_id``: the row's 0-based position in the dataset; the answer is the first text of
-      ``filtered_resps``, else of ``resps``; ``doc.question``, when logged, is checked against
-      the benchmark row).
+      (any case); ``question`` and ``answer``, when present, are checked against the benchmark
+      row (:func:`join_predictions`); other columns are ignored.
+    * .jsonl: rows with ``index`` and ``prediction`` (and optional ``question`` / ``answer``),
+      or lmms-eval ``--log_samples`` rows (``doc_id``: the row's 0-based position in the
+      dataset; the answer is the first text of ``filtered_resps``, else of ``resps``;
+      ``doc.question`` / ``doc.answer``, when logged, are checked against the benchmark row).
     Raises PredictionError naming the file and the missing column or line.
     """
     path = paths.path(path)
@@ -505,9 +672,10 @@ def read_predictions(path) -> list:
             if isinstance(index, float) and index.is_integer():  # a spreadsheet number
                 index = int(index)
             out.append({"index": str(index).strip(), "position": None,
-                        "prediction": _cell(row["prediction"]), "question": None})
+                        "prediction": _cell(row["prediction"]),
+                        **{k: _given(row.get(k)) for k in ("question", "answer")}})
     elif path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(_read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -516,7 +684,8 @@ def read_predictions(path) -> list:
                 raise PredictionError(f"{path}: line {n} is not JSON ({e})") from None
             if "index" in row and "prediction" in row:
                 out.append({"index": str(row["index"]), "position": None,
-                            "prediction": str(row["prediction"]), "question": None})
+                            "prediction": str(row["prediction"]),
+                            **{k: _given(row.get(k)) for k in ("question", "answer")}})
             elif "doc_id" in row and ("filtered_resps" in row or "resps" in row):
                 text = _first_text(row.get("filtered_resps"))
                 text = _first_text(row.get("resps")) if text is None else text
@@ -525,7 +694,7 @@ def read_predictions(path) -> list:
                                           "in filtered_resps / resps")
                 doc = row.get("doc") if isinstance(row.get("doc"), dict) else {}
                 out.append({"index": None, "position": int(row["doc_id"]), "prediction": text,
-                            "question": None if doc.get("question") is None else str(doc["question"])})
+                            **{k: _given(doc.get(k)) for k in ("question", "answer")}})
             else:
                 raise PredictionError(f"{path}: line {n} has neither index + prediction nor "
                                       f"lmms-eval's doc_id + filtered_resps (keys {sorted(row)})")
@@ -552,11 +721,40 @@ def _position(p: dict, records: list, pred_file, bench_file, skipped: list) -> i
     if not 0 <= pos < len(records):
         raise PredictionError(f"{pred_file}: doc_id {pos} is not a row of {bench_file} "
                               f"({len(records)} rows)")
-    rec = records[pos]
-    if p["question"] is not None and not rec["question"].endswith(p["question"].strip()):
-        raise PredictionError(f"{pred_file}: doc_id {pos} asks {p['question']!r} but row {pos} of "
-                              f"{bench_file} (index {rec['index']}) asks {rec['question']!r}")
+    _check_same_row(p, records[pos], f"{pred_file}: doc_id {pos}", f"row {pos} of {bench_file}")
     return pos
+
+
+def _same_answer(given: str, rec: dict) -> bool:
+    """Whether a prediction file's answer cell names the record's gold answer: the same text
+    (any case, a letter also as "(A)"; numbers compared as numbers) or, for multiple choice,
+    the gold option's text."""
+    given = given.strip("()").strip() if len(given) == 3 else given
+    gold = [rec["answer"]]
+    if rec["kind"] == "mc" and rec["answer"] in LETTERS[:len(rec["options"])]:
+        gold.append(rec["options"][LETTERS.index(rec["answer"])])
+    for g in gold:
+        if given.lower() == g.lower():
+            return True
+        try:
+            if float(given) == float(g):
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def _check_same_row(p: dict, rec: dict, pred_where: str, bench_where: str):
+    """PredictionError when a prediction's own question / answer (if given) is not the benchmark
+    row's: the predictions were made on another benchmark file."""
+    if p["question"] is not None and not rec["question"].endswith(p["question"]):
+        raise PredictionError(f"{pred_where} asks {p['question']!r} but {bench_where} (index "
+                              f"{rec['index']}) asks {rec['question']!r}: the predictions are for "
+                              "another benchmark file")
+    if p["answer"] is not None and not _same_answer(p["answer"], rec):
+        raise PredictionError(f"{pred_where} has answer {p['answer']!r} but {bench_where} (index "
+                              f"{rec['index']}) has {rec['answer']!r}: the predictions are for "
+                              "another benchmark file")
 
 
 def join_predictions(records: list, preds: list, pred_file, bench_file, skipped: list = (),
@@ -567,7 +765,8 @@ def join_predictions(records: list, preds: list, pred_file, bench_file, skipped:
     Returns (items: the matched records, without ``image``, each with ``response``, in the
     benchmark's order; counts {"benchmark_rows", "predictions", "matched",
     "benchmark_rows_without_prediction"}). Raises PredictionError naming the file and index for
-    a duplicate index (on either side, when joining by index), a prediction whose index is not
+    a prediction whose own question or answer is not its benchmark row's (another benchmark's
+    predictions), a duplicate index (on either side, when joining by index), a prediction whose index is not
     in the benchmark, or (unless ``allow_subset``) a benchmark row without a prediction.
     """
     by_index = {}
@@ -583,6 +782,7 @@ def join_predictions(records: list, preds: list, pred_file, bench_file, skipped:
             pos = _position(p, records, pred_file, bench_file, skipped)
         elif p["index"] in by_index:
             pos = by_index[p["index"]]
+            _check_same_row(p, records[pos], f"{pred_file}: index {p['index']!r}", str(bench_file))
         else:
             extra.append(p["index"])
             continue

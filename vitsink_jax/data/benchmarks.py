@@ -7,8 +7,10 @@ Layouts read:
   ``A``.. ``J``, ``answer``, ``category`` / ``l2-category``, optional ``hint``, ``image_path``,
   ``question_type``, ``answer_type``, ``choices``.
 * lmms-eval style JSON (a list) or JSONL exports: the same field names, plus ``choices`` /
-  ``options`` as a list, an answer given as letter, ``(A)``, option text or option number, and
-  ``image`` as base64 or as a path relative to the file.
+  ``options`` as a list (MMStar: the options written in the question, "Options: A: x, B: y"),
+  ``l2_category`` for ``l2-category``, MME's ``question_id`` naming the image a question pair
+  shares, an answer given as letter, ``(A)``, option text or option number, and ``image`` as
+  base64 or as a path relative to the file.
 
 Record schema (every benchmark, one dict per item)::
 
@@ -20,7 +22,9 @@ Record schema (every benchmark, one dict per item)::
     :data:`META_FIELDS` that the official scores break down by, e.g. MMStar ``l2-category``,
     CV-Bench ``source`` / ``split`` (2D / 3D), MathVista ``task`` / ``skills`` (a list) /
     ``question_type``; read from the row, then from an lmms-eval ``metadata`` dict; empty
-    values left out; written to tfds as JSON text)
+    values left out; written to tfds as JSON text; a TSV row whose option cells VLMEvalKit's
+    pandas reading changes, "3" -> "3.0" or an NA cell such as "None" dropped, also has
+    ``vlmevalkit_choices`` {letter: text}, the choices VLMEvalKit's scorer matches against)
 
 Bad input: a missing required column or an empty file raises :class:`BenchmarkError` naming
 the file and field; a row whose image does not decode in full (a truncated JPEG fails here, not
@@ -38,6 +42,7 @@ import binascii
 import csv
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,6 +63,41 @@ FIELDS = ("index", "image", "question", "options", "answer", "kind", "category",
 # row fields kept in a record's meta (see vitsink_jax.scores for the breakdowns that use them)
 META_FIELDS = ("split", "type", "source", "task", "l2-category", "skills", "question_type",
                "answer_option", "precision", "subject", "topic", "grade", "unit")
+
+
+# pandas.read_csv's default NA strings (VLMEvalKit reads its TSVs with pandas): such a cell is NaN
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                       "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                       "nan", "null"})
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:inf|Inf|INF)(?:inity)?")
+
+
+def pandas_column(cells: list) -> list:
+    """One TSV column's cells as VLMEvalKit sees them after ``pd.read_csv`` and ``str()``:
+    None for a pandas NA string; a column whose other cells are all integers stays as written
+    when it has no NA cell and becomes floats ("3" -> "3.0") when it has one; a column of numbers
+    with a decimal point or exponent is floats ("2.50" -> "2.5"); any other column is text."""
+    vals = [None if c is None or c in PANDAS_NA else c for c in cells]
+    present = [v.strip() for v in vals if v is not None]
+    if present and all(_INT.fullmatch(v) for v in present):
+        if len(present) == len(vals):
+            return [str(int(v)) for v in present]
+        return [None if v is None else str(float(v)) for v in vals]
+    if present and all(_FLOAT.fullmatch(v) for v in present):
+        return [None if v is None else str(float(v)) for v in vals]
+    return vals
+
+
+def vlmevalkit_choices(rows: list) -> list:
+    """Per TSV row, {letter: option text} as VLMEvalKit's ``can_infer`` gets it: the option
+    columns (``A``.. present in the file) typed per column by :func:`pandas_column`, NA cells
+    left out; None per row for a file without option columns."""
+    letters = [c for c in LETTERS if rows and c in rows[0]]
+    if not letters:
+        return [None] * len(rows)
+    columns = {c: pandas_column([row.get(c) for row in rows]) for c in letters}
+    return [{c: columns[c][n] for c in letters if columns[c][n] is not None} for n in range(len(rows))]
 
 
 class BenchmarkError(ValueError):
@@ -122,7 +162,20 @@ class RowImages:
             raise SkipRow(f"field 'image': {where}{e}") from None
 
 
+_INLINE_OPTIONS = re.compile(r"\nOptions:\s*A:\s*(.*)$", re.DOTALL)
+_NEXT_OPTION = re.compile(r",\s*[B-J]:\s")
+
+
+def _question_options(question: str) -> list:
+    """The options an lmms-eval MMStar question carries in its text ("...\nOptions: A: x,
+    B: y, C: z, D: w"), [] when it has none."""
+    m = _INLINE_OPTIONS.search(question)
+    return [o.strip() for o in _NEXT_OPTION.split(m.group(1).strip())] if m else []
+
+
 def _options(row: dict) -> list:
+    """A row's option texts: a ``choices`` / ``options`` list, the option columns ``A``.. up to
+    the first empty one, or else the options written in the question (lmms-eval's MMStar)."""
     for key in ("choices", "options"):
         v = row.get(key)
         if isinstance(v, str) and v.strip().startswith("["):
@@ -135,7 +188,7 @@ def _options(row: dict) -> list:
         if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in ("", "nan"):
             break
         opts.append(str(v))
-    return opts
+    return opts or _question_options(str(row.get("question", "")))
 
 
 def _mc_answer(answer, options: list) -> str:
@@ -169,6 +222,7 @@ def _meta(row: dict, nested: dict) -> dict:
     out = {}
     for key in META_FIELDS:
         v = row.get(key)
+        v = row.get(key.replace("-", "_")) if v is None else v  # lmms-eval's l2_category
         v = nested.get(key) if v is None or str(v).strip() == "" else v
         if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() in ("", "nan", "None"):
             continue
@@ -193,7 +247,9 @@ def normalize_row(row: dict, benchmark: str, images: RowImages | None = None, n:
     if kind == "mc":
         if not options:
             raise SkipRow("field 'options': a multiple-choice row without options")
-        answer = _mc_answer(answer, options)
+        # MathVista: VLMEvalKit's gold is the answer_option letter, not the letter of the answer text
+        option = str(row.get("answer_option") or "").strip()
+        answer = option if option in LETTERS[:len(options)] and option else _mc_answer(answer, options)
     elif kind == "yesno":
         answer = str(answer).strip().lower()
         if answer not in ("yes", "no"):
@@ -210,7 +266,9 @@ def normalize_row(row: dict, benchmark: str, images: RowImages | None = None, n:
             "question": question,
             "options": options, "answer": answer, "kind": kind, "category": str(category),
             "tag": str(row.get("tag") or ""),
-            "group": str(row.get("image_path") or row.get("image_id") or row.get("imageId") or ""),
+            # MME: the image a question pair shares; lmms-eval's MME names it by question_id
+            "group": str(row.get("image_path") or row.get("image_id") or row.get("imageId")
+                         or (row.get("question_id") if benchmark == "mme" else "") or ""),
             "answer_type": str(row.get("answer_type") or meta.get("answer_type") or "text"),
             "meta": _meta(row, meta)}
 
@@ -247,10 +305,13 @@ def read_benchmark(path, benchmark: str = "generic", verbose: bool = True,
         if field not in rows[0]:
             raise BenchmarkError(f"{path}: missing column {field!r} (has {sorted(rows[0])})")
     images = RowImages(rows, path.parent) if decode_images else None
+    choices = vlmevalkit_choices(rows) if path.suffix == ".tsv" else [None] * len(rows)
     records, skipped = [], []
-    for n, row in enumerate(rows, start=1):
+    for n, (row, typed) in enumerate(zip(rows, choices), start=1):
         try:
             rec = normalize_row(row, benchmark, images, n)
+            if rec["kind"] == "mc" and typed is not None and typed != dict(zip(LETTERS, rec["options"])):
+                rec["meta"]["vlmevalkit_choices"] = typed
         except SkipRow as e:
             skipped.append(f"{path}:row {n} (index {row.get('index', '?')}): {e}")
             if verbose:

@@ -79,19 +79,54 @@ def read_labels(path) -> dict:
     return tags
 
 
+UNMATCHED_SHOWN = 5  # unmatched label indices named in the summary and the messages
+
+
+def _shift_hint(indices: list, known: set) -> str:
+    """A sentence when adding (or subtracting) one to every label index makes each a benchmark
+    index (a file counted from 1 for a benchmark counted from 0, or the reverse), else ""."""
+    try:
+        numbers = [int(i) for i in indices]
+    except ValueError:
+        return ""
+    for delta in (-1, 1):
+        if numbers and all(str(i + delta) in known for i in numbers):
+            return (f"every label index {'-' if delta < 0 else '+'} 1 is a benchmark index: the "
+                    "labels file probably counts rows from a different start than the benchmark")
+    return ""
+
+
 def apply_labels(records: list, path) -> tuple[list, dict]:
     """(records with ``tag`` set from the labels file, a summary): every record whose index the
     file labels gets that tag, the others get "" (unlabelled: left out of the per-tag scores).
-    LabelsError when no label matches a record (the file belongs to another benchmark)."""
+    The summary counts the labels whose index is no benchmark index, names the first
+    :data:`UNMATCHED_SHOWN`, and says when shifting every label index by one would match them
+    all (``shift_hint``). LabelsError, with the same details, when no label matches a record
+    (the file belongs to another benchmark)."""
     tags = read_labels(path)
     out = [{**r, "tag": tags.get(str(r["index"]), "")} for r in records]
     labelled = sum(1 for r in out if r["tag"])
+    known = {str(r["index"]) for r in records}
+    unmatched = [i for i in tags if i not in known]
+    hint = _shift_hint(list(tags), known) if unmatched else ""
     if not labelled:
         raise LabelsError(f"{path}: none of its {len(tags)} indices is a benchmark index "
-                          f"(e.g. {sorted(tags)[:3]} vs {[r['index'] for r in records[:3]]})")
-    known = {str(r["index"]) for r in records}
+                          f"(e.g. {sorted(tags)[:3]} vs {[r['index'] for r in records[:3]]})"
+                          + (f"; {hint}" if hint else ""))
     summary = {"file": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
                "labelled": labelled, "unlabelled": len(out) - labelled,
-               "labels_not_in_benchmark": sum(1 for i in tags if i not in known),
+               "labels_not_in_benchmark": len(unmatched),
+               "labels_not_in_benchmark_first": unmatched[:UNMATCHED_SHOWN], "shift_hint": hint,
                "per_tag": {t: sum(1 for r in out if r["tag"] == t) for t in TAGS}}
     return out, summary
+
+
+def summary_line(info: dict) -> str:
+    """:func:`apply_labels`' summary as one printed line (the unmatched labels and the shift
+    hint included when there are any)."""
+    line = (f"labels {info['file']}: {info['labelled']} items tagged {info['per_tag']}, "
+            f"{info['unlabelled']} unlabelled (left out of the per-tag scores)")
+    if info["labels_not_in_benchmark"]:
+        line += (f"; {info['labels_not_in_benchmark']} label(s) match no benchmark index, e.g. "
+                 f"{', '.join(info['labels_not_in_benchmark_first'])}")
+    return line + (f"; {info['shift_hint']}" if info["shift_hint"] else "")
