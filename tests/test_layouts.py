@@ -102,6 +102,21 @@ def test_llava_codebase_bad_folders_are_named(codebase, tmp_path):
         vj.load_pretrained(bad)
 
 
+@pytest.mark.parametrize("key,value", [("image_aspect_ratio", "anyres"), ("image_aspect_ratio", "anyres_max_9"),
+                                       ("mm_patch_merge_type", "spatial_unpad"), ("mm_use_im_start_end", True)])
+def test_llava_codebase_configs_not_run_yet_are_refused_by_name(codebase, tmp_path, key, value):
+    """A LLaVA-1.6-style config (any-resolution crops, unpadded patch merging, <im_start> /
+    <im_end> tokens around the image) is refused naming the key and value, instead of loading
+    as a single-crop LLaVA-1.5."""
+    import shutil
+
+    bad = shutil.copytree(codebase[1], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(vj.CheckpointError, match=f"{key} {value!r} is not supported"):
+        vj.load_pretrained(bad)
+
+
 def _tinyllava(hf, folder, head_bias=None):
     """``hf`` (transformers LLaVA: SigLIP + an LLM, "default" = TinyLLaVA's "patch") written as
     TinyLLaVA Factory writes it: partial text / vision config dicts, its tensor names, and for
