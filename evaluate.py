@@ -242,9 +242,14 @@ def run_analyze(cfg, workdir: Path) -> dict:
     grid = c.token_grid
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
+    empty = []  # images whose answer is empty (EOS first): no query, so no attention to read
     for name, image in progress(images.items(), desc="analyzing", unit="img"):
         pixels = jnp.asarray(preprocess(c, [image]))
         row, answer = analysis_prompt(cfg, model, params, tokenizer, pixels)
+        if not row["query"].any():
+            empty.append(name)
+            progress_line(f"{name:>14}: empty answer, left out")
+            continue
         res = jax.device_get(forward(params, row["ids"], row["mask"], row["query"], row["question"],
                                      pixels))
         norms = res["norms"][0]
@@ -280,8 +285,9 @@ def run_analyze(cfg, workdir: Path) -> dict:
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
     if not per_image:
-        raise SystemExit("error: no readable images")
-    summary = {"images": len(per_image), "skipped": len(skipped), "queries": cfg.analysis.queries,
+        raise SystemExit(f"error: no readable image with a non-empty answer ({len(empty)} empty answers)")
+    summary = {"images": len(per_image), "skipped": len(skipped), "empty_answers": len(empty),
+               "queries": cfg.analysis.queries,
                "sinks_per_image": sinks_per_image(per_image), **f1_summary(per_image),
                "f2_attention_share": {g: float(_nanmean([v["attention_share_per_layer"][g]
                                                          for v in per_image.values()]))
@@ -293,7 +299,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     plots.dimension_profiles({g: np.mean([p[g] for p in profiles], 0) for g in profiles[0]},
                              workdir / "plots" / "sink_dimensions.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
-              "per_image": per_image, "skipped_files": skipped}
+              "per_image": per_image, "skipped_files": skipped, "empty_answer_files": empty}
     out = write_json(workdir / "report.json", report)
     ratio = summary["f1_sink_to_nonsink_attention_ratio"]
     print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
@@ -688,7 +694,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         print(f"no token reaches the fixed threshold tau = {cfg.sink.tau:g} on any image "
               f"(largest norm {max(float(v.max()) for v in norms_all.values()):.1f})")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
-              "per_image": per_image, "skipped_files": skipped}
+              "per_image": per_image, "skipped_files": skipped, "empty_answer_files": empty}
     out = write_json(workdir / "vit_report.json", report)
     print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
           + f"; wrote {out} and plots in {workdir / 'plots'}")
