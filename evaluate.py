@@ -694,7 +694,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         print(f"no token reaches the fixed threshold tau = {cfg.sink.tau:g} on any image "
               f"(largest norm {max(float(v.max()) for v in norms_all.values()):.1f})")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
-              "per_image": per_image, "skipped_files": skipped, "empty_answer_files": empty}
+              "per_image": per_image, "skipped_files": skipped}
     out = write_json(workdir / "vit_report.json", report)
     print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
           + f"; wrote {out} and plots in {workdir / 'plots'}")

@@ -232,6 +232,18 @@ def test_an_empty_answer_gives_no_attention_data():
     assert np.isnan(one["group_attention"]["sink"]).all() and np.isnan(one["group_attention"]["non_sink"]).all()
 
 
+def test_llm_sink_dims_are_found_on_text_tokens_only():
+    """A visual token with a massive activation (lit by a ViT sink) does not make its dimension
+    an LLM sink dimension; the BOS token's massive dimension is found."""
+    out, ids, _ = planted("none")
+    hidden = [np.array(h) for h in out.hidden_states]
+    for h in hidden:
+        h[0, 0, 3] = 1e5   # BOS: dimension 3
+        h[0, 3, 11] = 1e6  # visual token 2 (the ViT sink): dimension 11
+    res = run_planted(out.replace(hidden_states=tuple(jnp.asarray(h) for h in hidden)), ids)
+    assert [int(d) for d in res["sink_dims"] if d >= 0] == [3]
+
+
 def test_cls_token_is_never_a_sink_and_keeps_its_slot_under_full_strategy():
     import vitsink_jax as vj
     from vitsink_jax.config import LlavaConfig, TextConfig, VisionConfig

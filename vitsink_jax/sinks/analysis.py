@@ -245,7 +245,7 @@ def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
     is averaged (:func:`answer_queries` for the paper's generated tokens, or
     :func:`queries_after_image`); attention_mask [B, T]: padding, never a query nor counted in
     the sink-dimension search. ``sink_dims`` [S] int: the LLM's sink dimensions, or None to
-    discover them from massive activations in the middle layer. ``prefix``: leading visual
+    discover them from massive activations of the text tokens in the middle layer. ``prefix``: leading visual
     tokens (a kept CLS) in neither group. A row without exactly P image tokens, or without a
     query (an empty answer), gives NaN attention and no token to any group or bucket.
     Returns a dict of arrays (shapes in the comments), every per-token array in stock order.
@@ -271,8 +271,10 @@ def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
     vis_attn = stack_visual_attention(out.attentions, vis_pos, query_mask & mask)  # [L, B, H, P]
     vis_attn = jnp.where(ok[None, :, None, None], vis_attn, jnp.nan)
     hidden = jnp.stack(out.hidden_states[:-1])                           # [L, B, T, D] layer inputs
-    if sink_dims is None:
-        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2], mask)
+    if sink_dims is None:  # from the text tokens (BOS, the first tokens): a visual token lit by
+        # a ViT sink must not make its dimension an LLM sink dimension
+        text = mask & (input_ids != image_token_index)
+        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2], text)
     vis_hidden = jnp.take_along_axis(hidden, vis_pos[None, :, :, None], axis=2)  # [L, B, P, D]
     llm_sink = llm_sink_mask(vis_hidden, sink_dims, llm_tau)             # [L, B, P]
     groups = {g: m & valid for g, m in token_groups(vit_sink, llm_sink).items()}
