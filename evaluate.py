@@ -50,6 +50,7 @@ from ml_collections import config_flags
 import vitsink_jax as vj
 from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, parallel, paths, plots, scores,
                          timing)
+from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -804,11 +805,26 @@ MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmar
          "vit": run_vit, "interventions": run_interventions, "score": run_score, "sweep": run_sweep}
 
 
+def own_system(spec: str) -> str:
+    """The system prompt name of the checkpoint ``spec`` (``cfg.checkpoint``) as its authors
+    evaluated it; "" for the embedded default and the mini study's models (no system prompt)."""
+    if not spec or spec.startswith("mini_study:"):
+        return ""
+    try:
+        return prompts.checkpoint_system(read_config(vj.resolve_model_path(spec)))
+    except vj.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def apply_system(cfg) -> None:
     """Puts ``eval.system`` (a system prompt by name or text: TinyLLaVA's templates) before every
     prompt template of the run: benchmark templates, the CoT routing prompts and the analysis
-    prompt."""
+    prompt. "auto": the checkpoint's own (:func:`vitsink_jax.data.prompts.checkpoint_system`;
+    none for the embedded default and the mini study's models), written back to ``eval.system``."""
     system = cfg.eval.get("system", "")
+    if system == "auto":
+        system = cfg.eval.system = own_system(cfg.checkpoint)
+        print(f"eval.system=auto: {system or 'none'}")
     if not system:
         return
     cfg.eval.templates = ml_collections.ConfigDict(prompts.with_system(cfg.eval.templates.to_dict(), system))

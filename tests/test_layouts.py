@@ -117,6 +117,25 @@ def test_llava_codebase_configs_not_run_yet_are_refused_by_name(codebase, tmp_pa
         vj.load_pretrained(bad)
 
 
+def test_eval_system_auto_is_the_checkpoints_own(codebase, tmp_path):
+    """eval.system=auto: vicuna_v1 before the templates of an original-LLaVA-codebase
+    checkpoint, TinyLLaVA's for TinyLLaVA, none for a llava-hf one (its chat template's) and the
+    embedded default."""
+    import evaluate
+    from conftest import evaluate_config, save
+    from vitsink_jax.data.prompts import VICUNA_V1
+
+    hf, folder = codebase
+    tiny, hub = _tinyllava(hf, tmp_path / "tiny"), save(hf, tmp_path / "hub")  # (config.json decides)
+    for i, (ckpt, want) in enumerate(((folder, "vicuna_v1"), (tiny, "tinyllava"), (hub, ""), ("", ""))):
+        (tmp_path / f"run{i}").mkdir()
+        a = evaluate_config(tmp_path / f"run{i}", ckpt)
+        a.eval.system = "auto"
+        evaluate.apply_system(a)
+        assert a.eval.system == want
+        assert a.analysis.template.startswith(VICUNA_V1) == bool(want)
+
+
 def _tinyllava(hf, folder, head_bias=None):
     """``hf`` (transformers LLaVA: SigLIP + an LLM, "default" = TinyLLaVA's "patch") written as
     TinyLLaVA Factory writes it: partial text / vision config dicts, its tensor names, and for
