@@ -50,6 +50,7 @@ from ml_collections import config_flags
 import vitsink_jax as vj
 from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, parallel, paths, plots, scores,
                          timing)
+from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
@@ -242,9 +243,14 @@ def run_analyze(cfg, workdir: Path) -> dict:
     grid = c.token_grid
     images, skipped = read_images(cfg.images)
     per_image, norms_all, buckets, profiles, hits = {}, {}, [], [], {"sink": [], "non_sink": []}
+    empty = []  # images whose answer is empty (EOS first): no query, so no attention to read
     for name, image in progress(images.items(), desc="analyzing", unit="img"):
         pixels = jnp.asarray(preprocess(c, [image]))
         row, answer = analysis_prompt(cfg, model, params, tokenizer, pixels)
+        if not row["query"].any():
+            empty.append(name)
+            progress_line(f"{name:>14}: empty answer, left out")
+            continue
         res = jax.device_get(forward(params, row["ids"], row["mask"], row["query"], row["question"],
                                      pixels))
         norms = res["norms"][0]
@@ -280,8 +286,9 @@ def run_analyze(cfg, workdir: Path) -> dict:
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
     if not per_image:
-        raise SystemExit("error: no readable images")
-    summary = {"images": len(per_image), "skipped": len(skipped), "queries": cfg.analysis.queries,
+        raise SystemExit(f"error: no readable image with a non-empty answer ({len(empty)} empty answers)")
+    summary = {"images": len(per_image), "skipped": len(skipped), "empty_answers": len(empty),
+               "queries": cfg.analysis.queries,
                "sinks_per_image": sinks_per_image(per_image), **f1_summary(per_image),
                "f2_attention_share": {g: float(_nanmean([v["attention_share_per_layer"][g]
                                                          for v in per_image.values()]))
@@ -293,7 +300,7 @@ def run_analyze(cfg, workdir: Path) -> dict:
     plots.dimension_profiles({g: np.mean([p[g] for p in profiles], 0) for g in profiles[0]},
                              workdir / "plots" / "sink_dimensions.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "summary": summary,
-              "per_image": per_image, "skipped_files": skipped}
+              "per_image": per_image, "skipped_files": skipped, "empty_answer_files": empty}
     out = write_json(workdir / "report.json", report)
     ratio = summary["f1_sink_to_nonsink_attention_ratio"]
     print("sinks per image: " + ", ".join(f"{n} {v:.1f}" for n, v in summary["sinks_per_image"].items())
@@ -804,11 +811,26 @@ MODES = {"study": run_study, "demo": run_demo, "analyze": run_analyze, "benchmar
          "vit": run_vit, "interventions": run_interventions, "score": run_score, "sweep": run_sweep}
 
 
+def own_system(spec: str) -> str:
+    """The system prompt name of the checkpoint ``spec`` (``cfg.checkpoint``) as its authors
+    evaluated it; "" for the embedded default and the mini study's models (no system prompt)."""
+    if not spec or spec.startswith("mini_study:"):
+        return ""
+    try:
+        return prompts.checkpoint_system(read_config(vj.resolve_model_path(spec)))
+    except vj.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def apply_system(cfg) -> None:
     """Puts ``eval.system`` (a system prompt by name or text: TinyLLaVA's templates) before every
     prompt template of the run: benchmark templates, the CoT routing prompts and the analysis
-    prompt."""
+    prompt. "auto": the checkpoint's own (:func:`vitsink_jax.data.prompts.checkpoint_system`;
+    none for the embedded default and the mini study's models), written back to ``eval.system``."""
     system = cfg.eval.get("system", "")
+    if system == "auto":
+        system = cfg.eval.system = own_system(cfg.checkpoint)
+        print(f"eval.system=auto: {system or 'none'}")
     if not system:
         return
     cfg.eval.templates = ml_collections.ConfigDict(prompts.with_system(cfg.eval.templates.to_dict(), system))

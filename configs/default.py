@@ -90,7 +90,7 @@ def get_config():
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
     c.eval.system = ""              # system prompt before every template: "" | "vicuna_v1" (LLaVA-1.5's,
-                                    #   = "tinyllava") | text
+                                    #   = "tinyllava") | text | "auto" (the checkpoint's own)
     c.eval.routing = "none"         # none | cot (DIYSink CoT routing: per-item token selection)
     c.eval.cot_image_prompt = IMAGE_PROMPT
     c.eval.cot_question_prompt = QUESTION_PROMPT

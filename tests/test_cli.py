@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
@@ -464,3 +465,33 @@ def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
     for r in [report["reference"], *rows.values()]:
         assert {t: v["n"] for t, v in r["per_tag"].items()} == {"global": 3, "local": 4}
     assert (work / "plots" / "tau_sweep.png").stat().st_size > 1000
+
+
+def test_analyze_leaves_out_an_image_with_an_empty_answer(tmp_path, monkeypatch):
+    """An image the model answers with EOS first has no query: it is left out of the per-image
+    entries and the F1 figures and counted as ``empty_answers`` (not entered as sink and
+    non-sink means of 0.0)."""
+    import evaluate
+    from conftest import evaluate_config
+
+    cfg = evaluate_config(tmp_path, "")  # the embedded default, small
+    cfg.embedded.update({f.split("=")[0].split(".")[-1]: int(f.split("=")[1]) for f in SMALL})
+    cfg.analysis.max_new_tokens, cfg.sink.rule, cfg.sink.k = 4, "topk", 3
+    Image.fromarray(data.rocket()).save(tmp_path / "images" / "rocket.png")  # beside coffee.png
+    real = evaluate.analysis_prompt
+
+    def empty_for_the_second(cfg, model, params, tokenizer, pixels):
+        row, answer = real(cfg, model, params, tokenizer, pixels)
+        calls.append(1)
+        if len(calls) == 2:
+            row = {**row, "query": np.zeros_like(row["query"])}
+        return row, answer
+
+    calls = []
+    monkeypatch.setattr(evaluate, "analysis_prompt", empty_for_the_second)
+    report = evaluate.run_analyze(cfg, tmp_path / "work")
+    assert report["summary"]["images"] == 1 and report["summary"]["empty_answers"] == 1
+    assert list(report["per_image"]) == ["coffee.png"] and report["empty_answer_files"] == ["rocket.png"]
+    entry = report["per_image"]["coffee.png"]
+    assert report["summary"]["f1_sink_to_nonsink_attention_ratio"] == pytest.approx(
+        np.mean(entry["attention_per_token_per_layer"]["sink"]) / np.mean(entry["attention_per_token_per_layer"]["non_sink"]))

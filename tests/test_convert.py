@@ -10,7 +10,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import vitsink_jax as vj
-from conftest import (assert_close, build, clip_vision_config, llama_config, llava_config,
+from conftest import (assert_close, build, clip_vision_config, gemma3_config, gemma3_text_config,
+                      internvl_config, llama_config, llava_config,
                       qwen2_config, random_ids, save, save_bin, siglip_vision_config, t2n)
 from test_lvlm import prompt_with_images
 
@@ -208,3 +209,43 @@ def test_missing_shard_and_missing_files(tmp_path):
         vj.load_pretrained(empty)
     with pytest.raises(vj.CheckpointError, match="not a directory"):
         vj.load_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("top,text", [(False, True), (True, False)])
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava"])
+def test_tied_head_is_read_as_transformers_reads_it(tmp_path, family, top, text):
+    """A config whose top-level ``tie_word_embeddings`` disagrees with its text config's loads
+    as transformers 5 loads it (Gemma 3, InternVL: the top level decides; LLaVA: tied if either
+    is) and gives its logits, whether the file then holds an ``lm_head`` or not."""
+    config = {"gemma3": lambda: gemma3_config(gemma3_text_config(sliding_window=7)),
+              "internvl": lambda: internvl_config(qwen2_config()), "llava": llava_config}[family]()
+    config.text_config.tie_word_embeddings = text
+    config.tie_word_embeddings = top
+    cls = {"gemma3": transformers.Gemma3ForConditionalGeneration, "llava": LLAVA,
+           "internvl": transformers.InternVLForConditionalGeneration}[family]
+    path = save(build(cls, config), tmp_path / "hf")
+    hf = cls.from_pretrained(str(path), attn_implementation="eager").eval()
+    model, params = vj.load_pretrained(path)
+    c = model.config
+    ids = np.asarray([[5, 6] + [c.image_token_index] * c.num_image_tokens + [7, 8]])
+    pixels = np.random.default_rng(0).standard_normal((1, 3, c.input_size, c.input_size)).astype(np.float32)
+    extra = {"token_type_ids": torch.tensor(ids == c.image_token_index).long()} if family == "gemma3" else {}
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), **extra).logits
+    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels)).logits
+    assert_close(out, t2n(ref), what="logits")
+    assert c.text.tie_word_embeddings == (hf.lm_head.weight is hf.get_input_embeddings().weight)
+
+
+def test_a_tied_config_never_drops_a_differing_lm_head(tmp_path):
+    """config.json says tied, but the file's ``lm_head.weight`` is not the embedding: loaded
+    untied with a warning naming the tensor (transformers' reading), never replaced by the
+    embedding; a file whose head equals its embedding stays tied."""
+    config = llava_config(text=llama_config(tie_word_embeddings=False))
+    path = save(build(LLAVA, config), tmp_path / "hf")
+    d = json.loads((path / "config.json").read_text())
+    d["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="lm_head.weight.*differs"):
+        model, params = vj.load_pretrained(path)
+    assert not model.config.text.tie_word_embeddings and "lm_head" in params["language_model"]

@@ -85,6 +85,15 @@ def test_summarize_per_tag():
     assert s["per_tag"] == {"global": {"acc": 1.0, "n": 1}, "local": {"acc": 0.5, "n": 2}}
 
 
+def test_sinks_per_image_averages_images_not_questions():
+    """An image asked three questions (2 sinks) and one asked once (6 sinks): 4 sinks per image,
+    not the 3 per question."""
+    preds = [{**_pred(True), "sinks": 2, "image_id": "a"} for _ in range(3)] + [
+        {**_pred(True), "sinks": 6, "image_id": "b"}]
+    assert E.summarize("x", preds)["sinks_per_image"] == 4.0
+    assert E.image_id({"image": b"png"}) == E.image_id({"image": b"png"}) != E.image_id({"image": b"jpg"})
+
+
 # ------------------------------------------------------------ with a tiny LLaVA and tokenizer ---
 
 def eval_cfg(**kw):

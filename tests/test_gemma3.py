@@ -313,3 +313,33 @@ def test_gemma3_diysink_and_its_checkpoint(gemma3, tmp_path, init):
     (sinks first inside the image block); a fresh sink projector round-trips through
     config.json, and transformers reads the checkpoint's non-sink path as its projector."""
     check_diysink(gemma3, _hf_forward, GEMMA3, tmp_path, init)
+
+
+def test_gemma3_takes_the_processors_outputs_as_they_are(tmp_path):
+    """``model.apply(..., **processor(images=..., text=...))``: Gemma3Processor's ids, mask,
+    pixels and token_type_ids go in as they are and give transformers' logits; token types that
+    disagree with the image tokens are refused."""
+    from PIL import Image
+    from skimage import data
+
+    from conftest import hf_tokenizer
+
+    tok = hf_tokenizer("gemma", tmp_path / "tok", ["What is on the table?"])
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in
+           (("image", "<image_soft_token>"), ("boi", "<start_of_image>"), ("eoi", "<end_of_image>"))}
+    hf = build(GEMMA3, gemma3_config(gemma3_text_config(vocab_size=len(tok), sliding_window=7),
+                                     image_token_index=ids["image"], boi_token_index=ids["boi"],
+                                     eoi_token_index=ids["eoi"]))
+    model, params = vj.load_pretrained(save(hf, tmp_path / "hf"))
+    processor = transformers.Gemma3Processor(
+        transformers.Gemma3ImageProcessorPil(size={"height": 28, "width": 28}), tok,
+        chat_template=CHAT_TEMPLATE, image_seq_length=4)
+    inputs = processor(images=[Image.fromarray(data.coffee())], text="<start_of_image> What is on the table?",
+                       return_tensors="np")
+    assert "token_type_ids" in inputs
+    with torch.no_grad():
+        ref = hf(**{k: torch.tensor(v) for k, v in inputs.items()}).logits
+    out = model.apply({"params": params}, **inputs)
+    assert_close(out.logits, t2n(ref), what="logits")
+    with pytest.raises(ValueError, match="token_type_ids .* marks 0 image token"):
+        model.apply({"params": params}, **{**inputs, "token_type_ids": 0 * inputs["token_type_ids"]})

@@ -102,6 +102,40 @@ def test_llava_codebase_bad_folders_are_named(codebase, tmp_path):
         vj.load_pretrained(bad)
 
 
+@pytest.mark.parametrize("key,value", [("image_aspect_ratio", "anyres"), ("image_aspect_ratio", "anyres_max_9"),
+                                       ("mm_patch_merge_type", "spatial_unpad"), ("mm_use_im_start_end", True)])
+def test_llava_codebase_configs_not_run_yet_are_refused_by_name(codebase, tmp_path, key, value):
+    """A LLaVA-1.6-style config (any-resolution crops, unpadded patch merging, <im_start> /
+    <im_end> tokens around the image) is refused naming the key and value, instead of loading
+    as a single-crop LLaVA-1.5."""
+    import shutil
+
+    bad = shutil.copytree(codebase[1], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(vj.CheckpointError, match=f"{key} {value!r} is not supported"):
+        vj.load_pretrained(bad)
+
+
+def test_eval_system_auto_is_the_checkpoints_own(codebase, tmp_path):
+    """eval.system=auto: vicuna_v1 before the templates of an original-LLaVA-codebase
+    checkpoint, TinyLLaVA's for TinyLLaVA, none for a llava-hf one (its chat template's) and the
+    embedded default."""
+    import evaluate
+    from conftest import evaluate_config, save
+    from vitsink_jax.data.prompts import VICUNA_V1
+
+    hf, folder = codebase
+    tiny, hub = _tinyllava(hf, tmp_path / "tiny"), save(hf, tmp_path / "hub")  # (config.json decides)
+    for i, (ckpt, want) in enumerate(((folder, "vicuna_v1"), (tiny, "tinyllava"), (hub, ""), ("", ""))):
+        (tmp_path / f"run{i}").mkdir()
+        a = evaluate_config(tmp_path / f"run{i}", ckpt)
+        a.eval.system = "auto"
+        evaluate.apply_system(a)
+        assert a.eval.system == want
+        assert a.analysis.template.startswith(VICUNA_V1) == bool(want)
+
+
 def _tinyllava(hf, folder, head_bias=None):
     """``hf`` (transformers LLaVA: SigLIP + an LLM, "default" = TinyLLaVA's "patch") written as
     TinyLLaVA Factory writes it: partial text / vision config dicts, its tensor names, and for

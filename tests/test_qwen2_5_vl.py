@@ -284,3 +284,43 @@ def test_bad_position_ids_and_configs_raise_by_name(qwen):
     bad["text_config"]["rope_parameters"]["mrope_section"] = [2, 2, 2]
     with pytest.raises(ValueError, match=r"mrope_section \(2, 2, 2\) must sum to the rotary dims / 2 = 8"):
         vj.config_from_hf(bad)
+
+
+def test_qwen_takes_the_processors_outputs_as_they_are(tmp_path):
+    """``model.apply(..., **processor(images=..., text=...))``: Qwen2_5_VLProcessor's flattened
+    patches with image_grid_thw and its mm_token_type_ids go in as they are and give
+    transformers' logits (two photos of one size); images of two sizes in one call are refused
+    naming both grids."""
+    from PIL import Image
+    from skimage import data
+
+    from conftest import hf_tokenizer
+
+    tok = hf_tokenizer("qwen2_5_vl", tmp_path / "tok", ["What is on the table?"])
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
+    cfg = qwen2_5_vl_config(image_token_id=ids[0], vision_start_token_id=ids[1], vision_end_token_id=ids[2])
+    cfg.text_config.vocab_size = len(tok)
+    hf = build(QWEN, cfg)
+    model, params = vj.load_pretrained(save(hf, tmp_path / "hf"))
+    image_proc = transformers.Qwen2VLImageProcessorPil(patch_size=4, merge_size=2,
+                                                       size={"shortest_edge": 16 * 24, "longest_edge": 16 * 24})
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+
+    class ImagesOnly(Qwen2_5_VLProcessor):  # the video processor's class needs torchvision
+        def check_argument_for_proper_class(self, name, argument):
+            if name != "video_processor":
+                super().check_argument_for_proper_class(name, argument)
+
+    processor = ImagesOnly(image_processor=image_proc, tokenizer=tok, video_processor=None)
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    photos = [Image.fromarray(data.coffee()).resize((24, 16)), Image.fromarray(data.astronaut()).resize((24, 16))]
+    inputs = processor(images=photos, text=[f"{image}What is on {image} the table?"], return_tensors="np")
+    assert "mm_token_type_ids" in inputs and len(inputs["image_grid_thw"]) == 2
+    with torch.no_grad():
+        ref = hf(**{k: torch.tensor(v) for k, v in inputs.items()}).logits
+    out = model.apply({"params": params}, **inputs)
+    assert_close(out.logits, t2n(ref), what="logits")
+    photos[1] = photos[1].resize((16, 16))
+    mixed = processor(images=photos, text=[f"{image}What is on {image} the table?"], return_tensors="np")
+    with pytest.raises(ValueError, match=r"image_grid_thw holds .* patch grids \[\(1, 4, 6\), \(1, 6, 6\)\]"):
+        model.apply({"params": params}, **mixed)

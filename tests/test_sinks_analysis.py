@@ -209,6 +209,41 @@ def test_analysis_masks_padding_and_refuses_missing_image_tokens():
     assert np.isnan(res["vis_attn"]).all() and np.isnan(res["sink_ratio"]).all()
 
 
+def test_an_empty_answer_gives_no_attention_data():
+    """A row whose answer is empty (EOS first: no query) is in no group: its F1 means are NaN,
+    not 0.0, and beside an answered row the batch's means are the answered row's alone."""
+    from vitsink_jax.sinks.detect import SinkRule
+
+    out, ids, _ = planted("none")
+    two = out.replace(vision_features=jnp.concatenate([out.vision_features] * 2),
+                      attentions=tuple(jnp.concatenate([a] * 2) for a in out.attentions),
+                      hidden_states=tuple(jnp.concatenate([h] * 2) for h in out.hidden_states),
+                      visual_arrangement=None)
+    edges = jnp.asarray([0.0, 100.0, 1000.0])
+    answered = analysis.answer_queries(jnp.asarray([5, 5]), jnp.asarray([2, 0]), 7)
+    res = jax.jit(analysis.analyze_forward, static_argnums=(2, 3))(
+        two, jnp.concatenate([ids] * 2), 9, SinkRule(tau=100.0), edges, answered)
+    np.testing.assert_allclose(res["group_attention"]["sink"], [0.4, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(res["group_attention"]["non_sink"], [0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(res["bucket_mean"][0, 0], [0.1, 0.4], rtol=1e-6)
+    assert res["queries"].tolist() == [2, 0] and not res["valid"][1].any()
+    one = analysis.analyze_forward(out.replace(visual_arrangement=None), ids, 9, SinkRule(tau=100.0), edges,
+                                   analysis.answer_queries(jnp.asarray([5]), jnp.asarray([0]), 7))
+    assert np.isnan(one["group_attention"]["sink"]).all() and np.isnan(one["group_attention"]["non_sink"]).all()
+
+
+def test_llm_sink_dims_are_found_on_text_tokens_only():
+    """A visual token with a massive activation (lit by a ViT sink) does not make its dimension
+    an LLM sink dimension; the BOS token's massive dimension is found."""
+    out, ids, _ = planted("none")
+    hidden = [np.array(h) for h in out.hidden_states]
+    for h in hidden:
+        h[0, 0, 3] = 1e5   # BOS: dimension 3
+        h[0, 3, 11] = 1e6  # visual token 2 (the ViT sink): dimension 11
+    res = run_planted(out.replace(hidden_states=tuple(jnp.asarray(h) for h in hidden)), ids)
+    assert [int(d) for d in res["sink_dims"] if d >= 0] == [3]
+
+
 def test_cls_token_is_never_a_sink_and_keeps_its_slot_under_full_strategy():
     import vitsink_jax as vj
     from vitsink_jax.config import LlavaConfig, TextConfig, VisionConfig

@@ -611,6 +611,8 @@ class LlavaConfig:
             raise ValueError(f"expected model_type 'llava', got {d.get('model_type')!r}")
         vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "clip_vision_model"})
         text = TextConfig.from_hf(d.get("text_config") or {"model_type": "llama"})
+        # transformers' LlavaConfig: the head is tied if either level says so
+        text = _tied(text, bool(d.get("tie_word_embeddings", False)) or text.tie_word_embeddings)
         layer = d.get("vision_feature_layer", -2)
         return cls(vision=vision, text=text,
                    image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
@@ -633,7 +635,7 @@ class LlavaConfig:
                  multimodal_projector_bias=self.projector_bias,
                  vision_feature_layer=list(layer) if isinstance(layer, tuple) else layer,
                  vision_feature_select_strategy=self.vision_feature_select_strategy,
-                 image_seq_length=self.num_image_tokens)
+                 image_seq_length=self.num_image_tokens, tie_word_embeddings=self.text.tie_word_embeddings)
         d.setdefault("architectures", ["LlavaForConditionalGeneration"])
         if self.projector_type != "mlp2x_gelu":
             d["projector_type"] = self.projector_type
@@ -647,6 +649,12 @@ class LlavaConfig:
         if self.diysink is not None:
             d["diysink"] = self.diysink.to_dict()
         return d
+
+
+def _tied(text: "TextConfig", tied: bool) -> "TextConfig":
+    """``text`` with the LM head tied as the LVLM's config.json says (transformers 5 reads the
+    top-level ``tie_word_embeddings`` of an LVLM, not its text config's)."""
+    return dataclasses.replace(text, tie_word_embeddings=tied)
 
 
 def diysink_of(d: dict) -> Optional[DIYSinkConfig]:
@@ -728,6 +736,7 @@ class Gemma3Config(MergedTokensConfig):
             raise ValueError(f"expected model_type 'gemma3', got {d.get('model_type')!r}")
         vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "siglip_vision_model"})
         text = TextConfig.from_hf({"model_type": "gemma3_text", **(d.get("text_config") or {})})
+        text = _tied(text, bool(d.get("tie_word_embeddings", True)))  # the top level decides
         return cls(vision=vision, text=text,
                    image_token_index=d.get("image_token_index", d.get("image_token_id", 262144)),
                    mm_tokens_per_image=d.get("mm_tokens_per_image", 256),
@@ -740,7 +749,8 @@ class Gemma3Config(MergedTokensConfig):
         d = json.loads(self.hf_json)
         d.update(model_type="gemma3", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
                  image_token_index=self.image_token_index, mm_tokens_per_image=self.mm_tokens_per_image,
-                 boi_token_index=self.boi_token_index, eoi_token_index=self.eoi_token_index)
+                 boi_token_index=self.boi_token_index, eoi_token_index=self.eoi_token_index,
+                 tie_word_embeddings=self.text.tie_word_embeddings)
         return self._with_diysink(d, "Gemma3ForConditionalGeneration")
 
 
@@ -792,6 +802,7 @@ class InternVLConfig(MergedTokensConfig):
             raise ValueError(f"expected model_type 'internvl', got {d.get('model_type')!r}")
         vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "internvl_vision"})
         text = TextConfig.from_hf(d.get("text_config") or {"model_type": "qwen2"})
+        text = _tied(text, bool(d.get("tie_word_embeddings", True)))  # the top level decides
         config = cls(vision=vision, text=text,
                      image_token_index=d.get("image_token_id", d.get("image_token_index", 151667)),
                      projector_hidden_act=d.get("projector_hidden_act", "gelu"),
@@ -813,7 +824,8 @@ class InternVLConfig(MergedTokensConfig):
                  image_token_id=self.image_token_index, image_seq_length=self.num_image_tokens,
                  downsample_ratio=self.downsample_ratio, projector_hidden_act=self.projector_hidden_act,
                  vision_feature_layer=self.vision_feature_layer,
-                 vision_feature_select_strategy=self.vision_feature_select_strategy)
+                 vision_feature_select_strategy=self.vision_feature_select_strategy,
+                 tie_word_embeddings=self.text.tie_word_embeddings)
         return self._with_diysink(d, "InternVLForConditionalGeneration")
 
 
@@ -875,7 +887,7 @@ class Qwen2_5_VLConfig(MergedTokensConfig):
         size = int(d.get("vitsink_image_size", 448))
         vision = Qwen2_5_VisionConfig.from_hf(c.vision_config.to_dict(), image_size=size)
         text = TextConfig.from_hf({**c.text_config.to_dict(), "model_type": "qwen2_5_vl_text"})
-        text = dataclasses.replace(text, tie_word_embeddings=bool(c.tie_word_embeddings))
+        text = _tied(text, bool(c.tie_word_embeddings))
         return cls(vision=vision, text=text, image_token_index=c.image_token_id, image_size=size,
                    vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
                    diysink=diysink_of(d), hf_json=json.dumps(d))

@@ -31,6 +31,7 @@ next batches' inputs (image decoding, padding) while the device runs the current
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import defaultdict
 from typing import Optional
 
@@ -437,7 +438,8 @@ def cot_routes(model, params, tokenizer, records: list, cfg) -> list:
 # ------------------------------------------------------------------------------ driver ---
 
 def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh") -> list:
-    """Per record: {"index", "prediction" (the extracted answer), "response" (the raw answer:
+    """Per record: {"index", "image_id" (:func:`image_id`), "prediction" (the extracted answer),
+    "response" (the raw answer:
     the chosen candidate, or the generated text), "correct", "scores" (loglik only), "answer",
     "category", "tag", "kind", "group", "options", "answer_type", "meta"} (the record fields
     :func:`vitsink_jax.scores.official` reads)."""
@@ -475,7 +477,8 @@ def predict(model, params, tokenizer, records: list, cfg, strategy: str = "mesh"
             correct = pred == rec["answer"]
         else:
             correct = open_match(pred, rec["answer"], rec["answer_type"])
-        out.append({**p, "index": rec["index"], "prediction": pred, "response": p["prediction"],
+        out.append({**p, "index": rec["index"], "image_id": image_id(rec), "prediction": pred,
+                    "response": p["prediction"],
                     "correct": bool(correct), "answer": rec["answer"], "category": rec["category"],
                     "tag": rec["tag"], "kind": kind, "group": rec["group"], "options": rec["options"],
                     "answer_type": rec["answer_type"], "meta": rec.get("meta", {})})
@@ -542,14 +545,24 @@ def accuracy_by(preds: list, key: str) -> dict:
     return {k: {"acc": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
 
 
+def image_id(rec: dict) -> str:
+    """A benchmark record's image, named by a digest of its encoded bytes (rows asking about one
+    image share it)."""
+    return hashlib.sha256(rec["image"]).hexdigest()[:16]
+
+
 def summarize(benchmark: str, preds: list) -> dict:
     """results.json's scores: overall, per category, per tag (our own extraction: ``correct``),
     and under ``official`` the benchmark owners' numbers (:func:`vitsink_jax.scores.official`,
     VLMEvalKit's exact matching on each prediction's raw ``response``) for the benchmarks that
-    have them."""
-    sinks = [p["sinks"] for p in preds if "sinks" in p]
+    have them; ``sinks_per_image``: the sinks found, averaged over each image's questions, then
+    over images."""
+    per_image = defaultdict(list)  # an image asked several questions counts once
+    for p in preds:
+        if "sinks" in p:
+            per_image[p["image_id"]].append(p["sinks"])
     res = {"n": len(preds), "accuracy": float(np.mean([p["correct"] for p in preds])),
-           "sinks_per_image": float(np.mean(sinks)) if sinks else None,
+           "sinks_per_image": float(np.mean([np.mean(v) for v in per_image.values()])) if per_image else None,
            "per_category": accuracy_by(preds, "category"), "per_tag": accuracy_by(preds, "tag")}
     numbers = official(benchmark, preds)
     if numbers is not None:

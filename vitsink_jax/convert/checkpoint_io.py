@@ -18,6 +18,7 @@ writer holds one tensor at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -356,6 +357,33 @@ def plan_shardings(plan: dict, mesh=None, shardings=None) -> dict:
     return out
 
 
+def untie_differing_head(path: Path, config: ModelConfig, readers: list) -> ModelConfig:
+    """``config`` with its LM head untied when config.json ties it but the checkpoint holds an
+    ``lm_head.weight`` [vocab, hidden] other than the embedding, as transformers 5 loads such a
+    file (with a warning naming both tensors) -- the head is never dropped for the embedding."""
+    from ..config import LlavaConfig, TextConfig, _tied
+
+    text = config.text if isinstance(config, LlavaConfig) else config
+    if not isinstance(text, TextConfig) or not text.tie_word_embeddings:
+        return config
+    found = {}
+    for reader in readers:
+        for key in reader.keys():
+            m = re.search(r"(^|\.)(lm_head|model\.embed_tokens)\.weight$", canonical_key(config, key))
+            if m:
+                found[m[2]] = (reader, key)
+    if "lm_head" not in found or "model.embed_tokens" not in found:
+        return config
+    (hr, head), (er, embed) = found["lm_head"], found["model.embed_tokens"]
+    if np.array_equal(hr.read(head), er.read(embed)):
+        return config
+    warnings.warn(f"{path}: config.json ties the LM head to the embedding (tie_word_embeddings), but "
+                  f"the checkpoint's {head!r} differs from {embed!r}: loaded untied, as transformers "
+                  "does; set tie_word_embeddings false in config.json to silence this", stacklevel=3)
+    untied = _tied(text, False)
+    return dataclasses.replace(config, text=untied) if isinstance(config, LlavaConfig) else untied
+
+
 def load_params(path: Path, config: ModelConfig, model, dtype=jnp.float32, mesh=None,
                 shardings=None, param_dtypes: Optional[Callable] = None,
                 progress: Optional[bool] = None, readers: Optional[list] = None) -> dict:
@@ -416,6 +444,8 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
         config = resolved.config(raw, config_from_hf)
     except ValueError as e:
         raise type(e)(f"{path / 'config.json'}: {e}") from e
+    readers = open_weights(path) if readers is None else readers
+    config = untie_differing_head(path, config, readers)
     model = build_model(config, dtype, param_dtype, **options)
     params = load_params(path, config, model, param_dtype or dtype, mesh, shardings, param_dtypes,
                          progress, readers)

@@ -109,6 +109,26 @@ def _check_choice(path: Path, key: str, value, supported) -> None:
                               f"(supported: {', '.join(sorted(supported))})")
 
 
+# LLaVA-codebase options this library does not run yet: key -> (its value when absent, whether a
+# value is run, what is run). LLaVA-1.6 / OneVision's any-resolution crops ("anyres",
+# "anyres_max_9") and their unpadded patch merging, <im_start> / <im_end> around the image.
+_CODEBASE_NOT_RUN = {
+    "image_aspect_ratio": ("square", lambda v: "anyres" not in str(v), "pad, square"),
+    "mm_patch_merge_type": ("flat", lambda v: v == "flat", "flat"),
+    "mm_use_im_start_end": (False, lambda v: not v, "false"),
+}
+
+
+def _refuse_not_run(path: Path, raw: dict) -> None:
+    """Raises CheckpointError naming the first key of ``_CODEBASE_NOT_RUN`` whose value in the
+    config.json dict ``raw`` this library does not run."""
+    for key, (default, runs, supported) in _CODEBASE_NOT_RUN.items():
+        value = raw.get(key, default)
+        if not runs(value):
+            raise CheckpointError(f"{path / 'config.json'}: {key} {value!r} is not supported "
+                                  f"(supported: {supported})")
+
+
 def tinyllava(path: Path, raw: dict, open_weights: Callable) -> tuple:
     """(llava-hf config dict, renamed readers) of a TinyLLaVA Factory checkpoint."""
     for key in ("text_config", "vision_config"):
@@ -173,6 +193,7 @@ def llava_codebase(path: Path, raw: dict, open_weights: Callable, vision_tower=N
     if mt not in CODEBASE_TEXT_TYPES:
         raise CheckpointError(f"{path / 'config.json'}: LLaVA-codebase model_type {mt!r} not one of "
                               f"{sorted(CODEBASE_TEXT_TYPES)}")
+    _refuse_not_run(path, raw)
     projector = raw.get("mm_projector_type", "linear")
     _check_choice(path, "mm_projector_type", projector, CODEBASE_PROJECTORS)
     feature = raw.get("mm_vision_select_feature", "patch")

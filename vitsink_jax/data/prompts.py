@@ -48,6 +48,16 @@ VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assis
 SYSTEMS = {"": "", "vicuna_v1": VICUNA_V1, "tinyllava": VICUNA_V1}
 
 
+def checkpoint_system(raw: dict) -> str:
+    """The system prompt (a name of :data:`SYSTEMS`) a checkpoint was evaluated with by its
+    authors, from its config.json dict: "vicuna_v1" for the original LLaVA codebase's,
+    "tinyllava" for TinyLLaVA Factory's, "" for hub LVLMs (their chat template's own turns,
+    which :func:`prompt_format` renders; llava-hf's has no system prompt)."""
+    from ..convert.layouts import detect
+
+    return {"llava_codebase": "vicuna_v1", "tinyllava": "tinyllava"}.get(detect(raw), "")
+
+
 def system_prefix(system: str) -> str:
     """The text before the first ``USER:`` for a system prompt (a name of :data:`SYSTEMS` or the
     text itself): the text and one space, or "" for none."""

@@ -15,7 +15,7 @@ from flax import linen as nn
 from ..config import Gemma3Config
 from .layers import RMSNorm
 from .lvlm import LlavaForConditionalGeneration
-from .merge import MergedTokens
+from .merge import MergedTokens, check_type_ids
 
 
 class Gemma3Projector(nn.Module):
@@ -54,6 +54,13 @@ class Gemma3ForConditionalGeneration(MergedTokens, LlavaForConditionalGeneration
     def new_projector(self) -> nn.Module:
         c = self.config
         return Gemma3Projector(c.text.hidden_size, c.vision.layer_norm_eps, self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids, pixel_values=None, *args, token_type_ids=None, **kwargs):
+        """:meth:`LlavaForConditionalGeneration.__call__`, also taking Gemma3Processor's
+        ``token_type_ids`` [B, T] (1 on image tokens): the bidirectional image blocks are read
+        from the image tokens of input_ids, which they must agree with."""
+        check_type_ids("token_type_ids", token_type_ids, input_ids, self.config.image_token_index)
+        return super().__call__(input_ids, pixel_values, *args, **kwargs)
 
     def sink_tokens(self, vout):
         """The last layer's tokens before the tower's post-LayerNorm."""

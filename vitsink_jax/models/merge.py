@@ -9,7 +9,21 @@ which tower token it is.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def check_type_ids(name: str, type_ids, input_ids, image_token_index: int) -> None:
+    """A processor's token types [B, T] (1 on image tokens, 0 on text) checked against the image
+    tokens of input_ids [B, T], which the model reads them from; a ValueError naming ``name``
+    when they disagree. None or traced arrays are not checked."""
+    if type_ids is None or isinstance(type_ids, jax.core.Tracer) or isinstance(input_ids, jax.core.Tracer):
+        return
+    marked, image = np.asarray(type_ids) == 1, np.asarray(input_ids) == image_token_index
+    if marked.shape != image.shape or not np.array_equal(marked, image):
+        raise ValueError(f"{name} {marked.shape} marks {int(marked.sum())} image token(s) where "
+                         f"input_ids {image.shape} hold {int(image.sum())} (id {image_token_index})")
 
 
 def pool_windows(tokens, grid: tuple, k: int):

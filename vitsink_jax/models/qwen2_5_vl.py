@@ -33,7 +33,7 @@ from ..interventions import TestTimeRegisters
 from .attention import dot_product_attention
 from .layers import GatedMLP, RMSNorm, activation
 from .lvlm import LlavaForConditionalGeneration
-from .merge import MergedTokens
+from .merge import MergedTokens, check_type_ids
 from .outputs import VisionOutput
 from .rope import apply_rotary
 
@@ -274,6 +274,33 @@ def mrope_positions(input_ids, attention_mask, image_token_index: int, grid: tup
     return jnp.stack([base, base + rows, base + cols], -1).astype(jnp.int32)
 
 
+def unflatten_patches(flat, grid_thw, vision: Qwen2_5_VisionConfig):
+    """The Qwen2-VL image processor's flattened patches -> pixels [N, C, H, W].
+
+    Args:
+      flat: [N * gh * gw, C * T * p * p]: per image, its 2 x 2 windows of patches row-major,
+        the patches row-major inside each, every patch (channel, temporal copy, row, column).
+      grid_thw: [N, 3] (1, gh, gw) per image (concrete); every image of one call the same size.
+      vision: the tower's config (p = patch_size, T = temporal_patch_size, 2 = spatial_merge_size).
+    Returns:
+      [N, C, gh * p, gw * p], the first temporal copy of each patch (a still image's copies are
+      equal).
+    """
+    grid = np.asarray(grid_thw)
+    sizes = sorted({tuple(int(v) for v in row) for row in grid})
+    if len(sizes) != 1 or sizes[0][0] != 1:
+        raise ValueError(f"image_grid_thw holds (t, h, w) patch grids {sizes}: one call takes still "
+                         "images (t = 1) of one size; call once per size")
+    (_, gh, gw), n, m, p = sizes[0], len(grid), vision.spatial_merge_size, vision.patch_size
+    t = vision.temporal_patch_size
+    c = flat.shape[-1] // (t * p * p)
+    if flat.shape != (n * gh * gw, c * t * p * p):
+        raise ValueError(f"pixel_values {tuple(flat.shape)} is not {n} images x {gh} x {gw} patches "
+                         f"of {t} x {p} x {p} pixels (image_grid_thw)")
+    x = jnp.asarray(flat).reshape(n, gh // m, gw // m, m, m, c, t, p, p)[:, :, :, :, :, :, 0]
+    return x.transpose(0, 5, 1, 3, 6, 2, 4, 7).reshape(n, c, gh * p, gw * p)
+
+
 class Qwen2_5_VLForConditionalGeneration(MergedTokens, LlavaForConditionalGeneration):
     """Same call as :class:`LlavaForConditionalGeneration`, with pixel_values [N, C, H, W] at any
     size whose sides are multiples of ``config.vision.merge_unit`` (one size per call) and
@@ -285,6 +312,19 @@ class Qwen2_5_VLForConditionalGeneration(MergedTokens, LlavaForConditionalGenera
     def new_projector(self) -> nn.Module:
         c = self.config
         return PatchMerger(c.text.hidden_size, c.vision.hidden_size, 1e-6, self.dtype, self.param_dtype)
+
+    def __call__(self, input_ids, pixel_values=None, *args, mm_token_type_ids=None, image_grid_thw=None,
+                 **kwargs):
+        """:meth:`LlavaForConditionalGeneration.__call__`, also taking Qwen2_5_VLProcessor's
+        outputs as they are: ``pixel_values`` flattened [N * gh * gw, C * T * p * p] with
+        ``image_grid_thw`` [N, 3] (all N images of one size), ``mm_token_type_ids`` [B, T] (1 on
+        image tokens, which they must agree with)."""
+        check_type_ids("mm_token_type_ids", mm_token_type_ids, input_ids, self.config.image_token_index)
+        if image_grid_thw is not None:
+            pixel_values = unflatten_patches(pixel_values, image_grid_thw, self.config.vision)
+        elif pixel_values is not None and pixel_values.ndim == 2:
+            raise ValueError(f"flattened pixel_values {pixel_values.shape} need the processor's image_grid_thw")
+        return super().__call__(input_ids, pixel_values, *args, **kwargs)
 
     def tokens_per_image(self, pixel_shape: tuple) -> int:
         unit = self.config.vision.merge_unit

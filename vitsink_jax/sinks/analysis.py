@@ -126,7 +126,7 @@ def _group_mean(vis_attn: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """Mean over batch, heads and masked tokens, per layer. mask [B, P] or [L, B, P] -> [L]."""
     mask = jnp.broadcast_to(mask, (vis_attn.shape[0],) + vis_attn.shape[1:2] + vis_attn.shape[3:])
     w = mask.astype(jnp.float32)[:, :, None, :]                                  # [L, B, 1, P]
-    num = jnp.sum(vis_attn.astype(jnp.float32) * w, axis=(1, 2, 3))
+    num = jnp.sum(jnp.where(w > 0, vis_attn.astype(jnp.float32), 0.0), axis=(1, 2, 3))  # NaN rows out
     den = jnp.sum(w, axis=(1, 2, 3)) * vis_attn.shape[2]
     return jnp.where(den > 0, num / jnp.maximum(den, 1.0), jnp.nan)
 
@@ -245,8 +245,9 @@ def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
     is averaged (:func:`answer_queries` for the paper's generated tokens, or
     :func:`queries_after_image`); attention_mask [B, T]: padding, never a query nor counted in
     the sink-dimension search. ``sink_dims`` [S] int: the LLM's sink dimensions, or None to
-    discover them from massive activations in the middle layer. ``prefix``: leading visual
-    tokens (a kept CLS) in neither group. A row without exactly P image tokens gives NaN.
+    discover them from massive activations of the text tokens in the middle layer. ``prefix``: leading visual
+    tokens (a kept CLS) in neither group. A row without exactly P image tokens, or without a
+    query (an empty answer), gives NaN attention and no token to any group or bucket.
     Returns a dict of arrays (shapes in the comments), every per-token array in stock order.
     """
     feats = out.vision_features
@@ -263,19 +264,25 @@ def analyze_forward(out, input_ids: jnp.ndarray, image_token_index: int, rule,
     valid = jnp.broadcast_to(jnp.arange(p) >= prefix, (b, p))
     if arrangement is not None:
         valid = valid & stock_order(arrangement.kept, arrangement)       # [B, P]
-    ok = visual_rows_ok(input_ids, image_token_index, p)                 # [B]
+    queries = jnp.sum(query_mask & mask, axis=1)                         # [B]
+    # a row without its image tokens, or without a query (an empty answer), gives no attention
+    ok = visual_rows_ok(input_ids, image_token_index, p) & (queries > 0)   # [B]
+    valid = valid & ok[:, None]
     vis_attn = stack_visual_attention(out.attentions, vis_pos, query_mask & mask)  # [L, B, H, P]
     vis_attn = jnp.where(ok[None, :, None, None], vis_attn, jnp.nan)
     hidden = jnp.stack(out.hidden_states[:-1])                           # [L, B, T, D] layer inputs
-    if sink_dims is None:
-        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2], mask)
+    if sink_dims is None:  # from the text tokens (BOS, the first tokens): a visual token lit by
+        # a ViT sink must not make its dimension an LLM sink dimension
+        text = mask & (input_ids != image_token_index)
+        sink_dims = massive_activation_dims(hidden[hidden.shape[0] // 2], text)
     vis_hidden = jnp.take_along_axis(hidden, vis_pos[None, :, :, None], axis=2)  # [L, B, P, D]
     llm_sink = llm_sink_mask(vis_hidden, sink_dims, llm_tau)             # [L, B, P]
     groups = {g: m & valid for g, m in token_groups(vit_sink, llm_sink).items()}
-    bucket_mean, bucket_count = attention_by_norm_bucket(vis_attn, norms, bucket_edges, valid)
+    bucket_mean, bucket_count = attention_by_norm_bucket(jnp.where(ok[None, :, None, None], vis_attn, 0.0),
+                                                         norms, bucket_edges, valid)
     return {
         "norms": norms, "vit_sink": vit_sink, "llm_sink": llm_sink & valid, "sink_dims": sink_dims,
-        "vis_attn": vis_attn, "valid": valid, "queries": jnp.sum(query_mask & mask, axis=1),
+        "vis_attn": vis_attn, "valid": valid, "queries": queries,
         "sink_ratio": sink_attention_ratio(vis_attn, vit_sink, valid),               # [L]
         "group_attention": {"sink": _group_mean(vis_attn, vit_sink & valid),         # {g: [L]}
                             "non_sink": _group_mean(vis_attn, ~vit_sink & valid)},
