@@ -158,7 +158,8 @@ def test_score_mode_reads_benchmark_and_predictions_from_a_bucket(bucket, tmp_pa
     bench = [dict(index=it["index"], question=f"Is there a thing {it['index']}?",
                   answer=it["answer"].capitalize(), category=it["category"], image="x")
              for it in pope_items()]
-    preds = [dict(index=it["index"], question="q", prediction=it["response"]) for it in pope_items()]
+    preds = [dict(index=it["index"], question=f"Is there a thing {it['index']}?", prediction=it["response"])
+             for it in pope_items()]
     reports = {}
     for where, root in (("local", tmp_path / "local"), ("gs", bucket)):
         root.mkdir(parents=True)
