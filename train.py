@@ -194,8 +194,9 @@ class Batches:
 
     def pixels(self, record) -> np.ndarray:
         if record["image"]:
-            aspect = getattr(getattr(self.cfg, "data", None), "image_aspect_ratio", "crop")
-            return pixels_from_bytes(self.model.config, record["image"], aspect)
+            aspect = getattr(getattr(self.cfg, "data", None), "image_aspect_ratio", "auto")
+            return pixels_from_bytes(self.model.config, record["image"],
+                                     None if aspect == "auto" else aspect)
         if self.blank is None:
             self.blank = np.zeros_like(pixels_from_bytes(self.model.config, blank_png()))
         return self.blank
@@ -285,7 +286,7 @@ RUN_KEYS = ("seed", "stage", "finetune_parts", "batch_size", "compute_dtype", "s
             "data.too_long", "data.image_aspect_ratio")
 # settings stored only when not at these defaults (the checkpoints written before them resume)
 RUN_DEFAULTS = {"data.system": "", "data.template": "chat", "data.image_first": True,
-                 "data.max_length": 0, "data.too_long": "skip", "data.image_aspect_ratio": "crop",
+                 "data.max_length": 0, "data.too_long": "skip", "data.image_aspect_ratio": "auto",
                  "optim.loss_average": "tokens", "optim.loss_group_rows": 0}
 
 
@@ -377,7 +378,7 @@ def check_options(cfg) -> None:
     for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow")),
                          ("data.too_long", instruct_build.TOO_LONG),
                          ("data.template", instruct.TEMPLATES_OF_TRAINING + ("auto",)),
-                         ("data.image_aspect_ratio", ASPECTS),
+                         ("data.image_aspect_ratio", ASPECTS + ("auto",)),
                          ("optim.loss_average", train_lib.LOSS_AVERAGES)):
         top, _, sub = key.partition(".")
         value = cfg[top][sub] if sub else cfg[key]
@@ -592,6 +593,9 @@ def train(cfg, workdir: Path) -> dict:
     log.close()
     export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}
+    aspect = cfg.data.image_aspect_ratio  # the export is evaluated with the images it trained on
+    if aspect != "auto" and hasattr(model.config, "image_aspect_ratio"):
+        model = model.clone(config=dataclasses.replace(model.config, image_aspect_ratio=aspect))
     if parallel.is_global(final) or jax.process_index() == 0:  # a collective for global arrays
         vj.save_pretrained(model, final, export, overwrite=True, dtype=jnp.float32)
     if jax.process_index() == 0:

@@ -98,8 +98,9 @@ def get_config():
     c.data.template = "chat"   # "chat": the model's chat markup | "plain": LLaVA's pre-training
                                # format (<image> caption \n) | "auto": plain in stage pretrain
     c.data.image_first = True  # each turn's <image> moved to its start, as LLaVA / TinyLLaVA train
-    c.data.image_aspect_ratio = "crop"  # "crop": the processor's own | "pad": to a square with the
-                               # mean colour first (LLaVA-1.5's stage 2, image_aspect_ratio pad)
+    c.data.image_aspect_ratio = "auto"  # "auto": the checkpoint's own | "crop": the processor's |
+                               # "pad": to a square with the mean colour first (LLaVA-1.5's
+                               # stage 2); the export records it, so evaluation pads alike
     c.data.max_length = 0      # longest row in tokens, image expanded (0 = the LLM's positions)
     c.data.too_long = "skip"   # a longer row: "skip" (named in the build's manifest) | "truncate"
     c.data.build_workers = 2   # processes checking images and tokenizing while the data is built

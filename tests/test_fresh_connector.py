@@ -86,7 +86,7 @@ def test_train_starts_from_a_base_llm_and_tower(parts, tmp_path):
 
     llm, tower, _ = parts
     cfg = config(llm=str(llm), vision_tower=str(tower), steps=2, batch_size=4, **{
-        "data.template": "auto", "diysink.enabled": False})
+        "data.template": "auto", "diysink.enabled": False, "data.image_aspect_ratio": "pad"})
     summary = train.train(cfg, tmp_path / "run")
     assert np.isfinite(summary["last_loss"])
     _, before = vj.load_pretrained(tmp_path / "run" / "base")
@@ -98,6 +98,8 @@ def test_train_starts_from_a_base_llm_and_tower(parts, tmp_path):
     for key, x in a.items():           # is otherwise untouched (frozen in stage 1)
         np.testing.assert_array_equal(np.asarray(b[key])[:x.shape[0]], x, err_msg=str(key))
     assert transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "run" / "export"))
+    # trained on padded images: the export says so, and evaluation pads alike
+    assert vj.load_pretrained(tmp_path / "run" / "export")[0].config.image_aspect_ratio == "pad"
     with pytest.raises(SystemExit, match="go together"):
         train.train(config(llm=str(llm)), tmp_path / "x")
     with pytest.raises(SystemExit, match="leaves no room after the image"):  # a cut in the image

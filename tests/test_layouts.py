@@ -117,6 +117,35 @@ def test_llava_codebase_configs_not_run_yet_are_refused_by_name(codebase, tmp_pa
         vj.load_pretrained(bad)
 
 
+def test_a_padded_checkpoint_is_evaluated_with_padded_images(codebase, tmp_path):
+    """An original LLaVA-codebase checkpoint with ``image_aspect_ratio: pad`` pads every image to
+    a square with the processor's mean colour before the CLIP processor, as LLaVA's
+    ``expand2square`` + CLIPImageProcessor do (the centre crop would lose the borders and change
+    the features the sink rule reads); the setting survives save_pretrained."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+    from test_preprocess import llava_expand2square
+
+    from vitsink_jax.data.preprocess import CLIP_MEAN, pixels_from_bytes
+
+    _, folder = codebase
+    model, params = vj.load_pretrained(folder)
+    assert model.config.image_aspect_ratio == "pad"
+    photo = Image.fromarray(data.coffee()).resize((40, 20))
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")
+    size = model.config.vision.image_size
+    hf = transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                         crop_size={"height": size, "width": size})
+    want = hf(llava_expand2square(photo, tuple(int(x * 255) for x in CLIP_MEAN)),
+              return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixels_from_bytes(model.config, buf.getvalue()), want, atol=1e-5)
+    vj.save_pretrained(model, params, tmp_path / "export")
+    assert vj.load_pretrained(tmp_path / "export")[0].config.image_aspect_ratio == "pad"
+
+
 def test_eval_system_auto_is_the_checkpoints_own(codebase, tmp_path):
     """eval.system=auto: vicuna_v1 before the templates of an original-LLaVA-codebase
     checkpoint, TinyLLaVA's for TinyLLaVA, none for a llava-hf one (its chat template's) and the

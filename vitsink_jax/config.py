@@ -507,7 +507,10 @@ class LlavaConfig:
     ``projector_type`` "linear" (LLaVA-1) is not representable in transformers' Llava class;
     such checkpoints load back into vitsink_jax only. Nor is ``lm_head_bias`` (the LM head of a
     TinyLLaVA Phi-2 LLM has a bias; transformers' Llava head never has one): stored in
-    config.json as ``vitsink_lm_head_bias``.
+    config.json as ``vitsink_lm_head_bias``. ``image_aspect_ratio`` "pad": images are padded to
+    a square with the processor's mean colour before it (the original LLaVA codebase's and
+    TinyLLaVA's ``image_aspect_ratio: pad``; stored as ``vitsink_image_aspect_ratio``), "crop":
+    the processor's own resize and crop.
     """
 
     vision: VisionConfig
@@ -521,9 +524,12 @@ class LlavaConfig:
     diysink: Optional[DIYSinkConfig] = None
     image_size: int = 0  # input side in pixels; 0 = the tower's; others need a DINOv2 tower
     lm_head_bias: bool = False
+    image_aspect_ratio: str = "crop"
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
+        if self.image_aspect_ratio not in ("crop", "pad"):
+            raise ValueError(f"image_aspect_ratio {self.image_aspect_ratio!r} not one of crop, pad")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"unknown projector_type {self.projector_type!r}; supported: "
                              f"{PROJECTOR_TYPES}")
@@ -624,6 +630,7 @@ class LlavaConfig:
                    diysink=diysink_of(d),
                    image_size=int(d.get("vitsink_image_size", 0)),
                    lm_head_bias=bool(d.get("vitsink_lm_head_bias", False)),
+                   image_aspect_ratio=d.get("vitsink_image_aspect_ratio", "crop"),
                    hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
@@ -642,8 +649,11 @@ class LlavaConfig:
         d.pop("diysink", None)
         d.pop("vitsink_image_size", None)
         d.pop("vitsink_lm_head_bias", None)
+        d.pop("vitsink_image_aspect_ratio", None)
         if self.lm_head_bias:
             d["vitsink_lm_head_bias"] = True
+        if self.image_aspect_ratio != "crop":
+            d["vitsink_image_aspect_ratio"] = self.image_aspect_ratio
         if self.image_size:
             d["vitsink_image_size"] = self.image_size
         if self.diysink is not None:

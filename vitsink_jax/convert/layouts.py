@@ -119,6 +119,13 @@ _CODEBASE_NOT_RUN = {
 }
 
 
+def _aspect(raw: dict) -> dict:
+    """The llava-hf config entry of a codebase config's ``image_aspect_ratio``: "pad" pads
+    images to a square before the processor (LLaVA's ``expand2square``); "square" (the
+    default) leaves them to it."""
+    return {"vitsink_image_aspect_ratio": "pad"} if raw.get("image_aspect_ratio") == "pad" else {}
+
+
 def _refuse_not_run(path: Path, raw: dict) -> None:
     """Raises CheckpointError naming the first key of ``_CODEBASE_NOT_RUN`` whose value in the
     config.json dict ``raw`` this library does not run."""
@@ -145,7 +152,7 @@ def tinyllava(path: Path, raw: dict, open_weights: Callable) -> tuple:
               "image_token_index": _past_vocabulary(text), "projector_hidden_act": "gelu",
               "vision_feature_layer": raw.get("vision_feature_layer", -2),
               "vision_feature_select_strategy": CODEBASE_FEATURES[feature],
-              "vitsink_lm_head_bias": text["model_type"] == "phi"}
+              "vitsink_lm_head_bias": text["model_type"] == "phi", **_aspect(raw)}
     if connector != "mlp2x_gelu":
         config["projector_type"] = connector
     return config, [RenamedReader(r, partial(rename_first, rules=_TINYLLAVA_KEYS))
@@ -209,7 +216,7 @@ def llava_codebase(path: Path, raw: dict, open_weights: Callable, vision_tower=N
               "text_config": text, "image_token_index": _past_vocabulary(text),
               "projector_hidden_act": "gelu",
               "vision_feature_layer": raw.get("mm_vision_select_layer", -2),
-              "vision_feature_select_strategy": CODEBASE_FEATURES[feature]}
+              "vision_feature_select_strategy": CODEBASE_FEATURES[feature], **_aspect(raw)}
     if projector != "mlp2x_gelu":
         config["projector_type"] = projector
     readers = [RenamedReader(r, partial(rename_first, rules=_CODEBASE_KEYS)) for r in open_weights(path)]

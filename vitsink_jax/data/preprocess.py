@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -235,11 +235,13 @@ def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
     return canvas
 
 
-def pixels_from_bytes(config, raw: bytes, aspect: str = "crop") -> np.ndarray:
+def pixels_from_bytes(config, raw: bytes, aspect: Optional[str] = None) -> np.ndarray:
     """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for a
     LLaVA config (S = its ``input_size``). ``aspect`` "pad" first pads the image to a square
     with its processor's mean colour (:func:`expand_to_square`, LLaVA-1.5's stage 2); "crop"
-    leaves it to the processor (CLIP's and DINOv2's crop the centre)."""
+    leaves it to the processor (CLIP's and DINOv2's crop the centre); None: the config's own
+    ``image_aspect_ratio`` (a checkpoint trained with padded images is evaluated so)."""
+    aspect = aspect or getattr(config, "image_aspect_ratio", "crop")
     if aspect not in ASPECTS:
         raise ValueError(f"image aspect {aspect!r} not one of {ASPECTS}")
     image = image_from_bytes(raw)
