@@ -36,6 +36,8 @@ import vitsink_jax as vj
 from vitsink_jax import cli, compile_cache, parallel, paths, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
+from vitsink_jax.convert.checkpoint_io import resolve_model_path
+from vitsink_jax.convert.layouts import write_fresh_llava
 from vitsink_jax.data import instruct, instruct_build
 from vitsink_jax.data.prefetch import Prefetch
 from vitsink_jax.data.preprocess import ASPECTS, pixels_from_bytes
@@ -55,9 +57,6 @@ def base_checkpoint(cfg, workdir: Path) -> Path:
     (:func:`vitsink_jax.convert.layouts.write_fresh_llava`, in ``workdir/base`` on a local
     disk); or the embedded default (written into ``workdir`` once). A ``gs://`` checkpoint is
     copied to a local cache."""
-    from vitsink_jax.convert.checkpoint_io import resolve_model_path
-    from vitsink_jax.convert.layouts import write_fresh_llava
-
     if cfg.get("llm") or cfg.get("vision_tower"):
         if cfg.checkpoint or not (cfg.llm and cfg.vision_tower):
             raise SystemExit("error: --config.llm and --config.vision_tower go together, instead of "
@@ -184,6 +183,8 @@ class Batches:
         self.rows = parallel.process_rows(cfg.batch_size, process_index, process_count)
         self.tokenizing = threading.Lock()
         self.blank = None  # pixels of a text-only row (zeros, as LLaVA's), made once
+        aspect = getattr(getattr(cfg, "data", None), "image_aspect_ratio", "auto")
+        self.aspect = None if aspect == "auto" else aspect  # None: the checkpoint's own
 
     def example(self, record) -> dict:
         """A record tokenized (ids, loss_mask, question_mask), cut to the length limit."""
@@ -194,9 +195,7 @@ class Batches:
 
     def pixels(self, record) -> np.ndarray:
         if record["image"]:
-            aspect = getattr(getattr(self.cfg, "data", None), "image_aspect_ratio", "auto")
-            return pixels_from_bytes(self.model.config, record["image"],
-                                     None if aspect == "auto" else aspect)
+            return pixels_from_bytes(self.model.config, record["image"], self.aspect)
         if self.blank is None:
             self.blank = np.zeros_like(pixels_from_bytes(self.model.config, blank_png()))
         return self.blank
@@ -316,7 +315,6 @@ def run_settings(cfg, ckpt: Path) -> dict:
     flat = {k: v for k, v in flat.items() if not k.startswith(skip)}
     flat["sha256:checkpoint"] = vj.checkpoint_hash(ckpt)
     if cfg.get("vision_tower"):  # a fresh LLaVA's base folder names its tower by path only
-        from vitsink_jax.convert.checkpoint_io import resolve_model_path
         flat["sha256:vision_tower"] = vj.checkpoint_hash(resolve_model_path(cfg.vision_tower))
     if cfg.data.json:
         flat["sha256:data.json"] = file_sha256(cfg.data.json)
