@@ -43,13 +43,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, parallel, paths, plots, scores,
-                         timing)
+from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, options, parallel, paths, plots,
+                         scores, timing)
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
@@ -846,19 +846,25 @@ def main(argv):
     cfg = flags.FLAGS.config
     apply_system(cfg)
     parallel.init_distributed(cfg.distributed)
-    if cfg.mode not in MODES:
-        raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")
     MODES[cfg.mode](cfg, paths.path(flags.FLAGS.workdir))
+
+
+def check_config(cfg) -> None:
+    """Every value of the config checked before anything loads (:mod:`vitsink_jax.options`,
+    with this script's modes)."""
+    options.check_config(cfg, {"mode": options.one_of(*MODES)})
+
+
+DEFAULT_CONFIG = "configs/default.py"
 
 
 def define_flags() -> None:
     """The CLI flags, defined only when run as a script (importing the module, as the tests do,
     defines none, so train.py and evaluate.py can share a process)."""
-    config_flags.DEFINE_config_file("config", "configs/default.py", "Python config file.")
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Python config file.")
     flags.DEFINE_string("workdir", "runs/default", "Where outputs are written.")
     cli.define_verbose()
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(cli.main_of(main))
+    cli.run_script(main, define_flags, DEFAULT_CONFIG, check_config)

@@ -29,18 +29,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, parallel, paths, train_lib
+from vitsink_jax import cli, compile_cache, options, parallel, paths, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.convert.checkpoint_io import resolve_model_path
 from vitsink_jax.convert.layouts import write_fresh_llava
 from vitsink_jax.data import instruct, instruct_build
 from vitsink_jax.data.prefetch import Prefetch
-from vitsink_jax.data.preprocess import ASPECTS, pixels_from_bytes
+from vitsink_jax.data.preprocess import pixels_from_bytes
 from vitsink_jax.tensorboard import ScalarWriter
 from vitsink_jax.data.prompts import prompt_format
 from vitsink_jax.data.tokenizer import load_tokenizer
@@ -371,34 +371,6 @@ def check_resume(manager, step: int, cfg, settings: dict) -> list:
     return changes
 
 
-def check_options(cfg) -> None:
-    """Refuses a misspelt fault option at the start, not at the first fault."""
-    for key, allowed in (("nonfinite", ("stop", "skip")), ("resume_changes", ("refuse", "allow")),
-                         ("data.too_long", instruct_build.TOO_LONG),
-                         ("data.template", instruct.TEMPLATES_OF_TRAINING + ("auto",)),
-                         ("data.image_aspect_ratio", ASPECTS + ("auto",)),
-                         ("optim.loss_average", train_lib.LOSS_AVERAGES)):
-        top, _, sub = key.partition(".")
-        value = cfg[top][sub] if sub else cfg[key]
-        if value not in allowed:
-            raise SystemExit(f"error: --config.{key}={value!r} is not one of {', '.join(allowed)}")
-    if cfg.max_skips < 0:
-        raise SystemExit(f"error: --config.max_skips={cfg.max_skips} is negative")
-    if cfg.data.prefetch < 0 or cfg.data.workers < 1:
-        raise SystemExit(f"error: --config.data.prefetch={cfg.data.prefetch} must be >= 0 (0: no "
-                         f"prefetch) and --config.data.workers={cfg.data.workers} >= 1")
-    for key in ("max_length", "build_workers"):
-        if cfg.data[key] < 0:
-            raise SystemExit(f"error: --config.data.{key}={cfg.data[key]} is negative")
-    o = cfg.optim
-    if o.loss_average == "per_device_batch" and o.loss_group_rows and cfg.batch_size % o.loss_group_rows:
-        raise SystemExit(f"error: --config.optim.loss_group_rows={o.loss_group_rows} does not divide "
-                         f"--config.batch_size={cfg.batch_size} (loss groups are consecutive rows "
-                         "of the update's batch)")
-    if cfg.data.shard_rows < 1:
-        raise SystemExit(f"error: --config.data.shard_rows={cfg.data.shard_rows} must be >= 1")
-
-
 def restore_checkpoint(manager, state, cfg, settings: dict):
     """(state, meta, setting changes) of the newest checkpoint with finite params and optimizer
     state, restored into the layout of ``state``; checks the saved settings first
@@ -488,7 +460,7 @@ class MetricLog:
 
 def train(cfg, workdir: Path) -> dict:
     """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
-    check_options(cfg)
+    options.check_config(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.init_distributed(cfg.distributed)
     accum = cfg.optim.grad_accum
@@ -646,6 +618,24 @@ def loss_curve(run_dir: Path) -> list:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def recipe_config(cfg, name: str, overrides: dict):
+    """The config of recipe run ``name``: ``cfg`` without its recipe keys, ``overrides``
+    applied, every value checked (:func:`vitsink_jax.options.check_config`), so that a bad
+    override of a later run stops the recipe before its first run starts."""
+    run_cfg = cfg.copy_and_resolve_references()
+    with run_cfg.unlocked():
+        del run_cfg["recipe"], run_cfg["publish"], run_cfg["publish_dir"]
+    try:
+        run_cfg.update_from_flattened_dict(overrides)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: recipe run {name!r}: bad override ({e})")
+    try:
+        options.check_config(run_cfg)
+    except options.ConfigError as e:
+        raise options.ConfigError(f"recipe run {name!r}: {e}") from e
+    return run_cfg
+
+
 def run_recipe(cfg, workdir: Path) -> dict:
     """Runs the stages of ``cfg.recipe`` in order (each: the config plus its overrides, in
     ``workdir/<name>``; a finished run resumes at its last step and only re-exports), then copies
@@ -658,17 +648,11 @@ def run_recipe(cfg, workdir: Path) -> dict:
     unknown = sorted(set(cfg.publish.values()) - {name for name, _ in runs})
     if unknown:
         raise SystemExit(f"error: publish names runs {unknown} that are not in the recipe")
+    configs = {name: recipe_config(cfg, name, overrides) for name, overrides in runs}
     summaries = {}
     for name, overrides in runs:
-        run_cfg = cfg.copy_and_resolve_references()
-        with run_cfg.unlocked():
-            del run_cfg["recipe"], run_cfg["publish"], run_cfg["publish_dir"]
-        try:
-            run_cfg.update_from_flattened_dict(overrides)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise SystemExit(f"error: recipe run {name!r}: bad override ({e})")
         print(f"== recipe run {name}: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
-        summaries[name] = {**train(run_cfg, workdir / name), "loss_curve": loss_curve(workdir / name)}
+        summaries[name] = {**train(configs[name], workdir / name), "loss_curve": loss_curve(workdir / name)}
     if cfg.publish:
         out = paths.path(cfg.publish_dir or workdir / "published")
         if jax.process_index() == 0:
@@ -690,14 +674,16 @@ def main(argv):
         train(cfg, workdir)
 
 
+DEFAULT_CONFIG = "configs/diysink.py"
+
+
 def define_flags() -> None:
     """The CLI flags, defined only when run as a script (importing the module, as the tests do,
     defines none, so train.py and evaluate.py can share a process)."""
-    config_flags.DEFINE_config_file("config", "configs/diysink.py", "Python config file.")
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Python config file.")
     flags.DEFINE_string("workdir", "runs/diysink", "Checkpoints, metrics and the export.")
     cli.define_verbose()
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(cli.main_of(main))
+    cli.run_script(main, define_flags, DEFAULT_CONFIG, options.check_config)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import vitsink_jax as vj
+from vitsink_jax import options
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -221,7 +222,7 @@ def test_resume_refuses_changed_run_settings_by_name(base, tmp_path):
     """A resume whose run-defining settings differ is refused with one line per change naming
     its flag (before the model loads); ``resume_changes=allow`` resumes and records them; a
     state of another shape is named in one line, not an orbax tree dump."""
-    with pytest.raises(SystemExit, match="--config.nonfinite='stpo' is not one of stop, skip"):
+    with pytest.raises(options.ConfigError, match="--config.nonfinite=.stpo. is not one of stop, skip"):
         train.train(config(nonfinite="stpo"), tmp_path / "typo")
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
     work = tmp_path / "run"

@@ -10,7 +10,12 @@ The project's own errors (a bad checkpoint, benchmark, labels, predictions or in
 a non-finite loss, a failed save) and OS errors (a missing file, a full disk, a permission)
 end a run with one line on stderr, ``error: <what, where, what to do>``, and exit status 1;
 ``--verbose`` shows the traceback instead (and the library logs). Any other exception is a bug
-and keeps its traceback.
+and keeps its traceback. A setting the run cannot start with (the command line, the config's
+values, the environment: :mod:`vitsink_jax.options`) is one such line too, with exit status 2,
+before anything is loaded or written.
+
+A run holds its workdir's lock (:mod:`vitsink_jax.run_lock`) from before it writes anything
+there (its log included) to its end: a second run in that workdir is refused by name.
 """
 
 from __future__ import annotations
@@ -20,9 +25,9 @@ import errno
 import sys
 import time
 import traceback
-from absl import flags, logging
+from absl import app, flags, logging
 
-from . import paths
+from . import options, paths, run_lock
 from .checkpoints import CheckpointSaveError
 from .convert.onnx_dinov2 import OnnxImportError
 from .convert.safetensors_io import CheckpointError
@@ -122,23 +127,71 @@ def define_verbose() -> None:
     flags.DEFINE_bool("verbose", False, "Show the traceback of an error and the library logs.")
 
 
-def main_of(main):
+def _fail(e: BaseException, verbose: bool, status: int):
+    """Ends the run for the user error being handled: one line and ``status``, or with
+    ``verbose`` its traceback (re-raised)."""
+    if verbose:
+        raise
+    print(f"error: {describe(e)} (--verbose shows the traceback)", file=sys.stderr)
+    sys.exit(status)
+
+
+@contextlib.contextmanager
+def one_line_errors(verbose: bool):
+    """A :class:`~vitsink_jax.options.ConfigError` in the block ends the run with one line and
+    exit status 2, another user error (:data:`USER_ERRORS`) with one line and status 1."""
+    try:
+        yield
+    except options.ConfigError as e:
+        _fail(e, verbose, 2)
+    except USER_ERRORS as e:
+        _fail(e, verbose, 1)
+
+
+def main_of(main, check=None):
     """``main`` for absl's ``app.run``: the libraries' absl logs are off (tfds / XLA info lines
     would drown the progress; orbax logs the traceback of an error the run raises anyway)
-    unless ``--verbosity`` or ``--verbose`` is given, a user error (:data:`USER_ERRORS`)
-    ends the run with one line (:func:`describe`), and the output goes to the workdir's log
-    too (:func:`log_path`)."""
+    unless ``--verbosity`` or ``--verbose`` is given; ``check(config)`` first (it raises
+    :class:`~vitsink_jax.options.ConfigError`); then the workdir's lock is taken
+    (:func:`vitsink_jax.run_lock.workdir_lock`) and the output goes to the workdir's log too
+    (:func:`log_path`); a user error ends the run with one line (:func:`one_line_errors`)."""
     def run(argv):
         verbose = flags.FLAGS.verbose
         if not flags.FLAGS["verbosity"].present and not verbose:
             logging.set_verbosity(logging.FATAL)  # orbax logs a failed save's traceback
-        workdir = getattr(flags.FLAGS, "workdir", None)  # (a main without the flag: no log)
-        with log_to(log_path(workdir)) if workdir else contextlib.nullcontext():
-            try:
-                return main(argv)
-            except USER_ERRORS as e:
-                if verbose:
-                    raise
-                print(f"error: {describe(e)} (--verbose shows the traceback)", file=sys.stderr)
-                sys.exit(1)
+        workdir = getattr(flags.FLAGS, "workdir", None)  # (a main without the flag: no log, no lock)
+        config = getattr(flags.FLAGS, "config", None)
+        with one_line_errors(verbose):  # a bad setting, a held lock, a workdir we cannot write
+            if check is not None:
+                check(config)
+            dist = getattr(config, "distributed", None)
+            with (run_lock.workdir_lock(workdir, dist) if workdir else contextlib.nullcontext()) as notice, \
+                    log_to(log_path(workdir)) if workdir else contextlib.nullcontext():
+                with one_line_errors(verbose):  # the run's own errors, in the log too
+                    if notice:
+                        print(notice, file=sys.stderr)
+                    return main(argv)
     return run
+
+
+def run_script(main, define_flags, default_config: str, check) -> None:
+    """Runs a script's ``main`` as train.py and evaluate.py run: the environment and the command
+    line checked against the config file before absl parses them
+    (:func:`vitsink_jax.options.check_command_line`, so a misspelt ``--config.<key>`` or a
+    missing config file is one ``error:`` line, exit status 2, not a traceback), a flag absl
+    cannot parse (``--config.steps=abc``, an unknown flag) the same, then ``main`` through
+    :func:`main_of` with ``check`` (the config's values)."""
+    verbose = "--verbose" in sys.argv
+    with one_line_errors(verbose):
+        options.check_environment()
+        options.check_command_line(sys.argv, default_config)
+        define_flags()
+
+    def parse_flags(argv):
+        with one_line_errors(verbose):
+            try:
+                return flags.FLAGS(argv)
+            except flags.Error as e:
+                raise options.ConfigError(str(e)) from e
+
+    app.run(main_of(main, check), flags_parser=parse_flags)

@@ -918,7 +918,8 @@ ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    """Dispatches a config.json dict on ``model_type``; unknown types raise ValueError naming it."""
+    """Dispatches a config.json dict on ``model_type``; unknown types raise ValueError naming it
+    and the supported families."""
     mt = d.get("model_type")
     if mt == "qwen2_5_vl_vision":
         raise ValueError("model_type 'qwen2_5_vl_vision': a Qwen2.5-VL tower alone is not loaded (its "
@@ -929,6 +930,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         return VisionConfig.from_hf(d)
     if mt in TEXT_TYPES:
         return TextConfig.from_hf(d)
-    raise ValueError(f"unknown model_type {mt!r}; supported: {', '.join(LVLM_TYPES)}, "
-                     f"{', '.join(sorted(VISION_TYPES))}, "
+    towers = sorted(t for t in VISION_TYPES if t != "qwen2_5_vl_vision")
+    raise ValueError(f"unknown model_type {mt!r}: not a family vitsink_jax runs; supported: LVLM "
+                     f"{', '.join(LVLM_TYPES)}; vision tower {', '.join(towers)}; LLM "
                      f"{', '.join(TEXT_TYPES)}")

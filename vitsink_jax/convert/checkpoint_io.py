@@ -424,7 +424,8 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
     ``path``: a folder or a repo id (see :func:`resolve_model_path`). Dispatch on config.json's
     model_type: llava, gemma3, internvl -> LVLM; clip / clip_vision_model / siglip /
     siglip_vision_model / dinov2 / dinov2_with_registers / internvl_vision -> vision tower;
-    llama / qwen2 / phi / phi3 / gemma3_text -> LLM. Unknown types raise ValueError naming the type.
+    llama / qwen2 / phi / phi3 / gemma3_text -> LLM. Unknown types raise CheckpointError naming
+    the type and the supported ones.
     Checkpoints of the original LLaVA codebase (``mm_vision_tower`` in config.json) and of
     TinyLLaVA Factory (model_type tinyllava) load into the same LLaVA
     (:mod:`vitsink_jax.convert.layouts`); ``vision_tower`` overrides the folder a LLaVA-codebase
@@ -442,8 +443,8 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
                          "another folder (the LLaVA codebase's mm_vision_tower)")
     try:
         config = resolved.config(raw, config_from_hf)
-    except ValueError as e:
-        raise type(e)(f"{path / 'config.json'}: {e}") from e
+    except ValueError as e:  # a model_type or setting we do not run: the user's checkpoint
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     readers = open_weights(path) if readers is None else readers
     config = untie_differing_head(path, config, readers)
     model = build_model(config, dtype, param_dtype, **options)
