@@ -181,7 +181,7 @@ def run_script(main, define_flags, default_config: str, check) -> None:
     missing config file is one ``error:`` line, exit status 2, not a traceback), a flag absl
     cannot parse (``--config.steps=abc``, an unknown flag) the same, then ``main`` through
     :func:`main_of` with ``check`` (the config's values)."""
-    verbose = "--verbose" in sys.argv
+    verbose = any(arg.lstrip("-").lower() in ("verbose", "verbose=true", "verbose=1") for arg in sys.argv[1:])
     with one_line_errors(verbose):
         options.check_environment()
         options.check_command_line(sys.argv, default_config)

@@ -109,7 +109,7 @@ def stale_reason(holder: dict, host: str) -> str | None:
     when that cannot be judged from here (another host's, or its pid runs)."""
     pid = holder.get("pid")
     if not holder:
-        return "an empty lock file"
+        return "an unreadable lock file"
     if holder.get("host") != host:
         return None
     if pid == os.getpid() or not _pid_alive(pid):
@@ -117,8 +117,9 @@ def stale_reason(holder: dict, host: str) -> str | None:
     return None
 
 
-def _take(path: Path, me: dict) -> tuple[int, str | None]:
-    """(an open fd of ``path`` holding its flock, a warning when a stale lock was taken over)."""
+def _flocked(path: Path) -> int:
+    """An open fd of ``path`` (created if missing) holding its flock; the refusal when another
+    process holds it."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -129,17 +130,22 @@ def _take(path: Path, me: dict) -> tuple[int, str | None]:
             raise _refusal(path, holder, "one run per workdir: wait for it to end or use another "
                            "--workdir") from None
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
         except FileNotFoundError:
-            same = False
-        if not same:  # the holder removed the file between our open and flock: take the new one
-            os.close(fd)
-            continue
+            pass
+        os.close(fd)  # the holder removed the file between our open and flock: take the new one
+
+
+def _take(path: Path, me: dict) -> tuple[int, str | None]:
+    """(an open fd of ``path`` holding its flock and naming ``me``, a warning when a stale lock
+    was taken over)."""
+    fd = _flocked(path)
+    try:
         holder, warning = _read(fd), None
         if os.fstat(fd).st_size:
             reason = stale_reason(holder, me["host"])
             if reason is None:
-                os.close(fd)
                 where = ("another host's run: judge there whether it still runs"
                          if holder.get("host") != me["host"] else
                          "its pid runs but holds no lock: if it is no vitsink_jax run, the pid was reused")
@@ -151,6 +157,9 @@ def _take(path: Path, me: dict) -> tuple[int, str | None]:
         os.write(fd, (json.dumps(me) + "\n").encode())
         os.fsync(fd)
         return fd, warning
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _check_siblings(path: Path, me: dict) -> None:
@@ -164,8 +173,8 @@ def _check_siblings(path: Path, me: dict) -> None:
             holder = json.loads(other.read_text() or "{}")
         except (OSError, ValueError):
             continue
-        if not isinstance(holder, dict) or (me["run"] and holder.get("run") == me["run"]):
-            continue
+        if not isinstance(holder, dict) or not holder or (me["run"] and holder.get("run") == me["run"]):
+            continue  # (empty: its taker has not written it yet, and judges the others itself)
         if holder.get("host") != me["host"] or _pid_alive(holder.get("pid")):
             raise _refusal(other, holder, "another run in this workdir: wait for it to end or use "
                            "another --workdir; remove the lock file once that run is over")
