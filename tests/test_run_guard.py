@@ -203,6 +203,14 @@ def config_file(name: str, argument: str = ""):
     ("default", "benchmark.limit", -5, "--config.benchmark.limit=-5 must be >= 0"),
     ("default", "eval.batch_size", 0, "--config.eval.batch_size=0 must be >= 1"),
     ("default", "sweep.taus", (20.0, -1.0), "--config.sweep.taus=(20.0, -1.0) item 1 (-1.0) must be > 0"),
+    ("default", "variants", ("none", "fornt"), "--config.variants=('none', 'fornt') item 1 ('fornt') is "
+     "refused: visual token order 'fornt' not one of ('none', 'front', 'end')"),
+    ("default", "compare.specs", ("stock", "fastv:half"), "--config.compare.specs=('stock', 'fastv:half') "
+     "item 1 ('fastv:half') is refused: intervention 'fastv:half': could not convert string to float: 'half'"),
+    ("default", "bucket_edges", (0.0, 20.0, 10.0), "--config.bucket_edges=(0.0, 20.0, 10.0) must be "
+     "strictly increasing"),
+    ("diysink", "diysink.question_encoder", "mean", "--config.diysink.question_encoder='mean' is refused: "
+     "no question encoder 'mean'; registered: mean_embed, token_histogram"),
     ("default", "mode", "studdy", "--config.mode='studdy' is not one of study, demo, analyze, "
      "benchmark, vit, interventions, score, sweep"),
 ])

@@ -27,7 +27,9 @@ from .parallel import DISTRIBUTED_MODES, LAUNCHERS
 from .scores import RULE_SETS
 from .sinks.analysis import QUERIES
 from .sinks.detect import RULES as SINK_RULES
-from .sinks.fuse import SELECTS
+from .interventions import parse as parse_intervention
+from .models.lvlm import QUESTION_ENCODERS
+from .sinks.fuse import SELECTS, VisualTokenPolicy
 from .train_lib import LOSS_AVERAGES, STAGES
 
 
@@ -78,6 +80,36 @@ def each(check):
     return check_items
 
 
+def parsed_by(parse):
+    """A check: ``parse(value)`` takes the value (the library's own parser; its ValueError is
+    the reason)."""
+    def check(value):
+        try:
+            parse(value)
+        except ValueError as e:
+            return f"is refused: {e}"
+    return check
+
+
+def increasing(values):
+    """A check: a strictly increasing tuple."""
+    if any(b <= a for a, b in zip(values, values[1:])):
+        return "must be strictly increasing"
+
+
+def _variant(spec: str) -> None:
+    """A visual-token variant ``order[+select[+positions]]`` (evaluate.py's parse_variant)."""
+    parts = spec.split("+")
+    if len(parts) > 3:
+        raise ValueError("not order[+select[+positions]]")
+    VisualTokenPolicy(*parts)
+
+
+def _question_encoder(name: str) -> None:
+    if name not in QUESTION_ENCODERS:  # (the registry as it is when the run starts)
+        raise ValueError(f"no question encoder {name!r}; registered: {', '.join(QUESTION_ENCODERS)}")
+
+
 POSITIVE = above(0)
 DTYPES = one_of("float32", "bfloat16")
 SINK_RULE = {"rule": one_of(*SINK_RULES), "tau": POSITIVE, "k": at_least(0),
@@ -101,7 +133,7 @@ RULES = {
     "optim.grad_accum": at_least(1), "optim.loss_average": one_of(*LOSS_AVERAGES),
     "optim.loss_group_rows": at_least(0),
     "diysink.init": one_of("copy", "scratch"), "diysink.select": one_of(*SELECTS),
-    "diysink.rew_hidden": at_least(1), **{f"diysink.rule.{k}": v for k, v in SINK_RULE.items()},
+    "diysink.rew_hidden": at_least(1), "diysink.question_encoder": parsed_by(_question_encoder), **{f"diysink.rule.{k}": v for k, v in SINK_RULE.items()},
     "data.variants": at_least(1), "data.image_size": at_least(1), "data.mc_format": one_of(*MC_FORMATS),
     "data.prefetch": at_least(0), "data.workers": at_least(1),
     "data.template": one_of(*TEMPLATES_OF_TRAINING, "auto"),
@@ -114,6 +146,8 @@ RULES = {
     "analysis.queries": one_of(*QUERIES), "analysis.max_new_tokens": at_least(0),
     "benchmark.name": one_of(*BENCHMARKS), "benchmark.limit": at_least(0),
     "benchmark.variants": at_least(1), "benchmark.image_size": at_least(1),
+    "bucket_edges": increasing, "variants": each(parsed_by(_variant)),
+    "sweep.variant": parsed_by(_variant), "compare.specs": each(parsed_by(parse_intervention)),
     "score.rules": one_of("auto", *RULE_SETS), "sweep.taus": each(POSITIVE),
     "eval.scoring": one_of("loglik", "generate"), "eval.batch_size": at_least(1),
     "eval.length_bucket": at_least(1), "eval.max_new_tokens": at_least(1),
