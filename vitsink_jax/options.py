@@ -22,13 +22,14 @@ from .data.instruct import TEMPLATES_OF_TRAINING
 from .data.instruct_build import TOO_LONG
 from .data.preprocess import ASPECTS
 from .eval_lib import MC_FORMATS
+from .interventions import parse as parse_intervention
 from .models.llm import REMAT_POLICIES
+from .models.lvlm import QUESTION_ENCODERS
 from .parallel import DISTRIBUTED_MODES, LAUNCHERS
+from .progress import MODES as PROGRESS_MODES
 from .scores import RULE_SETS
 from .sinks.analysis import QUERIES
 from .sinks.detect import RULES as SINK_RULES
-from .interventions import parse as parse_intervention
-from .models.lvlm import QUESTION_ENCODERS
 from .sinks.fuse import SELECTS, VisualTokenPolicy
 from .train_lib import LOSS_AVERAGES, STAGES
 
@@ -164,6 +165,7 @@ RULES = {
 
 
 def _loss_groups(flat: dict) -> str | None:
+    """Per-device-batch loss groups of ``optim.loss_group_rows`` rows tile the batch."""
     if flat.get("optim.loss_average") == "per_device_batch" and flat.get("optim.loss_group_rows") \
             and flat["batch_size"] % flat["optim.loss_group_rows"]:
         return (f"--config.optim.loss_group_rows={flat['optim.loss_group_rows']} does not divide "
@@ -172,6 +174,7 @@ def _loss_groups(flat: dict) -> str | None:
 
 
 def _process_id(flat: dict) -> str | None:
+    """A configured process id is one of the configured processes."""
     if flat.get("distributed.process_id", 0) >= flat.get("distributed.num_processes", 1):
         return (f"--config.distributed.process_id={flat['distributed.process_id']} must be below "
                 f"--config.distributed.num_processes={flat['distributed.num_processes']}")
@@ -214,13 +217,11 @@ def check_environment(environ=None) -> None:
     :data:`vitsink_jax.parallel.LAUNCHERS`), which must be integers. (``VITSINK_CACHE``,
     ``VITSINK_JAX_CACHE``, ``JAX_COMPILATION_CACHE_DIR`` and ``XDG_CACHE_HOME`` are folders, any
     text.)"""
-    from .progress import MODES
-
     environ = os.environ if environ is None else environ
     chosen = environ.get("VITSINK_JAX_PROGRESS", "").strip().lower()
-    if chosen and chosen not in MODES:
+    if chosen and chosen not in PROGRESS_MODES:
         raise ConfigError(f"environment variable VITSINK_JAX_PROGRESS={chosen!r} is not one of "
-                          f"{', '.join(MODES)} (or unset: a bar on a terminal, lines elsewhere)")
+                          f"{', '.join(PROGRESS_MODES)} (or unset: a bar on a terminal, lines elsewhere)")
     for name, needs, count, rank in LAUNCHERS:
         for var in (count, rank) if all(v in environ for v in needs) else ():
             if not re.fullmatch(r"\d+", environ[var].strip()):
