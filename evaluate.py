@@ -499,7 +499,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         rule = model.config.diysink.rule
     batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
     n_vis = model.config.num_image_tokens
-    results, not_run = {}, {}
+    results, not_run, calls = {}, {}, {}
     for spec in k.specs:
         try:
             iv, order_, top = parse(spec)
@@ -522,17 +522,12 @@ def run_interventions(cfg, workdir: Path) -> dict:
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
-                         "visual_tokens_kept": iv.tokens_kept(n_vis),
-                         "prefill_s": timing.prefill_seconds(m, params, batch),
-                         "decode_step_s": timing.decode_step_seconds(m, params, batch, k.decode_steps),
-                         "register_neurons": neurons}
+                         "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons}
+        calls[spec] = (timing.prefill_call(m, params, batch),
+                       timing.decode_call(m, params, batch, k.decode_steps))
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
-    ref = results[k.specs[0]]
-    for r in results.values():
-        r["prefill_vs_first"] = r["prefill_s"] / ref["prefill_s"]
-        r["decode_vs_first"] = (None if r["decode_step_s"] is None or not ref["decode_step_s"]
-                                else r["decode_step_s"] / ref["decode_step_s"])
+    add_timings(results, calls, k.decode_steps)
     table = intervention_table(results)
     print(table)
     curves = {}
@@ -552,16 +547,40 @@ def run_interventions(cfg, workdir: Path) -> dict:
     return report
 
 
+def add_timings(results: dict, calls: dict, decode_steps: int) -> None:
+    """Adds each intervention's prefill and decode-step time (``calls``: {spec: (prefill call,
+    decode call of ``decode_steps`` steps)}, timed in turns, one call of each per round, so a slow
+    spell of the machine hits all alike) and its time as x of the first spec's in the same round:
+    ``prefill_vs_first`` (median over rounds; higher = slower) and ``prefill_vs_first_range``
+    (min, max: the run's noise), likewise ``decode_vs_first``."""
+    first = next(iter(calls))
+    for index, name, ratio, per, repeats in ((0, "prefill_s", "prefill_vs_first", 1, 5),
+                                              (1, "decode_step_s", "decode_vs_first", decode_steps, 3)):
+        times = timing.interleaved_times({spec: c[index] for spec, c in calls.items()}, repeats)
+        ratios = timing.time_ratios(times, first)
+        for spec, r in results.items():
+            r[name] = float(np.median(times[spec])) / per
+            r[ratio], r[ratio + "_range"] = ratios[spec]["median"], [ratios[spec]["min"], ratios[spec]["max"]]
+
+
+def time_ratio_cell(r: dict, key: str) -> str:
+    """``median (min-max)`` of a time ratio over the timing rounds (``-`` when not measured)."""
+    if r.get(key) is None:
+        return "-"
+    lo, hi = r.get(key + "_range") or (r[key], r[key])
+    return f"{r[key]:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def intervention_table(results: dict) -> str:
-    """One row per intervention: tokens kept, accuracy overall / per tag, prefill time ratio."""
+    """One row per intervention: tokens kept, accuracy overall / per tag, prefill and decode-step
+    time as x of the first (stock) spec's time (higher = slower; min-max over timing rounds)."""
     lines = ["\t".join(["intervention", "tokens kept", "overall", "tag:global", "tag:local",
-                        "prefill x", "decode x"])]
+                        "prefill x stock time (min-max)", "decode step x stock time (min-max)"])]
     for spec, r in results.items():
         tags = [f"{100 * r['per_tag'][t]['acc']:.2f}" if t in r["per_tag"] else "-"
                 for t in ("global", "local")]
-        decode = "-" if r["decode_vs_first"] is None else f"{r['decode_vs_first']:.2f}"
         lines.append("\t".join([spec, str(r["visual_tokens_kept"]), f"{100 * r['accuracy']:.2f}", *tags,
-                                f"{r['prefill_vs_first']:.2f}", decode]))
+                                time_ratio_cell(r, "prefill_vs_first"), time_ratio_cell(r, "decode_vs_first")]))
     return "\n".join(lines)
 
 

@@ -416,11 +416,14 @@ def test_interventions_side_by_side(tmp_path):
                         "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
                         "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
                         "--config.benchmark.image_size=56")
-    assert "intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x\tdecode x" in proc.stdout
+    assert ("intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x stock time (min-max)\t"
+            "decode step x stock time (min-max)") in proc.stdout
     report = json.loads((tmp_path / "work" / "interventions.json").read_text())
     res = report["results"]
     assert res["stock"]["visual_tokens_kept"] == 16 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 8
     assert res["stock"]["prefill_vs_first"] == 1.0 and res["fastv+sinks:0.5:1"]["decode_step_s"] > 0
+    lo, hi = res["fastv+sinks:0.5:1"]["prefill_vs_first_range"]  # timed in turns with stock
+    assert 0 < lo <= res["fastv+sinks:0.5:1"]["prefill_vs_first"] <= hi
     assert res["var:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
     assert len(res["registers:4"]["register_neurons"]) == 4 and res["var:0.6:0"]["n"] == 4
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
