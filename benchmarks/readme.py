@@ -1,6 +1,7 @@
-"""Writes the README's measured figures from the committed result files, so they cannot drift.
+"""Writes the measured figures of the README and docs/ pages from the committed result files, so
+they cannot drift.
 
-    python benchmarks/readme.py            # rewrite README.md's generated blocks
+    python benchmarks/readme.py            # rewrite the generated blocks of README.md and docs/*.md
     python benchmarks/readme.py --check    # exit 1 naming the blocks that differ (the suite runs it)
 
 A generated block sits between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``;
@@ -475,21 +476,44 @@ def stale_blocks(readme: str, results: dict) -> list:
     return [name for name in now if now[name] != want[name]]
 
 
+def pages(root: Path = ROOT) -> list:
+    """The pages that hold generated blocks: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def placement(texts: dict) -> dict:
+    """{block name: the page holding it} for ``texts`` ({page: text}). Raises ValueError naming a
+    block of :data:`BLOCKS` that no page holds or one that two pages hold."""
+    where = {}
+    for page, text in texts.items():
+        for m in BLOCK.finditer(text):
+            if m.group(2) in where:
+                raise ValueError(f"generated block {m.group(2)!r} is in both {where[m.group(2)].name} "
+                                 f"and {page.name}")
+            where[m.group(2)] = page
+    missing = sorted(set(BLOCKS) - set(where))
+    if missing:
+        raise ValueError(f"generated blocks {missing} are on no page ({', '.join(p.name for p in texts)})")
+    return where
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1)")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
+    texts = {page: page.read_text() for page in pages()}
+    placement(texts)
     results = sources()
+    stale = {page: stale_blocks(text, results) for page, text in texts.items()}
     if args.check:
-        stale = stale_blocks(text, results)
-        if stale:
-            print(f"{args.readme}: generated blocks out of date: {', '.join(stale)} "
-                  f"(run python benchmarks/readme.py)", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(render(text, results))
+        for page, names in stale.items():
+            if names:
+                print(f"{page}: generated blocks out of date: {', '.join(names)} "
+                      f"(run python benchmarks/readme.py)", file=sys.stderr)
+        return int(any(stale.values()))
+    for page, text in texts.items():
+        if stale[page]:
+            page.write_text(render(text, results))
     return 0
 
 
