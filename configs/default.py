@@ -84,8 +84,8 @@ def get_config():
                                     # (False: full rows, less memory per row; same scores)
     c.eval.max_new_tokens = 8       # generation
     c.eval.parallel = "mesh"        # mesh | pmap
-    c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices (1 x 1 =
-    c.eval.tensor = 1               #   replicated on each, the default for small models)
+    c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices
+    c.eval.tensor = 1               # mesh: tensor-parallel degree (1 x 1: replicated, for small models)
     c.eval.dcn_data = 1             # mesh: slices the data axis spans (multi-slice TPU: the count)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))
