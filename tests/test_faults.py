@@ -58,7 +58,7 @@ def test_evaluate_on_a_bad_benchmark_file_prints_one_line(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("index\tquestion\timage\n1\twhat?\tabc\n")
     proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'w'}",
-                           "--config.mode=benchmark", f"--config.benchmark.file={bad}",
+                           "--config.mode=benchmark", "--config.checkpoint=embedded", f"--config.benchmark.file={bad}",
                            "--config.benchmark.name=mmstar"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
