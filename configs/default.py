@@ -4,10 +4,12 @@ the mini-study LVLMs shipped with the package (real DINOv2-S tower + models trai
 with configs/mini_study.py: single MLP and DIYSink), stock order vs sink-to-the-front (DIYSink puts
 its sinks first itself: one row), one table.
 
-The other modes default to the embedded default: a small LLaVA (CLIP-style tower + LLaMA-style
-LM) with seeded random weights, written in Hugging Face layout and loaded back through the
-converter, so every pipeline runs offline in seconds. ``--config.checkpoint`` takes a Hugging Face
-LLaVA folder or ``mini_study:single`` / ``mini_study:diysink``.
+The modes that score one model (benchmark, analyze, sweep, demo) default to the shipped trained
+mini-study model (``mini_study:single``), with the evaluation settings it carries
+(vitsink_jax.eval_settings: cloze multiple choice, top-4 sink rule). ``--config.checkpoint=embedded``
+picks the embedded default instead: a small LLaVA (CLIP-style tower + LLaMA-style LM) with seeded
+random weights, written in Hugging Face layout and loaded back through the converter, so every
+pipeline runs offline in seconds (its scores are chance-level; the run says so in its first line).
 """
 
 import ml_collections
@@ -22,7 +24,9 @@ def get_config():
     c.mode = "study"       # study | benchmark | analyze | sweep | vit | demo | interventions | score
                            # (see evaluate.py)
     c.seed = 0
-    c.checkpoint = ""      # a HF LLaVA folder, mini_study:<name>, or "" = the embedded default
+    c.checkpoint = "auto"  # a HF LLaVA folder or hub id, mini_study:<name>, "embedded" (the embedded
+                           # default: random weights), or "auto": the shipped trained mini_study:single
+                           # in benchmark / analyze / sweep / demo, each other mode's own default
     c.images = ""          # a folder of images; "" = real photos bundled with scikit-image
     c.dtype = "float32"    # compute dtype: float32 | bfloat16
     c.compile_cache = "auto"  # persistent XLA cache folder: auto (~/.cache/vitsink_jax/xla) | path | off
@@ -84,8 +88,8 @@ def get_config():
                                     # (False: full rows, less memory per row; same scores)
     c.eval.max_new_tokens = 8       # generation
     c.eval.parallel = "mesh"        # mesh | pmap
-    c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices (1 x 1 =
-    c.eval.tensor = 1               #   replicated on each, the default for small models)
+    c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices
+    c.eval.tensor = 1               # mesh: tensor-parallel degree (1 x 1: replicated, for small models)
     c.eval.dcn_data = 1             # mesh: slices the data axis spans (multi-slice TPU: the count)
     c.eval.mc_format = "letter"     # letter | cloze (question only, option texts scored)
     c.eval.templates = ml_collections.ConfigDict(dict(TEMPLATES))

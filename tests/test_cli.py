@@ -39,7 +39,8 @@ def photo_folder(tmp_path, photos: dict, broken: str, broken_bytes: bytes) -> Pa
 
 
 def run_evaluate(work, images, *flags):
-    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}",
+    """evaluate.py on the small embedded default (random weights) unless ``flags`` name a checkpoint."""
+    proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={work}", "--config.checkpoint=embedded",
                            f"--config.images={images}", *flags, *SMALL],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -259,8 +260,8 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["--config.mode=benchmark", "--config.benchmark.limit=6", '--config.variants=("none",)', "--config.benchmark.image_size=56",
-              "--config.eval.batch_size=2", *SMALL]
+    common = ["--config.mode=benchmark", "--config.checkpoint=embedded", "--config.benchmark.limit=6",
+              '--config.variants=("none",)', "--config.benchmark.image_size=56", "--config.eval.batch_size=2", *SMALL]
     single = run_evaluate(tmp_path / "one", "", *common)
     assert single.returncode == 0
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -288,8 +289,9 @@ def test_sharded_evaluation_equals_replicated(tmp_path):
     import os
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    common = ["--config.mode=benchmark", "--config.benchmark.limit=8", '--config.variants=("none",)',
-              "--config.benchmark.image_size=56", "--config.eval.batch_size=8", *SMALL]
+    common = ["--config.mode=benchmark", "--config.checkpoint=embedded", "--config.benchmark.limit=8",
+              '--config.variants=("none",)', "--config.benchmark.image_size=56", "--config.eval.batch_size=8",
+              *SMALL]
     for scoring in ("loglik", "generate"):
         runs = {}
         for name, extra in (("replicated", []), ("sharded", ["--config.eval.fsdp=2", "--config.eval.tensor=2"])):
@@ -416,11 +418,14 @@ def test_interventions_side_by_side(tmp_path):
                         "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
                         "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
                         "--config.benchmark.image_size=56")
-    assert "intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x\tdecode x" in proc.stdout
+    assert ("intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x stock time (min-max)\t"
+            "decode step x stock time (min-max)") in proc.stdout
     report = json.loads((tmp_path / "work" / "interventions.json").read_text())
     res = report["results"]
     assert res["stock"]["visual_tokens_kept"] == 16 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 8
     assert res["stock"]["prefill_vs_first"] == 1.0 and res["fastv+sinks:0.5:1"]["decode_step_s"] > 0
+    lo, hi = res["fastv+sinks:0.5:1"]["prefill_vs_first_range"]  # timed in turns with stock
+    assert 0 < lo <= res["fastv+sinks:0.5:1"]["prefill_vs_first"] <= hi
     assert res["var:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
     assert len(res["registers:4"]["register_neurons"]) == 4 and res["var:0.6:0"]["n"] == 4
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
@@ -445,7 +450,7 @@ def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
-    cfg.mode, cfg.benchmark.limit, cfg.benchmark.image_size = "sweep", 12, 56
+    cfg.mode, cfg.checkpoint, cfg.benchmark.limit, cfg.benchmark.image_size = "sweep", "embedded", 12, 56
     cfg.benchmark.labels, cfg.sweep.taus = str(labels), (0.0, 25.0, 1e9)
     for flag in SMALL:  # --config.embedded.<key>=<int>
         key, value = flag.removeprefix("--config.embedded.").split("=")

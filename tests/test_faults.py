@@ -4,6 +4,7 @@ themselves are tested where they live: test_train.py for non-finite losses, chan
 full disks, test_data_faults.py for bad rows, test_file_faults.py for exports.)"""
 
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_evaluate_on_a_bad_benchmark_file_prints_one_line(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("index\tquestion\timage\n1\twhat?\tabc\n")
     proc = subprocess.run([sys.executable, "evaluate.py", f"--workdir={tmp_path / 'w'}",
-                           "--config.mode=benchmark", f"--config.benchmark.file={bad}",
+                           "--config.mode=benchmark", "--config.checkpoint=embedded", f"--config.benchmark.file={bad}",
                            "--config.benchmark.name=mmstar"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
@@ -65,3 +66,16 @@ def test_evaluate_on_a_bad_benchmark_file_prints_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {bad}: missing column 'answer' (has ['image', 'index', 'question']) "
         "(--verbose shows the traceback)")
+
+
+def test_offline_runs_are_quiet(cli_flags, tmp_path, capsys, monkeypatch):
+    """No tfds "Downloading and preparing" banner when a benchmark is written to records, and
+    the scripts turn transformers' advisory notices ("PyTorch was not found") off."""
+    from vitsink_jax.data import tfds_io
+
+    tfds_io.write_builder([{"q": "a"}], "quiet", tmp_path, {"q": "text"})
+    assert capsys.readouterr().out == ""
+    monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", raising=False)
+    seen = []
+    cli.main_of(lambda argv: seen.append(os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")))([])
+    assert seen == ["1"]

@@ -276,3 +276,15 @@ def test_cls_token_is_never_a_sink_and_keeps_its_slot_under_full_strategy():
     arr = out.visual_arrangement
     assert int(arr.permutation[0, 0]) == 0 and not bool(arr.sink_mask[0, 0])
     assert int(arr.permutation[0, 1]) == int(np.flatnonzero(arr.sink_mask[0])[0])
+
+
+def test_f1_heat_map_ticks_whole_layers(tmp_path, monkeypatch):
+    """The F1 heat map's layer axis has a tick per whole layer (not -0.5 ... 1.5 for two
+    layers), at most 16 of them for a deep model."""
+    from vitsink_jax import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.append(list(fig.axes[0].get_yticks())))
+    for layers in (2, 32):
+        plots.attention_by_bucket(np.ones((layers, 3)), np.array([0.0, 1.0, 2.0, 3.0]), tmp_path / "f1.png")
+    assert seen == [[0, 1], list(range(0, 32, 2))]

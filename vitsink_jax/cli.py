@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sys
 import time
 import traceback
@@ -114,8 +115,6 @@ def log_path(workdir):
     config's ``distributed`` block or the launcher's environment, before jax.distributed
     starts: :func:`vitsink_jax.parallel.planned_process_id`; hosts need not share a
     filesystem, nor a file)."""
-    import os
-
     from .parallel import planned_process_id
 
     dist = getattr(getattr(flags.FLAGS, "config", None), "distributed", None)
@@ -156,6 +155,8 @@ def main_of(main, check=None):
     (:func:`vitsink_jax.run_lock.workdir_lock`) and the output goes to the workdir's log too
     (:func:`log_path`); a user error ends the run with one line (:func:`one_line_errors`)."""
     def run(argv):
+        # transformers' "PyTorch was not found" notice: the scripts use its tokenizers only
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         verbose = flags.FLAGS.verbose
         if not flags.FLAGS["verbosity"].present and not verbose:
             logging.set_verbosity(logging.FATAL)  # orbax logs a failed save's traceback

@@ -44,6 +44,12 @@ def _save(fig, path) -> Path:
     return path
 
 
+def _whole_steps(n: int, most: int = 16) -> range:
+    """Tick positions for ``n`` rows of whole units (layers): every row, or every k-th so that
+    at most ``most`` ticks are drawn."""
+    return range(0, n, -(-n // most))
+
+
 def norm_histogram(norms: dict, tau: float, path) -> Path:
     """Histogram of visual-token norms over all images, with the fixed threshold marked."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -80,6 +86,7 @@ def attention_by_bucket(bucket_mean: np.ndarray, edges: np.ndarray, path) -> Pat
     im = ax.imshow(bucket_mean, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(edges) - 1), [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)],
                   rotation=45, fontsize=7)
+    ax.set_yticks(_whole_steps(bucket_mean.shape[0]))
     ax.set(xlabel="ViT norm bucket", ylabel="LLM layer",
            title="attention received per visual token (mean over heads)")
     fig.colorbar(im, ax=ax)

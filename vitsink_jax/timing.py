@@ -13,10 +13,10 @@ import numpy as np
 from .generate import prefill
 
 
-def interleaved_seconds(fns: dict, repeats: int, warmup: bool = True) -> dict:
-    """{name: median wall time of ``fn()``} (blocked on its result) with the calls taking turns,
-    one of each per round, so that a slow spell of a shared machine hits every contender alike;
-    one warm-up (compile) call each first unless ``warmup=False``."""
+def interleaved_times(fns: dict, repeats: int, warmup: bool = True) -> dict:
+    """{name: [wall time of ``fn()`` in each round]} (blocked on its result) with the calls
+    taking turns, one of each per round, so that a slow spell of a shared machine hits every
+    contender alike; one warm-up (compile) call each first unless ``warmup=False``."""
     if warmup:
         for fn in fns.values():
             jax.block_until_ready(fn())
@@ -26,7 +26,22 @@ def interleaved_seconds(fns: dict, repeats: int, warmup: bool = True) -> dict:
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return times
+
+
+def interleaved_seconds(fns: dict, repeats: int, warmup: bool = True) -> dict:
+    """{name: median wall time of ``fn()``} (see :func:`interleaved_times`)."""
+    return {name: float(np.median(t)) for name, t in interleaved_times(fns, repeats, warmup).items()}
+
+
+def time_ratios(times: dict, reference: str) -> dict:
+    """{name: {"median", "min", "max"}} of each round's time over ``reference``'s time in the
+    same round (``times`` from :func:`interleaved_times`): x of the reference's time, with the
+    spread over rounds as the run's noise."""
+    ref = np.asarray(times[reference])
+    return {name: {stat: float(fn(np.asarray(t) / ref)) for stat, fn in
+                   (("median", np.median), ("min", np.min), ("max", np.max))}
+            for name, t in times.items()}
 
 
 def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
@@ -59,14 +74,3 @@ def decode_call(model, params, batch: dict, steps: int = 16):
         return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
     return lambda: loop(params, out.cache, first)
-
-
-def prefill_seconds(model, params, batch: dict, repeats: int = 5) -> float:
-    """Median time of the jitted forward (the prefill) over ``batch``."""
-    return median_seconds(prefill_call(model, params, batch), repeats)
-
-
-def decode_step_seconds(model, params, batch: dict, steps: int = 16, repeats: int = 3) -> float:
-    """Median time of one greedy KV-cache decode step over ``batch`` (:func:`decode_call`,
-    divided by ``steps``)."""
-    return median_seconds(decode_call(model, params, batch, steps), repeats) / steps

@@ -10,6 +10,8 @@ the old builder. Records come back in the order they were written.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -25,7 +27,8 @@ def write_builder(records: list, name: str, data_dir, schema: dict, ordered: boo
     root = Path(data_dir) / "local_records" / name
     if root.exists():
         shutil.rmtree(root)
-    _builder(name, data_dir, schema, records, ordered).download_and_prepare()
+    with contextlib.redirect_stdout(io.StringIO()):  # tfds' "Downloading and preparing" banner
+        _builder(name, data_dir, schema, records, ordered).download_and_prepare()
     return root
 
 
