@@ -924,7 +924,7 @@ def check_config(cfg) -> None:
     options.check_config(cfg, {"mode": options.one_of(*MODES)})
 
 
-DEFAULT_CONFIG = "configs/default.py"
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "default.py")  # from any directory
 
 
 def define_flags() -> None:

@@ -674,7 +674,7 @@ def main(argv):
         train(cfg, workdir)
 
 
-DEFAULT_CONFIG = "configs/diysink.py"
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "diysink.py")  # from any directory
 
 
 def define_flags() -> None:

@@ -295,18 +295,28 @@ def test_a_bad_setting_is_one_line_with_status_2_before_anything_is_written(tmp_
 
 
 def test_the_scripts_end_a_flag_parsing_error_in_one_line_with_status_2(tmp_path):
-    """The whole CLIs (2 process starts side by side, ~8 s): a misspelt key and a missing
-    config file failed inside absl's flag parsing, before main, in a traceback."""
+    """The whole CLIs (4 process starts side by side, ~10 s): a misspelt key and a missing
+    config file failed inside absl's flag parsing, before main, in a traceback; a stray
+    positional argument was ignored (``evaluate.py benchmark`` ran the default mode). Run from
+    another directory, the scripts find their own default configs, and ``--config.help`` lists
+    the keys with their defaults and notes."""
     work = tmp_path / "w"
-    runs = [(["evaluate.py", "--config.mdoe=x"],
+    runs = [(["evaluate.py", "--config.mdoe=x"], ROOT,
              "error: --config.mdoe: no such key; did you mean --config.mode?"),
-            (["train.py", "--config=configs/nope.py"], "error: --config=configs/nope.py: config file "
-             f"configs/nope.py does not exist (relative to {ROOT})")]
-    procs = [subprocess.Popen([sys.executable, *args, f"--workdir={work}"], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args, _ in runs]
-    for proc, (_, line) in zip(procs, runs):
-        _, err = proc.communicate(timeout=120)
-        assert (proc.returncode, err) == (2, f"{line} (--verbose shows the traceback)\n")
+            (["train.py", "--config=configs/nope.py"], ROOT, "error: --config=configs/nope.py: config file "
+             f"configs/nope.py does not exist (relative to {ROOT})"),
+            ([str(ROOT / "evaluate.py"), "benchmark"], tmp_path, "error: unexpected argument(s) 'benchmark': "
+             "every setting is a flag, e.g. --config.mode=benchmark (--config.help lists the keys)"),
+            ([str(ROOT / "train.py"), "--config.help"], tmp_path, None)]
+    procs = [subprocess.Popen([sys.executable, *args, f"--workdir={work}"], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args, cwd, _ in runs]
+    for proc, (_, _, line) in zip(procs, runs):
+        out, err = proc.communicate(timeout=120)
+        if line is None:
+            assert proc.returncode == 0, err[-2000:]
+            assert "  --config.steps=40\n      optimizer updates\n" in out
+        else:
+            assert (proc.returncode, err) == (2, f"{line} (--verbose shows the traceback)\n")
     assert not work.exists()
 
 

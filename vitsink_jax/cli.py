@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from absl import app, flags, logging
 
 from . import options, paths, run_lock
@@ -175,24 +176,42 @@ def main_of(main, check=None):
     return run
 
 
+def print_config_help(spec: str) -> None:
+    """Prints every key of the config file ``spec`` ("file.py[:argument]") with its default and
+    the note the file's comments give it (:mod:`vitsink_jax.config_help`)."""
+    from .config_help import config_help
+
+    file = spec.split(":", 1)[0]
+    print(config_help(options.load_config_file(spec), Path(file).read_text(), file))
+
+
 def run_script(main, define_flags, default_config: str, check) -> None:
     """Runs a script's ``main`` as train.py and evaluate.py run: the environment and the command
     line checked against the config file before absl parses them
     (:func:`vitsink_jax.options.check_command_line`, so a misspelt ``--config.<key>`` or a
     missing config file is one ``error:`` line, exit status 2, not a traceback), a flag absl
-    cannot parse (``--config.steps=abc``, an unknown flag) the same, then ``main`` through
-    :func:`main_of` with ``check`` (the config's values)."""
+    cannot parse (``--config.steps=abc``, an unknown flag) or a stray positional argument the
+    same, then ``main`` through :func:`main_of` with ``check`` (the config's values).
+    ``--config.help`` prints the config's keys (:func:`print_config_help`) and exits."""
     verbose = any(arg.lstrip("-").lower() in ("verbose", "verbose=true", "verbose=1") for arg in sys.argv[1:])
     with one_line_errors(verbose):
         options.check_environment()
+        if "--config.help" in sys.argv[1:]:
+            print_config_help(options.config_argument(sys.argv, default_config))
+            sys.exit(0)
         options.check_command_line(sys.argv, default_config)
         define_flags()
 
     def parse_flags(argv):
         with one_line_errors(verbose):
             try:
-                return flags.FLAGS(argv)
+                rest = flags.FLAGS(argv)
             except flags.Error as e:
                 raise options.ConfigError(str(e)) from e
+            if rest[1:]:  # `python evaluate.py benchmark` would run the default mode
+                raise options.ConfigError(
+                    f"unexpected argument(s) {' '.join(rest[1:])!r}: every setting is a flag, e.g. "
+                    "--config.mode=benchmark (--config.help lists the keys)")
+            return rest
 
     app.run(main_of(main, check), flags_parser=parse_flags)
