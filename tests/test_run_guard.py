@@ -295,7 +295,7 @@ def test_a_bad_setting_is_one_line_with_status_2_before_anything_is_written(tmp_
 
 
 def test_the_scripts_end_a_flag_parsing_error_in_one_line_with_status_2(tmp_path):
-    """The whole CLIs (4 process starts side by side, ~10 s): a misspelt key and a missing
+    """The whole CLIs (5 process starts side by side, ~12 s): a misspelt key and a missing
     config file failed inside absl's flag parsing, before main, in a traceback; a stray
     positional argument was ignored (``evaluate.py benchmark`` ran the default mode). Run from
     another directory, the scripts find their own default configs, and ``--config.help`` lists
@@ -307,14 +307,16 @@ def test_the_scripts_end_a_flag_parsing_error_in_one_line_with_status_2(tmp_path
              f"configs/nope.py does not exist (relative to {ROOT})"),
             ([str(ROOT / "evaluate.py"), "benchmark"], tmp_path, "error: unexpected argument(s) 'benchmark': "
              "every setting is a flag, e.g. --config.mode=benchmark (--config.help lists the keys)"),
-            ([str(ROOT / "train.py"), "--config.help"], tmp_path, None)]
+            ([str(ROOT / "train.py"), "--config.help"], tmp_path, "  --config.steps=40\n      optimizer updates\n"),
+            # the console script pip installs (pyproject's [project.scripts])
+            ([str(Path(sys.executable).parent / "vitsink-eval"), "--config.help"], tmp_path,
+             "  --config.mode='study'\n")]
     procs = [subprocess.Popen([sys.executable, *args, f"--workdir={work}"], cwd=cwd, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args, cwd, _ in runs]
-    for proc, (_, _, line) in zip(procs, runs):
+    for proc, (args, _, line) in zip(procs, runs):
         out, err = proc.communicate(timeout=120)
-        if line is None:
-            assert proc.returncode == 0, err[-2000:]
-            assert "  --config.steps=40\n      optimizer updates\n" in out
+        if args[-1] == "--config.help":
+            assert proc.returncode == 0 and line in out, err[-2000:]
         else:
             assert (proc.returncode, err) == (2, f"{line} (--verbose shows the traceback)\n")
     assert not work.exists()
