@@ -91,3 +91,113 @@ def test_pad_to_square_is_llavas_expand2square(size):
     assert not np.allclose(pixels_from_bytes(config, buf.getvalue()), want, atol=1e-2)
     with pytest.raises(ValueError, match="image aspect 'squash'"):
         pixels_from_bytes(config, buf.getvalue(), "squash")
+
+
+# ------------------------------------------ issue 34 point 9: the folder's own processor ---
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """A tiny LLaVA (CLIP tower, 28 px) and a tiny DINOv2 tower (28 px), saved by transformers
+    without preprocessor_config.json."""
+    import torch
+    import transformers
+    from conftest import build, dinov2_config, llava_config, save
+
+    root = tmp_path_factory.mktemp("processors")
+    torch.manual_seed(0)
+    dino = transformers.Dinov2Model(dinov2_config()).eval()
+    return {"llava": save(build(transformers.LlavaForConditionalGeneration, llava_config()), root / "llava"),
+            "dinov2": save(dino, root / "dinov2")}
+
+
+def with_processor(tiny_folders, tmp_path, kind: str, settings: dict):
+    """A copy of the tiny ``kind`` folder with ``settings`` as its preprocessor_config.json."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_folders[kind], tmp_path / kind)
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    return folder
+
+
+def transformers_pixels(folder, image) -> np.ndarray:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(folder))(image, return_tensors="np")["pixel_values"][0]
+
+
+OTHER_PROCESSORS = {  # each differs from the family's default processor
+    "square bilinear, own mean / std, no crop": ("llava", {
+        "image_processor_type": "CLIPImageProcessor", "size": {"height": 28, "width": 28},
+        "do_center_crop": False, "resample": 2, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.25]}),
+    "int sizes, shortest edge 36, no rescale or normalize": ("llava", {
+        "image_processor_type": "CLIPImageProcessorFast", "size": 36, "crop_size": 28,
+        "do_rescale": False, "do_normalize": False}),
+    "another class: SigLIP's nearest square": ("llava", {
+        "image_processor_type": "SiglipImageProcessor", "size": {"height": 28, "width": 28}, "resample": 0,
+        "rescale_factor": 0.00784313725490196, "image_mean": 1.0, "image_std": 1.0, "processor_class": "X"}),
+    "DINOv2 tower: shortest edge 40, crop 28, CLIP's mean": ("dinov2", {
+        "image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 40},
+        "crop_size": {"height": 28, "width": 28}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_PROCESSORS))
+def test_the_folders_preprocessor_config_is_applied_and_exported(case, tiny_folders, tmp_path):
+    """A folder's preprocessor_config.json wins over the family default (it was ignored: the
+    default's pixels differ), equal to transformers' AutoImageProcessor for that folder on a
+    non-square photo; save_pretrained writes a file that transformers and a reload read as the
+    same processing."""
+    import vitsink_jax as vj
+    from vitsink_jax.data.preprocess import family_processing, preprocess
+
+    kind, settings = OTHER_PROCESSORS[case]
+    folder = with_processor(tiny_folders, tmp_path, kind, settings)
+    photo = Image.fromarray(data.coffee()).resize((64, 41))
+    model, params = vj.load_pretrained(folder)
+    ours = preprocess(model.config, [photo])[0]
+    want = transformers_pixels(folder, photo)
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-5)
+    default = dict(model.config.__dict__, image_processing=None)
+    assert model.config.image_processing != family_processing(type(model.config)(**default))
+    vj.save_pretrained(model, params, tmp_path / "export")
+    np.testing.assert_allclose(transformers_pixels(tmp_path / "export", photo), want, rtol=1e-5, atol=1e-5)
+    again = vj.load_pretrained(tmp_path / "export")[0].config
+    assert again.image_processing == model.config.image_processing
+    np.testing.assert_array_equal(preprocess(again, [photo])[0], ours)
+
+
+@pytest.mark.parametrize("kind", ["llava", "dinov2"])
+def test_an_export_without_a_processor_file_gets_the_family_default(kind, tiny_folders, tmp_path):
+    import vitsink_jax as vj
+    from vitsink_jax.data.preprocess import preprocess
+
+    model, params = vj.load_pretrained(tiny_folders[kind])
+    assert model.config.image_processing is None
+    photo = Image.fromarray(data.astronaut()).resize((30, 52))
+    vj.save_pretrained(model, params, tmp_path / "export")
+    np.testing.assert_allclose(transformers_pixels(tmp_path / "export", photo),
+                               preprocess(model.config, [photo])[0], atol=1e-5)
+
+
+REFUSED = {
+    "unknown key": ({"image_processor_type": "CLIPImageProcessor", "do_magic": True}, "key 'do_magic'"),
+    "a value not applied": ({"do_pad": True}, r"do_pad=True is not applied here"),
+    "another class's setting": ({"crop_to_patches": True}, "key 'crop_to_patches' is not a setting of CLIPImageProcessor"),
+    "an unknown class": ({"image_processor_type": "ViTImageProcessor"}, "image_processor_type 'ViTImageProcessor'"),
+    "another size": ({"size": 32, "crop_size": 32}, "crop_size gives 32-pixel images; the model takes 28"),
+    "not square": ({"do_center_crop": False}, "do_center_crop is off and the resize keeps the image.s aspect ratio"),
+    "a non-square crop": ({"crop_size": {"height": 28, "width": 20}}, "crop_size .* is not a square"),
+    "two means": ({"image_mean": [0.5, 0.5]}, r"image_mean \[0.5, 0.5\] has 2 values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_processor_settings_not_applied_are_refused_by_file_and_key(case, tiny_folders, tmp_path):
+    import vitsink_jax as vj
+    from vitsink_jax.convert.safetensors_io import CheckpointError
+
+    settings, message = REFUSED[case]
+    folder = with_processor(tiny_folders, tmp_path, "llava", settings)
+    with pytest.raises(CheckpointError, match=f"preprocessor_config.json: {message}"):
+        vj.load_pretrained(folder)
