@@ -9,11 +9,12 @@ Modes (``config.mode``):
         (which puts its sinks first itself: one row).
   benchmark  the embedded benchmark (or a benchmark file) scored for several visual-token
         variants side by side; writes results.json (with the benchmark owners' numbers under
-        ``official`` for POPE, MME, CV-Bench, MMStar, ScienceQA, MathVista) and per-item
-        predictions.
+        ``official`` for POPE, MME, CV-Bench, MMStar, ScienceQA, MathVista, by the rule set score
+        mode uses: the file's format's, or ``--config.score.rules``) and per-item predictions.
   score  no model: another system's predictions (``--config.score.predictions``: VLMEvalKit's
         .xlsx / .tsv / .csv, lmms-eval's .jsonl samples) on ``--config.benchmark.file``, answers
-        extracted by VLMEvalKit's judge-free rules; writes results.json with the ``official``
+        extracted by the owners' judge-free rules (VLMEvalKit's or lmms-eval's, as the file's
+        format says); writes results.json with the ``official``
         numbers (vitsink_jax.scores) and scored_predictions.jsonl.
   sweep  the paper's threshold-robustness study: sinks per image and benchmark accuracy across
         a sweep of tau (``sweep.taus``) and under the adaptive rule, for one variant (default
@@ -374,6 +375,16 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, dict, dict]:
     return local, {"skipped_rows": skipped, "labels": info}, {r["index"]: i for i, r in enumerate(records)}
 
 
+def benchmark_rules(cfg) -> str:
+    """The rule set the official numbers of a benchmark run are computed by, chosen as score
+    mode chooses it (:func:`vitsink_jax.scores.rules_for`: the benchmark file's format, or
+    ``score.rules``)."""
+    try:
+        return scores.rules_for(cfg.benchmark.name, cfg.benchmark.file, cfg.score.rules)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def gather_predictions(preds: list, order: dict) -> list:
     """All hosts' predictions (each host scored its tfds shard) in the benchmark's order, merged
     through a collective (no files: hosts share no filesystem)."""
@@ -388,7 +399,8 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
     DIYSink model detects sinks by its own rule and has no "front" / "end" row); writes
     ``predictions_[<label>_]<variant>.jsonl``. With CoT routing a summary also counts the items
     per route and the unparsed routing answers (``cot_routing``). ``rule`` None: the configured
-    one (:func:`sink_rule`)."""
+    one (:func:`sink_rule`). The official numbers follow :func:`benchmark_rules`."""
+    rules = benchmark_rules(cfg)
     ckpt, model, params = load_lvlm(cfg, workdir, ckpt)
     rule = rule or sink_rule(cfg, model.config.vision)
     tokenizer = load_tokenizer(ckpt)
@@ -412,7 +424,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
         name = f"predictions_{label + '_' if label else ''}{spec}"
         preds = eval_lib.predict(variant, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
-        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
+        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds, rules)
         routing = routing_counts(preds)
         if routing is not None:
             results[spec]["cot_routing"] = routing
@@ -424,6 +436,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
 
 
 def run_benchmark(cfg, workdir: Path) -> dict:
+    rules = benchmark_rules(cfg)  # a bad score.rules is refused before anything is loaded
     ckpt, how = resolve_checkpoint(cfg, workdir)
     records, source, order = benchmark_records(cfg, workdir)
     results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order, None)
@@ -431,7 +444,7 @@ def run_benchmark(cfg, workdir: Path) -> dict:
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, **source,
-              "processes": jax.process_count(), "results": results,
+              "rules": rules, "processes": jax.process_count(), "results": results,
               "skipped_variants": skipped_variants, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "results.json", report)
@@ -521,7 +534,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
-        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
+        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg)),
                          "visual_tokens_kept": iv.tokens_kept(n_vis),
                          "prefill_s": timing.prefill_seconds(m, params, batch),
                          "decode_step_s": timing.decode_step_seconds(m, params, batch, k.decode_steps),

@@ -551,12 +551,13 @@ def image_id(rec: dict) -> str:
     return hashlib.sha256(rec["image"]).hexdigest()[:16]
 
 
-def summarize(benchmark: str, preds: list) -> dict:
+def summarize(benchmark: str, preds: list, rules: str = "vlmevalkit") -> dict:
     """results.json's scores: overall, per category, per tag (our own extraction: ``correct``),
-    and under ``official`` the benchmark owners' numbers (:func:`vitsink_jax.scores.official`,
-    VLMEvalKit's exact matching on each prediction's raw ``response``) for the benchmarks that
-    have them; ``sinks_per_image``: the sinks found, averaged over each image's questions, then
-    over images."""
+    and under ``official`` the benchmark owners' numbers (:func:`vitsink_jax.scores.official`
+    on each prediction's raw ``response``, by the rule set ``rules``: "vlmevalkit" or
+    "lmms_eval", :func:`vitsink_jax.scores.rules_for`) for the benchmarks that have them;
+    ``sinks_per_image``: the sinks found, averaged over each image's questions, then over
+    images."""
     per_image = defaultdict(list)  # an image asked several questions counts once
     for p in preds:
         if "sinks" in p:
@@ -564,7 +565,7 @@ def summarize(benchmark: str, preds: list) -> dict:
     res = {"n": len(preds), "accuracy": float(np.mean([p["correct"] for p in preds])),
            "sinks_per_image": float(np.mean([np.mean(v) for v in per_image.values()])) if per_image else None,
            "per_category": accuracy_by(preds, "category"), "per_tag": accuracy_by(preds, "tag")}
-    numbers = official(benchmark, preds)
+    numbers = official(benchmark, preds, rules=rules)
     if numbers is not None:
         res["official"] = numbers
     return res
