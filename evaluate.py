@@ -385,6 +385,25 @@ def benchmark_rules(cfg) -> str:
         raise SystemExit(f"error: {e}")
 
 
+def drop_too_long(cfg, model, tokenizer, records: list, order: dict) -> tuple[list, dict]:
+    """(the records whose rows fit the model's positions, results.json's ``skipped_too_long``
+    {"count", "limit", "first": [{"index", "tokens"}] (5 at most)}) over every host's records
+    (:func:`vitsink_jax.eval_lib.split_too_long`); prints one line naming the first ones.
+    Exits with an error when no row is left."""
+    fit, too_long = eval_lib.split_too_long(model, tokenizer, records, cfg.eval)
+    too_long = sorted((r for host in parallel.allgather_objects(too_long) for r in host),
+                      key=lambda r: order[r["index"]])
+    limit = eval_lib.length_limit(model, cfg.eval)
+    if too_long:
+        named = ", ".join(f"index {r['index']} ({r['tokens']} tokens)" for r in too_long[:5])
+        print(f"benchmark {cfg.benchmark.name}: {len(too_long)} row(s) skipped, longer than the limit "
+              f"of {limit} positions (--config.eval.max_length; 0: the model's): {named}")
+    if not parallel.max_over_processes(len(fit)):
+        raise SystemExit(f"error: every row of benchmark {cfg.benchmark.name} is longer than the limit "
+                         f"of {limit} positions (--config.eval.max_length)")
+    return fit, {"count": len(too_long), "limit": limit, "first": too_long[:5]}
+
+
 def gather_predictions(preds: list, order: dict) -> list:
     """All hosts' predictions (each host scored its tfds shard) in the benchmark's order, merged
     through a collective (no files: hosts share no filesystem)."""
@@ -393,8 +412,9 @@ def gather_predictions(preds: list, order: dict) -> list:
 
 
 def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, rule,
-                   label: str = "") -> tuple[dict, dict]:
-    """({variant: summary}, {skipped variant: why}) of one checkpoint over the benchmark records
+                   label: str = "") -> tuple[dict, dict, dict]:
+    """({variant: summary}, {skipped variant: why}, the rows skipped as too long for the model
+    (:func:`drop_too_long`)) of one checkpoint over the benchmark records
     for every distinct configured visual-token variant (``eval_lib.distinct_variants``: a
     DIYSink model detects sinks by its own rule and has no "front" / "end" row); writes
     ``predictions_[<label>_]<variant>.jsonl``. With CoT routing a summary also counts the items
@@ -407,6 +427,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
                          " benchmark mode needs the checkpoint's tokenizer")
+    records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     results = {}
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
@@ -432,19 +453,20 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
                   "unparsed answer (routed to both paths)")
         if jax.process_index() == 0:
             write_jsonl(workdir / f"{name}.jsonl", preds)
-    return results, skipped
+    return results, skipped, too_long
 
 
 def run_benchmark(cfg, workdir: Path) -> dict:
     rules = benchmark_rules(cfg)  # a bad score.rules is refused before anything is loaded
     ckpt, how = resolve_checkpoint(cfg, workdir)
     records, source, order = benchmark_records(cfg, workdir)
-    results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order, None)
+    results, skipped_variants, too_long = score_variants(cfg, workdir, ckpt, records, order, None)
     table = comparison_table(list(results.items()))
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, **source,
-              "rules": rules, "processes": jax.process_count(), "results": results,
+              "rules": rules, "skipped_too_long": too_long, "processes": jax.process_count(),
+              "results": results,
               "skipped_variants": skipped_variants, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "results.json", report)
@@ -467,13 +489,14 @@ def run_study(cfg, workdir: Path) -> dict:
     print("== (b) embedded benchmark on the mini LVLMs (train.py --config configs/mini_study.py)")
     records, source, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": cfg.study.rule})
-    results, checkpoints, skipped_variants = {}, {}, {}
+    results, checkpoints, skipped_variants, too_long = {}, {}, {}, {}
     for name in cfg.study.models:
         ckpt, _ = resolve_checkpoint(cfg, workdir, f"mini_study:{name}")
         label = Path(name).name
         checkpoints[label] = {"published": str(name), "path": str(ckpt),
                               "sha256": vj.checkpoint_hash(ckpt)}
-        scored, skipped_variants[label] = score_variants(cfg, workdir, ckpt, records, order, rule, label)
+        scored, skipped_variants[label], too_long[label] = score_variants(cfg, workdir, ckpt, records,
+                                                                          order, rule, label)
         for spec, r in scored.items():
             results[f"{label} {spec}"] = r
     table = comparison_table(list(results.items()))
@@ -482,7 +505,7 @@ def run_study(cfg, workdir: Path) -> dict:
     report = {**record(cfg, cfg.seed, None, None), "checkpoints": checkpoints,
               "vit_summary": vit["summary"], "benchmark": cfg.benchmark.name,
               **source, "sink_rule": dataclasses.asdict(rule), "results": results,
-              "skipped_variants": skipped_variants, "table": table,
+              "skipped_variants": skipped_variants, "skipped_too_long": too_long, "table": table,
               "training_record": str(record_file) if record_file.is_file() else None}
     if jax.process_index() == 0:
         out = write_json(workdir / "study.json", report)

@@ -568,17 +568,18 @@ def png_b64(seed: int) -> str:
 
 def run_benchmark_mode(tmp_path, checkpoint, name, rows, responses=None, work="work", **kw):
     """evaluate.py --config.mode=benchmark (variant none) on an lmms-eval export (.jsonl) of
-    ``rows``, each with a small PNG, by the model in ``checkpoint``; ``responses`` (one
+    ``rows``, each with a small PNG of its own (seeded by its question_id), by the model in
+    ``checkpoint``; ``responses`` (one
     per row) replace the model's raw answers, so the rule set, not the random model, is what
     the numbers show. Returns results.json."""
     from unittest import mock
 
     bench = tmp_path / f"{name}.jsonl"
-    bench.write_text("\n".join(json.dumps({**r, "image": png_b64(i)}) for i, r in enumerate(rows)))
+    bench.write_text("\n".join(json.dumps({**r, "image": png_b64(r["question_id"])}) for r in rows))
     cfg = default_config(**{"benchmark.name": name, "benchmark.file": str(bench), **kw})
     cfg.mode, cfg.variants, cfg.checkpoint = "benchmark", ("none",), str(checkpoint)
     real = eval_lib.predict
-    answer = {str(r.get("question_id", r.get("index"))): resp for r, resp in zip(rows, responses or [])}
+    answer = {str(r["question_id"]): resp for r, resp in zip(rows, responses or [])}
 
     def predict(*args, **kwargs):
         preds = real(*args, **kwargs)

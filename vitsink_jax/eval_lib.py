@@ -137,6 +137,42 @@ def scoring_rows(tokenizer, rec: dict, templates: dict, fmt: PromptFormat,
     return rows
 
 
+def record_length(tokenizer, rec: dict, cfg, fmt: PromptFormat) -> int:
+    """Positions the longest row of a record takes, the image's tokens expanded: its longest
+    candidate row (log-likelihood scoring), or its prompt plus ``cfg.max_new_tokens`` (the
+    generation budget; and the CoT routing question with ``cfg.routing="cot"``)."""
+    if rec["kind"] != "open" and cfg.scoring == "loglik":
+        n = max(len(row[0]) for row in scoring_rows(tokenizer, rec, cfg.templates, fmt, cfg.mc_format))
+    else:
+        prompt = prompt_text(rec, cfg.templates, cfg.mc_format)
+        n = len(encode_question_prompt(tokenizer, prompt, fmt)[0]) + cfg.max_new_tokens
+    if cfg.routing == "cot":
+        question = cfg.cot_question_prompt.format(question=rec["question"])
+        n = max(n, len(encode_question_prompt(tokenizer, question, fmt)[0]) + cfg.max_new_tokens)
+    return n
+
+
+def split_too_long(model, tokenizer, records: list, cfg) -> tuple[list, list]:
+    """(the records that fit, [{"index", "tokens"}] of those whose rows take more positions
+    (:func:`record_length`) than ``cfg.max_length`` or, when it is 0, the LLM's
+    ``max_position_embeddings``): a longer row is never scored, so nothing is allocated for it."""
+    fmt, limit = prompt_format(model.config, tokenizer), length_limit(model, cfg)
+    fit, too_long = [], []
+    for rec in records:
+        n = record_length(tokenizer, rec, cfg, fmt)
+        if n > limit:
+            too_long.append({"index": rec["index"], "tokens": n})
+        else:
+            fit.append(rec)
+    return fit, too_long
+
+
+def length_limit(model, cfg) -> int:
+    """The most positions a benchmark row may take: ``cfg.max_length`` (evaluate.py's
+    ``eval.max_length``), 0: the LLM's ``max_position_embeddings``."""
+    return cfg.get("max_length", 0) or model.config.text.max_position_embeddings
+
+
 # ------------------------------------------------------------------------------ scoring ---
 
 def candidate_logprobs(logits, mask, targets, cand):
