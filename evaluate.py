@@ -530,6 +530,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     ckpt, model, params = load_lvlm(cfg, workdir)
     tokenizer = load_tokenizer(ckpt)
     records, source, order = benchmark_records(cfg, workdir)
+    records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     rule = detect.SinkRule(**{**cfg.sink, "rule": k.rule})
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
@@ -579,8 +580,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
                 curves.setdefault(line, []).append((r["visual_tokens_kept"], 100 * r["accuracy"]))
     plot = plots.pruning_curves(curves, workdir / "plots" / "accuracy_vs_tokens_kept.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
-              "benchmark": cfg.benchmark.name, **source, "sink_rule": dataclasses.asdict(rule),
-              "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "not_run": not_run,
+              "benchmark": cfg.benchmark.name, **source, "skipped_too_long": too_long,
+              "sink_rule": dataclasses.asdict(rule), "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "not_run": not_run,
               "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "interventions.json", report)
@@ -804,6 +805,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files; sweep mode needs the checkpoint's tokenizer")
     records, source, order = benchmark_records(cfg, workdir)
+    records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     rules = sweep_rules(cfg)
     what = "its DIYSink routing" if model.config.diysink else f"variant {cfg.sweep.variant!r}"
     print(f"sweep: {len(rules)} rule(s), {what}, against the reference model")
@@ -813,7 +815,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
                                                     cfg.eval.parallel), order)
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{name}.jsonl", preds)
-        return eval_lib.summarize(cfg.benchmark.name, preds)
+        return eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg))
 
     reference = score("reference", model)
     if model.config.diysink is None:  # the stock order uses no rule: its count would mean nothing
@@ -835,7 +837,8 @@ def run_sweep(cfg, workdir: Path) -> dict:
                            None if adaptive is None else (100 * adaptive["accuracy"], adaptive["sinks_per_image"]),
                            workdir / "plots" / "tau_sweep.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "benchmark": cfg.benchmark.name,
-              **source, "variant": None if model.config.diysink else cfg.sweep.variant,
+              **source, "skipped_too_long": too_long,
+              "variant": None if model.config.diysink else cfg.sweep.variant,
               "reference": reference, "results": rows, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "sweep.json", report)

@@ -7,7 +7,7 @@ from skimage import data
 from transformers import (BitImageProcessorPil, CLIPImageProcessorPil, Gemma3ImageProcessorPil,
                           SiglipImageProcessorPil)
 
-from vitsink_jax.data.preprocess import (load_image, preprocess_clip, preprocess_dinov2,
+from vitsink_jax.data.preprocess import (CLIP_MEAN, CLIP_STD, load_image, preprocess_clip, preprocess_dinov2,
                                          preprocess_gemma3, preprocess_siglip)
 
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "camera": data.camera}
@@ -189,6 +189,7 @@ REFUSED = {
     "not square": ({"do_center_crop": False}, "do_center_crop is off and the resize keeps the image.s aspect ratio"),
     "a non-square crop": ({"crop_size": {"height": 28, "width": 20}}, "crop_size .* is not a square"),
     "two means": ({"image_mean": [0.5, 0.5]}, r"image_mean \[0.5, 0.5\] has 2 values"),
+    "a cap on the longer side": ({"size": {"shortest_edge": 28, "longest_edge": 40}}, "size .* a cap on the longer side"),
 }
 
 
@@ -201,3 +202,66 @@ def test_processor_settings_not_applied_are_refused_by_file_and_key(case, tiny_f
     folder = with_processor(tiny_folders, tmp_path, "llava", settings)
     with pytest.raises(CheckpointError, match=f"preprocessor_config.json: {message}"):
         vj.load_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "qwen2_5_vl"])
+def test_family_default_processor_file_round_trips(family, tmp_path):
+    """The preprocessor_config.json written for Gemma 3, InternVL and Qwen2.5-VL reads back as
+    the family's processing; transformers' own class for it gives the same pixels (Gemma 3,
+    InternVL one tile; Qwen2.5-VL's processor returns patches, compared through our reading)."""
+    import json
+
+    import conftest
+    from vitsink_jax.config import config_from_hf
+    from vitsink_jax.convert.processor import FILE, processor_file_of, read_processing
+    from vitsink_jax.data.preprocess import family_processing, preprocess
+
+    config = config_from_hf(getattr(conftest, f"{family}_config")().to_dict())
+    (tmp_path / FILE).write_text(json.dumps(processor_file_of(config)))
+    read = read_processing(tmp_path, config).image_processing
+    assert read == family_processing(config) and read.source == str(tmp_path / FILE)
+    if family != "qwen2_5_vl":
+        photo = Image.fromarray(data.chelsea()).resize((50, 33))
+        np.testing.assert_allclose(preprocess(config, [photo])[0], transformers_pixels(tmp_path, photo), atol=1e-5)
+
+
+HUB_FILES = {  # the keys of the hub's files (llava-hf/llava-1.5-7b-hf, google/gemma-3-4b-it,
+    # OpenGVLab/InternVL3-1B-hf, Qwen/Qwen2.5-VL-3B-Instruct), sizes scaled to the tiny configs
+    "llava": {"crop_size": {"height": 28, "width": 28}, "do_center_crop": True, "do_convert_rgb": True,
+              "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(CLIP_MEAN),
+              "image_processor_type": "CLIPImageProcessor", "image_std": list(CLIP_STD),
+              "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255,
+              "size": {"shortest_edge": 28}},
+    "gemma3": {"do_convert_rgb": None, "do_normalize": True, "do_pan_and_scan": None, "do_rescale": True,
+               "do_resize": True, "image_mean": [0.5] * 3, "image_processor_type": "Gemma3ImageProcessor",
+               "image_seq_length": 4, "image_std": [0.5] * 3, "pan_and_scan_max_num_crops": None,
+               "pan_and_scan_min_crop_size": None, "pan_and_scan_min_ratio_to_activate": None,
+               "processor_class": "Gemma3Processor", "resample": 2, "rescale_factor": 1 / 255,
+               "size": {"height": 28, "width": 28}},
+    "internvl": {"crop_size": None, "crop_to_patches": False, "data_format": "channels_first",
+                 "default_to_square": True, "device": None, "do_center_crop": None, "do_convert_rgb": True,
+                 "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+                 "image_processor_type": "GotOcr2ImageProcessorFast", "image_std": [0.229, 0.224, 0.225],
+                 "input_data_format": None, "max_patches": 12, "min_patches": 1,
+                 "processor_class": "InternVLProcessor", "resample": 3, "rescale_factor": 1 / 255,
+                 "return_tensors": None, "size": {"height": 28, "width": 28}},
+    "qwen2_5_vl": {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 4, "temporal_patch_size": 2,
+                   "merge_size": 2, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+                   "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(HUB_FILES))
+def test_the_hubs_processor_files_are_read_as_the_family_default(family, tmp_path):
+    """The settings the hub's own files hold (nulls, image_seq_length, the families' tiling and
+    pixel-budget keys) are read, not refused, and equal the family default they spell out."""
+    import json
+
+    import conftest
+    from vitsink_jax.config import config_from_hf
+    from vitsink_jax.convert.processor import FILE, read_processing
+    from vitsink_jax.data.preprocess import family_processing
+
+    config = config_from_hf(getattr(conftest, f"{family}_config")().to_dict())
+    (tmp_path / FILE).write_text(json.dumps(HUB_FILES[family]))
+    assert read_processing(tmp_path, config).image_processing == family_processing(config)

@@ -538,22 +538,6 @@ def test_unmatched_labels_reach_results_json_block(tmp_path, capsys):
 
 # ------------------------------------- issue 34 point 5: benchmark mode picks rules as score ---
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny random LLaVA (transformers' layout) with the embedded tokenizer: a benchmark run
-    on it compiles little."""
-    import transformers
-    from conftest import build, llama_config, llava_config, save
-
-    from vitsink_jax.embedded import embedded_tokenizer
-
-    hf = build(transformers.LlavaForConditionalGeneration,
-               llava_config(text=llama_config(vocab_size=512), image_token_index=511, vision_feature_layer=-1))
-    folder = save(hf, tmp_path_factory.mktemp("bench") / "llava")
-    embedded_tokenizer(512).save_pretrained(str(folder))
-    return folder
-
-
 def png_b64(seed: int) -> str:
     import base64
     import io
@@ -590,14 +574,14 @@ def run_benchmark_mode(tmp_path, checkpoint, name, rows, responses=None, work="w
     return json.loads((tmp_path / work / "results.json").read_text())
 
 
-def test_benchmark_mode_scores_an_lmms_eval_file_by_lmms_evals_rules(tmp_path, tiny_checkpoint):
+def test_benchmark_mode_scores_an_lmms_eval_file_by_lmms_evals_rules(tmp_path, benchmark_checkpoint):
     """The numbers of test_lmms_eval_pope_counts_only_a_whole_yes_or_no, now from a benchmark
     run: lmms-eval's rules for its own export (benchmark mode used VLMEvalKit's: acc 75.00),
     score.rules overrides, results.json records the rule set."""
     rows = [dict(question_id=i, question=f"Is there a dog {i}?", answer=a, category="random")
             for i, a in enumerate(["yes", "yes", "no", "no"])]
     responses = ["Yes", "Yes, there is a dog.", "No", "yes"]
-    saved = run_benchmark_mode(tmp_path, tiny_checkpoint, "pope", rows, responses)
+    saved = run_benchmark_mode(tmp_path, benchmark_checkpoint, "pope", rows, responses)
     official = saved["results"]["none"]["official"]
     assert saved["rules"] == "lmms_eval" and official["rules"] == "lmms_eval"
     assert_close(official["Overall"], {"acc": 50.0, "precision": 50.0, "recall": 100.0,

@@ -32,15 +32,16 @@ from .safetensors_io import CheckpointError
 FILE = "preprocessor_config.json"
 CLASSES = ("CLIPImageProcessor", "SiglipImageProcessor", "BitImageProcessor", "Gemma3ImageProcessor",
            "GotOcr2ImageProcessor", "Qwen2VLImageProcessor")
-# read and applied by every class (and names that only say which class wrote the file)
-APPLIED = ("image_processor_type", "processor_class", "do_convert_rgb", "do_resize", "size", "resample",
-           "do_center_crop", "crop_size", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-           "image_std", "default_to_square")
+# read and applied for every class
+APPLIED = ("do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+           "rescale_factor", "do_normalize", "image_mean", "image_std", "default_to_square")
+# no pixel setting: which classes wrote the file, and the image tokens of the prompt (the config's)
+NAMES = ("image_processor_type", "processor_class", "image_seq_length")
 # settings the file may hold with this value only (transformers' defaults; other values change
 # the images in ways not applied here)
 ONLY = {"do_pad": (None, False), "pad_size": (None,), "data_format": (None, "channels_first"),
         "input_data_format": (None,), "return_tensors": (None,), "device": (None,),
-        "disable_grouping": (None, False, True), "image_seq_length": None,
+        "disable_grouping": (None, False, True),
         "do_pan_and_scan": (None, False), "pan_and_scan_min_crop_size": None,
         "pan_and_scan_max_num_crops": None, "pan_and_scan_min_ratio_to_activate": None,
         "crop_to_patches": None, "min_patches": None, "max_patches": None,
@@ -69,7 +70,7 @@ def _check_keys(d: dict, cls: str, file: Path) -> None:
     """CheckpointError naming the first key of ``d`` that is unknown, another class's, or set
     to a value not applied here."""
     for key, value in d.items():
-        if key in APPLIED:
+        if key in APPLIED or key in NAMES:
             continue
         if key not in ONLY or (ONLY[key] is None and key not in FAMILY_KEYS.get(cls, ())):
             raise CheckpointError(f"{file}: key {key!r} is not a setting of {cls} this library "
@@ -106,6 +107,9 @@ def _resize(p, cls: str, file: Path) -> tuple:
         return "", 0
     if cls == "Qwen2VLImageProcessor":  # a pixel budget; batches take the model's square
         return "square", 0
+    if p.size.longest_edge is not None or p.size.max_height is not None:
+        raise CheckpointError(f"{file}: size {dict(p.size)}: a cap on the longer side is not applied "
+                              "here (shortest_edge, or height = width)")
     if p.size.shortest_edge is not None and p.size.height is None:
         return "shortest_edge", int(p.size.shortest_edge)
     return "square", _square(p.size, "size", file)
@@ -119,7 +123,7 @@ def processing_from_file(d: dict, file: Path, family: str) -> ImageProcessing:
 
     cls = processor_class(d.get("image_processor_type") or family, file)
     _check_keys(d, cls, file)
-    settings = {k: v for k, v in d.items() if k not in ("image_processor_type", "processor_class")}
+    settings = {k: v for k, v in d.items() if k not in NAMES}
     try:
         p = getattr(transformers, cls + "Pil")(**settings)
     except (TypeError, ValueError) as e:

@@ -11,6 +11,9 @@ is closest to its own (at most ``max_tiles``), cut into those tiles, plus a thum
 image when there is more than one (:func:`preprocess_internvl`). Qwen2.5-VL
 (Qwen2VLImageProcessor): the image at its own aspect ratio, both sides multiples of 28 pixels
 (:func:`smart_resize`, bicubic, CLIP's mean / std). Output is HF's channels-first float32.
+These are the family defaults (:func:`family_processing`); a checkpoint folder's own
+preprocessor_config.json, carried in its config (:mod:`vitsink_jax.convert.processor`), wins
+(:func:`processing_of`, applied by :func:`apply_processing`).
 
 Encoded images are decoded in full when read (:func:`image_from_bytes`, :func:`load_image`),
 so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scaled to 8 bits
