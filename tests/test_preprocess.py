@@ -1,5 +1,7 @@
 """Preprocessing equals transformers' PIL image processors on real photos."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,7 +80,7 @@ def test_pad_to_square_is_llavas_expand2square(size):
 
     from conftest import clip_vision_config, llava_config
     from vitsink_jax.config import config_from_hf
-    from vitsink_jax.data.preprocess import CLIP_MEAN, pixels_from_bytes
+    from vitsink_jax.data.preprocess import pixels_from_bytes, preprocess
 
     image = Image.fromarray(data.astronaut()).resize(size)
     buf = io.BytesIO()
@@ -89,6 +91,9 @@ def test_pad_to_square_is_llavas_expand2square(size):
     want = np.asarray(hf(padded, return_tensors="np")["pixel_values"][0])
     np.testing.assert_allclose(pixels_from_bytes(config, buf.getvalue(), "pad"), want, atol=1e-5)
     assert not np.allclose(pixels_from_bytes(config, buf.getvalue()), want, atol=1e-2)
+    # a padded checkpoint's images are padded in every mode (analyze, demo: preprocess)
+    padded_config = dataclasses.replace(config, image_aspect_ratio="pad")
+    np.testing.assert_allclose(preprocess(padded_config, [image])[0], want, atol=1e-5)
     with pytest.raises(ValueError, match="image aspect 'squash'"):
         pixels_from_bytes(config, buf.getvalue(), "squash")
 
