@@ -9,11 +9,12 @@ Modes (``config.mode``):
         (which puts its sinks first itself: one row).
   benchmark  the embedded benchmark (or a benchmark file) scored for several visual-token
         variants side by side; writes results.json (with the benchmark owners' numbers under
-        ``official`` for POPE, MME, CV-Bench, MMStar, ScienceQA, MathVista) and per-item
-        predictions.
+        ``official`` for POPE, MME, CV-Bench, MMStar, ScienceQA, MathVista, by the rule set score
+        mode uses: the file's format's, or ``--config.score.rules``) and per-item predictions.
   score  no model: another system's predictions (``--config.score.predictions``: VLMEvalKit's
         .xlsx / .tsv / .csv, lmms-eval's .jsonl samples) on ``--config.benchmark.file``, answers
-        extracted by VLMEvalKit's judge-free rules; writes results.json with the ``official``
+        extracted by the owners' judge-free rules (VLMEvalKit's or lmms-eval's, as the file's
+        format says); writes results.json with the ``official``
         numbers (vitsink_jax.scores) and scored_predictions.jsonl.
   sweep  the paper's threshold-robustness study: sinks per image and benchmark accuracy across
         a sweep of tau (``sweep.taus``) and under the adaptive rule, for one variant (default
@@ -421,6 +422,35 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, dict, dict]:
     return local, {"skipped_rows": skipped, "labels": info}, {r["index"]: i for i, r in enumerate(records)}
 
 
+def benchmark_rules(cfg) -> str:
+    """The rule set the official numbers of a benchmark run are computed by, chosen as score
+    mode chooses it (:func:`vitsink_jax.scores.rules_for`: the benchmark file's format, or
+    ``score.rules``)."""
+    try:
+        return scores.rules_for(cfg.benchmark.name, cfg.benchmark.file, cfg.score.rules)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def drop_too_long(cfg, model, tokenizer, records: list, order: dict) -> tuple[list, dict]:
+    """(the records whose rows fit the model's positions, results.json's ``skipped_too_long``
+    {"count", "limit", "first": [{"index", "tokens"}] (5 at most)}) over every host's records
+    (:func:`vitsink_jax.eval_lib.split_too_long`); prints one line naming the first ones.
+    Exits with an error when no row is left."""
+    fit, too_long = eval_lib.split_too_long(model, tokenizer, records, cfg.eval)
+    too_long = sorted((r for host in parallel.allgather_objects(too_long) for r in host),
+                      key=lambda r: order[r["index"]])
+    limit = eval_lib.length_limit(model, cfg.eval)
+    if too_long:
+        named = ", ".join(f"index {r['index']} ({r['tokens']} tokens)" for r in too_long[:5])
+        print(f"benchmark {cfg.benchmark.name}: {len(too_long)} row(s) skipped, longer than the limit "
+              f"of {limit} positions (--config.eval.max_length; 0: the model's): {named}")
+    if not parallel.max_over_processes(len(fit)):
+        raise SystemExit(f"error: every row of benchmark {cfg.benchmark.name} is longer than the limit "
+                         f"of {limit} positions (--config.eval.max_length)")
+    return fit, {"count": len(too_long), "limit": limit, "first": too_long[:5]}
+
+
 def gather_predictions(preds: list, order: dict) -> list:
     """All hosts' predictions (each host scored its tfds shard) in the benchmark's order, merged
     through a collective (no files: hosts share no filesystem)."""
@@ -429,19 +459,22 @@ def gather_predictions(preds: list, order: dict) -> list:
 
 
 def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, rule,
-                   label: str = "") -> tuple[dict, dict]:
-    """({variant: summary}, {skipped variant: why}) of one checkpoint over the benchmark records
+                   label: str = "") -> tuple[dict, dict, dict]:
+    """({variant: summary}, {skipped variant: why}, the rows skipped as too long for the model
+    (:func:`drop_too_long`)) of one checkpoint over the benchmark records
     for every distinct configured visual-token variant (``eval_lib.distinct_variants``: a
     DIYSink model detects sinks by its own rule and has no "front" / "end" row); writes
     ``predictions_[<label>_]<variant>.jsonl``. With CoT routing a summary also counts the items
     per route and the unparsed routing answers (``cot_routing``). ``rule`` None: the configured
-    one (:func:`sink_rule`)."""
+    one (:func:`sink_rule`). The official numbers follow :func:`benchmark_rules`."""
+    rules = benchmark_rules(cfg)
     ckpt, model, params = load_lvlm(cfg, workdir, ckpt)
     rule = rule or sink_rule(cfg, model.config.vision)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
                          " benchmark mode needs the checkpoint's tokenizer")
+    records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     results = {}
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
@@ -459,7 +492,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
         name = f"predictions_{label + '_' if label else ''}{spec}"
         preds = eval_lib.predict(variant, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
-        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds)
+        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds, rules)
         routing = routing_counts(preds)
         if routing is not None:
             results[spec]["cot_routing"] = routing
@@ -467,18 +500,20 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
                   "unparsed answer (routed to both paths)")
         if jax.process_index() == 0:
             write_jsonl(workdir / f"{name}.jsonl", preds)
-    return results, skipped
+    return results, skipped, too_long
 
 
 def run_benchmark(cfg, workdir: Path) -> dict:
+    rules = benchmark_rules(cfg)  # a bad score.rules is refused before anything is loaded
     ckpt, how = resolve_checkpoint(cfg, workdir)
     records, source, order = benchmark_records(cfg, workdir)
-    results, skipped_variants = score_variants(cfg, workdir, ckpt, records, order, None)
+    results, skipped_variants, too_long = score_variants(cfg, workdir, ckpt, records, order, None)
     table = comparison_table(list(results.items()))
     print(table)
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, **source,
-              "processes": jax.process_count(), "results": results,
+              "rules": rules, "skipped_too_long": too_long, "processes": jax.process_count(),
+              "results": results,
               "skipped_variants": skipped_variants, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "results.json", report)
@@ -501,13 +536,14 @@ def run_study(cfg, workdir: Path) -> dict:
     print("== (b) embedded benchmark on the mini LVLMs (train.py --config configs/mini_study.py)")
     records, source, order = benchmark_records(cfg, workdir)
     rule = detect.SinkRule(**{**cfg.sink, "rule": cfg.study.rule})
-    results, checkpoints, skipped_variants = {}, {}, {}
+    results, checkpoints, skipped_variants, too_long = {}, {}, {}, {}
     for name in cfg.study.models:
         ckpt, _ = resolve_checkpoint(cfg, workdir, f"mini_study:{name}")
         label = Path(name).name
         checkpoints[label] = {"published": str(name), "path": str(ckpt),
                               "sha256": vj.checkpoint_hash(ckpt)}
-        scored, skipped_variants[label] = score_variants(cfg, workdir, ckpt, records, order, rule, label)
+        scored, skipped_variants[label], too_long[label] = score_variants(cfg, workdir, ckpt, records,
+                                                                          order, rule, label)
         for spec, r in scored.items():
             results[f"{label} {spec}"] = r
     table = comparison_table(list(results.items()))
@@ -516,7 +552,7 @@ def run_study(cfg, workdir: Path) -> dict:
     report = {**record(cfg, cfg.seed, None, None), "checkpoints": checkpoints,
               "vit_summary": vit["summary"], "benchmark": cfg.benchmark.name,
               **source, "sink_rule": dataclasses.asdict(rule), "results": results,
-              "skipped_variants": skipped_variants, "table": table,
+              "skipped_variants": skipped_variants, "skipped_too_long": too_long, "table": table,
               "training_record": str(record_file) if record_file.is_file() else None}
     if jax.process_index() == 0:
         out = write_json(workdir / "study.json", report)
@@ -541,6 +577,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     ckpt, model, params = load_lvlm(cfg, workdir)
     tokenizer = load_tokenizer(ckpt)
     records, source, order = benchmark_records(cfg, workdir)
+    records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     rule = detect.SinkRule(**{**cfg.sink, "rule": k.rule})
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
@@ -568,7 +605,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
-        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds),
+        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg)),
                          "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons}
         calls[spec] = (timing.prefill_call(m, params, batch),
                        timing.decode_call(m, params, batch, k.decode_steps))
@@ -585,8 +622,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
                 curves.setdefault(line, []).append((r["visual_tokens_kept"], 100 * r["accuracy"]))
     plot = plots.pruning_curves(curves, workdir / "plots" / "accuracy_vs_tokens_kept.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)),
-              "benchmark": cfg.benchmark.name, **source, "sink_rule": dataclasses.asdict(rule),
-              "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "not_run": not_run,
+              "benchmark": cfg.benchmark.name, **source, "skipped_too_long": too_long,
+              "sink_rule": dataclasses.asdict(rule), "timing_batch_rows": int(batch["ids"].shape[0]), "results": results, "not_run": not_run,
               "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "interventions.json", report)
@@ -835,6 +872,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
     if tokenizer is None:
         raise SystemExit(f"error: {ckpt} has no tokenizer files; sweep mode needs the checkpoint's tokenizer")
     records, source, order = benchmark_records(cfg, workdir)
+    records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     rules = sweep_rules(cfg)
     what = "its DIYSink routing" if model.config.diysink else f"variant {cfg.sweep.variant!r}"
     print(f"sweep: {len(rules)} rule(s), {what}, against the reference model")
@@ -844,7 +882,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
                                                     cfg.eval.parallel), order)
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{name}.jsonl", preds)
-        return eval_lib.summarize(cfg.benchmark.name, preds)
+        return eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg))
 
     reference = score("reference", model)
     if model.config.diysink is None:  # the stock order uses no rule: its count would mean nothing
@@ -866,7 +904,8 @@ def run_sweep(cfg, workdir: Path) -> dict:
                            None if adaptive is None else (100 * adaptive["accuracy"], adaptive["sinks_per_image"]),
                            workdir / "plots" / "tau_sweep.png")
     report = {**record(cfg, cfg.seed, str(ckpt), vj.checkpoint_hash(ckpt)), "benchmark": cfg.benchmark.name,
-              **source, "variant": None if model.config.diysink else cfg.sweep.variant,
+              **source, "skipped_too_long": too_long,
+              "variant": None if model.config.diysink else cfg.sweep.variant,
               "reference": reference, "results": rows, "table": table}
     if jax.process_index() == 0:
         out = write_json(workdir / "sweep.json", report)

@@ -87,6 +87,8 @@ def get_config():
     c.eval.share_prefixes = True    # items showing one photo: its prompt prefix computed once
                                     # (False: full rows, less memory per row; same scores)
     c.eval.max_new_tokens = 8       # generation
+    c.eval.max_length = 0           # a benchmark row taking more positions (image tokens, prompt,
+                                    # answer budget) is skipped and named; 0 = the LLM's positions
     c.eval.parallel = "mesh"        # mesh | pmap
     c.eval.fsdp = 1                 # mesh: params split over fsdp x tensor devices
     c.eval.tensor = 1               # mesh: tensor-parallel degree (1 x 1: replicated, for small models)

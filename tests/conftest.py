@@ -475,3 +475,16 @@ def hf_tokenizer(family: str, path, corpus: list):
     tok = load_tokenizer(path)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tok
+
+
+@pytest.fixture(scope="session")
+def benchmark_checkpoint(tmp_path_factory):
+    """A tiny random LLaVA (transformers' layout, 256 positions) with the embedded tokenizer:
+    a benchmark-mode run on it compiles little."""
+    from vitsink_jax.embedded import embedded_tokenizer
+
+    hf = build(transformers.LlavaForConditionalGeneration,
+               llava_config(text=llama_config(vocab_size=512), image_token_index=511, vision_feature_layer=-1))
+    folder = save(hf, tmp_path_factory.mktemp("bench") / "llava")
+    embedded_tokenizer(512).save_pretrained(str(folder))
+    return folder

@@ -11,6 +11,7 @@ from PIL import Image
 
 from vitsink_jax.data import benchmarks as B
 from vitsink_jax.data.synthetic import CORNERS, SUBJECTS, embedded_benchmark
+from test_scores import run_benchmark_mode
 
 
 def png(seed=0, size=8) -> bytes:
@@ -186,3 +187,29 @@ def test_finding5_unmatched_labels_are_counted_named_and_a_shift_is_spotted(tmp_
     tags.write_text("index,tag\n2,global\n")   # rows 0-1: no direct match, 2 - 1 is one
     with pytest.raises(LabelsError, match=r"none of its 1 indices .*; every label index - 1"):
         apply_labels(records[:2], tags)
+
+
+# ------------------------------------------- issue 35 point 2: overlong benchmark rows ---
+
+def test_a_benchmark_row_longer_than_the_model_is_skipped_named_and_counted(tmp_path, benchmark_checkpoint, capsys):
+    """One 100,000-character question among POPE rows (it ended a run with a 783 GB allocation):
+    skipped before anything is scored, named with its length and the limit in one line and in
+    results.json; the other rows score as in the run without it. ``eval.max_length`` lowers
+    the limit (the LLM's 256 positions here)."""
+    rows = [dict(question_id=i, question=f"Is there a dog {i}?", answer=a, category="random")
+            for i, a in enumerate(["yes", "no", "yes", "no"])]
+    huge = dict(question_id=9, question="Is there a dog? " * 6250, answer="yes", category="random")
+    saved = run_benchmark_mode(tmp_path, benchmark_checkpoint, "pope", rows[:2] + [huge] + rows[2:])
+    skipped = saved["skipped_too_long"]
+    assert skipped["count"] == 1 and skipped["limit"] == 256
+    assert skipped["first"][0]["index"] == "9" and skipped["first"][0]["tokens"] > 10_000
+    out = capsys.readouterr().out
+    assert (f"benchmark pope: 1 row(s) skipped, longer than the limit of 256 positions "
+            f"(--config.eval.max_length; 0: the model's): index 9 ({skipped['first'][0]['tokens']} tokens)") in out
+    alone = run_benchmark_mode(tmp_path, benchmark_checkpoint, "pope", rows, work="alone")
+    assert alone["skipped_too_long"] == {"count": 0, "limit": 256, "first": []}
+    assert saved["results"] == alone["results"]
+    assert (tmp_path / "work" / "predictions_none.jsonl").read_text() == \
+        (tmp_path / "alone" / "predictions_none.jsonl").read_text()
+    with pytest.raises(SystemExit, match="every row of benchmark pope is longer than the limit of 8 positions"):
+        run_benchmark_mode(tmp_path, benchmark_checkpoint, "pope", rows, work="short", **{"eval.max_length": 8})

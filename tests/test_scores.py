@@ -534,3 +534,64 @@ def test_unmatched_labels_reach_results_json_block(tmp_path, capsys):
     assert info["labels_not_in_benchmark"] == 1 and info["labels_not_in_benchmark_first"] == ["not-a-row"]
     assert "1 label(s) match no benchmark index, e.g. not-a-row" in capsys.readouterr().out
     assert source["skipped_rows"] == []
+
+
+# ------------------------------------- issue 34 point 5: benchmark mode picks rules as score ---
+
+def png_b64(seed: int) -> str:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (12, 16, 3), np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def run_benchmark_mode(tmp_path, checkpoint, name, rows, responses=None, work="work", **kw):
+    """evaluate.py --config.mode=benchmark (variant none) on an lmms-eval export (.jsonl) of
+    ``rows``, each with a small PNG of its own (seeded by its question_id), by the model in
+    ``checkpoint``; ``responses`` (one
+    per row) replace the model's raw answers, so the rule set, not the random model, is what
+    the numbers show. Returns results.json."""
+    from unittest import mock
+
+    bench = tmp_path / f"{name}.jsonl"
+    bench.write_text("\n".join(json.dumps({**r, "image": png_b64(r["question_id"])}) for r in rows))
+    cfg = default_config(**{"benchmark.name": name, "benchmark.file": str(bench), **kw})
+    cfg.mode, cfg.variants, cfg.checkpoint = "benchmark", ("none",), str(checkpoint)
+    real = eval_lib.predict
+    answer = {str(r["question_id"]): resp for r, resp in zip(rows, responses or [])}
+
+    def predict(*args, **kwargs):
+        preds = real(*args, **kwargs)
+        return [dict(p, response=answer[p["index"]]) for p in preds] if responses else preds
+
+    with mock.patch.object(eval_lib, "predict", predict):
+        evaluate.run_benchmark(cfg, tmp_path / work)
+    return json.loads((tmp_path / work / "results.json").read_text())
+
+
+def test_benchmark_mode_scores_an_lmms_eval_file_by_lmms_evals_rules(tmp_path, benchmark_checkpoint):
+    """The numbers of test_lmms_eval_pope_counts_only_a_whole_yes_or_no, now from a benchmark
+    run: lmms-eval's rules for its own export (benchmark mode used VLMEvalKit's: acc 75.00),
+    score.rules overrides, results.json records the rule set."""
+    rows = [dict(question_id=i, question=f"Is there a dog {i}?", answer=a, category="random")
+            for i, a in enumerate(["yes", "yes", "no", "no"])]
+    responses = ["Yes", "Yes, there is a dog.", "No", "yes"]
+    saved = run_benchmark_mode(tmp_path, benchmark_checkpoint, "pope", rows, responses)
+    official = saved["results"]["none"]["official"]
+    assert saved["rules"] == "lmms_eval" and official["rules"] == "lmms_eval"
+    assert_close(official["Overall"], {"acc": 50.0, "precision": 50.0, "recall": 100.0,
+                                       "f1": 200 / 3, "yes_ratio": 50.0})
+    # score.rules overrides the file's format here as in score mode (the same predictions)
+    preds = [json.loads(x) for x in (tmp_path / "work" / "predictions_none.jsonl").read_text().splitlines()]
+    forced = default_config(**{"benchmark.name": "pope", "benchmark.file": saved["file"],
+                               "score.rules": "vlmevalkit"})
+    assert evaluate.benchmark_rules(forced) == "vlmevalkit"
+    assert eval_lib.summarize("pope", preds, "vlmevalkit")["official"]["Overall"]["acc"] == 75.0
+    forced.score.rules = "lmms"
+    with pytest.raises(SystemExit, match="score.rules 'lmms' is not auto"):
+        evaluate.run_benchmark(forced, tmp_path / "bad")

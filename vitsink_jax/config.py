@@ -49,6 +49,38 @@ def _thaw_rope(rope: Optional[tuple]) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageProcessing:
+    """How an image becomes pixel_values [3, H, W], the steps of transformers' image processors
+    in their order: RGB; resize (``resize`` "shortest_edge": the shorter side to ``size``, the
+    aspect kept; "square": ``size`` x ``size``; "": none) with PIL's ``resample``; centre crop to
+    ``crop`` x ``crop`` (0: none); multiply by ``rescale`` (0: none); when ``normalize``,
+    (x - ``mean``) / ``std`` per channel. ``processor``: transformers' class the steps are
+    (e.g. "CLIPImageProcessor"); ``source``: the preprocessor_config.json they were read from,
+    "" for a family's default (:mod:`vitsink_jax.convert.processor`)."""
+
+    processor: str
+    resize: str
+    size: int
+    resample: int
+    crop: int
+    rescale: float
+    normalize: bool
+    mean: tuple
+    std: tuple
+    source: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def output_size(self) -> int:
+        """Side of the square images it gives (0: the image's own shape decides)."""
+        return self.crop or (self.size if self.resize == "square" else 0)
+
+
+# A config's image processing (read from a folder's preprocessor_config.json) changes no
+# computation: configs equal but for it are equal (and share compiled functions).
+_PROCESSING = dict(default=None, compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class VisionConfig:
     """ViT vision tower: CLIP (class token, pre-LN, quick_gelu), SigLIP (no class token, head),
     DINOv2 (LayerScale, registers) or InternViT (``internvl_vision``: class token, LayerScale,
@@ -71,6 +103,7 @@ class VisionConfig:
     qk_norm: bool = False             # InternViT: RMSNorm of q and k over all heads
     norm_type: str = "layer_norm"     # InternViT: "layer_norm" or "rms_norm" blocks
     mean_pooling: bool = True         # InternViT: no final LayerNorm (pooled by the mean)
+    image_processing: Optional[ImageProcessing] = dataclasses.field(**_PROCESSING)
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
@@ -510,7 +543,9 @@ class LlavaConfig:
     config.json as ``vitsink_lm_head_bias``. ``image_aspect_ratio`` "pad": images are padded to
     a square with the processor's mean colour before it (the original LLaVA codebase's and
     TinyLLaVA's ``image_aspect_ratio: pad``; stored as ``vitsink_image_aspect_ratio``), "crop":
-    the processor's own resize and crop.
+    the processor's own resize and crop. ``image_processing``: the folder's
+    preprocessor_config.json (None: the family's default processor), written back by
+    ``save_pretrained``.
     """
 
     vision: VisionConfig
@@ -525,6 +560,7 @@ class LlavaConfig:
     image_size: int = 0  # input side in pixels; 0 = the tower's; others need a DINOv2 tower
     lm_head_bias: bool = False
     image_aspect_ratio: str = "crop"
+    image_processing: Optional[ImageProcessing] = dataclasses.field(**_PROCESSING)
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):

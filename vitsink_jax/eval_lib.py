@@ -137,6 +137,42 @@ def scoring_rows(tokenizer, rec: dict, templates: dict, fmt: PromptFormat,
     return rows
 
 
+def record_length(tokenizer, rec: dict, cfg, fmt: PromptFormat) -> int:
+    """Positions the longest row of a record takes, the image's tokens expanded: its longest
+    candidate row (log-likelihood scoring), or its prompt plus ``cfg.max_new_tokens`` (the
+    generation budget; and the CoT routing question with ``cfg.routing="cot"``)."""
+    if rec["kind"] != "open" and cfg.scoring == "loglik":
+        n = max(len(row[0]) for row in scoring_rows(tokenizer, rec, cfg.templates, fmt, cfg.mc_format))
+    else:
+        prompt = prompt_text(rec, cfg.templates, cfg.mc_format)
+        n = len(encode_question_prompt(tokenizer, prompt, fmt)[0]) + cfg.max_new_tokens
+    if cfg.routing == "cot":
+        question = cfg.cot_question_prompt.format(question=rec["question"])
+        n = max(n, len(encode_question_prompt(tokenizer, question, fmt)[0]) + cfg.max_new_tokens)
+    return n
+
+
+def split_too_long(model, tokenizer, records: list, cfg) -> tuple[list, list]:
+    """(the records that fit, [{"index", "tokens"}] of those whose rows take more positions
+    (:func:`record_length`) than ``cfg.max_length`` or, when it is 0, the LLM's
+    ``max_position_embeddings``): a longer row is never scored, so nothing is allocated for it."""
+    fmt, limit = prompt_format(model.config, tokenizer), length_limit(model, cfg)
+    fit, too_long = [], []
+    for rec in records:
+        n = record_length(tokenizer, rec, cfg, fmt)
+        if n > limit:
+            too_long.append({"index": rec["index"], "tokens": n})
+        else:
+            fit.append(rec)
+    return fit, too_long
+
+
+def length_limit(model, cfg) -> int:
+    """The most positions a benchmark row may take: ``cfg.max_length`` (evaluate.py's
+    ``eval.max_length``), 0: the LLM's ``max_position_embeddings``."""
+    return cfg.get("max_length", 0) or model.config.text.max_position_embeddings
+
+
 # ------------------------------------------------------------------------------ scoring ---
 
 def candidate_logprobs(logits, mask, targets, cand):
@@ -551,12 +587,13 @@ def image_id(rec: dict) -> str:
     return hashlib.sha256(rec["image"]).hexdigest()[:16]
 
 
-def summarize(benchmark: str, preds: list) -> dict:
+def summarize(benchmark: str, preds: list, rules: str = "vlmevalkit") -> dict:
     """results.json's scores: overall, per category, per tag (our own extraction: ``correct``),
-    and under ``official`` the benchmark owners' numbers (:func:`vitsink_jax.scores.official`,
-    VLMEvalKit's exact matching on each prediction's raw ``response``) for the benchmarks that
-    have them; ``sinks_per_image``: the sinks found, averaged over each image's questions, then
-    over images."""
+    and under ``official`` the benchmark owners' numbers (:func:`vitsink_jax.scores.official`
+    on each prediction's raw ``response``, by the rule set ``rules``: "vlmevalkit" or
+    "lmms_eval", :func:`vitsink_jax.scores.rules_for`) for the benchmarks that have them;
+    ``sinks_per_image``: the sinks found, averaged over each image's questions, then over
+    images."""
     per_image = defaultdict(list)  # an image asked several questions counts once
     for p in preds:
         if "sinks" in p:
@@ -564,7 +601,7 @@ def summarize(benchmark: str, preds: list) -> dict:
     res = {"n": len(preds), "accuracy": float(np.mean([p["correct"] for p in preds])),
            "sinks_per_image": float(np.mean([np.mean(v) for v in per_image.values()])) if per_image else None,
            "per_category": accuracy_by(preds, "category"), "per_tag": accuracy_by(preds, "tag")}
-    numbers = official(benchmark, preds)
+    numbers = official(benchmark, preds, rules=rules)
     if numbers is not None:
         res["official"] = numbers
     return res

@@ -39,6 +39,7 @@ from ..atomic import share, write_error
 from ..config import ModelConfig, config_from_hf
 from .. import resolved
 from ..progress import progress as progress_bar
+from . import processor
 from .hf import (abstract_params, build_model, canonical_key, export_key, fused_key, fused_tensors,
                  hf_key_to_path, hf_shape, ignored_patterns, path_to_hf_key, split_key, to_hf_perm)
 from .safetensors_io import CheckpointError, SafetensorsFile, TensorInfo, write_stream
@@ -445,6 +446,7 @@ def load_pretrained(path, dtype=jnp.float32, param_dtype=None, progress: Optiona
         config = resolved.config(raw, config_from_hf)
     except ValueError as e:  # a model_type or setting we do not run: the user's checkpoint
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    config = processor.read_processing(path, config)
     readers = open_weights(path) if readers is None else readers
     config = untie_differing_head(path, config, readers)
     model = build_model(config, dtype, param_dtype, **options)
@@ -607,6 +609,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
                       "back, transformers' Llava has no LM-head bias and ignores "
                       "language_model.lm_head.bias", stacklevel=2)
     hf_cfg = config.to_hf()
+    image_processor = processor.processor_file_of(config)
     if grow:
         hf_cfg["text_config"]["vocab_size"] += 1
     if "architectures" not in hf_cfg:  # (an LVLM config writes its own)
@@ -652,6 +655,8 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
                          "weight_map": {e[0]: n for n, g in zip(names, files) for e in g}}
                 (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+            if image_processor is not None:  # a reload preprocesses as this model did
+                (tmp / processor.FILE).write_text(json.dumps(image_processor, indent=2, sort_keys=True) + "\n")
             _move_in(tmp if remote else share(tmp), out_dir)
     except OSError as e:
         raise write_error(out_dir, e) from e

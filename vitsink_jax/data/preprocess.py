@@ -11,6 +11,9 @@ is closest to its own (at most ``max_tiles``), cut into those tiles, plus a thum
 image when there is more than one (:func:`preprocess_internvl`). Qwen2.5-VL
 (Qwen2VLImageProcessor): the image at its own aspect ratio, both sides multiples of 28 pixels
 (:func:`smart_resize`, bicubic, CLIP's mean / std). Output is HF's channels-first float32.
+These are the family defaults (:func:`family_processing`); a checkpoint folder's own
+preprocessor_config.json, carried in its config (:mod:`vitsink_jax.convert.processor`), wins
+(:func:`processing_of`, applied by :func:`apply_processing`).
 
 Encoded images are decoded in full when read (:func:`image_from_bytes`, :func:`load_image`),
 so a truncated or corrupt file raises ValueError there; 16-bit grayscale is scaled to 8 bits
@@ -27,7 +30,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..config import Gemma3Config, InternVLConfig, Qwen2_5_VLConfig, VisionConfig
+from ..config import Gemma3Config, ImageProcessing, InternVLConfig, Qwen2_5_VLConfig, VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,19 +99,27 @@ def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) 
     return ((x - mean) / std).astype(np.float32)
 
 
-def preprocess_clip(image: ImageLike, size: int, crop_size: int | None = None,
-                    mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """-> [3, crop, crop] float32: shortest edge to ``size``, center crop ``crop_size``."""
-    image = to_rgb(image)
-    crop = crop_size or size
+def resize_shortest_edge(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    """The image with its shorter side resized to ``size``, the longer to int(size x long /
+    short) (transformers' ``shortest_edge`` resize)."""
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
-    top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    image = image.crop((left, top, left + crop, top + crop))
-    return _normalise(image, mean, std)
+    return image.resize((new_short, new_long) if w <= h else (new_long, new_short), resample=resample)
+
+
+def center_crop(image: Image.Image, crop: int) -> Image.Image:
+    """The centre ``crop`` x ``crop`` of the image (transformers' offsets: (side - crop) // 2)."""
+    w, h = image.size
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def preprocess_clip(image: ImageLike, size: int, crop_size: int | None = None,
+                    mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+    """-> [3, crop, crop] float32: shortest edge to ``size``, center crop ``crop_size``."""
+    image = resize_shortest_edge(to_rgb(image), size)
+    return _normalise(center_crop(image, crop_size or size), mean, std)
 
 
 def preprocess_siglip(image: ImageLike, size: int, mean=SIGLIP_MEAN, std=SIGLIP_STD,
@@ -186,41 +197,84 @@ def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
     return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def preprocess(config, images: Sequence[ImageLike], size: int = 0) -> np.ndarray:
-    """Images -> pixel_values [N, 3, S, S] for a vision tower's VisionConfig (S = ``size`` or its
-    image_size) or an LVLM config (its family's processor; S = ``size`` or its input size). An
-    InternVL image is one tile here (the whole image resized, its processor's
-    ``crop_to_patches=False``), so batches keep one shape: :func:`preprocess_internvl` tiles; a
-    Qwen2.5-VL image is resized to the S x S square (:func:`preprocess_qwen2_5_vl` keeps its
-    aspect ratio)."""
+def family_processing(config, size: int = 0) -> ImageProcessing:
+    """The image processing a config's family uses when its folder has no
+    preprocessor_config.json (module docstring), for images of side ``size`` (0: the config's
+    input size): a vision tower's VisionConfig or an LVLM config (InternVL: one tile;
+    Qwen2.5-VL: a square)."""
+    def steps(processor, resize, side, crop=0, mean=CLIP_MEAN, std=CLIP_STD, resample=Image.BICUBIC):
+        return ImageProcessing(processor, resize, side, int(resample), crop, 1 / 255, True,
+                               tuple(mean), tuple(std))
+
     if not isinstance(config, VisionConfig):  # an LVLM config
         size = size or config.input_size
         if isinstance(config, Gemma3Config):
-            return np.stack([preprocess_gemma3(im, size) for im in images])
+            return steps("Gemma3ImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD,
+                         resample=Image.BILINEAR)
         if isinstance(config, InternVLConfig):
-            return np.concatenate([preprocess_internvl(im, size, max_tiles=1) for im in images])
+            return steps("GotOcr2ImageProcessor", "square", size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         if isinstance(config, Qwen2_5_VLConfig):
-            return np.stack([preprocess_siglip(im, size, CLIP_MEAN, CLIP_STD) for im in images])
+            return steps("Qwen2VLImageProcessor", "square", size)
         config = config.vision
-    fn = (preprocess_dinov2 if config.is_dinov2 else
-          preprocess_clip if config.model_type == "clip_vision_model" else preprocess_siglip)
-    return np.stack([fn(im, size or config.image_size) for im in images])
+    size = size or config.image_size
+    if config.is_dinov2:
+        return steps("BitImageProcessor", "shortest_edge", size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
+    if config.model_type == "clip_vision_model":
+        return steps("CLIPImageProcessor", "shortest_edge", size, size)
+    return steps("SiglipImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD)
+
+
+def processing_of(config, size: int = 0) -> ImageProcessing:
+    """The image processing of a config: its folder's preprocessor_config.json when it had one
+    (``config.image_processing``), else :func:`family_processing`. ValueError when ``size``
+    asks for other images than the file's."""
+    steps = getattr(config, "image_processing", None)
+    if steps is None:
+        return family_processing(config, size)
+    if size and steps.output_size and size != steps.output_size:
+        raise ValueError(f"{steps.source}: gives {steps.output_size}-pixel images, not the "
+                         f"{size} asked for")
+    return steps
+
+
+def apply_processing(image: ImageLike, steps: ImageProcessing) -> np.ndarray:
+    """One image -> [3, H, W] float32 by ``steps`` (:class:`~vitsink_jax.config.ImageProcessing`),
+    as transformers' PIL image processor with those settings computes it."""
+    image = to_rgb(image)
+    if steps.resize == "shortest_edge":
+        image = resize_shortest_edge(image, steps.size, steps.resample)
+    elif steps.resize == "square":
+        image = image.resize((steps.size, steps.size), resample=steps.resample)
+    if steps.crop:
+        image = center_crop(image, steps.crop)
+    x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+    if steps.rescale:
+        x = x * np.float32(steps.rescale)
+    if steps.normalize:
+        x = (x - np.asarray(steps.mean, np.float32)[:, None, None]) / np.asarray(steps.std, np.float32)[:, None, None]
+    return x.astype(np.float32)
 
 
 ASPECTS = ("crop", "pad")
 
 
-def processor_mean(config) -> tuple:
-    """The normalisation mean (RGB, 0-1) of an LVLM config's image processor."""
-    if isinstance(config, (Gemma3Config,)):
-        return SIGLIP_MEAN
-    if isinstance(config, InternVLConfig):
-        return IMAGENET_MEAN
-    if isinstance(config, Qwen2_5_VLConfig):
-        return CLIP_MEAN
-    vision = config.vision
-    return (IMAGENET_MEAN if vision.is_dinov2 else
-            CLIP_MEAN if vision.model_type == "clip_vision_model" else SIGLIP_MEAN)
+def preprocess(config, images: Sequence[ImageLike], size: int = 0, aspect: Optional[str] = None) -> np.ndarray:
+    """Images -> pixel_values [N, 3, S, S] for a vision tower's VisionConfig or an LVLM config
+    (S = ``size`` or its input size), by its image processing (:func:`processing_of`: the
+    folder's preprocessor_config.json, else the family's processor). An InternVL image is one
+    tile here (the whole image resized, its processor's ``crop_to_patches=False``), so batches
+    keep one shape: :func:`preprocess_internvl` tiles; a Qwen2.5-VL image is resized to the
+    S x S square (:func:`preprocess_qwen2_5_vl` keeps its aspect ratio). ``aspect`` "pad" first
+    pads each image to a square with the processing's mean colour (:func:`expand_to_square`,
+    LLaVA-1.5's stage 2); "crop" leaves it to the processor; None: the config's own
+    ``image_aspect_ratio`` (a checkpoint trained with padded images is evaluated so)."""
+    steps = processing_of(config, size)
+    aspect = aspect or getattr(config, "image_aspect_ratio", "crop")
+    if aspect not in ASPECTS:
+        raise ValueError(f"image aspect {aspect!r} not one of {ASPECTS}")
+    fill = tuple(int(m * 255) for m in steps.mean)
+    return np.stack([apply_processing(expand_to_square(to_rgb(im), fill) if aspect == "pad" else im, steps)
+                     for im in images])
 
 
 def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
@@ -236,15 +290,6 @@ def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
 
 
 def pixels_from_bytes(config, raw: bytes, aspect: Optional[str] = None) -> np.ndarray:
-    """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for a
-    LLaVA config (S = its ``input_size``). ``aspect`` "pad" first pads the image to a square
-    with its processor's mean colour (:func:`expand_to_square`, LLaVA-1.5's stage 2); "crop"
-    leaves it to the processor (CLIP's and DINOv2's crop the centre); None: the config's own
-    ``image_aspect_ratio`` (a checkpoint trained with padded images is evaluated so)."""
-    aspect = aspect or getattr(config, "image_aspect_ratio", "crop")
-    if aspect not in ASPECTS:
-        raise ValueError(f"image aspect {aspect!r} not one of {ASPECTS}")
-    image = image_from_bytes(raw)
-    if aspect == "pad":
-        image = expand_to_square(image, tuple(int(m * 255) for m in processor_mean(config)))
-    return preprocess(config, [image])[0]
+    """Encoded image bytes (a benchmark or training record) -> pixel_values [3, S, S] for an
+    LVLM config (S = its ``input_size``; :func:`preprocess`, ``aspect`` as there)."""
+    return preprocess(config, [image_from_bytes(raw)], aspect=aspect)[0]
