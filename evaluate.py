@@ -53,7 +53,7 @@ from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study
                          paths, plots, scores, timing)
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
-from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
+from vitsink_jax.data.preprocess import load_image, model_view, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import load_tokenizer
 from vitsink_jax.diysink import routing_counts
@@ -317,19 +317,19 @@ def run_analyze(cfg, workdir: Path) -> dict:
         per_image[name]["f4"] = f4
         for group, rate in rates.items():
             hits[group].append(rate)
-        rgb = np.asarray(to_rgb(image).resize((c.input_size,) * 2))
-        plots.relevance_maps(rgb, {f"{'sink' if t['is_sink'] else 'token'} #{t['index']} "
+        seen = model_view(c, image)  # the plots draw on the image as the model saw it
+        photo = (np.asarray(to_rgb(image)), seen.box)
+        plots.relevance_maps(seen.view, {f"{'sink' if t['is_sink'] else 'token'} #{t['index']} "
                                    f"(norm {t['norm']:.0f})": (m, int(tower) - prefix)
                                    for t, m, tower in zip(f4["targets"], res["relevance"][0],
                                                           res["f4_tower"][0])},
-                             workdir / "plots" / f"relevance_{Path(name).stem}.png")
+                             workdir / "plots" / f"relevance_{Path(name).stem}.png", photo)
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
         profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
-        plots.sink_overlay(rgb,
+        plots.sink_overlay(seen.view,
                            c.patch_values(res["masks"][rule.rule][0], False), c.patch_values(norms),
-                           grid, name,
-                           workdir / "plots" / f"sinks_{Path(name).stem}.png")
+                           grid, name, workdir / "plots" / f"sinks_{Path(name).stem}.png", photo)
         progress_line(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
@@ -786,13 +786,13 @@ def run_vit(cfg, workdir: Path) -> dict:
         per_image[name] = {"norms": norms, "sinks": sinks, "max_over_median_norm":
                            float(norms.max() / np.median(norms))}
         norms_all[name] = norms
-        rgb = np.asarray(to_rgb(image).resize((c.image_size,) * 2))
-        stem = Path(name).stem
-        plots.sink_overlay(rgb, masks[named][0], norms, grid, name,
-                           workdir / "plots" / f"sinks_{stem}.png")
-        plots.relevance_maps(rgb, {f"token #{int(t)} (norm {norms[t]:.0f})": (m, int(t))
-                                   for t, m in zip(targets[0], rel[0])},
-                             workdir / "plots" / f"relevance_{stem}.png")
+        seen, stem = model_view(c, image), Path(name).stem  # drawn on the image as the tower saw it
+        photo = (np.asarray(to_rgb(image)), seen.box)
+        plots.sink_overlay(seen.view, masks[named][0], norms, grid, name,
+                           workdir / "plots" / f"sinks_{stem}.png", photo)
+        plots.relevance_maps(seen.view, {f"token #{int(t)} (norm {norms[t]:.0f})": (m, int(t))
+                                         for t, m in zip(targets[0], rel[0])},
+                             workdir / "plots" / f"relevance_{stem}.png", photo)
         progress_line(f"{name:>14}: max norm {norms.max():.1f}, median {np.median(norms):.1f}; sinks: "
                    + ", ".join(f"{n} {len(v)}" for n, v in sinks.items()))
     if not per_image:

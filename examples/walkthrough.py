@@ -14,14 +14,13 @@
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from skimage import data
 
 import vitsink_jax as vj
 from vitsink_jax import mini_study, plots
-from vitsink_jax.data.preprocess import preprocess
+from vitsink_jax.data.preprocess import model_view, preprocess
 from vitsink_jax.data.prompts import ANALYSIS, prompt_format
 from vitsink_jax.data.tokenizer import encode_prompt, load_tokenizer
 from vitsink_jax.generate import generate
@@ -55,11 +54,10 @@ norms = detect.token_norms(out.vision_features)[0]
 sinks = detect.sink_mask(norms[None], rule)[0]
 print("largest norms:", np.round(np.sort(np.asarray(norms))[::-1][:6], 2).tolist(),
       "median:", round(float(np.median(norms)), 2))
-rgb = np.asarray(jax.image.resize(jnp.asarray(image, jnp.float32), (config.input_size,) * 2 + (3,),
-                                  "linear")).clip(0, 255).astype(np.uint8)
-overlay = plots.sink_overlay(rgb, config.patch_values(np.asarray(sinks), False),
+seen = model_view(config, image)  # the photo as the model saw it (resized, centre-cropped)
+overlay = plots.sink_overlay(seen.view, config.patch_values(np.asarray(sinks), False),
                              config.patch_values(np.asarray(norms)), config.token_grid, "coffee",
-                             workdir / "sinks_coffee.png")
+                             workdir / "sinks_coffee.png", photo=(image, seen.box))
 print("wrote", overlay)
 
 # %% [markdown]

@@ -270,3 +270,44 @@ def test_the_hubs_processor_files_are_read_as_the_family_default(family, tmp_pat
     config = config_from_hf(getattr(conftest, f"{family}_config")().to_dict())
     (tmp_path / FILE).write_text(json.dumps(HUB_FILES[family]))
     assert read_processing(tmp_path, config).image_processing == family_processing(config)
+
+
+# ------------------------------------------ issue 36 point 1: plots show the model's input ---
+
+@pytest.mark.parametrize("aspect, photo_size", [("crop", (120, 60)), ("crop", (50, 100)), ("pad", (120, 60))])
+def test_the_model_view_puts_each_patch_on_its_part_of_the_photo(aspect, photo_size, tmp_path, monkeypatch):
+    """A non-square photo with one marked square: in the view the plots draw on (the photo as
+    preprocessed: CLIP's shortest-edge resize and centre crop, or LLaVA's pad), the mark lies in
+    the patch the box maps it to, the view normalised is the model's pixels, and the sink
+    overlay outlines that patch over the mark (not where a squashed photo would put it)."""
+    from conftest import clip_vision_config, llava_config
+    from vitsink_jax import plots
+    from vitsink_jax.config import config_from_hf
+    from vitsink_jax.data.preprocess import model_view, preprocess
+
+    config = dataclasses.replace(config_from_hf(llava_config(clip_vision_config(image_size=56, patch_size=14)).to_dict()),
+                                 image_aspect_ratio=aspect)
+    w, h = photo_size
+    photo = np.full((h, w, 3), 90, np.uint8)
+    mx, my = int(w * 0.6), int(h * 0.3)  # inside the centre crop for both shapes
+    photo[my:my + 10, mx:mx + 10] = (255, 0, 0)
+    seen = model_view(config, photo)
+    assert seen.view.shape == (56, 56, 3)
+    pixels = preprocess(config, [photo])[0]
+    mean, std = np.asarray(CLIP_MEAN)[:, None, None], np.asarray(CLIP_STD)[:, None, None]
+    np.testing.assert_allclose((seen.view.transpose(2, 0, 1) / 255 - mean) / std, pixels, atol=1e-5)
+    left, top, right, bottom = seen.box
+    vx, vy = ((mx + 5 - left) / (right - left) * 56, (my + 5 - top) / (bottom - top) * 56)
+    patch = int(vy // 14) * 4 + int(vx // 14)
+    r, c = divmod(patch, 4)
+    red = seen.view[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14]
+    assert ((red[..., 0] > 200) & (red[..., 1] < 60)).sum() >= 4  # the mark, in that patch
+    if aspect == "crop" and w > h:  # the squashed photo the plots drew on put it a column off
+        assert int((mx + 5) / w * 56 // 14) != c
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(
+        [(p.get_x(), p.get_y()) for p in fig.axes[2].patches]))
+    sink = np.zeros(16, bool)
+    sink[patch] = True
+    plots.sink_overlay(seen.view, sink, np.ones(16), 4, "marked", tmp_path / "x.png", photo=(photo, seen.box))
+    assert drawn == [[(c * 14, r * 14)]]

@@ -62,63 +62,63 @@ def norm_histogram(norms: dict, tau: float, path) -> Path:
     return _save(fig, path)
 
 
-def sink_overlay(image: np.ndarray, sink: np.ndarray, norms: np.ndarray, grid: int, title: str,
-                 path) -> Path:
-    """The image, a norm heat map over the patch grid, and the sink patches outlined."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    h, w = image.shape[:2]
+def _photo_panel(ax, shown) -> None:
+    """The whole photo with the part the model sees outlined (``shown``: a
+    :class:`~vitsink_jax.data.preprocess.ModelView`'s photo and box)."""
+    photo, (left, top, right, bottom) = shown
+    ax.imshow(photo)
+    ax.add_patch(plt.Rectangle((left, top), right - left, bottom - top, fill=False, ec="yellow", lw=2,
+                               ls="--"))
+    ax.set_xlim(min(0, left), max(photo.shape[1], right))
+    ax.set_ylim(max(photo.shape[0], bottom), min(0, top))
+    ax.set_title("photo; dashed: what the model sees", fontsize=9)
+
+
+def _patch_box(ax, patch: int, grid: int, w: int, h: int) -> None:
+    r, c = divmod(int(patch), grid)
+    ax.add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid, fill=False, ec="cyan", lw=2))
+
+
+def sink_overlay(view: np.ndarray, sink: np.ndarray, norms: np.ndarray, grid: int, title: str,
+                 path, photo: tuple | None = None) -> Path:
+    """The model's view of an image (``view`` [S, S, 3]: the photo as preprocessed, so patch
+    (r, c) of the ``grid`` x ``grid`` tokens lies at rows r*S/grid..), a norm heat map over it
+    and the sink patches outlined; with ``photo`` = (the photo, the box of it the view shows),
+    the photo with that box first."""
+    fig, axes = plt.subplots(1, 3 if photo is not None else 2, figsize=(12 if photo is not None else 8, 4))
+    if photo is not None:
+        _photo_panel(axes[0], photo)
+        axes = axes[1:]
+    h, w = view.shape[:2]
     for ax in axes:
-        ax.imshow(image)
-        ax.axis("off")
+        ax.imshow(view)
     axes[1].imshow(norms.reshape(grid, grid), extent=(0, w, h, 0), alpha=0.55, cmap="magma")
     for idx in np.flatnonzero(sink):
-        r, c = divmod(int(idx), grid)
-        axes[1].add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid,
-                                        fill=False, ec="cyan", lw=2))
-    axes[0].set_title(title)
+        _patch_box(axes[1], idx, grid, w, h)
+    axes[0].set_title(f"{title}: the model's input")
     axes[1].set_title(f"token norms, {int(sink.sum())} sink(s) outlined")
+    for ax in fig.axes:
+        ax.axis("off")
     return _save(fig, path)
 
 
-def attention_by_bucket(bucket_mean: np.ndarray, edges: np.ndarray, path) -> Path:
-    """F1: mean attention per visual token by norm bucket (columns) and LLM layer (rows)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    im = ax.imshow(bucket_mean, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(edges) - 1), [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)],
-                  rotation=45, fontsize=7)
-    ax.set_yticks(_whole_steps(bucket_mean.shape[0]))
-    ax.set(xlabel="ViT norm bucket", ylabel="LLM layer",
-           title="attention received per visual token (mean over heads)")
-    fig.colorbar(im, ax=ax)
-    return _save(fig, path)
-
-
-def dimension_profiles(profiles: dict, path) -> Path:
-    """F3: |h[d]| / RMS(h) per hidden dim, averaged over layers, for each token group."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, prof in profiles.items():
-        ax.plot(prof, label=name, lw=1)
-    ax.set(xlabel="LLM hidden dimension", ylabel="mean |h[d]| / RMS(h)",
-           title="hidden dimensions fired by each group of visual tokens")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-def relevance_maps(image: np.ndarray, maps: dict, path) -> Path:
-    """F4: the image, then one panel per target token with its relevance map (attention it
-    receives from every patch, mean over heads) over the image; the target's patch is outlined."""
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 3.4))
-    h, w = image.shape[:2]
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    for ax, (label, (grid_map, patch)) in zip(axes[1:], maps.items()):
-        grid = grid_map.shape[0]
-        ax.imshow(image)
+def relevance_maps(view: np.ndarray, maps: dict, path, photo: tuple | None = None) -> Path:
+    """F4: the model's view of the image (as in :func:`sink_overlay`; with ``photo``, the photo
+    and the box it shows first), then one panel per target token with its relevance map
+    (attention it receives from every patch, mean over heads) over the view; the target's patch
+    is outlined."""
+    first = 2 if photo is not None else 1
+    fig, axes = plt.subplots(1, len(maps) + first, figsize=(3.2 * (len(maps) + first), 3.4))
+    if photo is not None:
+        _photo_panel(axes[0], photo)
+    h, w = view.shape[:2]
+    axes[first - 1].imshow(view)
+    axes[first - 1].set_title("the model's input")
+    for ax, (label, (grid_map, patch)) in zip(axes[first:], maps.items()):
+        ax.imshow(view)
         ax.imshow(grid_map, extent=(0, w, h, 0), alpha=0.6, cmap="inferno")
         if patch >= 0:  # (a CLS target has no patch)
-            r, c = divmod(int(patch), grid)
-            ax.add_patch(plt.Rectangle((c * w / grid, r * h / grid), w / grid, h / grid,
-                                       fill=False, ec="cyan", lw=2))
+            _patch_box(ax, patch, grid_map.shape[0], w, h)
         ax.set_title(label, fontsize=9)
     for ax in axes:
         ax.axis("off")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -99,13 +99,17 @@ def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) 
     return ((x - mean) / std).astype(np.float32)
 
 
-def resize_shortest_edge(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
-    """The image with its shorter side resized to ``size``, the longer to int(size x long /
-    short) (transformers' ``shortest_edge`` resize)."""
-    w, h = image.size
+def shortest_edge_size(w: int, h: int, size: int) -> tuple:
+    """(width, height) of a w x h image with its shorter side resized to ``size``, the longer to
+    int(size x long / short) (transformers' ``shortest_edge`` resize)."""
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = size, int(size * long / short)
-    return image.resize((new_short, new_long) if w <= h else (new_long, new_short), resample=resample)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def resize_shortest_edge(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    """The image with its shorter side resized to ``size`` (:func:`shortest_edge_size`)."""
+    return image.resize(shortest_edge_size(*image.size, size), resample=resample)
 
 
 def center_crop(image: Image.Image, crop: int) -> Image.Image:
@@ -237,17 +241,19 @@ def processing_of(config, size: int = 0) -> ImageProcessing:
     return steps
 
 
-def apply_processing(image: ImageLike, steps: ImageProcessing) -> np.ndarray:
-    """One image -> [3, H, W] float32 by ``steps`` (:class:`~vitsink_jax.config.ImageProcessing`),
-    as transformers' PIL image processor with those settings computes it."""
-    image = to_rgb(image)
+def _resized_and_cropped(image: Image.Image, steps: ImageProcessing) -> Image.Image:
+    """The resize and centre crop of ``steps`` (the pixels before rescaling)."""
     if steps.resize == "shortest_edge":
         image = resize_shortest_edge(image, steps.size, steps.resample)
     elif steps.resize == "square":
         image = image.resize((steps.size, steps.size), resample=steps.resample)
-    if steps.crop:
-        image = center_crop(image, steps.crop)
-    x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+    return center_crop(image, steps.crop) if steps.crop else image
+
+
+def apply_processing(image: ImageLike, steps: ImageProcessing) -> np.ndarray:
+    """One image -> [3, H, W] float32 by ``steps`` (:class:`~vitsink_jax.config.ImageProcessing`),
+    as transformers' PIL image processor with those settings computes it."""
+    x = np.asarray(_resized_and_cropped(to_rgb(image), steps), dtype=np.float32).transpose(2, 0, 1)
     if steps.rescale:
         x = x * np.float32(steps.rescale)
     if steps.normalize:
@@ -275,6 +281,38 @@ def preprocess(config, images: Sequence[ImageLike], size: int = 0, aspect: Optio
     fill = tuple(int(m * 255) for m in steps.mean)
     return np.stack([apply_processing(expand_to_square(to_rgb(im), fill) if aspect == "pad" else im, steps)
                      for im in images])
+
+
+class ModelView(NamedTuple):
+    """What the model sees of a photo: ``view`` [S, S, 3] uint8, the photo resized, cropped or
+    padded exactly as :func:`preprocess` does before rescaling (so patch (r, c) of a grid g
+    covers rows r*S/g..(r+1)*S/g of it), and ``box`` (left, top, right, bottom): the part of the
+    photo the view shows, in the photo's pixels (beyond the photo where padding was added)."""
+
+    view: np.ndarray
+    box: tuple
+
+
+def model_view(config, image: ImageLike, size: int = 0, aspect: Optional[str] = None) -> ModelView:
+    """The :class:`ModelView` of ``image`` for ``config`` (``size`` and ``aspect`` as in
+    :func:`preprocess`): what the plots draw sink maps on."""
+    steps = processing_of(config, size)
+    aspect = aspect or getattr(config, "image_aspect_ratio", "crop")
+    photo = to_rgb(image)
+    w, h = photo.size
+    ox = oy = 0
+    if aspect == "pad":
+        photo = expand_to_square(photo, tuple(int(m * 255) for m in steps.mean))
+        ox, oy = (photo.width - w) // 2, (photo.height - h) // 2
+    view = _resized_and_cropped(photo, steps)
+    if steps.resize == "shortest_edge":
+        resized = shortest_edge_size(*photo.size, steps.size)
+    else:
+        resized = (steps.size, steps.size) if steps.resize == "square" else photo.size
+    sx, sy = resized[0] / photo.width, resized[1] / photo.height
+    left, top = ((resized[0] - steps.crop) // 2, (resized[1] - steps.crop) // 2) if steps.crop else (0, 0)
+    box = (left / sx - ox, top / sy - oy, (left + view.width) / sx - ox, (top + view.height) / sy - oy)
+    return ModelView(np.asarray(view), box)
 
 
 def expand_to_square(image: Image.Image, fill: tuple) -> Image.Image:
