@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from test_train import ROOT, SMALL, config, params_of, same, train
@@ -91,7 +90,7 @@ def test_no_intact_checkpoint_is_one_error_line(tmp_path, storage):
     ckpts = saved(tmp_path, storage)
     for step in (1, 2):
         damage(biggest(ckpts.directory / str(step), FILES[storage]["array data"]), "flip")
-    with pytest.raises(SystemExit, match=rf"^error: no intact checkpoint in .*ckpt \(set aside: "
+    with pytest.raises(SystemExit, match=r"^error: no intact checkpoint in .*ckpt \(set aside: "
                        r"2.damaged-\S+, 1.damaged-\S+\); run again to start from step 0") as e:
         StateCheckpoints(tmp_path / "ckpt", keep=3, storage=storage).latest_step()
     assert "\n" not in str(e.value.code)
@@ -178,3 +177,31 @@ def test_sigterm_saves_at_the_next_step_and_the_same_command_resumes_bit_for_bit
     assert summary["resumed_from"] == int(stopped[1])
     same(params_of(work), params_of(straight))
     assert train.loss_curve(work) == train.loss_curve(straight)
+
+
+def test_sigterm_only_notes_the_request_and_the_handler_is_put_back():
+    from vitsink_jax import preemption
+
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.StopRequest() as stop:
+        assert not stop.due(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.due(2) and stop.signal == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_several_processes_stop_at_jax_preemption_sync_point(monkeypatch):
+    """With several processes every host must save the same step: the loop asks JAX's
+    preemption sync point, and no handler of ours replaces the notifier jax.distributed set up."""
+    from jax.experimental import multihost_utils
+
+    from vitsink_jax import preemption
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(preemption, "_sync_manager", lambda: object())
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 3)
+    before = signal.getsignal(signal.SIGTERM)
+    with preemption.StopRequest() as stop:
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert [stop.due(step) for step in (1, 2, 3)] == [False, False, True]
+        assert stop.signal == "a preemption notice"

@@ -51,7 +51,7 @@ from .atomic import share
 STORAGES = ("auto", "global", "per_process")
 # in a checkpoint folder: {"steps": [...]}, the steps it held when a version recording checksums
 # first opened it (written without a manifest, so resumed unchecked)
-UNCHECKED = "unchecked_steps.json"
+UNCHECKED = ".unchecked_steps.json"
 
 
 class CheckpointSaveError(OSError):
@@ -193,7 +193,7 @@ class StateCheckpoints:
             return []
         record = self.directory / UNCHECKED
         if not record.exists():  # written aside and renamed in: never a half-written record
-            tmp = self.directory / f".{UNCHECKED}.tmp-{os.getpid()}"
+            tmp = self.directory / f"{UNCHECKED}.tmp-{os.getpid()}"
             tmp.write_text(json.dumps({"steps": self.steps()}))
             tmp.rename(record)
         return json.loads(record.read_text())["steps"]
