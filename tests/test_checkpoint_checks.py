@@ -166,7 +166,7 @@ def test_sigterm_saves_at_the_next_step_and_the_same_command_resumes_bit_for_bit
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0 and "Traceback" not in out and "error" not in out, out
     [line] = [x for x in out.splitlines() if x.startswith("stopped by")]
     stopped = re.fullmatch(r"stopped by SIGTERM after step (\d) of 6: checkpoint \1 saved in (\S+); "
                            r"resume with the same command: python train.py --config=configs/diysink.py "
