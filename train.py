@@ -33,7 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, options, parallel, paths, train_lib
+from vitsink_jax import cli, compile_cache, options, parallel, paths, preemption, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.convert.checkpoint_io import resolve_model_path
@@ -524,8 +524,10 @@ def train(cfg, workdir: Path) -> dict:
     bar = progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.stage}",
                    disable=jax.process_index() != 0)
     # the batches of the next steps are computed in threads while a step runs (the same batches
-    # in the same order); leaving the loop, by an exception too, stops them
-    with Prefetch(batches, range(start, cfg.steps), cfg.data.prefetch, cfg.data.workers) as feed:
+    # in the same order); leaving the loop, by an exception too, stops them. A SIGTERM stops the
+    # run after the step it arrives in, saved (vitsink_jax.preemption)
+    with Prefetch(batches, range(start, cfg.steps), cfg.data.prefetch, cfg.data.workers) as feed, \
+            preemption.StopRequest() as stop:
         for step in bar:
             t0 = time.perf_counter()
             batch = feed.get(step)  # computed while the steps before it ran
@@ -556,10 +558,14 @@ def train(cfg, workdir: Path) -> dict:
             # a checkpoint falling due in a run of skipped steps waits for the next applied one:
             # it would hold the state that gave them and push a good one out of keep_checkpoints
             due = due or (step + 1) % cfg.checkpoint_every == 0
-            if (due and first_bad is None) or step == cfg.steps - 1:
+            stopping = stop.due(step + 1) and step < cfg.steps - 1  # the last step ends anyway
+            if (due and first_bad is None) or step == cfg.steps - 1 or stopping:
                 due = False
                 manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1,
                                                                "skipped_steps": skipped})
+            if stopping:
+                log.close()
+                raise stop.stop(step + 1, cfg.steps, manager.directory)
     log.close()
     export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}

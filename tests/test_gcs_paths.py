@@ -114,8 +114,9 @@ def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
     summary = json.loads((gs / "train_summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["export"] == "gs://bucket/run/export"
     assert losses(gs) == losses(local) and len(losses(gs)) == 4
-    assert sorted(p.name for p in (gs / "checkpoints").iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in (gs / "checkpoints").iterdir() if p.name[0] != ".") == ["2", "4"]
     assert (gs / "checkpoints" / "4" / "commit_success.txt").is_file()  # orbax's GCS atomicity
+    assert (gs / "checkpoints" / "4" / "checksums.json").is_file()  # checked before a resume
     assert sorted(p.name for p in (gs / "export").iterdir()) == sorted(p.name for p in (local / "export").iterdir())
     for name, value in weights(local / "export").items():
         np.testing.assert_array_equal(weights(gs / "export")[name], value, err_msg=name)

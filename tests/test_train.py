@@ -156,8 +156,8 @@ def test_resume_equals_straight_run(base, tmp_path):
     assert lm_lr[0] == 0 and 0 < max(lm_lr) <= 2e-5 and max(lm_lr) == pytest.approx(2e-5, rel=0.05)
 
 
-def kept_checkpoints(workdir):
-    return sorted(p.name for p in (workdir / "checkpoints").iterdir() if not p.name.startswith("."))
+def kept_checkpoints(workdir, folder="checkpoints"):
+    return sorted(p.name for p in (workdir / folder).iterdir() if not p.name.startswith("."))
 
 
 def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finite_one(base, tmp_path):
@@ -783,7 +783,7 @@ def test_per_process_checkpoints_round_trip(tmp_path):
     ckpts = StateCheckpoints(tmp_path / "ckpt", keep=2, storage="per_process")
     for step in (1, 2, 3):
         ckpts.save(step, jax.tree_util.tree_map(lambda x, s=step: x + s, state), {"data_step": step})
-    assert ckpts.latest_step() == 3 and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]
+    assert ckpts.latest_step() == 3 and kept_checkpoints(tmp_path, "ckpt") == ["2", "3"]
     back = ckpts.restore(3, state)
     assert back["w"].dtype == jnp.bfloat16 and ckpts.meta(3) == {"data_step": 3}
     same(back, jax.tree_util.tree_map(lambda x: x + 3, state))

@@ -19,6 +19,15 @@ A failed save (disk full, quota, permissions) removes its temporary folder at on
 checkpoint whose state proved unusable (its loss is not finite) is set aside
 (:meth:`StateCheckpoints.set_aside`: ``<step>`` renamed ``<step>.nonfinite``, kept for
 inspection), so a resume takes the newest one before it.
+
+Every checkpoint records the size and sha256 of its files (:mod:`vitsink_jax.checksums`: a
+``checksums.json`` in the step folder, written before the per-process folder is renamed in, and
+by process 0 once every process's orbax save has finished). :meth:`StateCheckpoints.latest_step`
+checks the newest step before it is used: a damaged one (a file missing, truncated or changed,
+no manifest) is set aside as ``<step>.damaged-<time>``, named in one line, and the step before
+it is taken; with every step damaged the run ends with one ``error:`` line. The steps a folder
+held when it was first opened by a version that records checksums (:data:`UNCHECKED`) resume
+unchecked.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -35,10 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from . import parallel, paths
+from . import checksums, parallel, paths
 from .atomic import share
 
 STORAGES = ("auto", "global", "per_process")
+# in a checkpoint folder: {"steps": [...]}, the steps it held when a version recording checksums
+# first opened it (written without a manifest, so resumed unchecked)
+UNCHECKED = ".unchecked_steps.json"
 
 
 class CheckpointSaveError(OSError):
@@ -119,6 +132,7 @@ class _ProcessFolder:
                 os.fsync(f.fileno())
             index = [{"key": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in flat.items()]
             (tmp / "meta.json").write_text(json.dumps({"meta": meta, "leaves": index}))
+            checksums.write(tmp)
             final = self.directory / str(step)
             if final.exists():
                 shutil.rmtree(final)
@@ -166,10 +180,57 @@ class StateCheckpoints:
             self.directory = directory
             self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True))
+        self.checked = set(self._unchecked_steps())  # steps known intact (or never checkable)
+
+    def _checks(self) -> bool:
+        """Whether this process checks the checksums (per process: every one, its own folder;
+        global: process 0, for all)."""
+        return self.storage == "per_process" or jax.process_index() == 0
+
+    def _unchecked_steps(self) -> list:
+        """The steps saved without checksums (:data:`UNCHECKED`; written the first time)."""
+        if not self._checks():
+            return []
+        record = self.directory / UNCHECKED
+        if not record.exists():  # written aside and renamed in: never a half-written record
+            tmp = self.directory / f"{UNCHECKED}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({"steps": self.steps()}))
+            tmp.rename(record)
+        return json.loads(record.read_text())["steps"]
 
     def latest_step(self):
-        """The newest step to resume from; per process, the newest one every process holds (a
-        host that died before renaming its last step in leaves the others one step ahead)."""
+        """The newest intact step to resume from (see the module docstring: a damaged newer one
+        is set aside); per process, the newest one every process holds intact (a host that died
+        before renaming its last step in leaves the others one step ahead)."""
+        damaged = []
+        while (step := self._newest_step()) is not None:
+            problem = self._damage(step)
+            if problem is None:
+                return step
+            aside = self.set_aside(step, time.strftime("damaged-%Y%m%dT%H%M%S"))
+            damaged.append(aside.name)
+            if jax.process_index() == 0:
+                print(f"checkpoint step {step} in {self.directory} is damaged: {problem}; "
+                      f"set aside as {aside.name}")
+        if damaged:
+            raise SystemExit(f"error: no intact checkpoint in {self.directory} (set aside: "
+                             f"{', '.join(damaged)}); run again to start from step 0, or put "
+                             "back an intact copy of a checkpoint")
+        return None
+
+    def _damage(self, step: int):
+        """None when checkpoint ``step`` is intact on every process, else what is wrong."""
+        mine = (checksums.damage(self.directory / str(step))
+                if self._checks() and step not in self.checked else None)
+        problems = [(i, p) for i, p in enumerate(parallel.allgather_objects(mine)) if p]
+        if not problems:
+            self.checked.add(step)
+            return None
+        i, problem = problems[0]
+        return f"process {i}: {problem}" if self.storage == "per_process" and jax.process_count() > 1 else problem
+
+    def _newest_step(self):
+        """The newest step held (by every process, per process)."""
         if self.storage != "per_process":
             return self.manager.latest_step()
         held = parallel.allgather_objects(self.folder.steps())
@@ -180,23 +241,37 @@ class StateCheckpoints:
         return common[-1] if common else None
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Writes ``state`` and ``meta`` as ``step``; on failure removes the partial step and
-        raises :class:`CheckpointSaveError` on every process (a failure on one host, e.g. its
-        disk full, would otherwise leave the others waiting in the next collective)."""
+        """Writes ``state`` and ``meta`` as ``step``, then the checksums of its files; on failure
+        removes the partial step and raises :class:`CheckpointSaveError` on every process (a
+        failure on one host, e.g. its disk full, would otherwise leave the others waiting in the
+        next collective). A step whose checksums could not be written is set aside at resume."""
         local = local_shards(state) if self.storage == "per_process" else None
-        remote = paths.is_remote(self.directory)  # no disk to fill, no temporary folder to remove
-        try:
-            if not remote:
+
+        def write():
+            if not paths.is_remote(self.directory):  # an object store has no disk to fill
                 self._check_space(state if local is None else local)
             if local is not None:
-                self.folder.save(step, local, meta)
+                self.folder.save(step, local, meta)  # its checksums included
             else:
                 self.manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
                 self.manager.wait_until_finished()
+
+        self._on_every_process(step, write)
+        if self.storage != "per_process":  # every process's shards are in (the collective above)
+            self._on_every_process(step, lambda: jax.process_index() == 0 and checksums.write(
+                self.directory / str(step)))
+        self.checked.add(step)
+
+    def _on_every_process(self, step: int, write) -> None:
+        """Runs ``write()`` (a part of saving ``step``), then raises :class:`CheckpointSaveError`
+        on every process if it failed on any, after removing orbax's temporary folder."""
+        try:
+            write()
             error = None
         except (OSError, ValueError) as e:  # tensorstore reports IO errors as ValueError
-            if self.storage != "per_process" and jax.process_index() == 0 and not remote:
+            if (self.storage != "per_process" and jax.process_index() == 0
+                    and not paths.is_remote(self.directory)):
                 for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(tmp, ignore_errors=True)
             error = _save_error(self.directory, step, e)
@@ -218,15 +293,16 @@ class StateCheckpoints:
         if free < need:
             raise OSError(errno.ENOSPC, f"{need / 2**20:.1f} MiB to write, {free / 2**20:.1f} MiB free")
 
-    def set_aside(self, step: int):
-        """Renames checkpoint ``step`` to ``<step>.nonfinite`` (``.nonfinite-2``, ... if taken):
-        kept for inspection, no longer resumed from. Returns the new path."""
+    def set_aside(self, step: int, why: str = "nonfinite"):
+        """Renames checkpoint ``step`` to ``<step>.<why>`` (``.<why>-2``, ... if taken): kept for
+        inspection, no longer resumed from. Returns the new path (process 0's ``why``)."""
+        why = parallel.allgather_objects(why)[0]  # one name on every process
         def name(n: int):
-            return self.directory / (f"{step}.nonfinite" + (f"-{n}" if n > 1 else ""))
+            return self.directory / (f"{step}.{why}" + (f"-{n}" if n > 1 else ""))
         n = 1
         while name(n).exists():
             n += 1
-        new = name(max(parallel.allgather_objects(n)))  # one name on every process
+        new = name(max(parallel.allgather_objects(n)))
         if self.storage == "per_process" or jax.process_index() == 0:
             (self.directory / str(step)).rename(new)  # an object store copies and deletes
         if self.storage != "per_process":

@@ -1,0 +1,74 @@
+"""A manifest of a checkpoint folder's files (size and sha256 of each), written when the
+checkpoint is complete and checked before it is used (:mod:`vitsink_jax.checkpoints`): orbax
+writes no checksum of its array data (zarr3 checksums only a shard's index, and the default
+ocdbt files carry none), so a flipped byte would otherwise restore as a wrong weight.
+
+Files are hashed in 1 MiB reads (no file is held in memory whole); the manifest
+(:data:`MANIFEST`, in the folder itself) is written to a temporary file and renamed into place
+(an object store writes an object whole). Works on local folders and ``gs://`` ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import paths
+from .atomic import share
+from .scores import file_sha256
+
+MANIFEST = "checksums.json"
+
+
+def _files(folder) -> dict:
+    """{path relative to ``folder``: file} of every file under ``folder`` but the manifest."""
+    folder = paths.path(folder)
+    return {os.path.relpath(os.fspath(f), os.fspath(folder)): f for f in paths._files(folder)
+            if f.name != MANIFEST or f.parent != folder}
+
+
+def _size(f) -> int:
+    """The byte size of the file ``f`` (a local path, or an epath of an object store)."""
+    st = f.stat()
+    return st.length if hasattr(st, "length") else st.st_size
+
+
+def write(folder) -> None:
+    """Records the size and sha256 of every file under ``folder`` in ``folder/MANIFEST``."""
+    folder = paths.path(folder)
+    files = {rel: [_size(f), file_sha256(f)] for rel, f in _files(folder).items()}
+    text = json.dumps({"files": files}, sort_keys=True)
+    if paths.is_remote(folder):
+        (folder / MANIFEST).write_text(text)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(share(tmp), Path(folder) / MANIFEST)
+
+
+def damage(folder) -> str | None:
+    """None when every file of ``folder``'s manifest is there with its size and sha256; else
+    what is wrong, naming the first damaged file (missing, another size, other bytes) or the
+    manifest (missing, unreadable). Files the manifest does not list are not looked at."""
+    folder = paths.path(folder)
+    try:
+        recorded = {rel: (int(size), str(sha256)) for rel, (size, sha256)
+                    in json.loads((folder / MANIFEST).read_text())["files"].items()}
+    except FileNotFoundError:
+        return f"no {MANIFEST}: the checkpoint was not completed"
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+    for rel, (size, sha256) in sorted(recorded.items()):
+        f = folder / rel
+        if not f.is_file():
+            return f"{rel} missing"
+        if (have := _size(f)) != size:
+            return f"{rel} is {have} bytes, {size} when written"
+        if file_sha256(f) != sha256:
+            return f"{rel} has other bytes than when written (sha256 differs)"
+    return None
