@@ -60,7 +60,7 @@ from vitsink_jax.diysink import routing_counts
 from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
 from vitsink_jax.generate import generate
 from vitsink_jax.progress import progress, write as progress_line
-from vitsink_jax.provenance import record, write_json, write_jsonl
+from vitsink_jax.provenance import file_stem, record, write_json, write_jsonl
 from vitsink_jax.sinks import analysis, detect
 
 
@@ -323,13 +323,13 @@ def run_analyze(cfg, workdir: Path) -> dict:
                                    f"(norm {t['norm']:.0f})": (m, int(tower) - prefix)
                                    for t, m, tower in zip(f4["targets"], res["relevance"][0],
                                                           res["f4_tower"][0])},
-                             workdir / "plots" / f"relevance_{Path(name).stem}.png", photo)
+                             workdir / "plots" / f"{file_stem('relevance', Path(name).stem)}.png", photo)
         norms_all[name] = norms
         buckets.append(_nanmean(res["bucket_mean"], axis=1))  # [L, K], mean over heads
         profiles.append({g: p.mean(0) for g, p in res["dim_profile"].items()})
         plots.sink_overlay(seen.view,
                            c.patch_values(res["masks"][rule.rule][0], False), c.patch_values(norms),
-                           grid, name, workdir / "plots" / f"sinks_{Path(name).stem}.png", photo)
+                           grid, name, workdir / "plots" / f"{file_stem('sinks', Path(name).stem)}.png", photo)
         progress_line(f"{name:>14}: {len(sinks[rule.rule])} sink(s) by {rule.rule} "
                    f"(max norm {norms.max():.1f}); threshold {len(sinks['threshold'])}, "
                    f"top-k {len(sinks['topk'])}, adaptive {len(sinks['adaptive'])}")
@@ -489,7 +489,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
         print(f"variant {spec}: order={policy.order} select={policy.select} "
               f"positions={policy.positions} (sink rule {policy.rule.rule}"
               f"{', DIYSink: sinks first through its sink projector' if model.config.diysink else ''})")
-        name = f"predictions_{label + '_' if label else ''}{spec}"
+        name = file_stem("predictions", label, spec)
         preds = eval_lib.predict(variant, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
         results[spec] = eval_lib.summarize(cfg.benchmark.name, preds, rules)
@@ -610,7 +610,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         calls[spec] = (timing.prefill_call(m, params, batch),
                        timing.decode_call(m, params, batch, k.decode_steps))
         if jax.process_index() == 0:
-            write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
+            write_jsonl(workdir / f"{file_stem('predictions', spec)}.jsonl", preds)
     add_timings(results, calls, k.decode_steps)
     table = intervention_table(results)
     print(table)
@@ -786,7 +786,7 @@ def run_vit(cfg, workdir: Path) -> dict:
         per_image[name] = {"norms": norms, "sinks": sinks, "max_over_median_norm":
                            float(norms.max() / np.median(norms))}
         norms_all[name] = norms
-        seen, stem = model_view(c, image), Path(name).stem  # drawn on the image as the tower saw it
+        seen, stem = model_view(c, image), file_stem(Path(name).stem)  # drawn as the tower saw it
         photo = (np.asarray(to_rgb(image)), seen.box)
         plots.sink_overlay(seen.view, masks[named][0], norms, grid, name,
                            workdir / "plots" / f"sinks_{stem}.png", photo)
@@ -881,7 +881,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
         preds = gather_predictions(eval_lib.predict(m, params, tokenizer, records, cfg.eval,
                                                     cfg.eval.parallel), order)
         if jax.process_index() == 0:
-            write_jsonl(workdir / f"predictions_{name}.jsonl", preds)
+            write_jsonl(workdir / f"{file_stem('predictions', name)}.jsonl", preds)
         return eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg))
 
     reference = score("reference", model)

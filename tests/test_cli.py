@@ -21,6 +21,7 @@ from vitsink_jax.data.prompts import ImageSlots
 from vitsink_jax.data.tokenizer import encode_prompt, load_tokenizer
 from vitsink_jax.embedded import demo_prompt
 from vitsink_jax.generate import generate
+from vitsink_jax.provenance import file_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
@@ -226,7 +227,7 @@ def test_benchmark_end_to_end_side_by_side(tmp_path):
     assert results["benchmark"] == "embedded" and len(results["checkpoint_sha256"]) == 64
     assert set(results["results"]) == {"none", "front", "none+sinks"}
     for spec, res in results["results"].items():
-        preds = [json.loads(x) for x in (work / f"predictions_{spec}.jsonl").read_text().splitlines()]
+        preds = [json.loads(x) for x in (work / f"{file_stem('predictions', spec)}.jsonl").read_text().splitlines()]
         assert len(preds) == res["n"] == 12 and res["sinks_per_image"] == 2.0
         assert res["accuracy"] == np.mean([p["correct"] for p in preds])
         local = [p["correct"] for p in preds if p["tag"] == "local"]
@@ -236,6 +237,7 @@ def test_benchmark_end_to_end_side_by_side(tmp_path):
     none = [json.loads(x)["scores"] for x in (work / "predictions_none.jsonl").read_text().splitlines()]
     front = [json.loads(x)["scores"] for x in (work / "predictions_front.jsonl").read_text().splitlines()]
     assert not np.allclose(none, front)
+    assert (work / "predictions_none_sinks.jsonl").is_file()  # file names in [a-z0-9_.-]
 
 
 def _predictions(work, spec):

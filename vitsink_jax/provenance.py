@@ -65,6 +65,16 @@ def record(config: Any, seed: int, checkpoint: str | None = None,
     return out if compiled is None else {**out, "compile": compiled}
 
 
+def file_stem(*parts: str) -> str:
+    """A file name stem from ``parts`` (a variant or intervention spec, a model or image name)
+    joined by "_", in ``[a-z0-9_.-]`` only: other characters (``:``, ``+``, ``=``, spaces) become
+    "_", so names are safe in every shell and file system (``fastv+sinks:0.5:2`` ->
+    ``fastv_sinks_0.5_2``)."""
+    import re
+
+    return re.sub(r"[^a-z0-9_.-]+", "_", "_".join(p for p in parts if p).lower()).strip("_")
+
+
 def write_json(path, obj) -> Path:
     """Writes JSON atomically (temporary file in the same folder, then os.replace)."""
     return write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
