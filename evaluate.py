@@ -51,6 +51,7 @@ from ml_collections import config_flags
 import vitsink_jax as vj
 from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study, options, parallel,
                          paths, plots, scores, timing)
+from vitsink_jax.convert import layouts
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, model_view, preprocess, to_rgb
@@ -923,7 +924,7 @@ def own_system(spec: str) -> str:
     if not spec or spec.startswith("mini_study:"):
         return ""
     try:
-        return prompts.checkpoint_system(read_config(vj.resolve_model_path(spec)))
+        return layouts.authors_system(read_config(vj.resolve_model_path(spec)))
     except vj.CheckpointError as e:
         raise SystemExit(f"error: {e}")
 
@@ -931,7 +932,7 @@ def own_system(spec: str) -> str:
 def apply_system(cfg) -> None:
     """Puts ``eval.system`` (a system prompt by name or text: TinyLLaVA's templates) before every
     prompt template of the run: benchmark templates, the CoT routing prompts and the analysis
-    prompt. "auto": the checkpoint's own (:func:`vitsink_jax.data.prompts.checkpoint_system`;
+    prompt. "auto": the checkpoint's own (:func:`vitsink_jax.convert.layouts.authors_system`;
     none for the embedded default and the mini study's models), written back to ``eval.system``."""
     system = cfg.eval.get("system", "")
     if system == "auto":

@@ -21,13 +21,14 @@ from vitsink_jax import eval_lib as E
 from vitsink_jax import scores as S
 from vitsink_jax import timing
 from vitsink_jax.data.instruct import tokenize_conversation
-from vitsink_jax.data.prompts import CHATS, TEMPLATES, ImageSlots, PromptFormat, human_text, prompt_format
+from vitsink_jax.data.prompts import (CHATS, TEMPLATES, ImageSlots, PromptFormat, answer_text, human_text,
+                                     prompt_format)
 from vitsink_jax.data.synthetic import embedded_benchmark
 from vitsink_jax.data.tokenizer import encode_prompt, train_embedded_tokenizer
 from vitsink_jax.diysink import IMAGE_PROMPT, QUESTION_PROMPT, to_diysink
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.embedded import embedded_tokenizer
-from vitsink_jax.data.padding import bucket, left_pad
+from vitsink_jax.data.padding import left_pad
 from vitsink_jax.generate import filter_logits, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,7 +368,7 @@ def test_rew_reads_the_training_question_in_every_candidate_row(tiny):
     for mc_format in ("letter", "cloze"):
         human = human_text(E.prompt_text(rec, TEMPLATES, mc_format))
         ids, _, question = tokenize_conversation(tok, ["human", "gpt"],
-                                                 [human, E.answer_text(rec, mc_format)],
+                                                 [human, answer_text(rec, mc_format)],
                                                  prompt_format(c))
         want = np.asarray(forward(ids, question).visual_weights[0])
         assert not np.allclose(want, 1.0, atol=1e-3)

@@ -5,13 +5,17 @@ renames it into place): :func:`vitsink_jax.save_pretrained`, the JSON writers of
 ``tempfile`` creates files 0o600 and folders 0o700, and safetensors writes its files 0o600; a
 rename keeps those modes, so :func:`share` first gives the temporary file or folder the modes a
 plain ``open`` / ``mkdir`` would, for other users and jobs of a shared cluster to read.
-:func:`write_error` restates a write error for the target instead of its temporary stand-in.
+:func:`write_error` restates a write error for the target instead of its temporary stand-in;
+:func:`write_text_atomic` writes a text file so.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+
+from . import paths
 
 
 def umask() -> int:
@@ -49,3 +53,29 @@ def write_error(target, e: OSError) -> OSError:
     if e.errno is None:
         return OSError(f"writing {target}: {e}")
     return OSError(e.errno, f"writing {target}: {e.strerror or e}")
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, then renames it
+    over ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
+    an OSError naming ``path`` is raised. An object store (``gs://``) replaces an object whole,
+    so there the text is uploaded straight to ``path`` (:mod:`vitsink_jax.paths`)."""
+    path = paths.path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if paths.is_remote(path):
+        try:
+            path.write_text(text)
+        except OSError as e:
+            raise write_error(path, e) from e
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(share(tmp), path)
+    except OSError as e:
+        raise write_error(path, e) from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -42,7 +42,8 @@ import numpy as np
 
 from . import parallel, prefix_sharing
 from .data.preprocess import pixels_from_bytes
-from .data.prompts import LETTERS, PromptFormat, human_start, human_text, prompt_format
+from .data.prompts import (LETTERS, PromptFormat, check_mc_format, human_start, human_text, prompt_format,
+                           prompt_text)
 from .data.tokenizer import encode_marked
 from .diysink import cot_route
 from .data.padding import bucket, left_pad, right_pad
@@ -52,41 +53,19 @@ from .generate import generate
 from .models.llm import init_cache
 from .scores import extract_choice, extract_yes_no, official, open_match
 
-MC_FORMATS = ("letter", "cloze")
 CANDIDATE_BUCKET = 4  # the candidate axis is padded to a multiple of this: yes/no and up to 4
                       # options share one program
 
 
 # ------------------------------------------------------------------------------ prompts ---
 
-def _check_format(mc_format: str) -> None:
-    if mc_format not in MC_FORMATS:
-        raise ValueError(f"multiple-choice format {mc_format!r} not one of {MC_FORMATS}")
-
-
 def candidates(rec: dict, mc_format: str = "letter") -> list:
     """The answers scored for a record: option letters (mc; the option texts under
     ``mc_format="cloze"``) or Yes / No (yesno)."""
-    _check_format(mc_format)
+    check_mc_format(mc_format)
     if rec["kind"] != "mc":
         return ["Yes", "No"]
     return list(rec["options"]) if mc_format == "cloze" else list(LETTERS[:len(rec["options"])])
-
-
-def prompt_text(rec: dict, templates: dict, mc_format: str = "letter") -> str:
-    """The record's prompt: its kind's template filled with the question and lettered options
-    (multiple choice under ``mc_format="cloze"``: the cloze template, question only)."""
-    _check_format(mc_format)
-    options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(rec["options"]))
-    kind = "cloze" if rec["kind"] == "mc" and mc_format == "cloze" else rec["kind"]
-    return templates[kind].format(question=rec["question"], options=options)
-
-
-def answer_text(rec: dict, mc_format: str = "letter") -> str:
-    """The gold answer as the model should say it (the letter, or the option text in cloze)."""
-    if rec["kind"] == "mc" and mc_format == "cloze":
-        return rec["options"][LETTERS.index(rec["answer"])]
-    return rec["answer"]
 
 
 def encode_question_prompt(tokenizer, prompt: str, fmt: PromptFormat, answer: str = "") -> tuple:

@@ -21,7 +21,7 @@ from .data.benchmarks import BENCHMARKS
 from .data.instruct import TEMPLATES_OF_TRAINING
 from .data.instruct_build import TOO_LONG
 from .data.preprocess import ASPECTS
-from .eval_lib import MC_FORMATS
+from .data.prompts import MC_FORMATS
 from .interventions import parse as parse_intervention
 from .models.llm import REMAT_POLICIES
 from .models.lvlm import QUESTION_ENCODERS

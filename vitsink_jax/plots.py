@@ -102,6 +102,30 @@ def sink_overlay(view: np.ndarray, sink: np.ndarray, norms: np.ndarray, grid: in
     return _save(fig, path)
 
 
+def attention_by_bucket(bucket_mean: np.ndarray, edges: np.ndarray, path) -> Path:
+    """F1: mean attention per visual token by norm bucket (columns) and LLM layer (rows)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    im = ax.imshow(bucket_mean, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(edges) - 1), [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)],
+                  rotation=45, fontsize=7)
+    ax.set_yticks(_whole_steps(bucket_mean.shape[0]))
+    ax.set(xlabel="ViT norm bucket", ylabel="LLM layer",
+           title="attention received per visual token (mean over heads)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def dimension_profiles(profiles: dict, path) -> Path:
+    """F3: |h[d]| / RMS(h) per hidden dim, averaged over layers, for each token group."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, prof in profiles.items():
+        ax.plot(prof, label=name, lw=1)
+    ax.set(xlabel="LLM hidden dimension", ylabel="mean |h[d]| / RMS(h)",
+           title="hidden dimensions fired by each group of visual tokens")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def relevance_maps(view: np.ndarray, maps: dict, path, photo: tuple | None = None) -> Path:
     """F4: the model's view of the image (as in :func:`sink_overlay`; with ``photo``, the photo
     and the box it shows first), then one panel per target token with its relevance map

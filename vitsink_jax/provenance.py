@@ -7,13 +7,12 @@ import json
 import math
 import os
 import platform
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from . import compile_cache, paths
-from .atomic import share, write_error
+from .atomic import write_text_atomic
 
 PACKAGES = ("vitsink_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex",
             "transformers", "safetensors", "numpy", "torch")
@@ -90,32 +89,6 @@ def write_jsonl(path, rows) -> Path:
     """Writes one strict-JSON object per line, atomically."""
     return write_text_atomic(path, "".join(json.dumps(_clean(r), sort_keys=True, allow_nan=False) + "\n"
                                        for r in rows))
-
-
-def write_text_atomic(path, text: str) -> Path:
-    """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, then renames it
-    over ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
-    an OSError naming ``path`` is raised. An object store (``gs://``) replaces an object whole,
-    so there the text is uploaded straight to ``path`` (:mod:`vitsink_jax.paths`)."""
-    path = paths.path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if paths.is_remote(path):
-        try:
-            path.write_text(text)
-        except OSError as e:
-            raise write_error(path, e) from e
-        return path
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(share(tmp), path)
-    except OSError as e:
-        raise write_error(path, e) from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _clean(x):

@@ -32,7 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
-from .provenance import write_text_atomic
+from .atomic import write_text_atomic
 
 _state = {"folder": None}
 TOKENIZER_DECIDERS = ("config.json", "tokenizer_config.json", "tokenizer.json", "tekken.json")

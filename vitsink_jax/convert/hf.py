@@ -25,7 +25,7 @@ from ..models.gemma3 import Gemma3ForConditionalGeneration
 from ..models.internvl import InternVLForConditionalGeneration
 from ..models.lvlm import LlavaForConditionalGeneration
 from ..models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from ..models.dinov2 import vision_tower_class
+from ..models.registry import vision_tower_class
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,6 +84,14 @@ def detect(raw: dict) -> Optional[str]:
     return None
 
 
+def authors_system(raw: dict) -> str:
+    """The system prompt (a name of :data:`vitsink_jax.data.prompts.SYSTEMS`) a checkpoint was evaluated with by its
+    authors, from its config.json dict: "vicuna_v1" for the original LLaVA codebase's,
+    "tinyllava" for TinyLLaVA Factory's, "" for hub LVLMs (their chat template's own turns,
+    which :func:`prompt_format` renders; llava-hf's has no system prompt)."""
+    return {"llava_codebase": "vicuna_v1", "tinyllava": "tinyllava"}.get(detect(raw), "")
+
+
 def open_layout(path: Path, raw: dict, open_weights: Callable, vision_tower=None) -> tuple:
     """(llava-hf config dict, renamed readers) of a folder in a foreign layout."""
     if detect(raw) == "tinyllava":

@@ -19,14 +19,13 @@ from __future__ import annotations
 import numpy as np
 
 from .padding import bucket, right_pad
-from .prompts import TEMPLATES, PromptFormat, human_text, system_prefix
+from .prompts import TEMPLATES, PromptFormat, answer_text, human_text, prompt_text, system_prefix
 from .tokenizer import IMAGE_PLACEHOLDER, encode_marked
 
 def embedded_instruct(seed: int, variants: int, size: int, mc_format: str = "letter") -> list:
     """A small real training set without downloads: the embedded benchmark's generator (other
     seed, other overlays) as single-turn conversations in the benchmark's prompt format,
     answered with the option letter (or, ``mc_format="cloze"``, the option text)."""
-    from ..eval_lib import answer_text, prompt_text
     from .synthetic import embedded_benchmark
 
     records = []

@@ -31,6 +31,7 @@ from typing import Optional
 USER = "USER: "
 ASSISTANT = " ASSISTANT:"
 LETTERS = "ABCDEFGHIJ"  # option letters of multiple-choice prompts (VLMEvalKit: A-J)
+MC_FORMATS = ("letter", "cloze")  # the answer: the option's letter, or its text (cloze)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 TEMPLATES = {
@@ -46,16 +47,6 @@ ANALYSIS = f"{USER}<image>\n{{question}}{ASSISTANT}"
 VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The "
              "assistant gives helpful, detailed, and polite answers to the user's questions.")
 SYSTEMS = {"": "", "vicuna_v1": VICUNA_V1, "tinyllava": VICUNA_V1}
-
-
-def checkpoint_system(raw: dict) -> str:
-    """The system prompt (a name of :data:`SYSTEMS`) a checkpoint was evaluated with by its
-    authors, from its config.json dict: "vicuna_v1" for the original LLaVA codebase's,
-    "tinyllava" for TinyLLaVA Factory's, "" for hub LVLMs (their chat template's own turns,
-    which :func:`prompt_format` renders; llava-hf's has no system prompt)."""
-    from ..convert.layouts import detect
-
-    return {"llava_codebase": "vicuna_v1", "tinyllava": "tinyllava"}.get(detect(raw), "")
 
 
 def system_prefix(system: str) -> str:
@@ -205,3 +196,27 @@ def human_text(prompt: str) -> str:
     """The human turn of a single-turn prompt (the template's text between the user marker and
     the assistant marker)."""
     return prompt[human_start(prompt):-len(_chat_of(prompt).assistant)]
+
+
+# ------------------------------------------------- benchmark records as prompts and answers ---
+
+def check_mc_format(mc_format: str) -> None:
+    """ValueError unless ``mc_format`` is one of :data:`MC_FORMATS`."""
+    if mc_format not in MC_FORMATS:
+        raise ValueError(f"multiple-choice format {mc_format!r} not one of {MC_FORMATS}")
+
+
+def prompt_text(rec: dict, templates: dict, mc_format: str = "letter") -> str:
+    """The record's prompt: its kind's template filled with the question and lettered options
+    (multiple choice under ``mc_format="cloze"``: the cloze template, question only)."""
+    check_mc_format(mc_format)
+    options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(rec["options"]))
+    kind = "cloze" if rec["kind"] == "mc" and mc_format == "cloze" else rec["kind"]
+    return templates[kind].format(question=rec["question"], options=options)
+
+
+def answer_text(rec: dict, mc_format: str = "letter") -> str:
+    """The gold answer as the model should say it (the letter, or the option text in cloze)."""
+    if rec["kind"] == "mc" and mc_format == "cloze":
+        return rec["options"][LETTERS.index(rec["answer"])]
+    return rec["answer"]

@@ -1,5 +1,6 @@
 """Flax linen models: vision towers, projector, decoder LLMs and the LVLM compositions
-(LLaVA, Gemma 3, InternVL, Qwen2.5-VL)."""
+(LLaVA, Gemma 3, InternVL, Qwen2.5-VL). Importing the package imports every family, which
+registers each vision tower (:mod:`vitsink_jax.models.registry`)."""
 
 from .gemma3 import Gemma3ForConditionalGeneration  # noqa: F401
 from .internvl import InternVLForConditionalGeneration  # noqa: F401
@@ -8,4 +9,5 @@ from .lvlm import LlavaForConditionalGeneration  # noqa: F401
 from .projector import MLPProjector  # noqa: F401
 from .qwen2_5_vl import Qwen2_5_VLForConditionalGeneration  # noqa: F401
 from .dinov2 import Dinov2Tower  # noqa: F401
+from .internvit import InternVisionTower  # noqa: F401
 from .vit import VisionTransformer  # noqa: F401

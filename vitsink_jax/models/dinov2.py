@@ -19,10 +19,12 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import VisionConfig
+from . import registry
 from .attention import dot_product_attention
+from .layers import PatchEmbeddings
 from .outputs import VisionOutput
 from ..interventions import TestTimeRegisters
-from .vit import VisionMLP, VisionTransformer, register_edit, with_registers, without_registers
+from .vit import VisionMLP, register_edit, with_registers, without_registers
 
 
 def _cubic(x, a):
@@ -54,21 +56,6 @@ def resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
             coef = _cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
             w[i, lo:hi] = coef / coef.sum()
     return w.astype(np.float32)
-
-
-class PatchEmbeddings(nn.Module):
-    """``patch_embeddings.projection``: a strided conv with bias. [B, H, W, C] -> [B, N, E]."""
-
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        x = nn.Conv(c.hidden_size, (c.patch_size,) * 2, strides=c.patch_size, padding="VALID",
-                    dtype=self.dtype, param_dtype=self.param_dtype, name="projection")(x)
-        return x.reshape(x.shape[0], -1, c.hidden_size)
 
 
 class Dinov2Embeddings(nn.Module):
@@ -191,6 +178,7 @@ class Dinov2Encoder(nn.Module):
         return x, tuple(states), tuple(attns)
 
 
+@registry.tower("dinov2")
 class Dinov2Tower(nn.Module):
     """``__call__(pixel_values [B, C, H, W])`` -> VisionOutput like transformers' Dinov2Model:
     hidden_states = embeddings then every layer's output; last_hidden_state after the final
@@ -219,17 +207,3 @@ class Dinov2Tower(nn.Module):
         return VisionOutput(last_hidden_state=last, pooler_output=last[:, 0],
                             hidden_states=states if output_hidden_states else None,
                             attentions=attns if output_attentions else None)
-
-
-def vision_tower_class(config: VisionConfig):
-    """The tower module for a vision config: Dinov2Tower for DINOv2 (with or without registers),
-    InternVisionTower for InternViT, Qwen2_5_VisionTower for Qwen2.5-VL, VisionTransformer for
-    CLIP / SigLIP."""
-    from .internvit import InternVisionTower
-    from .qwen2_5_vl import Qwen2_5_VisionTower
-
-    if config.is_internvit:
-        return InternVisionTower
-    if config.model_type == "qwen2_5_vl_vision":
-        return Qwen2_5_VisionTower
-    return Dinov2Tower if config.is_dinov2 else VisionTransformer

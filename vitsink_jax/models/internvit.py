@@ -17,10 +17,10 @@ from flax import linen as nn
 
 from ..config import VisionConfig
 from ..interventions import TestTimeRegisters
+from . import registry
 from .attention import Attention
-from .layers import RMSNorm
+from .layers import PatchEmbeddings, RMSNorm
 from .outputs import VisionOutput
-from .dinov2 import PatchEmbeddings
 from .vit import Encoder, VisionMLP, check_pixels, with_registers, without_registers
 
 
@@ -73,6 +73,7 @@ class InternVisionEmbeddings(nn.Module):
         return x + pos.astype(self.dtype)
 
 
+@registry.tower("internvit")
 class InternVisionTower(nn.Module):
     """``__call__(pixel_values [B, C, H, W])`` -> VisionOutput: ``hidden_states`` = the
     embeddings then every layer's output; ``last_hidden_state`` = the last one, LayerNormed

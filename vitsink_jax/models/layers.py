@@ -1,5 +1,5 @@
-"""Small shared layers: activations (named as in transformers' ACT2FN), RMSNorm and the LLMs'
-gated MLP."""
+"""Small shared layers: activations (named as in transformers' ACT2FN), RMSNorm, the LLMs'
+gated MLP and the vision towers' patch embedding."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from ..config import VisionConfig
 
 
 def quick_gelu(x):
@@ -68,3 +70,18 @@ class GatedMLP(nn.Module):
         h = activation(c.hidden_act)(dense(c.intermediate_size, name="gate_proj")(x))
         h = h * dense(c.intermediate_size, name="up_proj")(x)
         return dense(c.hidden_size, name="down_proj")(h)
+
+
+class PatchEmbeddings(nn.Module):
+    """``patch_embeddings.projection``: a strided conv with bias. [B, H, W, C] -> [B, N, E]."""
+
+    config: VisionConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        x = nn.Conv(c.hidden_size, (c.patch_size,) * 2, strides=c.patch_size, padding="VALID",
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="projection")(x)
+        return x.reshape(x.shape[0], -1, c.hidden_size)

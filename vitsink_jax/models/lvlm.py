@@ -17,7 +17,7 @@ from ..sinks.fuse import (VisualTokenPolicy, arrange_visual_tokens, permute_toke
 from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
-from .dinov2 import vision_tower_class
+from .registry import vision_tower_class
 from ..interventions import Interventions
 
 

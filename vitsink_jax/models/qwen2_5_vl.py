@@ -30,6 +30,7 @@ from flax import linen as nn
 
 from ..config import Qwen2_5_VisionConfig, Qwen2_5_VLConfig
 from ..interventions import TestTimeRegisters
+from . import registry
 from .attention import dot_product_attention
 from .layers import GatedMLP, RMSNorm, activation
 from .lvlm import LlavaForConditionalGeneration
@@ -185,6 +186,7 @@ class MergerMLP(nn.Module):
         return nn.Dense(self.out_features, name="2", **kw)(activation("gelu")(nn.Dense(self.width, name="0", **kw)(x)))
 
 
+@registry.tower("qwen2_5_vl")
 class Qwen2_5_VisionTower(nn.Module):
     """``__call__(pixel_values [N, C, H, W])`` -> VisionOutput over the gh x gw patches
     (row-major): ``hidden_states`` = the patch embeddings then every block's output,

@@ -20,6 +20,7 @@ from .attention import Attention, dot_product_attention
 from .layers import activation
 from .outputs import VisionOutput
 from ..interventions import TestTimeRegisters
+from . import registry
 from ..interventions.registers import move_to_registers
 
 
@@ -198,6 +199,7 @@ class Encoder(nn.Module):
         return x, tuple(states), tuple(attns)
 
 
+@registry.tower("vit")
 class VisionTransformer(nn.Module):
     """CLIP or SigLIP vision tower (chosen by ``config.model_type``).
 
