@@ -44,13 +44,16 @@ def run(model, params, ids, visual, sinks, **iv):
                        output_attentions=True)
 
 
-def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks):
-    """transformers: layers < K on every token; FastV's rule picks the kept tokens from layer
-    K-1's attention (mean over heads and queries); layers >= K run on them alone with their
-    original positions. Returns (kept indices per row, logits at the kept tokens)."""
+def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks, score="last"):
+    """transformers: layers < K on every token; the kept tokens are picked from layer K-1's
+    attention, score "last" as FastV's code (modeling_llama.py: ``torch.mean(attention, dim=1)``
+    over heads, then the last query's row ``[-1]``) or "mean" (also averaged over the queries,
+    the paper's text); layers >= K run on them alone with their original positions. Returns
+    (kept indices per row, logits at the kept tokens)."""
     with torch.no_grad():
         full = hf(torch.tensor(ids), output_attentions=True, output_hidden_states=True)
-        received = t2n(full.attentions[layer - 1]).mean(1).mean(1)           # [B, T]
+        heads = t2n(full.attentions[layer - 1]).mean(1)                      # [B, T, T]
+        received = heads[:, -1] if score == "last" else heads.mean(1)        # [B, T]
         n_drop = int(ratio * visual[0].sum())
         rest = copy.deepcopy(hf)
         rest.model.layers = rest.model.layers[layer:]
@@ -72,16 +75,60 @@ def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks):
     return np.stack(kept), np.stack(logits)
 
 
-@pytest.mark.parametrize("keep_sinks", [False, True])
-def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks):
+@pytest.mark.parametrize("keep_sinks,score", [(False, "last"), (True, "last"), (False, "mean"),
+                                              (True, "mean")])
+def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks, score):
+    """FastV's code's rule (the last query, the default) and the paper's mean over queries."""
     hf, model, params, ids, visual, sinks = llama
-    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks)
-    out = run(model, params, ids, visual, sinks, prune=TokenPruning(2, 0.5, keep_sinks))
+    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, score)
+    if score == "last":  # the two rules really keep other tokens here
+        assert not np.array_equal(kept, fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, "mean")[0])
+    prune = TokenPruning(2, 0.5, keep_sinks, score) if score == "mean" else TokenPruning(2, 0.5, keep_sinks)
+    out = run(model, params, ids, visual, sinks, prune=prune)
     ours = np.take_along_axis(np.asarray(out.logits), kept[..., None], 1)
     assert_close(ours, ref, what="logits at the kept tokens")
     assert out.attentions[-1].shape[-1] == 20 - 6  # the later layers really ran on 14 tokens
     if keep_sinks:
         assert all(np.isin(np.flatnonzero(sinks[b]), kept[b]).all() for b in range(2))
+
+
+def test_last_query_of_left_and_right_padded_rows():
+    """score "last" reads the last real query's row whatever the padding side (hand-built
+    attention: query q pays everything to key q); "mean" averages the real queries'."""
+    from vitsink_jax.interventions.pruning import attention_received
+
+    w = jnp.broadcast_to(jnp.eye(4), (2, 2, 4, 4))                     # [B, H, T, T]
+    mask = jnp.asarray([[0, 0, 1, 1], [1, 1, 0, 0]])                   # left pad, right pad
+    np.testing.assert_array_equal(attention_received(w, mask), [[0, 0, 0, 1], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(attention_received(w, mask, "mean"),
+                                  [[0, 0, .5, .5], [.5, .5, 0, 0]])
+
+
+def test_scoring_prunes_from_the_prompt_as_generation_does(tmp_path):
+    """A likelihood row (prompt + candidate) ranks the visual tokens by the prompt's last token,
+    as generation's prefill of the prompt: the prompt's logits equal the prompt-only forward's.
+    Without the prompt mask the candidate's last token ranks (other tokens kept here).
+    eval_lib.prompt_tokens marks the prompt of the scorer's right-padded rows."""
+    from vitsink_jax.eval_lib import prompt_tokens
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    prompt = [1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8]
+    full = np.array([prompt + [30, 41, 52]] * 2)
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
+    pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5)))
+    targets = np.full(full.shape, -1)
+    targets[:, len(prompt) - 1:-1] = full[:, len(prompt):]
+    marked = prompt_tokens(jnp.ones(full.shape, jnp.int32), jnp.asarray(targets))
+    np.testing.assert_array_equal(marked, np.arange(full.shape[1])[None].repeat(2, 0) < len(prompt))
+    alone = pruned.apply({"params": params}, jnp.asarray(full[:, :len(prompt)]), pixels).logits
+    ours = pruned.apply({"params": params}, jnp.asarray(full), pixels, prompt_mask=marked).logits
+    np.testing.assert_allclose(ours[:, :len(prompt)], alone, atol=1e-5)
+    unmasked = pruned.apply({"params": params}, jnp.asarray(full), pixels).logits
+    assert not np.allclose(unmasked[:, :len(prompt)], alone, atol=1e-5)
+    np.testing.assert_array_equal(prompt_tokens(jnp.asarray([[1, 1, 0]]), jnp.asarray([[-1, -1, -1]])),
+                                  [[True, True, False]])  # next-token rows: the whole row
 
 
 def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
@@ -256,7 +303,8 @@ def test_comparison_specs():
 
     assert parse("stock") == (Interventions(), "none", 0) and parse("front")[1] == "front"
     assert parse("fastv+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, keep_sinks=True)
-    assert parse("fastv")[0].prune == TokenPruning(2, 0.5)
+    assert parse("fastv")[0].prune == TokenPruning(2, 0.5) and TokenPruning().score == "last"
+    assert parse("fastv-mean+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, True, "mean")
     assert parse("var:0.5:0")[0].var == AttentionRedistribution(p=0.5, first_layer=0)
     assert parse("registers:3")[2] == 3
     for bad in ("bogus", "fastv:x", "var:1:2:3", "fastv:1.5"):

@@ -25,13 +25,15 @@ class TokenPruning:
     """layer: K, visual tokens are dropped after the first K LLM layers (FastV: 2).
     ratio: r, the share of each image's visual tokens dropped (FastV: 0.5).
     keep_sinks: never drop a ViT sink (the model's sink rule), the sink-aware variant.
-    score: "mean" (attention received, averaged over heads and all query tokens: FastV's rule)
-      or "last" (attention from the last token only)."""
+    score: "last" (attention from the prompt's last token, averaged over heads: FastV's code,
+      the default) or "mean" (averaged over heads and every prompt token: the FastV paper's
+      text). Only the prompt's queries vote: in likelihood scoring the candidate answer does
+      not (the selection equals generation's, made at prefill)."""
 
     layer: int = 2
     ratio: float = 0.5
     keep_sinks: bool = False
-    score: str = "mean"
+    score: str = "last"
 
     def dropped(self, num_visual: int) -> int:
         """Visual tokens dropped per row (static) out of ``num_visual``."""
@@ -40,7 +42,7 @@ class TokenPruning:
     def __post_init__(self):
         if self.layer < 1 or not 0 <= self.ratio < 1 or self.score not in ("mean", "last"):
             raise ValueError(f"bad token pruning: layer={self.layer} (>= 1), ratio={self.ratio} "
-                             f"(in [0, 1)), score={self.score!r} (mean | last)")
+                             f"(in [0, 1)), score={self.score!r} (last | mean)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +102,18 @@ class Interventions:
         return num_visual - (self.prune.dropped(num_visual) if self.prune else 0)
 
 
-SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | var[:p[:first_layer]] | "
-             "registers[:neurons]")
+SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | fastv-mean[:ratio[:layer]] | "
+             "fastv-mean+sinks[:ratio[:layer]] | var[:p[:first_layer]] | registers[:neurons]")
+FASTV = {"fastv": ("last", False), "fastv+sinks": ("last", True), "fastv-mean": ("mean", False),
+         "fastv-mean+sinks": ("mean", True)}  # spec name -> (TokenPruning.score, keep_sinks)
 
 
 def parse(spec: str) -> tuple[Interventions, str, int]:
     """A comparison spec -> (interventions, visual-token order, register neurons to find).
 
     "stock", "front" (sink-to-the-front, this paper), "fastv:0.5:2" (FastV, ratio 0.5 after layer
-    2), "fastv+sinks:0.5" (sink-aware pruning), "var:0.6:2" (VAR keeping 60% of sink attention,
+    2, ranked by the prompt's last token as FastV's code), "fastv+sinks:0.5" (sink-aware pruning),
+    "fastv-mean:0.5:2" / "fastv-mean+sinks" (ranked by the mean over the prompt's tokens), "var:0.6:2" (VAR keeping 60% of sink attention,
     from layer 2 on),
     "registers:10" (test-time registers on the 10 top register neurons, found on the data).
     """
@@ -117,9 +122,10 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
         nums = [float(a) for a in args]
         if name in ("stock", "front") and not nums:
             return Interventions(), "front" if name == "front" else "none", 0
-        if name in ("fastv", "fastv+sinks") and len(nums) <= 2:
+        if name in FASTV and len(nums) <= 2:
             ratio, layer = (nums + [0.5, 2.0][len(nums):])[:2]
-            return Interventions(prune=TokenPruning(int(layer), ratio, name == "fastv+sinks")), "none", 0
+            score, keep_sinks = FASTV[name]
+            return Interventions(prune=TokenPruning(int(layer), ratio, keep_sinks, score)), "none", 0
         if name == "var" and len(nums) <= 2:
             p, first = (nums + [0.6, 2.0][len(nums):])[:2]
             return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first))), "none", 0

@@ -167,7 +167,7 @@ class DecoderModel(nn.Module):
     def __call__(self, inputs_embeds, attention_mask=None, position_ids=None,
                  output_attentions=False, cache: Optional[KVCache] = None,
                  interventions: Optional[Interventions] = None, visual_mask=None, sink_mask=None,
-                 num_visual: int = 0, image_blocks=None):
+                 num_visual: int = 0, image_blocks=None, prompt_mask=None):
         """inputs_embeds [B, T, D] -> (normed last [B, T, D], hidden states, attentions, cache).
 
         ``image_blocks`` [B, T] int32 (Gemma 3's image attention): each image's id at its
@@ -183,7 +183,9 @@ class DecoderModel(nn.Module):
         drops int(ratio x ``num_visual``) tokens per row (every row must hold ``num_visual``
         visual tokens). With pruning, layers after K run on the T' kept tokens; the outputs are
         scattered back to T slots (zeros at pruned tokens; attentions of those layers stay
-        [B, H, T', T']).
+        [B, H, T', T']). ``prompt_mask`` [B, T] (1 = a prompt token; None: every token): the
+        queries whose attention ranks the visual tokens, so that a row holding prompt +
+        candidate answer (likelihood scoring) prunes as generation's prefill of the prompt does.
         """
         b, t, _ = inputs_embeds.shape
         prune = None if interventions is None else interventions.prune
@@ -205,8 +207,8 @@ class DecoderModel(nn.Module):
                 output_attentions)
             states += list(hidden)
         else:
-            x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var,
-                                                             num_visual, output_attentions)
+            x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var, num_visual,
+                                                             output_attentions, prompt_mask)
         x = self.final_layernorm(x) if self.config.is_phi else self.norm(x)
         states[-1] = x  # HF convention: the last hidden state is the normed one
         if kept is not None:  # FastV: back to T slots, zeros at the pruned tokens
@@ -243,8 +245,10 @@ class DecoderModel(nn.Module):
             raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
                              "dropped tokens)) matching the pruning (generate() does this)")
 
-    def _layer_loop(self, x, tokens, cache, prune, var, num_visual, output_attentions):
+    def _layer_loop(self, x, tokens, cache, prune, var, num_visual, output_attentions,
+                    prompt_mask=None):
         """The loop layout: x [B, T, D] through every layer, with the KV cache, FastV pruning
+        (ranked by the queries of ``prompt_mask`` [B, T] or None: all)
         and VAR when given -> (last hidden [B, T', D], hidden states [x, L x [B, T or T', D]],
         L attention weights [B, H, T or T', S] or None, kept [B, T'] int32 or None, the
         updated cache or None). T' = T - dropped from layer K on (pruning; else T' = T); S = T
@@ -262,7 +266,7 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == split:
                 if prune is not None:
-                    kept, x, live = _prune(prune, attns[-1], x, live, cache, num_visual)
+                    kept, x, live = _prune(prune, attns[-1], x, live, cache, num_visual, prompt_mask)
                     ropes = {w: rotary_embedding(rc, live.position_ids) for w, rc in kinds.items()}
                     key_visual, key_sinks = live.visual, live.sinks  # (VAR + pruning: no cache)
                 if cache is not None:  # the pruning prefill writes its kept tokens from the same
@@ -362,14 +366,18 @@ def _kind_masks(kinds: dict, tokens: _Tokens, slot_mask, index):
     return next(iter(out.values()))[0], {w: m for w, (_, m) in out.items()}
 
 
-def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int):
+def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int, prompt_mask=None):
     """FastV after layer K: ranks the visual tokens by the attention they received in layer K-1
-    (``weights`` [B, H, T, S]; with a cache the T columns of the new tokens' slots) and keeps all
-    but the int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``).
+    (``weights`` [B, H, T, S]; with a cache the T columns of the new tokens' slots) from the
+    real tokens of ``prompt_mask`` [B, T] (None: every real token) and keeps all but the
+    int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``).
     x [B, T, D] -> (kept [B, T'] int32 ascending, x [B, T', D], the T' tokens)."""
     received = weights if cache is None else jax.lax.dynamic_slice_in_dim(
         weights, cache.index, x.shape[1], axis=-1)
-    scores = pruning.attention_received(received, tokens.attention_mask, prune.score)
+    voters = tokens.attention_mask
+    if prompt_mask is not None:
+        voters = prompt_mask if voters is None else voters.astype(bool) & prompt_mask.astype(bool)
+    scores = pruning.attention_received(received, voters, prune.score)
     kept = pruning.keep_indices(scores, tokens.visual, tokens.sinks if prune.keep_sinks else None,
                                 prune.dropped(num_visual))
     return kept, pruning.gather_tokens(x, kept), tokens.gather(kept)

@@ -331,7 +331,7 @@ class LlavaForConditionalGeneration(nn.Module):
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False, route=None, question_mask=None,
                  cache=None, has_image=None, head: bool = True,
-                 one_image_per_row: bool = False) -> LlavaOutput:
+                 one_image_per_row: bool = False, prompt_mask=None) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
         question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
@@ -350,7 +350,10 @@ class LlavaForConditionalGeneration(nn.Module):
         where the logits would be, for a loss applying :meth:`head` chunk by chunk).
         one_image_per_row: row b holds the tokens of image b and only those (training's rows):
         the features merge row by row (:func:`merge_image_features` ``per_row``); a row with
-        another count of image tokens gives NaN logits."""
+        another count of image tokens gives NaN logits.
+        prompt_mask: [B, T], 1 at the prompt's tokens of a row that continues with a candidate
+        answer (likelihood scoring): FastV pruning ranks the visual tokens by these queries'
+        attention only, as generation's prefill of the prompt does (None: every token)."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
@@ -422,7 +425,8 @@ class LlavaForConditionalGeneration(nn.Module):
         if pixel_values is not None:
             extra = self.llm_inputs(input_ids)
             if self.interventions.prune or self.interventions.var:
-                extra.update(self.intervention_inputs(selected, arrangement, is_image))
+                extra.update(self.intervention_inputs(selected, arrangement, is_image),
+                             prompt_mask=prompt_mask)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,
