@@ -486,6 +486,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     medium LLaVA."""
     from vitsink_jax.interventions import TestTimeRegisters, parse
     from vitsink_jax.interventions.registers import register_neurons
+    from vitsink_jax.interventions.var import llm_sink_dims
 
     k = cfg.compare
     if not cfg.checkpoint:
@@ -513,6 +514,12 @@ def run_interventions(cfg, workdir: Path) -> dict:
         if top:
             neurons = register_neurons(model, params, batch["pixels"], rule, top)
             iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
+        if iv.var is not None and iv.var.sinks == "dims" and not iv.var.sink_dims:
+            iv = dataclasses.replace(iv, var=dataclasses.replace(iv.var, sink_dims=llm_sink_dims(model, params, batch)))
+            if not iv.var.sink_dims:
+                not_run[spec] = "no LLM sink dimension (massive activation) on the timing batch"
+                print(f"intervention {spec}: not run ({not_run[spec]})")
+                continue
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
         try:
             m.policy  # a DIYSink model refuses orders / rules it does not apply
@@ -525,7 +532,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
                          "visual_tokens_kept": iv.tokens_kept(n_vis),
                          "prefill_s": timing.prefill_seconds(m, params, batch),
                          "decode_step_s": timing.decode_step_seconds(m, params, batch, k.decode_steps),
-                         "register_neurons": neurons}
+                         "register_neurons": neurons,
+                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else []}
         if jax.process_index() == 0:
             write_jsonl(workdir / f"predictions_{spec}.jsonl", preds)
     ref = results[k.specs[0]]

@@ -145,7 +145,7 @@ def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
 def test_pruning_ratio_zero_and_var_budget_zero_equal_stock(llama):
     _, model, params, ids, visual, sinks = llama
     stock = model.apply({"params": params}, jnp.asarray(ids)).logits
-    for iv in (dict(prune=TokenPruning(2, 0.0)), dict(var=AttentionRedistribution(p=1.0))):
+    for iv in (dict(prune=TokenPruning(2, 0.0)), dict(var=AttentionRedistribution(p=1.0, sinks="vit"))):
         np.testing.assert_allclose(run(model, params, ids, visual, sinks, **iv).logits, stock, atol=1e-5)
 
 
@@ -185,16 +185,64 @@ def test_var_matches_the_loop_and_keeps_rows_normalised():
                                atol=1e-7)
 
 
-def test_var_inside_the_model_moves_attention_off_the_sinks(llama):
+@pytest.mark.parametrize("queries", ["after-image", "all"])
+def test_var_inside_the_model_moves_attention_off_the_sinks(llama, queries):
+    """The official code changes the queries after the image only (slots 15-19 here); "all"
+    the image's queries too."""
     _, model, params, ids, visual, sinks = llama
-    var = AttentionRedistribution(p=0.2, rho=1.0, summ=0.0, first_layer=1, skip_last=False)
+    var = AttentionRedistribution(p=0.2, rho=1.0, summ=0.0, first_layer=1, skip_last=False,
+                                  sinks="vit", queries=queries)
     stock = run(model, params, ids, visual, sinks)
     out = run(model, params, ids, visual, sinks, var=var)
-    a, b = np.asarray(stock.attentions[2]), np.asarray(out.attentions[2])
+    a, b = np.asarray(stock.attentions[1]), np.asarray(out.attentions[1])  # layer 1: same inputs
     np.testing.assert_allclose(b.sum(-1), 1.0, atol=1e-5)
     sink_share = lambda w: (w * sinks[:, None, None, :]).sum(-1)  # noqa: E731
-    assert np.all(sink_share(b)[:, :, 10:] < sink_share(a)[:, :, 10:])
+    assert np.all(sink_share(b)[:, :, 15:] < sink_share(a)[:, :, 15:])
+    if queries == "after-image":
+        np.testing.assert_allclose(b[:, :, :15], a[:, :, :15], atol=1e-6)
+    else:
+        assert np.all(sink_share(b)[:, :, 10:15] < sink_share(a)[:, :, 10:15])
     np.testing.assert_allclose(np.asarray(out.attentions[0]), np.asarray(stock.attentions[0]), atol=1e-6)
+
+
+def test_var_as_the_official_code_hand_computed():
+    """One head, keys [BOS (text sink), v0 (visual sink), v1, v2, text], p = 0.6, rho = 0.5,
+    summ = 0.2. Query 1 (after the image) pays [.3, .1, .2, .2, .2]: a = .5, s = .1 / .5 = .2,
+    image-centric; BOS -> .18, v0 -> .06, budget .4 x .4 = .16 to v1, v2 in ratio .2 : .2.
+    Query 0 (an image query) stays. With BOS the only sink (no visual sink) the official code
+    leaves the layer alone; without that requirement BOS's budget .12 goes to v0 v1 v2 (1:2:2)."""
+    row = [.3, .1, .2, .2, .2]
+    w = jnp.asarray([[[row, row]]], jnp.float32)                                  # [1, 1, 2, 5]
+    visual = jnp.asarray([[False, True, True, True, False]])
+    both, bos = jnp.asarray([[True, True, False, False, False]]), jnp.asarray([[True] + [False] * 4])
+    queries = jnp.asarray([[False, True]])
+    got = redistribute(w, visual, both, 0.6, 0.5, 0.2, queries, True)[0, 0]
+    np.testing.assert_allclose(got, [row, [.18, .06, .28, .28, .2]], atol=1e-6)
+    np.testing.assert_allclose(redistribute(w, visual, bos, 0.6, 0.5, 0.2, queries, True)[0, 0], [row, row])
+    np.testing.assert_allclose(redistribute(w, visual, bos, 0.6, 0.5, 0.2, queries)[0, 0, 1],
+                               [.18, .124, .248, .248, .2], atol=1e-6)
+
+
+def test_var_prefill_queries_and_sink_dims_found_on_data(tmp_path):
+    """queries_after_visual: after each row's last visual token, all in a row without one;
+    llm_sink_dims finds a dimension planted as a massive activation at BOS, none without."""
+    from vitsink_jax.interventions.var import llm_sink_dims, queries_after_visual
+
+    vis = jnp.asarray([[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(queries_after_visual(vis), [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [1] * 5])
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    batch = {"ids": np.array([[1, 5] + [IMAGE_TOKEN] * n + [7, 8]]), "mask": np.ones((1, n + 4), np.int32),
+             "pixels": np.random.default_rng(0).normal(size=(1, 3, 28, 28)).astype(np.float32)}
+    assert llm_sink_dims(model, params, batch) == ()
+    planted = jax.tree_util.tree_map(lambda x: x, params)
+    table = planted["language_model"]["model"]["embed_tokens"]["embedding"]
+    planted["language_model"]["model"]["embed_tokens"]["embedding"] = table.at[1, 3].set(1e4)
+    assert llm_sink_dims(model, planted, batch) == (3,)
+    with pytest.raises(ValueError, match="sink_dims"):
+        model.clone(interventions=Interventions(var=AttentionRedistribution())).apply(
+            {"params": params}, jnp.asarray(batch["ids"]), jnp.asarray(batch["pixels"]))
 
 
 def test_lvlm_pruning_keeps_the_vit_sinks_and_needs_one_image_per_row(tmp_path):
@@ -306,6 +354,8 @@ def test_comparison_specs():
     assert parse("fastv")[0].prune == TokenPruning(2, 0.5) and TokenPruning().score == "last"
     assert parse("fastv-mean+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, True, "mean")
     assert parse("var:0.5:0")[0].var == AttentionRedistribution(p=0.5, first_layer=0)
+    assert AttentionRedistribution().sinks == "dims" and AttentionRedistribution().queries == "after-image"
+    assert parse("var-vit")[0].var == AttentionRedistribution(sinks="vit")
     assert parse("registers:3")[2] == 3
     for bad in ("bogus", "fastv:x", "var:1:2:3", "fastv:1.5"):
         with pytest.raises(ValueError, match="intervention|bad token pruning"):

@@ -255,9 +255,9 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     a.eval.length_bucket = 32
     check_shared_prefix_scoring(model, params, tok, embedded_benchmark(0, 1, 28)[:4], a.eval)
     a.benchmark.limit, a.compare.decode_steps = 4, 2
-    a.compare.specs = ("fastv+sinks:0.5:1", "var:0.6:0", "registers:2")
+    a.compare.specs = ("fastv+sinks:0.5:1", "var-vit:0.6:0", "registers:2")
     out = evaluate.run_interventions(a, tmp_path / "interventions")
-    assert set(out["results"]) == {"fastv+sinks:0.5:1", "var:0.6:0"}
+    assert set(out["results"]) == {"fastv+sinks:0.5:1", "var-vit:0.6:0"}
     assert "registers:2" in out["not_run"]
     assert all(0 <= r["accuracy"] <= 1 for r in out["results"].values())
     train_diysink_briefly(folder, tmp_path / "train")

@@ -2,11 +2,11 @@
 
 * :class:`TokenPruning` - FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2",
   ECCV 2024): after LLM layer K drop the share r of visual tokens that received the least
-  attention; ``keep_sinks`` makes it sink-aware (ViT sinks are never dropped, after this
+  attention from the prompt's last token (FastV's code); ``keep_sinks`` makes it sink-aware (ViT sinks are never dropped, after this
   paper's finding that they carry the global meaning). The sequence really gets shorter.
 * :class:`AttentionRedistribution` - VAR (Kang et al., "See What You Are Told: Visual Attention
   Sink in Large Multimodal Models", ICLR 2025): in image-centric heads, part of the attention
-  paid to sink tokens is moved to the non-sink visual tokens.
+  paid to sink tokens is moved to the non-sink visual tokens (the official code's rules).
 * :class:`TestTimeRegisters` - Jiang et al., "Vision Transformers Don't Need Trained Registers"
   (2025): the ViT MLP neurons that write the high-norm outliers are redirected into an extra
   token that is never passed on, removing the sinks without training.
@@ -47,27 +47,40 @@ class TokenPruning:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionRedistribution:
-    """VAR. p: the share of sink attention kept (1 = stock; the method's 0.6);
-    rho: a head is image-centric for a query when at most this share of its visual attention
-    goes to visual sinks, and summ: it pays at least this much attention to the image at all.
-    sinks: "vit" (the ViT sinks of the model's sink rule) or "dims" (LLM sink tokens: tokens with
-    max over ``sink_dims`` of |h[d]| / RMS(h) > tau in the layer's input, the method's rule).
-    Layers from ``first_layer``; the last layer is skipped when ``skip_last``."""
+    """VAR, by default as its official code (MICV-yonsei/VisAttnSink) runs it. p: the share of
+    sink attention kept (1 = stock; the method's 0.6); rho: a head is image-centric for a query
+    when at most this share of its visual attention goes to visual sinks, and summ: it pays at
+    least this much attention to the image at all.
+    sinks: "dims" (the official rule: LLM sink tokens, text ones such as BOS included, those
+    with max over ``sink_dims`` of |h[d]| / RMS(h) >= tau in the layer's input; their budget
+    goes to the image too) or "vit" (the ViT sinks of the model's sink rule, this library's
+    variant). sink_dims: the LLM's sink dimensions (needed with "dims";
+    :func:`vitsink_jax.interventions.var.llm_sink_dims` finds them on data).
+    queries: "after-image" (the official code: in a prefill only the queries after the image
+    change, while decoding every query) or "all" (every query, image tokens included).
+    visual_sink_required: a layer (per row) whose keys hold no visual sink is left alone (the
+    official code); False redistributes the text sinks' attention there too.
+    Layers from ``first_layer`` (the official code finds sinks from layer 2); the last layer is
+    skipped when ``skip_last``. The earlier behaviour here: sinks="vit", queries="all",
+    visual_sink_required=False."""
 
     p: float = 0.6
     rho: float = 0.5
     summ: float = 0.2
-    sinks: str = "vit"
+    sinks: str = "dims"
     sink_dims: tuple = ()
     tau: float = 20.0
     first_layer: int = 2
     skip_last: bool = True
+    queries: str = "after-image"
+    visual_sink_required: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.p <= 1 or self.sinks not in ("vit", "dims") or (
-                self.sinks == "dims" and not self.sink_dims):
+        if not 0 <= self.p <= 1 or self.sinks not in ("vit", "dims") or self.queries not in (
+                "after-image", "all"):
             raise ValueError(f"bad attention redistribution: p={self.p} (in [0, 1]), "
-                             f"sinks={self.sinks!r} (vit | dims; dims needs sink_dims)")
+                             f"sinks={self.sinks!r} (dims | vit), queries={self.queries!r} "
+                             f"(after-image | all)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +116,8 @@ class Interventions:
 
 
 SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | fastv-mean[:ratio[:layer]] | "
-             "fastv-mean+sinks[:ratio[:layer]] | var[:p[:first_layer]] | registers[:neurons]")
+             "fastv-mean+sinks[:ratio[:layer]] | var[:p[:first_layer]] | var-vit[:p[:first_layer]] | "
+             "registers[:neurons]")
 FASTV = {"fastv": ("last", False), "fastv+sinks": ("last", True), "fastv-mean": ("mean", False),
          "fastv-mean+sinks": ("mean", True)}  # spec name -> (TokenPruning.score, keep_sinks)
 
@@ -113,9 +127,10 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
 
     "stock", "front" (sink-to-the-front, this paper), "fastv:0.5:2" (FastV, ratio 0.5 after layer
     2, ranked by the prompt's last token as FastV's code), "fastv+sinks:0.5" (sink-aware pruning),
-    "fastv-mean:0.5:2" / "fastv-mean+sinks" (ranked by the mean over the prompt's tokens), "var:0.6:2" (VAR keeping 60% of sink attention,
-    from layer 2 on),
-    "registers:10" (test-time registers on the 10 top register neurons, found on the data).
+    "fastv-mean:0.5:2" / "fastv-mean+sinks" (ranked by the mean over the prompt's tokens),
+    "var:0.6:2" (VAR as its official code, keeping 60% of sink attention from layer 2 on: LLM
+    sinks of ``sink_dims``, left empty here for the harness to find on the data), "var-vit:0.6:2"
+    (the same on the ViT sinks), "registers:10" (test-time registers on the 10 top register neurons, found on the data).
     """
     name, *args = spec.split(":")
     try:
@@ -126,9 +141,10 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
             ratio, layer = (nums + [0.5, 2.0][len(nums):])[:2]
             score, keep_sinks = FASTV[name]
             return Interventions(prune=TokenPruning(int(layer), ratio, keep_sinks, score)), "none", 0
-        if name == "var" and len(nums) <= 2:
+        if name in ("var", "var-vit") and len(nums) <= 2:
             p, first = (nums + [0.6, 2.0][len(nums):])[:2]
-            return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first))), "none", 0
+            sinks = "vit" if name == "var-vit" else "dims"
+            return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first), sinks=sinks)), "none", 0
         if name == "registers" and len(nums) <= 1:
             return Interventions(), "none", int(nums[0]) if nums else 10
     except ValueError as e:

@@ -36,7 +36,7 @@ from flax import linen as nn
 
 from ..config import TextConfig
 from ..interventions import Interventions, pruning
-from ..interventions.var import redistribute
+from ..interventions.var import queries_after_visual, redistribute
 from ..sinks.detect import llm_sink_mask
 from ..parallel import constrain_rows, whole
 from .attention import DecoderBlock, make_attention_mask, same_block, window_mask
@@ -228,6 +228,9 @@ class DecoderModel(nn.Module):
                                       f"{window}: the window of the kept tokens is not defined")
         if (prune or var) and not masks_given:
             raise ValueError("token pruning and VAR need visual_mask and sink_mask")
+        if var is not None and var.sinks == "dims" and not var.sink_dims:
+            raise ValueError("VAR with sinks='dims' needs sink_dims, the LLM's sink dimensions "
+                             "(interventions.var.llm_sink_dims finds them on data), or sinks='vit'")
         if self.scan_layers and (cache is not None or prune or var):
             raise NotImplementedError("scan_layers=True runs plain forwards (training, scoring); "
                                       "for a KV cache or interventions use the loop layout "
@@ -275,7 +278,7 @@ class DecoderModel(nn.Module):
                 late_slots, masks = _kind_masks(kinds, live, None if cache is None else cache.late_mask,
                                                 index)
             adjust = self._var_adjust(var, i, x, key_visual, key_sinks, layer_sinks,
-                                      None if cache is None else cache.index)
+                                      None if cache is None else cache.index, live.visual)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             need = output_attentions or (prune is not None and i == prune.layer - 1)
             x, w, kv = layer(x, masks[windows[i]], *ropes[windows[i]], need, kv, index, adjust)
@@ -288,12 +291,14 @@ class DecoderModel(nn.Module):
                                    None if var is None else (key_visual, key_sinks, layer_sinks))
         return x, states, attns, kept, cache
 
-    def _var_adjust(self, var, i, x, visual, sinks, layer_sinks, index):
+    def _var_adjust(self, var, i, x, visual, sinks, layer_sinks, index, query_visual):
         """VAR's edit of layer i's attention probabilities [B, H, T, S] -> [B, H, T, S], or None
         where VAR is off. visual, sinks [B, S]: the keys' visual-token slots and ViT sinks; with
         sinks="dims" the sinks are the LLM sinks of the layer input x [B, T, D] instead, and with
         a cache (``layer_sinks``: L x [B, S] int32 over its slots) they are written into
-        ``layer_sinks[i]`` at slot ``index`` and the layer reads every slot's."""
+        ``layer_sinks[i]`` at slot ``index`` and the layer reads every slot's. query_visual
+        [B, T]: the visual slots of the T queries (queries="after-image" changes those after
+        the last)."""
         if var is None or i < var.first_layer or (var.skip_last and i == self.config.num_hidden_layers - 1):
             return None
         if var.sinks == "dims":
@@ -301,8 +306,10 @@ class DecoderModel(nn.Module):
             if layer_sinks is not None:  # this layer's mask of every cached slot
                 sinks = layer_sinks[i] = jax.lax.dynamic_update_slice(
                     layer_sinks[i], sinks.astype(jnp.int32), (0, index))
+        queries = queries_after_visual(query_visual.astype(bool)) if var.queries == "after-image" else None
         return partial(redistribute, visual=visual.astype(bool), sinks=sinks.astype(bool), p=var.p,
-                       rho=var.rho, summ=var.summ)
+                       rho=var.rho, summ=var.summ, queries=queries,
+                       visual_sink_required=var.visual_sink_required)
 
 
 class _Tokens(NamedTuple):
