@@ -5,6 +5,8 @@ vision tower -> feature layer(s) and CLS selection -> projector -> written into 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +139,8 @@ class LlavaForConditionalGeneration(nn.Module):
     visual tokens after the ViT and before the projector: sink-to-the-front and its variants.
     Switch it on an existing model with ``model.clone(visual_tokens=VisualTokenPolicy("front"))``;
     the params do not change. Dropped tokens are masked out of attention (their own logits are
-    meaningless) and, with "sequential" positions, the later tokens' positions close the gap.
+    meaningless) and, with "sequential" positions, the later tokens' positions close the gap
+    (the policy's default positions are the family's: :meth:`family_positions`).
 
     ``interventions`` (:mod:`vitsink_jax.interventions`, none by default) switches on FastV /
     sink-aware token pruning, VAR attention redistribution and test-time registers the same way.
@@ -180,12 +183,15 @@ class LlavaForConditionalGeneration(nn.Module):
         """The visual-token policy in force: ``visual_tokens``, or for a DIYSink model sinks first
         with the DIYSink rule and selection, of which ``visual_tokens`` changes only the
         selection (non-"all": the sink-only / non-sink-only ablation) and the positions.
+        Positions "family" resolve to this family's default (:meth:`family_positions`).
 
         A DIYSink model's projectors were trained on its own layout and sink rule, so it refuses
         (ValueError naming it) any order but "none" (its own layout: "front" would be a second
         name for it, "end" is not what it was trained on) and any rule but its own; the default
         ``SinkRule()`` of a policy stands for "the model's own"."""
         d, v = self.config.diysink, self.visual_tokens
+        if v.positions == "family":
+            v = dataclasses.replace(v, positions=self.family_positions())
         if d is None:
             return v
         if v.order != "none":
@@ -196,6 +202,12 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"sink rule {v.rule} does not apply to a DIYSink model trained with "
                              f"{d.rule}; leave the policy's rule at its default or use the model's")
         return VisualTokenPolicy("front", d.select if v.select == "all" else v.select, v.positions, d.rule)
+
+    def family_positions(self) -> str:
+        """The visual tokens' positions after a rearrangement by default: "original" under
+        multimodal RoPE (each token keeps its (t, h, w) ids: the spatial ids stay, as the paper
+        notes), "sequential" with 1-D RoPE (the paper's reading: positions follow the new order)."""
+        return "original" if self.config.text.mrope_section is not None else "sequential"
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (the features whose norms the sink rule reads, one per
