@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 
 import vitsink_jax as vj
 from conftest import (IMAGE_TOKEN, assert_close, build, llama_config, llava_config, phi3_config,
@@ -312,6 +313,52 @@ def test_test_time_registers_remove_a_planted_outlier():
     dino = Dinov2Tower(d, test_time_registers=ttr)
     out = dino.apply(dino.init(jax.random.PRNGKey(0), pixels), pixels, output_attentions=True)
     assert out.last_hidden_state.shape == (2, 17, 32) and out.attentions[0].shape == (2, 4, 17, 17)
+
+
+def test_test_time_registers_as_the_authors_code_hand_computed():
+    """move_to_registers: the register gets the signed activation of largest magnitude over all
+    tokens and the layer's neurons (-7 here), at every neuron; patches 0, CLS kept. The neuron
+    search: layers up to highest_layer only, and a dense neuron (>= 0.5 at over half the
+    tokens) scores 0 (the authors' sparsity filter)."""
+    from vitsink_jax.interventions.registers import find_register_neurons, move_to_registers
+
+    act = jnp.asarray([[[1., 8., 3.], [2., 8., 4.], [-7., 8., 5.], [.5, 8., 0.]]])  # [1, CLS p p reg, 3]
+    got = move_to_registers(act, (0, 2), registers=1, prefix=1)[0]
+    np.testing.assert_array_equal(got, [[1, 8, 3], [0, 8, 0], [0, 8, 0], [-7, 8, -7]])
+    old = move_to_registers(act, (0, 2), registers=1, prefix=1, value="per-neuron-max")[0]
+    np.testing.assert_array_equal(old[3], [2, 8, 5])
+    layer0 = np.array([[[0, 9, 0], [0, 9, 4], [0, 9, 0], [0, 9, 0]]], np.float32)  # [B, N, F]
+    layer1 = np.array([[[0, 0, 0], [20, 0, 0], [0, 0, 0], [0, 0, 0]]], np.float32)
+    outliers = np.array([[False, True, False, False]])
+    assert find_register_neurons([layer0, layer1], outliers, top=2, highest_layer=0) == [
+        (0, 2, 4.0), (0, 0, 0.0)]
+    assert find_register_neurons([layer0, layer1], outliers, top=2, sparsity_filter=False) == [
+        (1, 0, 20.0), (0, 1, 9.0)]
+
+
+def test_clip_test_time_register_enters_before_the_pre_layernorm():
+    """In the authors' CLIP the zero register joins before ln_pre, so layer 0 reads ln_pre's
+    bias there: the tower equals its encoder run on [ln_pre(embeddings), bias]."""
+    from flax.core import unfreeze
+
+    from vitsink_jax.config import VisionConfig
+    from vitsink_jax.interventions import TestTimeRegisters
+    from vitsink_jax.models.vit import Encoder, VisionEmbeddings, VisionTransformer
+
+    c = VisionConfig(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
+    pixels = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 28, 28))
+    ttr = TestTimeRegisters(neurons=((0, 3), (1, 5)))
+    tower = VisionTransformer(c, test_time_registers=ttr)
+    p = unfreeze(tower.init(jax.random.PRNGKey(0), pixels)["params"])
+    ln = p["pre_layrnorm"]
+    ln["bias"] = jax.random.normal(jax.random.PRNGKey(2), ln["bias"].shape)
+    x = VisionEmbeddings(c).apply({"params": p["embeddings"]}, pixels)
+    normed = nn.LayerNorm(epsilon=c.layer_norm_eps).apply({"params": ln}, x)
+    seq = jnp.concatenate([normed, jnp.broadcast_to(ln["bias"], (2, 1, 32))], 1)
+    ref, _, _ = Encoder(c, test_time_registers=ttr).apply({"params": p["encoder"]}, seq)
+    out = tower.apply({"params": p}, pixels)
+    np.testing.assert_allclose(out.last_hidden_state, ref[:, :-1], atol=1e-5)
 
 
 def test_pruned_generation_uses_a_shorter_cache(tmp_path):

@@ -87,17 +87,24 @@ class AttentionRedistribution:
 class TestTimeRegisters:
     """neurons: ((layer, neuron), ...) ViT MLP neurons that write the outliers (see
     :func:`vitsink_jax.interventions.registers.find_register_neurons`); registers: extra tokens
-    appended to the ViT sequence (zeros), dropped before the projector; scale: the registers'
-    activation = scale x the neuron's max over the tokens; the patches' activation becomes 0."""
+    appended to the ViT sequence (zeros; a CLIP tower's before its pre-LayerNorm, as the
+    authors' code adds them, so they enter layer 0 as its bias), dropped before the projector;
+    scale, value: the registers' activation = scale x the peak of
+    :func:`~vitsink_jax.interventions.registers.move_to_registers` ("sign-max", the authors':
+    one signed peak over the tokens and the layer's neurons; "per-neuron-max": each neuron's
+    max); the patches' activation becomes 0."""
 
     neurons: tuple = ()
     registers: int = 1
     scale: float = 1.0
+    value: str = "sign-max"
 
     def __post_init__(self):
-        if self.registers < 1 or any(len(n) != 2 for n in self.neurons):
+        if self.registers < 1 or any(len(n) != 2 for n in self.neurons) or self.value not in (
+                "sign-max", "per-neuron-max"):
             raise ValueError(f"bad test-time registers: registers={self.registers} (>= 1), "
-                             f"neurons={self.neurons} (pairs of layer, neuron)")
+                             f"neurons={self.neurons} (pairs of layer, neuron), value={self.value!r} "
+                             f"(sign-max | per-neuron-max)")
 
 
 @dataclasses.dataclass(frozen=True)
