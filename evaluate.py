@@ -485,7 +485,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
     mini study) pruning the LLM cannot show there: benchmarks/pruning.py measures it on a
     medium LLaVA."""
     from vitsink_jax.interventions import TestTimeRegisters, parse
-    from vitsink_jax.interventions.registers import register_neurons
+    from vitsink_jax.interventions.registers import register_neurons, search_pixels
     from vitsink_jax.interventions.var import llm_sink_dims
 
     k = cfg.compare
@@ -512,7 +512,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
             continue
         neurons = []
         if top:
-            neurons = register_neurons(model, params, batch["pixels"], rule, top)
+            neurons = register_neurons(model, params, search_pixels(model.config, records), rule, top)
             iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
         if iv.var is not None and iv.var.sinks == "dims" and not iv.var.sink_dims:
             iv = dataclasses.replace(iv, var=dataclasses.replace(iv.var, sink_dims=llm_sink_dims(model, params, batch)))

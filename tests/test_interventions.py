@@ -3,6 +3,7 @@ transformers run on the kept tokens, VAR against a loop over (row, head, query),
 stock."""
 
 import copy
+import io
 
 import jax
 import jax.numpy as jnp
@@ -334,6 +335,38 @@ def test_test_time_registers_as_the_authors_code_hand_computed():
         (0, 2, 4.0), (0, 0, 0.0)]
     assert find_register_neurons([layer0, layer1], outliers, top=2, sparsity_filter=False) == [
         (1, 0, 20.0), (0, 1, 9.0)]
+
+
+def test_register_search_over_distinct_images_in_chunks_up_to_the_feature_layer(tmp_path):
+    """The harness searches distinct images (search_pixels), SEARCH_CHUNK per forward: the same
+    neurons as one forward over all of them, none after the feature layer (LLaVA's -2: the
+    tower's last layer never writes the features the projector reads)."""
+    from vitsink_jax.interventions import registers as reg
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    c = model.config
+    pixels = np.random.default_rng(0).normal(size=(reg.SEARCH_CHUNK + 2, 3, 28, 28)).astype(np.float32)
+    rule = vj.SinkRule("topk", k=2)
+    whole = reg.tower_scores(model, params, pixels, rule)
+    layers = c.vision.num_hidden_layers
+    assert c.feature_layers == (-2,) and whole[0].shape[0] == layers
+    found = reg.register_neurons(model, params, pixels, rule, 5)
+    ref = reg.top_register_neurons(*whole, 5, highest_layer=layers - 2)
+    assert [f[:2] for f in found] == [r[:2] for r in ref]
+    np.testing.assert_allclose([f[2] for f in found], [r[2] for r in ref], rtol=1e-5)
+    assert max(layer for layer, _, _ in found) <= layers - 2
+    records = [{"image": _png_bytes(v)} for v in (10, 200, 10, 90)]  # 3 distinct images
+    assert reg.search_pixels(c, records).shape == (3, 3, 28, 28)
+
+
+def _png_bytes(value: int) -> bytes:
+    """A 28 x 28 grey PNG of ``value``, encoded."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((28, 28, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_clip_test_time_register_enters_before_the_pre_layernorm():

@@ -13,6 +13,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 
+from ..data.preprocess import pixels_from_bytes
 from ..sinks.detect import sink_mask, token_norms
 
 
@@ -40,6 +41,32 @@ def move_to_registers(act, neurons, registers: int, prefix: int, scale: float = 
 
 
 SPARSE_BELOW, SPARSE_SHARE = 0.5, 0.5  # the authors' sparsity filter (shared/algorithms.py)
+SEARCH_IMAGES, SEARCH_CHUNK = 100, 8  # images the harness searches on (the authors' ~100), per forward
+
+
+def image_neuron_scores(activations, outliers, sparsity_filter: bool = True):
+    """Per image, each neuron's mean |activation| at its outlier tokens: (scores [L, B, F],
+    has outliers [B] bool). activations, outliers, sparsity_filter: see
+    :func:`find_register_neurons`."""
+    signed = np.stack([np.asarray(a, np.float32) for a in activations])          # [L, B, N, F]
+    out = np.asarray(outliers, bool)
+    w = out[None, :, :, None].astype(np.float32)
+    per_image = (np.abs(signed) * w).sum(2) / np.maximum(w.sum(2), 1)            # [L, B, F]
+    if sparsity_filter:
+        per_image = per_image * ((signed < SPARSE_BELOW).sum(2) >= SPARSE_SHARE * signed.shape[2])
+    return per_image, out.any(axis=1)
+
+
+def top_register_neurons(per_image, have, top: int, highest_layer: Optional[int] = None) -> list:
+    """The ``top`` (layer, neuron, score) by the scores [L, B, F] averaged over the images with
+    outliers (``have`` [B]), from layers <= ``highest_layer`` (None: all)."""
+    if not have.any():
+        raise ValueError("no outlier token in any image: lower the rule's threshold (or use topk)")
+    score = per_image[:, have].mean(1)                                            # [L, F]
+    if highest_layer is not None:
+        score = score[:highest_layer + 1]
+    order = np.argsort(-score, axis=None)[:top]
+    return [(int(i // score.shape[1]), int(i % score.shape[1]), float(score.flat[i])) for i in order]
 
 
 def find_register_neurons(activations, outliers, top: int = 10, highest_layer: Optional[int] = None,
@@ -58,28 +85,13 @@ def find_register_neurons(activations, outliers, top: int = 10, highest_layer: O
         ``SPARSE_SHARE`` of the image's tokens have activation < ``SPARSE_BELOW`` (the authors'
         notebook turns it on).
     """
-    signed = np.stack([np.asarray(a, np.float32) for a in activations])          # [L, B, N, F]
-    acts = np.abs(signed)
-    out = np.asarray(outliers, bool)
-    have = out.any(axis=1)
-    if not have.any():
-        raise ValueError("no outlier token in any image: lower the rule's threshold (or use topk)")
-    w = out[None, :, :, None].astype(np.float32)
-    per_image = (acts * w).sum(2) / np.maximum(w.sum(2), 1)                       # [L, B, F]
-    if sparsity_filter:
-        per_image = per_image * ((signed < SPARSE_BELOW).sum(2) >= SPARSE_SHARE * signed.shape[2])
-    score = per_image[:, have].mean(1)                                            # [L, F]
-    if highest_layer is not None:
-        score = score[:highest_layer + 1]
-    order = np.argsort(-score, axis=None)[:top]
-    return [(int(i // score.shape[1]), int(i % score.shape[1]), float(score.flat[i])) for i in order]
+    return top_register_neurons(*image_neuron_scores(activations, outliers, sparsity_filter), top,
+                                highest_layer)
 
 
-def register_neurons(model, params, pixels, rule, top: int, highest_layer: Optional[int] = None) -> list:
-    """For an LVLM: the ``top`` (layer, neuron, score) register neurons of the LVLM's
-    vision tower on ``pixels`` [N, C, H, W], outliers = the sinks of ``rule`` on the projector
-    input (the feature layer), from layers up to ``highest_layer`` (None: the feature layer,
-    the last whose neurons reach the projector)."""
+def tower_scores(model, params, pixels, rule):
+    """:func:`image_neuron_scores` of an LVLM's tower on ``pixels`` [B, C, H, W], outliers = the
+    sinks of ``rule`` on the projector input."""
     from flax import traverse_util
 
     (selected, vout), state = model.apply({"params": params}, jnp.asarray(pixels),
@@ -96,6 +108,24 @@ def register_neurons(model, params, pixels, rule, top: int, highest_layer: Optio
     sinks = np.asarray(sink_mask(token_norms(selected), rule, cls))
     outliers = np.zeros((sinks.shape[0], c.vision.prefix_tokens + c.grid_size ** 2), bool)
     np.put_along_axis(outliers, index, sinks, axis=1)  # tower order, registers too
+    return image_neuron_scores(acts, outliers)
+
+
+def search_pixels(config, records: list) -> np.ndarray:
+    """pixel_values [N, C, H, W] of the first ``SEARCH_IMAGES`` distinct images of benchmark
+    records (their "image" bytes), the images the neuron search runs on."""
+    images = list(dict.fromkeys(r["image"] for r in records))[:SEARCH_IMAGES]
+    return np.stack([pixels_from_bytes(config, raw) for raw in images])
+
+
+def register_neurons(model, params, pixels, rule, top: int, highest_layer: Optional[int] = None) -> list:
+    """For an LVLM: the ``top`` (layer, neuron, score) register neurons of the LVLM's
+    vision tower on ``pixels`` [N, C, H, W] (``SEARCH_CHUNK`` images per forward), outliers =
+    the sinks of ``rule`` on the projector input (the feature layer), from layers up to
+    ``highest_layer`` (None: the feature layer, the last whose neurons reach the projector)."""
+    parts = [tower_scores(model, params, pixels[i:i + SEARCH_CHUNK], rule)
+             for i in range(0, len(pixels), SEARCH_CHUNK)]
+    per_image = np.concatenate([p for p, _ in parts], 1)
     if highest_layer is None:  # hidden_states[i] is layer i - 1's output
-        highest_layer = max(f % (len(acts) + 1) for f in c.feature_layers) - 1
-    return find_register_neurons(acts, outliers, top, highest_layer)
+        highest_layer = max(f % (per_image.shape[0] + 1) for f in model.config.feature_layers) - 1
+    return top_register_neurons(per_image, np.concatenate([h for _, h in parts]), top, highest_layer)
