@@ -569,7 +569,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
     mini study) pruning the LLM cannot show there: benchmarks/pruning.py measures it on a
     medium LLaVA."""
     from vitsink_jax.interventions import TestTimeRegisters, parse
-    from vitsink_jax.interventions.registers import register_neurons
+    from vitsink_jax.interventions.registers import register_neurons, search_pixels
+    from vitsink_jax.interventions.var import llm_sink_dims
 
     k = cfg.compare
     if not checkpoint_spec(cfg):
@@ -596,8 +597,14 @@ def run_interventions(cfg, workdir: Path) -> dict:
             continue
         neurons = []
         if top:
-            neurons = register_neurons(model, params, batch["pixels"], rule, top)
+            neurons = register_neurons(model, params, search_pixels(model.config, records), rule, top)
             iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
+        if iv.var is not None and iv.var.sinks == "dims" and not iv.var.sink_dims:
+            iv = dataclasses.replace(iv, var=dataclasses.replace(iv.var, sink_dims=llm_sink_dims(model, params, batch)))
+            if not iv.var.sink_dims:
+                not_run[spec] = "no LLM sink dimension (massive activation) on the timing batch"
+                print(f"intervention {spec}: not run ({not_run[spec]})")
+                continue
         m = model.clone(visual_tokens=vj.VisualTokenPolicy(order_, rule=rule), interventions=iv)
         try:
             m.policy  # a DIYSink model refuses orders / rules it does not apply
@@ -607,7 +614,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg)),
-                         "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons}
+                         "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons,
+                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else []}
         calls[spec] = (timing.prefill_call(m, params, batch),
                        timing.decode_call(m, params, batch, k.decode_steps))
         if jax.process_index() == 0:

@@ -406,7 +406,10 @@ def interventions(r: dict) -> list:
         return {"stock": "stock", "front": "sink-to-front",
                 "fastv": f"FastV r = {args[0]}" if args else "FastV",
                 "fastv+sinks": f"sink-aware r = {args[0]}" if args else "sink-aware",
+                "fastv-mean": f"FastV, mean query r = {args[0]}" if args else "FastV, mean query",
+                "fastv-mean+sinks": f"sink-aware, mean query r = {args[0]}" if args else "sink-aware, mean query",
                 "var": f"VAR p = {args[0]}" if args else "VAR",
+                "var-vit": f"VAR on ViT sinks p = {args[0]}" if args else "VAR on ViT sinks",
                 "registers": f"test-time registers ({args[0]} neurons)" if args else "test-time registers"}.get(name, spec)
 
     rows = [measured_on(iv), "",

@@ -415,7 +415,7 @@ def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
 
 
 def test_interventions_side_by_side(tmp_path):
-    specs = '--config.compare.specs=("stock","fastv+sinks:0.5:1","var:0.6:0","registers:4")'
+    specs = '--config.compare.specs=("stock","fastv+sinks:0.5:1","var-vit:0.6:0","var:0.6:0","registers:4")'
     proc = run_evaluate(tmp_path / "work", "", "--config.mode=interventions", specs,
                         "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
                         "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
@@ -428,8 +428,10 @@ def test_interventions_side_by_side(tmp_path):
     assert res["stock"]["prefill_vs_first"] == 1.0 and res["fastv+sinks:0.5:1"]["decode_step_s"] > 0
     lo, hi = res["fastv+sinks:0.5:1"]["prefill_vs_first_range"]  # timed in turns with stock
     assert 0 < lo <= res["fastv+sinks:0.5:1"]["prefill_vs_first"] <= hi
-    assert res["var:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
-    assert len(res["registers:4"]["register_neurons"]) == 4 and res["var:0.6:0"]["n"] == 4
+    assert res["var-vit:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
+    assert len(res["registers:4"]["register_neurons"]) == 4 and res["var-vit:0.6:0"]["n"] == 4
+    # VAR's official sinks need the LLM's sink dimensions: a random tiny LLM has none to find
+    assert "no LLM sink dimension" in report["not_run"]["var:0.6:0"] and "var:0.6:0" not in res
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
 
 

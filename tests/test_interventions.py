@@ -3,6 +3,7 @@ transformers run on the kept tokens, VAR against a loop over (row, head, query),
 stock."""
 
 import copy
+import io
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import linen as nn
 
 import vitsink_jax as vj
 from conftest import (IMAGE_TOKEN, assert_close, build, llama_config, llava_config, phi3_config,
@@ -44,13 +46,16 @@ def run(model, params, ids, visual, sinks, **iv):
                        output_attentions=True)
 
 
-def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks):
-    """transformers: layers < K on every token; FastV's rule picks the kept tokens from layer
-    K-1's attention (mean over heads and queries); layers >= K run on them alone with their
-    original positions. Returns (kept indices per row, logits at the kept tokens)."""
+def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks, score="last"):
+    """transformers: layers < K on every token; the kept tokens are picked from layer K-1's
+    attention, score "last" as FastV's code (modeling_llama.py: ``torch.mean(attention, dim=1)``
+    over heads, then the last query's row ``[-1]``) or "mean" (also averaged over the queries,
+    the paper's text); layers >= K run on them alone with their original positions. Returns
+    (kept indices per row, logits at the kept tokens)."""
     with torch.no_grad():
         full = hf(torch.tensor(ids), output_attentions=True, output_hidden_states=True)
-        received = t2n(full.attentions[layer - 1]).mean(1).mean(1)           # [B, T]
+        heads = t2n(full.attentions[layer - 1]).mean(1)                      # [B, T, T]
+        received = heads[:, -1] if score == "last" else heads.mean(1)        # [B, T]
         n_drop = int(ratio * visual[0].sum())
         rest = copy.deepcopy(hf)
         rest.model.layers = rest.model.layers[layer:]
@@ -72,16 +77,60 @@ def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks):
     return np.stack(kept), np.stack(logits)
 
 
-@pytest.mark.parametrize("keep_sinks", [False, True])
-def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks):
+@pytest.mark.parametrize("keep_sinks,score", [(False, "last"), (True, "last"), (False, "mean"),
+                                              (True, "mean")])
+def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks, score):
+    """FastV's code's rule (the last query, the default) and the paper's mean over queries."""
     hf, model, params, ids, visual, sinks = llama
-    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks)
-    out = run(model, params, ids, visual, sinks, prune=TokenPruning(2, 0.5, keep_sinks))
+    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, score)
+    if score == "last":  # the two rules really keep other tokens here
+        assert not np.array_equal(kept, fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, "mean")[0])
+    prune = TokenPruning(2, 0.5, keep_sinks, score) if score == "mean" else TokenPruning(2, 0.5, keep_sinks)
+    out = run(model, params, ids, visual, sinks, prune=prune)
     ours = np.take_along_axis(np.asarray(out.logits), kept[..., None], 1)
     assert_close(ours, ref, what="logits at the kept tokens")
     assert out.attentions[-1].shape[-1] == 20 - 6  # the later layers really ran on 14 tokens
     if keep_sinks:
         assert all(np.isin(np.flatnonzero(sinks[b]), kept[b]).all() for b in range(2))
+
+
+def test_last_query_of_left_and_right_padded_rows():
+    """score "last" reads the last real query's row whatever the padding side (hand-built
+    attention: query q pays everything to key q); "mean" averages the real queries'."""
+    from vitsink_jax.interventions.pruning import attention_received
+
+    w = jnp.broadcast_to(jnp.eye(4), (2, 2, 4, 4))                     # [B, H, T, T]
+    mask = jnp.asarray([[0, 0, 1, 1], [1, 1, 0, 0]])                   # left pad, right pad
+    np.testing.assert_array_equal(attention_received(w, mask), [[0, 0, 0, 1], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(attention_received(w, mask, "mean"),
+                                  [[0, 0, .5, .5], [.5, .5, 0, 0]])
+
+
+def test_scoring_prunes_from_the_prompt_as_generation_does(tmp_path):
+    """A likelihood row (prompt + candidate) ranks the visual tokens by the prompt's last token,
+    as generation's prefill of the prompt: the prompt's logits equal the prompt-only forward's.
+    Without the prompt mask the candidate's last token ranks (other tokens kept here).
+    eval_lib.prompt_tokens marks the prompt of the scorer's right-padded rows."""
+    from vitsink_jax.eval_lib import prompt_tokens
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    prompt = [1, 5, 6] + [IMAGE_TOKEN] * n + [7, 8]
+    full = np.array([prompt + [30, 41, 52]] * 2)
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
+    pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5)))
+    targets = np.full(full.shape, -1)
+    targets[:, len(prompt) - 1:-1] = full[:, len(prompt):]
+    marked = prompt_tokens(jnp.ones(full.shape, jnp.int32), jnp.asarray(targets))
+    np.testing.assert_array_equal(marked, np.arange(full.shape[1])[None].repeat(2, 0) < len(prompt))
+    alone = pruned.apply({"params": params}, jnp.asarray(full[:, :len(prompt)]), pixels).logits
+    ours = pruned.apply({"params": params}, jnp.asarray(full), pixels, prompt_mask=marked).logits
+    np.testing.assert_allclose(ours[:, :len(prompt)], alone, atol=1e-5)
+    unmasked = pruned.apply({"params": params}, jnp.asarray(full), pixels).logits
+    assert not np.allclose(unmasked[:, :len(prompt)], alone, atol=1e-5)
+    np.testing.assert_array_equal(prompt_tokens(jnp.asarray([[1, 1, 0]]), jnp.asarray([[-1, -1, -1]])),
+                                  [[True, True, False]])  # next-token rows: the whole row
 
 
 def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
@@ -98,7 +147,7 @@ def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
 def test_pruning_ratio_zero_and_var_budget_zero_equal_stock(llama):
     _, model, params, ids, visual, sinks = llama
     stock = model.apply({"params": params}, jnp.asarray(ids)).logits
-    for iv in (dict(prune=TokenPruning(2, 0.0)), dict(var=AttentionRedistribution(p=1.0))):
+    for iv in (dict(prune=TokenPruning(2, 0.0)), dict(var=AttentionRedistribution(p=1.0, sinks="vit"))):
         np.testing.assert_allclose(run(model, params, ids, visual, sinks, **iv).logits, stock, atol=1e-5)
 
 
@@ -138,16 +187,64 @@ def test_var_matches_the_loop_and_keeps_rows_normalised():
                                atol=1e-7)
 
 
-def test_var_inside_the_model_moves_attention_off_the_sinks(llama):
+@pytest.mark.parametrize("queries", ["after-image", "all"])
+def test_var_inside_the_model_moves_attention_off_the_sinks(llama, queries):
+    """The official code changes the queries after the image only (slots 15-19 here); "all"
+    the image's queries too."""
     _, model, params, ids, visual, sinks = llama
-    var = AttentionRedistribution(p=0.2, rho=1.0, summ=0.0, first_layer=1, skip_last=False)
+    var = AttentionRedistribution(p=0.2, rho=1.0, summ=0.0, first_layer=1, skip_last=False,
+                                  sinks="vit", queries=queries)
     stock = run(model, params, ids, visual, sinks)
     out = run(model, params, ids, visual, sinks, var=var)
-    a, b = np.asarray(stock.attentions[2]), np.asarray(out.attentions[2])
+    a, b = np.asarray(stock.attentions[1]), np.asarray(out.attentions[1])  # layer 1: same inputs
     np.testing.assert_allclose(b.sum(-1), 1.0, atol=1e-5)
     sink_share = lambda w: (w * sinks[:, None, None, :]).sum(-1)  # noqa: E731
-    assert np.all(sink_share(b)[:, :, 10:] < sink_share(a)[:, :, 10:])
+    assert np.all(sink_share(b)[:, :, 15:] < sink_share(a)[:, :, 15:])
+    if queries == "after-image":
+        np.testing.assert_allclose(b[:, :, :15], a[:, :, :15], atol=1e-6)
+    else:
+        assert np.all(sink_share(b)[:, :, 10:15] < sink_share(a)[:, :, 10:15])
     np.testing.assert_allclose(np.asarray(out.attentions[0]), np.asarray(stock.attentions[0]), atol=1e-6)
+
+
+def test_var_as_the_official_code_hand_computed():
+    """One head, keys [BOS (text sink), v0 (visual sink), v1, v2, text], p = 0.6, rho = 0.5,
+    summ = 0.2. Query 1 (after the image) pays [.3, .1, .2, .2, .2]: a = .5, s = .1 / .5 = .2,
+    image-centric; BOS -> .18, v0 -> .06, budget .4 x .4 = .16 to v1, v2 in ratio .2 : .2.
+    Query 0 (an image query) stays. With BOS the only sink (no visual sink) the official code
+    leaves the layer alone; without that requirement BOS's budget .12 goes to v0 v1 v2 (1:2:2)."""
+    row = [.3, .1, .2, .2, .2]
+    w = jnp.asarray([[[row, row]]], jnp.float32)                                  # [1, 1, 2, 5]
+    visual = jnp.asarray([[False, True, True, True, False]])
+    both, bos = jnp.asarray([[True, True, False, False, False]]), jnp.asarray([[True] + [False] * 4])
+    queries = jnp.asarray([[False, True]])
+    got = redistribute(w, visual, both, 0.6, 0.5, 0.2, queries, True)[0, 0]
+    np.testing.assert_allclose(got, [row, [.18, .06, .28, .28, .2]], atol=1e-6)
+    np.testing.assert_allclose(redistribute(w, visual, bos, 0.6, 0.5, 0.2, queries, True)[0, 0], [row, row])
+    np.testing.assert_allclose(redistribute(w, visual, bos, 0.6, 0.5, 0.2, queries)[0, 0, 1],
+                               [.18, .124, .248, .248, .2], atol=1e-6)
+
+
+def test_var_prefill_queries_and_sink_dims_found_on_data(tmp_path):
+    """queries_after_visual: after each row's last visual token, all in a row without one;
+    llm_sink_dims finds a dimension planted as a massive activation at BOS, none without."""
+    from vitsink_jax.interventions.var import llm_sink_dims, queries_after_visual
+
+    vis = jnp.asarray([[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(queries_after_visual(vis), [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [1] * 5])
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    n = model.config.num_image_tokens
+    batch = {"ids": np.array([[1, 5] + [IMAGE_TOKEN] * n + [7, 8]]), "mask": np.ones((1, n + 4), np.int32),
+             "pixels": np.random.default_rng(0).normal(size=(1, 3, 28, 28)).astype(np.float32)}
+    assert llm_sink_dims(model, params, batch) == ()
+    planted = jax.tree_util.tree_map(lambda x: x, params)
+    table = planted["language_model"]["model"]["embed_tokens"]["embedding"]
+    planted["language_model"]["model"]["embed_tokens"]["embedding"] = table.at[1, 3].set(1e4)
+    assert llm_sink_dims(model, planted, batch) == (3,)
+    with pytest.raises(ValueError, match="sink_dims"):
+        model.clone(interventions=Interventions(var=AttentionRedistribution())).apply(
+            {"params": params}, jnp.asarray(batch["ids"]), jnp.asarray(batch["pixels"]))
 
 
 def test_lvlm_pruning_keeps_the_vit_sinks_and_needs_one_image_per_row(tmp_path):
@@ -219,6 +316,84 @@ def test_test_time_registers_remove_a_planted_outlier():
     assert out.last_hidden_state.shape == (2, 17, 32) and out.attentions[0].shape == (2, 4, 17, 17)
 
 
+def test_test_time_registers_as_the_authors_code_hand_computed():
+    """move_to_registers: the register gets the signed activation of largest magnitude over all
+    tokens and the layer's neurons (-7 here), at every neuron; patches 0, CLS kept. The neuron
+    search: layers up to highest_layer only, and a dense neuron (>= 0.5 at over half the
+    tokens) scores 0 (the authors' sparsity filter)."""
+    from vitsink_jax.interventions.registers import find_register_neurons, move_to_registers
+
+    act = jnp.asarray([[[1., 8., 3.], [2., 8., 4.], [-7., 8., 5.], [.5, 8., 0.]]])  # [1, CLS p p reg, 3]
+    got = move_to_registers(act, (0, 2), registers=1, prefix=1)[0]
+    np.testing.assert_array_equal(got, [[1, 8, 3], [0, 8, 0], [0, 8, 0], [-7, 8, -7]])
+    old = move_to_registers(act, (0, 2), registers=1, prefix=1, value="per-neuron-max")[0]
+    np.testing.assert_array_equal(old[3], [2, 8, 5])
+    layer0 = np.array([[[0, 9, 0], [0, 9, 4], [0, 9, 0], [0, 9, 0]]], np.float32)  # [B, N, F]
+    layer1 = np.array([[[0, 0, 0], [20, 0, 0], [0, 0, 0], [0, 0, 0]]], np.float32)
+    outliers = np.array([[False, True, False, False]])
+    assert find_register_neurons([layer0, layer1], outliers, top=2, highest_layer=0) == [
+        (0, 2, 4.0), (0, 0, 0.0)]
+    assert find_register_neurons([layer0, layer1], outliers, top=2, sparsity_filter=False) == [
+        (1, 0, 20.0), (0, 1, 9.0)]
+
+
+def test_register_search_over_distinct_images_in_chunks_up_to_the_feature_layer(tmp_path):
+    """The harness searches distinct images (search_pixels), SEARCH_CHUNK per forward: the same
+    neurons as one forward over all of them, none after the feature layer (LLaVA's -2: the
+    tower's last layer never writes the features the projector reads)."""
+    from vitsink_jax.interventions import registers as reg
+
+    hf = build(transformers.LlavaForConditionalGeneration, llava_config())
+    model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
+    c = model.config
+    pixels = np.random.default_rng(0).normal(size=(reg.SEARCH_CHUNK + 2, 3, 28, 28)).astype(np.float32)
+    rule = vj.SinkRule("topk", k=2)
+    whole = reg.tower_scores(model, params, pixels, rule)
+    layers = c.vision.num_hidden_layers
+    assert c.feature_layers == (-2,) and whole[0].shape[0] == layers
+    found = reg.register_neurons(model, params, pixels, rule, 5)
+    ref = reg.top_register_neurons(*whole, 5, highest_layer=layers - 2)
+    assert [f[:2] for f in found] == [r[:2] for r in ref]
+    np.testing.assert_allclose([f[2] for f in found], [r[2] for r in ref], rtol=1e-5)
+    assert max(layer for layer, _, _ in found) <= layers - 2
+    records = [{"image": _png_bytes(v)} for v in (10, 200, 10, 90)]  # 3 distinct images
+    assert reg.search_pixels(c, records).shape == (3, 3, 28, 28)
+
+
+def _png_bytes(value: int) -> bytes:
+    """A 28 x 28 grey PNG of ``value``, encoded."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((28, 28, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_clip_test_time_register_enters_before_the_pre_layernorm():
+    """In the authors' CLIP the zero register joins before ln_pre, so layer 0 reads ln_pre's
+    bias there: the tower equals its encoder run on [ln_pre(embeddings), bias]."""
+    from flax.core import unfreeze
+
+    from vitsink_jax.config import VisionConfig
+    from vitsink_jax.interventions import TestTimeRegisters
+    from vitsink_jax.models.vit import Encoder, VisionEmbeddings, VisionTransformer
+
+    c = VisionConfig(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
+    pixels = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 28, 28))
+    ttr = TestTimeRegisters(neurons=((0, 3), (1, 5)))
+    tower = VisionTransformer(c, test_time_registers=ttr)
+    p = unfreeze(tower.init(jax.random.PRNGKey(0), pixels)["params"])
+    ln = p["pre_layrnorm"]
+    ln["bias"] = jax.random.normal(jax.random.PRNGKey(2), ln["bias"].shape)
+    x = VisionEmbeddings(c).apply({"params": p["embeddings"]}, pixels)
+    normed = nn.LayerNorm(epsilon=c.layer_norm_eps).apply({"params": ln}, x)
+    seq = jnp.concatenate([normed, jnp.broadcast_to(ln["bias"], (2, 1, 32))], 1)
+    ref, _, _ = Encoder(c, test_time_registers=ttr).apply({"params": p["encoder"]}, seq)
+    out = tower.apply({"params": p}, pixels)
+    np.testing.assert_allclose(out.last_hidden_state, ref[:, :-1], atol=1e-5)
+
+
 def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     from vitsink_jax.generate import generate
     from vitsink_jax.models.llm import init_cache
@@ -256,8 +431,11 @@ def test_comparison_specs():
 
     assert parse("stock") == (Interventions(), "none", 0) and parse("front")[1] == "front"
     assert parse("fastv+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, keep_sinks=True)
-    assert parse("fastv")[0].prune == TokenPruning(2, 0.5)
+    assert parse("fastv")[0].prune == TokenPruning(2, 0.5) and TokenPruning().score == "last"
+    assert parse("fastv-mean+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, True, "mean")
     assert parse("var:0.5:0")[0].var == AttentionRedistribution(p=0.5, first_layer=0)
+    assert AttentionRedistribution().sinks == "dims" and AttentionRedistribution().queries == "after-image"
+    assert parse("var-vit")[0].var == AttentionRedistribution(sinks="vit")
     assert parse("registers:3")[2] == 3
     for bad in ("bogus", "fastv:x", "var:1:2:3", "fastv:1.5"):
         with pytest.raises(ValueError, match="intervention|bad token pruning"):

@@ -138,14 +138,19 @@ def test_mrope_positions_equal_get_rope_index(qwen):
 
 
 @pytest.mark.parametrize("select,positions", [("all", "original"), ("sinks", "sequential"),
-                                              ("nonsinks", "original")])
+                                              ("nonsinks", "original"), ("all", "family")])
 def test_qwen_sink_to_the_front_moves_the_3d_ids(qwen, select, positions):
     """The two largest-norm visual tokens of the one-image row move to the front of its tokens
     (or alone stay / are removed): transformers fed the rearranged merger outputs and, by hand,
     the 3-D ids (each token's own with "original"; the image's raster ids in the new order with
-    "sequential") gives the same logits at every kept token."""
+    "sequential") gives the same logits at every kept token. The policy's default ("family")
+    is "original" under multimodal RoPE: each token keeps its own (t, h, w) ids."""
     d = qwen
     policy = VisualTokenPolicy("front", select, positions, rule=vj.SinkRule("topk", k=2))
+    if positions == "family":
+        assert VisualTokenPolicy("front").positions == "family"
+        assert d["model"].clone(visual_tokens=policy).policy.positions == "original"
+        positions = "original"
     model = d["model"].clone(visual_tokens=policy)
     out = jax.jit(lambda p, i, x, m: model.apply({"params": p}, i, x, attention_mask=m, output_vision=True))(
         d["params"], jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]), jnp.asarray(d["mask"]))
@@ -255,9 +260,9 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     a.eval.length_bucket = 32
     check_shared_prefix_scoring(model, params, tok, embedded_benchmark(0, 1, 28)[:4], a.eval)
     a.benchmark.limit, a.compare.decode_steps = 4, 2
-    a.compare.specs = ("fastv+sinks:0.5:1", "var:0.6:0", "registers:2")
+    a.compare.specs = ("fastv+sinks:0.5:1", "var-vit:0.6:0", "registers:2")
     out = evaluate.run_interventions(a, tmp_path / "interventions")
-    assert set(out["results"]) == {"fastv+sinks:0.5:1", "var:0.6:0"}
+    assert set(out["results"]) == {"fastv+sinks:0.5:1", "var-vit:0.6:0"}
     assert "registers:2" in out["not_run"]
     assert all(0 <= r["accuracy"] <= 1 for r in out["results"].values())
     train_diysink_briefly(folder, tmp_path / "train")

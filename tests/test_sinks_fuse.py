@@ -113,11 +113,15 @@ def _reference_row(d, row, order, select, positions):
     ("front", "sinks", "sequential"),  # Finding 5: sink-only input, tokens deleted
     ("none", "nonsinks", "sequential"),
     ("front", "nonsinks", "original"),
+    ("front", "sinks", "family"),      # the default: sequential for LLaVA's 1-D RoPE
 ])
 def test_policy_matches_transformers_on_rearranged_inputs(llava, order, select, positions):
     d = llava
     policy = VisualTokenPolicy(order, select, positions, vj.SinkRule("threshold", tau=d["tau"]))
     model = d["model"].clone(visual_tokens=policy)
+    if positions == "family":
+        positions = "sequential"
+        assert model.policy.positions == positions
     fwd = jax.jit(lambda p, i, x: model.apply({"params": p}, i, x, output_vision=True))
     out = fwd(d["params"], jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]))
     np.testing.assert_array_equal(out.visual_arrangement.sink_mask, d["sinks"])

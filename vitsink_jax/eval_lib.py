@@ -177,6 +177,14 @@ def candidate_logprobs(logits, mask, targets, cand):
     return seq_lp, last_lp
 
 
+def prompt_tokens(mask, targets):
+    """[B, L] bool, the prompt's tokens of right-padded scoring rows (:func:`scoring_rows`): the
+    real tokens up to the first with a target (the prompt's last, which predicts the candidate's
+    first token); a row without targets is all prompt. mask, targets [B, L]."""
+    scored = targets >= 0
+    return mask.astype(bool) & (jnp.cumsum(scored, axis=1) - scored == 0)
+
+
 def make_scorer(model, strategy: str = "mesh", routed: bool = False, mesh=None):
     """Jitted, data-parallel ``score(params, ids, mask, pixels, targets, cand, route, question)``
     (params replicated, or sharded on ``mesh``).
@@ -189,7 +197,8 @@ def make_scorer(model, strategy: str = "mesh", routed: bool = False, mesh=None):
     """
     def score(params, ids, mask, pixels, targets, cand, route, question):
         out = model.apply({"params": params}, ids, pixels, attention_mask=mask, output_vision=True,
-                          route=route if routed else None, question_mask=question)
+                          route=route if routed else None, question_mask=question,
+                          prompt_mask=prompt_tokens(mask, targets))
         sinks = jnp.sum(model.visual_sinks(out.vision_features), -1)
         return (*candidate_logprobs(out.logits, mask, targets, cand), sinks)
 

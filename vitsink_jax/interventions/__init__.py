@@ -2,11 +2,11 @@
 
 * :class:`TokenPruning` - FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2",
   ECCV 2024): after LLM layer K drop the share r of visual tokens that received the least
-  attention; ``keep_sinks`` makes it sink-aware (ViT sinks are never dropped, after this
+  attention from the prompt's last token (FastV's code); ``keep_sinks`` makes it sink-aware (ViT sinks are never dropped, after this
   paper's finding that they carry the global meaning). The sequence really gets shorter.
 * :class:`AttentionRedistribution` - VAR (Kang et al., "See What You Are Told: Visual Attention
   Sink in Large Multimodal Models", ICLR 2025): in image-centric heads, part of the attention
-  paid to sink tokens is moved to the non-sink visual tokens.
+  paid to sink tokens is moved to the non-sink visual tokens (the official code's rules).
 * :class:`TestTimeRegisters` - Jiang et al., "Vision Transformers Don't Need Trained Registers"
   (2025): the ViT MLP neurons that write the high-norm outliers are redirected into an extra
   token that is never passed on, removing the sinks without training.
@@ -25,13 +25,15 @@ class TokenPruning:
     """layer: K, visual tokens are dropped after the first K LLM layers (FastV: 2).
     ratio: r, the share of each image's visual tokens dropped (FastV: 0.5).
     keep_sinks: never drop a ViT sink (the model's sink rule), the sink-aware variant.
-    score: "mean" (attention received, averaged over heads and all query tokens: FastV's rule)
-      or "last" (attention from the last token only)."""
+    score: "last" (attention from the prompt's last token, averaged over heads: FastV's code,
+      the default) or "mean" (averaged over heads and every prompt token: the FastV paper's
+      text). Only the prompt's queries vote: in likelihood scoring the candidate answer does
+      not (the selection equals generation's, made at prefill)."""
 
     layer: int = 2
     ratio: float = 0.5
     keep_sinks: bool = False
-    score: str = "mean"
+    score: str = "last"
 
     def dropped(self, num_visual: int) -> int:
         """Visual tokens dropped per row (static) out of ``num_visual``."""
@@ -40,49 +42,69 @@ class TokenPruning:
     def __post_init__(self):
         if self.layer < 1 or not 0 <= self.ratio < 1 or self.score not in ("mean", "last"):
             raise ValueError(f"bad token pruning: layer={self.layer} (>= 1), ratio={self.ratio} "
-                             f"(in [0, 1)), score={self.score!r} (mean | last)")
+                             f"(in [0, 1)), score={self.score!r} (last | mean)")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionRedistribution:
-    """VAR. p: the share of sink attention kept (1 = stock; the method's 0.6);
-    rho: a head is image-centric for a query when at most this share of its visual attention
-    goes to visual sinks, and summ: it pays at least this much attention to the image at all.
-    sinks: "vit" (the ViT sinks of the model's sink rule) or "dims" (LLM sink tokens: tokens with
-    max over ``sink_dims`` of |h[d]| / RMS(h) > tau in the layer's input, the method's rule).
-    Layers from ``first_layer``; the last layer is skipped when ``skip_last``."""
+    """VAR, by default as its official code (MICV-yonsei/VisAttnSink) runs it. p: the share of
+    sink attention kept (1 = stock; the method's 0.6); rho: a head is image-centric for a query
+    when at most this share of its visual attention goes to visual sinks, and summ: it pays at
+    least this much attention to the image at all.
+    sinks: "dims" (the official rule: LLM sink tokens, text ones such as BOS included, those
+    with max over ``sink_dims`` of |h[d]| / RMS(h) >= tau in the layer's input; their budget
+    goes to the image too) or "vit" (the ViT sinks of the model's sink rule, this library's
+    variant). sink_dims: the LLM's sink dimensions (needed with "dims";
+    :func:`vitsink_jax.interventions.var.llm_sink_dims` finds them on data).
+    queries: "after-image" (the official code: in a prefill only the queries after the image
+    change, while decoding every query) or "all" (every query, image tokens included).
+    visual_sink_required: a layer (per row) whose keys hold no visual sink is left alone (the
+    official code); False redistributes the text sinks' attention there too.
+    Layers from ``first_layer`` (the official code finds sinks from layer 2); the last layer is
+    skipped when ``skip_last``. The earlier behaviour here: sinks="vit", queries="all",
+    visual_sink_required=False."""
 
     p: float = 0.6
     rho: float = 0.5
     summ: float = 0.2
-    sinks: str = "vit"
+    sinks: str = "dims"
     sink_dims: tuple = ()
     tau: float = 20.0
     first_layer: int = 2
     skip_last: bool = True
+    queries: str = "after-image"
+    visual_sink_required: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.p <= 1 or self.sinks not in ("vit", "dims") or (
-                self.sinks == "dims" and not self.sink_dims):
+        if not 0 <= self.p <= 1 or self.sinks not in ("vit", "dims") or self.queries not in (
+                "after-image", "all"):
             raise ValueError(f"bad attention redistribution: p={self.p} (in [0, 1]), "
-                             f"sinks={self.sinks!r} (vit | dims; dims needs sink_dims)")
+                             f"sinks={self.sinks!r} (dims | vit), queries={self.queries!r} "
+                             f"(after-image | all)")
 
 
 @dataclasses.dataclass(frozen=True)
 class TestTimeRegisters:
     """neurons: ((layer, neuron), ...) ViT MLP neurons that write the outliers (see
     :func:`vitsink_jax.interventions.registers.find_register_neurons`); registers: extra tokens
-    appended to the ViT sequence (zeros), dropped before the projector; scale: the registers'
-    activation = scale x the neuron's max over the tokens; the patches' activation becomes 0."""
+    appended to the ViT sequence (zeros; a CLIP tower's before its pre-LayerNorm, as the
+    authors' code adds them, so they enter layer 0 as its bias), dropped before the projector;
+    scale, value: the registers' activation = scale x the peak of
+    :func:`~vitsink_jax.interventions.registers.move_to_registers` ("sign-max", the authors':
+    one signed peak over the tokens and the layer's neurons; "per-neuron-max": each neuron's
+    max); the patches' activation becomes 0."""
 
     neurons: tuple = ()
     registers: int = 1
     scale: float = 1.0
+    value: str = "sign-max"
 
     def __post_init__(self):
-        if self.registers < 1 or any(len(n) != 2 for n in self.neurons):
+        if self.registers < 1 or any(len(n) != 2 for n in self.neurons) or self.value not in (
+                "sign-max", "per-neuron-max"):
             raise ValueError(f"bad test-time registers: registers={self.registers} (>= 1), "
-                             f"neurons={self.neurons} (pairs of layer, neuron)")
+                             f"neurons={self.neurons} (pairs of layer, neuron), value={self.value!r} "
+                             f"(sign-max | per-neuron-max)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,29 +122,36 @@ class Interventions:
         return num_visual - (self.prune.dropped(num_visual) if self.prune else 0)
 
 
-SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | var[:p[:first_layer]] | "
+SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | fastv-mean[:ratio[:layer]] | "
+             "fastv-mean+sinks[:ratio[:layer]] | var[:p[:first_layer]] | var-vit[:p[:first_layer]] | "
              "registers[:neurons]")
+FASTV = {"fastv": ("last", False), "fastv+sinks": ("last", True), "fastv-mean": ("mean", False),
+         "fastv-mean+sinks": ("mean", True)}  # spec name -> (TokenPruning.score, keep_sinks)
 
 
 def parse(spec: str) -> tuple[Interventions, str, int]:
     """A comparison spec -> (interventions, visual-token order, register neurons to find).
 
     "stock", "front" (sink-to-the-front, this paper), "fastv:0.5:2" (FastV, ratio 0.5 after layer
-    2), "fastv+sinks:0.5" (sink-aware pruning), "var:0.6:2" (VAR keeping 60% of sink attention,
-    from layer 2 on),
-    "registers:10" (test-time registers on the 10 top register neurons, found on the data).
+    2, ranked by the prompt's last token as FastV's code), "fastv+sinks:0.5" (sink-aware pruning),
+    "fastv-mean:0.5:2" / "fastv-mean+sinks" (ranked by the mean over the prompt's tokens),
+    "var:0.6:2" (VAR as its official code, keeping 60% of sink attention from layer 2 on: LLM
+    sinks of ``sink_dims``, left empty here for the harness to find on the data), "var-vit:0.6:2"
+    (the same on the ViT sinks), "registers:10" (test-time registers on the 10 top register neurons, found on the data).
     """
     name, *args = spec.split(":")
     try:
         nums = [float(a) for a in args]
         if name in ("stock", "front") and not nums:
             return Interventions(), "front" if name == "front" else "none", 0
-        if name in ("fastv", "fastv+sinks") and len(nums) <= 2:
+        if name in FASTV and len(nums) <= 2:
             ratio, layer = (nums + [0.5, 2.0][len(nums):])[:2]
-            return Interventions(prune=TokenPruning(int(layer), ratio, name == "fastv+sinks")), "none", 0
-        if name == "var" and len(nums) <= 2:
+            score, keep_sinks = FASTV[name]
+            return Interventions(prune=TokenPruning(int(layer), ratio, keep_sinks, score)), "none", 0
+        if name in ("var", "var-vit") and len(nums) <= 2:
             p, first = (nums + [0.6, 2.0][len(nums):])[:2]
-            return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first))), "none", 0
+            sinks = "vit" if name == "var-vit" else "dims"
+            return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first), sinks=sinks)), "none", 0
         if name == "registers" and len(nums) <= 1:
             return Interventions(), "none", int(nums[0]) if nums else 10
     except ValueError as e:

@@ -10,13 +10,16 @@ import jax
 import jax.numpy as jnp
 
 
-def attention_received(weights, mask, mode: str = "mean"):
+def attention_received(weights, mask, mode: str = "last"):
     """How much attention each token received in one layer.
 
     Args:
       weights: [B, H, T, T] attention probabilities (rows: queries).
-      mask: [B, T] 1 = real token (padding queries do not vote) or None.
-      mode: "mean" (average over heads and real queries, FastV) or "last" (the last real query).
+      mask: [B, T] 1 = a query that votes (a real prompt token: padding and, in likelihood
+        scoring, the candidate answer do not vote) or None (every query).
+      mode: "last" (the last voting query, averaged over heads: FastV's code,
+        ``last_layer_attention_avg[-1]``; left and right padding alike) or "mean" (averaged over
+        heads and every voting query: the FastV paper's text).
     Returns:
       [B, T] float32.
     """
@@ -25,7 +28,7 @@ def attention_received(weights, mask, mode: str = "mean"):
     b, t, _ = w.shape
     m = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
     if mode == "last":
-        last = jnp.sum(m, axis=1).astype(jnp.int32) - 1
+        last = jnp.max(jnp.where(m > 0, jnp.arange(t)[None], 0), axis=1)
         return jnp.take_along_axis(w, last[:, None, None], axis=1)[:, 0]
     return jnp.einsum("bq,bqk->bk", m, w) / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
 

@@ -36,7 +36,7 @@ from flax import linen as nn
 
 from ..config import TextConfig
 from ..interventions import Interventions, pruning
-from ..interventions.var import redistribute
+from ..interventions.var import queries_after_visual, redistribute
 from ..sinks.detect import llm_sink_mask
 from ..parallel import constrain_rows, whole
 from .attention import DecoderBlock, make_attention_mask, same_block, window_mask
@@ -167,7 +167,7 @@ class DecoderModel(nn.Module):
     def __call__(self, inputs_embeds, attention_mask=None, position_ids=None,
                  output_attentions=False, cache: Optional[KVCache] = None,
                  interventions: Optional[Interventions] = None, visual_mask=None, sink_mask=None,
-                 num_visual: int = 0, image_blocks=None):
+                 num_visual: int = 0, image_blocks=None, prompt_mask=None):
         """inputs_embeds [B, T, D] -> (normed last [B, T, D], hidden states, attentions, cache).
 
         ``image_blocks`` [B, T] int32 (Gemma 3's image attention): each image's id at its
@@ -183,7 +183,9 @@ class DecoderModel(nn.Module):
         drops int(ratio x ``num_visual``) tokens per row (every row must hold ``num_visual``
         visual tokens). With pruning, layers after K run on the T' kept tokens; the outputs are
         scattered back to T slots (zeros at pruned tokens; attentions of those layers stay
-        [B, H, T', T']).
+        [B, H, T', T']). ``prompt_mask`` [B, T] (1 = a prompt token; None: every token): the
+        queries whose attention ranks the visual tokens, so that a row holding prompt +
+        candidate answer (likelihood scoring) prunes as generation's prefill of the prompt does.
         """
         b, t, _ = inputs_embeds.shape
         prune = None if interventions is None else interventions.prune
@@ -205,8 +207,8 @@ class DecoderModel(nn.Module):
                 output_attentions)
             states += list(hidden)
         else:
-            x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var,
-                                                             num_visual, output_attentions)
+            x, states, attns, kept, cache = self._layer_loop(x, tokens, cache, prune, var, num_visual,
+                                                             output_attentions, prompt_mask)
         x = self.final_layernorm(x) if self.config.is_phi else self.norm(x)
         states[-1] = x  # HF convention: the last hidden state is the normed one
         if kept is not None:  # FastV: back to T slots, zeros at the pruned tokens
@@ -226,6 +228,9 @@ class DecoderModel(nn.Module):
                                       f"{window}: the window of the kept tokens is not defined")
         if (prune or var) and not masks_given:
             raise ValueError("token pruning and VAR need visual_mask and sink_mask")
+        if var is not None and var.sinks == "dims" and not var.sink_dims:
+            raise ValueError("VAR with sinks='dims' needs sink_dims, the LLM's sink dimensions "
+                             "(interventions.var.llm_sink_dims finds them on data), or sinks='vit'")
         if self.scan_layers and (cache is not None or prune or var):
             raise NotImplementedError("scan_layers=True runs plain forwards (training, scoring); "
                                       "for a KV cache or interventions use the loop layout "
@@ -243,8 +248,10 @@ class DecoderModel(nn.Module):
             raise ValueError("token pruning with a KV cache needs init_cache(..., pruning=(layer, "
                              "dropped tokens)) matching the pruning (generate() does this)")
 
-    def _layer_loop(self, x, tokens, cache, prune, var, num_visual, output_attentions):
+    def _layer_loop(self, x, tokens, cache, prune, var, num_visual, output_attentions,
+                    prompt_mask=None):
         """The loop layout: x [B, T, D] through every layer, with the KV cache, FastV pruning
+        (ranked by the queries of ``prompt_mask`` [B, T] or None: all)
         and VAR when given -> (last hidden [B, T', D], hidden states [x, L x [B, T or T', D]],
         L attention weights [B, H, T or T', S] or None, kept [B, T'] int32 or None, the
         updated cache or None). T' = T - dropped from layer K on (pruning; else T' = T); S = T
@@ -262,7 +269,7 @@ class DecoderModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == split:
                 if prune is not None:
-                    kept, x, live = _prune(prune, attns[-1], x, live, cache, num_visual)
+                    kept, x, live = _prune(prune, attns[-1], x, live, cache, num_visual, prompt_mask)
                     ropes = {w: rotary_embedding(rc, live.position_ids) for w, rc in kinds.items()}
                     key_visual, key_sinks = live.visual, live.sinks  # (VAR + pruning: no cache)
                 if cache is not None:  # the pruning prefill writes its kept tokens from the same
@@ -271,7 +278,7 @@ class DecoderModel(nn.Module):
                 late_slots, masks = _kind_masks(kinds, live, None if cache is None else cache.late_mask,
                                                 index)
             adjust = self._var_adjust(var, i, x, key_visual, key_sinks, layer_sinks,
-                                      None if cache is None else cache.index)
+                                      None if cache is None else cache.index, live.visual)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             need = output_attentions or (prune is not None and i == prune.layer - 1)
             x, w, kv = layer(x, masks[windows[i]], *ropes[windows[i]], need, kv, index, adjust)
@@ -284,12 +291,14 @@ class DecoderModel(nn.Module):
                                    None if var is None else (key_visual, key_sinks, layer_sinks))
         return x, states, attns, kept, cache
 
-    def _var_adjust(self, var, i, x, visual, sinks, layer_sinks, index):
+    def _var_adjust(self, var, i, x, visual, sinks, layer_sinks, index, query_visual):
         """VAR's edit of layer i's attention probabilities [B, H, T, S] -> [B, H, T, S], or None
         where VAR is off. visual, sinks [B, S]: the keys' visual-token slots and ViT sinks; with
         sinks="dims" the sinks are the LLM sinks of the layer input x [B, T, D] instead, and with
         a cache (``layer_sinks``: L x [B, S] int32 over its slots) they are written into
-        ``layer_sinks[i]`` at slot ``index`` and the layer reads every slot's."""
+        ``layer_sinks[i]`` at slot ``index`` and the layer reads every slot's. query_visual
+        [B, T]: the visual slots of the T queries (queries="after-image" changes those after
+        the last)."""
         if var is None or i < var.first_layer or (var.skip_last and i == self.config.num_hidden_layers - 1):
             return None
         if var.sinks == "dims":
@@ -297,8 +306,10 @@ class DecoderModel(nn.Module):
             if layer_sinks is not None:  # this layer's mask of every cached slot
                 sinks = layer_sinks[i] = jax.lax.dynamic_update_slice(
                     layer_sinks[i], sinks.astype(jnp.int32), (0, index))
+        queries = queries_after_visual(query_visual.astype(bool)) if var.queries == "after-image" else None
         return partial(redistribute, visual=visual.astype(bool), sinks=sinks.astype(bool), p=var.p,
-                       rho=var.rho, summ=var.summ)
+                       rho=var.rho, summ=var.summ, queries=queries,
+                       visual_sink_required=var.visual_sink_required)
 
 
 class _Tokens(NamedTuple):
@@ -362,14 +373,18 @@ def _kind_masks(kinds: dict, tokens: _Tokens, slot_mask, index):
     return next(iter(out.values()))[0], {w: m for w, (_, m) in out.items()}
 
 
-def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int):
+def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int, prompt_mask=None):
     """FastV after layer K: ranks the visual tokens by the attention they received in layer K-1
-    (``weights`` [B, H, T, S]; with a cache the T columns of the new tokens' slots) and keeps all
-    but the int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``).
+    (``weights`` [B, H, T, S]; with a cache the T columns of the new tokens' slots) from the
+    real tokens of ``prompt_mask`` [B, T] (None: every real token) and keeps all but the
+    int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``).
     x [B, T, D] -> (kept [B, T'] int32 ascending, x [B, T', D], the T' tokens)."""
     received = weights if cache is None else jax.lax.dynamic_slice_in_dim(
         weights, cache.index, x.shape[1], axis=-1)
-    scores = pruning.attention_received(received, tokens.attention_mask, prune.score)
+    voters = tokens.attention_mask
+    if prompt_mask is not None:
+        voters = prompt_mask if voters is None else voters.astype(bool) & prompt_mask.astype(bool)
+    scores = pruning.attention_received(received, voters, prune.score)
     kept = pruning.keep_indices(scores, tokens.visual, tokens.sinks if prune.keep_sinks else None,
                                 prune.dropped(num_visual))
     return kept, pruning.gather_tokens(x, kept), tokens.gather(kept)

@@ -5,6 +5,8 @@ vision tower -> feature layer(s) and CLS selection -> projector -> written into 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,7 +139,8 @@ class LlavaForConditionalGeneration(nn.Module):
     visual tokens after the ViT and before the projector: sink-to-the-front and its variants.
     Switch it on an existing model with ``model.clone(visual_tokens=VisualTokenPolicy("front"))``;
     the params do not change. Dropped tokens are masked out of attention (their own logits are
-    meaningless) and, with "sequential" positions, the later tokens' positions close the gap.
+    meaningless) and, with "sequential" positions, the later tokens' positions close the gap
+    (the policy's default positions are the family's: :meth:`family_positions`).
 
     ``interventions`` (:mod:`vitsink_jax.interventions`, none by default) switches on FastV /
     sink-aware token pruning, VAR attention redistribution and test-time registers the same way.
@@ -180,12 +183,15 @@ class LlavaForConditionalGeneration(nn.Module):
         """The visual-token policy in force: ``visual_tokens``, or for a DIYSink model sinks first
         with the DIYSink rule and selection, of which ``visual_tokens`` changes only the
         selection (non-"all": the sink-only / non-sink-only ablation) and the positions.
+        Positions "family" resolve to this family's default (:meth:`family_positions`).
 
         A DIYSink model's projectors were trained on its own layout and sink rule, so it refuses
         (ValueError naming it) any order but "none" (its own layout: "front" would be a second
         name for it, "end" is not what it was trained on) and any rule but its own; the default
         ``SinkRule()`` of a policy stands for "the model's own"."""
         d, v = self.config.diysink, self.visual_tokens
+        if v.positions == "family":
+            v = dataclasses.replace(v, positions=self.family_positions())
         if d is None:
             return v
         if v.order != "none":
@@ -196,6 +202,12 @@ class LlavaForConditionalGeneration(nn.Module):
             raise ValueError(f"sink rule {v.rule} does not apply to a DIYSink model trained with "
                              f"{d.rule}; leave the policy's rule at its default or use the model's")
         return VisualTokenPolicy("front", d.select if v.select == "all" else v.select, v.positions, d.rule)
+
+    def family_positions(self) -> str:
+        """The visual tokens' positions after a rearrangement by default: "original" under
+        multimodal RoPE (each token keeps its (t, h, w) ids: the spatial ids stay, as the paper
+        notes), "sequential" with 1-D RoPE (the paper's reading: positions follow the new order)."""
+        return "original" if self.config.text.mrope_section is not None else "sequential"
 
     def vision_features(self, pixel_values, output_attentions: bool = False):
         """pixel_values [N, C, H, W] -> (the features whose norms the sink rule reads, one per
@@ -331,7 +343,7 @@ class LlavaForConditionalGeneration(nn.Module):
                  output_hidden_states: bool = False, output_attentions: bool = False,
                  output_vision: bool = False, route=None, question_mask=None,
                  cache=None, has_image=None, head: bool = True,
-                 one_image_per_row: bool = False) -> LlavaOutput:
+                 one_image_per_row: bool = False, prompt_mask=None) -> LlavaOutput:
         """route: [N_img] int per-image token selection (0 all, 1 sink-only, 2 non-sink-only),
         e.g. from CoT routing; concrete codes outside 0..2 raise, traced ones give NaN logits.
         question_mask: [B, T] bool, the question tokens DIYSink's ReW reads (required by a ReW
@@ -350,7 +362,10 @@ class LlavaForConditionalGeneration(nn.Module):
         where the logits would be, for a loss applying :meth:`head` chunk by chunk).
         one_image_per_row: row b holds the tokens of image b and only those (training's rows):
         the features merge row by row (:func:`merge_image_features` ``per_row``); a row with
-        another count of image tokens gives NaN logits."""
+        another count of image tokens gives NaN logits.
+        prompt_mask: [B, T], 1 at the prompt's tokens of a row that continues with a candidate
+        answer (likelihood scoring): FastV pruning ranks the visual tokens by these queries'
+        attention only, as generation's prefill of the prompt does (None: every token)."""
         c = self.config
         # an image id outside the vocabulary (the LLaVA codebase's) is never embedded
         text_ids = input_ids if c.image_token_index < c.text.vocab_size else jnp.where(
@@ -422,7 +437,8 @@ class LlavaForConditionalGeneration(nn.Module):
         if pixel_values is not None:
             extra = self.llm_inputs(input_ids)
             if self.interventions.prune or self.interventions.var:
-                extra.update(self.intervention_inputs(selected, arrangement, is_image))
+                extra.update(self.intervention_inputs(selected, arrangement, is_image),
+                             prompt_mask=prompt_mask)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids,
                                   output_hidden_states=output_hidden_states,

@@ -62,7 +62,7 @@ def register_edit(ttr: Optional[TestTimeRegisters], layer: int, config: VisionCo
     if not neurons:
         return None
     return partial(move_to_registers, neurons=tuple(neurons), registers=ttr.registers,
-                   prefix=config.prefix_tokens, scale=ttr.scale)
+                   prefix=config.prefix_tokens, scale=ttr.scale, value=ttr.value)
 
 
 class VisionEmbeddings(nn.Module):
@@ -220,12 +220,13 @@ class VisionTransformer(nn.Module):
         check_pixels(c, pixel_values)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
-        x = VisionEmbeddings(c, name="embeddings", **kw)(pixel_values)
+        ttr = self.test_time_registers
+        # test-time registers join before CLIP's pre-LayerNorm (the authors' code)
+        x = with_registers(VisionEmbeddings(c, name="embeddings", **kw)(pixel_values), ttr)
         if c.has_class_token:
             x = ln("pre_layrnorm")(x)
-        ttr = self.test_time_registers
         last, states, attns = Encoder(c, name="encoder", test_time_registers=ttr, **kw)(
-            with_registers(x, ttr), output_attentions)
+            x, output_attentions)
         last, states, attns = without_registers(ttr, last, states, attns)
         if c.has_class_token:  # CLIP: last_hidden_state un-normed, pooled = post-LN CLS
             pooled = ln("post_layernorm")(last[:, 0])

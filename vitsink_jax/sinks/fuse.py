@@ -25,7 +25,7 @@ from .detect import SinkRule
 
 ORDERS = ("none", "front", "end")
 SELECTS = ("all", "sinks", "nonsinks")
-POSITIONS = ("sequential", "original")
+POSITIONS = ("family", "sequential", "original")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,16 +35,19 @@ class VisualTokenPolicy:
     order: "none" (stock model, exact HF parity), "front" (the paper's sink-to-the-front) or
       "end" (sinks last, the paper's appendix variant).
     select: "all", "sinks" (sink-only input) or "nonsinks" (sinks removed); Finding 5's ablation.
-    positions: LLM position ids of the visual tokens. "sequential" (default, the paper's reading):
-      positions follow the new order, as if the permuted features had been written into the
-      prompt. "original": every token keeps the position id it had in the stock model (dropped
-      tokens leave gaps), i.e. the permutation only changes the causal order.
+    positions: LLM position ids of the visual tokens. "sequential" (the paper's reading for 1-D
+      RoPE): positions follow the new order, as if the permuted features had been written into
+      the prompt. "original": every token keeps the position id it had in the stock model
+      (dropped tokens leave gaps), i.e. the permutation only changes the causal order; under
+      multimodal RoPE (Qwen2.5-VL) each token keeps its own (t, h, w) ids, as the paper notes
+      spatial ids must stay. "family" (default): "original" for a multimodal-RoPE LLM,
+      "sequential" otherwise (the LVLM's ``policy`` resolves it).
     rule: how sinks are detected on the projector-input features (see :class:`SinkRule`).
     """
 
     order: str = "none"
     select: str = "all"
-    positions: str = "sequential"
+    positions: str = "family"
     rule: SinkRule = SinkRule()
 
     def __post_init__(self):
