@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, parallel, paths, train_lib
+from vitsink_jax import atomic, cli, compile_cache, parallel, paths, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.convert.checkpoint_io import resolve_model_path
@@ -486,11 +487,76 @@ class MetricLog:
             self.tb.close()
 
 
+def owner(workdir) -> str:
+    """Who a workdir's export and published folders belong to (their stamp's owner,
+    :mod:`vitsink_jax.atomic`): the workdir, absolute."""
+    return str(workdir) if paths.is_remote(workdir) else str(Path(workdir).absolute())
+
+
+def on_writer(decide):
+    """``decide()`` as process 0 finds it, in every process (the export and the published
+    folder are on process 0's disk; hosts need not share one)."""
+    return parallel.allgather_objects(decide() if jax.process_index() == 0 else None)[0]
+
+
+def check_target(cfg, folder, workdir, what: str) -> None:
+    """Refuses (SystemExit naming ``folder`` and a file in it) to write ``what`` into ``folder``
+    when it holds files this workdir's runs did not write there, unless
+    ``cfg.overwrite_export`` says to replace it. Called before any training."""
+    if cfg.overwrite_export:
+        return
+    foreign = on_writer(lambda: atomic.stranger(folder, owner(workdir)))
+    if foreign:
+        raise SystemExit(f"error: {folder} holds files this workdir did not write ({foreign}); the "
+                         f"{what} would replace that folder whole: move them away, use another "
+                         "--workdir, or replace it with --config.overwrite_export=True")
+
+
+def write_export(cfg, workdir, model, params, tokenizer):
+    """Writes the trained model (vj.save_pretrained, float32, streamed from the shards: a
+    collective for global arrays) and the tokenizer into ``workdir/export``, stamped as this
+    workdir's: prepared aside (:func:`vitsink_jax.atomic.staging`) by process 0 and put in
+    place of the folder there whole. The export records the images it trained on
+    (``data.image_aspect_ratio``)."""
+    export = workdir / "export"
+    aspect = cfg.data.image_aspect_ratio
+    if aspect != "auto" and hasattr(model.config, "image_aspect_ratio"):
+        model = model.clone(config=dataclasses.replace(model.config, image_aspect_ratio=aspect))
+    staged, writer = atomic.staging(export), jax.process_index() == 0
+    if writer:
+        shutil.rmtree(staged, ignore_errors=True)  # an interrupted run's
+    try:
+        if parallel.is_global(params) or writer:  # a collective for global arrays
+            vj.save_pretrained(model, params, staged, dtype=jnp.float32)
+        if writer:
+            tokenizer.save_pretrained(str(staged))
+            atomic.stamp(staged, owner(workdir), stage=cfg.stage, steps=cfg.steps)
+            atomic.replace_folder(staged, export)
+    finally:
+        if writer:
+            shutil.rmtree(staged, ignore_errors=True)
+    return export
+
+
+def finished(cfg, workdir, manager) -> dict | None:
+    """The summary of this run when it has nothing left to do (its newest checkpoint is at step
+    ``cfg.steps``, train_summary.json and an intact export of this workdir are there), else
+    None."""
+    def check():
+        summary = workdir / "train_summary.json"
+        if manager.latest_step() != cfg.steps or not summary.is_file():
+            return None
+        return json.loads(summary.read_text()) if atomic.intact(workdir / "export", owner(workdir)) else None
+    return on_writer(check)
+
+
 def train(cfg, workdir: Path) -> dict:
-    """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
+    """Runs (or resumes) one stage; returns the summary also written to train_summary.json. A
+    finished run (:func:`finished`) changes nothing and returns its summary."""
     check_options(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.init_distributed(cfg.distributed)
+    check_target(cfg, workdir / "export", workdir, "export")
     accum = cfg.optim.grad_accum
     if accum < 1 or cfg.batch_size % (jax.device_count() * accum):
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
@@ -509,6 +575,11 @@ def train(cfg, workdir: Path) -> dict:
     manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
     if manager.latest_step() is not None:  # refuse a changed run before loading anything
         check_resume(manager, manager.latest_step(), cfg, settings)
+        done = finished(cfg, workdir, manager)
+        if done is not None:
+            print(f"already at step {cfg.steps} of {cfg.steps}; nothing to do (export in "
+                  f"{workdir / 'export'})")
+            return done
     model, params, tokenizer = load_model(cfg, ckpt, mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
@@ -589,15 +660,9 @@ def train(cfg, workdir: Path) -> dict:
                 manager.save(step + 1, runner.unplace(state), {**meta, "data_step": step + 1,
                                                                "skipped_steps": skipped})
     log.close()
-    export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}
-    aspect = cfg.data.image_aspect_ratio  # the export is evaluated with the images it trained on
-    if aspect != "auto" and hasattr(model.config, "image_aspect_ratio"):
-        model = model.clone(config=dataclasses.replace(model.config, image_aspect_ratio=aspect))
-    if parallel.is_global(final) or jax.process_index() == 0:  # a collective for global arrays
-        vj.save_pretrained(model, final, export, overwrite=True, dtype=jnp.float32)
-    if jax.process_index() == 0:
-        paths.write_files(export, tokenizer.save_pretrained)
+    export = write_export(cfg, workdir, model, final, tokenizer)
+    losses = losses or loss_curve(workdir)  # no step left (a re-export): the run's logged ones
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
                "steps": cfg.steps, "resumed_from": start, "resume_changes": changes,
                "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
@@ -648,16 +713,22 @@ def loss_curve(run_dir: Path) -> list:
 
 def run_recipe(cfg, workdir: Path) -> dict:
     """Runs the stages of ``cfg.recipe`` in order (each: the config plus its overrides, in
-    ``workdir/<name>``; a finished run resumes at its last step and only re-exports), then copies
-    the exports named in ``cfg.publish`` ({published name: run name}) to ``cfg.publish_dir``
-    (default ``workdir/published``) with one training record: the recipe, every run's summary
-    (config, seed, versions, hashes) and loss curve."""
+    ``workdir/<name>``; a finished run changes nothing: :func:`finished`), then copies the
+    exports named in ``cfg.publish`` ({published name: run name}) to ``cfg.publish_dir``
+    (default ``workdir/published``, replaced whole: :func:`vitsink_jax.mini_study.publish`) with
+    one training record: the recipe, every run's summary (config, seed, versions, hashes) and
+    loss curve; unless it holds what this workdir published from these very exports already.
+    A publish folder holding files this workdir did not write there is refused before any
+    training (:func:`check_target`)."""
     from vitsink_jax import mini_study
 
     runs = [parse_run(spec, workdir) for spec in cfg.recipe]
     unknown = sorted(set(cfg.publish.values()) - {name for name, _ in runs})
     if unknown:
         raise SystemExit(f"error: publish names runs {unknown} that are not in the recipe")
+    out = paths.path(cfg.publish_dir or workdir / "published")
+    if cfg.publish:
+        check_target(cfg, out, workdir, "publish step")
     summaries = {}
     for name, overrides in runs:
         run_cfg = cfg.copy_and_resolve_references()
@@ -670,11 +741,13 @@ def run_recipe(cfg, workdir: Path) -> dict:
         print(f"== recipe run {name}: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
         summaries[name] = {**train(run_cfg, workdir / name), "loss_curve": loss_curve(workdir / name)}
     if cfg.publish:
-        out = paths.path(cfg.publish_dir or workdir / "published")
-        if jax.process_index() == 0:
-            mini_study.publish({k: workdir / run / "export" for k, run in cfg.publish.items()},
-                               {"command": " ".join(["python"] + sys.argv), "recipe": list(cfg.recipe),
-                                "runs": summaries}, out)
+        exports = {k: workdir / run / "export" for k, run in cfg.publish.items()}
+        if on_writer(lambda: mini_study.is_published(exports, out, owner(workdir))):
+            print(f"published {', '.join(cfg.publish)} in {out} already (from these exports); nothing to do")
+        elif jax.process_index() == 0:
+            mini_study.publish(exports, {"command": " ".join(["python"] + sys.argv),
+                                         "recipe": list(cfg.recipe), "runs": summaries},
+                               out, owner(workdir))
             print(f"published {', '.join(cfg.publish)} to {out}")
     return summaries
 
