@@ -37,6 +37,7 @@ Modes (``config.mode``):
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -48,8 +49,8 @@ import ml_collections
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, parallel, paths, plots, scores,
-                         timing)
+from vitsink_jax import (cli, compile_cache, eval_lib, mini_study, outputs, parallel, paths, plots,
+                         scores, timing)
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, preprocess, to_rgb
@@ -59,7 +60,8 @@ from vitsink_jax.diysink import routing_counts
 from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
 from vitsink_jax.generate import generate
 from vitsink_jax.progress import progress, write as progress_line
-from vitsink_jax.provenance import record, write_json, write_jsonl
+from vitsink_jax.outputs import write_json, write_jsonl
+from vitsink_jax.provenance import record
 from vitsink_jax.sinks import analysis, detect
 
 
@@ -848,7 +850,15 @@ def main(argv):
     parallel.init_distributed(cfg.distributed)
     if cfg.mode not in MODES:
         raise SystemExit(f"error: unknown mode {cfg.mode!r} (available: {', '.join(MODES)})")
-    MODES[cfg.mode](cfg, paths.path(flags.FLAGS.workdir))
+    workdir = paths.path(flags.FLAGS.workdir)
+    try:
+        with outputs.session(workdir):  # results moved in when the mode returns
+            MODES[cfg.mode](cfg, workdir)
+    except KeyboardInterrupt:
+        if flags.FLAGS.verbose:
+            raise
+        print(f"interrupted: {workdir} keeps the previous results", file=sys.stderr)
+        sys.exit(130)
 
 
 def define_flags() -> None:
