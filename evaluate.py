@@ -32,6 +32,10 @@ Modes (``config.mode``):
         layout, then loaded back through the converter), runs the jitted LLaVA forward on real
         photos, and reports per image the visual tokens with the largest feature norms (the ViT
         sink candidates) and the next-token prediction. Writes ``workdir/demo.json``.
+
+Every mode's results (JSON, predictions, plots) are written aside and moved into the workdir
+when it ends (:mod:`vitsink_jax.outputs`): a run stopped by Ctrl-C (one line, exit status 130)
+or an error leaves the previous run's results as they were.
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ makes one update, equal to the update on the whole batch.
 A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a row, each in
 ``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained
 model is exported with vj.save_pretrained (plus the tokenizer) to ``workdir/export``:
-evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. Metrics
+evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. The export
+(and a recipe's published folder) is written aside and replaces the folder there whole; one
+holding files this workdir did not write is refused before training starts, unless
+``--config.overwrite_export=True`` (:func:`check_target`). A workdir whose run is finished
+(checkpoint at step N of N, summary and export intact) is left as it is (:func:`finished`). Metrics
 go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``. The workdir, the
 checkpoint and the publish folder may be ``gs://`` URIs (see :mod:`vitsink_jax.paths`).
 """
@@ -542,11 +546,14 @@ def finished(cfg, workdir, manager) -> dict | None:
     """The summary of this run when it has nothing left to do (its newest checkpoint is at step
     ``cfg.steps``, train_summary.json and an intact export of this workdir are there), else
     None."""
+    if manager.latest_step() != cfg.steps:  # (every process: a collective for per-process ones)
+        return None
+
     def check():
         summary = workdir / "train_summary.json"
-        if manager.latest_step() != cfg.steps or not summary.is_file():
+        if not summary.is_file() or not atomic.intact(workdir / "export", owner(workdir)):
             return None
-        return json.loads(summary.read_text()) if atomic.intact(workdir / "export", owner(workdir)) else None
+        return json.loads(summary.read_text())
     return on_writer(check)
 
 

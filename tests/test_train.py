@@ -916,6 +916,14 @@ def test_export_holding_another_models_file_is_refused_or_replaced_whole(base, t
     assert "--config.overwrite_export=True" in str(e.value.code)
     assert snapshot(work) == before and os.listdir(work) == ["export"]
 
+    intruder = base / "export" / "special_tokens_map.json"  # into a finished workdir's own export
+    intruder.write_text('{"pad_token": "<other>"}')
+    try:
+        with pytest.raises(SystemExit, match=r"did not write \(special_tokens_map.json\)"):
+            train.train(config(steps=2), base)
+    finally:
+        intruder.unlink()
+
     shutil.rmtree(work)
     shutil.copytree(base, work)  # a copy's folders name the original workdir: not its own either
     (work / "export" / "added_tokens.json").write_text('{"<other>": 9999}')
