@@ -33,11 +33,16 @@ Modes (``config.mode``):
         layout, then loaded back through the converter), runs the jitted LLaVA forward on real
         photos, and reports per image the visual tokens with the largest feature norms (the ViT
         sink candidates) and the next-token prediction. Writes ``workdir/demo.json``.
+
+Every mode's results (JSON, predictions, plots) are written aside and moved into the workdir
+when it ends (:mod:`vitsink_jax.outputs`): a run stopped by Ctrl-C (one line, exit status 130)
+or an error leaves the previous run's results as they were.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -49,8 +54,8 @@ import ml_collections
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study, options, parallel,
-                         paths, plots, scores, timing)
+from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study, options, outputs,
+                         parallel, paths, plots, scores, timing)
 from vitsink_jax.convert import layouts
 from vitsink_jax.convert.checkpoint_io import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
@@ -61,7 +66,8 @@ from vitsink_jax.diysink import routing_counts
 from vitsink_jax.embedded import bundled_photos, demo_prompt, ensure_embedded_checkpoint
 from vitsink_jax.generate import generate
 from vitsink_jax.progress import progress, write as progress_line
-from vitsink_jax.provenance import file_stem, record, write_json, write_jsonl
+from vitsink_jax.outputs import write_json, write_jsonl
+from vitsink_jax.provenance import file_stem, record
 from vitsink_jax.sinks import analysis, detect
 
 
@@ -963,7 +969,15 @@ def main(argv):
     apply_checkpoint_settings(cfg, set(config_flags.get_override_values(flags.FLAGS["config"])))
     apply_system(cfg)
     parallel.init_distributed(cfg.distributed)
-    MODES[cfg.mode](cfg, paths.path(flags.FLAGS.workdir))
+    workdir = paths.path(flags.FLAGS.workdir)
+    try:
+        with outputs.session(workdir):  # results moved in when the mode returns
+            MODES[cfg.mode](cfg, workdir)
+    except KeyboardInterrupt:
+        if flags.FLAGS.verbose:
+            raise
+        print(f"interrupted: {workdir} keeps the previous results", file=sys.stderr)
+        sys.exit(130)
 
 
 def check_config(cfg) -> None:

@@ -11,7 +11,11 @@ makes one update, equal to the update on the whole batch.
 A config with a ``recipe`` (e.g. configs/mini_study.py) runs several stages in a row, each in
 ``workdir/<run name>``, and can publish chosen exports (see :func:`run_recipe`). The trained
 model is exported with vj.save_pretrained (plus the tokenizer) to ``workdir/export``:
-evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. Metrics
+evaluate.py loads it with ``--config.checkpoint``, transformers loads its stock part. The export
+(and a recipe's published folder) is written aside and replaces the folder there whole; one
+holding files this workdir did not write is refused before training starts, unless
+``--config.overwrite_export=True`` (:func:`check_target`). A workdir whose run is finished
+(checkpoint at step N of N, summary and export intact) is left as it is (:func:`finished`). Metrics
 go to ``workdir/metrics.jsonl`` and TensorBoard files in ``workdir/tb``. The workdir, the
 checkpoint and the publish folder may be ``gs://`` URIs (see :mod:`vitsink_jax.paths`).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import threading
 import time
@@ -33,7 +38,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import cli, compile_cache, options, parallel, paths, preemption, train_lib
+from vitsink_jax import atomic, cli, compile_cache, options, parallel, paths, preemption, train_lib
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.convert.checkpoint_io import resolve_model_path
@@ -458,11 +463,79 @@ class MetricLog:
             self.tb.close()
 
 
+def owner(workdir) -> str:
+    """Who a workdir's export and published folders belong to (their stamp's owner,
+    :mod:`vitsink_jax.atomic`): the workdir, absolute."""
+    return str(workdir) if paths.is_remote(workdir) else str(Path(workdir).absolute())
+
+
+def on_writer(decide):
+    """``decide()`` as process 0 finds it, in every process (the export and the published
+    folder are on process 0's disk; hosts need not share one)."""
+    return parallel.allgather_objects(decide() if jax.process_index() == 0 else None)[0]
+
+
+def check_target(cfg, folder, workdir, what: str) -> None:
+    """Refuses (SystemExit naming ``folder`` and a file in it) to write ``what`` into ``folder``
+    when it holds files this workdir's runs did not write there, unless
+    ``cfg.overwrite_export`` says to replace it. Called before any training."""
+    if cfg.overwrite_export:
+        return
+    foreign = on_writer(lambda: atomic.stranger(folder, owner(workdir)))
+    if foreign:
+        raise SystemExit(f"error: {folder} holds files this workdir did not write ({foreign}); the "
+                         f"{what} would replace that folder whole: move them away, use another "
+                         "--workdir, or replace it with --config.overwrite_export=True")
+
+
+def write_export(cfg, workdir, model, params, tokenizer):
+    """Writes the trained model (vj.save_pretrained, float32, streamed from the shards: a
+    collective for global arrays) and the tokenizer into ``workdir/export``, stamped as this
+    workdir's: prepared aside (:func:`vitsink_jax.atomic.staging`) by process 0 and put in
+    place of the folder there whole. The export records the images it trained on
+    (``data.image_aspect_ratio``)."""
+    export = workdir / "export"
+    aspect = cfg.data.image_aspect_ratio
+    if aspect != "auto" and hasattr(model.config, "image_aspect_ratio"):
+        model = model.clone(config=dataclasses.replace(model.config, image_aspect_ratio=aspect))
+    staged, writer = atomic.staging(export), jax.process_index() == 0
+    if writer:
+        shutil.rmtree(staged, ignore_errors=True)  # an interrupted run's
+    try:
+        if parallel.is_global(params) or writer:  # a collective for global arrays
+            vj.save_pretrained(model, params, staged, dtype=jnp.float32)
+        if writer:
+            tokenizer.save_pretrained(str(staged))
+            atomic.stamp(staged, owner(workdir), stage=cfg.stage, steps=cfg.steps)
+            atomic.replace_folder(staged, export)
+    finally:
+        if writer:
+            shutil.rmtree(staged, ignore_errors=True)
+    return export
+
+
+def finished(cfg, workdir, manager) -> dict | None:
+    """The summary of this run when it has nothing left to do (its newest checkpoint is at step
+    ``cfg.steps``, train_summary.json and an intact export of this workdir are there), else
+    None."""
+    if manager.latest_step() != cfg.steps:  # (every process: a collective for per-process ones)
+        return None
+
+    def check():
+        summary = workdir / "train_summary.json"
+        if not summary.is_file() or not atomic.intact(workdir / "export", owner(workdir)):
+            return None
+        return json.loads(summary.read_text())
+    return on_writer(check)
+
+
 def train(cfg, workdir: Path) -> dict:
-    """Runs (or resumes) one stage; returns the summary also written to train_summary.json."""
+    """Runs (or resumes) one stage; returns the summary also written to train_summary.json. A
+    finished run (:func:`finished`) changes nothing and returns its summary."""
     options.check_config(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     parallel.init_distributed(cfg.distributed)
+    check_target(cfg, workdir / "export", workdir, "export")
     accum = cfg.optim.grad_accum
     if accum < 1 or cfg.batch_size % (jax.device_count() * accum):
         raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the "
@@ -481,6 +554,11 @@ def train(cfg, workdir: Path) -> dict:
     manager = StateCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints, cfg.checkpoint_storage)
     if manager.latest_step() is not None:  # refuse a changed run before loading anything
         check_resume(manager, manager.latest_step(), cfg, settings)
+        done = finished(cfg, workdir, manager)
+        if done is not None:
+            print(f"already at step {cfg.steps} of {cfg.steps}; nothing to do (export in "
+                  f"{workdir / 'export'})")
+            return done
     model, params, tokenizer = load_model(cfg, ckpt, mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts(
         cfg.stage, cfg.finetune_parts))
@@ -567,15 +645,9 @@ def train(cfg, workdir: Path) -> dict:
                 log.close()
                 raise stop.stop(step + 1, cfg.steps, manager.directory)
     log.close()
-    export = workdir / "export"  # streamed from the shards, written by process 0, in float32
     final = {**frozen, **runner.unplace(state)["trainable"]}
-    aspect = cfg.data.image_aspect_ratio  # the export is evaluated with the images it trained on
-    if aspect != "auto" and hasattr(model.config, "image_aspect_ratio"):
-        model = model.clone(config=dataclasses.replace(model.config, image_aspect_ratio=aspect))
-    if parallel.is_global(final) or jax.process_index() == 0:  # a collective for global arrays
-        vj.save_pretrained(model, final, export, overwrite=True, dtype=jnp.float32)
-    if jax.process_index() == 0:
-        paths.write_files(export, tokenizer.save_pretrained)
+    export = write_export(cfg, workdir, model, final, tokenizer)
+    losses = losses or loss_curve(workdir)  # no step left (a re-export): the run's logged ones
     summary = {**record(cfg, cfg.seed, str(ckpt), meta["base_sha256"]), "stage": cfg.stage,
                "steps": cfg.steps, "resumed_from": start, "resume_changes": changes,
                "skipped_steps": skipped, "first_loss": losses[0] if losses else None,
@@ -644,10 +716,13 @@ def recipe_config(cfg, name: str, overrides: dict):
 
 def run_recipe(cfg, workdir: Path) -> dict:
     """Runs the stages of ``cfg.recipe`` in order (each: the config plus its overrides, in
-    ``workdir/<name>``; a finished run resumes at its last step and only re-exports), then copies
-    the exports named in ``cfg.publish`` ({published name: run name}) to ``cfg.publish_dir``
-    (default ``workdir/published``) with one training record: the recipe, every run's summary
-    (config, seed, versions, hashes) and loss curve."""
+    ``workdir/<name>``; a finished run changes nothing: :func:`finished`), then copies the
+    exports named in ``cfg.publish`` ({published name: run name}) to ``cfg.publish_dir``
+    (default ``workdir/published``, replaced whole: :func:`vitsink_jax.mini_study.publish`) with
+    one training record: the recipe, every run's summary (config, seed, versions, hashes) and
+    loss curve; unless it holds what this workdir published from these very exports already.
+    A publish folder holding files this workdir did not write there is refused before any
+    training (:func:`check_target`)."""
     from vitsink_jax import mini_study
 
     runs = [parse_run(spec, workdir) for spec in cfg.recipe]
@@ -655,16 +730,21 @@ def run_recipe(cfg, workdir: Path) -> dict:
     if unknown:
         raise SystemExit(f"error: publish names runs {unknown} that are not in the recipe")
     configs = {name: recipe_config(cfg, name, overrides) for name, overrides in runs}
+    out = paths.path(cfg.publish_dir or workdir / "published")
+    if cfg.publish:
+        check_target(cfg, out, workdir, "publish step")
     summaries = {}
     for name, overrides in runs:
         print(f"== recipe run {name}: " + " ".join(f"{k}={v}" for k, v in overrides.items()))
         summaries[name] = {**train(configs[name], workdir / name), "loss_curve": loss_curve(workdir / name)}
     if cfg.publish:
-        out = paths.path(cfg.publish_dir or workdir / "published")
-        if jax.process_index() == 0:
-            mini_study.publish({k: workdir / run / "export" for k, run in cfg.publish.items()},
-                               {"command": " ".join(["python"] + sys.argv), "recipe": list(cfg.recipe),
-                                "runs": summaries}, out)
+        exports = {k: workdir / run / "export" for k, run in cfg.publish.items()}
+        if on_writer(lambda: mini_study.is_published(exports, out, owner(workdir))):
+            print(f"published {', '.join(cfg.publish)} in {out} already (from these exports); nothing to do")
+        elif jax.process_index() == 0:
+            mini_study.publish(exports, {"command": " ".join(["python"] + sys.argv),
+                                         "recipe": list(cfg.recipe), "runs": summaries},
+                               out, owner(workdir))
             print(f"published {', '.join(cfg.publish)} to {out}")
     return summaries
 

@@ -47,6 +47,8 @@ def get_config():
                                #   (multi-slice TPU: the slice count; fsdp / tensor stay in a slice)
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
+    c.overwrite_export = False  # replace a workdir/export (or recipe publish_dir) holding files this
+                                # workdir did not write there (refused otherwise)
     c.checkpoint_storage = "auto"  # auto | global (hosts share workdir, e.g. gs://) | per_process
     c.log_every = 1
     c.compile_cache = "auto"   # persistent XLA cache folder: auto (~/.cache/vitsink_jax/xla) | path | off

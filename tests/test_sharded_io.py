@@ -117,15 +117,15 @@ def test_two_processes_load_and_save_like_one(bf16_llava, tmp_path):
 
 
 def test_sharded_save_replaces_a_single_file_model(bf16_llava, tmp_path):
-    """overwrite=True into a folder holding model.safetensors: the shards replace it (a stale
-    single file would shadow them), other files stay."""
+    """overwrite=True into a folder holding model.safetensors: the shards replace the whole
+    folder (a stale single file would shadow them; another file would be another model's)."""
     _, ckpt = bf16_llava
     model, params = vj.load_pretrained(ckpt)
     out = vj.save_pretrained(model, params, tmp_path / "m")
     (out / "notes.txt").write_text("mine")
     vj.save_pretrained(model, params, out, overwrite=True, max_shard_size="100KB")
     names = {f.name for f in out.iterdir()}
-    assert "model.safetensors" not in names and "notes.txt" in names
+    assert "model.safetensors" not in names and "notes.txt" not in names
     assert "model.safetensors.index.json" in names
     back = _all_tensors(out)
     for key, value in _all_tensors(ckpt).items():

