@@ -38,7 +38,8 @@ from absl import flags
 from ml_collections import config_flags
 
 import vitsink_jax as vj
-from vitsink_jax import atomic, cli, compile_cache, options, parallel, paths, preemption, train_lib
+from vitsink_jax import (atomic, cli, compile_cache, eval_settings, options, parallel, paths, preemption,
+                         train_lib)
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax.convert.checkpoint_io import resolve_model_path
@@ -493,7 +494,8 @@ def write_export(cfg, workdir, model, params, tokenizer):
     collective for global arrays) and the tokenizer into ``workdir/export``, stamped as this
     workdir's: prepared aside (:func:`vitsink_jax.atomic.staging`) by process 0 and put in
     place of the folder there whole. The export records the images it trained on
-    (``data.image_aspect_ratio``)."""
+    (``data.image_aspect_ratio``) and the evaluation settings it trained with
+    (:mod:`vitsink_jax.eval_settings`: multiple-choice format, system prompt, DIYSink's rule)."""
     export = workdir / "export"
     aspect = cfg.data.image_aspect_ratio
     if aspect != "auto" and hasattr(model.config, "image_aspect_ratio"):
@@ -506,6 +508,9 @@ def write_export(cfg, workdir, model, params, tokenizer):
             vj.save_pretrained(model, params, staged, dtype=jnp.float32)
         if writer:
             tokenizer.save_pretrained(str(staged))
+            # the settings it was trained with, which evaluation applies (vitsink_eval.json)
+            (staged / eval_settings.FILE).write_text(
+                json.dumps(eval_settings.from_training(cfg), indent=2, sort_keys=True) + "\n")
             atomic.stamp(staged, owner(workdir), stage=cfg.stage, steps=cfg.steps)
             atomic.replace_folder(staged, export)
     finally:
@@ -655,10 +660,15 @@ def train(cfg, workdir: Path) -> dict:
                "data_wait_share": feed.wait_share()}
     if jax.process_index() == 0:
         write_json(workdir / "train_summary.json", summary)
-        print(f"losses: first {summary['first_loss']}, last {summary['last_loss']}; "
+        print(f"losses: first {_loss(summary['first_loss'])}, last {_loss(summary['last_loss'])}; "
               + (f"{len(skipped)} non-finite steps skipped; " if skipped else "")
               + f"exported to {export}")
     return summary
+
+
+def _loss(x) -> str:
+    """A loss as printed: 4 significant digits (float32 noise such as 11.5600004196167 cut)."""
+    return "-" if x is None else f"{x:.4g}"
 
 
 def parse_run(spec: str, workdir: Path) -> tuple[str, dict]:

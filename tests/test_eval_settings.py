@@ -50,6 +50,8 @@ def test_training_settings_name_the_format_system_and_diysink_rule():
     got = eval_settings.from_training(cfg)
     assert got["eval.mc_format"] == "cloze" and got["eval.system"] == ""
     assert got["sink.rule"] == cfg.diysink.rule.rule and got["sink.k"] == cfg.diysink.rule.k
+    cfg.diysink.enabled = False  # a stock model: no sink rule of its own
+    assert set(eval_settings.from_training(cfg)) == {"eval.mc_format", "eval.system"}
 
 
 def test_auto_is_the_shipped_model_and_random_weights_say_so(capsys):

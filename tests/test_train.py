@@ -933,6 +933,8 @@ def test_export_holding_another_models_file_is_refused_or_replaced_whole(base, t
     summary = train.train(config(steps=2, overwrite_export=True), work)  # re-exports at step 2 of 2
     assert sorted(os.listdir(work / "export")) == sorted(os.listdir(base / "export"))
     assert atomic.intact(work / "export", train.owner(work))
+    carried = json.loads((work / "export" / "vitsink_eval.json").read_text())  # what evaluation applies
+    assert carried["eval.mc_format"] == config().data.mc_format and carried["sink.rule"] == "topk"
     assert summary["first_loss"] == json.loads((base / "train_summary.json").read_text())["first_loss"]
     assert not [p for p in os.listdir(work) if p.startswith(".")]  # nothing left aside
 

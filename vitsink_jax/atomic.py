@@ -185,10 +185,10 @@ def intact(folder, owner: str) -> bool:
     folder = paths.path(folder)
     if set(_files_of(folder)) != set(record["files"]) | {STAMP}:
         return False
-    return all(_size(folder / rel) == size for rel, size in record["files"].items())
+    return all(file_size(folder / rel) == size for rel, size in record["files"].items())
 
 
-def _size(f) -> int:
+def file_size(f) -> int:
     """The size of file ``f``: a local path's ``st_size``, an ``epath`` object's ``length``."""
     stat = f.stat()
     return stat.st_size if hasattr(stat, "st_size") else stat.length

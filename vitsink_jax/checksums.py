@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from . import paths
-from .atomic import share
+from .atomic import file_size, share
 from .scores import file_sha256
 
 MANIFEST = "checksums.json"
@@ -25,20 +25,14 @@ MANIFEST = "checksums.json"
 def _files(folder) -> dict:
     """{path relative to ``folder``: file} of every file under ``folder`` but the manifest."""
     folder = paths.path(folder)
-    return {os.path.relpath(os.fspath(f), os.fspath(folder)): f for f in paths._files(folder)
+    return {os.path.relpath(os.fspath(f), os.fspath(folder)): f for f in paths.files_under(folder)
             if f.name != MANIFEST or f.parent != folder}
-
-
-def _size(f) -> int:
-    """The byte size of the file ``f`` (a local path, or an epath of an object store)."""
-    st = f.stat()
-    return st.length if hasattr(st, "length") else st.st_size
 
 
 def write(folder) -> None:
     """Records the size and sha256 of every file under ``folder`` in ``folder/MANIFEST``."""
     folder = paths.path(folder)
-    files = {rel: [_size(f), file_sha256(f)] for rel, f in _files(folder).items()}
+    files = {rel: [file_size(f), file_sha256(f)] for rel, f in _files(folder).items()}
     text = json.dumps({"files": files}, sort_keys=True)
     if paths.is_remote(folder):
         (folder / MANIFEST).write_text(text)
@@ -67,7 +61,7 @@ def damage(folder) -> str | None:
         f = folder / rel
         if not f.is_file():
             return f"{rel} missing"
-        if (have := _size(f)) != size:
+        if (have := file_size(f)) != size:
             return f"{rel} is {have} bytes, {size} when written"
         if file_sha256(f) != sha256:
             return f"{rel} has other bytes than when written (sha256 differs)"

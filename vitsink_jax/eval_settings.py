@@ -43,9 +43,10 @@ def read(folder) -> dict:
 
 def from_training(cfg) -> dict:
     """The settings a train.py config trained its export with: the data's multiple-choice format
-    and system prompt, and (a DIYSink run) the sink rule that routes tokens to its projectors."""
+    and system prompt, and (a DIYSink run: ``diysink.enabled``) the sink rule that routes
+    tokens to its projectors."""
     out = {"eval.mc_format": cfg.data.mc_format, "eval.system": cfg.data.get("system", "")}
-    if cfg.get("diysink") is not None and cfg.diysink.get("rule") is not None:
+    if cfg.get("diysink") is not None and cfg.diysink.get("enabled") and cfg.diysink.get("rule") is not None:
         out.update({f"sink.{k}": v for k, v in cfg.diysink.rule.items()})
     return out
 
