@@ -226,7 +226,8 @@ def test_each_config_value_is_checked_by_name(name, key, value, message):
         return
     with pytest.raises(options.ConfigError) as e:
         check(cfg)
-    assert str(e.value) == message
+    # (startswith: a test in the same process may have registered another question encoder)
+    assert str(e.value) == message or key == "diysink.question_encoder" and str(e.value).startswith(message)
 
 
 def test_every_shipped_config_passes():
