@@ -132,6 +132,7 @@ def straight(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_a_run_resumes_past_a_damaged_checkpoint_as_from_the_one_before(straight, tmp_path):
     """The newest checkpoint of a finished run with 64 bytes flipped in an array data file
     (before: resumed "successfully" from it): train.py sets it aside, resumes from the step
@@ -146,6 +147,7 @@ def test_a_run_resumes_past_a_damaged_checkpoint_as_from_the_one_before(straight
     assert train.loss_curve(work) == train.loss_curve(straight)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_the_same_command_resumes_bit_for_bit(straight, tmp_path):
     """A real SIGTERM sent to train.py once its first step is logged: it saves a checkpoint at
     the end of the step it arrived in (the only one: none is due before step 100), exits 0 with

@@ -48,6 +48,7 @@ def run_evaluate(work, images, *flags):
     return proc
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_real_photos(tmp_path):
     images = photo_folder(tmp_path, {"astronaut.png": data.astronaut, "chelsea.jpg": data.chelsea},
                           "broken.jpg", b"\x00not a jpeg")
@@ -95,6 +96,7 @@ def run_benchmark_script(name: str, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_forward_benchmark_quick(tmp_path):
     out = run_benchmark_script("forward", tmp_path)
     result = json.loads(out.read_text())
@@ -103,6 +105,7 @@ def test_forward_benchmark_quick(tmp_path):
     assert result["sink_to_front_jit_s"] > 0
 
 
+@pytest.mark.slow
 def test_the_prepared_accelerator_run_fits_its_lease_and_gathers_results(tmp_path):
     """benchmarks/accelerator.py: the plan's budgets add up to at most 9 minutes; a quick run of
     one script records its result, status and the device kind in one JSON."""
@@ -120,6 +123,7 @@ def test_the_prepared_accelerator_run_fits_its_lease_and_gathers_results(tmp_pat
     assert result["runs"]["forward"]["result"]["speedup_vs_hf"] > 0
 
 
+@pytest.mark.slow
 def test_eval_throughput_benchmark_quick(tmp_path):
     """benchmarks/eval_throughput.py on a tiny shape: the three contenders run, ours chooses
     HF log-likelihood's options (the script fails otherwise) and never compiles after its
@@ -130,6 +134,7 @@ def test_eval_throughput_benchmark_quick(tmp_path):
     assert set(r["items_per_s"]) == {"ours", "hf_loglik", "hf_generate"}
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_quick(tmp_path):
     """The loader's rate per thread count, and the data-wait share of two short train.py runs:
     with the prefetch the step hardly waits (tiny steps: a generous bound), without it it does."""
@@ -143,6 +148,7 @@ def test_input_pipeline_benchmark_quick(tmp_path):
     assert (ROOT / "benchmarks" / "results.json").read_text() == results  # --quick writes none
 
 
+@pytest.mark.slow
 def test_data_build_benchmark_quick(tmp_path):
     """benchmarks/data_build.py on 100 and 200 rows: four builds (1 and 2 workers each), every
     row kept (text-only ones too), peak memory measured over the build's process tree. ~25 s:
@@ -156,6 +162,7 @@ def test_data_build_benchmark_quick(tmp_path):
     assert (ROOT / "benchmarks" / "results.json").read_text() == results  # --quick writes none
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_quick(tmp_path):
     """benchmarks/train_step.py on the tiny config: our step (train.py's runner) and HF's run,
     start from the same weights (same first loss), and report faults and CPU times per step."""
@@ -168,6 +175,7 @@ def test_train_step_benchmark_quick(tmp_path):
         assert x["wall_s"] > 0 and x["minor_faults"] >= 0 and x["sys_s"] >= 0
 
 
+@pytest.mark.slow
 def test_analyze_end_to_end_report_and_plots(tmp_path):
     images = photo_folder(tmp_path, {"coffee.png": data.coffee, "rocket.jpg": data.rocket},
                           "empty.png", b"")
@@ -216,6 +224,7 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
     assert set(report["summary"]["f4_object_word_in_top_k"]) == {"sink", "non_sink"}
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_side_by_side(tmp_path):
     work = tmp_path / "work"
     variants = '--config.variants=("none","front","none+sinks")'
@@ -251,6 +260,7 @@ def _same_predictions(a, b):
         np.testing.assert_allclose([x["scores"] for x in a], [x["scores"] for x in b], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_benchmark_on_two_processes_equals_one(tmp_path):
     """evaluate.py as two jax.distributed processes (2 CPU devices each), each with a workdir of
     its own (no shared files: each builds its own embedded checkpoint and tfds shard, the
@@ -285,6 +295,7 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
     _same_predictions(_predictions(tmp_path / "one", "none"), _predictions(tmp_path / "two0", "none"))
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_replicated(tmp_path):
     """eval.fsdp=2 x eval.tensor=2 over 8 devices (params created on their shards) scores and
     generates what the replicated default does."""
@@ -306,12 +317,14 @@ def test_sharded_evaluation_equals_replicated(tmp_path):
         _same_predictions(runs["replicated"], runs["sharded"])
 
 
+@pytest.mark.slow
 def test_generate_benchmark_quick(tmp_path):
     out = run_benchmark_script("generate", tmp_path)
     result = json.loads(out.read_text())
     assert result["tokens_equal"] and result["speedup_vs_hf"] > 0
 
 
+@pytest.mark.slow
 def test_pruning_benchmark_quick(tmp_path):
     rows = json.loads(run_benchmark_script("pruning", tmp_path).read_text())["results"]
     assert rows["stock"]["prefill_speedup"] == 1.0 and rows["fastv:0.5:1"]["visual_tokens_kept"] == 8
@@ -326,6 +339,7 @@ def test_bf16_loss_benchmark_quick(tmp_path):
     assert 19.0 < rows["max_logit_20"]["fp32"]["max_abs_logit"] < 21.0
 
 
+@pytest.mark.slow
 def test_memory_benchmark_quick(tmp_path):
     out = run_benchmark_script("memory", tmp_path)
     (entry,) = json.loads(out.read_text())["results"]
@@ -335,6 +349,7 @@ def test_memory_benchmark_quick(tmp_path):
     assert r["inference_tensor"]["per_device_bytes"] < r["inference_one_device"]["per_device_bytes"]
 
 
+@pytest.mark.slow
 def test_io_benchmark_quick(tmp_path):
     """benchmarks/io.py on a tiny shape: every phase runs (8-device load, two processes, save,
     transformers parity); the byte accounting and the 7B plan hold at any size."""
@@ -346,6 +361,7 @@ def test_io_benchmark_quick(tmp_path):
     assert r["load"]["llava_1_5_7b_plan"]["vs_total_over_n"] < 1.02  # fsdp=8 splits the 7B evenly
 
 
+@pytest.mark.slow
 def test_mfu_benchmark_quick(tmp_path):
     """The accelerator script runs (tiny shape, here on the CPU); its FLOP formula agrees with
     XLA's count of the same forward."""
@@ -354,6 +370,7 @@ def test_mfu_benchmark_quick(tmp_path):
     assert 0 < r["prefill_mfu"] and 0 < r["train_step_mfu"] and r["device_kind"]
 
 
+@pytest.mark.slow
 def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
     """train.py runs a recipe on the real DINOv2-S tower and publishes the models without it;
     evaluate.py's default mode (the main job) analyses the real tower's sinks and scores the
@@ -414,6 +431,7 @@ def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
     assert study["vit_summary"]["images"] == 1 and len(study["checkpoints"]["single"]["sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_interventions_side_by_side(tmp_path):
     specs = '--config.compare.specs=("stock","fastv+sinks:0.5:1","var-vit:0.6:0","var:0.6:0","registers:4")'
     proc = run_evaluate(tmp_path / "work", "", "--config.mode=interventions", specs,
@@ -435,6 +453,7 @@ def test_interventions_side_by_side(tmp_path):
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
     """sweep mode: one row per tau and the adaptive rule, sinks per image falling as tau grows;
     the labels file's tags (joined by index) replace the benchmark's in the per-tag scores.
@@ -476,6 +495,7 @@ def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
     assert (work / "plots" / "tau_sweep.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_analyze_leaves_out_an_image_with_an_empty_answer(tmp_path, monkeypatch):
     """An image the model answers with EOS first has no query: it is left out of the per-image
     entries and the F1 figures and counted as ``empty_answers`` (not entered as sink and

@@ -68,6 +68,7 @@ def test_llava_with_dinov2_tower(tmp_path, rng, registers):
     assert type(reloaded.model.vision_tower).__name__ == type(hf.model.vision_tower).__name__
 
 
+@pytest.mark.slow
 def test_llava_dinov2_at_another_input_size(tmp_path, rng):
     """A LLaVA whose DINOv2 tower runs at 42 px (grid 6) while its position grid is 4 x 4."""
     import dataclasses

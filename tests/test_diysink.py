@@ -35,6 +35,7 @@ def apply(model, params, d, **kw):
     return model.apply({"params": params}, d["ids"], d["pixels"], output_vision=True, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reweight", [False, True])
 def test_equal_projectors_give_sink_to_front(stock, reweight):
     """Both MLPs = the single projector and w = 1 must give the stock model's sink-to-the-front."""

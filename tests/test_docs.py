@@ -31,6 +31,7 @@ def test_the_pages_hold_python_blocks():
     assert len(python_blocks()) >= 4  # the front page's, the library's two, sink-to-the-front
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("code", python_blocks())
 def test_python_block_runs_as_written(code, stand_in, tmp_path, monkeypatch):
     """(The front page's block loads the model in transformers too: ~20 s.)"""

@@ -125,6 +125,7 @@ def _direct_logprobs(d, rec, text_suffix=""):
     return ids, np.asarray(jax.nn.log_softmax(logits[0], -1))
 
 
+@pytest.mark.slow
 def test_loglik_equals_direct_forward(tiny):
     d = tiny
     scores, _ = E.loglik_scores(d["model"], d["params"], d["tok"], d["records"], eval_cfg())
@@ -134,6 +135,7 @@ def test_loglik_equals_direct_forward(tiny):
         np.testing.assert_allclose(s, lp[-1, cands], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_multi_token_candidates_sum_their_tokens(tiny):
     d = tiny
     plain = train_embedded_tokenizer(["hello world"], VOCAB)  # no merges for " A": 2 tokens
@@ -191,6 +193,7 @@ def _prompts(rng, c, lengths, image_id=VOCAB - 1):
                             random_ids(rng, 1, 3)[0]]) for n in lengths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [None, "front"])
 def test_greedy_generation_matches_transformers(tiny, rng, policy):
     d = tiny
@@ -226,6 +229,7 @@ def test_greedy_generation_matches_transformers(tiny, rng, policy):
         np.testing.assert_array_equal(np.asarray(scanned), ref)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_stops(tiny, rng):
     d = tiny
     c = d["model"].config
@@ -292,6 +296,7 @@ MULTI = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_scores_equal_on_one_and_eight_devices(tiny, tmp_path):
     path = save(tiny["hf"], tmp_path / "llava")
     out = {}
@@ -313,6 +318,7 @@ def test_scores_equal_on_one_and_eight_devices(tiny, tmp_path):
                                    atol=1e-5, err_msg=str(key))
 
 
+@pytest.mark.slow
 def test_cot_routing_feeds_each_item_its_route(tiny, monkeypatch):
     d = tiny
     model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(vj.SinkRule("topk", k=3)))
@@ -347,6 +353,7 @@ def test_cot_routing_feeds_each_item_its_route(tiny, monkeypatch):
                                                           eval_cfg())[0][0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rew_reads_the_training_question_in_every_candidate_row(tiny):
     """DIYSink ReW: every scoring row of an item (one per candidate in the cloze format) marks the
     same question tokens as training's tokenize_conversation for that item (not the template,
@@ -495,6 +502,7 @@ def _planned_shapes(d, recs: list, cfg) -> set:
             for u in PS.pack_units(groups, rows, cfg.batch_size)}
 
 
+@pytest.mark.slow
 def test_the_scorer_compiles_once_per_shape_and_keeps_record_order(tiny):
     """loglik_scores reuses one jitted scorer per (model, strategy, mesh): a benchmark whose
     units fall in several padded shapes (mc and yes/no items sharing photos, prefixes and

@@ -73,6 +73,7 @@ def test_auto_is_the_shipped_model_and_random_weights_say_so(capsys):
     assert cfg.eval.mc_format == "letter" and cfg.sink.rule == "topk" and cfg.sink.k == 4
 
 
+@pytest.mark.slow
 def test_benchmark_mode_on_the_shipped_model_gives_the_studys_numbers(tmp_path):
     """``--config.mode=benchmark`` with no checkpoint: the shipped single-MLP model with the
     settings it carries (cloze, top-4 sinks) scores sink-to-the-front exactly as the main job's

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import transformers
 
 from conftest import IMAGE_TOKEN, build, gemma3_config, internvl_config, qwen2_5_vl_config, save
@@ -38,6 +39,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_gemma3_internvl_and_qwen2_5_vl_run_sharded_on_8_devices(tmp_path):
     """(~40 s: one fresh process loading the three families four times.) Qwen2.5-VL runs on a
     16 x 24 image (2 x 3 visual tokens), not its fixed-size square."""

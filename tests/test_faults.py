@@ -53,6 +53,7 @@ def test_user_errors_end_in_one_line_and_bugs_keep_their_traceback(cli_flags, ca
         cli.main_of(raising(BenchmarkError("b.tsv: no rows")))([])
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_bad_benchmark_file_prints_one_line(tmp_path):
     """The whole CLI (one process start, ~12 s): a benchmark file without an answer column."""
     bad = tmp_path / "bad.tsv"

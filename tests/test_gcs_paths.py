@@ -100,6 +100,7 @@ def weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_in_a_gs_workdir_match_a_local_one(tmp_path):
     """(~75 s of CPU, more on a busy machine: three train.py and two evaluate.py runs, each a
     process of its own, as the fake bucket must be installed before the CLI starts. The local

@@ -25,6 +25,7 @@ GEMMA3 = transformers.Gemma3ForConditionalGeneration
 BOI, EOI = IMAGE_TOKEN - 2, IMAGE_TOKEN - 1
 
 
+@pytest.mark.slow
 def test_gemma3_text_parity_scan_and_round_trip(tmp_path, rng):
     """Left-padded rows of 14 tokens over a window of 5 (local layers) and linear-scaled RoPE
     (global layers), with the final logit cap of Gemma3ForCausalLM."""
@@ -75,6 +76,7 @@ def _hf_forward(d, hf=None, **kw):
                                token_type_ids=torch.tensor(d["types"]), **kw)
 
 
+@pytest.mark.slow
 def test_gemma3_lvlm_parity_generation_and_scan(gemma3):
     """Logits, hidden states, attentions (the image blocks attend bidirectionally: transformers
     with the processor's token_type_ids), the projector output, greedy generation with the KV
@@ -119,6 +121,7 @@ def test_gemma3_round_trips_and_state_dict_spelling(gemma3):
         model.apply({"params": params}, jnp.asarray(more), jnp.asarray(d["pixels"]))
 
 
+@pytest.mark.slow
 def test_gemma3_sinks_are_read_on_the_vit_tokens(gemma3):
     """Each visual token carries the largest-norm ViT token of its 2 x 2 window, read before
     the tower's post-LayerNorm; vision_token_index names it on the 4 x 4 patch grid."""
@@ -170,6 +173,7 @@ def _rearranged_reference(d, row, sinks, order, select, positions):
                                                     ("front", "sinks", "sequential"),
                                                     ("end", "nonsinks", "original"),
                                                     ("end", "all", "original")])
+@pytest.mark.slow
 def test_gemma3_sink_to_the_front_matches_transformers(gemma3, order, select, positions):
     """The two largest-norm visual tokens of each image (top-k rule) move inside Gemma 3's image
     block (or stay alone), and the block still attends bidirectionally."""
@@ -186,6 +190,7 @@ def test_gemma3_sink_to_the_front_matches_transformers(gemma3, order, select, po
         assert_close(np.asarray(out.logits[row])[slots], ref, what=f"row {row} logits")
 
 
+@pytest.mark.slow
 def test_fastv_on_gemma3_equals_transformers_on_the_kept_tokens(tmp_path):
     """FastV after layer 2 of a local / global Gemma 3 LLM (window above the row's 20 slots)."""
     hf = build(transformers.Gemma3ForCausalLM, gemma3_text_config(sliding_window=24))
@@ -260,6 +265,7 @@ def test_gemma3_prompts_equal_the_processor(tmp_path):
     assert tok.decode(conv[loss]).endswith("A cat<end_of_turn>\n") and loss[-1] and loss.sum() <= 5
 
 
+@pytest.mark.slow
 def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     """A tiny random Gemma 3 folder with its own Gemma-style tokenizer: benchmark items scored
     in Gemma 3's chat markup as the benchmark and interventions modes score them (stock and with
@@ -315,6 +321,7 @@ def test_gemma3_diysink_and_its_checkpoint(gemma3, tmp_path, init):
     check_diysink(gemma3, _hf_forward, GEMMA3, tmp_path, init)
 
 
+@pytest.mark.slow
 def test_gemma3_takes_the_processors_outputs_as_they_are(tmp_path):
     """``model.apply(..., **processor(images=..., text=...))``: Gemma3Processor's ids, mask,
     pixels and token_type_ids go in as they are and give transformers' logits; token types that

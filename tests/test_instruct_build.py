@@ -70,6 +70,7 @@ def test_the_json_list_is_read_item_by_item(tmp_path):
         list(B.iter_json_list(path, chunk_bytes=64, max_item=1000))
 
 
+@pytest.mark.slow
 def test_the_build_names_bad_rows_keeps_text_only_ones_and_records_lengths(tmp_path, small):
     """Two worker processes, shards of 3 items: every bad row is skipped and named by file:item
     and id in the manifest (the build goes on), a text-only conversation is kept with an empty
@@ -156,6 +157,7 @@ def test_a_killed_build_continues_from_its_last_finished_shard(tmp_path, small, 
     assert [a[i] for i in range(10)] == [b[i] for i in range(10)]
 
 
+@pytest.mark.slow
 def test_text_only_rows_train_as_if_alone(small):
     """A batch mixing image rows and text-only rows (blank pixels, has_image False): the summed
     answer NLL equals the sum of each row's own, the image rows run with their image and the
@@ -223,6 +225,7 @@ def test_training_rows_of_the_build_read_their_lengths_from_the_manifest(tmp_pat
     assert not batch["pixels"][~batch["has_image"]].any()
 
 
+@pytest.mark.slow
 def test_a_resume_on_rows_built_otherwise_is_refused(tmp_path):
     """A run resumed after its data was built again with other rows kept (an image that no longer
     decodes, same file, same settings) is refused naming the data, instead of training on

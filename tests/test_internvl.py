@@ -69,6 +69,7 @@ def _hf_forward(d, hf=None, **kw):
                                attention_mask=torch.tensor(d["mask"]), **kw)
 
 
+@pytest.mark.slow
 def test_internvl_parity_generation_scan_and_round_trip(internvl):
     """Logits and hidden states over left-padded rows of two tiles each, the projector output,
     greedy generation with the KV cache, the scanned layout, and the export transformers loads
@@ -107,6 +108,7 @@ def test_internvl_sinks_are_read_before_the_pixel_shuffle(internvl):
     assert_close(out.vision_features, np.take_along_axis(vit, patch[..., None], 1), what="sink features")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order,select", [("front", "all"), ("front", "sinks")])
 def test_internvl_sink_to_the_front_inside_each_tile(internvl, order, select):
     """The top-1 visual token of each tile moves to the front of that tile's tokens (or stays
@@ -182,6 +184,7 @@ def test_internvl_tiles_and_prompt_equal_the_processor(tmp_path):
         prompt_format(config)
 
 
+@pytest.mark.slow
 def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     """A tiny random InternVL folder with its own tokenizer (<img>, </img>, <IMG_CONTEXT>,
     ChatML): benchmark items scored in its ChatML, one tile per image, and evaluate.py's analysis

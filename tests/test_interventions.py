@@ -133,6 +133,7 @@ def test_scoring_prunes_from_the_prompt_as_generation_does(tmp_path):
                                   [[True, True, False]])  # next-token rows: the whole row
 
 
+@pytest.mark.slow
 def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
     """FastV on Phi-2's parallel block (partial rotary, q/k LayerNorm): the same reference."""
     hf = build(transformers.PhiForCausalLM, phi_config(num_hidden_layers=4))
@@ -247,6 +248,7 @@ def test_var_prefill_queries_and_sink_dims_found_on_data(tmp_path):
             {"params": params}, jnp.asarray(batch["ids"]), jnp.asarray(batch["pixels"]))
 
 
+@pytest.mark.slow
 def test_lvlm_pruning_keeps_the_vit_sinks_and_needs_one_image_per_row(tmp_path):
     hf = build(transformers.LlavaForConditionalGeneration, llava_config())
     model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
@@ -268,6 +270,7 @@ def test_lvlm_pruning_keeps_the_vit_sinks_and_needs_one_image_per_row(tmp_path):
         pruned.apply({"params": params}, jnp.asarray(two), pixels)
 
 
+@pytest.mark.slow
 def test_test_time_registers_remove_a_planted_outlier():
     """A tiny CLIP tower with one planted register neuron (layer 0, neuron 10 fires only at the
     token whose position embedding points along dim 0, and writes a huge value into dim 1): the
@@ -394,6 +397,7 @@ def test_clip_test_time_register_enters_before_the_pre_layernorm():
     np.testing.assert_allclose(out.last_hidden_state, ref[:, :-1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     from vitsink_jax.generate import generate
     from vitsink_jax.models.llm import init_cache
@@ -442,6 +446,7 @@ def test_comparison_specs():
             parse(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sinks,text", [("vit", "llama"), ("dims", "llama"), ("vit", "phi3")])
 def test_var_during_cached_generation_equals_the_forward(tmp_path, sinks, text):
     """VAR with the KV cache, sinks from the ViT or from the LLM's sink dims (a per-layer mask of

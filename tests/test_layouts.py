@@ -191,6 +191,7 @@ def _tinyllava(hf, folder, head_bias=None):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("llm", ["phi", "qwen2"])
 def test_tinyllava_logits_equal_transformers(tmp_path, rng, llm):
     """SigLIP (second-to-last layer, first patch dropped: 15 of 16) + Phi-2 (head bias) or Qwen2
@@ -263,6 +264,7 @@ def test_recipes_carry_the_published_hyper_parameters(name):
         assert pre.diysink.rule.rule == "adaptive" and ft.data.system == "tinyllava"
 
 
+@pytest.mark.slow
 def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     """configs/tinyllava_0p5b_diysink.py's finetune recipe, scaled down and nothing else changed
     (bf16, remat, scanned layers, the adaptive sink rule, TinyLLaVA's system prompt) on a tiny

@@ -22,6 +22,7 @@ def test_llama_attention_and_mlp_bias(tmp_path, rng):
     _compare(hf, tmp_path / "llama_bias", random_ids(rng, 2, 9), full=False)
 
 
+@pytest.mark.slow
 def test_qwen2_qkv_bias_tied_embeddings(tmp_path, rng):
     hf = build(transformers.Qwen2ForCausalLM, qwen2_config())
     model, params = vj.load_pretrained(save(hf, tmp_path / "qwen2"))
@@ -136,6 +137,7 @@ def test_fused_attention_switch_equals_transformers(tmp_path, rng):
     assert weights[0].shape == (2, 4, 10, 10)
 
 
+@pytest.mark.slow
 def test_scan_layers_switch_equals_transformers_and_round_trips(tmp_path, rng):
     """``scan_layers=True``: params stacked [L, ...] under model.layers, logits / hidden states /
     attentions of a left-padded batch equal transformers; the scanned params save to the HF

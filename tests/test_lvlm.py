@@ -52,6 +52,7 @@ def test_llava_clip_llama_batch(tmp_path, rng):
     assert len(out.vision_outputs.hidden_states) == 4
 
 
+@pytest.mark.slow
 def test_llava_left_padded_batch(tmp_path, rng):
     hf = build(LLAVA, llava_config())
     short = prompt_with_images(rng, 1, 16, before=1)
@@ -63,6 +64,7 @@ def test_llava_left_padded_batch(tmp_path, rng):
     _compare(hf, tmp_path / "llava_pad", ids, pixels, mask)
 
 
+@pytest.mark.slow
 def test_llava_several_images_feature_layers_full_strategy(tmp_path, rng):
     cfg = llava_config(vision_feature_layer=[-3, -1], vision_feature_select_strategy="full")
     hf = build(LLAVA, cfg)

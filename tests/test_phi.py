@@ -77,6 +77,7 @@ def test_phi3_fused_tensor_of_the_wrong_size_is_named(tmp_path):
         vj.load_pretrained(tmp_path / "m")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["phi", "phi3"])
 def test_siglip_phi_llava_parity_generation_and_scan(tmp_path, rng, family):
     """transformers' LlavaForConditionalGeneration builds its LM from text_config, so SigLIP +

@@ -69,6 +69,7 @@ def hf_vit_order(grid: tuple, window_tokens: int) -> np.ndarray:
     return processor.reshape(-1, 4)[index.numpy()].reshape(-1)
 
 
+@pytest.mark.slow
 def test_qwen_parity_generation_scan_and_round_trip(qwen):
     """Logits, LLM hidden states and attention weights over left-padded rows (two images in one
     row, so the second image's 3-D ids start after the first's extent), the merger output, greedy
@@ -179,6 +180,7 @@ def test_qwen_sink_to_the_front_moves_the_3d_ids(qwen, select, positions):
     assert_close(np.asarray(out.logits[row])[np.flatnonzero(mask)[kept]], ref, what=f"{select} / {positions}")
 
 
+@pytest.mark.slow
 def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
     """Qwen2VLImageProcessor (PIL) on photos of three aspect ratios: our resize and the patches
     the model cuts equal its flattened patches and grid; the model runs on the processor's
@@ -225,6 +227,7 @@ def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
         d["model"].apply({"params": d["params"]}, jnp.asarray(np.r_[ids[0], ids[0]][None]), jnp.asarray(pixels))
 
 
+@pytest.mark.slow
 def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     """A tiny random Qwen2.5-VL folder with its own tokenizer (ChatML, the vision tokens):
     evaluate.py's analysis (Findings 1-4, the sinks read before the merger, relevance over the
@@ -291,6 +294,7 @@ def test_bad_position_ids_and_configs_raise_by_name(qwen):
         vj.config_from_hf(bad)
 
 
+@pytest.mark.slow
 def test_qwen_takes_the_processors_outputs_as_they_are(tmp_path):
     """``model.apply(..., **processor(images=..., text=...))``: Qwen2_5_VLProcessor's flattened
     patches with image_grid_thw and its mm_token_type_ids go in as they are and give

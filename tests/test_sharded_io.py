@@ -65,6 +65,7 @@ def _all_tensors(folder: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_sharded_load_and_streamed_save_on_8_devices(bf16_llava, tmp_path, rng):
     """fsdp=8, fsdp2 x tensor2 (loop and scanned): every device's shard equals the one-device
     load bitwise (bf16 file -> fp32), each device holds its share and no more; the save from the
@@ -95,6 +96,7 @@ def test_sharded_load_and_streamed_save_on_8_devices(bf16_llava, tmp_path, rng):
     assert not list(tmp_path.glob(".saved*tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_processes_load_and_save_like_one(bf16_llava, tmp_path):
     """Two jax.distributed processes x 4 devices, fsdp=8: each process checks its own shards
     against the one-device load; process 0 alone writes, in its own folder, the same files a

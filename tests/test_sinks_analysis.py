@@ -72,6 +72,7 @@ def test_f3_dimension_profile_finds_planted_dims():
     assert analysis.top_dims(prof_llm, 1).ravel().tolist() == [21, 21]
 
 
+@pytest.mark.slow
 def test_visual_attention_on_a_real_model_matches_a_direct_loop(tmp_path):
     import vitsink_jax as vj
     from vitsink_jax.config import LlavaConfig, TextConfig, VisionConfig
@@ -108,6 +109,7 @@ def test_f4_relevance_map_on_known_attention():
     assert analysis.vit_attention_layer(-2) == -2 and analysis.vit_attention_layer(3) == 2
 
 
+@pytest.mark.slow
 def test_f4_isolated_decoding_equals_transformers_on_one_token(tmp_path):
     import torch
     import transformers
@@ -170,6 +172,7 @@ def run_planted(out, ids, **kw):
                                     jnp.asarray([0.0, 100.0, 1000.0]), query, **kw)
 
 
+@pytest.mark.slow
 def test_analysis_reads_a_rearranged_sequence_in_stock_order():
     """Sink-to-the-front / DIYSink put the sink in slot 0; its attention must still be counted
     for stock token 2 (and the F1 ratio be 4, as in the stock order)."""
@@ -244,6 +247,7 @@ def test_llm_sink_dims_are_found_on_text_tokens_only():
     assert [int(d) for d in res["sink_dims"] if d >= 0] == [3]
 
 
+@pytest.mark.slow
 def test_cls_token_is_never_a_sink_and_keeps_its_slot_under_full_strategy():
     import vitsink_jax as vj
     from vitsink_jax.config import LlavaConfig, TextConfig, VisionConfig

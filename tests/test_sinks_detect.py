@@ -71,6 +71,7 @@ def test_bad_rule_and_shapes_are_named():
         detect.sink_mask(jnp.ones((2, 3, 4)))
 
 
+@pytest.mark.slow
 def test_sink_dims_found_from_activation_planted_in_a_tiny_llm():
     """Plant a massive activation into a tiny LLaMA's weights; find its dimension from the
     hidden states alone, then flag the tokens it fires with VAR's phi >= 20."""

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROGRAM = """
 import json, sys
 import jax, jax.numpy as jnp
@@ -131,6 +133,7 @@ print(type(model).__name__, type(tok).__name__, "torch" in sys.modules)
 """
 
 
+@pytest.mark.slow
 def test_a_repeat_run_loads_a_checkpoint_and_its_tokenizer_without_torch(tmp_path):
     """The CLIs' cache switch on: the first process reads config.json and the tokenizer through
     transformers (torch imported), the second one loads both from what the first remembered

@@ -59,6 +59,7 @@ def base(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_loss_falls_and_only_trainable_parts_change(base, tmp_path):
     start = params_of(base)
     summary = train.train(config(stage="finetune", steps=30, checkpoint=str(base / "export"),
@@ -118,6 +119,7 @@ def tensorboard_scalars(folder) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_and_rew_touch_only_their_parts(base, tmp_path):
     start = params_of(base)
     assert set(start) >= {"multi_modal_projector_sink", "multi_modal_projector"}
@@ -138,6 +140,7 @@ def test_pretrain_and_rew_touch_only_their_parts(base, tmp_path):
         train.train(config(stage="rew", steps=1, checkpoint=str(base / "export")), tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_resume_equals_straight_run(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
     train.train(config(steps=5, **kw), tmp_path / "straight")
@@ -160,6 +163,7 @@ def kept_checkpoints(workdir, folder="checkpoints"):
     return sorted(p.name for p in (workdir / folder).iterdir() if not p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finite_one(base, tmp_path):
     """lr 1e30 (after a zero-lr warmup step) makes step 1's update explode: the loss at step 2
     is not finite. Checkpoint 2 holds the exploded state: it is set aside and the error names
@@ -176,6 +180,7 @@ def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finit
     same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_a_nonfinite_update_keeps_the_state_before_it(base, tmp_path, monkeypatch):
     """An infinite learning rate at update 1 (fault injection) makes only the update non-finite
     (the loss is finite): the state before it is saved as checkpoint 1 (none was due), nothing is
@@ -194,6 +199,7 @@ def test_a_nonfinite_update_keeps_the_state_before_it(base, tmp_path, monkeypatc
     same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_a_nonfinite_batch_is_skipped_or_stops_the_run(base, tmp_path, monkeypatch):
     """NaN pixels in global batch 2 (fault injection): ``nonfinite=skip`` keeps the state, counts
     the step and goes on; past ``max_skips`` in a row the run stops, setting aside the
@@ -218,6 +224,7 @@ def test_a_nonfinite_batch_is_skipped_or_stops_the_run(base, tmp_path, monkeypat
     assert kept_checkpoints(tmp_path / "stop") == ["1", "2.nonfinite"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_run_settings_by_name(base, tmp_path):
     """A resume whose run-defining settings differ is refused with one line per change naming
     its flag (before the model loads); ``resume_changes=allow`` resumes and records them; a
@@ -324,6 +331,7 @@ def toy_params(vocab=16, seed=1):
             "multi_modal_projector": {"w": rng.standard_normal(vocab).astype(np.float32)}}
 
 
+@pytest.mark.slow
 def test_accumulated_step_weights_every_answer_token_alike():
     """grad_accum = k splits a batch into k micro-batches (rows j, j + k, ...) with very unequal
     answer lengths (20 tokens in micro-batch 0, 2 in the others): the loss and gradient are those
@@ -363,6 +371,7 @@ def test_accumulated_step_weights_every_answer_token_alike():
         jax.jit(train_lib.make_train_step(model, tx, {}, "finetune", grad_accum=3))(state, {}, batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
     """The training loss applies the LM head to chunks of tokens (5 here, not dividing the 19
@@ -566,6 +575,7 @@ def _result(proc):
     return int(n), json.loads(losses)
 
 
+@pytest.mark.slow
 def test_one_device_mesh_and_pmap_agree(base, tmp_path):
     """One device, fsdp x tensor over 8 devices and, with each update's batch run as 2
     micro-batches, fsdp x tensor over 4 devices with scanned LLM layers, pmap over 4 and a pure
@@ -614,6 +624,7 @@ def _two_processes(base, work, steps, shared=False, **kw):
     return int(n), json.loads(losses)
 
 
+@pytest.mark.slow
 def test_two_processes_with_jax_distributed_then_resume_on_another_count(base, tmp_path):
     """Two train.py processes joined by jax.distributed (gloo), 2 CPU devices each, each
     supplying its half of every global batch, padded without a length bucket (its rows are
@@ -719,6 +730,7 @@ def test_batch_order_is_a_function_of_seed_and_step():
         instruct.batch_indices(8, 9, 0, 0)
 
 
+@pytest.mark.slow
 def test_bf16_compute(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=1)
     fp32 = train.train(config(**kw), tmp_path / "fp32")
@@ -727,6 +739,7 @@ def test_bf16_compute(base, tmp_path):
     assert params_of(tmp_path / "bf16")["language_model"]["lm_head"]["kernel"].dtype == np.float32
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch(base, tmp_path):
     """steps = optimizer updates, batch_size = rows per update: grad_accum 4 (micro-batches of 2
     rows) trains like grad_accum 1 (one micro-batch of 8 rows, 4x the accumulated run's): the
@@ -753,6 +766,7 @@ def test_gradient_accumulation_equals_the_whole_batch(base, tmp_path):
         train.train(config(**{**kw, "optim.grad_accum": 3}), tmp_path / "acc3")
 
 
+@pytest.mark.slow
 def test_remat_and_scanned_layers_give_the_same_step(base, tmp_path):
     """remat, and scanned LLM layers with a remat policy, train to the loop's params; the
     scanned run exports HF's layout and refuses to resume in the other layout."""

@@ -21,6 +21,7 @@ def test_notebook_is_the_script_and_has_no_outputs():
                for c in committed.cells if c.cell_type == "code")
 
 
+@pytest.mark.slow
 def test_notebook_runs_to_the_end(tmp_path, monkeypatch):
     """(~60 s: a Jupyter kernel runs the whole walkthrough as a user would - the mini-study
     model's load, three greedy generations and the plots.)"""
