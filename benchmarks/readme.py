@@ -386,7 +386,7 @@ def study(r: dict) -> list:
     labels = {"single none": "single MLP, stock", "single front": "single MLP, sink-to-front",
               "diysink none": "DIYSink (dual MLP + ReW), its own layout (sinks first)"}
     rows = [measured_on(s), "",
-            "| model, visual-token order | overall | global | local | counting | corner | main subject |",
+            "| model, visual-token order | overall | tag:global | tag:local | counting | position | scene |",
             "|---|---|---|---|---|---|---|"]
     for name in [*(k for k in labels if k in s["results"]), *(k for k in s["results"] if k not in labels)]:
         e = s["results"][name]
