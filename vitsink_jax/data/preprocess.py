@@ -119,18 +119,29 @@ def center_crop(image: Image.Image, crop: int) -> Image.Image:
     return image.crop((left, top, left + crop, top + crop))
 
 
+def _steps(processor: str, resize: str, side: int, crop: int = 0, mean=CLIP_MEAN, std=CLIP_STD,
+           resample=Image.BICUBIC) -> ImageProcessing:
+    """The :class:`~vitsink_jax.config.ImageProcessing` of a processor that rescales by 1/255 and
+    normalises by ``mean`` / ``std`` (every family default)."""
+    return ImageProcessing(processor, resize, side, int(resample), crop, 1 / 255, True, tuple(mean), tuple(std))
+
+
+def _dinov2_steps(size: int) -> ImageProcessing:
+    """DINOv2's BitImageProcessor for ``size`` crops: shortest edge to size * 256 / 224 first."""
+    return _steps("BitImageProcessor", "shortest_edge", size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
+
+
 def preprocess_clip(image: ImageLike, size: int, crop_size: int | None = None,
                     mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     """-> [3, crop, crop] float32: shortest edge to ``size``, center crop ``crop_size``."""
-    image = resize_shortest_edge(to_rgb(image), size)
-    return _normalise(center_crop(image, crop_size or size), mean, std)
+    return apply_processing(image, _steps("CLIPImageProcessor", "shortest_edge", size, crop_size or size,
+                                          mean, std))
 
 
 def preprocess_siglip(image: ImageLike, size: int, mean=SIGLIP_MEAN, std=SIGLIP_STD,
                       resample=Image.BICUBIC) -> np.ndarray:
     """-> [3, size, size] float32: resize to a square (no crop)."""
-    image = to_rgb(image).resize((size, size), resample=resample)
-    return _normalise(image, mean, std)
+    return apply_processing(image, _steps("SiglipImageProcessor", "square", size, 0, mean, std, resample))
 
 
 def preprocess_gemma3(image: ImageLike, size: int) -> np.ndarray:
@@ -198,7 +209,7 @@ def preprocess_qwen2_5_vl(image: ImageLike, unit: int = 28, min_pixels: int = 56
 
 def preprocess_dinov2(image: ImageLike, size: int) -> np.ndarray:
     """-> [3, size, size] float32: shortest edge to size * 256 / 224, center crop ``size``."""
-    return preprocess_clip(image, size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
+    return apply_processing(image, _dinov2_steps(size))
 
 
 def family_processing(config, size: int = 0) -> ImageProcessing:
@@ -206,26 +217,22 @@ def family_processing(config, size: int = 0) -> ImageProcessing:
     preprocessor_config.json (module docstring), for images of side ``size`` (0: the config's
     input size): a vision tower's VisionConfig or an LVLM config (InternVL: one tile;
     Qwen2.5-VL: a square)."""
-    def steps(processor, resize, side, crop=0, mean=CLIP_MEAN, std=CLIP_STD, resample=Image.BICUBIC):
-        return ImageProcessing(processor, resize, side, int(resample), crop, 1 / 255, True,
-                               tuple(mean), tuple(std))
-
     if not isinstance(config, VisionConfig):  # an LVLM config
         size = size or config.input_size
         if isinstance(config, Gemma3Config):
-            return steps("Gemma3ImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD,
+            return _steps("Gemma3ImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD,
                          resample=Image.BILINEAR)
         if isinstance(config, InternVLConfig):
-            return steps("GotOcr2ImageProcessor", "square", size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            return _steps("GotOcr2ImageProcessor", "square", size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         if isinstance(config, Qwen2_5_VLConfig):
-            return steps("Qwen2VLImageProcessor", "square", size)
+            return _steps("Qwen2VLImageProcessor", "square", size)
         config = config.vision
     size = size or config.image_size
     if config.is_dinov2:
-        return steps("BitImageProcessor", "shortest_edge", size * 256 // 224, size, IMAGENET_MEAN, IMAGENET_STD)
+        return _dinov2_steps(size)
     if config.model_type == "clip_vision_model":
-        return steps("CLIPImageProcessor", "shortest_edge", size, size)
-    return steps("SiglipImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD)
+        return _steps("CLIPImageProcessor", "shortest_edge", size, size)
+    return _steps("SiglipImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD)
 
 
 def processing_of(config, size: int = 0) -> ImageProcessing:
@@ -274,13 +281,24 @@ def preprocess(config, images: Sequence[ImageLike], size: int = 0, aspect: Optio
     pads each image to a square with the processing's mean colour (:func:`expand_to_square`,
     LLaVA-1.5's stage 2); "crop" leaves it to the processor; None: the config's own
     ``image_aspect_ratio`` (a checkpoint trained with padded images is evaluated so)."""
-    steps = processing_of(config, size)
+    steps, pad = _processing_and_pad(config, size, aspect)
+    return np.stack([apply_processing(_padded(im, steps, pad), steps) for im in images])
+
+
+def _processing_and_pad(config, size: int, aspect: Optional[str]) -> tuple:
+    """(:func:`processing_of` ``config``, whether images are padded to a square first): ``aspect``
+    or the config's own ``image_aspect_ratio`` ("crop" when it has none). ValueError for an
+    aspect not in :data:`ASPECTS`."""
     aspect = aspect or getattr(config, "image_aspect_ratio", "crop")
     if aspect not in ASPECTS:
         raise ValueError(f"image aspect {aspect!r} not one of {ASPECTS}")
-    fill = tuple(int(m * 255) for m in steps.mean)
-    return np.stack([apply_processing(expand_to_square(to_rgb(im), fill) if aspect == "pad" else im, steps)
-                     for im in images])
+    return processing_of(config, size), aspect == "pad"
+
+
+def _padded(image: ImageLike, steps: ImageProcessing, pad: bool) -> Image.Image:
+    """The RGB image, padded to a square with the processing's mean colour when ``pad``."""
+    image = to_rgb(image)
+    return expand_to_square(image, tuple(int(m * 255) for m in steps.mean)) if pad else image
 
 
 class ModelView(NamedTuple):
@@ -296,14 +314,11 @@ class ModelView(NamedTuple):
 def model_view(config, image: ImageLike, size: int = 0, aspect: Optional[str] = None) -> ModelView:
     """The :class:`ModelView` of ``image`` for ``config`` (``size`` and ``aspect`` as in
     :func:`preprocess`): what the plots draw sink maps on."""
-    steps = processing_of(config, size)
-    aspect = aspect or getattr(config, "image_aspect_ratio", "crop")
+    steps, pad = _processing_and_pad(config, size, aspect)
     photo = to_rgb(image)
     w, h = photo.size
-    ox = oy = 0
-    if aspect == "pad":
-        photo = expand_to_square(photo, tuple(int(m * 255) for m in steps.mean))
-        ox, oy = (photo.width - w) // 2, (photo.height - h) // 2
+    photo = _padded(photo, steps, pad)
+    ox, oy = (photo.width - w) // 2, (photo.height - h) // 2  # (0, 0) unless padded
     view = _resized_and_cropped(photo, steps)
     if steps.resize == "shortest_edge":
         resized = shortest_edge_size(*photo.size, steps.size)
