@@ -68,8 +68,9 @@ def write_error(target, e: OSError) -> OSError:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, then renames it
-    over ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
+    """Writes ``text`` to a temporary file beside ``path`` given the umask's mode, flushed to the
+    disk (fsync: a crash after the rename cannot leave an empty file), then renames it over
+    ``path``; on an error (a full disk) the old file stays, the temporary one is removed and
     an OSError naming ``path`` is raised. An object store (``gs://``) replaces an object whole,
     so there the text is uploaded straight to ``path`` (:mod:`vitsink_jax.paths`)."""
     path = paths.path(path)
@@ -84,6 +85,8 @@ def write_text_atomic(path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(share(tmp), path)
     except OSError as e:
         raise write_error(path, e) from e
@@ -112,14 +115,13 @@ def replace_folder(staged: Path, target) -> None:
     upload can see new files beside old ones, the end state is exactly ``staged``."""
     if paths.is_remote(target):
         target = paths.path(target)
-        new = {os.path.relpath(f, staged) for f in _tree(staged)}
-        for rel in sorted(new):
+        new = paths.files_in(staged)
+        for rel, f in new.items():
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            paths.put(staged / rel, target / rel)
-        if target.exists():
-            for f in list(paths.files_under(target)):
-                if os.path.relpath(os.fspath(f), os.fspath(target)) not in new:
-                    f.unlink()
+            paths.put(f, target / rel)
+        for rel, f in paths.files_in(target).items():
+            if rel not in new:
+                f.unlink()
         shutil.rmtree(staged, ignore_errors=True)
         return
     target = Path(target)
@@ -131,16 +133,11 @@ def replace_folder(staged: Path, target) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _tree(folder: Path) -> list:
-    """The files under the local ``folder`` (its subfolders too), as paths."""
-    return sorted(Path(root) / f for root, _, files in os.walk(folder) for f in files)
-
-
 def stamp(folder: Path, owner: str, **extra) -> dict:
     """Writes :data:`STAMP` into the finished local ``folder``: ``owner`` (who may replace the
     folder later without asking), the time, every file under it with its size, and ``extra``.
     Returns the stamp."""
-    files = {os.path.relpath(f, folder): f.stat().st_size for f in _tree(folder) if f.name != STAMP}
+    files = {rel: f.stat().st_size for rel, f in paths.files_in(folder).items() if rel != STAMP}
     record = {"owner": owner, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, **extra}
     (folder / STAMP).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
@@ -157,19 +154,11 @@ def read_stamp(folder) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
 
 
-def _files_of(folder) -> list:
-    """The relative paths of the files under ``folder`` (local or a URI), [] when it is absent."""
-    folder = paths.path(folder)
-    if not folder.is_dir():
-        return []
-    return [os.path.relpath(os.fspath(f), os.fspath(folder)) for f in paths.files_under(folder)]
-
-
 def stranger(folder, owner: str) -> str | None:
     """A file in ``folder`` that ``owner`` did not write there (the first by name), or None when
     the folder is absent, empty, or holds only files its stamp by ``owner`` lists: a folder
     another model's files (even one leftover file) went into is never mistaken for ours."""
-    files = sorted(_files_of(folder))
+    files = list(paths.files_in(folder))
     record = read_stamp(folder) if files else None
     if record is None or record.get("owner") != owner:
         return files[0] if files else None
@@ -183,7 +172,7 @@ def intact(folder, owner: str) -> bool:
     if record is None or record.get("owner") != owner:
         return False
     folder = paths.path(folder)
-    if set(_files_of(folder)) != set(record["files"]) | {STAMP}:
+    if set(paths.files_in(folder)) != set(record["files"]) | {STAMP}:
         return False
     return all(file_size(folder / rel) == size for rel, size in record["files"].items())
 

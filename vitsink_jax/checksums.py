@@ -4,19 +4,17 @@ writes no checksum of its array data (zarr3 checksums only a shard's index, and 
 ocdbt files carry none), so a flipped byte would otherwise restore as a wrong weight.
 
 Files are hashed in 1 MiB reads (no file is held in memory whole); the manifest
-(:data:`MANIFEST`, in the folder itself) is written to a temporary file and renamed into place
-(an object store writes an object whole). Works on local folders and ``gs://`` ones.
+(:data:`MANIFEST`, in the folder itself) is written by
+:func:`vitsink_jax.atomic.write_text_atomic` (a temporary file, flushed, renamed into place; an
+object store writes an object whole). Works on local folders and ``gs://`` ones.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from pathlib import Path
 
 from . import paths
-from .atomic import file_size, share
+from .atomic import file_size, write_text_atomic
 from .scores import file_sha256
 
 MANIFEST = "checksums.json"
@@ -24,25 +22,14 @@ MANIFEST = "checksums.json"
 
 def _files(folder) -> dict:
     """{path relative to ``folder``: file} of every file under ``folder`` but the manifest."""
-    folder = paths.path(folder)
-    return {os.path.relpath(os.fspath(f), os.fspath(folder)): f for f in paths.files_under(folder)
-            if f.name != MANIFEST or f.parent != folder}
+    return {rel: f for rel, f in paths.files_in(folder).items() if rel != MANIFEST}
 
 
 def write(folder) -> None:
     """Records the size and sha256 of every file under ``folder`` in ``folder/MANIFEST``."""
     folder = paths.path(folder)
     files = {rel: [file_size(f), file_sha256(f)] for rel, f in _files(folder).items()}
-    text = json.dumps({"files": files}, sort_keys=True)
-    if paths.is_remote(folder):
-        (folder / MANIFEST).write_text(text)
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(share(tmp), Path(folder) / MANIFEST)
+    write_text_atomic(folder / MANIFEST, json.dumps({"files": files}, sort_keys=True))
 
 
 def damage(folder) -> str | None:

@@ -75,9 +75,7 @@ def _key(workdir) -> str:
 
 def _move_in(folder, workdir) -> None:
     """Moves every file under the local ``folder`` to the same relative path in ``workdir``."""
-    for root, _, files in os.walk(folder):
-        for name in sorted(files):
-            rel = os.path.relpath(os.path.join(root, name), folder)
-            target = workdir / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            paths.put(folder / rel, target)
+    for rel, f in paths.files_in(folder).items():
+        target = workdir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths.put(f, target)

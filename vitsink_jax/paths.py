@@ -117,8 +117,7 @@ def local_copy(uri) -> Path:
     record = local / ".remote.json"
     had = json.loads(record.read_text()) if record.is_file() else {}
     now = {}
-    for f in files_under(src):
-        rel = os.path.relpath(os.fspath(f), os.fspath(src))
+    for rel, f in files_in(src).items():
         stat = f.stat()
         now[rel] = [stat.length, stat.mtime]
         if had.get(rel) != now[rel] or not stat.mtime or not (local / rel).is_file():
@@ -131,11 +130,20 @@ def local_copy(uri) -> Path:
     return local
 
 
-def files_under(folder):
-    """The files under ``folder`` (local or a URI), in its subfolders too (epath's walk() yields
-    a gcsfs folder without its ``gs://``)."""
+def files_in(folder) -> dict:
+    """{path relative to ``folder``: file} of every file under ``folder`` (local or a URI), in its
+    subfolders too, in sorted order; {} when ``folder`` is not a folder."""
+    folder = path(folder)
+    if not folder.is_dir():
+        return {}
+    return {os.path.relpath(os.fspath(f), os.fspath(folder)): f for f in _walk(folder)}
+
+
+def _walk(folder):
+    """The files under the folder ``folder``, sorted (epath's walk() yields a gcsfs folder
+    without its ``gs://``)."""
     for f in sorted(folder.iterdir()):
-        yield from files_under(f) if f.is_dir() else [f]
+        yield from _walk(f) if f.is_dir() else [f]
 
 
 class _Mirrored:
