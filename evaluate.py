@@ -590,8 +590,8 @@ def run_interventions(cfg, workdir: Path) -> dict:
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
     batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
-    n_vis = model.config.num_image_tokens
-    results, not_run, calls = {}, {}, {}
+    n_vis, rules = model.config.num_image_tokens, benchmark_rules(cfg)
+    results, not_run, calls, sink_dims = {}, {}, {}, None
     for spec in k.specs:
         try:
             iv, order_, top = parse(spec)
@@ -606,7 +606,9 @@ def run_interventions(cfg, workdir: Path) -> dict:
             neurons = register_neurons(model, params, search_pixels(model.config, records), rule, top)
             iv = dataclasses.replace(iv, registers=TestTimeRegisters(tuple((at, n) for at, n, _ in neurons)))
         if iv.var is not None and iv.var.sinks == "dims" and not iv.var.sink_dims:
-            iv = dataclasses.replace(iv, var=dataclasses.replace(iv.var, sink_dims=llm_sink_dims(model, params, batch)))
+            if sink_dims is None:  # found once on the timing batch, for every such spec
+                sink_dims = llm_sink_dims(model, params, batch)
+            iv = dataclasses.replace(iv, var=dataclasses.replace(iv.var, sink_dims=sink_dims))
             if not iv.var.sink_dims:
                 not_run[spec] = "no LLM sink dimension (massive activation) on the timing batch"
                 print(f"intervention {spec}: not run ({not_run[spec]})")
@@ -619,7 +621,7 @@ def run_interventions(cfg, workdir: Path) -> dict:
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
-        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg)),
+        results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, rules),
                          "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons,
                          "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else []}
         calls[spec] = (timing.prefill_call(m, params, batch),
@@ -888,7 +890,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
         raise SystemExit(f"error: {ckpt} has no tokenizer files; sweep mode needs the checkpoint's tokenizer")
     records, source, order = benchmark_records(cfg, workdir)
     records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
-    rules = sweep_rules(cfg)
+    official_rules, rules = benchmark_rules(cfg), sweep_rules(cfg)
     what = "its DIYSink routing" if model.config.diysink else f"variant {cfg.sweep.variant!r}"
     print(f"sweep: {len(rules)} rule(s), {what}, against the reference model")
 
@@ -897,7 +899,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
                                                     cfg.eval.parallel), order)
         if jax.process_index() == 0:
             write_jsonl(workdir / f"{file_stem('predictions', name)}.jsonl", preds)
-        return eval_lib.summarize(cfg.benchmark.name, preds, benchmark_rules(cfg))
+        return eval_lib.summarize(cfg.benchmark.name, preds, official_rules)
 
     reference = score("reference", model)
     if model.config.diysink is None:  # the stock order uses no rule: its count would mean nothing
