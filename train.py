@@ -307,7 +307,7 @@ def run_settings(cfg, ckpt: Path) -> dict:
         top, _, sub = key.partition(".")
         value = cfg[top][sub] if sub else cfg[key]
         if hasattr(value, "to_dict"):
-            flat.update({f"{key}.{k}": v for k, v in _flatten(value.to_dict()).items()})
+            flat.update({f"{key}.{k}": v for k, v in options.flatten(value).items()})
         else:
             flat[key] = value
     skip = (("embedded.",) if cfg.checkpoint else ()) + (
@@ -325,13 +325,6 @@ def run_settings(cfg, ckpt: Path) -> dict:
     if cfg.data.json:
         flat["sha256:data.json"] = file_sha256(cfg.data.json)
     return json.loads(json.dumps(flat))  # tuples as lists, as read back from a checkpoint
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def setting_changes(saved: dict, now: dict) -> list:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from .options import flatten
+
 _ASSIGN = re.compile(r"^(\s*)c\.([\w.]+)\s*=")
 
 
@@ -50,16 +52,6 @@ def key_notes(source: str) -> dict:
     return notes
 
 
-def _flatten(cfg, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if hasattr(value, "items"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _source_order(keys, source: str) -> list:
     """``keys`` in the order the file first assigns them or their nearest assigned parent."""
     first = {}
@@ -83,7 +75,7 @@ def config_help(cfg, source: str, path: str, width: int = 100) -> str:
 
     notes, shown = key_notes(source), set()
     lines = [f"config keys of {path}: default and meaning; set any with --config.KEY=VALUE", ""]
-    values = _flatten(cfg)
+    values = flatten(cfg)
     for key in _source_order(values, source):
         parts = key.split(".")
         parents = [".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)]
