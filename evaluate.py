@@ -57,7 +57,7 @@ import vitsink_jax as vj
 from vitsink_jax import (cli, compile_cache, eval_lib, eval_settings, mini_study, options, outputs,
                          parallel, paths, plots, scores, timing)
 from vitsink_jax.convert import layouts
-from vitsink_jax.convert.checkpoint_io import read_config
+from vitsink_jax.convert.folders import read_config
 from vitsink_jax.data import benchmarks, labels, prompts
 from vitsink_jax.data.preprocess import load_image, model_view, preprocess, to_rgb
 from vitsink_jax.data.synthetic import embedded_benchmark

@@ -42,7 +42,7 @@ from vitsink_jax import (atomic, cli, compile_cache, eval_settings, options, par
                          train_lib)
 from vitsink_jax.checkpoints import StateCheckpoints
 from vitsink_jax.config import DIYSinkConfig
-from vitsink_jax.convert.checkpoint_io import resolve_model_path
+from vitsink_jax.convert.folders import resolve_model_path
 from vitsink_jax.convert.layouts import write_fresh_llava
 from vitsink_jax.data import instruct, instruct_build
 from vitsink_jax.data.prefetch import Prefetch

@@ -51,7 +51,7 @@ def recipe_config(quick: bool, steps: int):
 def stand_in(cfg) -> tuple:
     """(a stand-in model holding the checkpoint's config: all the loader reads, its tokenizer)."""
     from vitsink_jax.config import config_from_hf
-    from vitsink_jax.convert.checkpoint_io import read_config
+    from vitsink_jax.convert.folders import read_config
     from vitsink_jax.data.tokenizer import load_tokenizer
 
     return (SimpleNamespace(config=config_from_hf(read_config(cfg.checkpoint))),

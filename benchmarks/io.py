@@ -107,7 +107,8 @@ def write_checkpoint(shape: str, folder: Path) -> dict:
     import ml_dtypes
     import numpy as np
 
-    from vitsink_jax.convert.checkpoint_io import SAFE_INDEX, hf_tensors, parse_size, shard_layout
+    from vitsink_jax.convert.folders import SAFE_INDEX
+    from vitsink_jax.convert.writing import hf_tensors, parse_size, shard_layout
     from vitsink_jax.convert.hf import abstract_params, build_model, hf_shape
     from vitsink_jax.convert.safetensors_io import write_stream
     from flax import traverse_util
@@ -306,7 +307,7 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(result), flush=True)
         return result
 
-    from vitsink_jax.convert.checkpoint_io import parse_size
+    from vitsink_jax.convert.writing import parse_size
     from vitsink_jax.provenance import machine, package_versions, write_json
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

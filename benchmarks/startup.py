@@ -142,7 +142,7 @@ PROFILED = {  # name -> (file the function is in, function): cumulative seconds 
     "jax_import": ("jax/__init__.py", "<module>"),
     "torch_import": ("torch/__init__.py", "<module>"),
     "transformers_import": ("transformers/__init__.py", "<module>"),
-    "load_checkpoint": ("vitsink_jax/convert/checkpoint_io.py", "load_pretrained"),
+    "load_checkpoint": ("vitsink_jax/convert/reading.py", "load_pretrained"),
     "abstract_init": ("vitsink_jax/convert/hf.py", "abstract_params"),
     "load_tokenizer": ("vitsink_jax/data/tokenizer.py", "load_tokenizer"),
     "load_data": ("train.py", "load_data"),

@@ -66,20 +66,21 @@ if mode == "one":  # bad placements: a large param fsdp cannot split is named in
 
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from vitsink_jax.convert import checkpoint_io as cio
+    from vitsink_jax.convert.load_plan import Planned
+    from vitsink_jax.convert.reading import load_params, plan_shardings
 
     mesh = parallel.make_mesh(8)
-    plan = {("odd", "kernel"): cio.Planned((3 * 7 * 1001, 5), [], False, None),
-            ("fine", "kernel"): cio.Planned((64, 512), [], False, None)}
+    plan = {("odd", "kernel"): Planned((3 * 7 * 1001, 5), [], False, None),
+            ("fine", "kernel"): Planned((64, 512), [], False, None)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cio.plan_shardings(plan, mesh)
+        plan_shardings(plan, mesh)
     result["warnings"] = [str(w.message) for w in caught]
     try:
         split_first = {k: NamedSharding(mesh, P("fsdp", *[None] * (v.ndim - 1)))
                        for k, v in reference(False).items()}
-        cio.load_params(ckpt, model.config, model.clone(scan_layers=False),
-                        shardings=traverse_util.unflatten_dict(split_first))
+        load_params(ckpt, model.config, model.clone(scan_layers=False),
+                    shardings=traverse_util.unflatten_dict(split_first))
     except vj.CheckpointError as e:
         result["refused"] = str(e)
 print("RESULT", json.dumps(result))

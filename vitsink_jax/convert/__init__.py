@@ -1,4 +1,6 @@
 """Checkpoint conversion between Hugging Face PyTorch files and vitsink_jax params."""
 
-from .checkpoint_io import (CheckpointError, checkpoint_hash, load_pretrained,  # noqa: F401
-                            resolve_model_path, save_pretrained)
+from .folders import resolve_model_path  # noqa: F401
+from .reading import load_pretrained  # noqa: F401
+from .safetensors_io import CheckpointError  # noqa: F401
+from .writing import checkpoint_hash, save_pretrained  # noqa: F401

@@ -5,7 +5,8 @@ The conversion is declarative: a checkpoint key is first normalised to one canon
 one generic rule: ``a.layers.3.b.weight`` -> ``a/layers_3/b/{kernel|scale|embedding}``, picking
 the leaf our model actually has. Linear kernels are transposed, conv kernels go OIHW -> HWIO.
 The reverse rule gives ``save_pretrained``. Reading and writing the files:
-:mod:`vitsink_jax.convert.checkpoint_io`.
+:mod:`vitsink_jax.convert.load_plan`, :mod:`~vitsink_jax.convert.reading`,
+:mod:`~vitsink_jax.convert.writing`.
 """
 
 from __future__ import annotations

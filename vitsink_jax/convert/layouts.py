@@ -1,9 +1,9 @@
 """Checkpoint layouts other than transformers' own, read into the same LLaVA params.
 
 A layout is detected from config.json and turned into (a llava-hf config dict, weight readers
-whose keys are renamed to the canonical llava-hf spelling). The load plan, the sharded reads and
-every check of :mod:`vitsink_jax.convert.checkpoint_io` then run unchanged, and
-``save_pretrained`` writes the llava-hf layout.
+whose keys are renamed to the canonical llava-hf spelling). The load plan
+(:mod:`vitsink_jax.convert.load_plan`), the sharded reads (:mod:`vitsink_jax.convert.reading`)
+and every check then run unchanged, and ``save_pretrained`` writes the llava-hf layout.
 
 * The original LLaVA codebase (liuhaotian/llava-v1.5-7b style): ``model_type`` "llava" /
   "llava_llama" / "llava_qwen" / "llava_qwen2" / "llava_phi" with ``mm_vision_tower``; the LLM's
