@@ -3,7 +3,7 @@ training run's step time spent waiting for them, with the prefetch (vitsink_jax.
 on and off, on the mini-study recipe (configs/mini_study.py: its DIYSink stage, the embedded
 instruction set, 16 rows of 168 px DINOv2 input per step).
 
-(a) Loader alone: ``train.Batches`` of that data (read from the tfds array_record builder,
+(a) Loader alone: ``train_data.Batches`` of that data (read from the tfds array_record builder,
 decode, resize, normalise, tokenize, pad) produced by 1 and by 2 threads, no model step. Per
 core: images / s over the threads that run (at most the host's cores), and images per second
 of process CPU time (what one fully busy core sustains: hosts need about images / s of the
@@ -60,11 +60,11 @@ def stand_in(cfg) -> tuple:
 
 def loader_rate(cfg, records, n: int, workers: int) -> dict:
     """Images / s (and per process-CPU second) of ``n`` batches made by ``workers`` threads."""
-    import train
     from vitsink_jax.data.prefetch import Prefetch
+    from vitsink_jax.train_data import Batches
 
     model, tok = stand_in(cfg)
-    batches = train.Batches(records, model, tok, cfg)
+    batches = Batches(records, model, tok, cfg)
     for _ in Prefetch(batches, range(n, n + 2), 0):      # warm-up: file reads, lazy imports
         pass
     wall, cpu = time.perf_counter(), time.process_time()
@@ -80,11 +80,11 @@ def loader_rate(cfg, records, n: int, workers: int) -> dict:
 
 def train_wait(cfg, work: Path, prefetch: int) -> dict:
     """A train.py run with ``data.prefetch=prefetch``: its data-wait share and step times."""
-    import train
+    from vitsink_jax.trainer import train
 
     cfg = cfg.copy_and_resolve_references()
     cfg.data.prefetch = prefetch
-    train.train(cfg, work)
+    train(cfg, work)
     lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     waits = [x["data_wait_s"] for x in lines[1:]]
     span = lines[-1]["time"] - lines[0]["time"]       # steps 1 .. last, each to its log line
@@ -113,10 +113,10 @@ def main(argv=None) -> dict:
     from forward import parse_args
 
     import jax
-    import train
     from vitsink_jax import compile_cache
     from vitsink_jax.embedded import ensure_embedded_checkpoint
     from vitsink_jax.provenance import machine, merge_json, package_versions, write_json
+    from vitsink_jax.train_data import load_data, token_spec
 
     args, _, repeats = parse_args(__doc__, argv, repeats=2,
                                   steps=dict(type=int, default=25, help="train steps per run"),
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
     cfg.checkpoint = str(quick_checkpoint(work / "ckpt") if args.quick else
                          ensure_embedded_checkpoint(work, cfg.embedded, cfg.seed))
 
-    records = train.load_data(cfg, work, train.token_spec(cfg, *stand_in(cfg)))
+    records = load_data(cfg, work, token_spec(cfg, *stand_in(cfg)))
     cores = len(os.sched_getaffinity(0))
     loader = [loader_rate(cfg, records, n, w) for w in (1, 2)]
     runs = {"on": [], "off": []}

@@ -145,8 +145,8 @@ PROFILED = {  # name -> (file the function is in, function): cumulative seconds 
     "load_checkpoint": ("vitsink_jax/convert/reading.py", "load_pretrained"),
     "abstract_init": ("vitsink_jax/convert/hf.py", "abstract_params"),
     "load_tokenizer": ("vitsink_jax/data/tokenizer.py", "load_tokenizer"),
-    "load_data": ("train.py", "load_data"),
-    "first_step": ("train.py", "run"),
+    "load_data": ("vitsink_jax/train_data.py", "load_data"),
+    "first_step": ("vitsink_jax/trainer.py", "run"),  # Runner.run
 }
 
 

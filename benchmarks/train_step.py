@@ -1,6 +1,6 @@
 """Training step speed: one full fine-tuning step (every param trains: vision tower, projector,
-LLM; AdamW, gradient clipping) of vitsink_jax exactly as train.py runs it (``train.load_model``,
-``train.Runner`` on a one-device mesh: donated state, the numpy batch placed by the runner,
+LLM; AdamW, gradient clipping) of vitsink_jax exactly as train.py runs it (``trainer.load_model``,
+``trainer.Runner`` on a one-device mesh: donated state, the numpy batch placed by the runner,
 the metrics read back as the training loop reads them) vs Hugging Face PyTorch
 (``LlavaForConditionalGeneration``, SDPA attention, ``torch.optim.AdamW(fused=True)``, and
 eager attention for reference), same weights and batch, the steps taking turns. Beside it our
@@ -46,8 +46,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import train  # noqa: E402
 from forward import compiled_flops, hf_llava, matmul_peak, parse_args  # noqa: E402
+from vitsink_jax import trainer  # noqa: E402
 from vitsink_jax.provenance import machine, merge_json, package_versions, write_json  # noqa: E402
 
 PARTS = ("multi_modal_projector", "language_model", "vision_tower")  # a plain LLaVA: everything
@@ -91,24 +91,24 @@ def train_config(s: dict, ckpt: str, **kw):
 
 @contextmanager
 def no_tokenizer():
-    """train.load_model wants the checkpoint's tokenizer files; the benchmark feeds token ids."""
-    plain = train.load_tokenizer
-    train.load_tokenizer = lambda path: object()
+    """trainer.load_model wants the checkpoint's tokenizer files; the benchmark feeds token ids."""
+    plain = trainer.load_tokenizer
+    trainer.load_tokenizer = lambda path: object()
     try:
         yield
     finally:
-        train.load_tokenizer = plain
+        trainer.load_tokenizer = plain
 
 
 def ours(s: dict, ckpt: str, mesh, **kw):
     """(runner, state) of train.py for the config with ``kw``."""
     cfg = train_config(s, ckpt, **kw)
     with no_tokenizer():
-        model, params, _ = train.load_model(cfg, Path(ckpt), mesh)
+        model, params, _ = trainer.load_model(cfg, Path(ckpt), mesh)
     trainable, frozen = train_lib.split_params(params, train_lib.trainable_parts("finetune", PARTS))
     tx, schedules = train_lib.make_optimizer(cfg.optim, cfg.steps, cfg.stage, tuple(trainable))
     state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-    runner = train.Runner(cfg, model, tx, schedules, frozen, mesh)
+    runner = trainer.Runner(cfg, model, tx, schedules, frozen, mesh)
     return runner, runner.place(state)
 
 

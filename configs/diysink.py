@@ -57,7 +57,7 @@ def get_config():
                                # keep the state, drop the batch, go on
     c.max_skips = 10           # skip: at most this many non-finite steps in a row; the next stops
     c.resume_changes = "refuse"  # refuse | allow: resume a checkpoint whose run settings
-                                 # (train.RUN_KEYS) differ from this config's
+                                 # (train_resume.RUN_KEYS) differ from this config's
 
     # learning rates: optim.lrs.<group> > optim.lr (every group) > the stage's published default
     # (vitsink_jax.train_lib.STAGE_LR: pretrain 1e-3, finetune 2e-5, rew 1e-2); 0 = unset.

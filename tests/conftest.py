@@ -393,14 +393,13 @@ def train_diysink_briefly(folder, workdir):
     steps of 4 rows from the checkpoint ``folder`` (with its tokenizer): the loss is finite and
     the export loads back as the same family with its DIYSink block. Returns the summary."""
     import importlib.util
-    import sys
     from pathlib import Path
 
     import vitsink_jax as vj
 
+    from vitsink_jax import trainer
+
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    import train
 
     spec = importlib.util.spec_from_file_location("diysink_recipe", root / "configs" / "diysink.py")
     mod = importlib.util.module_from_spec(spec)
@@ -408,7 +407,7 @@ def train_diysink_briefly(folder, workdir):
     cfg = mod.get_config()
     cfg.update(dict(checkpoint=str(folder), steps=2, batch_size=4, checkpoint_every=2))
     cfg.data.variants = 1
-    summary = train.train(cfg, Path(workdir))
+    summary = trainer.train(cfg, Path(workdir))
     assert np.isfinite(summary["last_loss"]), summary
     before, _ = vj.load_pretrained(folder)
     after, params = vj.load_pretrained(Path(workdir) / "export")

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from test_train import ROOT, SMALL, config, params_of, same, train
-from vitsink_jax import checksums
+from test_train import ROOT, SMALL, config, params_of, same
+from vitsink_jax import checksums, trainer
 from vitsink_jax.checkpoints import UNCHECKED, StateCheckpoints
 
 STATE = {"step": jnp.asarray(3, jnp.int32), "w": jnp.linspace(-1, 1, 4000, dtype=jnp.float32),
@@ -128,7 +128,7 @@ def straight(tmp_path_factory):
     """An uninterrupted 6-step train.py run, a checkpoint after every step (the newest 2 kept):
     what the interrupted runs below must equal."""
     work = tmp_path_factory.mktemp("straight")
-    train.train(config(steps=6, checkpoint_every=1), work)
+    trainer.train(config(steps=6, checkpoint_every=1), work)
     return work
 
 
@@ -140,11 +140,11 @@ def test_a_run_resumes_past_a_damaged_checkpoint_as_from_the_one_before(straight
     work = tmp_path / "run"
     shutil.copytree(straight, work, ignore=shutil.ignore_patterns("export"))  # (the copy's own to write)
     damage(biggest(work / "checkpoints" / "6", FILES["global"]["array data"]), "flip")
-    summary = train.train(config(steps=6, checkpoint_every=1), work)
+    summary = trainer.train(config(steps=6, checkpoint_every=1), work)
     assert summary["resumed_from"] == 5
     assert any(p.name.startswith("6.damaged-") for p in (work / "checkpoints").iterdir())
     same(params_of(work), params_of(straight))
-    assert train.loss_curve(work) == train.loss_curve(straight)
+    assert trainer.loss_curve(work) == trainer.loss_curve(straight)
 
 
 @pytest.mark.slow
@@ -175,10 +175,10 @@ def test_sigterm_saves_at_the_next_step_and_the_same_command_resumes_bit_for_bit
                            rf"--workdir={re.escape(str(work))} .*--config.log_every=1", line)
     assert stopped and 1 <= int(stopped[1]) < 6 and stopped[2] == str(work / "checkpoints"), line
     assert not (work / "export").exists()
-    summary = train.train(config(steps=6, checkpoint_every=100), work)
+    summary = trainer.train(config(steps=6, checkpoint_every=100), work)
     assert summary["resumed_from"] == int(stopped[1])
     same(params_of(work), params_of(straight))
-    assert train.loss_curve(work) == train.loss_curve(straight)
+    assert trainer.loss_curve(work) == trainer.loss_curve(straight)
 
 
 def test_sigterm_only_notes_the_request_and_the_handler_is_put_back():

@@ -3,9 +3,6 @@ LLaVA-1.5 and TinyLLaVA trainers start stage 1: the LLM and tower read as releas
 projector drawn as torch.nn.Linear initialises it, and train.py's recipe runs from
 ``--config.llm`` / ``--config.vision_tower``."""
 
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -17,8 +14,6 @@ import vitsink_jax as vj
 from conftest import build, hf_tokenizer, qwen2_config, save, siglip_vision_config
 from vitsink_jax.convert.layouts import write_fresh_llava
 from vitsink_jax.convert.safetensors_io import CheckpointError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +75,13 @@ def test_a_fresh_llava_reads_the_llm_and_tower_as_released(parts, tmp_path):
 def test_train_starts_from_a_base_llm_and_tower(parts, tmp_path):
     """train.py from --config.llm / --config.vision_tower: stage 1 in the plain template trains
     the new projector (and only it) for two steps; the export loads in transformers as a LLaVA."""
-    sys.path.insert(0, str(ROOT))
-    import train
     from test_train import config
+    from vitsink_jax import trainer
 
     llm, tower, _ = parts
     cfg = config(llm=str(llm), vision_tower=str(tower), steps=2, batch_size=4, **{
         "data.template": "auto", "diysink.enabled": False, "data.image_aspect_ratio": "pad"})
-    summary = train.train(cfg, tmp_path / "run")
+    summary = trainer.train(cfg, tmp_path / "run")
     assert np.isfinite(summary["last_loss"])
     _, before = vj.load_pretrained(tmp_path / "run" / "base")
     _, after = vj.load_pretrained(tmp_path / "run" / "export")
@@ -101,6 +95,6 @@ def test_train_starts_from_a_base_llm_and_tower(parts, tmp_path):
     # trained on padded images: the export says so, and evaluation pads alike
     assert vj.load_pretrained(tmp_path / "run" / "export")[0].config.image_aspect_ratio == "pad"
     with pytest.raises(SystemExit, match="go together"):
-        train.train(config(llm=str(llm)), tmp_path / "x")
+        trainer.train(config(llm=str(llm)), tmp_path / "x")
     with pytest.raises(SystemExit, match="leaves no room after the image"):  # a cut in the image
-        train.train(config(llm=str(llm), vision_tower=str(tower), **{"data.max_length": 4}), tmp_path / "y")
+        trainer.train(config(llm=str(llm), vision_tower=str(tower), **{"data.max_length": 4}), tmp_path / "y")

@@ -194,13 +194,9 @@ def test_text_only_rows_train_as_if_alone(small):
 
 def test_training_rows_of_the_build_read_their_lengths_from_the_manifest(tmp_path, small,
                                                                         monkeypatch):
-    """train.Batches pads a global batch to its longest row from the manifest: no row of
+    """train_data.Batches pads a global batch to its longest row from the manifest: no row of
     another process is tokenized (a process of 2 tokenizes its own 4 rows of 8)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    from vitsink_jax import train_data
     from vitsink_jax.data import instruct
 
     config, tok, spec = small
@@ -216,7 +212,7 @@ def test_training_rows_of_the_build_read_their_lengths_from_the_manifest(tmp_pat
     calls = []
     real = instruct.tokenize_conversation
     monkeypatch.setattr(instruct, "tokenize_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
-    batches = train.Batches(data, SimpleNamespace(config=config), tok, cfg, 1, 2, spec=spec)
+    batches = train_data.Batches(data, SimpleNamespace(config=config), tok, cfg, 1, 2, spec=spec)
     batch = batches(0)
     assert len(calls) == 4
     every = batches.indices(0)
@@ -231,12 +227,9 @@ def test_a_resume_on_rows_built_otherwise_is_refused(tmp_path):
     decodes, same file, same settings) is refused naming the data, instead of training on
     another batch stream; --config.resume_changes=allow goes on and records it."""
     import shutil
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
     from test_train import config
+    from vitsink_jax import trainer
 
     for i in range(6):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
@@ -245,10 +238,10 @@ def test_a_resume_on_rows_built_otherwise_is_refused(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(items))
     kw = {"data.json": str(tmp_path / "d.json"), "batch_size": 2, "steps": 2, "checkpoint_every": 1,
           "data.build_workers": 0}
-    train.train(config(**kw), tmp_path / "run")
+    trainer.train(config(**kw), tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "tfds")
     (tmp_path / "3.jpg").write_text("not an image any more")
     with pytest.raises(SystemExit, match="trained on other rows"):
-        train.train(config(**{**kw, "steps": 3}), tmp_path / "run")
-    summary = train.train(config(**{**kw, "steps": 3, "resume_changes": "allow"}), tmp_path / "run")
+        trainer.train(config(**{**kw, "steps": 3}), tmp_path / "run")
+    summary = trainer.train(config(**{**kw, "steps": 3, "resume_changes": "allow"}), tmp_path / "run")
     assert any("kept rows" in c for c in summary["resume_changes"])

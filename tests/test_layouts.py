@@ -273,7 +273,6 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     benchmark items with the same system prompt and runs evaluate.py's analyze and interventions
     modes. (~40 s: one training run shared by the evaluation checks of this family.)"""
     import importlib.util
-    import sys
     from pathlib import Path
 
     from conftest import hf_tokenizer
@@ -282,9 +281,9 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
     from vitsink_jax.data.tokenizer import load_tokenizer
 
+    from vitsink_jax import trainer
+
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    import train
     corpus = benchmark_corpus() + list(prompts.with_system(prompts.TEMPLATES, "tinyllava").values())
     tok = hf_tokenizer("qwen2", tmp_path / "tok", corpus)
     cfg = llava_config(vision=siglip_vision_config(), vision_feature_select_strategy="default",
@@ -302,7 +301,7 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
         tok, ["human", "gpt"], ["<image>\nWhat?", "A"],
         prompts.PromptFormat(prompts.CHATS["llava"], prompts.ImageSlots(15, 573)), "tinyllava")
     assert tok.decode(ids[:12]).startswith("A chat between") and not question[:30].any()
-    summary = train.train(c, tmp_path / "work")
+    summary = trainer.train(c, tmp_path / "work")
     assert np.isfinite(summary["last_loss"])
     model, params = vj.load_pretrained(tmp_path / "work" / "export")
     assert model.config.diysink.rule.rule == "adaptive" and model.config.num_image_tokens == 15

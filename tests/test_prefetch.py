@@ -1,20 +1,16 @@
 """vitsink_jax.data.prefetch: the inline order at any depth and thread count, a worker's error
 at its own step, nothing left running after close, a resume equal to a straight run, and the
-measured wait; train.Batches computed by threads equal to inline."""
+measured wait; train_data.Batches computed by threads equal to inline."""
 
 import random
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vitsink_jax.data import instruct
 from vitsink_jax.data.prefetch import Prefetch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def jittery(step):
@@ -137,13 +133,12 @@ def test_the_wait_share_counts_the_time_spent_waiting():
 
 
 def test_train_batches_computed_by_threads_equal_the_inline_ones(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    import train
     from test_train import _batch_setup
+    from vitsink_jax import train_data
 
     records, model, tok, cfg = _batch_setup(tmp_path, batch_size=20)
-    inline = train.Batches(records, model, tok, cfg)
-    with Prefetch(train.Batches(records, model, tok, cfg), range(6), ahead=4, workers=4) as feed:
+    inline = train_data.Batches(records, model, tok, cfg)
+    with Prefetch(train_data.Batches(records, model, tok, cfg), range(6), ahead=4, workers=4) as feed:
         for k in range(6):
             got, ref = feed.get(k), inline(k)
             assert got.keys() == ref.keys()

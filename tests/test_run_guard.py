@@ -18,7 +18,7 @@ import pytest
 from absl import flags, logging
 
 import vitsink_jax as vj
-from vitsink_jax import cli, options, run_lock
+from vitsink_jax import cli, options, run_lock, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -242,7 +242,7 @@ def test_training_checks_before_it_loads_or_writes_anything(tmp_path):
     cfg = config_file("diysink")
     cfg.steps = -3
     with pytest.raises(options.ConfigError, match=r"^--config.steps=-3 must be >= 0$"):
-        train.train(cfg, tmp_path / "w")
+        trainer.train(cfg, tmp_path / "w")
     assert not (tmp_path / "w").exists()
     cfg = config_file("mini_study")
     cfg.recipe = ("single: diysink.enabled=False", "later: keep_checkpoints=0")

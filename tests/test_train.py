@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import vitsink_jax as vj
-from vitsink_jax import options
+from vitsink_jax import options, train_data, train_export, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train  # noqa: E402  (the CLI: recipes)
 
 SMALL = dict(image_size=56, vision_hidden=48, vision_layers=2, text_hidden=64, text_layers=2,
              vocab_size=512)
@@ -55,14 +55,14 @@ def same(a, b):
 def base(tmp_path_factory):
     """A stage-1 DIYSink export of the small embedded model (the starting point of later stages)."""
     work = tmp_path_factory.mktemp("base")
-    train.train(config(steps=2), work)
+    trainer.train(config(steps=2), work)
     return work
 
 
 @pytest.mark.slow
 def test_loss_falls_and_only_trainable_parts_change(base, tmp_path):
     start = params_of(base)
-    summary = train.train(config(stage="finetune", steps=30, checkpoint=str(base / "export"),
+    summary = trainer.train(config(stage="finetune", steps=30, checkpoint=str(base / "export"),
                                  **{"optim.lr": 3e-3}), tmp_path)
     assert summary["last_loss"] < 0.5 * summary["first_loss"], summary
     end = params_of(tmp_path)
@@ -123,32 +123,32 @@ def tensorboard_scalars(folder) -> dict:
 def test_pretrain_and_rew_touch_only_their_parts(base, tmp_path):
     start = params_of(base)
     assert set(start) >= {"multi_modal_projector_sink", "multi_modal_projector"}
-    train.train(config(steps=2, checkpoint=str(base / "export")), tmp_path / "pre")
+    trainer.train(config(steps=2, checkpoint=str(base / "export")), tmp_path / "pre")
     pre = params_of(tmp_path / "pre")
     same(pre["vision_tower"], start["vision_tower"])
     same(pre["language_model"], start["language_model"])
     assert not np.array_equal(pre["multi_modal_projector_sink"]["linear_2"]["kernel"],
                               start["multi_modal_projector_sink"]["linear_2"]["kernel"])
     work = tmp_path / "rew"
-    train.train(config(stage="rew", steps=3, checkpoint=str(base / "export"),
+    trainer.train(config(stage="rew", steps=3, checkpoint=str(base / "export"),
                        **{"optim.lr": 1e-2, "diysink.reweight": True}), work)
     rew = params_of(work)
     assert "reweighting" in rew
     for k in start:
         same(rew[k], start[k])
     with pytest.raises(ValueError, match="rew stage needs diysink.reweight"):
-        train.train(config(stage="rew", steps=1, checkpoint=str(base / "export")), tmp_path / "x")
+        trainer.train(config(stage="rew", steps=1, checkpoint=str(base / "export")), tmp_path / "x")
 
 
 @pytest.mark.slow
 def test_resume_equals_straight_run(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
-    train.train(config(steps=5, **kw), tmp_path / "straight")
-    train.train(config(steps=2, **kw), tmp_path / "resumed")   # "killed" after 2 steps
+    trainer.train(config(steps=5, **kw), tmp_path / "straight")
+    trainer.train(config(steps=2, **kw), tmp_path / "resumed")   # "killed" after 2 steps
     [data] = (tmp_path / "resumed" / "tfds" / "local_records").glob("instruct_embedded_*")
     written = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
     assert (data / "manifest.json").is_file()
-    summary = train.train(config(steps=5, **kw), tmp_path / "resumed")
+    summary = trainer.train(config(steps=5, **kw), tmp_path / "resumed")
     assert summary["resumed_from"] == 2
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == written  # data reused, not rebuilt
     same(params_of(tmp_path / "resumed"), params_of(tmp_path / "straight"))
@@ -172,11 +172,11 @@ def test_nonfinite_state_is_set_aside_and_a_lower_lr_resumes_from_the_last_finit
               **{"optim.warmup_steps": 1})
     with pytest.raises(FloatingPointError, match=r"loss not finite at step 2 .* checkpoints 2.nonfinite set aside; "
                        r"resume from step 1 .*--config.optim.lr"):
-        train.train(config(**kw, **{"optim.lr": 1e30}), tmp_path / "run")
+        trainer.train(config(**kw, **{"optim.lr": 1e30}), tmp_path / "run")
     assert kept_checkpoints(tmp_path / "run") == ["1", "2.nonfinite"]
-    summary = train.train(config(**kw, **{"optim.lr": 1e-3}), tmp_path / "run")
+    summary = trainer.train(config(**kw, **{"optim.lr": 1e-3}), tmp_path / "run")
     assert summary["resumed_from"] == 1 and summary["resume_changes"] == []
-    train.train(config(**kw, **{"optim.lr": 1e-3}), tmp_path / "straight")
+    trainer.train(config(**kw, **{"optim.lr": 1e-3}), tmp_path / "straight")
     same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
 
 
@@ -185,17 +185,17 @@ def test_a_nonfinite_update_keeps_the_state_before_it(base, tmp_path, monkeypatc
     """An infinite learning rate at update 1 (fault injection) makes only the update non-finite
     (the loss is finite): the state before it is saved as checkpoint 1 (none was due), nothing is
     set aside, and resuming from it finishes bitwise equal to a straight run."""
-    plain = train.train_lib.make_schedule
-    monkeypatch.setattr(train.train_lib, "make_schedule", lambda cfg, lr, n: (
+    plain = trainer.train_lib.make_schedule
+    monkeypatch.setattr(trainer.train_lib, "make_schedule", lambda cfg, lr, n: (
         lambda c, s=plain(cfg, lr, n): jnp.where(c == 1, jnp.inf, s(c))))
     kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=2)
     with pytest.raises(FloatingPointError, match=r"update not finite \(the loss \S+ was\) at step 1 "
                        r".*the state before it is checkpoint 1: resume from step 1 with a lower"):
-        train.train(config(**kw), tmp_path / "run")
+        trainer.train(config(**kw), tmp_path / "run")
     assert kept_checkpoints(tmp_path / "run") == ["1"]
     monkeypatch.undo()
-    assert train.train(config(**kw), tmp_path / "run")["resumed_from"] == 1
-    train.train(config(**kw), tmp_path / "straight")
+    assert trainer.train(config(**kw), tmp_path / "run")["resumed_from"] == 1
+    trainer.train(config(**kw), tmp_path / "straight")
     same(params_of(tmp_path / "run"), params_of(tmp_path / "straight"))
 
 
@@ -204,23 +204,23 @@ def test_a_nonfinite_batch_is_skipped_or_stops_the_run(base, tmp_path, monkeypat
     """NaN pixels in global batch 2 (fault injection): ``nonfinite=skip`` keeps the state, counts
     the step and goes on; past ``max_skips`` in a row the run stops, setting aside the
     checkpoints of the state that gave a non-finite loss and naming the step to resume from."""
-    plain, poisoned_steps = train.Batches.__call__, {2}
+    plain, poisoned_steps = train_data.Batches.__call__, {2}
 
     def poisoned(self, step):
         batch = plain(self, step)
         return {**batch, "pixels": batch["pixels"] * np.nan} if step in poisoned_steps else batch
 
-    monkeypatch.setattr(train.Batches, "__call__", poisoned)
+    monkeypatch.setattr(train_data.Batches, "__call__", poisoned)
     kw = dict(stage="finetune", steps=4, checkpoint=str(base / "export"), checkpoint_every=1,
               nonfinite="skip")
-    summary = train.train(config(**kw), tmp_path / "skip")
+    summary = trainer.train(config(**kw), tmp_path / "skip")
     assert summary["skipped_steps"] == [2] and np.isfinite(summary["last_loss"])
     lines = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [x.get("skipped", 0) for x in lines] == [0, 0, 1, 0]
     poisoned_steps.add(3)
     with pytest.raises(FloatingPointError, match=r"loss not finite at step 3 .*; 1 step before it "
                        r"skipped\); checkpoints 2.nonfinite set aside; resume from step 1"):
-        train.train(config(**kw, max_skips=1), tmp_path / "stop")  # no checkpoint 3 (skipped)
+        trainer.train(config(**kw, max_skips=1), tmp_path / "stop")  # no checkpoint 3 (skipped)
     assert kept_checkpoints(tmp_path / "stop") == ["1", "2.nonfinite"]
 
 
@@ -230,25 +230,25 @@ def test_resume_refuses_changed_run_settings_by_name(base, tmp_path):
     its flag (before the model loads); ``resume_changes=allow`` resumes and records them; a
     state of another shape is named in one line, not an orbax tree dump."""
     with pytest.raises(options.ConfigError, match="--config.nonfinite=.stpo. is not one of stop, skip"):
-        train.train(config(nonfinite="stpo"), tmp_path / "typo")
+        trainer.train(config(nonfinite="stpo"), tmp_path / "typo")
     kw = dict(stage="finetune", checkpoint=str(base / "export"), checkpoint_every=1)
     work = tmp_path / "run"
-    train.train(config(steps=2, **kw), work)
+    trainer.train(config(steps=2, **kw), work)
     for change, line in [(dict(batch_size=4), "--config.batch_size: 8 in the checkpoint, 4 now"),
                          (dict(stage="pretrain"), "--config.stage: 'finetune' in the checkpoint, 'pretrain' now"),
                          (dict(seed=1), "--config.seed: 0 in the checkpoint, 1 now"),
                          (dict(checkpoint=str(work / "export")), "--config.checkpoint: other contents (sha256 ")]:
         with pytest.raises(SystemExit, match=re.escape(line)) as e:
-            train.train(config(steps=3, **{**kw, **change}), work)
+            trainer.train(config(steps=3, **{**kw, **change}), work)
         assert "--config.resume_changes=allow" in str(e.value)
     with pytest.raises(SystemExit, match=r"holds another train state than this run builds"):
-        train.train(config(steps=3, **{**kw, "stage": "pretrain", "resume_changes": "allow"}), work)
-    summary = train.train(config(steps=3, **{**kw, "batch_size": 4, "resume_changes": "allow"}), work)
+        trainer.train(config(steps=3, **{**kw, "stage": "pretrain", "resume_changes": "allow"}), work)
+    summary = trainer.train(config(steps=3, **{**kw, "batch_size": 4, "resume_changes": "allow"}), work)
     assert summary["resumed_from"] == 2
     assert summary["resume_changes"] == ["--config.batch_size: 8 in the checkpoint, 4 now"]
     with pytest.raises(vj.CheckpointError, match=r"embedded_default holds the embedded model of other settings "
                        r"\(--config.embedded.text_hidden: 64 there, 32 now\)"):
-        train.train(config(**{"embedded.text_hidden": 32}), base)
+        trainer.train(config(**{"embedded.text_hidden": 32}), base)
 
 
 def test_optimizer_lr_per_group_and_per_projector_clipping():
@@ -534,7 +534,8 @@ import json, sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from pathlib import Path
 import jax, numpy as np
-import test_train, train
+import test_train
+from vitsink_jax import trainer
 cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ckpt!r},
                         parallel=sys.argv[1], fsdp=int(sys.argv[2]), checkpoint_every=2,
                         tensor=int(sys.argv[9]), scan_layers=sys.argv[10] == "scan",
@@ -547,7 +548,7 @@ cfg = test_train.config(steps=int(sys.argv[8]), stage="finetune", checkpoint={ck
                         "optim.warmup_steps": 5}})  # all inside the warmup: a run extended on
                                                      # resume has the straight run's lr
 work = Path(sys.argv[7])
-train.train(cfg, work)
+trainer.train(cfg, work)
 if jax.process_index() == 0:
     losses = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
     print("RESULT", jax.device_count(), json.dumps(losses))
@@ -660,7 +661,7 @@ def test_two_processes_with_jax_distributed_then_resume_on_another_count(base, t
 
 
 def _batch_setup(tmp_path, **kw):
-    """(records as train.load_data gives them, a stand-in model with the small config, the
+    """(records as train_data.load_data gives them, a stand-in model with the small config, the
     embedded tokenizer, cfg)."""
     from types import SimpleNamespace
 
@@ -669,7 +670,7 @@ def _batch_setup(tmp_path, **kw):
     cfg = config(**kw)
     model = SimpleNamespace(config=embedded_config(cfg.embedded))
     tok = embedded_tokenizer(cfg.embedded.vocab_size)
-    return train.load_data(cfg, tmp_path, train.token_spec(cfg, model, tok)), model, tok, cfg
+    return train_data.load_data(cfg, tmp_path, train_data.token_spec(cfg, model, tok)), model, tok, cfg
 
 
 def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
@@ -687,14 +688,14 @@ def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
     assert [records[i]["id"] for i in range(48)] == [r["id"] for r in source]
     for batch_size, steps in ((8, 3), (20, 8)):
         cfg.batch_size = batch_size
-        one = train.Batches(records, model, tok, cfg)
+        one = train_data.Batches(records, model, tok, cfg)
         uneven = False
         for k in range(steps):
             ref = one(k)
             assert ref["mask"].shape[1] == ref["mask"].sum(1).max()      # no bucket: the longest
             assert len(set(one.indices(k).tolist())) == batch_size
             for count in (2, 4):
-                parts = [train.Batches(records, model, tok, cfg, p, count)(k) for p in range(count)]
+                parts = [train_data.Batches(records, model, tok, cfg, p, count)(k) for p in range(count)]
                 assert len({x["ids"].shape for x in parts}) == 1, (batch_size, k, count)
                 for key in ref:
                     np.testing.assert_array_equal(np.concatenate([x[key] for x in parts]), ref[key])
@@ -733,8 +734,8 @@ def test_batch_order_is_a_function_of_seed_and_step():
 @pytest.mark.slow
 def test_bf16_compute(base, tmp_path):
     kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=1)
-    fp32 = train.train(config(**kw), tmp_path / "fp32")
-    bf16 = train.train(config(compute_dtype="bfloat16", **kw), tmp_path / "bf16")
+    fp32 = trainer.train(config(**kw), tmp_path / "fp32")
+    bf16 = trainer.train(config(compute_dtype="bfloat16", **kw), tmp_path / "bf16")
     np.testing.assert_allclose(bf16["first_loss"], fp32["first_loss"], rtol=3e-2)
     assert params_of(tmp_path / "bf16")["language_model"]["lm_head"]["kernel"].dtype == np.float32
 
@@ -751,7 +752,7 @@ def test_gradient_accumulation_equals_the_whole_batch(base, tmp_path):
               **{"optim.lr": 1e-3, "optim.warmup_steps": 2})
     runs = {}
     for k in (1, 4):
-        train.train(config(**{**kw, "optim.grad_accum": k}), tmp_path / f"acc{k}")
+        trainer.train(config(**{**kw, "optim.grad_accum": k}), tmp_path / f"acc{k}")
         lines = (tmp_path / f"acc{k}" / "metrics.jsonl").read_text().splitlines()
         runs[k] = [json.loads(x) for x in lines]
         assert [x["lr/language_model"] for x in runs[k]] == pytest.approx([0, 5e-4, 1e-3, 5e-4]), k
@@ -763,7 +764,7 @@ def test_gradient_accumulation_equals_the_whole_batch(base, tmp_path):
     assert not np.array_equal(params_of(tmp_path / "acc4")["language_model"]["lm_head"]["kernel"],
                               params_of(base)["language_model"]["lm_head"]["kernel"])
     with pytest.raises(SystemExit, match="not a multiple of the 1 devices x optim.grad_accum 3"):
-        train.train(config(**{**kw, "optim.grad_accum": 3}), tmp_path / "acc3")
+        trainer.train(config(**{**kw, "optim.grad_accum": 3}), tmp_path / "acc3")
 
 
 @pytest.mark.slow
@@ -771,9 +772,9 @@ def test_remat_and_scanned_layers_give_the_same_step(base, tmp_path):
     """remat, and scanned LLM layers with a remat policy, train to the loop's params; the
     scanned run exports HF's layout and refuses to resume in the other layout."""
     kw = dict(stage="finetune", checkpoint=str(base / "export"), steps=2)
-    plain = train.train(config(**kw), tmp_path / "plain")
-    remat = train.train(config(remat=True, **kw), tmp_path / "remat")
-    scan = train.train(config(remat=True, scan_layers=True, remat_policy="dots_saveable", **kw),
+    plain = trainer.train(config(**kw), tmp_path / "plain")
+    remat = trainer.train(config(remat=True, **kw), tmp_path / "remat")
+    scan = trainer.train(config(remat=True, scan_layers=True, remat_policy="dots_saveable", **kw),
                        tmp_path / "scan")
     assert remat["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-6)
     assert scan["last_loss"] == pytest.approx(plain["last_loss"], rel=1e-5)
@@ -781,7 +782,7 @@ def test_remat_and_scanned_layers_give_the_same_step(base, tmp_path):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
                                params_of(tmp_path / run), params_of(tmp_path / "plain"))
     with pytest.raises(SystemExit, match="scan_layers=True"):
-        train.train(config(**{**kw, "steps": 3}), tmp_path / "scan")
+        trainer.train(config(**{**kw, "steps": 3}), tmp_path / "scan")
 
 
 def test_per_process_checkpoints_round_trip(tmp_path):
@@ -893,7 +894,7 @@ def test_rerun_of_a_finished_workdir_and_recipe_changes_nothing(base, tmp_path, 
     from vitsink_jax import mini_study
 
     before = snapshot(base)
-    summary = train.train(config(steps=2), base)
+    summary = trainer.train(config(steps=2), base)
     assert "already at step 2 of 2; nothing to do" in capsys.readouterr().out
     assert snapshot(base) == before
     assert summary == json.loads((base / "train_summary.json").read_text())
@@ -925,7 +926,7 @@ def test_export_holding_another_models_file_is_refused_or_replaced_whole(base, t
     (work / "export" / "special_tokens_map.json").write_text('{"pad_token": "<other>"}')
     before = snapshot(work)
     with pytest.raises(SystemExit) as e:
-        train.train(config(steps=2), work)
+        trainer.train(config(steps=2), work)
     assert str(e.value.code).startswith(
         f"error: {work / 'export'} holds files this workdir did not write (special_tokens_map.json); ")
     assert "--config.overwrite_export=True" in str(e.value.code)
@@ -935,7 +936,7 @@ def test_export_holding_another_models_file_is_refused_or_replaced_whole(base, t
     intruder.write_text('{"pad_token": "<other>"}')
     try:
         with pytest.raises(SystemExit, match=r"did not write \(special_tokens_map.json\)"):
-            train.train(config(steps=2), base)
+            trainer.train(config(steps=2), base)
     finally:
         intruder.unlink()
 
@@ -943,10 +944,10 @@ def test_export_holding_another_models_file_is_refused_or_replaced_whole(base, t
     shutil.copytree(base, work)  # a copy's folders name the original workdir: not its own either
     (work / "export" / "added_tokens.json").write_text('{"<other>": 9999}')
     with pytest.raises(SystemExit, match=r"holds files this workdir did not write \(added_tokens.json\)"):
-        train.train(config(steps=2), work)
-    summary = train.train(config(steps=2, overwrite_export=True), work)  # re-exports at step 2 of 2
+        trainer.train(config(steps=2), work)
+    summary = trainer.train(config(steps=2, overwrite_export=True), work)  # re-exports at step 2 of 2
     assert sorted(os.listdir(work / "export")) == sorted(os.listdir(base / "export"))
-    assert atomic.intact(work / "export", train.owner(work))
+    assert atomic.intact(work / "export", train_export.owner(work))
     carried = json.loads((work / "export" / "vitsink_eval.json").read_text())  # what evaluation applies
     assert carried["eval.mc_format"] == config().data.mc_format and carried["sink.rule"] == "topk"
     assert summary["first_loss"] == json.loads((base / "train_summary.json").read_text())["first_loss"]
@@ -970,5 +971,5 @@ def test_interrupted_export_leaves_the_old_one(base, tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic, "stamp", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train.write_export(config(), work, model, params, load_tokenizer(work / "export"))
+        train_export.write_export(config(), work, model, params, load_tokenizer(work / "export"))
     assert snapshot(work / "export") == before and os.listdir(work) == ["export"]

@@ -116,13 +116,10 @@ def test_stage2_rows_are_llava_v1(llama):
 
 def test_a_row_past_model_max_length_is_cut_there(tmp_path, llama):
     """A ~3,000-token row under the recipes' data.max_length=2048 / too_long=truncate: built
-    with length 2048, and train.Batches gives its first 2048 tokens (image expanded)."""
-    import sys
-    from pathlib import Path
+    with length 2048, and train_data.Batches gives its first 2048 tokens (image expanded)."""
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import train
+    from vitsink_jax import train_data
 
     tok, fmt, _ = llama
     answer = " ".join(["A brown dog on the grass."] * 500)
@@ -136,7 +133,7 @@ def test_a_row_past_model_max_length_is_cut_there(tmp_path, llama):
     assert manifest["lengths"] == [2048]
     cfg = SimpleNamespace(batch_size=1, length_bucket=1, seed=0)
     model = SimpleNamespace(config=embedded_config(embedded_shape()))  # its pixel shape
-    batch = train.Batches(B.InstructData(tmp_path / "b"), model, tok, cfg, spec=spec)(0)
+    batch = train_data.Batches(B.InstructData(tmp_path / "b"), model, tok, cfg, spec=spec)(0)
     np.testing.assert_array_equal(batch["ids"][0], full[0][:2048])
     np.testing.assert_array_equal(batch["loss_mask"][0], full[1][:2048])
 

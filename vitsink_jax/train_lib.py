@@ -321,7 +321,7 @@ def make_train_step(model, tx, schedules: dict, stage: str, axis_name=None, grad
     k micro-batches, then the sums are reduced once.
     * ``axis_name`` (pmap): each device holds part of the batch; answer-token counts, losses and
       accumulated gradients are ``psum``-ed over that axis after the micro-batch scan.
-    * ``mesh`` (the mesh the step is jitted on; train.py's Runner passes it): its axes are in
+    * ``mesh`` (the mesh the step is jitted on; trainer.Runner passes it): its axes are in
       context while tracing, so the model's activations stay split over the batch axes
       (:func:`parallel.constrain_rows`: XLA gathers fsdp-sharded weights, not the whole batch's
       rows). With pure data parallelism (:func:`data_parallel_mesh`) the gradient part runs

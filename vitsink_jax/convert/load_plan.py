@@ -65,10 +65,24 @@ def load_plan(path: Path, config: ModelConfig, model, readers: list) -> dict:
     Raises CheckpointError listing missing / unexpected tensors, or naming a tensor whose shape
     disagrees with the config (both shapes given)."""
     scanned = getattr(model, "scan_layers", False)
-    loop = model.clone(scan_layers=False) if scanned else model
-    targets = abstract_params(loop)
-    original_type = read_config(path).get("model_type", "")
-    ignored = [re.compile(p) for p in ignored_patterns(config, original_type)]
+    targets = abstract_params(model.clone(scan_layers=False) if scanned else model)
+    ignored = [re.compile(p) for p in ignored_patterns(config, read_config(path).get("model_type", ""))]
+    found, unexpected = _match(readers, config, targets, ignored)
+    missing = ["/".join(p) + f" (HF {path_to_hf_key(p)})" for p in targets if p not in found]
+    if missing or unexpected:
+        msg = [f"{path}: checkpoint does not match the {config.__class__.__name__} built from config.json"]
+        if missing:
+            msg.append(f"missing tensors ({len(missing)}): {first_few(missing)}")
+        if unexpected:
+            msg.append(f"unexpected tensors ({len(unexpected)}): {first_few(unexpected)}")
+        raise CheckpointError("; ".join(msg))
+    return _stack(targets, found, decoder_prefixes(targets) if scanned else set())
+
+
+def _match(readers: list, config: ModelConfig, targets: dict, ignored: list) -> tuple:
+    """({loop-layout param path: (reader, key, transpose, first row)}, [unexpected keys]): every
+    tensor of ``readers`` matched to the param(s) it feeds; keys matching an ``ignored`` pattern
+    are neither. Raises CheckpointError for a tensor of the wrong shape."""
     fused = fused_tensors(config)
     found, unexpected = {}, []
     for reader in readers:
@@ -86,25 +100,28 @@ def load_plan(path: Path, config: ModelConfig, model, readers: list) -> dict:
                 if not any(p.search(canon) for p in ignored):
                     unexpected.append(key)
                 continue
-            info, want = reader.tensors[key], tuple(targets[target].shape)
-            perm = to_hf_perm(target, len(info.shape))
-            ours = tuple(info.shape[i] for i in np.argsort(perm)) if perm else tuple(info.shape)
-            if ours != want:
-                raise CheckpointError(f"{reader.path}: tensor {key!r} has shape {tuple(info.shape)} "
-                                      f"but the config needs {hf_shape(target, want)} (param "
-                                      f"{'/'.join(target)})")
-            found[target] = (reader, key, perm, 0)
-    missing = ["/".join(p) + f" (HF {path_to_hf_key(p)})" for p in targets if p not in found]
-    if missing or unexpected:
-        msg = [f"{path}: checkpoint does not match the {config.__class__.__name__} built from config.json"]
-        if missing:
-            msg.append(f"missing tensors ({len(missing)}): {first_few(missing)}")
-        if unexpected:
-            msg.append(f"unexpected tensors ({len(unexpected)}): {first_few(unexpected)}")
-        raise CheckpointError("; ".join(msg))
-    decoders = decoder_prefixes(targets) if scanned else set()
+            found[target] = _source(reader, key, target, tuple(targets[target].shape))
+    return found, unexpected
+
+
+def _source(reader, key: str, target: tuple, want: tuple) -> tuple:
+    """(reader, key, transpose, first row 0) of the tensor ``key`` feeding param ``target`` of
+    shape ``want`` (our layout); raises CheckpointError naming both shapes when they differ."""
+    shape = tuple(reader.tensors[key].shape)
+    perm = to_hf_perm(target, len(shape))
+    ours = tuple(shape[i] for i in np.argsort(perm)) if perm else shape
+    if ours != want:
+        raise CheckpointError(f"{reader.path}: tensor {key!r} has shape {shape} "
+                              f"but the config needs {hf_shape(target, want)} (param "
+                              f"{'/'.join(target)})")
+    return reader, key, perm, 0
+
+
+def _stack(targets: dict, found: dict, decoders: set) -> dict:
+    """The plan in model order: one source per param, or, under the ``decoders`` of a scanned
+    model, each layer stack's L sources in layer-index order with shape [L, ...]."""
     plan = {}
-    for target in targets:  # model order; a scanned stack collects its layers in index order
+    for target in targets:
         reader, key, perm, row = found[target]
         dest, layer = layer_split(target, decoders)
         if layer is None:

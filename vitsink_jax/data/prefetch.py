@@ -1,7 +1,7 @@
 """Training batches computed ahead of the step that uses them, in background threads.
 
-train.py's batches are a pure function of the step (``train.Batches``: global batch k is fixed by
-(seed, k), each host takes its rows), so computing the next few while the current step runs
+train.py's batches are a pure function of the step (``vitsink_jax.train_data.Batches``: global
+batch k is fixed by (seed, k), each host takes its rows), so computing the next few while the current step runs
 changes nothing but the time: the order is the inline order, and a run resumed at step s (the
 checkpoint's ``data_step``) asks for s, s + 1, ... and gets what a straight run got there.
 Threads are enough: reading the array_record files, decoding and resizing images (PIL) and the
