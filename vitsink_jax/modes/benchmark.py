@@ -17,33 +17,29 @@ from pathlib import Path
 import jax
 
 from .. import eval_lib, scores
-from ..convert.checkpoint_io import checkpoint_hash
-from ..data.tokenizer import load_tokenizer
 from ..diysink import routing_counts
-from ..outputs import write_json, write_jsonl
-from ..provenance import file_stem, record
-from .common import (benchmark_records, benchmark_rules, drop_too_long, gather_predictions, load_lvlm,
-                     parse_variant, resolve_checkpoint, sink_rule)
-
+from .common import (benchmark_records, benchmark_rules, checkpoint_record, drop_too_long, load_lvlm,
+                     parse_variant, predict_benchmark, require_tokenizer, resolve_checkpoint, sink_rule,
+                     write_results)
 
 
 def run_benchmark(cfg, workdir: Path) -> dict:
+    """The configured visual-token variants (``cfg.variants``) of one checkpoint scored side by
+    side on the benchmark (:func:`score_variants`), printed as one table; returns and writes
+    ``results.json``."""
     rules = benchmark_rules(cfg)  # a bad score.rules is refused before anything is loaded
     ckpt, how = resolve_checkpoint(cfg, workdir)
     records, source, order = benchmark_records(cfg, workdir)
     results, skipped_variants, too_long = score_variants(cfg, workdir, ckpt, records, order, None)
     table = comparison_table(list(results.items()))
     print(table)
-    report = {**record(cfg, cfg.seed, str(ckpt), checkpoint_hash(ckpt)),
+    report = {**checkpoint_record(cfg, ckpt),
               "benchmark": cfg.benchmark.name, "file": cfg.benchmark.file, **source,
               "rules": rules, "skipped_too_long": too_long, "processes": jax.process_count(),
               "results": results,
               "skipped_variants": skipped_variants, "table": table}
-    if jax.process_index() == 0:
-        out = write_json(workdir / "results.json", report)
-        print(f"wrote {out} and per-item predictions_<variant>.jsonl")
+    write_results(workdir / "results.json", report, " and per-item predictions_<variant>.jsonl")
     return report
-
 
 
 def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, rule,
@@ -58,12 +54,30 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
     rules = benchmark_rules(cfg)
     ckpt, model, params = load_lvlm(cfg, workdir, ckpt)
     rule = rule or sink_rule(cfg, model.config.vision)
-    tokenizer = load_tokenizer(ckpt)
-    if tokenizer is None:
-        raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model);"
-                         " benchmark mode needs the checkpoint's tokenizer")
+    tokenizer = require_tokenizer(ckpt, "benchmark mode needs the checkpoint's tokenizer")
     records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     results = {}
+    runs, skipped = variants_to_run(cfg, model, rule, ckpt)
+    for spec, variant in runs:
+        policy = variant.policy
+        print(f"variant {spec}: order={policy.order} select={policy.select} "
+              f"positions={policy.positions} (sink rule {policy.rule.rule}"
+              f"{', DIYSink: sinks first through its sink projector' if model.config.diysink else ''})")
+        preds = predict_benchmark(cfg, variant, params, tokenizer, records, order, workdir, label, spec)
+        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds, rules)
+        routing = routing_counts(preds)
+        if routing is not None:
+            results[spec]["cot_routing"] = routing
+            print(f"CoT routing: {routing['per_route']}; {routing['unparsed']} item(s) with an "
+                  "unparsed answer (routed to both paths)")
+    return results, skipped, too_long
+
+
+def variants_to_run(cfg, model, rule, ckpt: Path) -> tuple[list, dict]:
+    """([(spec, the model with that visual-token variant)], {skipped spec: why}) for the
+    configured variants under ``rule`` (a DIYSink model's own rule instead: its projectors were
+    trained on it), each distinct model once (:func:`vitsink_jax.eval_lib.distinct_variants`);
+    prints the skipped ones, exits with an error when none applies."""
     if model.config.diysink is not None:  # its projectors were trained on its own rule
         rule = model.config.diysink.rule
     runs, skipped = eval_lib.distinct_variants(model, {s: parse_variant(s, rule) for s in cfg.variants})
@@ -72,24 +86,7 @@ def score_variants(cfg, workdir: Path, ckpt: Path, records: list, order: dict, r
                          f"{skipped}")
     for spec, why in skipped.items():
         print(f"variant {spec}: skipped ({why})")
-    for spec, variant in runs:
-        policy = variant.policy
-        print(f"variant {spec}: order={policy.order} select={policy.select} "
-              f"positions={policy.positions} (sink rule {policy.rule.rule}"
-              f"{', DIYSink: sinks first through its sink projector' if model.config.diysink else ''})")
-        name = file_stem("predictions", label, spec)
-        preds = eval_lib.predict(variant, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
-        preds = gather_predictions(preds, order)
-        results[spec] = eval_lib.summarize(cfg.benchmark.name, preds, rules)
-        routing = routing_counts(preds)
-        if routing is not None:
-            results[spec]["cot_routing"] = routing
-            print(f"CoT routing: {routing['per_route']}; {routing['unparsed']} item(s) with an "
-                  "unparsed answer (routed to both paths)")
-        if jax.process_index() == 0:
-            write_jsonl(workdir / f"{name}.jsonl", preds)
-    return results, skipped, too_long
-
+    return runs, skipped
 
 
 def comparison_table(rows: list) -> str:

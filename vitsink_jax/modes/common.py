@@ -13,7 +13,11 @@
   variant under a rule (:func:`parse_variant`).
 - A benchmark read through a tfds builder and sharded over hosts (:func:`benchmark_records`),
   its rows too long for the model dropped (:func:`drop_too_long`), every host's predictions
-  gathered (:func:`gather_predictions`), the official rule set (:func:`benchmark_rules`).
+  gathered and written (:func:`predict_benchmark`), the official rule set
+  (:func:`benchmark_rules`).
+- Results: the provenance record of a run on a checkpoint (:func:`checkpoint_record`), the
+  report written once (:func:`write_results`); every file a mode writes goes through
+  :mod:`vitsink_jax.outputs` (staged, moved in when the mode returns).
 """
 
 from __future__ import annotations
@@ -27,19 +31,21 @@ import numpy as np
 
 from .. import eval_lib, eval_settings, mini_study, parallel, paths, scores
 from ..convert import layouts
-from ..convert.checkpoint_io import CheckpointError, load_pretrained, read_config, resolve_model_path
+from ..convert.checkpoint_io import (CheckpointError, checkpoint_hash, load_pretrained, read_config,
+                                     resolve_model_path)
 from ..data import benchmarks, labels, prompts
 from ..data.preprocess import load_image
 from ..data.synthetic import embedded_benchmark
+from ..data.tokenizer import load_tokenizer
 from ..embedded import bundled_photos, ensure_embedded_checkpoint
 from ..models import LlavaForConditionalGeneration
+from ..outputs import write_json, write_jsonl
+from ..provenance import file_stem, record
 from ..sinks import detect
 from ..sinks.fuse import VisualTokenPolicy
 
 
-
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
 
 
 def read_images(folder: str) -> tuple[dict, list]:
@@ -59,11 +65,9 @@ def read_images(folder: str) -> tuple[dict, list]:
     return images, skipped
 
 
-
 TRAINED_MODES = ("benchmark", "analyze", "sweep", "demo")  # modes that score one trained model
 
 SHIPPED = "mini_study:single"  # what checkpoint=auto means in them
-
 
 
 def checkpoint_spec(cfg, spec: str | None = None) -> str:
@@ -74,7 +78,6 @@ def checkpoint_spec(cfg, spec: str | None = None) -> str:
     if spec == "auto":
         return SHIPPED if cfg.mode in TRAINED_MODES else ""
     return "" if spec == "embedded" else spec
-
 
 
 def announce_weights(cfg) -> None:
@@ -90,7 +93,6 @@ def announce_weights(cfg) -> None:
     elif cfg.checkpoint == "auto":
         print(f"checkpoint auto: the shipped trained mini-study model ({spec}); --config.checkpoint= "
               "a folder or hub id, or embedded (random weights, seconds to run)")
-
 
 
 def apply_checkpoint_settings(cfg, given) -> None:
@@ -111,7 +113,6 @@ def apply_checkpoint_settings(cfg, given) -> None:
               "(a --config.KEY on the command line wins)")
 
 
-
 def own_system(spec: str) -> str:
     """The system prompt name of the checkpoint ``spec`` (``cfg.checkpoint``) as its authors
     evaluated it; "" for the embedded default and the mini study's models (no system prompt)."""
@@ -121,7 +122,6 @@ def own_system(spec: str) -> str:
         return layouts.authors_system(read_config(resolve_model_path(spec)))
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
-
 
 
 def apply_system(cfg) -> None:
@@ -140,7 +140,6 @@ def apply_system(cfg) -> None:
     cfg.eval.cot_image_prompt = prefix + cfg.eval.cot_image_prompt
     cfg.eval.cot_question_prompt = prefix + cfg.eval.cot_question_prompt
     cfg.analysis.template = prefix + cfg.analysis.template
-
 
 
 def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Path, str]:
@@ -165,7 +164,6 @@ def resolve_checkpoint(cfg, workdir: Path, spec: str | None = None) -> tuple[Pat
             f"embedded default: {real}seeded random weights, offline")
 
 
-
 def load_lvlm(cfg, workdir: Path, ckpt: Path | None = None, how: str = ""):
     """(checkpoint path, model, params) for ``ckpt`` or the configured / embedded default LLaVA."""
     if ckpt is None:
@@ -186,7 +184,6 @@ def load_lvlm(cfg, workdir: Path, ckpt: Path | None = None, how: str = ""):
     return ckpt, model, params
 
 
-
 def sink_rule(cfg, vision) -> detect.SinkRule:
     """``cfg.sink`` as a SinkRule for a model with the tower ``vision`` (its VisionConfig). Rule
     "family" (the default) is the paper's fixed threshold (tau = ``sink.tau``, 100) for CLIP
@@ -198,17 +195,14 @@ def sink_rule(cfg, vision) -> detect.SinkRule:
     return detect.SinkRule(**{**cfg.sink, "rule": name})
 
 
-
 def all_rules(cfg) -> dict:
     """{rule name: SinkRule} with the configured parameters, for every detection rule."""
     return {name: detect.SinkRule(**{**cfg.sink, "rule": name}) for name in detect.RULES}
 
 
-
 def sinks_per_image(per_image: dict) -> dict:
     """{rule name: mean number of sinks per image} over a report's per-image entries."""
     return {n: float(np.mean([len(v["sinks"][n]) for v in per_image.values()])) for n in detect.RULES}
-
 
 
 def parse_variant(spec: str, rule) -> VisualTokenPolicy:
@@ -220,7 +214,6 @@ def parse_variant(spec: str, rule) -> VisualTokenPolicy:
         return VisualTokenPolicy(*parts, rule=rule)
     except ValueError as e:
         raise SystemExit(f"error: variant {spec!r}: {e}")
-
 
 
 def benchmark_records(cfg, workdir: Path) -> tuple[list, dict, dict]:
@@ -259,7 +252,6 @@ def benchmark_records(cfg, workdir: Path) -> tuple[list, dict, dict]:
     return local, {"skipped_rows": skipped, "labels": info}, {r["index"]: i for i, r in enumerate(records)}
 
 
-
 def benchmark_rules(cfg) -> str:
     """The rule set the official numbers of a benchmark run are computed by, chosen as score
     mode chooses it (:func:`vitsink_jax.scores.rules_for`: the benchmark file's format, or
@@ -268,7 +260,6 @@ def benchmark_rules(cfg) -> str:
         return scores.rules_for(cfg.benchmark.name, cfg.benchmark.file, cfg.score.rules)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-
 
 
 def drop_too_long(cfg, model, tokenizer, records: list, order: dict) -> tuple[list, dict]:
@@ -290,9 +281,45 @@ def drop_too_long(cfg, model, tokenizer, records: list, order: dict) -> tuple[li
     return fit, {"count": len(too_long), "limit": limit, "first": too_long[:5]}
 
 
-
 def gather_predictions(preds: list, order: dict) -> list:
     """All hosts' predictions (each host scored its tfds shard) in the benchmark's order, merged
     through a collective (no files: hosts share no filesystem)."""
     preds = [p for host in parallel.allgather_objects(preds) for p in host]
     return sorted(preds, key=lambda p: order[p["index"]])
+
+
+def require_tokenizer(ckpt: Path, why: str):
+    """The tokenizer of the checkpoint folder ``ckpt``
+    (:func:`vitsink_jax.data.tokenizer.load_tokenizer`); exits with an error naming the folder
+    and ``why`` the mode needs it when the folder has none."""
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer is None:
+        raise SystemExit(f"error: {ckpt} has no tokenizer files (tokenizer.json / tokenizer.model); {why}")
+    return tokenizer
+
+
+def predict_benchmark(cfg, model, params, tokenizer, records: list, order: dict, workdir: Path,
+                      *name: str) -> list:
+    """Every host's predictions of ``model`` over its share of the benchmark ``records``
+    (:func:`vitsink_jax.eval_lib.predict` with ``cfg.eval``), in the benchmark's order
+    (:func:`gather_predictions`), written by the first process to
+    ``workdir/predictions_<name parts>.jsonl``."""
+    preds = gather_predictions(eval_lib.predict(model, params, tokenizer, records, cfg.eval,
+                                                cfg.eval.parallel), order)
+    if jax.process_index() == 0:
+        write_jsonl(workdir / f"{file_stem('predictions', *name)}.jsonl", preds)
+    return preds
+
+
+def checkpoint_record(cfg, ckpt: Path) -> dict:
+    """What produced a run's results on the checkpoint folder ``ckpt``
+    (:func:`vitsink_jax.provenance.record`: the config, seed, package versions, the checkpoint
+    and its sha256, the compile time so far)."""
+    return record(cfg, cfg.seed, str(ckpt), checkpoint_hash(ckpt))
+
+
+def write_results(path: Path, report: dict, also: str = "") -> None:
+    """Writes ``report`` (the same on every process: its predictions were gathered) as JSON at
+    ``path`` from the first process, and prints "wrote <path>" followed by ``also``."""
+    if jax.process_index() == 0:
+        print(f"wrote {write_json(path, report)}{also}")

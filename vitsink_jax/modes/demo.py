@@ -17,17 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..convert.checkpoint_io import checkpoint_hash
 from ..data.preprocess import preprocess
 from ..embedded import demo_prompt
 from ..outputs import write_json
 from ..progress import progress, write as progress_line
-from ..provenance import record
-from .common import load_lvlm, read_images
-
+from .common import checkpoint_record, load_lvlm, read_images
 
 
 def run_demo(cfg, workdir: Path) -> dict:
+    """The checkpoint's jitted forward on each image (the bundled photos, or ``cfg.images``): per
+    image the visual-token norms' mean and max, the ``cfg.top_k`` largest-norm tokens with their
+    patch row / column (the ViT-sink candidates) and the next token's top 5; returns and writes
+    ``demo.json`` with the first call's and the steady forward's time."""
     ckpt, model, params = load_lvlm(cfg, workdir)
     c = model.config
 
@@ -62,7 +63,7 @@ def run_demo(cfg, workdir: Path) -> dict:
         desc = ", ".join(f"#{t['index']}@{t['row_col']}={t['norm']:.1f}" for t in per_image[name]["top_tokens"])
         progress_line(f"{name:>12}: mean visual-token norm {norms.mean():.2f}; largest: {desc}")
     steady = times[1:] or times
-    result = {**record(cfg, cfg.seed, str(ckpt), checkpoint_hash(ckpt)),
+    result = {**checkpoint_record(cfg, ckpt),
               "images": per_image, "skipped": skipped,
               "timing_s": {"first_call_incl_compile": times[0] if times else None,
                            "steady_forward": float(np.median(steady)) if steady else None}}

@@ -18,7 +18,6 @@ from ..outputs import write_json, write_jsonl
 from ..provenance import record
 
 
-
 def run_score(cfg, workdir: Path) -> dict:
     """Score-only mode: another system's predictions (``cfg.score.predictions``: a VLMEvalKit
     .xlsx / .tsv / .csv with ``index`` and ``prediction``, or lmms-eval .jsonl samples) on the

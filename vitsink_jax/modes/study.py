@@ -14,17 +14,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
-
 from .. import mini_study
 from ..convert.checkpoint_io import checkpoint_hash
-from ..outputs import write_json
 from ..provenance import record
 from ..sinks import detect
 from .benchmark import comparison_table, score_variants
-from .common import benchmark_records, resolve_checkpoint
+from .common import benchmark_records, resolve_checkpoint, write_results
 from .vit import run_vit
-
 
 
 def run_study(cfg, workdir: Path) -> dict:
@@ -60,7 +56,6 @@ def run_study(cfg, workdir: Path) -> dict:
               **source, "sink_rule": dataclasses.asdict(rule), "results": results,
               "skipped_variants": skipped_variants, "skipped_too_long": too_long, "table": table,
               "training_record": str(record_file) if record_file.is_file() else None}
-    if jax.process_index() == 0:
-        out = write_json(workdir / "study.json", report)
-        print(f"wrote {out}, {workdir / 'vit'} and per-item predictions_<model>_<variant>.jsonl")
+    write_results(workdir / "study.json", report,
+                  f", {workdir / 'vit'} and per-item predictions_<model>_<variant>.jsonl")
     return report

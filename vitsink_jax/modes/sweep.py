@@ -13,18 +13,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
-
 from .. import eval_lib, plots
-from ..convert.checkpoint_io import checkpoint_hash
-from ..data.tokenizer import load_tokenizer
-from ..outputs import write_json, write_jsonl
-from ..provenance import file_stem, record
 from ..sinks import detect
 from .benchmark import comparison_table
-from .common import (benchmark_records, benchmark_rules, drop_too_long, gather_predictions, load_lvlm,
-                     parse_variant)
-
+from .common import (benchmark_records, benchmark_rules, checkpoint_record, drop_too_long, load_lvlm,
+                     parse_variant, predict_benchmark, require_tokenizer, write_results)
 
 
 def run_sweep(cfg, workdir: Path) -> dict:
@@ -34,9 +27,7 @@ def run_sweep(cfg, workdir: Path) -> dict:
     order; a DIYSink model: its trained rule). Writes sweep.json, the per-rule predictions and
     plots/tau_sweep.png."""
     ckpt, model, params = load_lvlm(cfg, workdir)
-    tokenizer = load_tokenizer(ckpt)
-    if tokenizer is None:
-        raise SystemExit(f"error: {ckpt} has no tokenizer files; sweep mode needs the checkpoint's tokenizer")
+    tokenizer = require_tokenizer(ckpt, "sweep mode needs the checkpoint's tokenizer")
     records, source, order = benchmark_records(cfg, workdir)
     records, too_long = drop_too_long(cfg, model, tokenizer, records, order)
     official_rules, rules = benchmark_rules(cfg), sweep_rules(cfg)
@@ -44,40 +35,45 @@ def run_sweep(cfg, workdir: Path) -> dict:
     print(f"sweep: {len(rules)} rule(s), {what}, against the reference model")
 
     def score(name, m):
-        preds = gather_predictions(eval_lib.predict(m, params, tokenizer, records, cfg.eval,
-                                                    cfg.eval.parallel), order)
-        if jax.process_index() == 0:
-            write_jsonl(workdir / f"{file_stem('predictions', name)}.jsonl", preds)
+        preds = predict_benchmark(cfg, m, params, tokenizer, records, order, workdir, name)
         return eval_lib.summarize(cfg.benchmark.name, preds, official_rules)
 
     reference = score("reference", model)
     if model.config.diysink is None:  # the stock order uses no rule: its count would mean nothing
         reference["sinks_per_image"] = None
-    rows = {}
-    for name, rule in rules.items():
-        rows[name] = {**score(name, with_rule(model, cfg.sweep.variant, rule)),
-                      "rule": dataclasses.asdict(rule)}
-        rows[name]["vs_reference"] = rows[name]["accuracy"] - reference["accuracy"]
-        sinks = rows[name]["sinks_per_image"]
-        print(f"{name}: {'-' if sinks is None else f'{sinks:.2f}'} sinks/img, accuracy "
-              f"{100 * rows[name]['accuracy']:.2f} ({100 * rows[name]['vs_reference']:+.2f} vs reference)")
+    rows = {name: rule_row(name, score(name, with_rule(model, cfg.sweep.variant, rule)), rule, reference)
+            for name, rule in rules.items()}
     table = comparison_table([("reference", reference)] + list(rows.items()))
     print(table)
-    taus = [n for n in rows if n.startswith("tau=")]
-    adaptive = rows.get("adaptive")
-    plot = plots.tau_sweep([rows[n]["rule"]["tau"] for n in taus], [100 * rows[n]["accuracy"] for n in taus],
-                           [rows[n]["sinks_per_image"] for n in taus], 100 * reference["accuracy"],
-                           None if adaptive is None else (100 * adaptive["accuracy"], adaptive["sinks_per_image"]),
-                           workdir / "plots" / "tau_sweep.png")
-    report = {**record(cfg, cfg.seed, str(ckpt), checkpoint_hash(ckpt)), "benchmark": cfg.benchmark.name,
+    plot = plot_sweep(rows, reference, workdir / "plots" / "tau_sweep.png")
+    report = {**checkpoint_record(cfg, ckpt), "benchmark": cfg.benchmark.name,
               **source, "skipped_too_long": too_long,
               "variant": None if model.config.diysink else cfg.sweep.variant,
               "reference": reference, "results": rows, "table": table}
-    if jax.process_index() == 0:
-        out = write_json(workdir / "sweep.json", report)
-        print(f"wrote {out} and {plot}")
+    write_results(workdir / "sweep.json", report, f" and {plot}")
     return report
 
+
+def rule_row(name: str, summary: dict, rule, reference: dict) -> dict:
+    """sweep.json's row of one swept rule: its benchmark summary, the rule and its accuracy less
+    the reference's (``vs_reference``); printed as one line."""
+    row = {**summary, "rule": dataclasses.asdict(rule),
+           "vs_reference": summary["accuracy"] - reference["accuracy"]}
+    sinks = row["sinks_per_image"]
+    print(f"{name}: {'-' if sinks is None else f'{sinks:.2f}'} sinks/img, accuracy "
+          f"{100 * row['accuracy']:.2f} ({100 * row['vs_reference']:+.2f} vs reference)")
+    return row
+
+
+def plot_sweep(rows: dict, reference: dict, path: Path) -> Path:
+    """plots/tau_sweep.png: accuracy and sinks per image against tau for the ``tau=`` rows, the
+    reference's accuracy and the adaptive rule's point (when swept)."""
+    taus = [n for n in rows if n.startswith("tau=")]
+    adaptive = rows.get("adaptive")
+    return plots.tau_sweep([rows[n]["rule"]["tau"] for n in taus], [100 * rows[n]["accuracy"] for n in taus],
+                           [rows[n]["sinks_per_image"] for n in taus], 100 * reference["accuracy"],
+                           None if adaptive is None else (100 * adaptive["accuracy"], adaptive["sinks_per_image"]),
+                           path)
 
 
 def sweep_rules(cfg) -> dict:
@@ -90,7 +86,6 @@ def sweep_rules(cfg) -> dict:
     if not rules:
         raise SystemExit("error: sweep.taus is empty and sweep.adaptive is off: nothing to sweep")
     return rules
-
 
 
 def with_rule(model, variant: str, rule):
