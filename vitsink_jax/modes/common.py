@@ -45,26 +45,6 @@ from ..sinks import detect
 from ..sinks.fuse import VisualTokenPolicy
 
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def read_images(folder: str) -> tuple[dict, list]:
-    """{name: PIL/array image} from a folder (or the bundled photos) and the skipped files."""
-    if not folder:
-        return bundled_photos(), []
-    root = Path(folder)
-    if not root.is_dir():
-        raise SystemExit(f"error: image folder {root} does not exist")
-    images, skipped = {}, []
-    for f in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS):
-        try:
-            images[f.name] = load_image(f)
-        except ValueError as e:
-            print(f"skipping {e}")
-            skipped.append(str(f))
-    return images, skipped
-
-
 TRAINED_MODES = ("benchmark", "analyze", "sweep", "demo")  # modes that score one trained model
 
 SHIPPED = "mini_study:single"  # what checkpoint=auto means in them
@@ -182,6 +162,26 @@ def load_lvlm(cfg, workdir: Path, ckpt: Path | None = None, how: str = ""):
           f"({c.text.num_hidden_layers} layers), {n_params / 1e6:.1f}M params, "
           f"{c.num_image_tokens} visual tokens per image")
     return ckpt, model, params
+
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def read_images(folder: str) -> tuple[dict, list]:
+    """{name: PIL/array image} from a folder (or the bundled photos) and the skipped files."""
+    if not folder:
+        return bundled_photos(), []
+    root = Path(folder)
+    if not root.is_dir():
+        raise SystemExit(f"error: image folder {root} does not exist")
+    images, skipped = {}, []
+    for f in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+        try:
+            images[f.name] = load_image(f)
+        except ValueError as e:
+            print(f"skipping {e}")
+            skipped.append(str(f))
+    return images, skipped
 
 
 def sink_rule(cfg, vision) -> detect.SinkRule:
