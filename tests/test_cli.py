@@ -457,13 +457,11 @@ def test_interventions_side_by_side(tmp_path):
 def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
     """sweep mode: one row per tau and the adaptive rule, sinks per image falling as tau grows;
     the labels file's tags (joined by index) replace the benchmark's in the per-tag scores.
-    (~25 s: evaluate.run_sweep in this process, five scoring passes over 12 items.)"""
+    (~25 s: run_sweep in this process, five scoring passes over 12 items.)"""
     import importlib.util
 
     from vitsink_jax.data.synthetic import embedded_benchmark
-
-    sys.path.insert(0, str(ROOT))
-    import evaluate
+    from vitsink_jax.modes.sweep import run_sweep
 
     index = [r["index"] for r in embedded_benchmark(0, 2, 56)[:12]]
     labels = tmp_path / "labels.csv"
@@ -479,7 +477,7 @@ def test_tau_sweep_with_a_finding5_labels_file(tmp_path, capsys):
         key, value = flag.removeprefix("--config.embedded.").split("=")
         cfg.embedded[key] = int(value)
     work = tmp_path / "work"
-    evaluate.run_sweep(cfg, work)
+    run_sweep(cfg, work)
     proc = capsys.readouterr()  # .out: the printed lines
     assert "7 items tagged {'global': 3, 'local': 4, 'mixed': 0}, 5 unlabelled" in proc.out
     report = json.loads((work / "sweep.json").read_text())
@@ -500,14 +498,14 @@ def test_analyze_leaves_out_an_image_with_an_empty_answer(tmp_path, monkeypatch)
     """An image the model answers with EOS first has no query: it is left out of the per-image
     entries and the F1 figures and counted as ``empty_answers`` (not entered as sink and
     non-sink means of 0.0)."""
-    import evaluate
     from conftest import evaluate_config
+    from vitsink_jax.modes import analyze
 
     cfg = evaluate_config(tmp_path, "")  # the embedded default, small
     cfg.embedded.update({f.split("=")[0].split(".")[-1]: int(f.split("=")[1]) for f in SMALL})
     cfg.analysis.max_new_tokens, cfg.sink.rule, cfg.sink.k = 4, "topk", 3
     Image.fromarray(data.rocket()).save(tmp_path / "images" / "rocket.png")  # beside coffee.png
-    real = evaluate.analysis_prompt
+    real = analyze.analysis_prompt
 
     def empty_for_the_second(cfg, model, params, tokenizer, pixels):
         row, answer = real(cfg, model, params, tokenizer, pixels)
@@ -517,8 +515,8 @@ def test_analyze_leaves_out_an_image_with_an_empty_answer(tmp_path, monkeypatch)
         return row, answer
 
     calls = []
-    monkeypatch.setattr(evaluate, "analysis_prompt", empty_for_the_second)
-    report = evaluate.run_analyze(cfg, tmp_path / "work")
+    monkeypatch.setattr(analyze, "analysis_prompt", empty_for_the_second)
+    report = analyze.run_analyze(cfg, tmp_path / "work")
     assert report["summary"]["images"] == 1 and report["summary"]["empty_answers"] == 1
     assert list(report["per_image"]) == ["coffee.png"] and report["empty_answer_files"] == ["rocket.png"]
     entry = report["per_image"]["coffee.png"]

@@ -55,21 +55,21 @@ def test_training_settings_name_the_format_system_and_diysink_rule():
 
 
 def test_auto_is_the_shipped_model_and_random_weights_say_so(capsys):
-    import evaluate
     from configs import default
+    from vitsink_jax.modes.common import announce_weights, apply_checkpoint_settings, checkpoint_spec
 
     cfg = default.get_config()
     cfg.mode = "benchmark"
-    assert evaluate.checkpoint_spec(cfg) == "mini_study:single"
+    assert checkpoint_spec(cfg) == "mini_study:single"
     cfg.mode = "interventions"  # its own default (compare.checkpoint)
-    assert evaluate.checkpoint_spec(cfg) == ""
+    assert checkpoint_spec(cfg) == ""
     cfg.mode, cfg.checkpoint = "analyze", "embedded"
-    evaluate.announce_weights(cfg)
+    announce_weights(cfg)
     assert capsys.readouterr().out.startswith("random weights: the embedded default model is untrained")
     cfg.checkpoint = "mini_study:single"
     given = {"eval.mc_format"}
     cfg.eval.mc_format = "letter"  # as if given on the command line
-    evaluate.apply_checkpoint_settings(cfg, given)
+    apply_checkpoint_settings(cfg, given)
     assert cfg.eval.mc_format == "letter" and cfg.sink.rule == "topk" and cfg.sink.k == 4
 
 

@@ -153,9 +153,10 @@ def test_a_gs_data_dir_and_per_process_checkpoints_in_a_bucket_are_refused():
 def test_score_mode_reads_benchmark_and_predictions_from_a_bucket(bucket, tmp_path):
     """evaluate.py's score mode with the benchmark, the predictions and the workdir on gs://
     writes what it writes from local files (in this process: score mode loads no model)."""
-    from test_scores import default_config, evaluate, pope_items, write_table
+    from test_scores import default_config, pope_items, write_table
 
     from vitsink_jax import paths
+    from vitsink_jax.modes.score import run_score
 
     bench = [dict(index=it["index"], question=f"Is there a thing {it['index']}?",
                   answer=it["answer"].capitalize(), category=it["category"], image="x")
@@ -170,7 +171,7 @@ def test_score_mode_reads_benchmark_and_predictions_from_a_bucket(bucket, tmp_pa
         uri = "gs://bucket" if where == "gs" else str(root)
         cfg = default_config(**{"benchmark.name": "pope", "benchmark.file": f"{uri}/pope.tsv",
                                 "score.predictions": f"{uri}/preds.tsv"})
-        evaluate.run_score(cfg, paths.path(f"{uri}/work"))
+        run_score(cfg, paths.path(f"{uri}/work"))
         reports[where] = json.loads((root / "work" / "results.json").read_text())
         assert (root / "work" / "scored_predictions.jsonl").is_file()
     for key in ("official", "counts", "unparsed", "file_sha256", "predictions_sha256"):

@@ -269,23 +269,18 @@ def test_gemma3_prompts_equal_the_processor(tmp_path):
 def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     """A tiny random Gemma 3 folder with its own Gemma-style tokenizer: benchmark items scored
     in Gemma 3's chat markup as the benchmark and interventions modes score them (stock and with
-    sink-aware FastV), evaluate.py's analysis (Findings 1-4: sinks read on the ViT tokens, maps
+    sink-aware FastV), analyze mode (Findings 1-4: sinks read on the ViT tokens, maps
     over the 2 x 2 visual-token grid, relevance over the 4 x 4 patch grid), and test-time
     register neurons found on the ViT tokens the sinks are read on; train.py's DIYSink recipe
     trains its two projectors for two steps. (~35 s: the analysis and the training step compile
     their own programs.)"""
-    import sys
-    from pathlib import Path
-
     from conftest import check_shared_prefix_scoring, evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax import eval_lib
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
     from vitsink_jax.interventions import Interventions
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    import evaluate
+    from vitsink_jax.modes.analyze import run_analyze
 
     tok = hf_tokenizer("gemma", tmp_path / "tok", benchmark_corpus() + list(prompts.TEMPLATES.values()))
     ids = [tok.convert_tokens_to_ids(t) for t in ("<image_soft_token>", "<start_of_image>", "<end_of_image>")]
@@ -296,7 +291,7 @@ def test_gemma3_checkpoint_runs_evaluate_modes(tmp_path):
     a = evaluate_config(tmp_path, folder)
     a.analysis.max_new_tokens, a.sink.k = 4, 2
     a.eval.batch_size = 4
-    report = evaluate.run_analyze(a, tmp_path / "analysis")
+    report = run_analyze(a, tmp_path / "analysis")
     entry = report["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "relevance_coffee.png").stat().st_size > 1000

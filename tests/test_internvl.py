@@ -187,22 +187,18 @@ def test_internvl_tiles_and_prompt_equal_the_processor(tmp_path):
 @pytest.mark.slow
 def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     """A tiny random InternVL folder with its own tokenizer (<img>, </img>, <IMG_CONTEXT>,
-    ChatML): benchmark items scored in its ChatML, one tile per image, and evaluate.py's analysis
+    ChatML): benchmark items scored in its ChatML, one tile per image, and analyze mode
     (Findings 1-4, the sinks read before the pixel shuffle); test-time register neurons found on
     InternViT; a DIYSink InternVL with equal projectors is the stock model's sink-to-the-front;
     train.py's DIYSink recipe trains its two projectors for two steps. (~30 s: the analysis and
     the training step compile their own programs.)"""
-    import sys
-    from pathlib import Path
-
     from conftest import check_shared_prefix_scoring, evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax.config import DIYSinkConfig
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
     from vitsink_jax.diysink import to_diysink
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import evaluate
+    from vitsink_jax.modes.analyze import run_analyze
 
     tok = hf_tokenizer("internvl", tmp_path / "tok", benchmark_corpus() + list(prompts.TEMPLATES.values()))
     cfg = internvl_config(qwen2_config(vocab_size=len(tok)), image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
@@ -214,7 +210,7 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     scores = check_shared_prefix_scoring(model, params, tok, embedded_benchmark(0, 1, 28)[:4], ecfg.eval)
     assert len(scores) == 4 and np.isfinite(scores).all()
     ecfg.analysis.max_new_tokens, ecfg.sink.k = 4, 2
-    entry = evaluate.run_analyze(ecfg, tmp_path / "analysis")["per_image"]["coffee.png"]
+    entry = run_analyze(ecfg, tmp_path / "analysis")["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
     rule = vj.SinkRule("topk", k=1)
     diy, diy_params = to_diysink(model, params, DIYSinkConfig(rule))

@@ -150,8 +150,8 @@ def test_eval_system_auto_is_the_checkpoints_own(codebase, tmp_path):
     """eval.system=auto: vicuna_v1 before the templates of an original-LLaVA-codebase
     checkpoint, TinyLLaVA's for TinyLLaVA, none for a llava-hf one (its chat template's) and the
     embedded default."""
-    import evaluate
     from conftest import evaluate_config, save
+    from vitsink_jax.modes.common import apply_system
     from vitsink_jax.data.prompts import VICUNA_V1
 
     hf, folder = codebase
@@ -160,7 +160,7 @@ def test_eval_system_auto_is_the_checkpoints_own(codebase, tmp_path):
         (tmp_path / f"run{i}").mkdir()
         a = evaluate_config(tmp_path / f"run{i}", ckpt)
         a.eval.system = "auto"
-        evaluate.apply_system(a)
+        apply_system(a)
         assert a.eval.system == want
         assert a.analysis.template.startswith(VICUNA_V1) == bool(want)
 
@@ -312,25 +312,27 @@ def test_tinyllava_recipe_trains_and_scores_scaled_down(tmp_path):
                         max_new_tokens=4))
     preds = eval_lib.predict(model, params, load_tokenizer(tmp_path / "work" / "export"), records, ecfg)
     assert len(preds) == 4 and all(np.isfinite(p["scores"]).all() for p in preds)
-    # evaluate.py's analysis (Findings 1-4) on the export, with TinyLLaVA's system prompt: sink
+    # analyze mode (Findings 1-4) on the export, with TinyLLaVA's system prompt: sink
     # maps over the 4 x 4 patch grid though only 15 patches reach the LLM
-    import evaluate
     from conftest import evaluate_config
+    from vitsink_jax.modes.analyze import run_analyze
+    from vitsink_jax.modes.common import apply_system, sink_rule
+    from vitsink_jax.modes.interventions import run_interventions
 
     a = evaluate_config(tmp_path, tmp_path / "work" / "export")
     a.analysis.max_new_tokens, a.eval.system = 4, "tinyllava"
     a.sink.k = 2
     # the default rule per family: SigLIP has no published tau -> adaptive; CLIP -> tau = 100
-    assert evaluate.sink_rule(a, model.config.vision).rule == "adaptive"
-    assert evaluate.sink_rule(a, vj.config_from_hf(llava_config().to_dict()).vision).rule == "threshold"
-    evaluate.apply_system(a)
-    report = evaluate.run_analyze(a, tmp_path / "analysis")
+    assert sink_rule(a, model.config.vision).rule == "adaptive"
+    assert sink_rule(a, vj.config_from_hf(llava_config().to_dict()).vision).rule == "threshold"
+    apply_system(a)
+    report = run_analyze(a, tmp_path / "analysis")
     entry = report["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 15 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "sinks_coffee.png").stat().st_size > 1000
     # and its interventions mode (FastV keeping the DIYSink model's own sinks) on the export
     a.benchmark.update(dict(limit=4, image_size=28))
     a.compare.update(dict(specs=("stock", "fastv+sinks:0.5:1"), decode_steps=1))
-    res = evaluate.run_interventions(a, tmp_path / "interventions")["results"]
+    res = run_interventions(a, tmp_path / "interventions")["results"]
     assert res["stock"]["visual_tokens_kept"] == 15 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 8
     assert res["fastv+sinks:0.5:1"]["n"] == 4

@@ -40,13 +40,13 @@ def test_interrupted_or_failing_run_keeps_the_previous_results(tmp_path, monkeyp
     """A run interrupted after its results.json was written (before its predictions) leaves the
     previous results.json and scored_predictions.jsonl byte for byte and nothing of its own; so
     does one that fails there; a finished run replaces both."""
-    import evaluate
+    from vitsink_jax.modes import score
 
     bench, yes = pope_files(tmp_path, "Yes")
     _, no = pope_files(tmp_path, "No")
     work = tmp_path / "work"
     with outputs.session(work):
-        evaluate.run_score(score_config(bench, yes), work)
+        score.run_score(score_config(bench, yes), work)
     before = results(work)
     assert sorted(before) == ["results.json", "scored_predictions.jsonl"]
 
@@ -55,13 +55,13 @@ def test_interrupted_or_failing_run_keeps_the_previous_results(tmp_path, monkeyp
             assert json.loads(outputs.staged(work / "results.json").read_text())["predictions"] == str(no)
             raise fault("stopped")
 
-        monkeypatch.setattr(evaluate, "write_jsonl", fails)
+        monkeypatch.setattr(score, "write_jsonl", fails)
         with pytest.raises(fault), outputs.session(work):
-            evaluate.run_score(score_config(bench, no), work)
+            score.run_score(score_config(bench, no), work)
         assert results(work) == before  # (and no staging folder left)
     monkeypatch.undo()
     with outputs.session(work):
-        evaluate.run_score(score_config(bench, no), work)
+        score.run_score(score_config(bench, no), work)
     assert json.loads((work / "results.json").read_text())["predictions"] == str(no)
     assert sorted(results(work)) == ["results.json", "scored_predictions.jsonl"]
 
@@ -85,11 +85,12 @@ sys.argv = ["evaluate.py"] + sys.argv[1:]
 import evaluate
 from absl import app
 from vitsink_jax import cli
+from vitsink_jax.modes import score
 
 def interrupted(path, rows):  # Ctrl-C after results.json, before the predictions
     raise KeyboardInterrupt
 
-evaluate.write_jsonl = interrupted
+score.write_jsonl = interrupted
 evaluate.define_flags()
 app.run(cli.main_of(evaluate.main))
 """

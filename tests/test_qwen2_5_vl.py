@@ -230,21 +230,17 @@ def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
 @pytest.mark.slow
 def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     """A tiny random Qwen2.5-VL folder with its own tokenizer (ChatML, the vision tokens):
-    evaluate.py's analysis (Findings 1-4, the sinks read before the merger, relevance over the
+    analyze mode (Findings 1-4, the sinks read before the merger, relevance over the
     4 x 4 patch grid) and its interventions mode on 4 items: sink-aware FastV and VAR run with
     the 3-D ids; test-time registers are reported as not run (they do not fit its
     windowed tower); train.py's DIYSink recipe trains its two mergers for two steps. (~35 s:
     the modes and the training step compile their own programs.)"""
-    import sys
-    from pathlib import Path
-
     from conftest import check_shared_prefix_scoring, evaluate_config, hf_tokenizer, train_diysink_briefly
     from vitsink_jax.data import prompts
     from vitsink_jax.data.synthetic import benchmark_corpus, embedded_benchmark
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    import evaluate
+    from vitsink_jax.modes.analyze import run_analyze
+    from vitsink_jax.modes.interventions import run_interventions
 
     tok = hf_tokenizer("qwen2_5_vl", tmp_path / "tok", benchmark_corpus() + list(prompts.TEMPLATES.values()))
     ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")]
@@ -255,7 +251,7 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     a = evaluate_config(tmp_path, folder)
     a.analysis.max_new_tokens, a.sink.k = 4, 2
     a.eval.batch_size = 4
-    report = evaluate.run_analyze(a, tmp_path / "analysis")
+    report = run_analyze(a, tmp_path / "analysis")
     entry = report["per_image"]["coffee.png"]
     assert len(entry["norms"]) == 4 and len(entry["sinks"]["topk"]) == 2
     assert (tmp_path / "analysis" / "plots" / "relevance_coffee.png").stat().st_size > 1000
@@ -264,7 +260,7 @@ def test_qwen_checkpoint_runs_evaluate_modes(tmp_path):
     check_shared_prefix_scoring(model, params, tok, embedded_benchmark(0, 1, 28)[:4], a.eval)
     a.benchmark.limit, a.compare.decode_steps = 4, 2
     a.compare.specs = ("fastv+sinks:0.5:1", "var-vit:0.6:0", "registers:2")
-    out = evaluate.run_interventions(a, tmp_path / "interventions")
+    out = run_interventions(a, tmp_path / "interventions")
     assert set(out["results"]) == {"fastv+sinks:0.5:1", "var-vit:0.6:0"}
     assert "registers:2" in out["not_run"]
     assert all(0 <= r["accuracy"] <= 1 for r in out["results"].values())

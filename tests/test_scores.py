@@ -6,17 +6,17 @@ import codecs
 import csv
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from vitsink_jax import eval_lib, scores as S
 from vitsink_jax.data import benchmarks as B
+from vitsink_jax.modes.benchmark import run_benchmark
+from vitsink_jax.modes.common import benchmark_records, benchmark_rules
+from vitsink_jax.modes.score import run_score
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import evaluate  # noqa: E402
 
 MC4 = ["a cat", "a dog", "a car", "a tree"]
 
@@ -245,7 +245,7 @@ def score(tmp_path, name, bench_rows, pred_path, **kw):
     bench = write_table(tmp_path / f"{name}.tsv", bench_rows)
     cfg = default_config(**{"benchmark.name": name, "benchmark.file": str(bench),
                             "score.predictions": str(pred_path), **kw})
-    return evaluate.run_score(cfg, tmp_path / "work")
+    return run_score(cfg, tmp_path / "work")
 
 
 def test_score_mode_pope_tsv_predictions(tmp_path):
@@ -465,7 +465,7 @@ def score_lmms(tmp_path, name, rows, responses, **kw):
     bench, preds = lmms_files(tmp_path, rows, responses)
     cfg = default_config(**{"benchmark.name": name, "benchmark.file": str(bench),
                             "score.predictions": str(preds), **kw})
-    evaluate.run_score(cfg, tmp_path / "work")
+    run_score(cfg, tmp_path / "work")
     return json.loads((tmp_path / "work" / "results.json").read_text())
 
 
@@ -529,7 +529,7 @@ def test_unmatched_labels_reach_results_json_block(tmp_path, capsys):
     labels.write_text(f"index,tag\n{index[0]},global\n{index[1]},local\nnot-a-row,mixed\n")
     cfg = default_config(**{"benchmark.name": "embedded", "benchmark.limit": 3,
                             "benchmark.image_size": 56, "benchmark.labels": str(labels)})
-    _, source, _ = evaluate.benchmark_records(cfg, tmp_path / "work")
+    _, source, _ = benchmark_records(cfg, tmp_path / "work")
     info = source["labels"]
     assert info["labels_not_in_benchmark"] == 1 and info["labels_not_in_benchmark_first"] == ["not-a-row"]
     assert "1 label(s) match no benchmark index, e.g. not-a-row" in capsys.readouterr().out
@@ -570,7 +570,7 @@ def run_benchmark_mode(tmp_path, checkpoint, name, rows, responses=None, work="w
         return [dict(p, response=answer[p["index"]]) for p in preds] if responses else preds
 
     with mock.patch.object(eval_lib, "predict", predict):
-        evaluate.run_benchmark(cfg, tmp_path / work)
+        run_benchmark(cfg, tmp_path / work)
     return json.loads((tmp_path / work / "results.json").read_text())
 
 
@@ -590,8 +590,8 @@ def test_benchmark_mode_scores_an_lmms_eval_file_by_lmms_evals_rules(tmp_path, b
     preds = [json.loads(x) for x in (tmp_path / "work" / "predictions_none.jsonl").read_text().splitlines()]
     forced = default_config(**{"benchmark.name": "pope", "benchmark.file": saved["file"],
                                "score.rules": "vlmevalkit"})
-    assert evaluate.benchmark_rules(forced) == "vlmevalkit"
+    assert benchmark_rules(forced) == "vlmevalkit"
     assert eval_lib.summarize("pope", preds, "vlmevalkit")["official"]["Overall"]["acc"] == 75.0
     forced.score.rules = "lmms"
     with pytest.raises(SystemExit, match="score.rules 'lmms' is not auto"):
-        evaluate.run_benchmark(forced, tmp_path / "bad")
+        run_benchmark(forced, tmp_path / "bad")

@@ -99,7 +99,8 @@ def increasing(values):
 
 
 def _variant(spec: str) -> None:
-    """A visual-token variant ``order[+select[+positions]]`` (evaluate.py's parse_variant)."""
+    """A visual-token variant ``order[+select[+positions]]``
+    (:func:`vitsink_jax.modes.common.parse_variant`)."""
     parts = spec.split("+")
     if len(parts) > 3:
         raise ValueError("not order[+select[+positions]]")
@@ -141,7 +142,7 @@ RULES = {
     "data.image_aspect_ratio": one_of(*ASPECTS, "auto"), "data.max_length": at_least(0),
     "data.too_long": one_of(*TOO_LONG), "data.build_workers": at_least(0),
     "data.shard_rows": at_least(1),
-    # evaluate.py (configs/default.py); "mode" comes from evaluate.py's table of modes
+    # evaluate.py (configs/default.py); "mode" comes from the table of modes (vitsink_jax.modes.MODES)
     "dtype": DTYPES, "top_k": at_least(1), **{f"sink.{k}": v for k, v in SINK_RULE.items()},
     "sink.rule": one_of("family", *SINK_RULES), "llm_tau": POSITIVE, "llm_sink_dims": each(at_least(0)),
     "analysis.queries": one_of(*QUERIES), "analysis.max_new_tokens": at_least(0),
