@@ -618,14 +618,23 @@ def run_interventions(cfg, workdir: Path) -> dict:
             m.policy  # a DIYSink model refuses orders / rules it does not apply
         except ValueError as e:
             raise SystemExit(f"error: intervention {spec}: {e}")
+        try:
+            m.check_reduction()  # a token reduction refuses towers it does not fit
+        except ValueError as e:
+            not_run[spec] = str(e)
+            print(f"intervention {spec}: not run ({e})")
+            continue
         print(f"intervention {spec}: {iv}")
         preds = eval_lib.predict(m, params, tokenizer, records, cfg.eval, cfg.eval.parallel)
         preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, rules),
                          "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons,
-                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else []}
-        calls[spec] = (timing.prefill_call(m, params, batch),
-                       timing.decode_call(m, params, batch, k.decode_steps))
+                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else [],
+                         "without_cls": iv.reduce.without_cls if iv.reduce is not None else None}
+        timed = batch if iv.reduce is None else eval_lib.prompt_batch(  # its fewer image tokens
+            m, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
+        calls[spec] = (timing.prefill_call(m, params, timed),
+                       timing.decode_call(m, params, timed, k.decode_steps))
         if jax.process_index() == 0:
             write_jsonl(workdir / f"{file_stem('predictions', spec)}.jsonl", preds)
     add_timings(results, calls, k.decode_steps)
