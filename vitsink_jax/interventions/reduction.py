@@ -123,6 +123,7 @@ def visionzip(scores, metric, tokens, dominant: int, contextual: int):
       (tokens [N, dominant + contextual, E]: the dominant tokens in sequence order, then the
       contextual ones; local [N, dominant + contextual] int32, -1 at the contextual tokens).
     """
+    chex.assert_rank([scores, metric, tokens], [2, 3, 3])
     n, p = scores.shape
     dom = top_k_in_order(scores, dominant)
     parts, local = [gather_tokens(tokens, dom)], [dom]
@@ -164,6 +165,7 @@ def prumerge(scores, keys, tokens, neighbors: int):
       descending score, each plus the score-weighted sum of its neighbours, then unused slots
       (valid False, local -1), then the score-weighted sum of the pruned tokens (local -1).
     """
+    chex.assert_rank([scores, keys, tokens], [2, 3, 3])
     n, p = scores.shape
     m = prumerge_slots(p)
     s = scores.astype(jnp.float32)
