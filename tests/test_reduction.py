@@ -275,13 +275,10 @@ def test_towers_without_cls_substitute_or_refuse(tmp_path):
 
 @pytest.mark.slow  # evaluate.py in a subprocess: model build, three scoring passes and timings
 def test_interventions_mode_runs_a_token_reduction(tmp_path):
-    from test_cli import run_evaluate
+    from test_cli import INTERVENTIONS_SMALL, run_evaluate
 
     specs = '--config.compare.specs=("stock","fastervlm:0.5","divprune:0.25")'
-    proc = run_evaluate(tmp_path / "work", "", "--config.mode=interventions", specs,
-                        "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
-                        "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
-                        "--config.benchmark.image_size=56")
+    proc = run_evaluate(tmp_path / "work", "", specs, *INTERVENTIONS_SMALL)
     res = json.loads((tmp_path / "work" / "interventions.json").read_text())["results"]
     assert [res[s]["visual_tokens_kept"] for s in ("stock", "fastervlm:0.5", "divprune:0.25")] == [16, 8, 4]
     assert res["fastervlm:0.5"]["n"] == 4 and res["fastervlm:0.5"]["prefill_s"] > 0
