@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config.embedded.image_size=56", "--config.embedded.vision_hidden=48",
          "--config.embedded.vision_layers=2", "--config.embedded.text_hidden=64",
          "--config.embedded.text_layers=2", "--config.embedded.vocab_size=512"]
+# interventions mode on the embedded default: 4 items, two decode steps timed
+INTERVENTIONS_SMALL = ["--config.mode=interventions", "--config.compare.checkpoint=",
+                       "--config.compare.mc_format=letter", "--config.compare.decode_steps=2",
+                       "--config.benchmark.limit=4", "--config.benchmark.image_size=56"]
 
 
 def photo_folder(tmp_path, photos: dict, broken: str, broken_bytes: bytes) -> Path:
@@ -434,10 +438,7 @@ def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
 @pytest.mark.slow
 def test_interventions_side_by_side(tmp_path):
     specs = '--config.compare.specs=("stock","fastv+sinks:0.5:1","var-vit:0.6:0","var:0.6:0","registers:4")'
-    proc = run_evaluate(tmp_path / "work", "", "--config.mode=interventions", specs,
-                        "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
-                        "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
-                        "--config.benchmark.image_size=56")
+    proc = run_evaluate(tmp_path / "work", "", specs, *INTERVENTIONS_SMALL)
     assert ("intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x stock time (min-max)\t"
             "decode step x stock time (min-max)") in proc.stdout
     report = json.loads((tmp_path / "work" / "interventions.json").read_text())

@@ -68,6 +68,13 @@ def candidates(rec: dict, mc_format: str = "letter") -> list:
     return list(rec["options"]) if mc_format == "cloze" else list(LETTERS[:len(rec["options"])])
 
 
+def model_prompt_format(model, tokenizer=None) -> PromptFormat:
+    """:func:`~vitsink_jax.data.prompts.prompt_format` of an LVLM with one image id per visual
+    token its LLM gets (``interventions.image_slots``: fewer under a token reduction)."""
+    c = model.config
+    return prompt_format(c, tokenizer, model.interventions.image_slots(c.num_image_tokens))
+
+
 def encode_question_prompt(tokenizer, prompt: str, fmt: PromptFormat, answer: str = "") -> tuple:
     """(ids [T] int32, question mask [T] bool) of ``prompt`` (followed by `` answer`` when given),
     rendered in the model's prompt format (``fmt``: :func:`~vitsink_jax.data.prompts.prompt_format`;
@@ -135,7 +142,7 @@ def split_too_long(model, tokenizer, records: list, cfg) -> tuple[list, list]:
     """(the records that fit, [{"index", "tokens"}] of those whose rows take more positions
     (:func:`record_length`) than ``cfg.max_length`` or, when it is 0, the LLM's
     ``max_position_embeddings``): a longer row is never scored, so nothing is allocated for it."""
-    fmt, limit = prompt_format(model.config, tokenizer), length_limit(model, cfg)
+    fmt, limit = model_prompt_format(model, tokenizer), length_limit(model, cfg)
     fit, too_long = [], []
     for rec in records:
         n = record_length(tokenizer, rec, cfg, fmt)
@@ -365,7 +372,7 @@ def loglik_scores(model, params, tokenizer, records: list, cfg, strategy: str = 
     padded to the bucket of its longest). Either way the results keep the record order, the
     candidate axis is padded to a multiple of :data:`CANDIDATE_BUCKET` and the run's one scorer
     for this model (:func:`_scorer`, :func:`_shared_scorer`) compiles once per padded shape."""
-    fmt = prompt_format(model.config, tokenizer)
+    fmt = model_prompt_format(model, tokenizer)
     rows = []  # (record index, row)
     for i, rec in enumerate(records):
         rows += [(i, r) for r in scoring_rows(tokenizer, rec, cfg.templates, fmt, cfg.mc_format)]
@@ -425,7 +432,7 @@ def generate_texts(model, params, tokenizer, prompts: list, records: list, cfg,
     (:func:`encode_question_prompt`) and, when given, its image's route (0 all tokens, 1
     sink-only, 2 non-sink-only: DIYSink CoT routing). Rows are split over the devices (params
     replicated or sharded, as for scoring); every process runs as many batches."""
-    fmt = prompt_format(model.config, tokenizer)
+    fmt = model_prompt_format(model, tokenizer)
     stop = fmt.stop_ids(tokenizer)
     params, mesh = placed(params)
     run = _generator(model, cfg.max_new_tokens, stop, mesh, routes is not None)
@@ -543,7 +550,7 @@ def prompt_batch(model, tokenizer, records: list, cfg) -> dict:
     and left_ids, left_mask, left_question left-padded (generation), pixels [B, C, H, W];
     question: the question tokens (:func:`encode_question_prompt`)."""
     c = model.config
-    fmt = prompt_format(c, tokenizer)
+    fmt = model_prompt_format(model, tokenizer)
     encoded = [encode_question_prompt(tokenizer, prompt_text(r, cfg.templates, cfg.mc_format), fmt)
                for r in records]
     rows = [ids for ids, _ in encoded]

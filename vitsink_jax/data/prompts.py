@@ -150,19 +150,21 @@ class PromptFormat:
         return ids[:at[0]] if at else ids
 
 
-def prompt_format(config, tokenizer=None) -> PromptFormat:
+def prompt_format(config, tokenizer=None, image_tokens: int = 0) -> PromptFormat:
     """The prompt format of an LVLM config: LLaVA's template and ``num_image_tokens`` image ids,
     Gemma 3's chat markup and ``\n\n<boi> image ids <eoi>\n\n`` (Gemma3Processor's), or
     InternVL's ChatML and ``<img>`` image ids per tile ``</img>`` (InternVLProcessor's; the ids
     of ``<img>`` / ``</img>`` are the ``tokenizer``'s, required for InternVL), or Qwen2.5-VL's
     ChatML and ``<|vision_start|>`` image ids ``<|vision_end|>`` (Qwen2_5_VLProcessor's, for an
     image of the config's ``image_size``; another size has (H / unit) x (W / unit) ids: replace
-    the slots' ``count``)."""
+    the slots' ``count``). ``image_tokens``: image ids per image (tile) when not the config's
+    ``num_image_tokens`` (0), e.g. the tokens a token reduction keeps."""
     from ..config import Gemma3Config, InternVLConfig, Qwen2_5_VLConfig
 
+    count = image_tokens or config.num_image_tokens
     if isinstance(config, Qwen2_5_VLConfig):
         return PromptFormat(CHATS["qwen2_5_vl"], ImageSlots(
-            config.num_image_tokens, config.image_token_index, (config.vision_start_token_id,),
+            count, config.image_token_index, (config.vision_start_token_id,),
             (config.vision_end_token_id,)))
 
     if isinstance(config, InternVLConfig):
@@ -170,12 +172,12 @@ def prompt_format(config, tokenizer=None) -> PromptFormat:
         if None in marks or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in marks):
             raise ValueError(f"an InternVL prompt needs a tokenizer with {' and '.join(INTERNVL_IMAGE)}")
         return PromptFormat(CHATS["internvl"], ImageSlots(
-            config.num_image_tokens, config.image_token_index, (marks[0],), (marks[1],)))
+            count, config.image_token_index, (marks[0],), (marks[1],)))
     if isinstance(config, Gemma3Config):
         return PromptFormat(CHATS["gemma3"], ImageSlots(
-            config.num_image_tokens, config.image_token_index, (config.boi_token_index,),
+            count, config.image_token_index, (config.boi_token_index,),
             (config.eoi_token_index,), "\n\n", "\n\n"))
-    return PromptFormat(CHATS["llava"], ImageSlots(config.num_image_tokens, config.image_token_index))
+    return PromptFormat(CHATS["llava"], ImageSlots(count, config.image_token_index))
 
 
 def _chat_of(prompt: str) -> Chat:

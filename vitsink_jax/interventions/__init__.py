@@ -10,6 +10,9 @@
 * :class:`TestTimeRegisters` - Jiang et al., "Vision Transformers Don't Need Trained Registers"
   (2025): the ViT MLP neurons that write the high-norm outliers are redirected into an extra
   token that is never passed on, removing the sinks without training.
+* :class:`TokenReduction` - training-free visual-token reduction before the LLM: FasterVLM,
+  VisionZip, LLaVA-PruMerge, DivPrune (:mod:`vitsink_jax.interventions.reduction`). The prompt
+  holds ``image_slots`` image tokens per image instead of all of them.
 
 Set them with ``model.clone(interventions=Interventions(prune=TokenPruning(2, 0.5)))``.
 """
@@ -107,24 +110,117 @@ class TestTimeRegisters:
                              f"(sign-max | per-neuron-max)")
 
 
+# method -> what it does on a tower without a [CLS] token (SigLIP; the merged tokens of Gemma 3,
+# InternVL after its pixel shuffle and Qwen2.5-VL have no single ViT token's [CLS] attention)
+WITHOUT_CLS = {"fastervlm": "refused", "visionzip": "mean attention received (VisionZip's SigLIP code)",
+               "prumerge": "refused", "divprune": "no [CLS] needed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenReduction:
+    """Training-free visual-token reduction before the LLM, one method per ``method``; the LLM
+    gets ``slots(P)`` tokens per image of P (the prompt holds that many image tokens).
+
+    * "fastervlm" - FasterVLM (Zhang et al. 2024, "[CLS] Attention is All You Need for
+      Training-Free Visual Token Pruning"): keep the ``int(ratio P)`` visual tokens the [CLS]
+      query attends most (heads averaged) in the attention of the layer that produced the
+      feature layer (``attentions[vision_feature_layer]``), before the projector; kept in
+      sequence order.
+    * "visionzip" - VisionZip (Yang et al., CVPR 2025): ``dominant`` tokens by the same [CLS]
+      attention, in sequence order, then ``contextual`` tokens: the other tokens, in order, are
+      split into targets (every max(1, R // contextual)-th, R = P - dominant) and the rest, each
+      of the rest joins its most similar target by the cosine of the layer's keys averaged over
+      heads, and a target's token is the mean of its group's features. Ours: the official code
+      also keeps the [CLS]'s own feature as one more dominant token; here only the feature
+      select strategy's visual tokens are candidates (dominant + contextual tokens in all).
+    * "prumerge" - LLaVA-PruMerge (Shang et al. 2024): [CLS] attention from the full-width
+      query and keys of the layer reading the feature layer, in one head (softmax(q k / sqrt C),
+      the official code's); the outliers above Q3 + 1.5 IQR of an image's attention are kept
+      (in descending attention), each replaced by itself plus the attention-weighted sum of
+      its ``neighbors`` key-nearest (cosine) other visual tokens, and one more token, the
+      attention-weighted sum of the pruned tokens, is appended (the official code's). Ours, for
+      static shapes: the slots are the largest count the IQR rule can flag,
+      P - 1 - floor(0.75 (P - 1)), plus the appended token; the slots past an image's outliers
+      are masked out of the LLM's attention and their positions closed (as a dropped token of
+      sink-to-the-front); the quartiles are per image (the official code's pool the batch).
+    * "divprune" - DivPrune (Alvar et al., CVPR 2025): the ``round(ratio P)`` projector outputs
+      of the greedy max-min cosine-distance subset (:func:`~.reduction.divprune`), in sequence
+      order.
+
+    Towers without a [CLS] token: :data:`WITHOUT_CLS` (``without_cls``) says what each method does.
+    """
+
+    method: str
+    ratio: float = 0.25       # fastervlm / divprune: the share of visual tokens kept
+    dominant: int = 54        # visionzip (LLaVA-1.5 at 64 tokens: 54 + 10)
+    contextual: int = 10
+    neighbors: int = 32       # prumerge: the official code's 32 nearest tokens
+
+    def __post_init__(self):
+        if self.method not in WITHOUT_CLS or not 0 < self.ratio <= 1 or min(
+                self.dominant, self.contextual, self.neighbors) < 0 or (
+                self.method == "visionzip" and self.dominant + self.contextual < 1):
+            raise ValueError(f"bad token reduction: method={self.method!r} ({' | '.join(WITHOUT_CLS)}), "
+                             f"ratio={self.ratio} (in (0, 1]), dominant={self.dominant}, "
+                             f"contextual={self.contextual}, neighbors={self.neighbors} (>= 0)")
+
+    @property
+    def without_cls(self) -> str:
+        """What the method does on a tower without a [CLS] token ("refused": a ValueError)."""
+        return WITHOUT_CLS[self.method]
+
+    @property
+    def needs_cls(self) -> bool:
+        """The method ranks tokens by attention (every method but DivPrune)."""
+        return self.method != "divprune"
+
+    def slots(self, num_visual: int) -> int:
+        """The LLM's visual tokens per image of ``num_visual`` (static; PruMerge: an upper bound,
+        its unused slots masked)."""
+        n = num_visual
+        k = {"fastervlm": int(self.ratio * n), "divprune": int(round(self.ratio * n)),
+             "visionzip": self.dominant + self.contextual,
+             "prumerge": n - 1 - (3 * (n - 1)) // 4 + 1}[self.method]
+        if not 1 <= k <= n or (self.method == "visionzip" and self.contextual > n - self.dominant):
+            raise ValueError(f"token reduction {self.method} keeps {k} of {num_visual} visual tokens "
+                             f"(dominant={self.dominant}, contextual={self.contextual}, "
+                             f"ratio={self.ratio}); it must keep 1 to all of them")
+        return k
+
+
 @dataclasses.dataclass(frozen=True)
 class Interventions:
     prune: Optional[TokenPruning] = None
     var: Optional[AttentionRedistribution] = None
     registers: Optional[TestTimeRegisters] = None
+    reduce: Optional[TokenReduction] = None
+
+    def __post_init__(self):
+        if self.reduce is not None and not (self.prune is None and self.var is None and
+                                            self.registers is None):
+            raise ValueError("token reduction runs alone: not with token pruning, VAR or "
+                             "test-time registers (they read the tokens it removes)")
 
     @property
     def is_stock(self) -> bool:
-        return self.prune is None and self.var is None and self.registers is None
+        return self.prune is None and self.var is None and self.registers is None and self.reduce is None
+
+    def image_slots(self, num_visual: int) -> int:
+        """Image tokens per image of ``num_visual`` visual tokens the prompt holds (token
+        reduction: the tokens it keeps; otherwise all)."""
+        return self.reduce.slots(num_visual) if self.reduce else num_visual
 
     def tokens_kept(self, num_visual: int) -> int:
-        """Visual tokens per row the LLM's later layers see (pruning drops some)."""
-        return num_visual - (self.prune.dropped(num_visual) if self.prune else 0)
+        """Visual tokens per row the LLM's later layers see (pruning drops some, reduction
+        keeps :meth:`image_slots`; PruMerge: its static upper bound)."""
+        n = self.image_slots(num_visual)
+        return n - (self.prune.dropped(n) if self.prune else 0)
 
 
 SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | fastv-mean[:ratio[:layer]] | "
              "fastv-mean+sinks[:ratio[:layer]] | var[:p[:first_layer]] | var-vit[:p[:first_layer]] | "
-             "registers[:neurons]")
+             "registers[:neurons] | fastervlm[:ratio] | visionzip[:dominant[:contextual]] | "
+             "prumerge[:neighbors] | divprune[:ratio]")
 FASTV = {"fastv": ("last", False), "fastv+sinks": ("last", True), "fastv-mean": ("mean", False),
          "fastv-mean+sinks": ("mean", True)}  # spec name -> (TokenPruning.score, keep_sinks)
 
@@ -137,7 +233,10 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
     "fastv-mean:0.5:2" / "fastv-mean+sinks" (ranked by the mean over the prompt's tokens),
     "var:0.6:2" (VAR as its official code, keeping 60% of sink attention from layer 2 on: LLM
     sinks of ``sink_dims``, left empty here for the harness to find on the data), "var-vit:0.6:2"
-    (the same on the ViT sinks), "registers:10" (test-time registers on the 10 top register neurons, found on the data).
+    (the same on the ViT sinks), "registers:10" (test-time registers on the 10 top register neurons, found on the data),
+    token reduction before the LLM (:class:`TokenReduction`): "fastervlm:0.25" (keep 25%),
+    "visionzip:54:10" (54 dominant + 10 contextual tokens), "prumerge:32" (32 neighbours merged),
+    "divprune:0.25".
     """
     name, *args = spec.split(":")
     try:
@@ -152,6 +251,14 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
             p, first = (nums + [0.6, 2.0][len(nums):])[:2]
             sinks = "vit" if name == "var-vit" else "dims"
             return Interventions(var=AttentionRedistribution(p=p, first_layer=int(first), sinks=sinks)), "none", 0
+        if name in ("fastervlm", "divprune") and len(nums) <= 1:
+            return Interventions(reduce=TokenReduction(name, *(nums or [0.25]))), "none", 0
+        if name == "visionzip" and len(nums) <= 2:
+            dominant, contextual = (nums + [54, 10][len(nums):])[:2]
+            return Interventions(reduce=TokenReduction(name, dominant=int(dominant),
+                                                       contextual=int(contextual))), "none", 0
+        if name == "prumerge" and len(nums) <= 1:
+            return Interventions(reduce=TokenReduction(name, neighbors=int(nums[0]) if nums else 32)), "none", 0
         if name == "registers" and len(nums) <= 1:
             return Interventions(), "none", int(nums[0]) if nums else 10
     except ValueError as e:

@@ -19,8 +19,9 @@ from ..sinks.fuse import (VisualTokenPolicy, arrange_visual_tokens, permute_toke
 from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
-from .registry import vision_tower_class
-from ..interventions import Interventions
+from .registry import tower_kind, vision_tower_class
+from ..interventions import Interventions, reduction
+from ..interventions.pruning import gather_tokens
 
 
 def merge_image_features(inputs_embeds, is_image, image_features, expected=None,
@@ -143,8 +144,11 @@ class LlavaForConditionalGeneration(nn.Module):
     (the policy's default positions are the family's: :meth:`family_positions`).
 
     ``interventions`` (:mod:`vitsink_jax.interventions`, none by default) switches on FastV /
-    sink-aware token pruning, VAR attention redistribution and test-time registers the same way.
-    Pruning and VAR take the ViT sinks of the policy's rule; pruning needs one image per row.
+    sink-aware token pruning, VAR attention redistribution, test-time registers and token
+    reduction before the LLM the same way. Pruning and VAR take the ViT sinks of the policy's
+    rule; pruning needs one image per row. Under token reduction each image gets
+    ``interventions.image_slots(P)`` image tokens in ``input_ids`` (:meth:`reduce_visual`);
+    ``vision_token_index`` in the output is then the kept tokens' (-1: a merged token).
     """
 
     config: LlavaConfig
@@ -156,6 +160,7 @@ class LlavaForConditionalGeneration(nn.Module):
     fused_attention: bool = False  # LLM: jax.nn.dot_product_attention where no weights are needed
     scan_layers: bool = False  # LLM layers as one nn.scan, params stacked (see llm.stack_layers)
     remat_policy: str = "nothing_saveable"  # what remat may keep (llm.REMAT_POLICIES)
+    merges_vit_tokens = False  # a visual token is one ViT token (MergedTokens: a window of them)
 
     def setup(self):
         c = self.config
@@ -311,6 +316,83 @@ class LlavaForConditionalGeneration(nn.Module):
         return {"interventions": self.interventions, "visual_mask": is_image,
                 "sink_mask": seq[..., 0] > 0, "num_visual": selected.shape[1]}
 
+    def check_reduction(self, route=None) -> None:
+        """Raises ValueError naming the reason when this model cannot run its token reduction
+        (``interventions.reduce``; see :class:`~vitsink_jax.interventions.TokenReduction`)."""
+        r, c = self.interventions.reduce, self.config
+        if r is None:
+            return
+        name = f"token reduction {r.method!r} on {type(self).__name__}"
+        if c.text.mrope_section is not None:
+            raise ValueError(f"{name}: the kept tokens' multimodal RoPE ids are not wired")
+        if c.diysink is not None or not self.policy.is_stock or route is not None:
+            raise ValueError(f"{name}: needs the stock visual-token order (no DIYSink, no "
+                             "sink-to-the-front, no route)")
+        if not r.needs_cls:
+            return
+        if self.merges_vit_tokens:
+            raise ValueError(f"{name}: each visual token merges a window of ViT tokens, so no "
+                             "ViT token's attention ranks it (no [CLS] substitute)")
+        if not c.vision.has_class_token and r.without_cls == "refused":
+            raise ValueError(f"{name}: the {c.vision.model_type} tower has no [CLS] token and the "
+                             f"method's authors give no substitute (on such towers: {r.without_cls})")
+        if len(c.feature_layers) != 1:
+            raise ValueError(f"{name}: one vision_feature_layer is needed, got {c.feature_layers}")
+
+    def reduce_visual(self, to_project, vout):
+        """Token reduction (``interventions.reduce``) of the projector's input [N, P, E'] and the
+        tower's outputs -> (projected tokens [N, k, D]; local [N, k] int32, the visual token
+        (of P) each slot holds, -1 for a merged one; valid [N, k] bool, False at PruMerge's
+        unused slots). FasterVLM / VisionZip read the [CLS] attention of the layer that wrote
+        the feature layer (``vout.attentions``), PruMerge the query and keys of the layer that
+        reads it, VisionZip the keys of the first, DivPrune the projector's outputs."""
+        r, c = self.interventions.reduce, self.config
+        self.check_reduction()
+        n, p = to_project.shape[:2]
+        k, everyone = r.slots(p), jnp.ones((n, r.slots(p)), bool)
+        if r.method == "divprune":
+            feats = self.project(to_project, None)
+            local = reduction.divprune(feats, k)
+            return gather_tokens(feats, local), local, everyone
+        index = self.vision_token_index(to_project, vout)                          # [N, P]
+        at = reduction.attention_layer(c.feature_layers[0], c.vision.num_hidden_layers)
+        if r.method == "prumerge":
+            if at + 1 >= c.vision.num_hidden_layers:
+                raise ValueError(f"token reduction 'prumerge' reads the layer after the feature "
+                                 f"layer {c.feature_layers[0]}; the tower has none")
+            q, keys = self.tower_qk(at + 1, vout)
+            scores = reduction.single_head_cls_attention(q[:, 0], keys, index)
+            tokens, local, valid = reduction.prumerge(scores, gather_tokens(keys, index), to_project,
+                                                      r.neighbors)
+            return self.project(tokens, None), local, valid
+        weights = vout.attentions[at]
+        scores = (reduction.cls_attention if c.vision.has_class_token else
+                  reduction.mean_attention_received)(weights, index)
+        if r.method == "fastervlm":
+            local = reduction.top_k_in_order(scores, k)
+            return self.project(gather_tokens(to_project, local), None), local, everyone
+        _, keys = self.tower_qk(at, vout)
+        heads = c.vision.num_attention_heads
+        metric = keys.reshape(keys.shape[:2] + (heads, -1)).mean(axis=2)
+        tokens, local = reduction.visionzip(scores, gather_tokens(metric, index), to_project,
+                                            r.dominant, r.contextual)
+        return self.project(tokens, None), local, everyone
+
+    def tower_qk(self, layer: int, vout):
+        """The query and key projections [N, S, C] of the vision tower's encoder ``layer`` on
+        its input ``vout.hidden_states[layer]`` (:func:`~vitsink_jax.interventions.reduction.layer_qk`)."""
+        c = self.config.vision
+        return reduction.layer_qk(self.vision_tower.variables["params"], tower_kind(c), layer,
+                                  vout.hidden_states[layer], c.layer_norm_eps)
+
+    def reduced_tokens(self, pixel_values):
+        """pixel_values [N, C, H, W] -> (the LLM's visual tokens [N, k, D] under
+        ``interventions.reduce``, their tower positions [N, k] int32 (-1: a merged token),
+        valid [N, k] bool); see :func:`~vitsink_jax.interventions.reduction.kept_positions`."""
+        selected, vout = self.vision_features(pixel_values, self.interventions.reduce.needs_cls)
+        feats, local, valid = self.reduce_visual(self.projector_input(selected, vout), vout)
+        return feats, reduction.tower_positions(self.vision_token_index(selected, vout), local), valid
+
     def head(self, hidden):
         """The LLM's head: hidden states [..., D] (``last_hidden_state``) -> float32 logits
         [..., V]."""
@@ -372,8 +454,10 @@ class LlavaForConditionalGeneration(nn.Module):
             input_ids == c.image_token_index, 0, input_ids)
         embeds = self.language_model.embed(text_ids)
         feats = selected = vout = arrangement = weights = None
+        reduce = self.interventions.reduce
         if pixel_values is not None:
-            selected, vout = self.vision_features(pixel_values, output_attentions and output_vision)
+            selected, vout = self.vision_features(pixel_values, (output_attentions and output_vision) or
+                                                  (reduce is not None and reduce.needs_cls))
             is_image = input_ids == c.image_token_index
             if position_ids is None:
                 position_ids = self.llm_positions(input_ids, attention_mask, cache, vout)
@@ -393,13 +477,23 @@ class LlavaForConditionalGeneration(nn.Module):
                     raise ValueError(f"question_mask has shape {question_mask.shape}, input_ids "
                                      f"{input_ids.shape}")
                 weights = self.question_weights(embeds, input_ids, question_mask)
-            feats = self.project(to_project, arrangement, weights)
+            if reduce is None:
+                feats = self.project(to_project, arrangement, weights)
+            else:  # fewer tokens per image; PruMerge's unused slots dropped as a policy drops
+                self.check_reduction(route)
+                feats, local, valid = self.reduce_visual(to_project, vout)
+                kept_index = reduction.tower_positions(self.vision_token_index(selected, vout), local)
+                if reduce.method == "prumerge":
+                    sinks = jnp.take_along_axis(self.visual_sinks(selected), jnp.maximum(local, 0), 1)
+                    perm = jnp.broadcast_to(jnp.arange(local.shape[1], dtype=jnp.int32), local.shape)
+                    arrangement = VisualArrangement(sink_mask=sinks & (local >= 0), permutation=perm,
+                                                    kept=valid)
             expected = feats.shape[0] * feats.shape[1]
             writes = expected
             if has_image is not None:  # the image-token slots hold the present images, in order
-                if self.interventions.prune or self.interventions.var:
-                    raise ValueError("has_image (text-only rows) is for training; token pruning "
-                                     "and VAR read every row's image")
+                if self.interventions.prune or self.interventions.var or reduce:
+                    raise ValueError("has_image (text-only rows) is for training; token pruning, "
+                                     "VAR and token reduction read every row's image")
                 writes = jnp.sum(has_image) * feats.shape[1]
                 if arrangement is not None:
                     (arrangement,) = images_first(has_image, arrangement)
@@ -453,6 +547,7 @@ class LlavaForConditionalGeneration(nn.Module):
                            image_features=feats if vision else None,
                            vision_features=selected if vision else None,
                            vision_outputs=vout if vision else None,
-                           vision_token_index=self.vision_token_index(selected, vout) if vision else None,
+                           vision_token_index=(self.vision_token_index(selected, vout) if reduce is None
+                                               else kept_index) if vision else None,
                            visual_arrangement=arrangement if vision else None,
                            visual_weights=weights if vision else None, cache=out.cache)

@@ -51,6 +51,8 @@ class MergedTokens:
     (:meth:`sink_tokens`; rows x cols visual tokens, :meth:`token_grid_of`) and what the
     projector reads (``projector_input``)."""
 
+    merges_vit_tokens = True  # no single ViT token's [CLS] attention ranks a visual token
+
     def sink_tokens(self, vout):
         raise NotImplementedError
 

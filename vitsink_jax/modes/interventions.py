@@ -78,24 +78,39 @@ def score_interventions(cfg, workdir: Path, loaded: tuple, records: list, order:
     for spec in k.specs:
         try:
             iv, order_, neurons = build_intervention(spec, model, params, records, rule, batch, found)
+            m = intervened(model, spec, iv, order_, rule)
         except NotRun as e:
             not_run[spec] = str(e)
             print(f"intervention {spec}: not run ({not_run[spec]})")
             continue
-        m = model.clone(visual_tokens=VisualTokenPolicy(order_, rule=rule), interventions=iv)
-        try:
-            m.policy  # a DIYSink model refuses orders / rules it does not apply
-        except ValueError as e:
-            raise SystemExit(f"error: intervention {spec}: {e}")
         print(f"intervention {spec}: {iv}")
         preds = predict_benchmark(cfg, m, params, tokenizer, records, order, workdir, spec)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, rules),
                          "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons,
-                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else []}
-        calls[spec] = (timing.prefill_call(m, params, batch),
-                       timing.decode_call(m, params, batch, k.decode_steps))
+                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else [],
+                         "without_cls": iv.reduce.without_cls if iv.reduce is not None else None}
+        timed = batch if iv.reduce is None else eval_lib.prompt_batch(  # its fewer image tokens
+            m, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
+        calls[spec] = (timing.prefill_call(m, params, timed),
+                       timing.decode_call(m, params, timed, k.decode_steps))
     add_timings(results, calls, k.decode_steps)
     return results, not_run
+
+
+def intervened(model, spec: str, iv, order_: str, rule):
+    """``model`` with the interventions ``iv`` and the visual-token order ``order_`` (sinks by
+    ``rule``). Raises NotRun when a token reduction does not fit the model's tower; exits when a
+    DIYSink model refuses the order or rule (a configuration error, not a property of the spec)."""
+    m = model.clone(visual_tokens=VisualTokenPolicy(order_, rule=rule), interventions=iv)
+    try:
+        m.policy  # a DIYSink model refuses orders / rules it does not apply
+    except ValueError as e:
+        raise SystemExit(f"error: intervention {spec}: {e}")
+    try:
+        m.check_reduction()  # a token reduction refuses towers it does not fit
+    except ValueError as e:
+        raise NotRun(str(e)) from e
+    return m
 
 
 def build_intervention(spec: str, model, params, records: list, rule, batch: dict, found: dict):
