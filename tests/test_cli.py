@@ -437,7 +437,10 @@ def test_mini_study_recipe_publish_then_the_study_main_job(tmp_path):
 
 @pytest.mark.slow
 def test_interventions_side_by_side(tmp_path):
-    specs = '--config.compare.specs=("stock","fastv+sinks:0.5:1","var-vit:0.6:0","var:0.6:0","registers:4")'
+    """Every kind of intervention in one run (one process): pruning in the LLM, VAR both ways,
+    test-time registers, and token reductions before the LLM (FasterVLM, DivPrune)."""
+    specs = ('--config.compare.specs=("stock","fastv+sinks:0.5:1","var-vit:0.6:0","var:0.6:0","registers:4",'
+             '"fastervlm:0.5","divprune:0.25")')
     proc = run_evaluate(tmp_path / "work", "", specs, *INTERVENTIONS_SMALL)
     assert ("intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x stock time (min-max)\t"
             "decode step x stock time (min-max)") in proc.stdout
@@ -452,6 +455,10 @@ def test_interventions_side_by_side(tmp_path):
     # VAR's official sinks need the LLM's sink dimensions: a random tiny LLM has none to find
     assert "no LLM sink dimension" in report["not_run"]["var:0.6:0"] and "var:0.6:0" not in res
     assert (tmp_path / "work" / "plots" / "accuracy_vs_tokens_kept.png").stat().st_size > 1000
+    assert [res[s]["visual_tokens_kept"] for s in ("fastervlm:0.5", "divprune:0.25")] == [8, 4]
+    assert res["fastervlm:0.5"]["n"] == 4 and res["fastervlm:0.5"]["prefill_s"] > 0
+    assert res["divprune:0.25"]["without_cls"] == "no [CLS] needed" and res["stock"]["without_cls"] is None
+    assert "fastervlm:0.5\t8\t" in proc.stdout
 
 
 @pytest.mark.slow

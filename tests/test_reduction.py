@@ -3,7 +3,6 @@ selection against numbers worked out by hand on tiny arrays, then on tiny random
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -271,16 +270,3 @@ def test_towers_without_cls_substitute_or_refuse(tmp_path):
     with pytest.raises(ValueError, match="multimodal RoPE"):
         q.clone(interventions=parse("divprune:0.5")[0]).apply(
             {"params": qp}, prompt(2), jnp.zeros((2, 3, 16, 16)))
-
-
-@pytest.mark.slow  # evaluate.py in a subprocess: model build, three scoring passes and timings
-def test_interventions_mode_runs_a_token_reduction(tmp_path):
-    from test_cli import INTERVENTIONS_SMALL, run_evaluate
-
-    specs = '--config.compare.specs=("stock","fastervlm:0.5","divprune:0.25")'
-    proc = run_evaluate(tmp_path / "work", "", specs, *INTERVENTIONS_SMALL)
-    res = json.loads((tmp_path / "work" / "interventions.json").read_text())["results"]
-    assert [res[s]["visual_tokens_kept"] for s in ("stock", "fastervlm:0.5", "divprune:0.25")] == [16, 8, 4]
-    assert res["fastervlm:0.5"]["n"] == 4 and res["fastervlm:0.5"]["prefill_s"] > 0
-    assert res["divprune:0.25"]["without_cls"] == "no [CLS] needed" and res["stock"]["without_cls"] is None
-    assert "fastervlm:0.5\t8\t" in proc.stdout
