@@ -178,7 +178,6 @@ class Dinov2Encoder(nn.Module):
         return x, tuple(states), tuple(attns)
 
 
-@registry.tower("dinov2")
 class Dinov2Tower(nn.Module):
     """``__call__(pixel_values [B, C, H, W])`` -> VisionOutput like transformers' Dinov2Model:
     hidden_states = embeddings then every layer's output; last_hidden_state after the final
@@ -207,3 +206,24 @@ class Dinov2Tower(nn.Module):
         return VisionOutput(last_hidden_state=last, pooler_output=last[:, 0],
                             hidden_states=states if output_hidden_states else None,
                             attentions=attns if output_attentions else None)
+
+
+def _dinov2_fields(c) -> dict:
+    """DINOv2's own keys: the MLP width as ``mlp_ratio``, LayerScale, registers, q/k/v bias."""
+    if getattr(c, "use_swiglu_ffn", False):
+        raise ValueError(f"{c.model_type} with use_swiglu_ffn=True (the giant DINOv2) is not supported")
+    return dict(intermediate_size=int(c.hidden_size * c.mlp_ratio), layerscale_value=float(c.layerscale_value),
+                num_register_tokens=int(getattr(c, "num_register_tokens", 0)), qkv_bias=bool(c.qkv_bias))
+
+
+def _write_dinov2(config: VisionConfig, d: dict) -> None:
+    del d["intermediate_size"]
+    ratio = config.intermediate_size / config.hidden_size
+    d.update(mlp_ratio=int(ratio) if ratio.is_integer() else ratio,
+             layerscale_value=config.layerscale_value, qkv_bias=config.qkv_bias)
+    if config.num_register_tokens:
+        d["num_register_tokens"] = config.num_register_tokens
+
+
+registry.register_tower(("dinov2", "dinov2_with_registers"), Dinov2Tower, fields=_dinov2_fields,
+                        write=_write_dinov2)

@@ -73,7 +73,6 @@ class InternVisionEmbeddings(nn.Module):
         return x + pos.astype(self.dtype)
 
 
-@registry.tower("internvit")
 class InternVisionTower(nn.Module):
     """``__call__(pixel_values [B, C, H, W])`` -> VisionOutput: ``hidden_states`` = the
     embeddings then every layer's output; ``last_hidden_state`` = the last one, LayerNormed
@@ -103,3 +102,26 @@ class InternVisionTower(nn.Module):
         return VisionOutput(last_hidden_state=last, pooler_output=pooled,
                             hidden_states=states if output_hidden_states else None,
                             attentions=attns if output_attentions else None)
+
+
+def _internvit_fields(c) -> dict:
+    """InternViT's own keys ([h, w] image and patch sizes, square only; LayerScale, q/k norm,
+    norm type, mean pooling)."""
+    side = lambda v: v if isinstance(v, int) else int(v[0])  # noqa: E731
+    if side(c.image_size) != c.image_size[-1] or side(c.patch_size) != c.patch_size[-1]:
+        raise ValueError(f"internvl_vision image_size {c.image_size} / patch_size {c.patch_size}: "
+                         "only square images and patches are supported")
+    if not c.use_absolute_position_embeddings:
+        raise ValueError("internvl_vision without absolute position embeddings is not supported")
+    return dict(image_size=side(c.image_size), patch_size=side(c.patch_size),
+                layerscale_value=float(c.layer_scale_init_value), qkv_bias=bool(c.attention_bias),
+                qk_norm=bool(c.use_qk_norm), norm_type=c.norm_type, mean_pooling=bool(c.use_mean_pooling))
+
+
+def _write_internvit(config: VisionConfig, d: dict) -> None:
+    d.update(layer_scale_init_value=config.layerscale_value, attention_bias=config.qkv_bias,
+             use_qk_norm=config.qk_norm, norm_type=config.norm_type, use_mean_pooling=config.mean_pooling)
+
+
+registry.register_tower(("internvl_vision",), InternVisionTower, fields=_internvit_fields,
+                        write=_write_internvit)

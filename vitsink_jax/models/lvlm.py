@@ -19,7 +19,7 @@ from ..sinks.fuse import (VisualTokenPolicy, arrange_visual_tokens, permute_toke
 from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
-from .registry import vision_tower_class
+from . import registry
 from ..interventions import Interventions
 
 
@@ -160,7 +160,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = vision_tower_class(c.vision)(
+        self.vision_tower = registry.vision_tower_class(c.vision)(
             c.vision, test_time_registers=self.interventions.registers, **kw)
         self.multi_modal_projector = self.new_projector()  # DIYSink: the non-sink path
         if c.diysink is not None:
@@ -456,3 +456,6 @@ class LlavaForConditionalGeneration(nn.Module):
                            vision_token_index=self.vision_token_index(selected, vout) if vision else None,
                            visual_arrangement=arrangement if vision else None,
                            visual_weights=weights if vision else None, cache=out.cache)
+
+
+registry.register_lvlm("llava", LlavaConfig, LlavaForConditionalGeneration)

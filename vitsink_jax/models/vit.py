@@ -199,7 +199,6 @@ class Encoder(nn.Module):
         return x, tuple(states), tuple(attns)
 
 
-@registry.tower("vit")
 class VisionTransformer(nn.Module):
     """CLIP or SigLIP vision tower (chosen by ``config.model_type``).
 
@@ -236,3 +235,21 @@ class VisionTransformer(nn.Module):
         return VisionOutput(last_hidden_state=last, pooler_output=pooled,
                             hidden_states=states if output_hidden_states else None,
                             attentions=attns if output_attentions else None)
+
+
+def _siglip_fields(c) -> dict:
+    return dict(vision_use_head=bool(getattr(c, "vision_use_head", False)))
+
+
+def _write_siglip(config: VisionConfig, d: dict) -> None:
+    d["vision_use_head"] = config.vision_use_head
+
+
+def _vision_half(d: dict) -> VisionConfig:
+    """A full CLIP / SigLIP checkpoint's config.json (model_type "clip" / "siglip"): its vision half."""
+    return VisionConfig.from_hf(dict(d.get("vision_config") or {}, model_type=d["model_type"] + "_vision_model"))
+
+
+registry.register_tower(("clip_vision_model",), VisionTransformer)
+registry.register_tower(("siglip_vision_model",), VisionTransformer, fields=_siglip_fields, write=_write_siglip)
+registry.register_tower(("clip", "siglip"), read=_vision_half, alias=True)
