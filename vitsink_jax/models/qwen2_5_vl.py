@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,14 +32,14 @@ from flax import linen as nn
 
 from ..config import (FeatureLayer, MergedTokensConfig, TextConfig, VisionConfig, diysink_of, hf_config,
                       tied_head)
-from ..interventions import TestTimeRegisters
 from . import registry
 from .attention import dot_product_attention
-from .layers import GatedMLP, RMSNorm, activation
+from .layers import ConfigModule, GatedMLP, PreNormBlock, RMSNorm, activation
 from .lvlm import LlavaForConditionalGeneration
 from .merge import MergedTokens, check_type_ids
 from .outputs import VisionOutput
 from .rope import apply_rotary
+from .tower import VisionTower, layer_loop, tower_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,13 +254,9 @@ def windowed_attention(q, k, v, window: np.ndarray):
     return out.reshape(n, w * m, h, d)[:, inverse]
 
 
-class Qwen2_5_VisionAttention(nn.Module):
+class Qwen2_5_VisionAttention(ConfigModule):
     """One fused ``qkv`` projection, 2-D RoPE on q and k (turned in float32, as transformers
     does), ``proj`` out (HF's names)."""
-
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, window, cos, sin, output_attentions=False):
@@ -283,30 +279,25 @@ class Qwen2_5_VisionAttention(nn.Module):
         return nn.Dense(e, name="proj", **kw)(out.reshape(n, s, e)), (weights if output_attentions else None)
 
 
-class Qwen2_5_VisionBlock(nn.Module):
-    """x + attn(norm1(x)); x + mlp(norm2(x)) with RMSNorms and a gated MLP with biases."""
+class Qwen2_5_VisionBlock(PreNormBlock):
+    """x + attn(norm1(x)); x + mlp(norm2(x)) with RMSNorms and a gated MLP with biases; the
+    attention reads ``window``, ``cos``, ``sin`` (:class:`Qwen2_5_VisionAttention`)."""
 
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    norm_names = ("norm1", "norm2")
 
-    @nn.compact
-    def __call__(self, x, window, cos, sin, output_attentions=False):
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, weights = Qwen2_5_VisionAttention(c, name="attn", **kw)(
-            RMSNorm(c.layer_norm_eps, name="norm1", **kw)(x), window, cos, sin, output_attentions)
-        x = x + h
-        return x + GatedMLP(c, name="mlp", **kw)(RMSNorm(c.layer_norm_eps, name="norm2", **kw)(x)), weights
+    def norm(self, name):
+        return RMSNorm(self.config.layer_norm_eps, name=name, **self.kw)
+
+    def attend(self, x, output_attentions, window=None, cos=None, sin=None):
+        return Qwen2_5_VisionAttention(self.config, name="attn", **self.kw)(x, window, cos, sin, output_attentions)
+
+    def mlp(self, x, edit):
+        return GatedMLP(self.config, name="mlp", **self.kw)(x)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(ConfigModule):
     """``proj``: a bias-free Conv3d over (frames, rows, columns) of one patch, as transformers'
     Qwen2_5_VisionPatchEmbed: [M, tp, p, p, C] -> [M, 1, 1, 1, E]."""
-
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -330,16 +321,11 @@ class MergerMLP(nn.Module):
         return nn.Dense(self.out_features, name="2", **kw)(activation("gelu")(nn.Dense(self.width, name="0", **kw)(x)))
 
 
-class Qwen2_5_VisionTower(nn.Module):
+class Qwen2_5_VisionTower(VisionTower):
     """``__call__(pixel_values [N, C, H, W])`` -> VisionOutput over the gh x gw patches
     (row-major): ``hidden_states`` = the patch embeddings then every block's output,
     ``last_hidden_state`` = the last block's (the merger normalises it), ``grid`` = (gh, gw).
     Each image is one sequence; windowed blocks attend inside their window only."""
-
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False,
@@ -359,15 +345,10 @@ class Qwen2_5_VisionTower(nn.Module):
         x = x.reshape(n, grid[0] * grid[1], c.hidden_size)
         window = attention_windows(c, grid)
         cos, sin = vision_rope(c, grid)
-        states, attns = [x], []
-        for i in range(c.num_hidden_layers):
-            x, w = Qwen2_5_VisionBlock(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(
-                x, None if i in c.full_attention_layers else window, cos, sin, output_attentions)
-            states.append(x)
-            attns.append(w)
-        return VisionOutput(last_hidden_state=x, pooler_output=None,
-                            hidden_states=tuple(states) if output_hidden_states else None,
-                            attentions=tuple(attns) if output_attentions else None, grid=grid)
+        step = lambda i, x: Qwen2_5_VisionBlock(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(  # noqa: E731
+            x, output_attentions, window=None if i in c.full_attention_layers else window, cos=cos, sin=sin)
+        x, states, attns = layer_loop(x, c.num_hidden_layers, step)
+        return tower_output(x, None, states, attns, output_hidden_states, output_attentions, grid=grid)
 
 
 class PatchMerger(nn.Module):
