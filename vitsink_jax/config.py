@@ -137,13 +137,12 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        return self.model_type not in ("siglip_vision_model", "qwen2_5_vl_vision")
+        return self.model_type != "siglip_vision_model"
 
     @property
     def takes_test_time_registers(self) -> bool:
-        """Test-time registers (extra tokens every patch attends to) fit this tower; not
-        Qwen2.5-VL's, whose windows would each need their own."""
-        return self.model_type != "qwen2_5_vl_vision"
+        """Test-time registers (extra tokens every patch attends to) fit this tower."""
+        return True
 
     @property
     def is_dinov2(self) -> bool:

@@ -71,6 +71,15 @@ class Qwen2_5_VisionConfig(VisionConfig):
             object.__setattr__(self, "full_attention_layers", tuple(self.full_attention_layers))
 
     @property
+    def has_class_token(self) -> bool:
+        return False
+
+    @property
+    def takes_test_time_registers(self) -> bool:
+        """No: each attention window would need its own registers."""
+        return False
+
+    @property
     def mlp_bias(self) -> bool:
         """The gated MLP's projections have biases (read by layers.GatedMLP)."""
         return True
