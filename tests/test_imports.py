@@ -86,9 +86,26 @@ def test_data_imports_nothing_above_it():
     assert {m: t for m, t in above.items() if t} == {}
 
 
+# One file per model family (its config reading and module); the rest of models/ is shared:
+# registry, layers, attention, rope, outputs, tower (the towers' skeleton), merge, projector, and
+# the compositions every LLM / LVLM family builds on (llm.py runs phi's and gemma's blocks, lvlm.py
+# is LLaVA's and the base of the other LVLMs).
+FAMILIES = {"vit", "dinov2", "internvit", "internvl", "gemma", "gemma3", "phi", "qwen2_5_vl"}
+
+
+def test_the_family_files_are_the_models_files_that_register():
+    registering = {p.stem for p in (PACKAGE / "models").glob("*.py") if "registry.register_" in p.read_text()}
+    assert registering == FAMILIES | {"llm", "lvlm"}  # llama / qwen2 and llava register in their compositions
+
+
 def test_no_model_file_imports_another_familys():
-    families = {"dinov2", "internvit", "internvl", "gemma3", "qwen2_5_vl"}  # + llava's vit / lvlm
     graph = import_graph()
-    bad = {m: sorted(t for t in graph[m] if t.rsplit(".", 1)[-1] in families)
-           for m in graph if m.startswith("vitsink_jax.models.") and m != "vitsink_jax.models"}
+    family = {f"vitsink_jax.models.{f}" for f in FAMILIES}
+    bad = {m: sorted(graph[m] & family) for m in family}
     assert {m: t for m, t in bad.items() if t} == {}
+
+
+def test_config_imports_no_family():
+    """config.py (the shared fields) reaches the families only through the registry."""
+    assert {t for t in import_graph()["vitsink_jax.config"] if t.startswith("vitsink_jax.models")} == \
+        {"vitsink_jax.models.registry"}

@@ -379,7 +379,8 @@ def test_clip_test_time_register_enters_before_the_pre_layernorm():
 
     from vitsink_jax.config import VisionConfig
     from vitsink_jax.interventions import TestTimeRegisters
-    from vitsink_jax.models.vit import Encoder, VisionEmbeddings, VisionTransformer
+    from vitsink_jax.models.tower import Encoder
+    from vitsink_jax.models.vit import EncoderLayer, VisionEmbeddings, VisionTransformer
 
     c = VisionConfig(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7)
@@ -392,7 +393,7 @@ def test_clip_test_time_register_enters_before_the_pre_layernorm():
     x = VisionEmbeddings(c).apply({"params": p["embeddings"]}, pixels)
     normed = nn.LayerNorm(epsilon=c.layer_norm_eps).apply({"params": ln}, x)
     seq = jnp.concatenate([normed, jnp.broadcast_to(ln["bias"], (2, 1, 32))], 1)
-    ref, _, _ = Encoder(c, test_time_registers=ttr).apply({"params": p["encoder"]}, seq)
+    ref, _, _ = Encoder(c, test_time_registers=ttr, layer=EncoderLayer).apply({"params": p["encoder"]}, seq)
     out = tower.apply({"params": p}, pixels)
     np.testing.assert_allclose(out.last_hidden_state, ref[:, :-1], atol=1e-5)
 

@@ -1,4 +1,7 @@
-"""Frozen model configs, built from (and written back to) Hugging Face ``config.json`` dicts.
+"""Frozen model configs, built from (and written back to) Hugging Face ``config.json`` dicts: the
+fields every family shares and their generic parsing. What one family adds (a tower's or an LLM's
+own keys, an LVLM's config class) lives in its file in models/ and is found through
+:mod:`vitsink_jax.models.registry` by ``model_type`` (:func:`config_from_hf`).
 
 Parsing goes through transformers' own config classes (torch-free), so HF defaults, legacy keys
 (``rope_scaling`` vs ``rope_parameters``) and version differences are resolved exactly as
@@ -10,22 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from .sinks.detect import SinkRule
 
-VISION_TYPES = {"clip_vision_model": "clip_vision_model", "clip": "clip_vision_model",
-                "siglip_vision_model": "siglip_vision_model", "siglip": "siglip_vision_model",
-                "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers",
-                "internvl_vision": "internvl_vision", "qwen2_5_vl_vision": "qwen2_5_vl_vision"}
-TEXT_TYPES = ("llama", "qwen2", "phi", "phi3", "gemma3_text", "qwen2_5_vl_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 SELECT_STRATEGIES = ("default", "full")
 
 
-def _hf_config(d: dict):
+def _registry():
+    """:mod:`vitsink_jax.models.registry` (imported when first asked: it imports nothing of
+    vitsink_jax, and ``import vitsink_jax`` has registered every family by then)."""
+    from .models import registry
+
+    return registry
+
+
+def hf_config(d: dict):
     """Returns transformers' config object for ``d`` (fills HF defaults, normalises legacy keys)."""
     from transformers import AutoConfig
 
@@ -35,18 +40,34 @@ def _hf_config(d: dict):
     return AutoConfig.for_model(model_type, **d)
 
 
-def _freeze(x):
+def freeze(x):
     """Makes nested lists/dicts hashable so a config can be a static (hashable) module field."""
     if isinstance(x, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+        return tuple(sorted((k, freeze(v)) for k, v in x.items()))
     if isinstance(x, (list, tuple)):
-        return tuple(_freeze(v) for v in x)
+        return tuple(freeze(v) for v in x)
     return x
 
 
 def _thaw_rope(rope: Optional[tuple]) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in (rope or ())}
 
+
+def hf_rope(c) -> dict:
+    """The rope dict of transformers' config object ``c`` (``rope_parameters``, or the legacy
+    ``rope_scaling``; empty for neither)."""
+    return dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+
+
+def rope_fields(rope: dict, theta: float = 10000.0) -> dict:
+    """TextConfig's ``rope_theta`` and ``rope_scaling`` from an HF rope dict (its ``rope_theta``,
+    else ``theta``; ``type`` read as ``rope_type``; a partial_rotary_factor of 1 dropped)."""
+    rope = dict(rope)
+    theta = rope.pop("rope_theta", theta)
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) == 1.0:
+        rope.pop("partial_rotary_factor", None)
+    return dict(rope_theta=float(theta), rope_scaling=None if rope == {"rope_type": "default"} else freeze(rope))
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessing:
@@ -107,9 +128,7 @@ class VisionConfig:
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in set(VISION_TYPES.values()):
-            raise ValueError(f"unknown vision model_type {self.model_type!r}; supported: "
-                             f"{sorted(VISION_TYPES)}")
+        _registry().family(self.model_type, "vision", tower=True)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -118,13 +137,12 @@ class VisionConfig:
 
     @property
     def has_class_token(self) -> bool:
-        return self.model_type not in ("siglip_vision_model", "qwen2_5_vl_vision")
+        return self.model_type != "siglip_vision_model"
 
     @property
     def takes_test_time_registers(self) -> bool:
-        """Test-time registers (extra tokens every patch attends to) fit this tower; not
-        Qwen2.5-VL's, whose windows would each need their own."""
-        return self.model_type != "qwen2_5_vl_vision"
+        """Test-time registers (extra tokens every patch attends to) fit this tower."""
+        return True
 
     @property
     def is_dinov2(self) -> bool:
@@ -153,37 +171,19 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "VisionConfig":
-        if d.get("model_type") == "qwen2_5_vl_vision" and cls is VisionConfig:
-            return Qwen2_5_VisionConfig.from_hf(d)
-        if d.get("model_type") not in VISION_TYPES:
-            raise ValueError(f"unknown vision model_type {d.get('model_type')!r}; supported: "
-                             f"{sorted(VISION_TYPES)}")
-        if d["model_type"] in ("clip", "siglip"):  # full CLIP/SigLIP checkpoint: use its vision half
-            d = dict(d.get("vision_config") or {}, model_type=d["model_type"] + "_vision_model")
-        c = _hf_config(d)
-        if getattr(c, "use_swiglu_ffn", False):
-            raise ValueError(f"{c.model_type} with use_swiglu_ffn=True (the giant DINOv2) is not "
-                             "supported")
-        dino, intern = c.model_type.startswith("dinov2"), c.model_type == "internvl_vision"
-        side = lambda v: v if isinstance(v, int) else int(v[0])  # noqa: E731  (InternViT: [h, w])
-        if intern and (side(c.image_size) != c.image_size[-1] or side(c.patch_size) != c.patch_size[-1]):
-            raise ValueError(f"internvl_vision image_size {c.image_size} / patch_size {c.patch_size}: "
-                             "only square images and patches are supported")
-        if intern and not c.use_absolute_position_embeddings:
-            raise ValueError("internvl_vision without absolute position embeddings is not supported")
-        return cls(model_type=c.model_type, hidden_size=c.hidden_size,
-                   intermediate_size=int(c.hidden_size * c.mlp_ratio) if dino else c.intermediate_size,
-                   num_hidden_layers=c.num_hidden_layers,
-                   num_attention_heads=c.num_attention_heads, image_size=side(c.image_size),
-                   patch_size=side(c.patch_size), num_channels=c.num_channels,
-                   layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
-                   vision_use_head=bool(getattr(c, "vision_use_head", False)),
-                   layerscale_value=float(c.layer_scale_init_value if intern
-                                          else getattr(c, "layerscale_value", 1.0)),
-                   num_register_tokens=int(getattr(c, "num_register_tokens", 0)),
-                   qkv_bias=bool(c.attention_bias if intern else getattr(c, "qkv_bias", True)),
-                   qk_norm=bool(intern and c.use_qk_norm), norm_type=c.norm_type if intern else "layer_norm",
-                   mean_pooling=bool(c.use_mean_pooling) if intern else True, hf_json=json.dumps(d))
+        """A tower's config.json dict: the shared fields here, the tower's own read by its
+        family (:mod:`vitsink_jax.models.registry`)."""
+        family = _registry().family(d.get("model_type"), "vision")
+        if family.read is not None:
+            return family.read(d)
+        c = hf_config(d)
+        return cls(**{**dict(model_type=c.model_type, hidden_size=c.hidden_size,
+                                intermediate_size=getattr(c, "intermediate_size", 0),
+                                num_hidden_layers=c.num_hidden_layers,
+                                num_attention_heads=c.num_attention_heads, image_size=c.image_size,
+                                patch_size=c.patch_size, num_channels=c.num_channels,
+                                layer_norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act),
+                      **family.fields(c)}, hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
         d = json.loads(self.hf_json)
@@ -193,91 +193,15 @@ class VisionConfig:
                  num_attention_heads=self.num_attention_heads, image_size=self.image_size,
                  patch_size=self.patch_size, num_channels=self.num_channels,
                  layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act)
-        if self.model_type == "siglip_vision_model":
-            d["vision_use_head"] = self.vision_use_head
-        if self.is_dinov2:
-            del d["intermediate_size"]
-            ratio = self.intermediate_size / self.hidden_size
-            d.update(mlp_ratio=int(ratio) if ratio.is_integer() else ratio,
-                     layerscale_value=self.layerscale_value, qkv_bias=self.qkv_bias)
-            if self.num_register_tokens:
-                d["num_register_tokens"] = self.num_register_tokens
-        if self.is_internvit:
-            d.update(layer_scale_init_value=self.layerscale_value, attention_bias=self.qkv_bias,
-                     use_qk_norm=self.qk_norm, norm_type=self.norm_type,
-                     use_mean_pooling=self.mean_pooling)
-        return d
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen2_5_VisionConfig(VisionConfig):
-    """Qwen2.5-VL's vision tower (transformers' Qwen2_5_VisionTransformerPretrainedModel): no CLS
-    token and no absolute positions; 2-D rotary embeddings (height and width halves of each
-    head's frequencies); RMSNorm blocks with a gated SiLU MLP; attention inside windows of
-    ``window_size`` pixels except in ``full_attention_layers``; patches of ``patch_size`` pixels
-    seen as ``temporal_patch_size`` identical frames (a still image). ``image_size`` is not in
-    transformers' config (the resolution is dynamic): here it is the square side used where one
-    fixed size is needed (batched evaluation), from the LVLM's ``vitsink_image_size``."""
-
-    hidden_act: str = "silu"
-    layer_norm_eps: float = 1e-6
-    spatial_merge_size: int = 2
-    temporal_patch_size: int = 2
-    window_size: int = 112
-    full_attention_layers: tuple = ()
-    out_hidden_size: int = 0
-    rope_theta: float = 10000.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        unit = self.patch_size * self.spatial_merge_size
-        if self.window_size % unit or self.image_size % unit:
-            raise ValueError(f"qwen2_5_vl_vision window_size {self.window_size} and image size "
-                             f"{self.image_size} must be multiples of patch_size x spatial_merge_size = {unit}")
-        if isinstance(self.full_attention_layers, list):
-            object.__setattr__(self, "full_attention_layers", tuple(self.full_attention_layers))
-
-    @property
-    def mlp_bias(self) -> bool:
-        """The gated MLP's projections have biases (read by layers.GatedMLP)."""
-        return True
-
-    @property
-    def merge_unit(self) -> int:
-        """Pixels per side of one merged visual token (patch_size x spatial_merge_size)."""
-        return self.patch_size * self.spatial_merge_size
-
-    @classmethod
-    def from_hf(cls, d: dict, image_size: int = 448) -> "Qwen2_5_VisionConfig":
-        from transformers import Qwen2_5_VLVisionConfig
-
-        c = Qwen2_5_VLVisionConfig(**{k: v for k, v in d.items() if k not in ("model_type", "transformers_version")})
-        rope = dict(c.rope_parameters or {})
-        if rope.get("rope_type", "axial") != "axial":
-            raise ValueError(f"qwen2_5_vl_vision rope_type {rope['rope_type']!r}: only the axial 2-D RoPE exists")
-        return cls(model_type="qwen2_5_vl_vision", hidden_size=c.hidden_size,
-                   intermediate_size=c.intermediate_size, num_hidden_layers=c.depth, num_attention_heads=c.num_heads, image_size=image_size,
-                   patch_size=c.patch_size, num_channels=c.in_channels, hidden_act=c.hidden_act,
-                   spatial_merge_size=c.spatial_merge_size, temporal_patch_size=c.temporal_patch_size,
-                   window_size=c.window_size, full_attention_layers=tuple(c.fullatt_block_indexes),
-                   out_hidden_size=c.out_hidden_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
-                   hf_json=json.dumps(d))
-
-    def to_hf(self) -> dict:
-        d = json.loads(self.hf_json)
-        d.update(model_type=self.model_type, depth=self.num_hidden_layers, hidden_size=self.hidden_size,
-                 intermediate_size=self.intermediate_size, num_heads=self.num_attention_heads,
-                 in_channels=self.num_channels, patch_size=self.patch_size, hidden_act=self.hidden_act,
-                 spatial_merge_size=self.spatial_merge_size, temporal_patch_size=self.temporal_patch_size,
-                 window_size=self.window_size, fullatt_block_indexes=list(self.full_attention_layers),
-                 out_hidden_size=self.out_hidden_size,
-                 rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
+        _registry().family(self.model_type, "vision").write(self, d)
         return d
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Decoder LLM of one of :data:`TEXT_TYPES`:
+    """Decoder LLM (the registered text model_types; each family's own keys are read in its file:
+    llama / qwen2 in llm.py, phi / phi3 in phi.py, gemma3_text in gemma.py, qwen2_5_vl_text in
+    qwen2_5_vl.py):
 
     * llama (LLaMA / Vicuna) and qwen2 (q/k/v bias, usually tied embeddings): pre-norm RMSNorm
       blocks, gated SiLU MLP;
@@ -325,8 +249,7 @@ class TextConfig:
     hf_json: str = dataclasses.field(default="{}", compare=False, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in TEXT_TYPES:
-            raise ValueError(f"unknown text model_type {self.model_type!r}; supported: {TEXT_TYPES}")
+        _registry().family(self.model_type, "text")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
@@ -410,47 +333,26 @@ class TextConfig:
 
     @classmethod
     def from_hf(cls, d: dict) -> "TextConfig":
-        if d.get("model_type") not in TEXT_TYPES:
-            raise ValueError(f"unknown text model_type {d.get('model_type')!r}; supported: {TEXT_TYPES}")
-        c = _hf_config(d)
+        """An LLM's config.json dict: the shared fields here, the family's own read by its
+        family (:mod:`vitsink_jax.models.registry`)."""
+        family = _registry().family(d.get("model_type"), "text")
+        c = hf_config(d)
         if getattr(c, "use_sliding_window", False):
             raise ValueError("qwen2 config has use_sliding_window=true; sliding-window attention "
                              "is not implemented for qwen2")
-        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
-        gemma, local = c.model_type == "gemma3_text", {}
-        if gemma:
-            if getattr(c, "use_bidirectional_attention", False):
-                raise ValueError("gemma3_text with use_bidirectional_attention=true (an embedding "
-                                 "model) is not supported")
-            local, rope = dict(rope["sliding_attention"]), dict(rope["full_attention"])
-            if local.get("rope_type", "default") != "default":
-                raise ValueError(f"gemma3_text sliding_attention rope_type {local['rope_type']!r}: "
-                                 "only plain RoPE is implemented for the local layers")
-        theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-        if rope.get("partial_rotary_factor", 1.0) == 1.0:
-            rope.pop("partial_rotary_factor", None)
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        phi = c.model_type == "phi"
-        return cls(model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                   intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                   num_attention_heads=c.num_attention_heads,
-                   num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
-                   head_dim=head_dim, max_position_embeddings=c.max_position_embeddings,
-                   rms_norm_eps=c.layer_norm_eps if phi else c.rms_norm_eps, rope_theta=float(theta),
-                   rope_scaling=None if rope == {"rope_type": "default"} else _freeze(rope),
-                   attention_bias=bool(getattr(c, "attention_bias", False)),
-                   mlp_bias=bool(getattr(c, "mlp_bias", False)),
-                   tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
-                   hidden_act=c.hidden_activation if gemma else c.hidden_act,
-                   qk_layernorm=bool(getattr(c, "qk_layernorm", False)),
-                   sliding_window=getattr(c, "sliding_window", None)
-                   if c.model_type in ("phi3", "gemma3_text") else None,
-                   layer_types=tuple(c.layer_types) if gemma else None,
-                   query_pre_attn_scalar=c.query_pre_attn_scalar if gemma else None,
-                   rope_local_theta=float(local["rope_theta"]) if gemma else None,
-                   final_logit_softcapping=getattr(c, "final_logit_softcapping", None) if gemma else None,
-                   hf_json=json.dumps(d))
+        shared = dict(model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                      num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads or c.num_attention_heads,
+                      head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+                      max_position_embeddings=c.max_position_embeddings,
+                      rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6),
+                      **rope_fields(hf_rope(c), getattr(c, "rope_theta", 10000.0)),
+                      attention_bias=bool(getattr(c, "attention_bias", False)),
+                      mlp_bias=bool(getattr(c, "mlp_bias", False)),
+                      tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+                      hidden_act=getattr(c, "hidden_act", "silu"))
+        return cls(**{**shared, **family.fields(c)}, hf_json=json.dumps(d))
 
     def to_hf(self) -> dict:
         d = json.loads(self.hf_json)
@@ -463,31 +365,13 @@ class TextConfig:
                  num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
                  max_position_embeddings=self.max_position_embeddings,
                  tie_word_embeddings=self.tie_word_embeddings,
-                 hidden_act=self.hidden_act, rope_theta=self.rope_theta)
-        d["layer_norm_eps" if self.is_phi else "rms_norm_eps"] = self.rms_norm_eps
+                 hidden_act=self.hidden_act, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps)
         rope = self.rope
         if "partial_rotary_factor" in rope:  # a top-level key in every transformers version
             d["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
         if rope and rope != {"rope_type": "default"}:
             d["rope_scaling"] = rope
-        if self.model_type == "llama":
-            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        if self.is_phi:
-            d["qk_layernorm"] = self.qk_layernorm
-        if self.model_type == "phi3":
-            d["sliding_window"] = self.sliding_window
-        if self.mrope_section is not None:
-            d["rope_parameters"] = {**d.pop("rope_scaling"), "rope_theta": d.pop("rope_theta")}
-        if self.is_gemma:
-            full = {"rope_type": "default", **rope, "rope_theta": d.pop("rope_theta")}
-            d.pop("rope_scaling", None)
-            d["hidden_activation"] = d.pop("hidden_act")
-            d.update(rope_parameters={"full_attention": full, "sliding_attention": {
-                         "rope_type": "default", "rope_theta": self.rope_local_theta}},
-                     sliding_window=self.sliding_window, layer_types=list(self.layer_types),
-                     query_pre_attn_scalar=self.query_pre_attn_scalar,
-                     final_logit_softcapping=self.final_logit_softcapping,
-                     attention_bias=self.attention_bias)
+        _registry().family(self.model_type, "text").write(self, d)
         return d
 
 
@@ -530,7 +414,6 @@ class DIYSinkConfig:
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "rule": dataclasses.asdict(self.rule)}
 
-
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
     """LLaVA composition: vision tower -> projector -> LLM, with HF's feature-selection options.
@@ -548,6 +431,7 @@ class LlavaConfig:
     ``save_pretrained``.
     """
 
+    model_type: ClassVar[str] = "llava"  # config.json's (each LVLM config class sets its own)
     vision: VisionConfig
     text: TextConfig
     image_token_index: int = 32000
@@ -654,7 +538,7 @@ class LlavaConfig:
         vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "clip_vision_model"})
         text = TextConfig.from_hf(d.get("text_config") or {"model_type": "llama"})
         # transformers' LlavaConfig: the head is tied if either level says so
-        text = _tied(text, bool(d.get("tie_word_embeddings", False)) or text.tie_word_embeddings)
+        text = tied_head(text, bool(d.get("tie_word_embeddings", False)) or text.tie_word_embeddings)
         layer = d.get("vision_feature_layer", -2)
         return cls(vision=vision, text=text,
                    image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
@@ -697,7 +581,7 @@ class LlavaConfig:
         return d
 
 
-def _tied(text: "TextConfig", tied: bool) -> "TextConfig":
+def tied_head(text: "TextConfig", tied: bool) -> "TextConfig":
     """``text`` with the LM head tied as the LVLM's config.json says (transformers 5 reads the
     top-level ``tie_word_embeddings`` of an LVLM, not its text config's)."""
     return dataclasses.replace(text, tie_word_embeddings=tied)
@@ -712,11 +596,30 @@ class MergedTokensConfig(LlavaConfig):
     """Base of the LVLM configs whose visual tokens each merge a ``pool`` x ``pool`` window of
     ViT patches (:mod:`vitsink_jax.models.merge`); subclasses define ``token_grid`` and ``pool``.
     Which tower token a visual token's sink feature is depends on the image: the model output's
-    ``vision_token_index`` says."""
+    ``vision_token_index`` says. ``side_by_side``: the projector reads a window's pool ** 2 ViT
+    tokens side by side (InternVL's pixel shuffle, Qwen2.5-VL's merger), not one pooled token
+    (Gemma 3's average)."""
+
+    side_by_side: ClassVar[bool] = True
 
     @property
     def num_image_tokens(self) -> int:
         return self.token_grid ** 2
+
+    @property
+    def projector_input_size(self) -> int:
+        return self.vision.hidden_size * (self.pool ** 2 if self.side_by_side else 1)
+
+    @classmethod
+    def read_parts(cls, d: dict, vision_type: str, text_type: str) -> tuple:
+        """(vision, text) configs of config.json ``d`` (checked to be of ``cls.model_type``), a
+        part's model_type ``vision_type`` / ``text_type`` unless it says, the LM head tied as the
+        top-level ``tie_word_embeddings`` says (default true)."""
+        if d.get("model_type") != cls.model_type:
+            raise ValueError(f"expected model_type {cls.model_type!r}, got {d.get('model_type')!r}")
+        vision = VisionConfig.from_hf({"model_type": vision_type, **(d.get("vision_config") or {})})
+        text = TextConfig.from_hf({"model_type": text_type, **(d.get("text_config") or {})})
+        return vision, tied_head(text, bool(d.get("tie_word_embeddings", True)))  # the top level decides
 
     def _with_diysink(self, d: dict, architecture: str) -> dict:
         """config.json ``d`` with the architecture (unless set) and the DIYSink block (or none)."""
@@ -731,242 +634,16 @@ class MergedTokensConfig(LlavaConfig):
                                   "take the one it carries from the model output's vision_token_index")
 
 
-@dataclasses.dataclass(frozen=True)
-class Gemma3Config(MergedTokensConfig):
-    """Gemma 3 (transformers' Gemma3ForConditionalGeneration): SigLIP tower -> its last state
-    after the post-LayerNorm -> k x k average pool down to ``mm_tokens_per_image`` tokens ->
-    (1 + w) RMSNorm -> one matrix -> Gemma 3 LLM. The processor wraps each image's tokens in
-    ``boi_token_index`` / ``eoi_token_index`` and they attend to each other bidirectionally.
-
-    Sinks (``vision_features``): the norms are read on the ViT tokens before the post-LayerNorm
-    (which rescales every token to about the same norm), and each of the
-    ``mm_tokens_per_image`` visual tokens carries the largest-norm ViT token of its k x k
-    pooling window, so a visual token is a sink under the threshold rule exactly when it holds a
-    ViT sink. The LLaVA fields for the projector and feature selection do not apply.
-    """
-
-    image_token_index: int = 262144
-    projector_type: str = "gemma3"
-    vision_feature_layer: FeatureLayer = -1
-    vision_feature_select_strategy: str = "full"
-    mm_tokens_per_image: int = 256
-    boi_token_index: int = 255999
-    eoi_token_index: int = 256000
-
-    def __post_init__(self):
-        side = math.isqrt(self.mm_tokens_per_image)
-        if self.vision.model_type != "siglip_vision_model":
-            raise ValueError(f"Gemma 3's tower is SigLIP, not {self.vision.model_type}")
-        if self.text.model_type != "gemma3_text":
-            raise ValueError(f"Gemma 3's LLM is gemma3_text, not {self.text.model_type}")
-        if side * side != self.mm_tokens_per_image or self.vision.grid_size % side:
-            raise ValueError(f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose "
-                             f"side divides the tower's {self.vision.grid_size} patches per side")
-        if self.image_size or self.projector_type != "gemma3" or self.vision_feature_layer != -1 or \
-                self.vision_feature_select_strategy != "full":
-            raise ValueError("Gemma 3 has its own projector, feature selection and input size")
-
-    @property
-    def token_grid(self) -> int:
-        """Visual tokens per side (after pooling)."""
-        return math.isqrt(self.mm_tokens_per_image)
-
-    @property
-    def pool(self) -> int:
-        """Side k of the k x k windows of ViT patches pooled into one visual token."""
-        return self.vision.grid_size // self.token_grid
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "Gemma3Config":
-        if d.get("model_type") != "gemma3":
-            raise ValueError(f"expected model_type 'gemma3', got {d.get('model_type')!r}")
-        vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "siglip_vision_model"})
-        text = TextConfig.from_hf({"model_type": "gemma3_text", **(d.get("text_config") or {})})
-        text = _tied(text, bool(d.get("tie_word_embeddings", True)))  # the top level decides
-        return cls(vision=vision, text=text,
-                   image_token_index=d.get("image_token_index", d.get("image_token_id", 262144)),
-                   mm_tokens_per_image=d.get("mm_tokens_per_image", 256),
-                   boi_token_index=d.get("boi_token_index", 255999),
-                   eoi_token_index=d.get("eoi_token_index", 256000),
-                   diysink=diysink_of(d),
-                   hf_json=json.dumps(d))
-
-    def to_hf(self) -> dict:
-        d = json.loads(self.hf_json)
-        d.update(model_type="gemma3", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
-                 image_token_index=self.image_token_index, mm_tokens_per_image=self.mm_tokens_per_image,
-                 boi_token_index=self.boi_token_index, eoi_token_index=self.eoi_token_index,
-                 tie_word_embeddings=self.text.tie_word_embeddings)
-        return self._with_diysink(d, "Gemma3ForConditionalGeneration")
-
-
-@dataclasses.dataclass(frozen=True)
-class InternVLConfig(MergedTokensConfig):
-    """InternVL (transformers' InternVLForConditionalGeneration): InternViT -> the
-    ``vision_feature_layer`` tokens without CLS -> pixel shuffle (each 1 / ``downsample_ratio``
-    square window of patches becomes one token with their channels side by side) -> LayerNorm +
-    two-layer MLP -> the LLM (Qwen2 or LLaMA). Each tile of an image (448 px crops and a
-    thumbnail, :func:`vitsink_jax.data.preprocess.preprocess_internvl`) is one image to the
-    model (so DIYSink's ReW and token pruning, which need one image per row, need one tile).
-
-    Sinks (``vision_features``): read on the ViT tokens of the feature layer, before the pixel
-    shuffle; each visual token carries the largest-norm ViT token of its window."""
-
-    image_token_index: int = 151667
-    projector_type: str = "internvl"
-    vision_feature_layer: FeatureLayer = -1
-    downsample_ratio: float = 0.5
-
-    def __post_init__(self):
-        if not self.vision.is_internvit:
-            raise ValueError(f"InternVL's tower is internvl_vision, not {self.vision.model_type}")
-        k = 1 / self.downsample_ratio
-        if k != round(k) or self.vision.grid_size % round(k):
-            raise ValueError(f"downsample_ratio {self.downsample_ratio}: 1 / ratio must be a whole "
-                             f"number dividing the tower's {self.vision.grid_size} patches per side")
-        if self.image_size or self.projector_type != "internvl" or \
-                self.vision_feature_select_strategy != "default" or not isinstance(self.vision_feature_layer, int):
-            raise ValueError("InternVL has its own projector and input size, drops the CLS token "
-                             "(vision_feature_select_strategy 'default') and reads one feature layer")
-
-    @property
-    def pool(self) -> int:
-        return round(1 / self.downsample_ratio)
-
-    @property
-    def projector_input_size(self) -> int:
-        """The pixel shuffle puts a window's pool ** 2 tokens side by side."""
-        return self.vision.hidden_size * self.pool ** 2
-
-    @property
-    def token_grid(self) -> int:
-        return self.vision.grid_size // self.pool
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "InternVLConfig":
-        if d.get("model_type") != "internvl":
-            raise ValueError(f"expected model_type 'internvl', got {d.get('model_type')!r}")
-        vision = VisionConfig.from_hf(d.get("vision_config") or {"model_type": "internvl_vision"})
-        text = TextConfig.from_hf(d.get("text_config") or {"model_type": "qwen2"})
-        text = _tied(text, bool(d.get("tie_word_embeddings", True)))  # the top level decides
-        config = cls(vision=vision, text=text,
-                     image_token_index=d.get("image_token_id", d.get("image_token_index", 151667)),
-                     projector_hidden_act=d.get("projector_hidden_act", "gelu"),
-                     vision_feature_layer=d.get("vision_feature_layer", -1),
-                     vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
-                     downsample_ratio=float(d.get("downsample_ratio", 0.5)),
-                     diysink=diysink_of(d),
-                     hf_json=json.dumps(d))
-        seq = d.get("image_seq_length", config.num_image_tokens)
-        if seq != config.num_image_tokens:
-            raise ValueError(f"image_seq_length {seq} is not the {config.num_image_tokens} tokens the "
-                             f"tower's {vision.grid_size}-patch grid gives at downsample_ratio "
-                             f"{config.downsample_ratio}")
-        return config
-
-    def to_hf(self) -> dict:
-        d = json.loads(self.hf_json)
-        d.update(model_type="internvl", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
-                 image_token_id=self.image_token_index, image_seq_length=self.num_image_tokens,
-                 downsample_ratio=self.downsample_ratio, projector_hidden_act=self.projector_hidden_act,
-                 vision_feature_layer=self.vision_feature_layer,
-                 vision_feature_select_strategy=self.vision_feature_select_strategy,
-                 tie_word_embeddings=self.text.tie_word_embeddings)
-        return self._with_diysink(d, "InternVLForConditionalGeneration")
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen2_5_VLConfig(MergedTokensConfig):
-    """Qwen2.5-VL (transformers' Qwen2_5_VLForConditionalGeneration): the windowed ViT
-    (:class:`Qwen2_5_VisionConfig`) -> the patch merger (RMSNorm of each ViT token, each 2 x 2
-    window's four tokens side by side, two-layer MLP) -> a Qwen2 LLM with multimodal RoPE
-    (``qwen2_5_vl_text``). Dynamic resolution: an image of any size whose sides are multiples
-    of ``vision.merge_unit`` pixels gives (H / unit) x (W / unit) visual tokens; ``image_size``
-    (``vitsink_image_size`` in config.json, default 448) is the square side of the fixed-size
-    pipelines (batched evaluation, training).
-
-    Sinks (``vision_features``): read on the last ViT block's tokens before the merger's
-    RMSNorm; each visual token carries the largest-norm ViT token of its 2 x 2 window. Its
-    (temporal, height, width) position ids move with it (policy positions "original"), or the
-    kept tokens fill the image's raster of ids in their new order ("sequential")."""
-
-    image_token_index: int = 151655
-    projector_type: str = "qwen2_5_vl"
-    vision_feature_layer: FeatureLayer = -1
-    vision_feature_select_strategy: str = "full"
-    image_size: int = 448
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
-
-    def __post_init__(self):
-        if not isinstance(self.vision, Qwen2_5_VisionConfig):
-            raise ValueError(f"Qwen2.5-VL's tower is qwen2_5_vl_vision, not {self.vision.model_type}")
-        if self.text.mrope_section is None:
-            raise ValueError("Qwen2.5-VL's LLM needs rope_parameters.mrope_section (multimodal RoPE)")
-        if self.image_size != self.vision.image_size or self.projector_type != "qwen2_5_vl" or \
-                self.vision_feature_layer != -1 or self.vision_feature_select_strategy != "full":
-            raise ValueError("Qwen2.5-VL has its own projector (the patch merger) and feature selection; "
-                             "its image_size is the tower's")
-        if self.vision.out_hidden_size != self.text.hidden_size:
-            raise ValueError(f"the merger's out_hidden_size {self.vision.out_hidden_size} is not the LLM's "
-                             f"hidden_size {self.text.hidden_size}")
-
-    @property
-    def pool(self) -> int:
-        return self.vision.spatial_merge_size
-
-    @property
-    def projector_input_size(self) -> int:
-        """The merger puts a window's pool ** 2 ViT tokens side by side."""
-        return self.vision.hidden_size * self.pool ** 2
-
-    @property
-    def token_grid(self) -> int:
-        """Visual tokens per side of an ``image_size`` square."""
-        return self.image_size // self.vision.merge_unit
-
-    @classmethod
-    def from_hf(cls, d: dict) -> "Qwen2_5_VLConfig":
-        if d.get("model_type") != "qwen2_5_vl":
-            raise ValueError(f"expected model_type 'qwen2_5_vl', got {d.get('model_type')!r}")
-        c = _hf_config(d)
-        size = int(d.get("vitsink_image_size", 448))
-        vision = Qwen2_5_VisionConfig.from_hf(c.vision_config.to_dict(), image_size=size)
-        text = TextConfig.from_hf({**c.text_config.to_dict(), "model_type": "qwen2_5_vl_text"})
-        text = _tied(text, bool(c.tie_word_embeddings))
-        return cls(vision=vision, text=text, image_token_index=c.image_token_id, image_size=size,
-                   vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
-                   diysink=diysink_of(d), hf_json=json.dumps(d))
-
-    def to_hf(self) -> dict:
-        d = json.loads(self.hf_json)
-        text = self.text.to_hf()
-        d.update(model_type="qwen2_5_vl", vision_config=self.vision.to_hf(), text_config=text,
-                 image_token_id=self.image_token_index, vision_start_token_id=self.vision_start_token_id,
-                 vision_end_token_id=self.vision_end_token_id,
-                 tie_word_embeddings=text.pop("tie_word_embeddings"), vitsink_image_size=self.image_size)
-        return self._with_diysink(d, "Qwen2_5_VLForConditionalGeneration")
-
-
-LVLM_TYPES = {"llava": LlavaConfig, "gemma3": Gemma3Config, "internvl": InternVLConfig,
-              "qwen2_5_vl": Qwen2_5_VLConfig}
 ModelConfig = Union[VisionConfig, TextConfig, LlavaConfig]
 
 
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
-    """Dispatches a config.json dict on ``model_type``; unknown types raise ValueError naming it
-    and the supported families."""
-    mt = d.get("model_type")
-    if mt == "qwen2_5_vl_vision":
-        raise ValueError("model_type 'qwen2_5_vl_vision': a Qwen2.5-VL tower alone is not loaded (its "
-                         "checkpoint holds the merger too); load the whole model (model_type 'qwen2_5_vl')")
-    if mt in LVLM_TYPES:
-        return LVLM_TYPES[mt].from_hf(d)
-    if mt in VISION_TYPES:
-        return VisionConfig.from_hf(d)
-    if mt in TEXT_TYPES:
-        return TextConfig.from_hf(d)
-    towers = sorted(t for t in VISION_TYPES if t != "qwen2_5_vl_vision")
-    raise ValueError(f"unknown model_type {mt!r}: not a family vitsink_jax runs; supported: LVLM "
-                     f"{', '.join(LVLM_TYPES)}; vision tower {', '.join(towers)}; LLM "
-                     f"{', '.join(TEXT_TYPES)}")
+    """Dispatches a config.json dict on ``model_type`` through the registry
+    (:mod:`vitsink_jax.models.registry`); unknown types raise ValueError naming it and the
+    supported families."""
+    family = _registry().family(d.get("model_type"))
+    if family.part_of:
+        raise ValueError(f"model_type {d['model_type']!r}: {family.part_of}")
+    if family.kind == "lvlm":
+        return family.config.from_hf(d)
+    return VisionConfig.from_hf(d) if family.kind == "vision" else TextConfig.from_hf(d)

@@ -9,7 +9,8 @@ with the compile cache, :func:`vitsink_jax.compile_cache.enable`), the parsed co
 tokenizer's class are written there on first use and read back afterwards:
 
 * a config entry is keyed by the config dict, transformers' version and the source of the
-  parser (``config.py``, ``sinks/detect.py``): a change to any of them parses again;
+  parser (``config.py``, ``sinks/detect.py``, the family files of ``models/`` that read their
+  own keys): a change to any of them parses again;
 * a tokenizer entry is keyed by the contents of the folder's ``config.json``,
   ``tokenizer_config.json``, ``tokenizer.json`` and ``tekken.json`` (what ``AutoTokenizer``
   reads to choose), the folder's path, and the versions of transformers, tokenizers,
@@ -50,9 +51,11 @@ def enable(folder) -> Optional[Path]:
 
 @lru_cache(maxsize=None)
 def _versions() -> bytes:
-    """transformers' version and the config parser's source: a change to either misses."""
+    """transformers' version and the config parser's source (config.py and the family files of
+    models/, which read their own keys): a change to either misses."""
     here = Path(__file__).resolve().parent
-    code = b"".join((here / f).read_bytes() for f in ("config.py", "sinks/detect.py", "resolved.py"))
+    files = [here / f for f in ("config.py", "sinks/detect.py", "resolved.py")] + sorted((here / "models").glob("*.py"))
+    code = b"".join(f.read_bytes() for f in files)
     return metadata.version("transformers").encode() + b"\0" + code
 
 

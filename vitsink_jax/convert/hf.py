@@ -19,14 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ..config import (Gemma3Config, InternVLConfig, LlavaConfig, ModelConfig, Qwen2_5_VLConfig, TextConfig,
-                      VisionConfig)
+from ..config import LlavaConfig, ModelConfig, TextConfig, VisionConfig
+from ..models import registry
 from ..models.llm import CausalLM
-from ..models.gemma3 import Gemma3ForConditionalGeneration
-from ..models.internvl import InternVLForConditionalGeneration
-from ..models.lvlm import LlavaForConditionalGeneration
-from ..models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from ..models.registry import vision_tower_class
+from ..models.qwen2_5_vl import Qwen2_5_VLConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,12 +202,7 @@ def hf_shape(path: tuple, shape: tuple) -> tuple:
 def build_model(config: ModelConfig, dtype=jnp.float32, param_dtype=None, **options):
     """The Flax module for a config (LVLM, vision tower or LLM); ``options`` are module fields
     such as ``remat=True``, ``scan_layers=True`` (LLM and LVLM)."""
-    if isinstance(config, VisionConfig):
-        cls = vision_tower_class(config)
-    else:
-        cls = {LlavaConfig: LlavaForConditionalGeneration, Gemma3Config: Gemma3ForConditionalGeneration,
-               InternVLConfig: InternVLForConditionalGeneration,
-               Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration, TextConfig: CausalLM}[type(config)]
+    cls = CausalLM if isinstance(config, TextConfig) else registry.module_class(config)
     unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"{cls.__name__} has no option {', '.join(unknown)}")

@@ -106,9 +106,9 @@ def _past_vocabulary(text: dict) -> int:
     """The image id of these layouts: one past the vocabulary of the text config ``text`` as
     transformers resolves it (the vocab_size TextConfig reads; partial configs get the family's
     default)."""
-    from ..config import _hf_config
+    from ..config import hf_config
 
-    return int(_hf_config(text).vocab_size)
+    return int(hf_config(text).vocab_size)
 
 
 def _check_choice(path: Path, key: str, value, supported) -> None:

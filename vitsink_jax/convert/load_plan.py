@@ -157,7 +157,7 @@ def untie_differing_head(path: Path, config: ModelConfig, readers: list) -> Mode
     """``config`` with its LM head untied when config.json ties it but the checkpoint holds an
     ``lm_head.weight`` [vocab, hidden] other than the embedding, as transformers 5 loads such a
     file (with a warning naming both tensors) -- the head is never dropped for the embedding."""
-    from ..config import LlavaConfig, TextConfig, _tied
+    from ..config import LlavaConfig, TextConfig, tied_head
 
     text = config.text if isinstance(config, LlavaConfig) else config
     if not isinstance(text, TextConfig) or not text.tie_word_embeddings:
@@ -176,6 +176,6 @@ def untie_differing_head(path: Path, config: ModelConfig, readers: list) -> Mode
     warnings.warn(f"{path}: config.json ties the LM head to the embedding (tie_word_embeddings), but "
                   f"the checkpoint's {head!r} differs from {embed!r}: loaded untied, as transformers "
                   "does; set tie_word_embeddings false in config.json to silence this", stacklevel=3)
-    untied = _tied(text, False)
+    untied = tied_head(text, False)
     return dataclasses.replace(config, text=untied) if isinstance(config, LlavaConfig) else untied
 

@@ -25,8 +25,10 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..config import ImageProcessing, InternVLConfig, LlavaConfig, Qwen2_5_VLConfig, VisionConfig
+from ..config import ImageProcessing, LlavaConfig, VisionConfig
 from ..data.preprocess import family_processing
+from ..models.internvl import InternVLConfig
+from ..models.qwen2_5_vl import Qwen2_5_VLConfig
 from .safetensors_io import CheckpointError
 
 FILE = "preprocessor_config.json"

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from ..config import Gemma3Config, ImageProcessing, InternVLConfig, Qwen2_5_VLConfig, VisionConfig
+from ..config import ImageProcessing, VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -219,12 +219,12 @@ def family_processing(config, size: int = 0) -> ImageProcessing:
     Qwen2.5-VL: a square)."""
     if not isinstance(config, VisionConfig):  # an LVLM config
         size = size or config.input_size
-        if isinstance(config, Gemma3Config):
+        if config.model_type == "gemma3":
             return _steps("Gemma3ImageProcessor", "square", size, mean=SIGLIP_MEAN, std=SIGLIP_STD,
                          resample=Image.BILINEAR)
-        if isinstance(config, InternVLConfig):
+        if config.model_type == "internvl":
             return _steps("GotOcr2ImageProcessor", "square", size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        if isinstance(config, Qwen2_5_VLConfig):
+        if config.model_type == "qwen2_5_vl":
             return _steps("Qwen2VLImageProcessor", "square", size)
         config = config.vision
     size = size or config.image_size

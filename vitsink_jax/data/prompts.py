@@ -159,21 +159,19 @@ def prompt_format(config, tokenizer=None, image_tokens: int = 0) -> PromptFormat
     image of the config's ``image_size``; another size has (H / unit) x (W / unit) ids: replace
     the slots' ``count``). ``image_tokens``: image ids per image (tile) when not the config's
     ``num_image_tokens`` (0), e.g. the tokens a token reduction keeps."""
-    from ..config import Gemma3Config, InternVLConfig, Qwen2_5_VLConfig
-
     count = image_tokens or config.num_image_tokens
-    if isinstance(config, Qwen2_5_VLConfig):
+    if config.model_type == "qwen2_5_vl":
         return PromptFormat(CHATS["qwen2_5_vl"], ImageSlots(
             count, config.image_token_index, (config.vision_start_token_id,),
             (config.vision_end_token_id,)))
 
-    if isinstance(config, InternVLConfig):
+    if config.model_type == "internvl":
         marks = [None if tokenizer is None else tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_IMAGE]
         if None in marks or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in marks):
             raise ValueError(f"an InternVL prompt needs a tokenizer with {' and '.join(INTERNVL_IMAGE)}")
         return PromptFormat(CHATS["internvl"], ImageSlots(
             count, config.image_token_index, (marks[0],), (marks[1],)))
-    if isinstance(config, Gemma3Config):
+    if config.model_type == "gemma3":
         return PromptFormat(CHATS["gemma3"], ImageSlots(
             count, config.image_token_index, (config.boi_token_index,),
             (config.eoi_token_index,), "\n\n", "\n\n"))

@@ -213,14 +213,15 @@ def kept_positions(model, params, pixel_values):
     return model.apply({"params": params}, jnp.asarray(pixel_values), method=model.reduced_tokens)[1]
 
 # the tower's layer param names: (layer, pre-attention LayerNorm, query Dense, key Dense)
-QK_PARAMS = {"vit": ("layers_{}", ("layer_norm1",), ("self_attn", "q_proj"), ("self_attn", "k_proj")),
-             "dinov2": ("layer_{}", ("norm1",), ("attention", "attention", "query"),
-                        ("attention", "attention", "key"))}
+_CLIP_QK = ("layers_{}", ("layer_norm1",), ("self_attn", "q_proj"), ("self_attn", "k_proj"))
+_DINOV2_QK = ("layer_{}", ("norm1",), ("attention", "attention", "query"), ("attention", "attention", "key"))
+QK_PARAMS = {"clip_vision_model": _CLIP_QK, "siglip_vision_model": _CLIP_QK,  # tower model_type -> params
+             "dinov2": _DINOV2_QK, "dinov2_with_registers": _DINOV2_QK}
 
 
 def layer_qk(tower_params: dict, kind: str, layer: int, hidden, eps: float):
-    """Query and key projections [N, S, C] of the pre-LN encoder layer ``layer`` of a tower of
-    registry kind ``kind`` (:data:`QK_PARAMS`: CLIP / SigLIP, DINOv2) on its input ``hidden``
+    """Query and key projections [N, S, C] of the pre-LN encoder layer ``layer`` of a tower whose
+    config's model_type is ``kind`` (:data:`QK_PARAMS`: CLIP / SigLIP, DINOv2) on its input ``hidden``
     [N, S, C] (``hidden_states[layer]``), computed from the tower's params as the layer does."""
     if kind not in QK_PARAMS:
         raise ValueError(f"keys of a {kind!r} vision tower are not wired for token reduction "

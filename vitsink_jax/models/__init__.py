@@ -1,6 +1,7 @@
 """Flax linen models: vision towers, projector, decoder LLMs and the LVLM compositions
 (LLaVA, Gemma 3, InternVL, Qwen2.5-VL). Importing the package imports every family, which
-registers each vision tower (:mod:`vitsink_jax.models.registry`)."""
+registers its config reading and module (:mod:`vitsink_jax.models.registry`); a new family adds
+its import here (docs/adding_a_family.md)."""
 
 from .gemma3 import Gemma3ForConditionalGeneration  # noqa: F401
 from .internvl import InternVLForConditionalGeneration  # noqa: F401

@@ -12,7 +12,6 @@ attention.query``, ``layer_scale1.lambda1``, ``layernorm``), so conversion needs
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,10 +20,9 @@ from flax import linen as nn
 from ..config import VisionConfig
 from . import registry
 from .attention import dot_product_attention
-from .layers import PatchEmbeddings
+from .layers import ConfigModule, PatchEmbeddings, PreNormBlock, prepend_token
 from .outputs import VisionOutput
-from ..interventions import TestTimeRegisters
-from .vit import VisionMLP, register_edit, with_registers, without_registers
+from .tower import VisionTower, encode, tower_output, with_registers
 
 
 def _cubic(x, a):
@@ -58,24 +56,19 @@ def resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     return w.astype(np.float32)
 
 
-class Dinov2Embeddings(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
+class Dinov2Embeddings(ConfigModule):
     @nn.compact
     def __call__(self, pixel_values):
         """pixel_values [B, C, H, W] -> [B, 1 + R + N, E] (CLS, registers, patches)."""
         c = self.config
         e, p = c.hidden_size, c.patch_size
         h, w = pixel_values.shape[2] // p, pixel_values.shape[3] // p
-        x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)
-        x = PatchEmbeddings(c, self.dtype, self.param_dtype, name="patch_embeddings")(x)
+        x = PatchEmbeddings(c, self.dtype, self.param_dtype, name="patch_embeddings")(pixel_values)
         init = nn.initializers.normal(0.02)
         cls = self.param("cls_token", init, (1, 1, e), self.param_dtype)
         self.param("mask_token", nn.initializers.zeros, (1, e), self.param_dtype)  # HF has it; unused
         pos = self.param("position_embeddings", init, (1, c.num_patches + 1, e), self.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, e)), x], 1)
+        x = prepend_token(cls, x)
         square = pixel_values.shape[2] == pixel_values.shape[3]
         x = x + self.interpolated(pos, h, w, square).astype(self.dtype)
         if c.num_register_tokens:
@@ -112,11 +105,7 @@ class _Linears(nn.Module):
                          param_dtype=self.param_dtype, name=n)(x) for n in self.names]
 
 
-class Dinov2Attention(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
+class Dinov2Attention(ConfigModule):
     @nn.compact
     def __call__(self, x):
         """[B, T, E] -> ([B, T, E], weights [B, H, T, T])."""
@@ -143,51 +132,22 @@ class LayerScale(nn.Module):
         return x * lam.astype(x.dtype)
 
 
-class Dinov2Layer(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+class Dinov2Layer(PreNormBlock):
+    """x + layer_scale1(attn(norm1(x))); x + layer_scale2(mlp(norm2(x)))."""
 
-    @nn.compact
-    def __call__(self, x, edit=None):
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ln = lambda name: nn.LayerNorm(epsilon=c.layer_norm_eps, name=name, **kw)  # noqa: E731
-        h, weights = Dinov2Attention(c, name="attention", **kw)(ln("norm1")(x))
-        x = x + LayerScale(c.layerscale_value, self.param_dtype, name="layer_scale1")(h)
-        h = VisionMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(
-            ln("norm2")(x), edit)
-        return x + LayerScale(c.layerscale_value, self.param_dtype, name="layer_scale2")(h), weights
+    norm_names = ("norm1", "norm2")
+
+    def attend(self, x, output_attentions):
+        return Dinov2Attention(self.config, name="attention", **self.kw)(x)
+
+    def scaled(self, h, which):
+        return LayerScale(self.config.layerscale_value, self.param_dtype, name=f"layer_scale{which + 1}")(h)
 
 
-class Dinov2Encoder(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    test_time_registers: Optional[TestTimeRegisters] = None
-
-    @nn.compact
-    def __call__(self, x):
-        """Returns (last, hidden_states L+1 x [B, N, E], attentions L x [B, H, N, N])."""
-        states, attns = [x], []
-        for i in range(self.config.num_hidden_layers):
-            x, w = Dinov2Layer(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-                x, register_edit(self.test_time_registers, i, self.config))
-            states.append(x)
-            attns.append(w)
-        return x, tuple(states), tuple(attns)
-
-
-@registry.tower("dinov2")
-class Dinov2Tower(nn.Module):
+class Dinov2Tower(VisionTower):
     """``__call__(pixel_values [B, C, H, W])`` -> VisionOutput like transformers' Dinov2Model:
     hidden_states = embeddings then every layer's output; last_hidden_state after the final
     layernorm; pooler = its CLS row. H and W must be multiples of the patch size."""
-
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False,
@@ -197,13 +157,30 @@ class Dinov2Tower(nn.Module):
                 pixel_values.shape[2] % c.patch_size or pixel_values.shape[3] % c.patch_size:
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected "
                              f"[B, {c.num_channels}, H, W] with H, W multiples of {c.patch_size}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = Dinov2Embeddings(c, name="embeddings", **kw)(pixel_values)
+        x = Dinov2Embeddings(c, name="embeddings", **self.kw)(pixel_values)
         ttr = self.test_time_registers
-        x, states, attns = Dinov2Encoder(c, name="encoder", test_time_registers=ttr, **kw)(
-            with_registers(x, ttr))
-        x, states, attns = without_registers(ttr, x, states, attns)
-        last = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm", **kw)(x)
-        return VisionOutput(last_hidden_state=last, pooler_output=last[:, 0],
-                            hidden_states=states if output_hidden_states else None,
-                            attentions=attns if output_attentions else None)
+        x, states, attns = encode(with_registers(x, ttr), c, ttr, output_attentions, layer=Dinov2Layer,
+                                  layer_name="layer", **self.kw)
+        last = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm", **self.kw)(x)
+        return tower_output(last, last[:, 0], states, attns, output_hidden_states, output_attentions)
+
+
+def _dinov2_fields(c) -> dict:
+    """DINOv2's own keys: the MLP width as ``mlp_ratio``, LayerScale, registers, q/k/v bias."""
+    if getattr(c, "use_swiglu_ffn", False):
+        raise ValueError(f"{c.model_type} with use_swiglu_ffn=True (the giant DINOv2) is not supported")
+    return dict(intermediate_size=int(c.hidden_size * c.mlp_ratio), layerscale_value=float(c.layerscale_value),
+                num_register_tokens=int(getattr(c, "num_register_tokens", 0)), qkv_bias=bool(c.qkv_bias))
+
+
+def _write_dinov2(config: VisionConfig, d: dict) -> None:
+    del d["intermediate_size"]
+    ratio = config.intermediate_size / config.hidden_size
+    d.update(mlp_ratio=int(ratio) if ratio.is_integer() else ratio,
+             layerscale_value=config.layerscale_value, qkv_bias=config.qkv_bias)
+    if config.num_register_tokens:
+        d["num_register_tokens"] = config.num_register_tokens
+
+
+registry.register_tower(("dinov2", "dinov2_with_registers"), Dinov2Tower, fields=_dinov2_fields,
+                        write=_write_dinov2)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from flax import linen as nn
 
+from ..config import TextConfig, hf_rope, rope_fields
+from . import registry
 from .attention import DecoderBlock
 from .layers import GatedMLP, RMSNorm
 
@@ -34,3 +36,36 @@ class GemmaDecoderLayer(DecoderBlock):
         x = x + norm("post_attention_layernorm")(h)
         h = GatedMLP(c, name="mlp", **kw)(norm("pre_feedforward_layernorm")(x))
         return x + norm("post_feedforward_layernorm")(h), weights, kv_cache
+
+
+def _gemma3_text_fields(c) -> dict:
+    """Gemma 3's own keys: per-layer kinds, the local layers' window and RoPE base (the global
+    layers' RoPE is TextConfig's), the query scale, the logit cap, ``hidden_activation``."""
+    if getattr(c, "use_bidirectional_attention", False):
+        raise ValueError("gemma3_text with use_bidirectional_attention=true (an embedding "
+                         "model) is not supported")
+    rope = hf_rope(c)
+    local = dict(rope["sliding_attention"])
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"gemma3_text sliding_attention rope_type {local['rope_type']!r}: "
+                         "only plain RoPE is implemented for the local layers")
+    return dict(**rope_fields(rope["full_attention"], getattr(c, "rope_theta", 10000.0)),
+                hidden_act=c.hidden_activation, sliding_window=getattr(c, "sliding_window", None),
+                layer_types=tuple(c.layer_types), query_pre_attn_scalar=c.query_pre_attn_scalar,
+                rope_local_theta=float(local["rope_theta"]),
+                final_logit_softcapping=getattr(c, "final_logit_softcapping", None))
+
+
+def _write_gemma3_text(config: TextConfig, d: dict) -> None:
+    rope = {k: v for k, v in config.rope.items() if k != "partial_rotary_factor"}
+    full = {"rope_type": "default", **rope, "rope_theta": d.pop("rope_theta")}
+    d.pop("rope_scaling", None)
+    d["hidden_activation"] = d.pop("hidden_act")
+    d.update(rope_parameters={"full_attention": full, "sliding_attention": {
+                 "rope_type": "default", "rope_theta": config.rope_local_theta}},
+             sliding_window=config.sliding_window, layer_types=list(config.layer_types),
+             query_pre_attn_scalar=config.query_pre_attn_scalar,
+             final_logit_softcapping=config.final_logit_softcapping, attention_bias=config.attention_bias)
+
+
+registry.register_llm(("gemma3_text",), fields=_gemma3_text_fields, write=_write_gemma3_text)

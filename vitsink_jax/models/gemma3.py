@@ -9,13 +9,86 @@ only supplies what differs: the projector, the tokens the sink rule reads and th
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+from typing import ClassVar
+
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ..config import Gemma3Config
+from ..config import FeatureLayer, MergedTokensConfig, diysink_of
+from . import registry
 from .layers import RMSNorm
 from .lvlm import LlavaForConditionalGeneration
 from .merge import MergedTokens, check_type_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config(MergedTokensConfig):
+    """Gemma 3 (transformers' Gemma3ForConditionalGeneration): SigLIP tower -> its last state
+    after the post-LayerNorm -> k x k average pool down to ``mm_tokens_per_image`` tokens ->
+    (1 + w) RMSNorm -> one matrix -> Gemma 3 LLM. The processor wraps each image's tokens in
+    ``boi_token_index`` / ``eoi_token_index`` and they attend to each other bidirectionally.
+
+    Sinks (``vision_features``): the norms are read on the ViT tokens before the post-LayerNorm
+    (which rescales every token to about the same norm), and each of the
+    ``mm_tokens_per_image`` visual tokens carries the largest-norm ViT token of its k x k
+    pooling window, so a visual token is a sink under the threshold rule exactly when it holds a
+    ViT sink. The LLaVA fields for the projector and feature selection do not apply.
+    """
+
+    model_type: ClassVar[str] = "gemma3"
+    side_by_side: ClassVar[bool] = False
+    image_token_index: int = 262144
+    projector_type: str = "gemma3"
+    vision_feature_layer: FeatureLayer = -1
+    vision_feature_select_strategy: str = "full"
+    mm_tokens_per_image: int = 256
+    boi_token_index: int = 255999
+    eoi_token_index: int = 256000
+
+    def __post_init__(self):
+        side = math.isqrt(self.mm_tokens_per_image)
+        if self.vision.model_type != "siglip_vision_model":
+            raise ValueError(f"Gemma 3's tower is SigLIP, not {self.vision.model_type}")
+        if self.text.model_type != "gemma3_text":
+            raise ValueError(f"Gemma 3's LLM is gemma3_text, not {self.text.model_type}")
+        if side * side != self.mm_tokens_per_image or self.vision.grid_size % side:
+            raise ValueError(f"mm_tokens_per_image {self.mm_tokens_per_image} must be a square whose "
+                             f"side divides the tower's {self.vision.grid_size} patches per side")
+        if self.image_size or self.projector_type != "gemma3" or self.vision_feature_layer != -1 or \
+                self.vision_feature_select_strategy != "full":
+            raise ValueError("Gemma 3 has its own projector, feature selection and input size")
+
+    @property
+    def token_grid(self) -> int:
+        """Visual tokens per side (after pooling)."""
+        return math.isqrt(self.mm_tokens_per_image)
+
+    @property
+    def pool(self) -> int:
+        """Side k of the k x k windows of ViT patches pooled into one visual token."""
+        return self.vision.grid_size // self.token_grid
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Gemma3Config":
+        vision, text = cls.read_parts(d, "siglip_vision_model", "gemma3_text")
+        return cls(vision=vision, text=text,
+                   image_token_index=d.get("image_token_index", d.get("image_token_id", 262144)),
+                   mm_tokens_per_image=d.get("mm_tokens_per_image", 256),
+                   boi_token_index=d.get("boi_token_index", 255999),
+                   eoi_token_index=d.get("eoi_token_index", 256000),
+                   diysink=diysink_of(d),
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        d.update(model_type="gemma3", vision_config=self.vision.to_hf(), text_config=self.text.to_hf(),
+                 image_token_index=self.image_token_index, mm_tokens_per_image=self.mm_tokens_per_image,
+                 boi_token_index=self.boi_token_index, eoi_token_index=self.eoi_token_index,
+                 tie_word_embeddings=self.text.tie_word_embeddings)
+        return self._with_diysink(d, "Gemma3ForConditionalGeneration")
 
 
 class Gemma3Projector(nn.Module):
@@ -45,7 +118,7 @@ def image_blocks(input_ids, image_token_index: int):
 
 class Gemma3ForConditionalGeneration(MergedTokens, LlavaForConditionalGeneration):
     """Same call as :class:`LlavaForConditionalGeneration` (inputs, policy, interventions,
-    cache); ``config`` is a :class:`~vitsink_jax.config.Gemma3Config`. ``vision_features`` in
+    cache); ``config`` is a :class:`Gemma3Config`. ``vision_features`` in
     the output are, per visual token, the largest-norm ViT token of its pooling window before
     the tower's post-LayerNorm (see Gemma3Config); ``vision_token_index`` says which."""
 
@@ -72,3 +145,6 @@ class Gemma3ForConditionalGeneration(MergedTokens, LlavaForConditionalGeneration
 
     def llm_inputs(self, input_ids) -> dict:
         return {"image_blocks": image_blocks(input_ids, self.config.image_token_index)}
+
+
+registry.register_lvlm("gemma3", Gemma3Config, Gemma3ForConditionalGeneration)

@@ -44,6 +44,7 @@ from .gemma import GemmaDecoderLayer
 from .layers import GatedMLP, RMSNorm
 from .outputs import CausalLMOutput, KVCache
 from .phi import PhiDecoderLayer
+from . import registry
 from .rope import rotary_embedding
 
 
@@ -596,3 +597,11 @@ class CausalLM(nn.Module):
                               hidden_states=states if output_hidden_states else None,
                               attentions=attns if output_attentions else None, cache=cache,
                               last_hidden_state=None if head else x)
+
+
+def _write_llama(config: TextConfig, d: dict) -> None:
+    d.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+
+
+registry.register_llm(("llama",), write=_write_llama)
+registry.register_llm(("qwen2",))

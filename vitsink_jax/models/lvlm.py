@@ -19,7 +19,7 @@ from ..sinks.fuse import (VisualTokenPolicy, arrange_visual_tokens, permute_toke
 from .llm import CausalLM, generation_positions
 from .outputs import LlavaOutput, VisualArrangement
 from .projector import MLPProjector, Reweighter
-from .registry import tower_kind, vision_tower_class
+from . import registry
 from ..interventions import Interventions, reduction
 from ..interventions.pruning import gather_tokens
 
@@ -165,7 +165,7 @@ class LlavaForConditionalGeneration(nn.Module):
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.vision_tower = vision_tower_class(c.vision)(
+        self.vision_tower = registry.vision_tower_class(c.vision)(
             c.vision, test_time_registers=self.interventions.registers, **kw)
         self.multi_modal_projector = self.new_projector()  # DIYSink: the non-sink path
         if c.diysink is not None:
@@ -382,7 +382,7 @@ class LlavaForConditionalGeneration(nn.Module):
         """The query and key projections [N, S, C] of the vision tower's encoder ``layer`` on
         its input ``vout.hidden_states[layer]`` (:func:`~vitsink_jax.interventions.reduction.layer_qk`)."""
         c = self.config.vision
-        return reduction.layer_qk(self.vision_tower.variables["params"], tower_kind(c), layer,
+        return reduction.layer_qk(self.vision_tower.variables["params"], c.model_type, layer,
                                   vout.hidden_states[layer], c.layer_norm_eps)
 
     def reduced_tokens(self, pixel_values):
@@ -551,3 +551,6 @@ class LlavaForConditionalGeneration(nn.Module):
                                                else kept_index) if vision else None,
                            visual_arrangement=arrangement if vision else None,
                            visual_weights=weights if vision else None, cache=out.cache)
+
+
+registry.register_lvlm("llava", LlavaConfig, LlavaForConditionalGeneration)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ..config import TextConfig
+from . import registry
 from .attention import DecoderBlock
 from .layers import activation
 
@@ -51,3 +52,24 @@ class PhiDecoderLayer(DecoderBlock):
             out_bias=True, out_name="dense",
             qk_norm="layernorm" if c.qk_layernorm else None, qk_norm_eps=c.rms_norm_eps)
         return attn + PhiMLP(c, name="mlp", **kw)(h) + x, weights, kv_cache
+
+
+def _phi_fields(c) -> dict:
+    return dict(rms_norm_eps=c.layer_norm_eps, qk_layernorm=bool(getattr(c, "qk_layernorm", False)))
+
+
+def _write_phi(config: TextConfig, d: dict) -> None:
+    d["layer_norm_eps"] = d.pop("rms_norm_eps")
+    d["qk_layernorm"] = config.qk_layernorm
+
+
+def _phi3_fields(c) -> dict:
+    return dict(sliding_window=getattr(c, "sliding_window", None))
+
+
+def _write_phi3(config: TextConfig, d: dict) -> None:
+    d["sliding_window"] = config.sliding_window
+
+
+registry.register_llm(("phi",), fields=_phi_fields, write=_write_phi)
+registry.register_llm(("phi3",), fields=_phi3_fields, write=_write_phi3)

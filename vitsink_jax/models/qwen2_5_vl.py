@@ -22,21 +22,174 @@ composition's; this module supplies the tower, the merger, the sink tokens and t
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+import json
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from ..config import Qwen2_5_VisionConfig, Qwen2_5_VLConfig
-from ..interventions import TestTimeRegisters
+from ..config import (FeatureLayer, MergedTokensConfig, TextConfig, VisionConfig, diysink_of, hf_config,
+                      tied_head)
 from . import registry
 from .attention import dot_product_attention
-from .layers import GatedMLP, RMSNorm, activation
+from .layers import ConfigModule, GatedMLP, PreNormBlock, RMSNorm, activation
 from .lvlm import LlavaForConditionalGeneration
 from .merge import MergedTokens, check_type_ids
 from .outputs import VisionOutput
 from .rope import apply_rotary
+from .tower import VisionTower, layer_loop, tower_output
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VisionConfig(VisionConfig):
+    """Qwen2.5-VL's vision tower (transformers' Qwen2_5_VisionTransformerPretrainedModel): no CLS
+    token and no absolute positions; 2-D rotary embeddings (height and width halves of each
+    head's frequencies); RMSNorm blocks with a gated SiLU MLP; attention inside windows of
+    ``window_size`` pixels except in ``full_attention_layers``; patches of ``patch_size`` pixels
+    seen as ``temporal_patch_size`` identical frames (a still image). ``image_size`` is not in
+    transformers' config (the resolution is dynamic): here it is the square side used where one
+    fixed size is needed (batched evaluation), from the LVLM's ``vitsink_image_size``."""
+
+    hidden_act: str = "silu"
+    layer_norm_eps: float = 1e-6
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    full_attention_layers: tuple = ()
+    out_hidden_size: int = 0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        unit = self.patch_size * self.spatial_merge_size
+        if self.window_size % unit or self.image_size % unit:
+            raise ValueError(f"qwen2_5_vl_vision window_size {self.window_size} and image size "
+                             f"{self.image_size} must be multiples of patch_size x spatial_merge_size = {unit}")
+        if isinstance(self.full_attention_layers, list):
+            object.__setattr__(self, "full_attention_layers", tuple(self.full_attention_layers))
+
+    @property
+    def has_class_token(self) -> bool:
+        return False
+
+    @property
+    def takes_test_time_registers(self) -> bool:
+        """No: each attention window would need its own registers."""
+        return False
+
+    @property
+    def mlp_bias(self) -> bool:
+        """The gated MLP's projections have biases (read by layers.GatedMLP)."""
+        return True
+
+    @property
+    def merge_unit(self) -> int:
+        """Pixels per side of one merged visual token (patch_size x spatial_merge_size)."""
+        return self.patch_size * self.spatial_merge_size
+
+    @classmethod
+    def from_hf(cls, d: dict, image_size: int = 448) -> "Qwen2_5_VisionConfig":
+        from transformers import Qwen2_5_VLVisionConfig
+
+        c = Qwen2_5_VLVisionConfig(**{k: v for k, v in d.items() if k not in ("model_type", "transformers_version")})
+        rope = dict(c.rope_parameters or {})
+        if rope.get("rope_type", "axial") != "axial":
+            raise ValueError(f"qwen2_5_vl_vision rope_type {rope['rope_type']!r}: only the axial 2-D RoPE exists")
+        return cls(model_type="qwen2_5_vl_vision", hidden_size=c.hidden_size,
+                   intermediate_size=c.intermediate_size, num_hidden_layers=c.depth, num_attention_heads=c.num_heads, image_size=image_size,
+                   patch_size=c.patch_size, num_channels=c.in_channels, hidden_act=c.hidden_act,
+                   spatial_merge_size=c.spatial_merge_size, temporal_patch_size=c.temporal_patch_size,
+                   window_size=c.window_size, full_attention_layers=tuple(c.fullatt_block_indexes),
+                   out_hidden_size=c.out_hidden_size, rope_theta=float(rope.get("rope_theta", 10000.0)),
+                   hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        d.update(model_type=self.model_type, depth=self.num_hidden_layers, hidden_size=self.hidden_size,
+                 intermediate_size=self.intermediate_size, num_heads=self.num_attention_heads,
+                 in_channels=self.num_channels, patch_size=self.patch_size, hidden_act=self.hidden_act,
+                 spatial_merge_size=self.spatial_merge_size, temporal_patch_size=self.temporal_patch_size,
+                 window_size=self.window_size, fullatt_block_indexes=list(self.full_attention_layers),
+                 out_hidden_size=self.out_hidden_size,
+                 rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2_5_VLConfig(MergedTokensConfig):
+    """Qwen2.5-VL (transformers' Qwen2_5_VLForConditionalGeneration): the windowed ViT
+    (:class:`Qwen2_5_VisionConfig`) -> the patch merger (RMSNorm of each ViT token, each 2 x 2
+    window's four tokens side by side, two-layer MLP) -> a Qwen2 LLM with multimodal RoPE
+    (``qwen2_5_vl_text``). Dynamic resolution: an image of any size whose sides are multiples
+    of ``vision.merge_unit`` pixels gives (H / unit) x (W / unit) visual tokens; ``image_size``
+    (``vitsink_image_size`` in config.json, default 448) is the square side of the fixed-size
+    pipelines (batched evaluation, training).
+
+    Sinks (``vision_features``): read on the last ViT block's tokens before the merger's
+    RMSNorm; each visual token carries the largest-norm ViT token of its 2 x 2 window. Its
+    (temporal, height, width) position ids move with it (policy positions "original"), or the
+    kept tokens fill the image's raster of ids in their new order ("sequential")."""
+
+    model_type: ClassVar[str] = "qwen2_5_vl"
+    image_token_index: int = 151655
+    projector_type: str = "qwen2_5_vl"
+    vision_feature_layer: FeatureLayer = -1
+    vision_feature_select_strategy: str = "full"
+    image_size: int = 448
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        if not isinstance(self.vision, Qwen2_5_VisionConfig):
+            raise ValueError(f"Qwen2.5-VL's tower is qwen2_5_vl_vision, not {self.vision.model_type}")
+        if self.text.mrope_section is None:
+            raise ValueError("Qwen2.5-VL's LLM needs rope_parameters.mrope_section (multimodal RoPE)")
+        if self.image_size != self.vision.image_size or self.projector_type != "qwen2_5_vl" or \
+                self.vision_feature_layer != -1 or self.vision_feature_select_strategy != "full":
+            raise ValueError("Qwen2.5-VL has its own projector (the patch merger) and feature selection; "
+                             "its image_size is the tower's")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(f"the merger's out_hidden_size {self.vision.out_hidden_size} is not the LLM's "
+                             f"hidden_size {self.text.hidden_size}")
+
+    @property
+    def pool(self) -> int:
+        return self.vision.spatial_merge_size
+
+    @property
+    def token_grid(self) -> int:
+        """Visual tokens per side of an ``image_size`` square."""
+        return self.image_size // self.vision.merge_unit
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Qwen2_5_VLConfig":
+        if d.get("model_type") != "qwen2_5_vl":
+            raise ValueError(f"expected model_type 'qwen2_5_vl', got {d.get('model_type')!r}")
+        c = hf_config(d)
+        size = int(d.get("vitsink_image_size", 448))
+        vision = Qwen2_5_VisionConfig.from_hf(c.vision_config.to_dict(), image_size=size)
+        text = TextConfig.from_hf({**c.text_config.to_dict(), "model_type": "qwen2_5_vl_text"})
+        text = tied_head(text, bool(c.tie_word_embeddings))
+        return cls(vision=vision, text=text, image_token_index=c.image_token_id, image_size=size,
+                   vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id,
+                   diysink=diysink_of(d), hf_json=json.dumps(d))
+
+    def to_hf(self) -> dict:
+        d = json.loads(self.hf_json)
+        text = self.text.to_hf()
+        d.update(model_type="qwen2_5_vl", vision_config=self.vision.to_hf(), text_config=text,
+                 image_token_id=self.image_token_index, vision_start_token_id=self.vision_start_token_id,
+                 vision_end_token_id=self.vision_end_token_id,
+                 tie_word_embeddings=text.pop("tie_word_embeddings"), vitsink_image_size=self.image_size)
+        return self._with_diysink(d, "Qwen2_5_VLForConditionalGeneration")
+
+
+def _write_mrope(config: TextConfig, d: dict) -> None:
+    """qwen2_5_vl_text's config.json keeps its multimodal RoPE in ``rope_parameters``."""
+    if config.mrope_section is not None:
+        d["rope_parameters"] = {**d.pop("rope_scaling"), "rope_theta": d.pop("rope_theta")}
 
 
 def check_qwen_pixels(config: Qwen2_5_VisionConfig, pixel_values) -> tuple:
@@ -110,13 +263,9 @@ def windowed_attention(q, k, v, window: np.ndarray):
     return out.reshape(n, w * m, h, d)[:, inverse]
 
 
-class Qwen2_5_VisionAttention(nn.Module):
+class Qwen2_5_VisionAttention(ConfigModule):
     """One fused ``qkv`` projection, 2-D RoPE on q and k (turned in float32, as transformers
     does), ``proj`` out (HF's names)."""
-
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, window, cos, sin, output_attentions=False):
@@ -139,30 +288,25 @@ class Qwen2_5_VisionAttention(nn.Module):
         return nn.Dense(e, name="proj", **kw)(out.reshape(n, s, e)), (weights if output_attentions else None)
 
 
-class Qwen2_5_VisionBlock(nn.Module):
-    """x + attn(norm1(x)); x + mlp(norm2(x)) with RMSNorms and a gated MLP with biases."""
+class Qwen2_5_VisionBlock(PreNormBlock):
+    """x + attn(norm1(x)); x + mlp(norm2(x)) with RMSNorms and a gated MLP with biases; the
+    attention reads ``window``, ``cos``, ``sin`` (:class:`Qwen2_5_VisionAttention`)."""
 
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    norm_names = ("norm1", "norm2")
 
-    @nn.compact
-    def __call__(self, x, window, cos, sin, output_attentions=False):
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h, weights = Qwen2_5_VisionAttention(c, name="attn", **kw)(
-            RMSNorm(c.layer_norm_eps, name="norm1", **kw)(x), window, cos, sin, output_attentions)
-        x = x + h
-        return x + GatedMLP(c, name="mlp", **kw)(RMSNorm(c.layer_norm_eps, name="norm2", **kw)(x)), weights
+    def norm(self, name):
+        return RMSNorm(self.config.layer_norm_eps, name=name, **self.kw)
+
+    def attend(self, x, output_attentions, window=None, cos=None, sin=None):
+        return Qwen2_5_VisionAttention(self.config, name="attn", **self.kw)(x, window, cos, sin, output_attentions)
+
+    def mlp(self, x, edit):
+        return GatedMLP(self.config, name="mlp", **self.kw)(x)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(ConfigModule):
     """``proj``: a bias-free Conv3d over (frames, rows, columns) of one patch, as transformers'
     Qwen2_5_VisionPatchEmbed: [M, tp, p, p, C] -> [M, 1, 1, 1, E]."""
-
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
@@ -186,17 +330,11 @@ class MergerMLP(nn.Module):
         return nn.Dense(self.out_features, name="2", **kw)(activation("gelu")(nn.Dense(self.width, name="0", **kw)(x)))
 
 
-@registry.tower("qwen2_5_vl")
-class Qwen2_5_VisionTower(nn.Module):
+class Qwen2_5_VisionTower(VisionTower):
     """``__call__(pixel_values [N, C, H, W])`` -> VisionOutput over the gh x gw patches
     (row-major): ``hidden_states`` = the patch embeddings then every block's output,
     ``last_hidden_state`` = the last block's (the merger normalises it), ``grid`` = (gh, gw).
     Each image is one sequence; windowed blocks attend inside their window only."""
-
-    config: Qwen2_5_VisionConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    test_time_registers: Optional[TestTimeRegisters] = None
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False,
@@ -216,15 +354,10 @@ class Qwen2_5_VisionTower(nn.Module):
         x = x.reshape(n, grid[0] * grid[1], c.hidden_size)
         window = attention_windows(c, grid)
         cos, sin = vision_rope(c, grid)
-        states, attns = [x], []
-        for i in range(c.num_hidden_layers):
-            x, w = Qwen2_5_VisionBlock(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(
-                x, None if i in c.full_attention_layers else window, cos, sin, output_attentions)
-            states.append(x)
-            attns.append(w)
-        return VisionOutput(last_hidden_state=x, pooler_output=None,
-                            hidden_states=tuple(states) if output_hidden_states else None,
-                            attentions=tuple(attns) if output_attentions else None, grid=grid)
+        step = lambda i, x: Qwen2_5_VisionBlock(c, self.dtype, self.param_dtype, name=f"blocks_{i}")(  # noqa: E731
+            x, output_attentions, window=None if i in c.full_attention_layers else window, cos=cos, sin=sin)
+        x, states, attns = layer_loop(x, c.num_hidden_layers, step)
+        return tower_output(x, None, states, attns, output_hidden_states, output_attentions, grid=grid)
 
 
 class PatchMerger(nn.Module):
@@ -307,7 +440,7 @@ class Qwen2_5_VLForConditionalGeneration(MergedTokens, LlavaForConditionalGenera
     """Same call as :class:`LlavaForConditionalGeneration`, with pixel_values [N, C, H, W] at any
     size whose sides are multiples of ``config.vision.merge_unit`` (one size per call) and
     ``position_ids`` [B, T, 3] computed from the image tokens when not given; ``config`` is a
-    :class:`~vitsink_jax.config.Qwen2_5_VLConfig`."""
+    :class:`Qwen2_5_VLConfig`."""
 
     config: Qwen2_5_VLConfig
 
@@ -347,3 +480,10 @@ class Qwen2_5_VLForConditionalGeneration(MergedTokens, LlavaForConditionalGenera
     def llm_positions(self, input_ids, attention_mask, cache, vout):
         return mrope_positions(input_ids, attention_mask, self.config.image_token_index,
                                self.token_grid_of(vout), None if cache is None else cache.position)
+
+
+registry.register_lvlm("qwen2_5_vl", Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+registry.register_tower(("qwen2_5_vl_vision",), Qwen2_5_VisionTower, read=Qwen2_5_VisionConfig.from_hf,
+                        part_of="a Qwen2.5-VL tower alone is not loaded (its checkpoint holds the merger too); "
+                                "load the whole model (model_type 'qwen2_5_vl')")
+registry.register_llm(("qwen2_5_vl_text",), write=_write_mrope)
