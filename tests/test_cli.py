@@ -305,7 +305,8 @@ def test_sharded_evaluation_equals_replicated(tmp_path):
     generates what the replicated default does."""
     import os
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "VITSINK_JAX_CACHE": str(tmp_path / "xla")}  # the runs, one after another, share programs
     common = ["--config.mode=benchmark", "--config.checkpoint=embedded", "--config.benchmark.limit=8",
               '--config.variants=("none",)', "--config.benchmark.image_size=56", "--config.eval.batch_size=8",
               *SMALL]

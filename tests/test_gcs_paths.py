@@ -82,7 +82,11 @@ def run(script: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess
     code = (f"import runpy, sys; sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]; "
             f"import test_gcs_paths; test_gcs_paths.install({str(tmp_path / 'gcs')!r}); "
             f"sys.argv = {[script, *flags]!r}; runpy.run_path({str(ROOT / script)!r}, run_name='__main__')")
-    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    # one compile cache for the test's runs, one after another (a repeat run loads the programs
+    # an earlier one compiled: half the CPU of a train.py run; the cache's writes are unlocked,
+    # so never for processes running together)
+    env = {**os.environ, "VITSINK_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT),
+           "VITSINK_JAX_CACHE": str(tmp_path / "xla")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
