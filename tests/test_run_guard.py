@@ -330,6 +330,6 @@ def test_a_checkpoint_of_a_family_we_do_not_run_is_named_with_the_supported_ones
     with pytest.raises(vj.CheckpointError) as e:
         vj.load_pretrained(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'config.json'}: unknown model_type {model_type!r}: "
-                                   "not a family vitsink_jax runs; supported: LVLM llava, gemma3, "
-                                   "internvl, qwen2_5_vl; vision tower clip, clip_vision_model, ")
+                                   "not a family vitsink_jax runs; supported: LVLM gemma3, internvl, "
+                                   "llava, qwen2_5_vl; vision tower clip, clip_vision_model, ")
     assert isinstance(e.value, cli.USER_ERRORS)
