@@ -569,12 +569,14 @@ def run_study(cfg, workdir: Path) -> dict:
 
 def run_interventions(cfg, workdir: Path) -> dict:
     """Sink interventions side by side on one benchmark and one model (default: the mini-study
-    single-MLP model): accuracy overall / global / local, visual tokens kept, and prefill time
-    and prefill / decode-step time relative to the first spec (stock), measured in this run on
+    single-MLP model): accuracy overall / global / local, visual tokens kept, the share of the
+    images' ViT sinks kept (counted on every benchmark row's prompt:
+    interventions.report.sink_share), prefill time and prefill / decode-step time relative to
+    the first spec (stock), measured in this run on
     the same batch (decode: a compiled loop of ``compare.decode_steps`` greedy cached steps). On a model whose vision tower dominates the prefill (the
     mini study) pruning the LLM cannot show there: benchmarks/pruning.py measures it on a
     medium LLaVA."""
-    from vitsink_jax.interventions import TestTimeRegisters, parse
+    from vitsink_jax.interventions import TestTimeRegisters, parse, report as iv_report
     from vitsink_jax.interventions.registers import register_neurons, search_pixels
     from vitsink_jax.interventions.var import llm_sink_dims
 
@@ -591,6 +593,9 @@ def run_interventions(cfg, workdir: Path) -> dict:
         rule = model.config.diysink.rule
     batch = eval_lib.prompt_batch(model, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
     n_vis, rules = model.config.num_image_tokens, benchmark_rules(cfg)
+    step = cfg.eval.batch_size  # the ViT sinks kept are counted on every benchmark row's prompt
+    share_batches = [eval_lib.prompt_batch(model, tokenizer, records[i:i + step], cfg.eval)
+                     for i in range(0, len(records), step)]
     results, not_run, calls, sink_dims = {}, {}, {}, None
     for spec in k.specs:
         try:
@@ -623,7 +628,9 @@ def run_interventions(cfg, workdir: Path) -> dict:
         preds = gather_predictions(preds, order)
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, rules),
                          "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons,
-                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else []}
+                         "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else [],
+                         "vit_sinks_kept": iv_report.sink_share(params, share_batches,
+                                                                iv_report.kept_positions(m))}
         calls[spec] = (timing.prefill_call(m, params, batch),
                        timing.decode_call(m, params, batch, k.decode_steps))
         if jax.process_index() == 0:
@@ -673,14 +680,17 @@ def time_ratio_cell(r: dict, key: str) -> str:
 
 
 def intervention_table(results: dict) -> str:
-    """One row per intervention: tokens kept, accuracy overall / per tag, prefill and decode-step
-    time as x of the first (stock) spec's time (higher = slower; min-max over timing rounds)."""
-    lines = ["\t".join(["intervention", "tokens kept", "overall", "tag:global", "tag:local",
-                        "prefill x stock time (min-max)", "decode step x stock time (min-max)"])]
+    """One row per intervention: tokens kept, the share of the images' ViT sinks kept
+    (interventions.report), accuracy overall / per tag, prefill and decode-step time as x of
+    the first (stock) spec's time (higher = slower; min-max over timing rounds)."""
+    lines = ["\t".join(["intervention", "tokens kept", "ViT sinks kept", "overall", "tag:global",
+                        "tag:local", "prefill x stock time (min-max)",
+                        "decode step x stock time (min-max)"])]
     for spec, r in results.items():
         tags = [f"{100 * r['per_tag'][t]['acc']:.2f}" if t in r["per_tag"] else "-"
                 for t in ("global", "local")]
-        lines.append("\t".join([spec, str(r["visual_tokens_kept"]), f"{100 * r['accuracy']:.2f}", *tags,
+        share = "-" if r.get("vit_sinks_kept") is None else f"{r['vit_sinks_kept']:.2f}"
+        lines.append("\t".join([spec, str(r["visual_tokens_kept"]), share, f"{100 * r['accuracy']:.2f}", *tags,
                                 time_ratio_cell(r, "prefill_vs_first"), time_ratio_cell(r, "decode_vs_first")]))
     return "\n".join(lines)
 

@@ -438,8 +438,8 @@ def test_interventions_side_by_side(tmp_path):
                         "--config.compare.checkpoint=", "--config.compare.mc_format=letter",
                         "--config.compare.decode_steps=2", "--config.benchmark.limit=4",
                         "--config.benchmark.image_size=56")
-    assert ("intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x stock time (min-max)\t"
-            "decode step x stock time (min-max)") in proc.stdout
+    assert ("intervention\ttokens kept\tViT sinks kept\toverall\ttag:global\ttag:local\t"
+            "prefill x stock time (min-max)\tdecode step x stock time (min-max)") in proc.stdout
     report = json.loads((tmp_path / "work" / "interventions.json").read_text())
     res = report["results"]
     assert res["stock"]["visual_tokens_kept"] == 16 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 8
@@ -447,6 +447,9 @@ def test_interventions_side_by_side(tmp_path):
     lo, hi = res["fastv+sinks:0.5:1"]["prefill_vs_first_range"]  # timed in turns with stock
     assert 0 < lo <= res["fastv+sinks:0.5:1"]["prefill_vs_first"] <= hi
     assert res["var-vit:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
+    # every image's ViT sinks (the family rule: top-k) kept by the keep-all specs and by
+    # sink-aware FastV, which never drops one
+    assert res["stock"]["vit_sinks_kept"] == res["fastv+sinks:0.5:1"]["vit_sinks_kept"] == 1.0
     assert len(res["registers:4"]["register_neurons"]) == 4 and res["var-vit:0.6:0"]["n"] == 4
     # VAR's official sinks need the LLM's sink dimensions: a random tiny LLM has none to find
     assert "no LLM sink dimension" in report["not_run"]["var:0.6:0"] and "var:0.6:0" not in res
