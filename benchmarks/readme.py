@@ -408,19 +408,22 @@ def interventions(r: dict) -> list:
                 "fastv+sinks": f"sink-aware r = {args[0]}" if args else "sink-aware",
                 "fastv-mean": f"FastV, mean query r = {args[0]}" if args else "FastV, mean query",
                 "fastv-mean+sinks": f"sink-aware, mean query r = {args[0]}" if args else "sink-aware, mean query",
+                "fastv-debias": f"FastV, debiased r = {args[0]}" if args else "FastV, debiased",
+                "fastv-debias+sinks": f"sink-aware, debiased r = {args[0]}" if args else "sink-aware, debiased",
                 "var": f"VAR p = {args[0]}" if args else "VAR",
                 "var-vit": f"VAR on ViT sinks p = {args[0]}" if args else "VAR on ViT sinks",
                 "registers": f"test-time registers ({args[0]} neurons)" if args else "test-time registers"}.get(name, spec)
 
     rows = [measured_on(iv), "",
-            "| intervention | visual tokens | overall | global | local | prefill, x of stock time | "
-            "decode step, x of stock time |",
-            "|---|---|---|---|---|---|---|"]
+            "| intervention | visual tokens | ViT sinks kept | overall | global | local | "
+            "prefill, x of stock time | decode step, x of stock time |",
+            "|---|---|---|---|---|---|---|---|"]
     specs = [x for x in iv["config"]["compare"]["specs"] if x in iv["results"]]  # the run's order
     for spec in specs:
         e = iv["results"][spec]
         tag = e["per_tag"]
-        rows.append(f"| {label(spec)} | {e['visual_tokens_kept']} | {_pct(e['accuracy'])} | "
+        share = "-" if e.get("vit_sinks_kept") is None else f"{e['vit_sinks_kept']:.2f}"
+        rows.append(f"| {label(spec)} | {e['visual_tokens_kept']} | {share} | {_pct(e['accuracy'])} | "
                     f"{_pct(tag['global']['acc'])} | {_pct(tag['local']['acc'])} | "
                     f"{_ratio(e, 'prefill_vs_first')} | {_ratio(e, 'decode_vs_first')} |")
     return rows

@@ -111,12 +111,14 @@ def get_config():
     # interventions mode (vitsink_jax.interventions.parse): the specs compared (the first is the
     # timing reference), on the mini-study single-MLP model (2 LLM layers: pruning after layer 1)
     # unless --config.checkpoint is given; FastV by its code's rule (the last prompt token) and
-    # by its paper's text (fastv-mean: the mean over the prompt's tokens); VAR on the LLM's sink
+    # by its paper's text (fastv-mean: the mean over the prompt's tokens), with attention
+    # debiasing (fastv-debias: the recency trend divided out, arXiv 2508.17807); VAR on the LLM's sink
     # dimensions found on the data (its official rule) and on the ViT sinks (var-vit)
     c.compare = ml_collections.ConfigDict(dict(
         specs=("stock", "front", "fastv:0.25:1", "fastv:0.5:1", "fastv:0.75:1", "fastv+sinks:0.25:1",
                "fastv+sinks:0.5:1", "fastv+sinks:0.75:1", "fastv-mean:0.25:1", "fastv-mean:0.5:1",
-               "fastv-mean:0.75:1", "var:0.6:0", "var-vit:0.6:0", "registers:10"),
+               "fastv-mean:0.75:1", "fastv-debias:0.25:1", "fastv-debias:0.5:1", "fastv-debias:0.75:1",
+               "fastv-debias+sinks:0.5:1", "var:0.6:0", "var-vit:0.6:0", "registers:10"),
         checkpoint="mini_study:single", mc_format="cloze", rule="topk", decode_steps=16))
 
     # multi-host runs (vitsink_jax.parallel.distributed_plan): mode "auto" starts jax.distributed

@@ -443,8 +443,8 @@ def test_interventions_side_by_side(tmp_path):
     specs = ('--config.compare.specs=("stock","fastv+sinks:0.5:1","var-vit:0.6:0","var:0.6:0","registers:4",'
              '"fastervlm:0.5","divprune:0.25")')
     proc = run_evaluate(tmp_path / "work", "", specs, *INTERVENTIONS_SMALL)
-    assert ("intervention\ttokens kept\toverall\ttag:global\ttag:local\tprefill x stock time (min-max)\t"
-            "decode step x stock time (min-max)") in proc.stdout
+    assert ("intervention\ttokens kept\tViT sinks kept\toverall\ttag:global\ttag:local\t"
+            "prefill x stock time (min-max)\tdecode step x stock time (min-max)") in proc.stdout
     report = json.loads((tmp_path / "work" / "interventions.json").read_text())
     res = report["results"]
     assert res["stock"]["visual_tokens_kept"] == 16 and res["fastv+sinks:0.5:1"]["visual_tokens_kept"] == 8
@@ -452,6 +452,9 @@ def test_interventions_side_by_side(tmp_path):
     lo, hi = res["fastv+sinks:0.5:1"]["prefill_vs_first_range"]  # timed in turns with stock
     assert 0 < lo <= res["fastv+sinks:0.5:1"]["prefill_vs_first"] <= hi
     assert res["var-vit:0.6:0"]["decode_vs_first"] > 0  # VAR also runs with the KV cache
+    # every image's ViT sinks (the family rule: top-k) kept by the keep-all specs and by
+    # sink-aware FastV, which never drops one
+    assert res["stock"]["vit_sinks_kept"] == res["fastv+sinks:0.5:1"]["vit_sinks_kept"] == 1.0
     assert len(res["registers:4"]["register_neurons"]) == 4 and res["var-vit:0.6:0"]["n"] == 4
     # VAR's official sinks need the LLM's sink dimensions: a random tiny LLM has none to find
     assert "no LLM sink dimension" in report["not_run"]["var:0.6:0"] and "var:0.6:0" not in res
@@ -460,6 +463,7 @@ def test_interventions_side_by_side(tmp_path):
     assert res["fastervlm:0.5"]["n"] == 4 and res["fastervlm:0.5"]["prefill_s"] > 0
     assert res["divprune:0.25"]["without_cls"] == "no [CLS] needed" and res["stock"]["without_cls"] is None
     assert "fastervlm:0.5\t8\t" in proc.stdout
+    assert 0 <= res["fastervlm:0.5"]["vit_sinks_kept"] <= 1 and 0 <= res["divprune:0.25"]["vit_sinks_kept"] <= 1
 
 
 @pytest.mark.slow

@@ -46,16 +46,24 @@ def run(model, params, ids, visual, sinks, **iv):
                        output_attentions=True)
 
 
-def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks, score="last"):
+def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks, score="last", debias=False):
     """transformers: layers < K on every token; the kept tokens are picked from layer K-1's
     attention, score "last" as FastV's code (modeling_llama.py: ``torch.mean(attention, dim=1)``
     over heads, then the last query's row ``[-1]``) or "mean" (also averaged over the queries,
-    the paper's text); layers >= K run on them alone with their original positions. Returns
-    (kept indices per row, logits at the kept tokens)."""
+    the paper's text); ``debias``: the score divided by the exponential trend fitted to the
+    row's visual tokens (np.polyfit of log score on the visual index); layers >= K run on them
+    alone with their original positions. Returns (kept indices per row, logits at the kept
+    tokens)."""
     with torch.no_grad():
         full = hf(torch.tensor(ids), output_attentions=True, output_hidden_states=True)
         heads = t2n(full.attentions[layer - 1]).mean(1)                      # [B, T, T]
         received = heads[:, -1] if score == "last" else heads.mean(1)        # [B, T]
+        if debias:
+            received = received.astype(np.float64).copy()
+            for b in range(ids.shape[0]):
+                i = np.arange(visual[b].sum())
+                trend = np.exp(np.polyval(np.polyfit(i, np.log(received[b, visual[b]]), 1), i))
+                received[b, visual[b]] /= trend
         n_drop = int(ratio * visual[0].sum())
         rest = copy.deepcopy(hf)
         rest.model.layers = rest.model.layers[layer:]
@@ -78,14 +86,19 @@ def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks, score="las
 
 
 @pytest.mark.parametrize("keep_sinks,score", [(False, "last"), (True, "last"), (False, "mean"),
-                                              (True, "mean")])
+                                              (True, "mean"), (False, "debias"), (True, "debias")])
 def test_pruning_equals_transformers_on_the_kept_tokens(llama, keep_sinks, score):
-    """FastV's code's rule (the last query, the default) and the paper's mean over queries."""
+    """FastV's code's rule (the last query, the default), the paper's mean over queries and
+    the last query's score debiased (arXiv 2508.17807, the recency trend fitted per row)."""
     hf, model, params, ids, visual, sinks = llama
-    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, score)
-    if score == "last":  # the two rules really keep other tokens here
-        assert not np.array_equal(kept, fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, "mean")[0])
-    prune = TokenPruning(2, 0.5, keep_sinks, score) if score == "mean" else TokenPruning(2, 0.5, keep_sinks)
+    debias = score == "debias"
+    kept, ref = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, "last" if debias else score,
+                                debias)
+    if score != "mean":  # the rules really keep other tokens here
+        other = fastv_reference(hf, ids, visual, sinks, 2, 0.5, keep_sinks, "mean" if score == "last" else "last")
+        assert not np.array_equal(kept, other[0])
+    prune = (TokenPruning(2, 0.5, keep_sinks, score) if score == "mean" else
+             TokenPruning(2, 0.5, keep_sinks, debias="fit") if debias else TokenPruning(2, 0.5, keep_sinks))
     out = run(model, params, ids, visual, sinks, prune=prune)
     ours = np.take_along_axis(np.asarray(out.logits), kept[..., None], 1)
     assert_close(ours, ref, what="logits at the kept tokens")
@@ -104,6 +117,31 @@ def test_last_query_of_left_and_right_padded_rows():
     np.testing.assert_array_equal(attention_received(w, mask), [[0, 0, 0, 1], [0, 1, 0, 0]])
     np.testing.assert_array_equal(attention_received(w, mask, "mean"),
                                   [[0, 0, .5, .5], [.5, .5, 0, 0]])
+
+
+def test_attention_debiasing_hand_computed():
+    """The recency trend of [2, 1, 4, 2] at visual indices 0..3: b = cov(i, log s) / var(i) =
+    ln 2 / 5, so the debiased scores are s x 2^(-i / 5); a pure exponential [1, 2, 4, 8]
+    becomes flat; padding scores 0 and leaves the fit; "weights" multiplies by the authors'
+    per-position weights. The ranking changes: raw FastV drops slot 1, the weights drop slot 4."""
+    from vitsink_jax.interventions.pruning import debiased_scores, keep_indices, recency_slope
+
+    scores = jnp.asarray([[.5, 2., 1., 4., 2., .3], [.5, 1., 2., 4., 8., .3]])
+    visual = jnp.asarray([[False, True, True, True, True, False]] * 2)
+    np.testing.assert_allclose(recency_slope(scores, visual), [np.log(2) / 5, np.log(2)], rtol=1e-5)
+    out = debiased_scores(scores, visual)
+    np.testing.assert_allclose(out[0], [.5, 2, 2 ** -.2, 4 * 2 ** -.4, 2 * 2 ** -.6, .3], rtol=1e-5)
+    np.testing.assert_allclose(out[1], [.5, 1, 1, 1, 1, .3], rtol=1e-5)
+    padding = jnp.asarray([[False, False, True, False, False, False]] * 2)
+    padded = debiased_scores(scores, visual, padding=padding)
+    # row 1 without its index-1 token: log s = [0, -, 2 ln 2, 3 ln 2] at i = [0, 2, 3], b = ln 2
+    np.testing.assert_allclose(padded[1], [.5, 1, 0, 1, 1, .3], rtol=1e-5)
+    weighted = debiased_scores(scores, visual, "weights", (1., .5, .25, .125))
+    np.testing.assert_allclose(weighted[0], [.5, 2, .5, 1, .25, .3], rtol=1e-6)
+    np.testing.assert_array_equal(keep_indices(scores, visual, None, 1)[0], [0, 1, 3, 4, 5])
+    np.testing.assert_array_equal(keep_indices(weighted, visual, None, 1)[0], [0, 1, 2, 3, 5])
+    with pytest.raises(ValueError, match="debias"):
+        TokenPruning(debias="weights")  # the weights are needed
 
 
 def test_scoring_prunes_from_the_prompt_as_generation_does(tmp_path):
@@ -438,6 +476,8 @@ def test_comparison_specs():
     assert parse("fastv+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, keep_sinks=True)
     assert parse("fastv")[0].prune == TokenPruning(2, 0.5) and TokenPruning().score == "last"
     assert parse("fastv-mean+sinks:0.25:1")[0].prune == TokenPruning(1, 0.25, True, "mean")
+    assert parse("fastv-debias:0.25:1")[0].prune == TokenPruning(1, 0.25, debias="fit")
+    assert parse("fastv-debias+sinks")[0].prune == TokenPruning(2, 0.5, True, debias="fit")
     assert parse("var:0.5:0")[0].var == AttentionRedistribution(p=0.5, first_layer=0)
     assert AttentionRedistribution().sinks == "dims" and AttentionRedistribution().queries == "after-image"
     assert parse("var-vit")[0].var == AttentionRedistribution(sinks="vit")

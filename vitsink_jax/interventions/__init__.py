@@ -3,7 +3,8 @@
 * :class:`TokenPruning` - FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2",
   ECCV 2024): after LLM layer K drop the share r of visual tokens that received the least
   attention from the prompt's last token (FastV's code); ``keep_sinks`` makes it sink-aware (ViT sinks are never dropped, after this
-  paper's finding that they carry the global meaning). The sequence really gets shorter.
+  paper's finding that they carry the global meaning); ``debias`` ranks by the debiased score
+  of Zhao et al. (2025, arXiv 2508.17807). The sequence really gets shorter.
 * :class:`AttentionRedistribution` - VAR (Kang et al., "See What You Are Told: Visual Attention
   Sink in Large Multimodal Models", ICLR 2025): in image-centric heads, part of the attention
   paid to sink tokens is moved to the non-sink visual tokens (the official code's rules).
@@ -31,21 +32,34 @@ class TokenPruning:
     score: "last" (attention from the prompt's last token, averaged over heads: FastV's code,
       the default) or "mean" (averaged over heads and every prompt token: the FastV paper's
       text). Only the prompt's queries vote: in likelihood scoring the candidate answer does
-      not (the selection equals generation's, made at prefill)."""
+      not (the selection equals generation's, made at prefill).
+    debias: attention debiasing before the ranking (Zhao et al., arXiv 2508.17807;
+      :func:`~vitsink_jax.interventions.pruning.debiased_scores`): "none" (FastV), "fit" (each
+      row's score divided by its exponential recency trend over the visual index, fitted to the
+      row: no calibration data) or "weights" (the authors' code: the score times
+      ``position_weights``, one per visual index, their trend fitted offline). Their second
+      step, zero score at the padding of a padded image, is in the pure function only (the
+      model passes no padding mask: the harness' images are cropped, not padded)."""
 
     layer: int = 2
     ratio: float = 0.5
     keep_sinks: bool = False
     score: str = "last"
+    debias: str = "none"
+    position_weights: tuple = ()
 
     def dropped(self, num_visual: int) -> int:
         """Visual tokens dropped per row (static) out of ``num_visual``."""
         return int(self.ratio * num_visual)
 
     def __post_init__(self):
-        if self.layer < 1 or not 0 <= self.ratio < 1 or self.score not in ("mean", "last"):
+        if (self.layer < 1 or not 0 <= self.ratio < 1 or self.score not in ("mean", "last")
+                or self.debias not in ("none", "fit", "weights")
+                or (self.debias == "weights") != bool(self.position_weights)):
             raise ValueError(f"bad token pruning: layer={self.layer} (>= 1), ratio={self.ratio} "
-                             f"(in [0, 1)), score={self.score!r} (last | mean)")
+                             f"(in [0, 1)), score={self.score!r} (last | mean), debias="
+                             f"{self.debias!r} (none | fit | weights, the last with "
+                             f"position_weights, {len(self.position_weights)} given)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,11 +232,14 @@ class Interventions:
 
 
 SPEC_HELP = ("stock | front | fastv[:ratio[:layer]] | fastv+sinks[:ratio[:layer]] | fastv-mean[:ratio[:layer]] | "
-             "fastv-mean+sinks[:ratio[:layer]] | var[:p[:first_layer]] | var-vit[:p[:first_layer]] | "
+             "fastv-mean+sinks[:ratio[:layer]] | fastv-debias[:ratio[:layer]] | "
+             "fastv-debias+sinks[:ratio[:layer]] | var[:p[:first_layer]] | var-vit[:p[:first_layer]] | "
              "registers[:neurons] | fastervlm[:ratio] | visionzip[:dominant[:contextual]] | "
              "prumerge[:neighbors] | divprune[:ratio]")
-FASTV = {"fastv": ("last", False), "fastv+sinks": ("last", True), "fastv-mean": ("mean", False),
-         "fastv-mean+sinks": ("mean", True)}  # spec name -> (TokenPruning.score, keep_sinks)
+FASTV = {"fastv": ("last", False, "none"), "fastv+sinks": ("last", True, "none"),
+         "fastv-mean": ("mean", False, "none"), "fastv-mean+sinks": ("mean", True, "none"),
+         "fastv-debias": ("last", False, "fit"), "fastv-debias+sinks": ("last", True, "fit")}
+# spec name -> (TokenPruning.score, keep_sinks, debias)
 
 
 def parse(spec: str) -> tuple[Interventions, str, int]:
@@ -231,6 +248,8 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
     "stock", "front" (sink-to-the-front, this paper), "fastv:0.5:2" (FastV, ratio 0.5 after layer
     2, ranked by the prompt's last token as FastV's code), "fastv+sinks:0.5" (sink-aware pruning),
     "fastv-mean:0.5:2" / "fastv-mean+sinks" (ranked by the mean over the prompt's tokens),
+    "fastv-debias:0.5:2" / "fastv-debias+sinks" (FastV's score with each row's recency trend
+    divided out, attention debiasing's "fit"),
     "var:0.6:2" (VAR as its official code, keeping 60% of sink attention from layer 2 on: LLM
     sinks of ``sink_dims``, left empty here for the harness to find on the data), "var-vit:0.6:2"
     (the same on the ViT sinks), "registers:10" (test-time registers on the 10 top register neurons, found on the data),
@@ -245,8 +264,8 @@ def parse(spec: str) -> tuple[Interventions, str, int]:
             return Interventions(), "front" if name == "front" else "none", 0
         if name in FASTV and len(nums) <= 2:
             ratio, layer = (nums + [0.5, 2.0][len(nums):])[:2]
-            score, keep_sinks = FASTV[name]
-            return Interventions(prune=TokenPruning(int(layer), ratio, keep_sinks, score)), "none", 0
+            score, keep_sinks, debias = FASTV[name]
+            return Interventions(prune=TokenPruning(int(layer), ratio, keep_sinks, score, debias)), "none", 0
         if name in ("var", "var-vit") and len(nums) <= 2:
             p, first = (nums + [0.6, 2.0][len(nums):])[:2]
             sinks = "vit" if name == "var-vit" else "dims"

@@ -378,16 +378,13 @@ def _prune(prune, weights, x, tokens: _Tokens, cache, num_visual: int, prompt_ma
     """FastV after layer K: ranks the visual tokens by the attention they received in layer K-1
     (``weights`` [B, H, T, S]; with a cache the T columns of the new tokens' slots) from the
     real tokens of ``prompt_mask`` [B, T] (None: every real token) and keeps all but the
-    int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``).
+    int(ratio x ``num_visual``) least attended (never a ViT sink with ``keep_sinks``;
+    debiased first with ``debias``: :func:`pruning.select`).
     x [B, T, D] -> (kept [B, T'] int32 ascending, x [B, T', D], the T' tokens)."""
     received = weights if cache is None else jax.lax.dynamic_slice_in_dim(
         weights, cache.index, x.shape[1], axis=-1)
-    voters = tokens.attention_mask
-    if prompt_mask is not None:
-        voters = prompt_mask if voters is None else voters.astype(bool) & prompt_mask.astype(bool)
-    scores = pruning.attention_received(received, voters, prune.score)
-    kept = pruning.keep_indices(scores, tokens.visual, tokens.sinks if prune.keep_sinks else None,
-                                prune.dropped(num_visual))
+    kept = pruning.select(prune, received, tokens.attention_mask, prompt_mask, tokens.visual,
+                          tokens.sinks, num_visual)
     return kept, pruning.gather_tokens(x, kept), tokens.gather(kept)
 
 

@@ -4,8 +4,10 @@ Each spec is a switch on the same params (:mod:`vitsink_jax.interventions`): the
 the paper's sink-to-the-front (Sec. 4.1), FastV token pruning and its sink-aware form (the
 paper's contrast: the few high-norm tokens carry the global meaning and are kept), VAR (Kang et
 al.: attention moved off the LLM's sink tokens) and test-time registers (Jiang et al.: the
-register neurons' outliers moved into an extra token), after ``docs/interventions.md``. Per spec
-the accuracy overall / per tag, the visual tokens kept and the prefill and decode-step time
+register neurons' outliers moved into an extra token) and token reductions before the LLM
+(FasterVLM, VisionZip, PruMerge, DivPrune), after ``docs/interventions.md``. Per spec
+the accuracy overall / per tag, the visual tokens kept, the share of the images' ViT sinks kept
+(counted on every benchmark row's prompt) and the prefill and decode-step time
 against the first spec's, timed in turns on one batch. A spec's figures are gathered in
 :func:`score_interventions`, the table is built in :func:`intervention_table` (a new column is
 one header and one cell there); writes ``interventions.json`` and
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import eval_lib, plots, timing
-from ..interventions import TestTimeRegisters, parse
+from ..interventions import TestTimeRegisters, parse, report as sink_report
 from ..interventions.registers import register_neurons, search_pixels
 from ..interventions.var import llm_sink_dims
 from ..sinks import detect
@@ -74,6 +76,9 @@ def score_interventions(cfg, workdir: Path, loaded: tuple, records: list, order:
     by ``rule``; timed on ``batch``; writes ``predictions_<spec>.jsonl``."""
     (model, params, tokenizer), k = loaded, cfg.compare
     rules, n_vis = benchmark_rules(cfg), model.config.num_image_tokens
+    step = cfg.eval.batch_size  # the ViT sinks kept are counted on every benchmark row's prompt
+    share_batches = [eval_lib.prompt_batch(model, tokenizer, records[i:i + step], cfg.eval)
+                     for i in range(0, len(records), step)]
     results, not_run, calls, found = {}, {}, {}, {}
     for spec in k.specs:
         try:
@@ -88,7 +93,9 @@ def score_interventions(cfg, workdir: Path, loaded: tuple, records: list, order:
         results[spec] = {**eval_lib.summarize(cfg.benchmark.name, preds, rules),
                          "visual_tokens_kept": iv.tokens_kept(n_vis), "register_neurons": neurons,
                          "var_sink_dims": list(iv.var.sink_dims) if iv.var is not None else [],
-                         "without_cls": iv.reduce.without_cls if iv.reduce is not None else None}
+                         "without_cls": iv.reduce.without_cls if iv.reduce is not None else None,
+                         "vit_sinks_kept": sink_report.sink_share(params, share_batches,
+                                                                  sink_report.kept_positions(m))}
         timed = batch if iv.reduce is None else eval_lib.prompt_batch(  # its fewer image tokens
             m, tokenizer, records[:cfg.eval.batch_size], cfg.eval)
         calls[spec] = (timing.prefill_call(m, params, timed),
@@ -175,13 +182,17 @@ def time_ratio_cell(r: dict, key: str) -> str:
 
 
 def intervention_table(results: dict) -> str:
-    """One row per intervention: tokens kept, accuracy overall / per tag, prefill and decode-step
-    time as x of the first (stock) spec's time (higher = slower; min-max over timing rounds)."""
-    lines = ["\t".join(["intervention", "tokens kept", "overall", "tag:global", "tag:local",
-                        "prefill x stock time (min-max)", "decode step x stock time (min-max)"])]
+    """One row per intervention: tokens kept, the share of the images' ViT sinks kept
+    (:mod:`vitsink_jax.interventions.report`), accuracy overall / per tag, prefill and
+    decode-step time as x of the first (stock) spec's time (higher = slower; min-max over timing
+    rounds)."""
+    lines = ["\t".join(["intervention", "tokens kept", "ViT sinks kept", "overall", "tag:global",
+                        "tag:local", "prefill x stock time (min-max)",
+                        "decode step x stock time (min-max)"])]
     for spec, r in results.items():
         tags = [f"{100 * r['per_tag'][t]['acc']:.2f}" if t in r["per_tag"] else "-"
                 for t in ("global", "local")]
-        lines.append("\t".join([spec, str(r["visual_tokens_kept"]), f"{100 * r['accuracy']:.2f}", *tags,
+        share = "-" if r.get("vit_sinks_kept") is None else f"{r['vit_sinks_kept']:.2f}"
+        lines.append("\t".join([spec, str(r["visual_tokens_kept"]), share, f"{100 * r['accuracy']:.2f}", *tags,
                                 time_ratio_cell(r, "prefill_vs_first"), time_ratio_cell(r, "decode_vs_first")]))
     return "\n".join(lines)
