@@ -995,6 +995,16 @@ def test_interrupted_export_leaves_the_old_one(base, tmp_path, monkeypatch):
     assert snapshot(work / "export") == before and os.listdir(work) == ["export"]
 
 
+def one_row_batch(c, image_size: int) -> dict:
+    """A training batch of one row for LLaVA config ``c``: its image's tokens, 8 text tokens, the
+    last 4 of them answer tokens."""
+    ids = np.full((1, c.num_image_tokens + 8), 5, np.int32)
+    ids[:, 1:1 + c.num_image_tokens] = c.image_token_index
+    return {"ids": ids, "mask": np.ones_like(ids), "loss_mask": np.arange(ids.shape[1])[None] > 3 + c.num_image_tokens,
+            "question_mask": np.zeros_like(ids, bool),
+            "pixels": np.zeros((1, 3, image_size, image_size), np.float32)}
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_frozen_vision_tower_builds_no_backward_and_runs_in_the_compute_dtype(dtype):
     """The training loss's gradient program runs the vision tower's patch convolution once (its
@@ -1010,11 +1020,7 @@ def test_a_frozen_vision_tower_builds_no_backward_and_runs_in_the_compute_dtype(
     c = dataclasses.replace(embedded_config(e), diysink=None)
     model = build_model(c, dtype=jnp.dtype(dtype))
     params = init_params(model)
-    ids = np.full((1, c.num_image_tokens + 8), 5, np.int32)
-    ids[:, 1:1 + c.num_image_tokens] = c.image_token_index
-    batch = {"ids": ids, "mask": np.ones_like(ids), "loss_mask": np.arange(ids.shape[1])[None] > 3 + c.num_image_tokens,
-             "question_mask": np.zeros_like(ids, bool),
-             "pixels": np.zeros((1, 3, e.image_size, e.image_size), np.float32)}
+    batch = one_row_batch(c, e.image_size)
     loss = train_lib.loss_fn(model, "finetune")
 
     def convs(parts):
@@ -1035,3 +1041,24 @@ def test_a_frozen_vision_tower_builds_no_backward_and_runs_in_the_compute_dtype(
     frozen_tower = convs(train_lib.trainable_parts("finetune"))
     assert frozen_tower == [jnp.dtype(dtype)]
     assert len(convs(train_lib.trainable_parts("finetune", ("language_model", "vision_tower")))) == 2
+
+
+@pytest.mark.slow  # compiles the whole gradient program of a DIYSink model (~30 s on 2 cores)
+def test_the_pretrain_stage_runs_the_frozen_tower_once_for_both_projectors():
+    """DIYSink's pretrain loss calls the model once per projector route (sink-only, non-sink-
+    only); the frozen vision tower's forward is the same in both, and the compiled gradient
+    program runs its patch convolution once (XLA merges the two)."""
+    import dataclasses
+
+    from vitsink_jax import train_lib
+    from vitsink_jax.config import DIYSinkConfig
+    from vitsink_jax.convert.hf import build_model, init_params
+    from vitsink_jax.embedded import embedded_config
+
+    e = config().embedded
+    c = dataclasses.replace(embedded_config(e), diysink=DIYSinkConfig())
+    model = build_model(c)
+    trainable, frozen = train_lib.split_params(init_params(model), train_lib.trainable_parts("pretrain"))
+    batch = one_row_batch(c, e.image_size)
+    hlo = jax.jit(jax.grad(train_lib.loss_fn(model, "pretrain"))).lower(trainable, frozen, batch, 1).compile().as_text()
+    assert len(re.findall(r"= [^=]*convolution\(", hlo)) == 1

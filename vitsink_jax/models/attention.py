@@ -124,7 +124,7 @@ def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
       impl: one of :data:`ATTENTION_IMPLS`; all but "explicit" return no weights and need
         ``adjust`` None.
     Returns:
-      (out [B, T, H, D] in q.dtype, weights [B, H, T, S] float32, or None but with "explicit").
+      (out [B, T, H, D] in v.dtype, weights [B, H, T, S] float32, or None but with "explicit").
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -135,9 +135,12 @@ def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
     if check_impl(impl) != "explicit":
         if adjust is not None:
             raise ValueError(f"attention_impl {impl!r} cannot adjust the attention probabilities")
+        common = jnp.result_type(q, k, v)  # the kernels take one dtype (a cache may hold another)
+        q_, k_, v_ = (x.astype(common) for x in (q, k, v))
         if impl == "splash":
-            return splash_attention(q, k, v, mask, scale), None
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl), None
+            return splash_attention(q_, k_, v_, mask, scale).astype(v.dtype), None
+        return jax.nn.dot_product_attention(q_, k_, v_, mask=mask, scale=scale,
+                                            implementation=impl).astype(v.dtype), None
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, h, t, s)
