@@ -105,9 +105,11 @@ def switches(r: dict) -> list:
             f"{_x(g['decode_speedup_vs_hf'])} faster per decode step | one XLA program, no Python per token |",
             "| static shapes: length buckets, fixed sink counts | eval, generate, train | no recompiles across "
             "prompts in a bucket (tested by counting compiles) | compile once |",
-            f"| `fused_attention=True` (LLM: `jax.nn.dot_product_attention`) | `model.clone(...)` | "
-            f"{_x(f['fused_attention_speedup'])} (medium forward) | XLA's CPU path is the same einsum-softmax-einsum; "
-            "on GPU / TPU it selects cuDNN flash / fused kernels (not measured: no device lent) |",
+            "| `attention_impl`: `xla` (`jax.nn.dot_product_attention`, the default), `explicit`, `cudnn`, "
+            "`splash` | train.py `--config.attention_impl`, `model.clone(...)` | "
+            f"{_x(f['fused_attention_speedup'])} (medium forward, `xla` vs `explicit`) | XLA's CPU path is the same "
+            "einsum-softmax-einsum; `cudnn` is cuDNN's flash kernel (GPU, bf16), `splash` the Pallas TPU kernel "
+            "(not measured: no device lent); layers whose weights are read run `explicit` |",
             "| `remat=True` + `remat_policy` | train.py `--config.remat`, `--config.remat_policy` | same step, less "
             "activation memory; `nothing_saveable` (default), `dots_saveable`, `dots_with_no_batch_dims_saveable` "
             "trade memory for recompute | recompute in backward |",
@@ -118,7 +120,7 @@ def switches(r: dict) -> list:
             f"{loop['fsdp']['compile_s']:.0f} s | the all-gathered weights of one layer live at a time, not all of them |",
             f"| FastV pruning | `interventions` | prefill {_x(p['fastv:0.5:2']['prefill_speedup'])} / "
             f"{_x(p['fastv:0.75:2']['prefill_speedup'])} faster at r = 0.5 / 0.75 | fewer tokens after layer K |",
-            "| donated train state | train.py (mesh) | no second copy of params + optimizer state | `donate_argnums` |"]
+            "| donated train state | train.py (mesh and pmap) | no second copy of params + optimizer state | `donate_argnums` |"]
 
 
 def bf16_loss(r: dict) -> list:

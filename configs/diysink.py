@@ -40,6 +40,8 @@ def get_config():
     c.remat = False            # recompute LLM layer activations in the backward pass (memory)
     c.remat_policy = "nothing_saveable"  # what remat may keep (vitsink_jax.REMAT_POLICIES)
     c.scan_layers = False      # LLM layers as one nn.scan: compile time and fsdp memory flat in depth
+    c.attention_impl = "xla"   # xla | cudnn (GPU, bf16) | splash (TPU) | explicit: how the LLM attends
+                               #   (vitsink_jax.models.attention.ATTENTION_IMPLS)
     c.parallel = "mesh"        # mesh | pmap
     c.fsdp = 1                 # mesh: devices per fsdp group (1 = no param sharding)
     c.tensor = 1               # mesh: tensor-parallel degree (vitsink_jax.parallel.TENSOR_RULES)

@@ -250,3 +250,42 @@ def test_a_tied_config_never_drops_a_differing_lm_head(tmp_path):
     with pytest.warns(UserWarning, match="lm_head.weight.*differs"):
         model, params = vj.load_pretrained(path)
     assert not model.config.text.tie_word_embeddings and "lm_head" in params["language_model"]
+
+
+def test_a_repeat_load_traces_no_init_and_keeps_the_read_buffers(llama_dir, monkeypatch):
+    """The abstract params of a model are remembered (resolved.param_shapes): a second load of
+    the model in the process traces no ``init``, nor does a load in a fresh process (here: the
+    in-process memory emptied) with the folder resolved.enable set, the CLIs' default. Each
+    safetensors tensor is read into a 64-byte aligned buffer that the CPU device then holds:
+    the loaded params are the read bytes, not a second copy."""
+    import jax
+
+    from vitsink_jax import resolved
+    from vitsink_jax.convert import hf, safetensors_io
+
+    traced, reads = [], {}
+    init = hf.init_params
+    monkeypatch.setattr(hf, "init_params", lambda *a, **kw: traced.append(1) or init(*a, **kw))
+    read = safetensors_io.SafetensorsFile.read
+
+    def recorded(self, key, rows=None):
+        out = read(self, key, rows)
+        reads[out.ctypes.data] = key
+        return out
+    monkeypatch.setattr(safetensors_io.SafetensorsFile, "read", recorded)
+    monkeypatch.setattr(resolved, "_SHAPES", {})
+    monkeypatch.setitem(resolved._state, "folder", None)
+    _, params = vj.load_pretrained(llama_dir)
+    vj.load_pretrained(llama_dir)
+    assert len(traced) == 1
+    resolved.enable(llama_dir.parent / "resolved")
+    monkeypatch.setattr(resolved, "_SHAPES", {})
+    vj.load_pretrained(llama_dir)
+    assert len(traced) == 2 and list((llama_dir.parent / "resolved").glob("shapes-*.json"))
+    monkeypatch.setattr(resolved, "_SHAPES", {})
+    _, again = vj.load_pretrained(llama_dir)
+    assert len(traced) == 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+    assert all(p % safetensors_io.HOST_ALIGN == 0 for p in reads)
+    norm = params["model"]["norm"]["scale"]  # stored as it is placed: no transpose, no cast
+    assert norm.dtype == jnp.float32 and reads.get(norm.unsafe_buffer_pointer()) == "model.norm.weight"

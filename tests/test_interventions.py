@@ -449,8 +449,8 @@ def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     mask[1, 0] = 0  # left padding
     pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 28, 28)), jnp.float32)
     stock = generate(model, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3)
-    fused = model.clone(fused_attention=True)  # the fast-inference switch, cached decoding included
-    np.testing.assert_array_equal(generate(fused, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3),
+    explicit = model.clone(attention_impl="explicit")  # the non-default path, cached decoding included
+    np.testing.assert_array_equal(generate(explicit, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3),
                                   stock)
     zero = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.0)))
     np.testing.assert_array_equal(generate(zero, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3), stock)

@@ -119,21 +119,24 @@ def test_inputs_embeds_equals_input_ids(tmp_path, rng):
         model.apply({"params": params}, ids, inputs_embeds=emb)
 
 
-def test_fused_attention_switch_equals_transformers(tmp_path, rng):
-    """``fused_attention=True`` (jax.nn.dot_product_attention) on a left-padded batch
-    equals transformers; layers that must return weights fall back to the explicit path."""
+@pytest.mark.parametrize("impl", ["xla", "explicit"])
+def test_attention_impl_switch_equals_transformers(tmp_path, rng, impl):
+    """``attention_impl`` "xla" (jax.nn.dot_product_attention, the default) and "explicit" on a
+    left-padded batch equal transformers; layers that must return weights run the explicit
+    path whatever the switch."""
     hf = build(transformers.LlamaForCausalLM, llama_config())
     model, params = vj.load_pretrained(save(hf, tmp_path / "llama"))
-    fused = model.clone(fused_attention=True)
+    assert model.attention_impl == "xla"
+    model = model.clone(attention_impl=impl)
     ids = random_ids(rng, 2, 10)
     mask = np.ones_like(ids)
     mask[1, :3] = 0
     with torch.no_grad():
         ref = t2n(hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits)
-    out = fused.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    assert_close(np.asarray(out.logits)[mask.astype(bool)], ref[mask.astype(bool)], what="fused logits")
+    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert_close(np.asarray(out.logits)[mask.astype(bool)], ref[mask.astype(bool)], what=f"{impl} logits")
     assert np.isfinite(np.asarray(out.logits)).all()
-    weights = fused.apply({"params": params}, jnp.asarray(ids), output_attentions=True).attentions
+    weights = model.apply({"params": params}, jnp.asarray(ids), output_attentions=True).attentions
     assert weights[0].shape == (2, 4, 10, 10)
 
 
@@ -159,7 +162,7 @@ def test_scan_layers_switch_equals_transformers_and_round_trips(tmp_path, rng):
     jax.tree_util.tree_map(np.testing.assert_array_equal, vj.stack_layers(loop_params), params)
 
     x = jnp.asarray(ids)
-    np.testing.assert_allclose(scanned.clone(fused_attention=True).apply({"params": params}, x).logits,
+    np.testing.assert_allclose(scanned.clone(attention_impl="explicit").apply({"params": params}, x).logits,
                                loop.apply({"params": loop_params}, x).logits, atol=1e-5)
     grad = lambda m, p: jax.grad(lambda p: m.apply({"params": p}, x).logits.std())(p)  # noqa: E731
     ref = grad(loop, loop_params)

@@ -374,10 +374,14 @@ def test_accumulated_step_weights_every_answer_token_alike():
 @pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
-    """The training loss applies the LM head to chunks of tokens (5 here, not dividing the 19
-    predicting positions): its NLL and gradients equal those of the whole [B, T, V] logits, and
-    the model's headless output through its head gives those logits, with the image features
-    merged row by row (one_image_per_row, as the loss runs) or over the flat batch."""
+    """The training loss applies the LM head only to each row's supervised positions, gathered
+    first, in the smallest bucket of positions that holds them (16, 32 or all 35 here), chunks
+    of 5 tokens: its NLL and gradients equal those of the whole [B, T, V] logits for answers of
+    12 / 12 tokens, 3 / 0, 25 / 7 scattered ones (bucket 32) and every token weighted; the model's
+    headless output through its head gives those logits, with the image features merged row by
+    row (one_image_per_row, as the loss runs) or over the flat batch. Gradients agree to rtol
+    1e-4 and 1e-6 of each param's largest gradient (the float32 noise of a changed summation
+    order through both towers' backward)."""
     import dataclasses
 
     from vitsink_jax import train_lib
@@ -393,13 +397,18 @@ def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
     ids = rng.integers(0, c.text.vocab_size - 1, (2, c.num_image_tokens + 20)).astype(np.int32)
     ids[:, 1:1 + c.num_image_tokens] = c.image_token_index
     pixels = rng.standard_normal((2, 3, e.image_size, e.image_size)).astype(np.float32)
-    mask = np.zeros(ids.shape, bool)
-    mask[:, -12:] = True
+    masks = np.zeros((4,) + ids.shape, np.float32)
+    masks[0, :, -12:] = 1
+    masks[1, 0, [5, 20, -1]] = 1                     # 3 scattered answer tokens, a row with none
+    masks[2, 0, rng.choice(ids.shape[1], 25, replace=False)] = 1   # over the 16 bucket
+    masks[2, 1, -7:] = 1
+    masks[3] = rng.uniform(0.5, 2.0, ids.shape)       # every token, weighted (loss_weight)
+    assert train_lib.loss_buckets(ids.shape[1] - 1) == (16, 32, 35)
 
-    def full(p):
+    def full(p, mask):
         return train_lib.answer_nll_sum(model.apply({"params": p}, ids, pixels).logits, ids, mask)
 
-    def chunked(p):
+    def chunked(p, mask):
         hidden = model.apply({"params": p}, ids, pixels, head=False).last_hidden_state
         return train_lib.chunked_answer_nll_sum(
             hidden, lambda h: model.apply({"params": p}, h, method="head"), ids, mask, chunk=5)
@@ -408,10 +417,22 @@ def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
     assert out.logits is None
     np.testing.assert_allclose(model.apply({"params": params}, out.last_hidden_state, method="head"),
                                model.apply({"params": params}, ids, pixels).logits, rtol=1e-6)
-    (want, want_grad), (got, got_grad) = (jax.jit(jax.value_and_grad(f))(params) for f in (full, chunked))
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                           got_grad, want_grad)
+    want_fn, got_fn = (jax.jit(jax.value_and_grad(f)) for f in (full, chunked))
+    for i, mask in enumerate(masks):
+        (want, want_grad), (got, got_grad) = want_fn(params, mask), got_fn(params, mask)
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str(i))
+        jax.tree_util.tree_map(lambda a, b, i=i: np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.max(np.abs(b)))), err_msg=str(i)),
+            got_grad, want_grad)
+
+
+def test_supervised_positions_come_first_in_order():
+    """supervised_first: each row's nonzero-mask positions first, in order, then the rest."""
+    from vitsink_jax import train_lib
+
+    mask = np.array([[0, 1, 0, 0.5, 1], [0, 0, 0, 0, 0]], np.float32)
+    np.testing.assert_array_equal(train_lib.supervised_first(mask), [[1, 3, 4, 0, 2], [0, 1, 2, 3, 4]])
+    assert train_lib.loss_buckets(10) == (10,) and train_lib.loss_buckets(40) == (16, 32, 40)
 
 
 REDUCTIONS = """
@@ -973,3 +994,72 @@ def test_interrupted_export_leaves_the_old_one(base, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_export.write_export(config(), work, model, params, load_tokenizer(work / "export"))
     assert snapshot(work / "export") == before and os.listdir(work) == ["export"]
+
+
+def one_row_batch(c, image_size: int) -> dict:
+    """A training batch of one row for LLaVA config ``c``: its image's tokens, 8 text tokens, the
+    last 4 of them answer tokens."""
+    ids = np.full((1, c.num_image_tokens + 8), 5, np.int32)
+    ids[:, 1:1 + c.num_image_tokens] = c.image_token_index
+    return {"ids": ids, "mask": np.ones_like(ids), "loss_mask": np.arange(ids.shape[1])[None] > 3 + c.num_image_tokens,
+            "question_mask": np.zeros_like(ids, bool),
+            "pixels": np.zeros((1, 3, image_size, image_size), np.float32)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_frozen_vision_tower_builds_no_backward_and_runs_in_the_compute_dtype(dtype):
+    """The training loss's gradient program runs the vision tower's patch convolution once (its
+    forward) when the tower is frozen, as in every LLaVA stage by default, and twice when it
+    trains (forward and kernel gradient); its convolution runs in the compute dtype."""
+    import dataclasses
+
+    from vitsink_jax import train_lib
+    from vitsink_jax.convert.hf import build_model, init_params
+    from vitsink_jax.embedded import embedded_config
+
+    e = config().embedded
+    c = dataclasses.replace(embedded_config(e), diysink=None)
+    model = build_model(c, dtype=jnp.dtype(dtype))
+    params = init_params(model)
+    batch = one_row_batch(c, e.image_size)
+    loss = train_lib.loss_fn(model, "finetune")
+
+    def convs(parts):
+        trainable, frozen = train_lib.split_params(params, parts)
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(dtype), frozen)  # as train.load_model
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable, frozen, batch, 1).jaxpr
+        found = []
+
+        def walk(jp):
+            for eqn in jp.eqns:
+                if eqn.primitive.name == "conv_general_dilated":
+                    found.append(eqn.invars[0].aval.dtype)
+                for sub in jax.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jaxpr)
+        return found
+
+    frozen_tower = convs(train_lib.trainable_parts("finetune"))
+    assert frozen_tower == [jnp.dtype(dtype)]
+    assert len(convs(train_lib.trainable_parts("finetune", ("language_model", "vision_tower")))) == 2
+
+
+@pytest.mark.slow  # compiles the whole gradient program of a DIYSink model (~30 s on 2 cores)
+def test_the_pretrain_stage_runs_the_frozen_tower_once_for_both_projectors():
+    """DIYSink's pretrain loss calls the model once per projector route (sink-only, non-sink-
+    only); the frozen vision tower's forward is the same in both, and the compiled gradient
+    program runs its patch convolution once (XLA merges the two)."""
+    import dataclasses
+
+    from vitsink_jax import train_lib
+    from vitsink_jax.config import DIYSinkConfig
+    from vitsink_jax.convert.hf import build_model, init_params
+    from vitsink_jax.embedded import embedded_config
+
+    e = config().embedded
+    c = dataclasses.replace(embedded_config(e), diysink=DIYSinkConfig())
+    model = build_model(c)
+    trainable, frozen = train_lib.split_params(init_params(model), train_lib.trainable_parts("pretrain"))
+    batch = one_row_batch(c, e.image_size)
+    hlo = jax.jit(jax.grad(train_lib.loss_fn(model, "pretrain"))).lower(trainable, frozen, batch, 1).compile().as_text()
+    assert len(re.findall(r"= [^=]*convolution\(", hlo)) == 1

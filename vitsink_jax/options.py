@@ -23,6 +23,7 @@ from .data.instruct_build import TOO_LONG
 from .data.preprocess import ASPECTS
 from .data.prompts import MC_FORMATS
 from .interventions import parse as parse_intervention
+from .models.attention import ATTENTION_IMPLS
 from .models.llm import REMAT_POLICIES
 from .models.lvlm import QUESTION_ENCODERS
 from .parallel import DISTRIBUTED_MODES, LAUNCHERS
@@ -123,6 +124,7 @@ RULES = {
     # train.py (configs/diysink.py and the recipes built on it)
     "stage": one_of(*STAGES), "steps": at_least(0), "batch_size": at_least(1),
     "length_bucket": at_least(1), "compute_dtype": DTYPES, "remat_policy": one_of(*REMAT_POLICIES),
+    "attention_impl": one_of(*ATTENTION_IMPLS),
     "parallel": one_of("mesh", "pmap"), "fsdp": at_least(1), "tensor": at_least(1),
     "dcn_data": at_least(1), "checkpoint_every": at_least(1), "keep_checkpoints": at_least(1),
     "checkpoint_storage": one_of(*STORAGES), "log_every": at_least(1),

@@ -17,6 +17,11 @@ tokenizer's class are written there on first use and read back afterwards:
   sentencepiece and mistral-common; it names the class, which then loads the folder as
   ``AutoTokenizer`` would have (``cls.from_pretrained(folder, local_files_only=True)``).
 
+* a param-shapes entry (:func:`param_shapes`: the abstract params of a model, which otherwise
+  trace its whole ``init``) is keyed by the module's class and fields (config, param dtype,
+  layout), the source of ``models/`` and ``config.py`` and the versions of jax and flax; it is
+  also remembered in the process, folder or not.
+
 Entries are small JSON files written atomically; an unreadable one is resolved again, and a
 folder that cannot be written costs only a warning.
 """
@@ -162,3 +167,42 @@ def _tokenizer_class(name: str):
     import transformers
 
     return getattr(transformers, name)
+
+
+# ----------------------------------------------------------------------------- param shapes ---
+
+_SHAPES: dict = {}  # this process's param shapes by key, folder or not
+
+
+@lru_cache(maxsize=None)
+def _model_code() -> bytes:
+    """The source of the modules that decide a model's params, and jax's and flax's versions."""
+    here = Path(__file__).resolve().parent
+    files = sorted((here / "models").glob("*.py")) + [here / "config.py"]
+    return b"".join(f.read_bytes() for f in files) + "\0".join(
+        metadata.version(p) for p in ("jax", "flax")).encode()
+
+
+def param_shapes(model, trace: Callable[[], dict]) -> dict:
+    """``trace()`` ({param path tuple: jax.ShapeDtypeStruct}: the abstract params of the flax
+    ``model``, :func:`vitsink_jax.convert.hf.abstract_params`), remembered per model (its class
+    and every field but parent / name) in this process and, with a folder, on disk. Returns a
+    new dict each call."""
+    fields = {f.name: repr(getattr(model, f.name)) for f in dataclasses.fields(model)
+              if f.name not in ("parent", "name")}
+    parts = (type(model).__qualname__.encode(), json.dumps(fields, sort_keys=True).encode(), _model_code())
+    key = _key("shapes", *parts)
+    if key not in _SHAPES:
+        _SHAPES[key] = _remembered("shapes", parts, trace, _encode_shapes, _decode_shapes)
+    return dict(_SHAPES[key])
+
+
+def _encode_shapes(shapes: dict) -> list:
+    return [[list(path), list(x.shape), str(x.dtype)] for path, x in shapes.items()]
+
+
+def _decode_shapes(entries: list) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    return {tuple(path): jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for path, shape, dtype in entries}

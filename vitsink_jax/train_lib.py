@@ -19,8 +19,10 @@ The loss is next-token cross-entropy over answer tokens only, summed over every 
 update's batch and divided by the number of answer tokens of that whole batch (all gradient
 accumulation micro-batches, devices and hosts), so one device, a mesh, pmap and any
 ``grad_accum`` compute the same number. The model runs without its LM head and the loss
-applies the head a chunk of tokens at a time (:func:`chunked_answer_nll_sum`): no [B, T, V]
-logits are ever held. Gradient accumulation happens inside the step: the
+applies the head only to the answer tokens, a chunk of them at a time
+(:func:`chunked_answer_nll_sum`): no [B, T, V] logits are ever held. The frozen params enter
+the loss as constants, so a frozen vision tower (every stage by default) runs its forward
+alone, in the compute dtype its params were loaded in: no backward is built for it. Gradient accumulation happens inside the step: the
 batch of one update is split into ``grad_accum`` micro-batches (a ``lax.scan``: activations
 for one micro-batch at a time), their gradients are summed, then one optimizer update is made;
 with pmap or pure data parallelism on a mesh the gradients are reduced over the devices once
@@ -178,26 +180,46 @@ def answer_nll_sum(logits, ids, loss_mask):
 
 
 LOSS_CHUNK = 256  # tokens per row whose logits the training loss holds at once
+SMALLEST_BUCKET = 16  # the fewest supervised positions per row the loss is compiled for
+
+
+def loss_buckets(n: int, smallest: int = SMALLEST_BUCKET) -> tuple:
+    """The static counts of positions per row the loss is compiled for, over ``n`` predicting
+    positions: ``smallest``, twice that, ... below ``n``, then ``n``."""
+    sizes, m = [], min(smallest, n)
+    while m < n:
+        sizes.append(m)
+        m *= 2
+    return tuple(sizes) + (n,)
+
+
+def supervised_first(mask) -> jax.Array:
+    """[B, n] int32: each row's positions with those where ``mask`` [B, n] is nonzero first,
+    in order, then the rest (a stable sort)."""
+    return jnp.argsort(mask == 0, axis=1, stable=True).astype(jnp.int32)
 
 
 def chunked_answer_nll_sum(hidden, head, ids, loss_mask, chunk: int = LOSS_CHUNK):
-    """:func:`answer_nll_sum` from the hidden states, never holding the logits of every token:
-    hidden [B, T, D] (after the final norm; position t predicts t + 1), ``head`` [B, C, D] ->
-    float32 logits [B, C, V] (the model's LM head), ids and loss_mask [B, T]. The T - 1
-    predicting positions run ``chunk`` at a time (a ``lax.scan``, the last chunk padded with
+    """:func:`answer_nll_sum` from the hidden states, the LM head run only where there is loss
+    and never over the logits of every token: hidden [B, T, D] (after the final norm; position
+    t predicts t + 1), ``head`` [B, C, D] -> float32 logits [B, C, V] (the model's LM head), ids
+    and loss_mask [B, T].
+
+    Each row's supervised positions are gathered first (:func:`supervised_first`); the head and
+    the log-softmax run over the first m of them, m the smallest of :func:`loss_buckets` that
+    holds the most supervised positions of any row (a ``lax.switch`` over those static counts:
+    no recompile as answers change length; 16 answer tokens of 287 positions run 16, not 287).
+    The m positions run ``chunk`` at a time (a ``lax.scan``, the last chunk padded with
     unsupervised positions), each chunk under ``jax.checkpoint``: forward and backward hold one
     chunk's [B, chunk, V] logits, not [B, T, V] (the TinyLLaVA recipe's 4 rows x 2048 tokens x
     151936 vocabulary are 4.6 GiB of float32 per copy). Each chunk's rows stay split over the
     mesh's batch axes (:func:`parallel.constrain_rows`), so XLA gathers the vocabulary-sharded
     head rather than the rows of the whole batch. Returns a float32 scalar."""
-    h, labels, mask = hidden[:, :-1], ids[:, 1:], loss_mask[:, 1:]
-    n = h.shape[1]
-    c = min(chunk, n)
-    pad = -n % c
-
-    def chunks(x):  # [B, n, ...] -> [n / c, B, c, ...], zero padded
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape((x.shape[0], -1, c) + x.shape[2:]), 0, 1)
+    mask = loss_mask[:, 1:]
+    order = supervised_first(mask)
+    pick = lambda x: jnp.take_along_axis(  # noqa: E731
+        x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+    h, labels, mask = pick(hidden[:, :-1]), pick(ids[:, 1:]), pick(mask)
 
     @jax.checkpoint
     def one(total, piece):
@@ -205,8 +227,25 @@ def chunked_answer_nll_sum(hidden, head, ids, loss_mask, chunk: int = LOSS_CHUNK
         logits = parallel.constrain_rows(head(parallel.constrain_rows(h_c)))
         return total + label_nll_sum(logits, y_c, m_c), None
 
-    total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32), (chunks(h), chunks(labels), chunks(mask)))
-    return total
+    def first(m: int):
+        """The summed NLL of the first ``m`` gathered positions of every row."""
+        c = min(chunk, m)
+        pad = -m % c
+
+        def chunks(x):  # [B, m, ...] -> [m / c, B, c, ...], zero padded
+            x = jnp.pad(x[:, :m], [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            return jnp.swapaxes(x.reshape((x.shape[0], -1, c) + x.shape[2:]), 0, 1)
+
+        def run(h, labels, mask):
+            total, _ = jax.lax.scan(one, jnp.zeros((), jnp.float32),
+                                    (chunks(h), chunks(labels), chunks(mask)))
+            return total
+        return run
+
+    sizes = loss_buckets(h.shape[1])
+    count = jnp.max(jnp.sum(mask != 0, axis=1))
+    bucket = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
+    return jax.lax.switch(bucket, [first(m) for m in sizes], h, labels, mask)
 
 
 def loss_fn(model, stage: str, chunk: int = LOSS_CHUNK):

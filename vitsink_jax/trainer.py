@@ -68,7 +68,7 @@ def load_model(cfg, ckpt: Path, mesh=None):
     model, params = load_pretrained(ckpt, dtype=compute, param_dtype=jnp.float32, mesh=mesh,
                                     param_dtypes=lambda path: group_dtype(path[0]),
                                     remat=cfg.remat, remat_policy=cfg.remat_policy,
-                                    scan_layers=cfg.scan_layers)
+                                    scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
     if not isinstance(model, LlavaForConditionalGeneration):
         raise SystemExit(f"error: {ckpt} is a {type(model).__name__}; training needs a llava checkpoint")
     tokenizer = load_tokenizer(ckpt)
@@ -100,7 +100,7 @@ class Runner:
         if self.strategy == "pmap":
             step = train_lib.make_train_step(model, tx, schedules, cfg.stage, axis_name="batch",
                                              **averaging)
-            self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0))
+            self.step = jax.pmap(step, axis_name="batch", in_axes=(0, None, 0), donate_argnums=(0,))
             self.frozen = frozen
         else:
             self.mesh = mesh

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from .. import resolved
 from ..config import LlavaConfig, ModelConfig, TextConfig, VisionConfig
 from ..models import registry
 from ..models.llm import CausalLM
@@ -229,9 +230,10 @@ def init_params(model, rng=None) -> dict:
 
 
 def abstract_params(model) -> dict:
-    """{param path: ShapeDtypeStruct} without allocating anything."""
-    shapes = jax.eval_shape(lambda: init_params(model))
-    return traverse_util.flatten_dict(shapes)
+    """{param path: ShapeDtypeStruct} without allocating anything, remembered per model
+    (:func:`vitsink_jax.resolved.param_shapes`): a load after the first traces no ``init``."""
+    return resolved.param_shapes(
+        model, lambda: traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(model))))
 
 
 __all__ = ["build_model", "init_params", "abstract_params", "canonical_key", "hf_key_to_path",

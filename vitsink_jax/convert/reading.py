@@ -26,7 +26,7 @@ from . import processor
 from .folders import PROGRESS_MIN_TENSORS, open_weights, read_config, resolve_model_path
 from .hf import build_model
 from .load_plan import Planned, first_few, load_plan, untie_differing_head
-from .safetensors_io import CheckpointError
+from .safetensors_io import HOST_ALIGN, CheckpointError, SafetensorsFile, aligned_empty
 
 
 def _bounds(index: tuple, shape: tuple) -> tuple:
@@ -53,22 +53,42 @@ def _read_block(entry: Planned, box: tuple) -> np.ndarray:
     return _read_box(*entry.sources[0], entry.perm, box)
 
 
+def host_array(x: np.ndarray, dtype, fresh: bool) -> np.ndarray:
+    """``x`` as ``dtype`` in a C-contiguous :data:`~vitsink_jax.convert.safetensors_io.HOST_ALIGN`
+    aligned host buffer, which jax.device_put on a CPU aliases instead of copying: ``x`` itself
+    when it is one and ``fresh`` (a buffer no other array uses: a safetensors read, handed to
+    one device), else a cast / copy into a new one."""
+    if fresh and x.dtype == np.dtype(dtype) and x.flags.c_contiguous and not x.ctypes.data % HOST_ALIGN:
+        return x
+    out = aligned_empty(x.shape, dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def materialize(entry: Planned, sharding, dtype) -> jax.Array:
     """One planned param as a global array placed by ``sharding``: this process reads the
     bounding box of the slices its devices hold (once), and each device gets its slice cast to
-    ``dtype``. ``sharding=None``: the whole param on the default device, uncommitted (as
-    ``jnp.asarray`` places it, so it can still be replicated over a multi-host mesh)."""
+    ``dtype``, read straight into the buffer it keeps where it can (:func:`host_array`: a CPU
+    device aliases a fresh aligned read; a slice a second device also holds is copied, so no
+    two device buffers share memory). ``sharding=None``: the whole param on the default
+    device, uncommitted (as ``jnp.asarray`` places it, so it can still be replicated over a
+    multi-host mesh)."""
     shape = entry.shape
+    fresh = not entry.stacked and isinstance(entry.sources[0][0], SafetensorsFile)
     if sharding is None:
-        return jnp.asarray(np.asarray(_read_block(entry, tuple((0, n) for n in shape)), dtype))
+        return jax.device_put(host_array(_read_block(entry, tuple((0, n) for n in shape)), dtype, fresh))
     local = {d: _bounds(i, shape) for d, i in sharding.addressable_devices_indices_map(shape).items()}
     box = tuple((min(b[k][0] for b in local.values()), max(b[k][1] for b in local.values()))
                 for k in range(len(shape))) if local else tuple((0, 0) for _ in shape)
     block = _read_block(entry, box)
+    handed = set()
 
     def shard(index):
-        rel = tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip(_bounds(index, shape), box))
-        return np.asarray(block[rel], dtype=dtype)
+        bounds = _bounds(index, shape)
+        rel = tuple(slice(a - b[0], z - b[0]) for (a, z), b in zip(bounds, box))
+        out = host_array(block[rel], dtype, fresh and bounds not in handed)
+        handed.add(bounds)
+        return out
 
     return jax.make_array_from_callback(shape, sharding, shard)
 

@@ -30,6 +30,20 @@ NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20  # safetensors refuses headers above 100 MB too
 
 
+HOST_ALIGN = 64  # bytes: a host buffer this aligned is aliased by jax.device_put on a CPU, not copied
+
+
+def aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a :data:`HOST_ALIGN` boundary
+    (numpy's own allocations are 16-byte aligned), so that placing it on a CPU device copies
+    nothing."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted faithfully (missing/corrupt file, bad keys/shapes);
     the message names the file, key or shape."""
@@ -92,14 +106,15 @@ class SafetensorsFile:
 
     def read(self, key: str, rows: Optional[slice] = None) -> np.ndarray:
         """Tensor ``key`` (rows ``rows.start:rows.stop`` of its first axis when given, step 1) as
-        a fresh numpy array; only those bytes are read."""
+        a fresh numpy array (:func:`aligned_empty`: the file's bytes are read straight into the
+        buffer a CPU device then uses); only those bytes are read."""
         t = self.tensors[key]
         shape, start, nbytes = t.shape, t.start, t.nbytes
         if rows is not None and shape:
             lo, hi, _ = rows.indices(shape[0])
             row = nbytes // shape[0] if shape[0] else 0
             shape, start, nbytes = (max(hi - lo, 0),) + shape[1:], start + lo * row, max(hi - lo, 0) * row
-        out = np.empty(shape, t.dtype)
+        out = aligned_empty(shape, t.dtype)
         buf = memoryview(out.reshape(-1).view(np.uint8)) if nbytes else memoryview(b"")
         with open(self.path, "rb") as f:
             f.seek(start)

@@ -61,17 +61,70 @@ def make_attention_mask(attention_mask: Optional[jnp.ndarray], q_len: int, kv_le
     return mask
 
 
+# how attention runs where no attention weights are read (analysis, FastV's ranking layer and
+# VAR always run "explicit"): "xla" jax.nn.dot_product_attention's XLA path (one fused einsum -
+# softmax - einsum; the default), "cudnn" its cuDNN flash kernel (GPU, bf16 / fp16 only),
+# "splash" the Pallas TPU splash-attention kernel (:func:`splash_attention`; interpreted off
+# TPU), "explicit" the einsum - softmax - einsum of :func:`dot_product_attention`
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "explicit")
+
+
+def check_impl(impl: str) -> str:
+    """``impl`` when it is one of :data:`ATTENTION_IMPLS`, else ValueError naming them."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {impl!r} not one of {ATTENTION_IMPLS}")
+    return impl
+
+
+SPLASH_BLOCK = 128  # the splash kernel's query / key block: sequences are padded to a multiple
+
+
+def splash_attention(q, k, v, mask=None, scale: Optional[float] = None, interpret: Optional[bool] = None):
+    """Softmax attention by the Pallas TPU splash-attention kernel
+    (``jax.experimental.pallas.ops.tpu.splash_attention``), with grouped key/value heads.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool broadcastable to [B, 1, T, S] (any mask:
+    causal, padding, windows, Gemma 3's image blocks), None = every key. Each row and key/value
+    head runs the multi-query kernel of its H / K query heads under a dynamic mask (block
+    sparsity read from the mask at run time); T and S are padded to multiples of
+    :data:`SPLASH_BLOCK` with masked keys and the padded queries dropped. A query that may
+    attend to no key (a left pad) gets another average of the values than the explicit path
+    gives it: no real token reads it. ``interpret``: run the kernel in Pallas' interpreter (default: off a
+    TPU). Returns [B, T, H, D] in q.dtype."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    scale = d ** -0.5 if scale is None else scale
+    interpret = jax.default_backend() != "tpu" if interpret is None else interpret
+    tp, sp = -t % SPLASH_BLOCK, -s % SPLASH_BLOCK
+    full = jnp.ones((b, 1, t, s), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, t, s))
+    full = jnp.pad(full[:, 0], ((0, 0), (0, tp), (0, sp)))                    # [B, T', S']
+    qh = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, tp), (0, 0), (0, 0)))
+    qh = qh.reshape(b, t + tp, kh, g, d).transpose(0, 2, 3, 1, 4)              # [B, K, G, T', D]
+    kv = lambda x: jnp.pad(x, ((0, 0), (0, sp), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # noqa: E731
+
+    def row(q_r, k_r, v_r, m_r):  # [K, G, T', D], [K, S', D] x 2, [T', S']
+        kernel = splash.make_splash_mqa_single_device(
+            jnp.broadcast_to(m_r, (g,) + m_r.shape), interpret=interpret,
+            block_sizes=splash.BlockSizes(*(SPLASH_BLOCK,) * 8))
+        return jax.vmap(kernel)(q_r, k_r, v_r)
+    out = jax.vmap(row)(qh, kv(k), kv(v), full)                                # [B, K, G, T', D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t + tp, h, d)[:, :t].astype(q.dtype)
+
+
 def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
-                          adjust: Optional[Callable] = None, fused: bool = False):
+                          adjust: Optional[Callable] = None, impl: str = "explicit"):
     """Softmax attention with grouped key/value heads.
 
     Args:
       q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool, broadcastable to [B, 1, T, S];
       adjust: optional fn on the probabilities [B, H, T, S] before they weigh the values (VAR).
-      fused: use ``jax.nn.dot_product_attention`` (XLA's fused kernel; cuDNN flash attention
-        on GPU in half precision) - no weights are returned and ``adjust`` must be None.
+      impl: one of :data:`ATTENTION_IMPLS`; all but "explicit" return no weights and need
+        ``adjust`` None.
     Returns:
-      (out [B, T, H, D] in q.dtype, weights [B, H, T, S] float32).
+      (out [B, T, H, D] in v.dtype, weights [B, H, T, S] float32, or None but with "explicit").
     """
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
@@ -79,10 +132,15 @@ def dot_product_attention(q, k, v, mask=None, scale: Optional[float] = None,
         raise ValueError(f"query heads {h} not a multiple of key/value heads {kh}")
     g = h // kh
     scale = d ** -0.5 if scale is None else scale
-    if fused:
+    if check_impl(impl) != "explicit":
         if adjust is not None:
-            raise ValueError("fused attention cannot adjust the attention probabilities")
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale), None
+            raise ValueError(f"attention_impl {impl!r} cannot adjust the attention probabilities")
+        common = jnp.result_type(q, k, v)  # the kernels take one dtype (a cache may hold another)
+        q_, k_, v_ = (x.astype(common) for x in (q, k, v))
+        if impl == "splash":
+            return splash_attention(q_, k_, v_, mask, scale).astype(v.dtype), None
+        return jax.nn.dot_product_attention(q_, k_, v_, mask=mask, scale=scale,
+                                            implementation=impl).astype(v.dtype), None
     qg = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(b, h, t, s)
@@ -104,7 +162,7 @@ class Attention(nn.Module):
     qkv_bias: bool = True
     out_bias: bool = True
     out_name: str = "out_proj"  # CLIP/SigLIP: out_proj, LLaMA/Qwen2: o_proj
-    fused: bool = False  # jax.nn.dot_product_attention when no weights are needed
+    impl: str = "xla"  # one of ATTENTION_IMPLS where no weights are read (else "explicit")
     qk_norm: Optional[str] = None  # a norm of q and k: one of QK_NORMS ("rmsnorm": over all
     # heads at once, before the split into heads; the others per head)
     qk_norm_eps: float = 1e-6
@@ -142,8 +200,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
-        fused = self.fused and not output_attentions and adjust is None
-        out, weights = dot_product_attention(q, k, v, mask, self.scale, adjust, fused)
+        impl = "explicit" if output_attentions or adjust is not None else self.impl
+        out, weights = dot_product_attention(q, k, v, mask, self.scale, adjust, impl)
         out = out.reshape(b, t, self.num_heads * self.head_dim)
         out = nn.Dense(e, use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                        name=self.out_name)(out)
@@ -173,14 +231,14 @@ class DecoderBlock(nn.Module):
     config: Any  # a TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    fused_attention: bool = False
+    attention_impl: str = "xla"  # one of ATTENTION_IMPLS
 
     def attend(self, h, mask, cos, sin, output_attentions, kv_cache, cache_index, adjust, **options):
         """``self_attn`` on the normed input h [B, T, D] with RoPE from (cos, sin); ``options``
         are the family's Attention fields (biases, output name, q/k norm)."""
         c = self.config
         return Attention(c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                         fused=self.fused_attention, dtype=self.dtype, param_dtype=self.param_dtype,
+                         impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="self_attn", **options)(
             h, mask, lambda t: apply_rotary(t, cos, sin), output_attentions, kv_cache, cache_index,
             adjust)

@@ -119,20 +119,22 @@ class DecoderModel(nn.Module):
     (one of :data:`REMAT_POLICIES`) says what may be kept.
     ``scan_layers``: one ``nn.scan`` over the layers, params stacked under ``layers`` (see the
     module docstring); no KV cache or interventions in this layout.
-    ``fused_attention``: jax.nn.dot_product_attention in every layer whose weights are not needed.
+    ``attention_impl``: how each layer attends where its weights are not read (one of
+    :data:`~vitsink_jax.models.attention.ATTENTION_IMPLS`; "xla", jax.nn.dot_product_attention,
+    by default).
     """
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
-    fused_attention: bool = False
+    attention_impl: str = "xla"
     scan_layers: bool = False
     remat_policy: str = "nothing_saveable"
 
     def setup(self):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, fused_attention=self.fused_attention)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                                      param_dtype=self.param_dtype)
         layer = scan_body(layer_class(c)) if self.scan_layers else layer_class(c)
@@ -534,8 +536,8 @@ class CausalLM(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    remat: bool = False  # remat, fused_attention, scan_layers, remat_policy: see DecoderModel
-    fused_attention: bool = False
+    remat: bool = False  # remat, attention_impl, scan_layers, remat_policy: see DecoderModel
+    attention_impl: str = "xla"
     scan_layers: bool = False
     remat_policy: str = "nothing_saveable"
     head_bias: Optional[bool] = None
@@ -545,7 +547,7 @@ class CausalLM(nn.Module):
     def setup(self):
         c = self.config
         self.model = DecoderModel(c, self.dtype, self.param_dtype, self.remat,
-                                  self.fused_attention, self.scan_layers, self.remat_policy)
+                                  self.attention_impl, self.scan_layers, self.remat_policy)
         bias = c.lm_head_bias if self.head_bias is None else self.head_bias
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=bias, dtype=self.dtype,

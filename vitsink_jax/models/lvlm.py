@@ -157,7 +157,7 @@ class LlavaForConditionalGeneration(nn.Module):
     visual_tokens: VisualTokenPolicy = VisualTokenPolicy()
     interventions: Interventions = Interventions()  # token pruning, VAR, test-time registers
     remat: bool = False  # recompute LLM layer activations in the backward pass (training memory)
-    fused_attention: bool = False  # LLM: jax.nn.dot_product_attention where no weights are needed
+    attention_impl: str = "xla"  # LLM: how layers attend where no weights are read (ATTENTION_IMPLS)
     scan_layers: bool = False  # LLM layers as one nn.scan, params stacked (see llm.stack_layers)
     remat_policy: str = "nothing_saveable"  # what remat may keep (llm.REMAT_POLICIES)
     merges_vit_tokens = False  # a visual token is one ViT token (MergedTokens: a window of them)
@@ -173,7 +173,7 @@ class LlavaForConditionalGeneration(nn.Module):
             if c.diysink.reweight:
                 self.reweighting = Reweighter(c.diysink.rew_hidden, **kw)
         # an LVLM's head never caps its logits (nor does transformers' Gemma 3 LVLM)
-        self.language_model = CausalLM(c.text, remat=self.remat, fused_attention=self.fused_attention,
+        self.language_model = CausalLM(c.text, remat=self.remat, attention_impl=self.attention_impl,
                                        scan_layers=self.scan_layers, remat_policy=self.remat_policy,
                                        head_bias=c.lm_head_bias, softcap_logits=False, **kw)
 
