@@ -133,5 +133,8 @@ def test_fastv_and_debiased_fastv_on_every_family(tmp_path, family):
         assert out.attentions[-1].shape[-2:] == (t - drop, t - drop)
         assert [len(k) for k in inside] == [n - drop] * 2
         np.testing.assert_array_equal(kept_positions(pruned)(params, batch)[0], np.stack(inside))
-    zero = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.0, True, debias="fit")))
-    np.testing.assert_array_equal(logits(zero), stock)
+    # r = 0 against stock on one attention kernel: the pruning layer reads its weights (the
+    # explicit path), which the fused default rounds differently (~3e-7 on Gemma 3)
+    explicit = model.clone(attention_impl="explicit")
+    zero = explicit.clone(interventions=Interventions(prune=TokenPruning(1, 0.0, True, debias="fit")))
+    np.testing.assert_array_equal(logits(zero), logits(explicit))
