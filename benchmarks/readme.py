@@ -414,7 +414,11 @@ def interventions(r: dict) -> list:
                 "fastv-debias+sinks": f"sink-aware, debiased r = {args[0]}" if args else "sink-aware, debiased",
                 "var": f"VAR p = {args[0]}" if args else "VAR",
                 "var-vit": f"VAR on ViT sinks p = {args[0]}" if args else "VAR on ViT sinks",
-                "registers": f"test-time registers ({args[0]} neurons)" if args else "test-time registers"}.get(name, spec)
+                "registers": f"test-time registers ({args[0]} neurons)" if args else "test-time registers",
+                "fastervlm": f"FasterVLM, keep {args[0]}" if args else "FasterVLM",
+                "visionzip": f"VisionZip {' + '.join(args)}" if args else "VisionZip",
+                "prumerge": f"PruMerge ({args[0]} neighbours)" if args else "PruMerge",
+                "divprune": f"DivPrune, keep {args[0]}" if args else "DivPrune"}.get(name, spec)
 
     rows = [measured_on(iv), "",
             "| intervention | visual tokens | ViT sinks kept | overall | global | local | "

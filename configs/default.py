@@ -113,12 +113,16 @@ def get_config():
     # unless --config.checkpoint is given; FastV by its code's rule (the last prompt token) and
     # by its paper's text (fastv-mean: the mean over the prompt's tokens), with attention
     # debiasing (fastv-debias: the recency trend divided out, arXiv 2508.17807); VAR on the LLM's sink
-    # dimensions found on the data (its official rule) and on the ViT sinks (var-vit)
+    # dimensions found on the data (its official rule) and on the ViT sinks (var-vit); the token
+    # reductions before the LLM at FastV's kept counts (the model's 144 visual tokens: 25% = 36,
+    # 50% = 72; VisionZip's dominant : contextual at its LLaVA-1.5 ratio 54 : 10 rounded to 3 : 1)
     c.compare = ml_collections.ConfigDict(dict(
         specs=("stock", "front", "fastv:0.25:1", "fastv:0.5:1", "fastv:0.75:1", "fastv+sinks:0.25:1",
                "fastv+sinks:0.5:1", "fastv+sinks:0.75:1", "fastv-mean:0.25:1", "fastv-mean:0.5:1",
                "fastv-mean:0.75:1", "fastv-debias:0.25:1", "fastv-debias:0.5:1", "fastv-debias:0.75:1",
-               "fastv-debias+sinks:0.5:1", "var:0.6:0", "var-vit:0.6:0", "registers:10"),
+               "fastv-debias+sinks:0.5:1", "var:0.6:0", "var-vit:0.6:0", "registers:10",
+               "fastervlm:0.25", "fastervlm:0.5", "visionzip:27:9", "visionzip:54:18", "prumerge",
+               "divprune:0.25", "divprune:0.5"),
         checkpoint="mini_study:single", mc_format="cloze", rule="topk", decode_steps=16))
 
     # multi-host runs (vitsink_jax.parallel.distributed_plan): mode "auto" starts jax.distributed

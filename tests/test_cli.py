@@ -15,6 +15,7 @@ from PIL import Image
 from skimage import data
 
 import vitsink_jax as vj
+from conftest import device_env
 from vitsink_jax.data.preprocess import load_image, preprocess
 from vitsink_jax.data.prompts import ANALYSIS
 from vitsink_jax.data.prompts import ImageSlots
@@ -303,10 +304,7 @@ def test_benchmark_on_two_processes_equals_one(tmp_path):
 def test_sharded_evaluation_equals_replicated(tmp_path):
     """eval.fsdp=2 x eval.tensor=2 over 8 devices (params created on their shards) scores and
     generates what the replicated default does."""
-    import os
-
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "VITSINK_JAX_CACHE": str(tmp_path / "xla")}  # the runs, one after another, share programs
+    env = device_env(8, VITSINK_JAX_CACHE=str(tmp_path / "xla"))  # the runs, one after another, share programs
     common = ["--config.mode=benchmark", "--config.checkpoint=embedded", "--config.benchmark.limit=8",
               '--config.variants=("none",)', "--config.benchmark.image_size=56", "--config.eval.batch_size=8",
               *SMALL]

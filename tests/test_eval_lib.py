@@ -1,7 +1,6 @@
 """Scoring, answer extraction and metrics; log-likelihoods against a direct forward; greedy
 generation against transformers; the same scores on 1 and 8 devices."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import build, llama_config, llava_config, random_ids, save
+from conftest import build, device_env, llama_config, llava_config, random_ids, save
 from vitsink_jax import eval_lib as E
 from vitsink_jax import scores as S
 from vitsink_jax import timing
@@ -301,8 +300,7 @@ def test_scores_equal_on_one_and_eight_devices(tiny, tmp_path):
     path = save(tiny["hf"], tmp_path / "llava")
     out = {}
     for devices, strategy in ((1, "mesh"), (8, "mesh"), (8, "pmap")):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-               "JAX_PLATFORMS": "cpu"}
+        env = device_env(devices)
         r = subprocess.run([sys.executable, "-c", MULTI, str(path), strategy], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

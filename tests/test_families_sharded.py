@@ -4,7 +4,6 @@ attention projections split the Megatron way. One fresh process for all (the dev
 fixed at jax import)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
-from conftest import IMAGE_TOKEN, build, gemma3_config, internvl_config, qwen2_5_vl_config, save
+from conftest import IMAGE_TOKEN, build, device_env, gemma3_config, internvl_config, qwen2_5_vl_config, save
 
 MESH_CHECK = """
 import json, sys
@@ -54,7 +53,7 @@ def test_gemma3_internvl_and_qwen2_5_vl_run_sharded_on_8_devices(tmp_path):
                               rng.integers(3, 90, (2, 4))], 1)
         np.savez(tmp_path / f"{name}.npz", ids=ids, pixels=rng.standard_normal((2, 3, *size)).astype(np.float32))
         args += [str(folder), str(tmp_path / f"{name}.npz")]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = device_env(8)
     proc = subprocess.run([sys.executable, "-c", MESH_CHECK, *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

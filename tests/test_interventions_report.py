@@ -12,7 +12,7 @@ import vitsink_jax as vj
 from conftest import (IMAGE_TOKEN, build, clip_vision_config, dinov2_config, gemma3_config,
                       gemma3_text_config, internvl_config, llava_config, phi_config, qwen2_5_vl_config,
                       save, siglip_vision_config)
-from vitsink_jax.interventions import Interventions, TokenPruning
+from vitsink_jax.interventions import Interventions, TokenPruning, parse
 from vitsink_jax.interventions.report import (kept_positions, sink_share, sink_share_kept, tower_to_vit,
                                               vit_positions)
 
@@ -118,7 +118,7 @@ def test_kept_positions_are_the_models_own_pruning(tmp_path):
 def test_fastv_and_debiased_fastv_on_every_family(tmp_path, family):
     """Every family prunes: the later layers run on T - int(r P) tokens, the model keeps
     P - int(r P) visual tokens per row (those :func:`kept_positions` reproduces), and r = 0
-    equals stock exactly."""
+    equals stock exactly; then the token reductions (:func:`check_reductions`)."""
     model, params, batch = _checkpoint(family, tmp_path / family)
     n, t = model.config.num_image_tokens, batch["ids"].shape[1]
     ids, pixels = jnp.asarray(batch["ids"]), jnp.asarray(batch["pixels"])
@@ -138,3 +138,29 @@ def test_fastv_and_debiased_fastv_on_every_family(tmp_path, family):
     explicit = model.clone(attention_impl="explicit")
     zero = explicit.clone(interventions=Interventions(prune=TokenPruning(1, 0.0, True, debias="fit")))
     np.testing.assert_array_equal(logits(zero), logits(explicit))
+    check_reductions(family, model, params, batch, stock)
+
+
+def check_reductions(family: str, model, params, batch: dict, stock):
+    """The token reductions on a family: DivPrune everywhere but Qwen2.5-VL (refused by name),
+    FasterVLM on the towers with a [CLS]; keeping every token equals ``stock`` exactly, keeping
+    half runs the LLM on the image's round(P / 2) slots, each a tower position of the image."""
+    n, ids, pixels = model.config.num_image_tokens, batch["ids"], jnp.asarray(batch["pixels"])
+    if family == "qwen2_5_vl":
+        with pytest.raises(ValueError, match="multimodal RoPE"):
+            model.clone(interventions=parse("divprune:0.5")[0]).apply({"params": params}, jnp.asarray(ids), pixels)
+        return
+    for name in ("divprune", "fastervlm") if family in ("llava-clip", "llava-dinov2", "llava-phi") else ("divprune",):
+        full = model.clone(interventions=parse(f"{name}:1")[0])
+        np.testing.assert_array_equal(
+            jax.jit(lambda p, i, x: full.apply({"params": p}, i, x).logits)(params, jnp.asarray(ids), pixels),
+            stock, err_msg=name)
+        half = model.clone(interventions=parse(f"{name}:0.5")[0])
+        k = half.interventions.image_slots(n)
+        assert k == (round(n / 2) if name == "divprune" else n // 2)
+        visual = np.flatnonzero(ids[0] == IMAGE_TOKEN)
+        short = np.concatenate([ids[:, :visual[0]], ids[:, visual[:k]], ids[:, visual[-1] + 1:]], 1)
+        out = half.apply({"params": params}, jnp.asarray(short), pixels, output_vision=True)
+        assert out.logits.shape[:2] == short.shape and np.isfinite(np.asarray(out.logits)).all()
+        index = np.asarray(out.vision_token_index)
+        assert index.shape == (2, k) and ((index >= 0) | (family == "gemma3")).all(), (name, index)

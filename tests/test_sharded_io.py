@@ -3,7 +3,6 @@ jax.distributed processes of 4), equal to the one-device load bitwise; streamed,
 that transformers loads; Hugging Face repo ids through the huggingface_hub cache."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,8 +15,8 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (assert_close, build, clip_vision_config, llava_config, phi3_config, save,
-                      t2n)
+from conftest import (assert_close, build, clip_vision_config, device_env, llava_config, phi3_config,
+                      save, t2n)
 from test_lvlm import prompt_with_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +38,7 @@ def bf16_llava(tmp_path_factory):
 
 
 def _worker(ckpt, out, *args, env_devices=8):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    if args[0] == "one":
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={env_devices}"
+    env = device_env(env_devices if args[0] == "one" else 0)
     return subprocess.Popen([sys.executable, str(WORKER), str(ckpt), str(out), *args], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

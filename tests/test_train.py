@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import vitsink_jax as vj
+from conftest import device_env
 from vitsink_jax import options, train_data, train_export, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,7 +404,7 @@ def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
     masks[2, 0, rng.choice(ids.shape[1], 25, replace=False)] = 1   # over the 16 bucket
     masks[2, 1, -7:] = 1
     masks[3] = rng.uniform(0.5, 2.0, ids.shape)       # every token, weighted (loss_weight)
-    assert train_lib.loss_buckets(ids.shape[1] - 1) == (16, 32, 35)
+    assert train_lib.loss_buckets(ids.shape[1] - 1) == (16, 35)
 
     def full(p, mask):
         return train_lib.answer_nll_sum(model.apply({"params": p}, ids, pixels).logits, ids, mask)
@@ -432,7 +433,8 @@ def test_supervised_positions_come_first_in_order():
 
     mask = np.array([[0, 1, 0, 0.5, 1], [0, 0, 0, 0, 0]], np.float32)
     np.testing.assert_array_equal(train_lib.supervised_first(mask), [[1, 3, 4, 0, 2], [0, 1, 2, 3, 4]])
-    assert train_lib.loss_buckets(10) == (10,) and train_lib.loss_buckets(40) == (16, 32, 40)
+    assert train_lib.loss_buckets(10) == (10,) and train_lib.loss_buckets(40) == (16, 40)
+    assert train_lib.loss_buckets(287) == (16, 64, 256, 287)
 
 
 REDUCTIONS = """
@@ -470,7 +472,7 @@ def test_one_gradient_reduction_per_update_under_accumulation():
     all-reduces as that of grad_accum 1, none of them in the micro-batch loop (each device sums
     its micro-batches' gradients, then one reduction), and computes the same loss."""
     code = REDUCTIONS.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = device_env(8)
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -579,8 +581,7 @@ if jax.process_index() == 0:
 def _launch(base, work, strategy="mesh", fsdp=1, devices=1, coordinator="", nproc=1, pid=0, local=0,
             steps=3, tensor=1, layers="loop", bucket=32, storage="auto", accum=1, shared_fs=False):
     code = RUN.format(root=str(ROOT), tests=str(ROOT / "tests"), ckpt=str(base / "export"))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = device_env(devices)
     return subprocess.Popen([sys.executable, "-c", code, strategy, str(fsdp), coordinator,
                              str(nproc), str(pid), str(local), str(work), str(steps), str(tensor),
                              layers, str(bucket), storage, str(accum), str(int(shared_fs))],
