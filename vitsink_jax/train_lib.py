@@ -188,7 +188,8 @@ def loss_buckets(n: int, smallest: int = SMALLEST_BUCKET, growth: int = BUCKET_G
     """The static counts of positions per row the loss is compiled for, over ``n`` predicting
     positions: ``smallest``, ``growth`` times that, ... below ``n``, then ``n``. Each count is a
     branch compiled into the step (the head and log-softmax, forward and backward): growth 4
-    compiles half the branches of growth 2 (a tiny training step compiles ~20% faster), and the
+    compiles half the branches of growth 2 (one branch instead of five made a tiny training
+    test's step compile ~20% faster), and the
     head runs over at most 4x the longest answer's positions, still a small share of the step
     (the head's FLOPs per position are about one decoder layer's)."""
     sizes, m = [], min(smallest, n)
