@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data
 
 import vitsink_jax as vj
-from conftest import device_env
+from conftest import jit_apply, device_env
 from vitsink_jax.data.preprocess import load_image, preprocess
 from vitsink_jax.data.prompts import ANALYSIS
 from vitsink_jax.data.prompts import ImageSlots
@@ -72,7 +72,7 @@ def test_demo_end_to_end_on_real_photos(tmp_path):
     model, params = vj.load_pretrained(work / "embedded_default")
     ids = jnp.asarray(demo_prompt(model.config))
     pixels = jnp.asarray(preprocess(model.config.vision, [load_image(images / "chelsea.jpg")]))
-    out = model.apply({"params": params}, ids, pixels, output_vision=True)
+    out = jit_apply(model, {"params": params}, ids, pixels, output_vision=True)
     norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)
     top = report["images"]["chelsea.jpg"]["top_tokens"][0]
     assert top["index"] == int(np.argmax(norms))
@@ -209,7 +209,7 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
     answer = gen[:list(gen).index(tok.eos_token_id)] if tok.eos_token_id in gen else gen
     assert entry["answer_ids"] == answer.tolist() and entry["queries"] == len(answer) > 0
     ids = jnp.asarray(np.concatenate([prompt, answer])[None])
-    out = model.apply({"params": params}, ids, pixels, output_attentions=True, output_vision=True)
+    out = jit_apply(model, {"params": params}, ids, pixels, output_attentions=True, output_vision=True)
     norms = np.linalg.norm(np.asarray(out.vision_features[0]), axis=-1)
     np.testing.assert_allclose(entry["norms"], norms, rtol=1e-5)
     sinks = np.argsort(-norms)[:3]
@@ -223,7 +223,7 @@ def test_analyze_end_to_end_report_and_plots(tmp_path):
     # F4: the logit-lens words of the top-norm token agree with the model run on it alone
     f4 = entry["f4"]["targets"][0]
     assert f4["index"] == int(np.argmax(norms)) and f4["is_sink"]
-    alone = model.apply({"params": params}, out.image_features, method=model.decode_isolated)
+    alone = jit_apply(model, {"params": params}, out.image_features, method=model.decode_isolated)
     assert [w["id"] for w in f4["decoded"]] == np.argsort(-np.asarray(alone[0, f4["index"]]))[:5].tolist()
     assert all(isinstance(w["token"], str) for w in f4["decoded"])  # the embedded tokenizer's words
     assert set(report["summary"]["f4_object_word_in_top_k"]) == {"sink", "non_sink"}
@@ -334,6 +334,7 @@ def test_pruning_benchmark_quick(tmp_path):
     assert rows["fastv:0.5:1"]["decode_step_s"] > 0
 
 
+@pytest.mark.slow
 def test_bf16_loss_benchmark_quick(tmp_path):
     rows = json.loads(run_benchmark_script("bf16_loss", tmp_path).read_text())["results"]
     for r in rows.values():

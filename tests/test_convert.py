@@ -10,7 +10,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import vitsink_jax as vj
-from conftest import (assert_close, build, clip_vision_config, gemma3_config, gemma3_text_config,
+from conftest import (jit_apply, assert_close, build, clip_vision_config, gemma3_config, gemma3_text_config,
                       internvl_config, llama_config, llava_config,
                       qwen2_config, random_ids, save, save_bin, siglip_vision_config, t2n)
 from test_lvlm import prompt_with_images
@@ -24,7 +24,7 @@ def _llava_inputs(rng):
 
 def _logits(model, params, ids, pixels=None):
     args = (jnp.asarray(ids),) if pixels is None else (jnp.asarray(ids), jnp.asarray(pixels))
-    return np.asarray(model.apply({"params": params}, *args).logits)
+    return np.asarray(jit_apply(model, {"params": params}, *args).logits)
 
 
 def _hf_logits(hf, ids, pixels=None):
@@ -233,7 +233,7 @@ def test_tied_head_is_read_as_transformers_reads_it(tmp_path, family, top, text)
     extra = {"token_type_ids": torch.tensor(ids == c.image_token_index).long()} if family == "gemma3" else {}
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels), **extra).logits
-    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels)).logits
+    out = jit_apply(model, {"params": params}, jnp.asarray(ids), jnp.asarray(pixels)).logits
     assert_close(out, t2n(ref), what="logits")
     assert c.text.tie_word_embeddings == (hf.lm_head.weight is hf.get_input_embeddings().weight)
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import assert_close, build, dinov2_config, llava_config, save, t2n
+from conftest import jit_apply, assert_close, build, dinov2_config, llava_config, save, t2n
 from test_lvlm import prompt_with_images
 from vitsink_jax.models.dinov2 import resize_matrix
 
@@ -21,7 +21,7 @@ def test_dinov2_tower(tmp_path, rng, registers, size):
     hf = build(MODELS[registers], dinov2_config(registers))
     model, params = vj.load_pretrained(save(hf, tmp_path / "dino"))
     pixels = rng.standard_normal((2, 3) + size).astype(np.float32)
-    out = model.apply({"params": params}, jnp.asarray(pixels), output_hidden_states=True,
+    out = jit_apply(model, {"params": params}, jnp.asarray(pixels), output_hidden_states=True,
                       output_attentions=True)
     with torch.no_grad():
         ref = hf(torch.tensor(pixels), output_hidden_states=True, output_attentions=True)
@@ -52,7 +52,7 @@ def test_llava_with_dinov2_tower(tmp_path, rng, registers):
     assert model.config.num_image_tokens == 16  # registers never reach the projector
     ids = np.concatenate([prompt_with_images(rng, 1, 16) for _ in range(2)])
     pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
-    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels), output_vision=True)
+    out = jit_apply(model, {"params": params}, jnp.asarray(ids), jnp.asarray(pixels), output_vision=True)
     assert out.vision_features.shape == (2, 16, 32)
     if registers == 0:  # transformers' LLaVA keeps registers; compare the plain tower end to end
         with torch.no_grad():
@@ -81,7 +81,7 @@ def test_llava_dinov2_at_another_input_size(tmp_path, rng):
     assert model.config.image_size == 42
     ids = np.concatenate([prompt_with_images(rng, 1, 36) for _ in range(2)])
     pixels = rng.standard_normal((2, 3, 42, 42)).astype(np.float32)
-    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels))
+    out = jit_apply(model, {"params": params}, jnp.asarray(ids), jnp.asarray(pixels))
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits
     assert_close(out.logits, t2n(ref), what="logits at 42 px")

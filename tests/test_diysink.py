@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import IMAGE_TOKEN, assert_close, build, llava_config, save, t2n
+from conftest import jit_apply, IMAGE_TOKEN, assert_close, build, llava_config, save, t2n
 from test_lvlm import prompt_with_images
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax import eval_lib as E
@@ -32,7 +32,7 @@ def stock(tmp_path_factory):
 
 def apply(model, params, d, **kw):
     kw.setdefault("question_mask", d["ids"] != IMAGE_TOKEN)  # every text token (ReW needs a mask)
-    return model.apply({"params": params}, d["ids"], d["pixels"], output_vision=True, **kw)
+    return jit_apply(model, {"params": params}, d["ids"], d["pixels"], output_vision=True, **kw)
 
 
 @pytest.mark.slow
@@ -110,7 +110,7 @@ def test_save_load_and_transformers_reads_the_nonsink_path(stock, tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(np.asarray(d["ids"])),
                  pixel_values=torch.tensor(np.asarray(d["pixels"]))).logits
-    stock_view = d["model"].apply({"params": {k: loaded[k] for k in d["params"]}}, d["ids"], d["pixels"])
+    stock_view = jit_apply(d["model"], {"params": {k: loaded[k] for k in d["params"]}}, d["ids"], d["pixels"])
     assert_close(stock_view.logits, t2n(ref), what="transformers on the DIYSink checkpoint")
 
 
@@ -176,7 +176,8 @@ def test_route_codes_are_checked(stock):
     d = stock
     model, params = to_diysink(d["model"], d["params"], DIYSinkConfig(RULE))
     with pytest.raises(ValueError, match=r"route code 5 \(image 1\) is not one of 0 \(all\)"):
-        apply(model, params, d, route=jnp.asarray([1, 5]))
+        model.apply({"params": params}, d["ids"], d["pixels"], question_mask=d["ids"] != IMAGE_TOKEN,
+                    route=jnp.asarray([1, 5]))
     with pytest.raises(ValueError, match="route code -1"):
         keep_mask(jnp.zeros((1, 4), bool), np.asarray([-1]))
     forward = jax.jit(lambda p, r: apply(model, p, d, route=r).logits)

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import build, device_env, llama_config, llava_config, random_ids, save
+from conftest import jit_apply, build, device_env, llama_config, llava_config, random_ids, save
 from vitsink_jax import eval_lib as E
 from vitsink_jax import scores as S
 from vitsink_jax import timing
@@ -120,7 +120,7 @@ def _direct_logprobs(d, rec, text_suffix=""):
     c = d["model"].config
     ids = encode_prompt(d["tok"], E.prompt_text(rec, TEMPLATES) + text_suffix, prompt_format(c).image)
     pix = E._pixels(d["model"], rec, {})[None]
-    logits = d["model"].apply({"params": d["params"]}, jnp.asarray(ids[None]), jnp.asarray(pix)).logits
+    logits = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(ids[None]), jnp.asarray(pix)).logits
     return ids, np.asarray(jax.nn.log_softmax(logits[0], -1))
 
 
@@ -209,7 +209,7 @@ def test_greedy_generation_matches_transformers(tiny, rng, policy):
         else:  # sink-to-the-front: transformers gets the rearranged image features by hand
             rule = vj.SinkRule("topk", k=2)
             model = model.clone(visual_tokens=vj.VisualTokenPolicy(policy, rule=rule))
-            arr = model.apply({"params": d["params"]}, ids, pix, output_vision=True).visual_arrangement
+            arr = jit_apply(model, {"params": d["params"]}, ids, pix, output_vision=True).visual_arrangement
             hf = d["hf"]
             vis = hf.model.vision_tower(torch.tensor(pix), output_hidden_states=True)
             feats = hf.model.multi_modal_projector(
@@ -367,7 +367,7 @@ def test_rew_reads_the_training_question_in_every_candidate_row(tiny):
     pix = jnp.asarray(E._pixels(model, rec, {})[None])
 
     def forward(ids, question):
-        return model.apply({"params": params}, jnp.asarray(ids[None]), pix, output_vision=True,
+        return jit_apply(model, {"params": params}, jnp.asarray(ids[None]), pix, output_vision=True,
                            question_mask=jnp.asarray(question[None]))
 
     for mc_format in ("letter", "cloze"):

@@ -11,7 +11,7 @@ import transformers
 from flax import traverse_util
 
 import vitsink_jax as vj
-from conftest import build, hf_tokenizer, qwen2_config, save, siglip_vision_config
+from conftest import jit_apply, build, hf_tokenizer, qwen2_config, save, siglip_vision_config
 from vitsink_jax.convert.layouts import write_fresh_llava
 from vitsink_jax.convert.safetensors_io import CheckpointError
 
@@ -42,7 +42,7 @@ def test_a_fresh_llava_reads_the_llm_and_tower_as_released(parts, tmp_path):
     model, params = vj.load_pretrained(base)
     assert isinstance(model, vj.LlavaForConditionalGeneration)
     ids = np.random.default_rng(0).integers(3, 100, (2, 9)).astype(np.int32)
-    ours = model.apply({"params": params}, ids).logits
+    ours = jit_apply(model, {"params": params}, ids).logits
     with torch.no_grad():
         ref = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours)[..., :ref.shape[-1]], ref, atol=1e-4)

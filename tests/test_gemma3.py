@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, compare_causal_lm,
+from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, compare_causal_lm,
                       gemma3_config, gemma3_text_config, random_ids, save, save_bin, t2n)
 from test_interventions import fastv_reference, run
 from vitsink_jax.data.padding import left_pad
@@ -36,7 +36,7 @@ def test_gemma3_text_parity_scan_and_round_trip(tmp_path, rng):
     assert model.config.layer_windows == (5, None, 5, None)
     with pytest.raises(ValueError, match="sliding_window"):  # its local layers are told by it
         vj.TextConfig.from_hf({**gemma3_text_config().to_dict(), "sliding_window": None})
-    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    out = jit_apply(model, {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     with torch.no_grad():
         ref = t2n(hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits)
     keep = mask.astype(bool)
@@ -83,7 +83,7 @@ def test_gemma3_lvlm_parity_generation_and_scan(gemma3):
     cache over left-padded rows, and the scanned layout."""
     d = gemma3
     model, params = d["model"], d["params"]
-    out = model.apply({"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    out = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                       attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True,
                       output_attentions=True, output_vision=True)
     ref = _hf_forward(d, output_hidden_states=True, output_attentions=True)
@@ -113,7 +113,7 @@ def test_gemma3_round_trips_and_state_dict_spelling(gemma3):
     assert_close(t2n(_hf_forward(d, GEMMA3.from_pretrained(str(out)).eval()).logits)[keep], ref,
                  what="transformers on our export")
     model, params = vj.load_pretrained(save_bin(d["hf"], d["path"] / "bin"))
-    again = model.apply({"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    again = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                         attention_mask=jnp.asarray(d["mask"]))
     assert_close(np.asarray(again.logits)[keep], ref, what="state-dict spelling")
     more = np.concatenate([d["ids"], np.full((2, 2), IMAGE_TOKEN)], 1)  # 12 image tokens, 2 images
@@ -126,7 +126,7 @@ def test_gemma3_sinks_are_read_on_the_vit_tokens(gemma3):
     """Each visual token carries the largest-norm ViT token of its 2 x 2 window, read before
     the tower's post-LayerNorm; vision_token_index names it on the 4 x 4 patch grid."""
     d = gemma3
-    out = d["model"].apply({"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                            output_vision=True)
     with torch.no_grad():
         vit = t2n(d["hf"].model.vision_tower(torch.tensor(d["pixels"]), output_hidden_states=True)
@@ -341,7 +341,7 @@ def test_gemma3_takes_the_processors_outputs_as_they_are(tmp_path):
     assert "token_type_ids" in inputs
     with torch.no_grad():
         ref = hf(**{k: torch.tensor(v) for k, v in inputs.items()}).logits
-    out = model.apply({"params": params}, **inputs)
+    out = jit_apply(model, {"params": params}, **inputs)
     assert_close(out.logits, t2n(ref), what="logits")
     with pytest.raises(ValueError, match="token_type_ids .* marks 0 image token"):
         model.apply({"params": params}, **{**inputs, "token_type_ids": 0 * inputs["token_type_ids"]})

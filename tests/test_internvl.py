@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, internvl_config,
+from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, check_generation_and_scan, internvl_config,
                       internvl_vision_config, qwen2_config, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.interventions.registers import register_neurons
@@ -30,7 +30,7 @@ def test_internvit_parity_and_round_trip(tmp_path, rng, kw):
     hf = build(transformers.InternVLVisionModel, internvl_vision_config(**kw))
     model, params = vj.load_pretrained(save(hf, tmp_path / "vit"))
     pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
-    out = model.apply({"params": params}, jnp.asarray(pixels), output_hidden_states=True,
+    out = jit_apply(model, {"params": params}, jnp.asarray(pixels), output_hidden_states=True,
                       output_attentions=True)
     with torch.no_grad():
         ref = hf(torch.tensor(pixels), output_hidden_states=True, output_attentions=True)
@@ -76,7 +76,7 @@ def test_internvl_parity_generation_scan_and_round_trip(internvl):
     (the same keys as its own save)."""
     d = internvl
     model, params = d["model"], d["params"]
-    out = model.apply({"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    out = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                       attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True, output_vision=True)
     ref = _hf_forward(d, output_hidden_states=True)
     keep = d["mask"].astype(bool)
@@ -91,11 +91,12 @@ def test_internvl_parity_generation_scan_and_round_trip(internvl):
                  t2n(ref.logits)[keep], what="transformers on our export")
 
 
+@pytest.mark.slow
 def test_internvl_sinks_are_read_before_the_pixel_shuffle(internvl):
     """Each visual token carries the largest-norm ViT token of the 2 x 2 window the pixel shuffle
     merges into it; vision_token_index names it in the tower's sequence (CLS first)."""
     d = internvl
-    out = d["model"].apply({"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                            attention_mask=jnp.asarray(d["mask"]), output_vision=True)
     with torch.no_grad():
         vit = t2n(d["hf"].model.vision_tower(torch.tensor(d["pixels"]), output_hidden_states=True)
@@ -217,11 +218,11 @@ def test_internvl_checkpoint_scores_and_runs_the_analysis(tmp_path):
     pixels = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 28, 28)), jnp.float32)
     ids = jnp.asarray(np.r_[[5, 6, 7], [cfg.image_token_id] * 4, [8]][None])
     front = model.clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
-    np.testing.assert_allclose(diy.apply({"params": diy_params}, ids, pixels).logits,
-                               front.apply({"params": params}, ids, pixels).logits, atol=1e-5)
+    np.testing.assert_allclose(jit_apply(diy, {"params": diy_params}, ids, pixels).logits,
+                               jit_apply(front, {"params": params}, ids, pixels).logits, atol=1e-5)
     scratch, scratch_params = to_diysink(model, params, DIYSinkConfig(rule), init="scratch")
     assert scratch_params["multi_modal_projector_sink"]["linear_1"]["kernel"].shape == (128, 64)  # 4 x 32 wide
-    assert np.isfinite(scratch.apply({"params": scratch_params}, ids, pixels).logits).all()
+    assert np.isfinite(jit_apply(scratch, {"params": scratch_params}, ids, pixels).logits).all()
     neurons = register_neurons(model, params, pixels, rule, 2)
     assert len(neurons) == 2 and all(0 <= layer < 3 for layer, _, _ in neurons)
     train_diysink_briefly(folder, tmp_path / "train")

@@ -14,7 +14,7 @@ import transformers
 from flax import linen as nn
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, llama_config, llava_config, phi3_config,
+from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, llama_config, llava_config, phi3_config,
                       phi_config, random_ids, save, t2n)
 from vitsink_jax.sinks.detect import sink_mask, token_norms
 from vitsink_jax.interventions import AttentionRedistribution, Interventions, TokenPruning
@@ -41,7 +41,7 @@ def llama(tmp_path_factory):
 
 
 def run(model, params, ids, visual, sinks, **iv):
-    return model.apply({"params": params}, jnp.asarray(ids), interventions=Interventions(**iv),
+    return jit_apply(model, {"params": params}, jnp.asarray(ids), interventions=Interventions(**iv),
                        visual_mask=jnp.asarray(visual), sink_mask=jnp.asarray(sinks), num_visual=12,
                        output_attentions=True)
 
@@ -144,6 +144,7 @@ def test_attention_debiasing_hand_computed():
         TokenPruning(debias="weights")  # the weights are needed
 
 
+@pytest.mark.slow
 def test_scoring_prunes_from_the_prompt_as_generation_does(tmp_path):
     """A likelihood row (prompt + candidate) ranks the visual tokens by the prompt's last token,
     as generation's prefill of the prompt: the prompt's logits equal the prompt-only forward's.
@@ -162,10 +163,10 @@ def test_scoring_prunes_from_the_prompt_as_generation_does(tmp_path):
     targets[:, len(prompt) - 1:-1] = full[:, len(prompt):]
     marked = prompt_tokens(jnp.ones(full.shape, jnp.int32), jnp.asarray(targets))
     np.testing.assert_array_equal(marked, np.arange(full.shape[1])[None].repeat(2, 0) < len(prompt))
-    alone = pruned.apply({"params": params}, jnp.asarray(full[:, :len(prompt)]), pixels).logits
-    ours = pruned.apply({"params": params}, jnp.asarray(full), pixels, prompt_mask=marked).logits
+    alone = jit_apply(pruned, {"params": params}, jnp.asarray(full[:, :len(prompt)]), pixels).logits
+    ours = jit_apply(pruned, {"params": params}, jnp.asarray(full), pixels, prompt_mask=marked).logits
     np.testing.assert_allclose(ours[:, :len(prompt)], alone, atol=1e-5)
-    unmasked = pruned.apply({"params": params}, jnp.asarray(full), pixels).logits
+    unmasked = jit_apply(pruned, {"params": params}, jnp.asarray(full), pixels).logits
     assert not np.allclose(unmasked[:, :len(prompt)], alone, atol=1e-5)
     np.testing.assert_array_equal(prompt_tokens(jnp.asarray([[1, 1, 0]]), jnp.asarray([[-1, -1, -1]])),
                                   [[True, True, False]])  # next-token rows: the whole row
@@ -185,7 +186,7 @@ def test_pruning_on_phi2_equals_transformers_on_the_kept_tokens(tmp_path):
 
 def test_pruning_ratio_zero_and_var_budget_zero_equal_stock(llama):
     _, model, params, ids, visual, sinks = llama
-    stock = model.apply({"params": params}, jnp.asarray(ids)).logits
+    stock = jit_apply(model, {"params": params}, jnp.asarray(ids)).logits
     for iv in (dict(prune=TokenPruning(2, 0.0)), dict(var=AttentionRedistribution(p=1.0, sinks="vit"))):
         np.testing.assert_allclose(run(model, params, ids, visual, sinks, **iv).logits, stock, atol=1e-5)
 
@@ -378,6 +379,7 @@ def test_test_time_registers_as_the_authors_code_hand_computed():
         (1, 0, 20.0), (0, 1, 9.0)]
 
 
+@pytest.mark.slow
 def test_register_search_over_distinct_images_in_chunks_up_to_the_feature_layer(tmp_path):
     """The harness searches distinct images (search_pixels), SEARCH_CHUNK per forward: the same
     neurons as one forward over all of them, none after the feature layer (LLaVA's -2: the
@@ -432,7 +434,7 @@ def test_clip_test_time_register_enters_before_the_pre_layernorm():
     normed = nn.LayerNorm(epsilon=c.layer_norm_eps).apply({"params": ln}, x)
     seq = jnp.concatenate([normed, jnp.broadcast_to(ln["bias"], (2, 1, 32))], 1)
     ref, _, _ = Encoder(c, test_time_registers=ttr, layer=EncoderLayer).apply({"params": p["encoder"]}, seq)
-    out = tower.apply({"params": p}, pixels)
+    out = jit_apply(tower, {"params": p}, pixels)
     np.testing.assert_allclose(out.last_hidden_state, ref[:, :-1], atol=1e-5)
 
 
@@ -457,9 +459,9 @@ def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     pruned = model.clone(interventions=Interventions(prune=TokenPruning(1, 0.5)))
     cache = init_cache(model.config.text, 2, ids.shape[1] + 3, pruning=(1, n // 2))
     assert cache.keys[0].shape[1] == ids.shape[1] + 3 and cache.keys[1].shape[1] == ids.shape[1] + 3 - n // 2
-    out = pruned.apply({"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
+    out = jit_apply(pruned, {"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
                        cache=cache)
-    plain = pruned.apply({"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
+    plain = jit_apply(pruned, {"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
                          position_ids=jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0)))
     np.testing.assert_allclose(out.logits[:, -1], plain.logits[:, -1], atol=1e-5)  # prefill = forward
     tokens = generate(pruned, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3)
@@ -507,11 +509,11 @@ def test_var_during_cached_generation_equals_the_forward(tmp_path, sinks, text):
                           tau=1.5, skip_last=False)))
     mask = jnp.ones(ids.shape, jnp.int32)
     out = prefill(var, params, jnp.asarray(ids), mask, pixels, 2)
-    full = var.apply({"params": params}, jnp.asarray(ids), pixels)
+    full = jit_apply(var, {"params": params}, jnp.asarray(ids), pixels)
     np.testing.assert_allclose(out.logits[:, -1], full.logits[:, -1], atol=1e-5)
-    assert not np.allclose(full.logits, model.apply({"params": params}, jnp.asarray(ids), pixels).logits)
+    assert not np.allclose(full.logits, jit_apply(model, {"params": params}, jnp.asarray(ids), pixels).logits)
     tok = np.argmax(np.asarray(out.logits[:, -1]), -1)
-    step = var.apply({"params": params}, jnp.asarray(tok[:, None]), out.cache, method=type(var).decode)
-    longer = var.apply({"params": params}, jnp.asarray(np.concatenate([ids, tok[:, None]], 1)), pixels)
+    step = jit_apply(var, {"params": params}, jnp.asarray(tok[:, None]), out.cache, method=type(var).decode)
+    longer = jit_apply(var, {"params": params}, jnp.asarray(np.concatenate([ids, tok[:, None]], 1)), pixels)
     np.testing.assert_allclose(step.logits[:, -1], longer.logits[:, -1], atol=1e-5)
     assert generate(var, params, jnp.asarray(ids), mask, pixels, 3).shape == (2, 3)

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, build, clip_vision_config, dinov2_config, gemma3_config,
+from conftest import (jit_apply, IMAGE_TOKEN, build, clip_vision_config, dinov2_config, gemma3_config,
                       gemma3_text_config, internvl_config, llava_config, phi_config, qwen2_5_vl_config,
                       save, siglip_vision_config)
 from vitsink_jax.interventions import Interventions, TokenPruning, parse
@@ -159,7 +159,7 @@ def check_reductions(family: str, model, params, batch: dict, logits, stock):
         assert k == (round(n / 2) if name == "divprune" else n // 2)
         visual = np.flatnonzero(ids[0] == IMAGE_TOKEN)
         short = np.concatenate([ids[:, :visual[0]], ids[:, visual[:k]], ids[:, visual[-1] + 1:]], 1)
-        out = half.apply({"params": params}, jnp.asarray(short), pixels, output_vision=True)
+        out = jit_apply(half, {"params": params}, jnp.asarray(short), pixels, output_vision=True)
         assert out.logits.shape[:2] == short.shape and np.isfinite(np.asarray(out.logits)).all()
         index = np.asarray(out.vision_token_index)
         assert index.shape == (2, k) and ((index >= 0) | (family == "gemma3")).all(), (name, index)

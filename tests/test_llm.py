@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import (assert_close, build, compare_causal_lm as _compare, llama_config, qwen2_config,
+from conftest import (jit_apply, assert_close, build, compare_causal_lm as _compare, llama_config, qwen2_config,
                       random_ids, save, t2n)
 
 
@@ -90,9 +90,9 @@ def test_bf16_compute_head_returns_unrounded_float32_logits(tmp_path, rng, famil
     m32, params = vj.load_pretrained(path)
     m16, _ = vj.load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32)  # train.py's
     ids = jnp.asarray(random_ids(rng, 2, 12))
-    top = float(np.max(np.abs(m32.apply({"params": params}, ids).logits)))
+    top = float(np.max(np.abs(jit_apply(m32, {"params": params}, ids).logits)))
     params["model"]["norm"]["scale"] = params["model"]["norm"]["scale"] * (20.0 / top)
-    out = m16.apply({"params": params}, ids, output_hidden_states=True)
+    out = jit_apply(m16, {"params": params}, ids, output_hidden_states=True)
     logits = np.asarray(out.logits)
     assert logits.dtype == np.float32 and 15.0 < np.max(np.abs(logits)) < 25.0
     assert np.mean(logits != logits.astype(jnp.bfloat16).astype(np.float32)) > 0.9  # off bf16's grid
@@ -102,7 +102,7 @@ def test_bf16_compute_head_returns_unrounded_float32_logits(tmp_path, rng, famil
     want = h.astype(np.float32) @ np.asarray(head.astype(jnp.bfloat16)).astype(np.float32)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
     mask = jnp.zeros(ids.shape, bool).at[:, 6:].set(True)
-    loss32 = float(answer_nll_sum(m32.apply({"params": params}, ids).logits, ids, mask))
+    loss32 = float(answer_nll_sum(jit_apply(m32, {"params": params}, ids).logits, ids, mask))
     loss16 = float(answer_nll_sum(out.logits, ids, mask))
     assert abs(loss16 - loss32) / 12 < 2e-2  # per answer token
 
@@ -111,9 +111,9 @@ def test_inputs_embeds_equals_input_ids(tmp_path, rng):
     hf = build(transformers.LlamaForCausalLM, llama_config())
     model, params = vj.load_pretrained(save(hf, tmp_path / "llama"))
     ids = jnp.asarray(random_ids(rng, 1, 7))
-    a = model.apply({"params": params}, ids).logits
-    emb = model.apply({"params": params}, ids, method=model.embed)
-    b = model.apply({"params": params}, inputs_embeds=emb).logits
+    a = jit_apply(model, {"params": params}, ids).logits
+    emb = jit_apply(model, {"params": params}, ids, method=model.embed)
+    b = jit_apply(model, {"params": params}, inputs_embeds=emb).logits
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="exactly one"):
         model.apply({"params": params}, ids, inputs_embeds=emb)
@@ -133,10 +133,10 @@ def test_attention_impl_switch_equals_transformers(tmp_path, rng, impl):
     mask[1, :3] = 0
     with torch.no_grad():
         ref = t2n(hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits)
-    out = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    out = jit_apply(model, {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     assert_close(np.asarray(out.logits)[mask.astype(bool)], ref[mask.astype(bool)], what=f"{impl} logits")
     assert np.isfinite(np.asarray(out.logits)).all()
-    weights = model.apply({"params": params}, jnp.asarray(ids), output_attentions=True).attentions
+    weights = jit_apply(model, {"params": params}, jnp.asarray(ids), output_attentions=True).attentions
     assert weights[0].shape == (2, 4, 10, 10)
 
 
@@ -163,7 +163,7 @@ def test_scan_layers_switch_equals_transformers_and_round_trips(tmp_path, rng):
 
     x = jnp.asarray(ids)
     np.testing.assert_allclose(scanned.clone(attention_impl="explicit").apply({"params": params}, x).logits,
-                               loop.apply({"params": loop_params}, x).logits, atol=1e-5)
+                               jit_apply(loop, {"params": loop_params}, x).logits, atol=1e-5)
     grad = lambda m, p: jax.grad(lambda p: m.apply({"params": p}, x).logits.std())(p)  # noqa: E731
     ref = grad(loop, loop_params)
     for policy in vj.REMAT_POLICIES:

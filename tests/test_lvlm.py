@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, llava_config,
+from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, llava_config,
                       qwen2_config, random_ids, save, siglip_vision_config, t2n)
 
 LLAVA = transformers.LlavaForConditionalGeneration
@@ -25,7 +25,7 @@ def prompt_with_images(rng, n_images, tokens_per_image, before=3, after=4):
 
 def _compare(hf, path, ids, pixels, mask=None):
     model, params = vj.load_pretrained(save(hf, path))
-    out = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels),
+    out = jit_apply(model, {"params": params}, jnp.asarray(ids), jnp.asarray(pixels),
                       attention_mask=None if mask is None else jnp.asarray(mask),
                       output_hidden_states=True, output_vision=True)
     with torch.no_grad():
@@ -107,11 +107,12 @@ def test_linear_projector_round_trip(tmp_path, rng):
     assert model2.config.projector_type == "linear"
     ids = jnp.asarray(prompt_with_images(rng, 1, 16))
     pixels = jnp.asarray(rng.standard_normal((1, 3, 28, 28)), jnp.float32)
-    a = model.apply({"params": params}, ids, pixels).logits
-    b = model2.apply({"params": params2}, ids, pixels).logits
+    a = jit_apply(model, {"params": params}, ids, pixels).logits
+    b = jit_apply(model2, {"params": params2}, ids, pixels).logits
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32(tmp_path, rng):
     hf = build(LLAVA, llava_config())
     path = save(hf, tmp_path / "llava")
@@ -120,8 +121,8 @@ def test_bf16_compute_close_to_fp32(tmp_path, rng):
     m32, p32 = vj.load_pretrained(path)
     m16, p16 = vj.load_pretrained(path, dtype=jnp.bfloat16)
     assert jax.tree_util.tree_leaves(p16)[0].dtype == jnp.bfloat16
-    a = np.asarray(m32.apply({"params": p32}, ids, pixels).logits)
-    out = m16.apply({"params": p16}, ids, pixels)
+    a = np.asarray(jit_apply(m32, {"params": p32}, ids, pixels).logits)
+    out = jit_apply(m16, {"params": p16}, ids, pixels)
     assert out.logits.dtype == jnp.float32
     b = np.asarray(out.logits)
     assert np.max(np.abs(a - b)) <= 3e-2 * max(1.0, np.max(np.abs(a)))

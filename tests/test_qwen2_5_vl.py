@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, qwen2_5_vl_config,
+from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, qwen2_5_vl_config,
                       qwen_hf_inputs, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.generate import generate
@@ -77,7 +77,7 @@ def test_qwen_parity_generation_scan_and_round_trip(qwen):
     layout, and the export transformers loads (the same keys as its own save)."""
     d = qwen
     model, params = d["model"], d["params"]
-    out = model.apply({"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    out = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                       attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True,
                       output_attentions=True, output_vision=True)
     ref = _hf_forward(d, output_hidden_states=True, output_attentions=True)
@@ -98,12 +98,14 @@ def test_qwen_parity_generation_scan_and_round_trip(qwen):
                  t2n(ref.logits)[keep], what="transformers on our export")
 
 
+@pytest.mark.slow
 def test_qwen_tower_tokens_and_sinks_before_the_merger(qwen):
     """Every block's tokens equal transformers' (its sequence permuted back to row-major
     patches); each visual token's sink feature is the largest-norm last-block token of its
-    2 x 2 window and vision_token_index names that patch."""
+    2 x 2 window and vision_token_index names that patch. (~24 s on 2 cores: the forward runs
+    op by op, unjitted, beside transformers' with every block's output.)"""
     d = qwen
-    out = d["model"].apply({"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
+    out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                            attention_mask=jnp.asarray(d["mask"]), output_vision=True)
     hf_in = d["hf_inputs"]
     with torch.no_grad():
@@ -213,12 +215,12 @@ def test_qwen_dynamic_resolution_equals_the_processor_and_bad_sizes_raise(qwen):
     hf_in = qwen_hf_inputs(ids, pixels)
     with torch.no_grad():
         ref = t2n(d["hf"](input_ids=torch.tensor(ids), **{k: torch.tensor(v) for k, v in hf_in.items()}).logits)
-    out = d["model"].apply({"params": d["params"]}, jnp.asarray(ids), jnp.asarray(pixels))
+    out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(ids), jnp.asarray(pixels))
     assert_close(out.logits, ref, what="a 32 x 48 photo")
     # FastV's shorter cache is sized by the image's 24 tokens, not the config's 4
     pruned = d["model"].clone(interventions=Interventions(prune=TokenPruning(1, 0.5, True)),
                               visual_tokens=VisualTokenPolicy(rule=vj.SinkRule("topk", k=2)))
-    first = pruned.apply({"params": d["params"]}, jnp.asarray(ids), jnp.asarray(pixels)).logits[0, -1].argmax()
+    first = jit_apply(pruned, {"params": d["params"]}, jnp.asarray(ids), jnp.asarray(pixels)).logits[0, -1].argmax()
     tokens = generate(pruned, d["params"], ids, np.ones_like(ids), pixels, 3)
     assert tokens.shape == (1, 3) and int(tokens[0, 0]) == int(first)
     with pytest.raises(ValueError, match=r"pixel_values has shape \(1, 3, 20, 48\).*multiples of 8"):
@@ -275,6 +277,7 @@ def test_qwen_diysink_and_its_checkpoint(qwen, tmp_path, init):
     check_diysink(qwen, _hf_forward, QWEN, tmp_path, init)
 
 
+@pytest.mark.slow
 def test_bad_position_ids_and_configs_raise_by_name(qwen):
     """transformers' [3, B, T] ids, a tower without its model and M-RoPE sections that do not
     cover the head are refused with what to do."""

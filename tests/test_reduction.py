@@ -14,7 +14,7 @@ from vitsink_jax.interventions import Interventions, TokenPruning, TokenReductio
 from vitsink_jax.interventions import reduction as R
 from vitsink_jax.interventions.reduction import kept_positions
 
-from conftest import (IMAGE_TOKEN, build, dinov2_config, gemma3_config, llava_config,
+from conftest import (jit_apply, IMAGE_TOKEN, build, dinov2_config, gemma3_config, llava_config,
                       qwen2_5_vl_config, save, siglip_vision_config, transformers)
 
 
@@ -131,7 +131,7 @@ def clip_llava(tmp_path_factory):
 
 
 def stock_run(model, params):
-    return model.apply({"params": params}, prompt(16), PIXELS, output_attentions=True,
+    return jit_apply(model, {"params": params}, prompt(16), PIXELS, output_attentions=True,
                        output_vision=True)
 
 
@@ -156,7 +156,7 @@ def test_fastervlm_in_the_model_keeps_the_cls_top_tokens(clip_llava):
     cls = np.asarray(stock.vision_outputs.attentions[1])[:, :, 0, 1:].mean(1)
     keep = np.sort(np.argsort(-cls, axis=1, kind="stable")[:, :4], axis=1)
     m = model.clone(interventions=parse("fastervlm:0.25")[0])
-    out = m.apply({"params": params}, prompt(4), PIXELS, output_vision=True)
+    out = jit_apply(m, {"params": params}, prompt(4), PIXELS, output_vision=True)
     np.testing.assert_array_equal(out.vision_token_index, keep + 1)
     np.testing.assert_array_equal(kept_positions(m, params, PIXELS), keep + 1)
     np.testing.assert_allclose(out.image_features, np.take_along_axis(
@@ -179,7 +179,7 @@ def test_divprune_in_the_model_picks_the_official_loops_tokens(clip_llava):
     model, params = clip_llava
     stock = np.asarray(stock_run(model, params).image_features)
     m = model.clone(interventions=parse("divprune:0.25")[0])
-    out = m.apply({"params": params}, prompt(4), PIXELS, output_vision=True)
+    out = jit_apply(m, {"params": params}, prompt(4), PIXELS, output_vision=True)
     want = np.array([official_divprune(f, 4) for f in stock])
     np.testing.assert_array_equal(out.vision_token_index, want + 1)
     np.testing.assert_allclose(out.image_features, np.take_along_axis(stock, want[..., None], 1), atol=1e-6)
@@ -215,9 +215,9 @@ def test_visionzip_in_the_model_as_its_official_code(clip_llava):
 @pytest.mark.parametrize("spec", ["fastervlm:1", "divprune:1", "visionzip:16:0"])
 def test_keeping_every_token_equals_stock_exactly(clip_llava, spec):
     model, params = clip_llava
-    stock = model.apply({"params": params}, prompt(16), PIXELS).logits
+    stock = jit_apply(model, {"params": params}, prompt(16), PIXELS).logits
     m = model.clone(interventions=parse(spec)[0])
-    np.testing.assert_array_equal(m.apply({"params": params}, prompt(16), PIXELS).logits, stock)
+    np.testing.assert_array_equal(jit_apply(m, {"params": params}, prompt(16), PIXELS).logits, stock)
 
 
 @pytest.mark.slow  # un-jitted forwards and LLM runs per row, ~45 s
@@ -231,11 +231,11 @@ def test_prumerge_unused_slots_equal_a_prompt_without_them(clip_llava):
     for proj in ("q_proj", "k_proj"):
         attn[proj] = {**attn[proj], "kernel": attn[proj]["kernel"] * 8}
     m = model.clone(interventions=parse("prumerge:4")[0])
-    feats, positions, valid = m.apply({"params": params}, PIXELS, method=m.reduced_tokens)
+    feats, positions, valid = jit_apply(m, {"params": params}, PIXELS, method=m.reduced_tokens)
     assert feats.shape[:2] == (2, 5) and valid[:, -1].all() and 1 < valid.sum(1).min() < 5
-    out = m.apply({"params": params}, prompt(5), PIXELS).logits
-    lm = lambda e: m.apply({"params": params}, e, method=lambda mdl, e: mdl.language_model(inputs_embeds=e).logits)  # noqa: E731
-    text = m.apply({"params": params}, prompt(0), method=lambda mdl, i: mdl.language_model.embed(i))
+    out = jit_apply(m, {"params": params}, prompt(5), PIXELS).logits
+    lm = lambda e: jit_apply(m, {"params": params}, e, method=lambda mdl, e: mdl.language_model(inputs_embeds=e).logits)  # noqa: E731
+    text = jit_apply(m, {"params": params}, prompt(0), method=lambda mdl, i: mdl.language_model.embed(i))
     for b in range(2):
         ok = np.asarray(valid[b])
         embeds = jnp.concatenate([text[b:b + 1, :3], feats[b:b + 1, ok], text[b:b + 1, 3:]], 1)
@@ -252,7 +252,7 @@ def test_towers_without_cls_substitute_or_refuse(tmp_path):
                                                   llava_config(vision=siglip_vision_config())), tmp_path / "s"))
     n = model.config.num_image_tokens
     m = model.clone(interventions=parse("visionzip:4:2")[0])
-    out = m.apply({"params": params}, prompt(6), PIXELS, output_vision=True)
+    out = jit_apply(m, {"params": params}, prompt(6), PIXELS, output_vision=True)
     assert out.logits.shape[1] == 11 and (np.asarray(out.vision_token_index)[:, 4:] == -1).all()
     for spec in ("fastervlm:0.5", "prumerge"):
         with pytest.raises(ValueError, match=rf"'{spec.split(':')[0]}'.*no \[CLS\] token"):

@@ -295,8 +295,10 @@ def test_a_bad_setting_is_one_line_with_status_2_before_anything_is_written(tmp_
     assert not Path(cli_flags.workdir).exists()
 
 
+@pytest.mark.slow
 def test_the_scripts_end_a_flag_parsing_error_in_one_line_with_status_2(tmp_path):
-    """The whole CLIs (5 process starts side by side, ~12 s): a misspelt key and a missing
+    """The whole CLIs (5 process starts side by side: ~12 s alone, ~23 s beside
+    another test): a misspelt key and a missing
     config file failed inside absl's flag parsing, before main, in a traceback; a stray
     positional argument was ignored (``evaluate.py benchmark`` ran the default mode). Run from
     another directory, the scripts find their own default configs, and ``--config.help`` lists

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vitsink_jax.sinks import analysis
+from conftest import jit_apply
 
 
 def hand_built():
@@ -84,7 +85,7 @@ def test_visual_attention_on_a_real_model_matches_a_direct_loop(tmp_path):
     params = vj.init_params(model, jax.random.PRNGKey(0))
     ids = jnp.asarray([[1, 2] + [63] * 16 + [3, 4, 5]])
     pix = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 28, 28))
-    out = model.apply({"params": params}, ids, pix, output_attentions=True)
+    out = jit_apply(model, {"params": params}, ids, pix, output_attentions=True)
     pos = analysis.visual_positions(ids, 63, 16)
     query = jnp.arange(21)[None] >= 18
     vis = analysis.stack_visual_attention(out.attentions, pos, query)
@@ -120,7 +121,7 @@ def test_f4_isolated_decoding_equals_transformers_on_one_token(tmp_path):
     hf = build(transformers.LlavaForConditionalGeneration, llava_config())
     model, params = vj.load_pretrained(save(hf, tmp_path / "llava"))
     feats = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
-    ours = model.apply({"params": params}, jnp.asarray(feats), method=model.decode_isolated)
+    ours = jit_apply(model, {"params": params}, jnp.asarray(feats), method=model.decode_isolated)
     lm = hf.model.language_model
     with torch.no_grad():
         for i, pos in ((0, 0), (1, 37)):  # a lone token's logits do not depend on its position
@@ -191,6 +192,7 @@ def test_analysis_reads_a_rearranged_sequence_in_stock_order():
     assert np.isnan(res["sink_ratio"]).all() and res["bucket_count"].tolist() == [0, 1]
 
 
+@pytest.mark.slow
 def test_analysis_masks_padding_and_refuses_missing_image_tokens():
     out, ids, _ = planted("none")
     # a padded query position (mask 0) paying all its attention to token 0 must not count
@@ -276,7 +278,7 @@ def test_cls_token_is_never_a_sink_and_keeps_its_slot_under_full_strategy():
     params = vj.init_params(model, jax.random.PRNGKey(0))
     ids = jnp.asarray([[1, 2] + [63] * 17 + [3]])
     pix = jax.random.normal(jax.random.PRNGKey(1), (1, 3, 28, 28))
-    out = model.apply({"params": params}, ids, pix, output_vision=True)
+    out = jit_apply(model, {"params": params}, ids, pix, output_vision=True)
     arr = out.visual_arrangement
     assert int(arr.permutation[0, 0]) == 0 and not bool(arr.sink_mask[0, 0])
     assert int(arr.permutation[0, 1]) == int(np.flatnonzero(arr.sink_mask[0])[0])

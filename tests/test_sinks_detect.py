@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vitsink_jax.sinks import detect
+from conftest import jit_apply
 
 N, E = 64, 16
 PLANTED = [[3, 17, 40], [9], [0, 5, 22, 50, 63], []]  # different sink counts per image
@@ -87,7 +88,7 @@ def test_sink_dims_found_from_activation_planted_in_a_tiny_llm():
     emb = params["model"]["embed_tokens"]["embedding"]
     params["model"]["embed_tokens"]["embedding"] = emb.at[token, dim].set(2000.0)
     ids = jnp.asarray([[1, 4, 11, 5, 6, 11, 7, 8], [2, 3, 4, 5, 6, 7, 9, 10]])
-    out = model.apply({"params": params}, ids, output_hidden_states=True)
+    out = jit_apply(model, {"params": params}, ids, output_hidden_states=True)
     hidden = out.hidden_states[1]  # after the first layer
     dims = jax.jit(detect.massive_activation_dims)(hidden)
     assert int(dims[0]) == dim and (np.asarray(dims[1:]) == -1).all()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import vitsink_jax as vj
-from conftest import device_env
+from conftest import jit_apply, device_env
 from vitsink_jax import options, train_data, train_export, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,17 +407,17 @@ def test_chunked_loss_equals_the_loss_of_the_full_logits(tied):
     assert train_lib.loss_buckets(ids.shape[1] - 1) == (16, 35)
 
     def full(p, mask):
-        return train_lib.answer_nll_sum(model.apply({"params": p}, ids, pixels).logits, ids, mask)
+        return train_lib.answer_nll_sum(jit_apply(model, {"params": p}, ids, pixels).logits, ids, mask)
 
     def chunked(p, mask):
-        hidden = model.apply({"params": p}, ids, pixels, head=False).last_hidden_state
+        hidden = jit_apply(model, {"params": p}, ids, pixels, head=False).last_hidden_state
         return train_lib.chunked_answer_nll_sum(
-            hidden, lambda h: model.apply({"params": p}, h, method="head"), ids, mask, chunk=5)
+            hidden, lambda h: jit_apply(model, {"params": p}, h, method="head"), ids, mask, chunk=5)
 
-    out = model.apply({"params": params}, ids, pixels, head=False, one_image_per_row=True)
+    out = jit_apply(model, {"params": params}, ids, pixels, head=False, one_image_per_row=True)
     assert out.logits is None
-    np.testing.assert_allclose(model.apply({"params": params}, out.last_hidden_state, method="head"),
-                               model.apply({"params": params}, ids, pixels).logits, rtol=1e-6)
+    np.testing.assert_allclose(jit_apply(model, {"params": params}, out.last_hidden_state, method="head"),
+                               jit_apply(model, {"params": params}, ids, pixels).logits, rtol=1e-6)
     want_fn, got_fn = (jax.jit(jax.value_and_grad(f)) for f in (full, chunked))
     for i, mask in enumerate(masks):
         (want, want_grad), (got, got_grad) = want_fn(params, mask), got_fn(params, mask)
@@ -467,6 +467,7 @@ print("RESULT", json.dumps(found))
 """
 
 
+@pytest.mark.slow
 def test_one_gradient_reduction_per_update_under_accumulation():
     """Pure data parallelism over 8 devices: the compiled step of grad_accum 4 holds as many
     all-reduces as that of grad_accum 1, none of them in the micro-batch loop (each device sums
@@ -1007,7 +1008,7 @@ def one_row_batch(c, image_size: int) -> dict:
             "pixels": np.zeros((1, 3, image_size, image_size), np.float32)}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_a_frozen_vision_tower_builds_no_backward_and_runs_in_the_compute_dtype(dtype):
     """The training loss's gradient program runs the vision tower's patch convolution once (its
     forward) when the tower is frozen, as in every LLaVA stage by default, and twice when it

@@ -7,12 +7,12 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import assert_close, build, clip_vision_config, save, siglip_vision_config, t2n
+from conftest import jit_apply, assert_close, build, clip_vision_config, save, siglip_vision_config, t2n
 
 
 def _run_both(hf_model, path, pixels):
     model, params = vj.load_pretrained(save(hf_model, path))
-    out = model.apply({"params": params}, jnp.asarray(pixels), output_hidden_states=True,
+    out = jit_apply(model, {"params": params}, jnp.asarray(pixels), output_hidden_states=True,
                       output_attentions=True)
     with torch.no_grad():
         ref = hf_model(torch.tensor(pixels), output_hidden_states=True, output_attentions=True)
@@ -59,7 +59,7 @@ def test_full_clip_checkpoint_loads_vision_half(tmp_path, rng):
     pixels = rng.standard_normal((1, 3, 28, 28)).astype(np.float32)
     with torch.no_grad():
         ref = full.vision_model(torch.tensor(pixels))
-    out = model.apply({"params": params}, jnp.asarray(pixels))
+    out = jit_apply(model, {"params": params}, jnp.asarray(pixels))
     assert_close(out.pooler_output, t2n(ref.pooler_output), what="pooler_output")
 
 
