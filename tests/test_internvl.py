@@ -91,7 +91,6 @@ def test_internvl_parity_generation_scan_and_round_trip(internvl):
                  t2n(ref.logits)[keep], what="transformers on our export")
 
 
-@pytest.mark.slow
 def test_internvl_sinks_are_read_before_the_pixel_shuffle(internvl):
     """Each visual token carries the largest-norm ViT token of the 2 x 2 window the pixel shuffle
     merges into it; vision_token_index names it in the tower's sequence (CLS first)."""

@@ -98,12 +98,10 @@ def test_qwen_parity_generation_scan_and_round_trip(qwen):
                  t2n(ref.logits)[keep], what="transformers on our export")
 
 
-@pytest.mark.slow
 def test_qwen_tower_tokens_and_sinks_before_the_merger(qwen):
     """Every block's tokens equal transformers' (its sequence permuted back to row-major
     patches); each visual token's sink feature is the largest-norm last-block token of its
-    2 x 2 window and vision_token_index names that patch. (~24 s on 2 cores: the forward runs
-    op by op, unjitted, beside transformers' with every block's output.)"""
+    2 x 2 window and vision_token_index names that patch."""
     d = qwen
     out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
                            attention_mask=jnp.asarray(d["mask"]), output_vision=True)
