@@ -305,7 +305,7 @@ def compare_causal_lm(hf, path, ids, mask=None, positions=None, full=True, **opt
     model, params = vj.load_pretrained(save(hf, path), **options)
     m = None if mask is None else jnp.asarray(mask)
     out = jit_apply(model, {"params": params}, jnp.asarray(ids), attention_mask=m,
-                      output_hidden_states=full, output_attentions=full)
+                    output_hidden_states=full, output_attentions=full)
     with torch.no_grad():
         ref = hf(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
                  output_hidden_states=full, output_attentions=full)
@@ -369,7 +369,7 @@ def check_diysink(d: dict, hf_forward, hf_class, tmp_path, init: str):
     if init == "copy":
         front = d["model"].clone(visual_tokens=VisualTokenPolicy("front", rule=rule))
         np.testing.assert_allclose(ours, jit_apply(front, {"params": d["params"]}, *batch,
-                                                     attention_mask=jnp.asarray(d["mask"])).logits, atol=1e-5)
+                                                   attention_mask=jnp.asarray(d["mask"])).logits, atol=1e-5)
         return
     out = vj.save_pretrained(model, params, tmp_path / "diy")
     back, loaded = vj.load_pretrained(out)

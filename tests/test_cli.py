@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data
 
 import vitsink_jax as vj
-from conftest import jit_apply, device_env
+from conftest import device_env, jit_apply
 from vitsink_jax.data.preprocess import load_image, preprocess
 from vitsink_jax.data.prompts import ANALYSIS
 from vitsink_jax.data.prompts import ImageSlots

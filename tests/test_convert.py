@@ -10,8 +10,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import vitsink_jax as vj
-from conftest import (jit_apply, assert_close, build, clip_vision_config, gemma3_config, gemma3_text_config,
-                      internvl_config, llama_config, llava_config,
+from conftest import (assert_close, build, clip_vision_config, gemma3_config, gemma3_text_config,
+                      internvl_config, jit_apply, llama_config, llava_config,
                       qwen2_config, random_ids, save, save_bin, siglip_vision_config, t2n)
 from test_lvlm import prompt_with_images
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import jit_apply, assert_close, build, dinov2_config, llava_config, save, t2n
+from conftest import assert_close, build, dinov2_config, jit_apply, llava_config, save, t2n
 from test_lvlm import prompt_with_images
 from vitsink_jax.models.dinov2 import resize_matrix
 
@@ -22,7 +22,7 @@ def test_dinov2_tower(tmp_path, rng, registers, size):
     model, params = vj.load_pretrained(save(hf, tmp_path / "dino"))
     pixels = rng.standard_normal((2, 3) + size).astype(np.float32)
     out = jit_apply(model, {"params": params}, jnp.asarray(pixels), output_hidden_states=True,
-                      output_attentions=True)
+                    output_attentions=True)
     with torch.no_grad():
         ref = hf(torch.tensor(pixels), output_hidden_states=True, output_attentions=True)
     n = 1 + registers + (size[0] // 7) * (size[1] // 7)

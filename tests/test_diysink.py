@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import jit_apply, IMAGE_TOKEN, assert_close, build, llava_config, save, t2n
+from conftest import IMAGE_TOKEN, assert_close, build, jit_apply, llava_config, save, t2n
 from test_lvlm import prompt_with_images
 from vitsink_jax.config import DIYSinkConfig
 from vitsink_jax import eval_lib as E

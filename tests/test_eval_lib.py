@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import jit_apply, build, device_env, llama_config, llava_config, random_ids, save
+from conftest import build, device_env, jit_apply, llama_config, llava_config, random_ids, save
 from vitsink_jax import eval_lib as E
 from vitsink_jax import scores as S
 from vitsink_jax import timing
@@ -368,7 +368,7 @@ def test_rew_reads_the_training_question_in_every_candidate_row(tiny):
 
     def forward(ids, question):
         return jit_apply(model, {"params": params}, jnp.asarray(ids[None]), pix, output_vision=True,
-                           question_mask=jnp.asarray(question[None]))
+                         question_mask=jnp.asarray(question[None]))
 
     for mc_format in ("letter", "cloze"):
         human = human_text(E.prompt_text(rec, TEMPLATES, mc_format))

@@ -11,7 +11,7 @@ import transformers
 from flax import traverse_util
 
 import vitsink_jax as vj
-from conftest import jit_apply, build, hf_tokenizer, qwen2_config, save, siglip_vision_config
+from conftest import build, hf_tokenizer, jit_apply, qwen2_config, save, siglip_vision_config
 from vitsink_jax.convert.layouts import write_fresh_llava
 from vitsink_jax.convert.safetensors_io import CheckpointError
 

@@ -13,8 +13,8 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, compare_causal_lm,
-                      gemma3_config, gemma3_text_config, random_ids, save, save_bin, t2n)
+from conftest import (IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, compare_causal_lm,
+                      gemma3_config, gemma3_text_config, jit_apply, random_ids, save, save_bin, t2n)
 from test_interventions import fastv_reference, run
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.interventions import TokenPruning
@@ -84,8 +84,8 @@ def test_gemma3_lvlm_parity_generation_and_scan(gemma3):
     d = gemma3
     model, params = d["model"], d["params"]
     out = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                      attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True,
-                      output_attentions=True, output_vision=True)
+                    attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True,
+                    output_attentions=True, output_vision=True)
     ref = _hf_forward(d, output_hidden_states=True, output_attentions=True)
     keep = d["mask"].astype(bool)
     assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
@@ -114,7 +114,7 @@ def test_gemma3_round_trips_and_state_dict_spelling(gemma3):
                  what="transformers on our export")
     model, params = vj.load_pretrained(save_bin(d["hf"], d["path"] / "bin"))
     again = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                        attention_mask=jnp.asarray(d["mask"]))
+                      attention_mask=jnp.asarray(d["mask"]))
     assert_close(np.asarray(again.logits)[keep], ref, what="state-dict spelling")
     more = np.concatenate([d["ids"], np.full((2, 2), IMAGE_TOKEN)], 1)  # 12 image tokens, 2 images
     with pytest.raises(ValueError, match=r"12 image tokens .* 2 image\(s\) x 4 tokens = 8"):
@@ -127,7 +127,7 @@ def test_gemma3_sinks_are_read_on_the_vit_tokens(gemma3):
     the tower's post-LayerNorm; vision_token_index names it on the 4 x 4 patch grid."""
     d = gemma3
     out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                           output_vision=True)
+                    output_vision=True)
     with torch.no_grad():
         vit = t2n(d["hf"].model.vision_tower(torch.tensor(d["pixels"]), output_hidden_states=True)
                   .hidden_states[-1])                                   # [2, 16, 32]

@@ -13,8 +13,8 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, check_generation_and_scan, internvl_config,
-                      internvl_vision_config, qwen2_config, random_ids, save, t2n)
+from conftest import (IMAGE_TOKEN, assert_close, build, check_generation_and_scan, internvl_config,
+                      internvl_vision_config, jit_apply, qwen2_config, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.interventions.registers import register_neurons
 from vitsink_jax.sinks.fuse import VisualTokenPolicy
@@ -31,7 +31,7 @@ def test_internvit_parity_and_round_trip(tmp_path, rng, kw):
     model, params = vj.load_pretrained(save(hf, tmp_path / "vit"))
     pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
     out = jit_apply(model, {"params": params}, jnp.asarray(pixels), output_hidden_states=True,
-                      output_attentions=True)
+                    output_attentions=True)
     with torch.no_grad():
         ref = hf(torch.tensor(pixels), output_hidden_states=True, output_attentions=True)
     assert_close(out.last_hidden_state, t2n(ref.last_hidden_state), what="last state")
@@ -77,7 +77,7 @@ def test_internvl_parity_generation_scan_and_round_trip(internvl):
     d = internvl
     model, params = d["model"], d["params"]
     out = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                      attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True, output_vision=True)
+                    attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True, output_vision=True)
     ref = _hf_forward(d, output_hidden_states=True)
     keep = d["mask"].astype(bool)
     assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
@@ -96,7 +96,7 @@ def test_internvl_sinks_are_read_before_the_pixel_shuffle(internvl):
     merges into it; vision_token_index names it in the tower's sequence (CLS first)."""
     d = internvl
     out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                           attention_mask=jnp.asarray(d["mask"]), output_vision=True)
+                    attention_mask=jnp.asarray(d["mask"]), output_vision=True)
     with torch.no_grad():
         vit = t2n(d["hf"].model.vision_tower(torch.tensor(d["pixels"]), output_hidden_states=True)
                   .hidden_states[-1])[:, 1:]                             # [4, 16, 32]

@@ -14,7 +14,7 @@ import transformers
 from flax import linen as nn
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, llama_config, llava_config, phi3_config,
+from conftest import (IMAGE_TOKEN, assert_close, build, jit_apply, llama_config, llava_config, phi3_config,
                       phi_config, random_ids, save, t2n)
 from vitsink_jax.sinks.detect import sink_mask, token_norms
 from vitsink_jax.interventions import AttentionRedistribution, Interventions, TokenPruning
@@ -42,8 +42,8 @@ def llama(tmp_path_factory):
 
 def run(model, params, ids, visual, sinks, **iv):
     return jit_apply(model, {"params": params}, jnp.asarray(ids), interventions=Interventions(**iv),
-                       visual_mask=jnp.asarray(visual), sink_mask=jnp.asarray(sinks), num_visual=12,
-                       output_attentions=True)
+                     visual_mask=jnp.asarray(visual), sink_mask=jnp.asarray(sinks), num_visual=12,
+                     output_attentions=True)
 
 
 def fastv_reference(hf, ids, visual, sinks, layer, ratio, keep_sinks, score="last", debias=False):
@@ -460,9 +460,9 @@ def test_pruned_generation_uses_a_shorter_cache(tmp_path):
     cache = init_cache(model.config.text, 2, ids.shape[1] + 3, pruning=(1, n // 2))
     assert cache.keys[0].shape[1] == ids.shape[1] + 3 and cache.keys[1].shape[1] == ids.shape[1] + 3 - n // 2
     out = jit_apply(pruned, {"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
-                       cache=cache)
+                    cache=cache)
     plain = jit_apply(pruned, {"params": params}, jnp.asarray(ids), pixels, attention_mask=jnp.asarray(mask),
-                         position_ids=jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0)))
+                      position_ids=jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0)))
     np.testing.assert_allclose(out.logits[:, -1], plain.logits[:, -1], atol=1e-5)  # prefill = forward
     tokens = generate(pruned, params, jnp.asarray(ids), jnp.asarray(mask), pixels, 3)
     assert tokens.shape == (2, 3) and int(tokens[0, 0]) == int(np.argmax(plain.logits[0, -1]))

@@ -9,8 +9,8 @@ import pytest
 import transformers
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, build, clip_vision_config, dinov2_config, gemma3_config,
-                      gemma3_text_config, internvl_config, llava_config, phi_config, qwen2_5_vl_config,
+from conftest import (IMAGE_TOKEN, build, clip_vision_config, dinov2_config, gemma3_config,
+                      gemma3_text_config, internvl_config, jit_apply, llava_config, phi_config, qwen2_5_vl_config,
                       save, siglip_vision_config)
 from vitsink_jax.interventions import Interventions, TokenPruning, parse
 from vitsink_jax.interventions.report import (kept_positions, sink_share, sink_share_kept, tower_to_vit,

@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import save_file
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, VOCAB, assert_close, build, llava_config, phi_config,
+from conftest import (IMAGE_TOKEN, VOCAB, assert_close, build, jit_apply, llava_config, phi_config,
                       qwen2_config, siglip_vision_config, t2n)
 from test_lvlm import prompt_with_images
 
@@ -33,7 +33,7 @@ def _logits(model, params, hf, rng, n_img: int) -> tuple:
     ids = np.concatenate([prompt_with_images(rng, 1, n_img) for _ in range(2)])
     pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
     ours = jit_apply(model, {"params": params}, jnp.asarray(np.where(ids == IMAGE_TOKEN, VOCAB, ids)),
-                       jnp.asarray(pixels)).logits
+                     jnp.asarray(pixels)).logits
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits
     return np.asarray(ours), t2n(ref), ids, pixels

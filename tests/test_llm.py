@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import (jit_apply, assert_close, build, compare_causal_lm as _compare, llama_config, qwen2_config,
+from conftest import (assert_close, build, compare_causal_lm as _compare, jit_apply, llama_config, qwen2_config,
                       random_ids, save, t2n)
 
 

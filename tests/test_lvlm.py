@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, llava_config,
+from conftest import (IMAGE_TOKEN, assert_close, build, jit_apply, llava_config,
                       qwen2_config, random_ids, save, siglip_vision_config, t2n)
 
 LLAVA = transformers.LlavaForConditionalGeneration
@@ -26,8 +26,8 @@ def prompt_with_images(rng, n_images, tokens_per_image, before=3, after=4):
 def _compare(hf, path, ids, pixels, mask=None):
     model, params = vj.load_pretrained(save(hf, path))
     out = jit_apply(model, {"params": params}, jnp.asarray(ids), jnp.asarray(pixels),
-                      attention_mask=None if mask is None else jnp.asarray(mask),
-                      output_hidden_states=True, output_vision=True)
+                    attention_mask=None if mask is None else jnp.asarray(mask),
+                    output_hidden_states=True, output_vision=True)
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
                  attention_mask=None if mask is None else torch.tensor(mask),

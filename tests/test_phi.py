@@ -10,7 +10,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, compare_causal_lm, llava_config,
+from conftest import (IMAGE_TOKEN, assert_close, build, compare_causal_lm, jit_apply, llava_config,
                       phi3_config, phi_config, random_ids, save, siglip_vision_config, t2n)
 from test_lvlm import prompt_with_images
 from vitsink_jax.data.padding import left_pad
@@ -93,7 +93,7 @@ def test_siglip_phi_llava_parity_generation_and_scan(tmp_path, rng, family):
     ids, mask = left_pad(rows, 16 + 11)
     pixels = rng.standard_normal((2, 3, 28, 28)).astype(np.float32)
     out = jit_apply(model, {"params": params}, jnp.asarray(ids), jnp.asarray(pixels),
-                      attention_mask=jnp.asarray(mask))
+                    attention_mask=jnp.asarray(mask))
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
                  attention_mask=torch.tensor(mask))

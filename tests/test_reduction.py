@@ -14,7 +14,7 @@ from vitsink_jax.interventions import Interventions, TokenPruning, TokenReductio
 from vitsink_jax.interventions import reduction as R
 from vitsink_jax.interventions.reduction import kept_positions
 
-from conftest import (jit_apply, IMAGE_TOKEN, build, dinov2_config, gemma3_config, llava_config,
+from conftest import (IMAGE_TOKEN, build, dinov2_config, gemma3_config, jit_apply, llava_config,
                       qwen2_5_vl_config, save, siglip_vision_config, transformers)
 
 
@@ -132,7 +132,7 @@ def clip_llava(tmp_path_factory):
 
 def stock_run(model, params):
     return jit_apply(model, {"params": params}, prompt(16), PIXELS, output_attentions=True,
-                       output_vision=True)
+                     output_vision=True)
 
 
 @pytest.mark.slow  # three un-jitted tower layers on two towers

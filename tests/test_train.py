@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import vitsink_jax as vj
-from conftest import jit_apply, device_env
+from conftest import device_env, jit_apply
 from vitsink_jax import options, train_data, train_export, trainer
 
 ROOT = Path(__file__).resolve().parents[1]

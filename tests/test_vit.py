@@ -7,13 +7,13 @@ import torch
 import transformers
 
 import vitsink_jax as vj
-from conftest import jit_apply, assert_close, build, clip_vision_config, save, siglip_vision_config, t2n
+from conftest import assert_close, build, clip_vision_config, jit_apply, save, siglip_vision_config, t2n
 
 
 def _run_both(hf_model, path, pixels):
     model, params = vj.load_pretrained(save(hf_model, path))
     out = jit_apply(model, {"params": params}, jnp.asarray(pixels), output_hidden_states=True,
-                      output_attentions=True)
+                    output_attentions=True)
     with torch.no_grad():
         ref = hf_model(torch.tensor(pixels), output_hidden_states=True, output_attentions=True)
     return out, ref
